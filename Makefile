@@ -1,0 +1,31 @@
+# The README's two set-up commands are `make demo` and `make test`; both install first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export NNCF_CI := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/edgeres build --arch resnet18 --int8 --out runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/run.py --out bench-results
+
+lint: install
+	$(BIN)/ruff check edgeres tests benchmarks
+
+clean:
+	rm -rf runs bench-results .pytest_cache

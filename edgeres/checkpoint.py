@@ -1,0 +1,136 @@
+"""Checkpoints: weights plus the metadata every later stage needs (arch, preprocessing, class names).
+
+Loading is always `weights_only=True`: no pickled code runs. Accepted layouts: a plain state_dict,
+`{"state_dict": ...}`, `{"model": ...}` (torchvision / timm / DDP style), with an optional `module.` prefix.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeres.errors import CheckpointError
+from edgeres.io import atomic_write_bytes
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What travels with a model from training to the device: enough to rebuild and feed it."""
+
+    arch: str
+    num_classes: int
+    in_channels: int
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: tuple[str, ...] = ()
+    arch_options: dict[str, Any] = field(default_factory=dict)
+    resize_size: int | None = None   # eval: resize shorter side to this, then center-crop input_size
+    dataset: str = ""
+    recipe_hash: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"], d["class_names"] = list(self.mean), list(self.std), list(self.class_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelMeta":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for key in ("mean", "std", "class_names"):
+            if key in known:
+                known[key] = tuple(known[key])
+        try:
+            return cls(**known)
+        except TypeError as e:
+            raise CheckpointError(f"checkpoint metadata incomplete: {e}") from None
+
+    def create_model(self):
+        from edgeres.models import create_model
+
+        return create_model(self.arch, num_classes=self.num_classes, in_channels=self.in_channels,
+                            options=self.arch_options)
+
+
+def save_checkpoint(path: str | Path, model_or_state: Any, meta: ModelMeta | None, **extra: Any) -> Path:
+    """Atomically write {"state_dict", "meta", **extra}. `extra` must hold only tensors and plain types."""
+    import torch
+
+    state = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") else model_or_state
+    payload = {"state_dict": state, "meta": meta.to_dict() if meta else None, **extra}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], ModelMeta | None, dict[str, Any]]:
+    """Return (state_dict, meta or None, the rest of the payload)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for junk, truncated or unsafe files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first[:200]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state_dict (a dict of tensors), found {type(obj).__name__}")
+    rest: dict[str, Any] = {}
+    meta = None
+    for key in ("state_dict", "model"):
+        if key in obj and isinstance(obj[key], dict):
+            rest = {k: v for k, v in obj.items() if k != key}
+            obj = obj[key]
+            break
+    if isinstance(rest.get("meta"), dict):
+        meta = ModelMeta.from_dict(rest.pop("meta"))
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    if not state or not all(hasattr(v, "shape") for v in state.values()):
+        raise CheckpointError(f"{path}: no tensors found where the state_dict should be")
+    return state, meta, rest
+
+
+def load_weights(model: Any, state: dict[str, Any], source: str = "checkpoint") -> None:
+    """Strictly load `state` into `model`, reporting every missing/unexpected key and shape mismatch at once."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} (expected {tuple(own[k].shape)}, found {tuple(state[k].shape)})"
+              for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)):
+        if items:
+            shown = ", ".join(items[:6]) + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | None = None,
+               in_channels: int | None = None, options: dict[str, Any] | None = None):
+    """Build and load a model from a checkpoint. Returns (model in eval mode, meta or None).
+
+    edgeres checkpoints carry their metadata; a foreign state_dict needs `arch` (num_classes and
+    in_channels are then read off the fc and first conv weights unless given).
+    """
+    from edgeres.models import create_model
+
+    state, meta, _ = read_checkpoint(path)
+    if meta is not None and (arch is None or arch == meta.arch):
+        model = meta.create_model()
+    else:
+        if arch is None:
+            raise CheckpointError(f"{path} carries no edgeres metadata; pass --arch")
+        if arch and meta is not None and arch != meta.arch:
+            raise CheckpointError(f"{path} was trained as {meta.arch}, not {arch}")
+        fc = state.get("fc.weight", state.get("classifier.weight"))
+        conv = state.get("conv1.weight", state.get("features.conv0.weight"))
+        nc = num_classes or (int(fc.shape[0]) if fc is not None else 1000)
+        cin = in_channels or (int(conv.shape[1]) if conv is not None else None)
+        model = create_model(arch, num_classes=nc, in_channels=cin, options=options)
+    load_weights(model, state, source=str(path))
+    return model.eval(), meta
