@@ -1,0 +1,2 @@
+"""CLI commands (filled in by the owner of this area)."""
+COMMANDS: list = []
