@@ -1,2 +1,71 @@
-"""CLI commands (filled in by the owner of this area)."""
-COMMANDS: list = []
+"""`edgeres build` (the whole pipeline) and `edgeres report` (re-render a run's report)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgeres.cli._common import emit, json_option, quiet_option
+
+
+@click.command()
+@click.option("--arch", default=None, help="Architecture (default: the recipe's; see `edgeres archs`).")
+@click.option("--dataset", default=None, help="digits (embedded default) | mnist | cifar10 | imagefolder.")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Where the dataset lives.")
+@click.option("--recipe", default="demo", show_default=True, help="Recipe name in recipes/ or a YAML path.")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="FP32 training epochs (overrides the recipe).")
+@click.option("--qat-epochs", type=click.IntRange(0), default=None, help="QAT epochs; 0 = PTQ only.")
+@click.option("--int8", is_flag=True, help="Quantize (PTQ, then QAT) and export an INT8 Q/DQ ONNX.")
+@click.option("--fp16", is_flag=True, help="Also allow FP16 kernels when compiling a TensorRT engine.")
+@click.option("--pretrained", type=click.Path(dir_okay=False), default=None, help="Checkpoint: skip training.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/ARCH-DATASET).")
+@click.option("--max-drop", type=float, default=1.0, show_default=True,
+              help="Largest top-1 drop (pp) of the INT8 model vs FP32 before the build fails.")
+@click.option("--force", is_flag=True, help="Re-run every stage instead of reusing finished ones.")
+@click.option("--bench-seconds", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Latency measurement time per artifact in the verify stage (0 = skip timing).")
+@quiet_option
+@json_option
+def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, int8, fp16, pretrained, out, max_drop, force,
+          bench_seconds, quiet, as_json) -> None:
+    """Data -> train -> fold -> PTQ -> QAT -> export -> compile -> verify -> report, each stage gated against FP32."""
+    from edgeres.build import BuildOptions, build as run_build
+    from edgeres.report import format_table
+
+    out = Path(out) if out else Path("runs") / f"{arch or recipe}-{dataset or 'default'}"
+    opts = BuildOptions(out=out, recipe=recipe, arch=arch, dataset=dataset, data_dir=data_dir, epochs=epochs,
+                        qat_epochs=qat_epochs, int8=int8, fp16=fp16, pretrained=Path(pretrained) if pretrained else None,
+                        max_drop=max_drop, force=force, quiet=quiet or as_json, bench_seconds=bench_seconds)
+    result = run_build(opts)
+    if as_json:
+        emit(result.report, True)
+    else:
+        click.echo("")
+        click.echo(format_table(result.report))
+        click.echo(f"report: {result.run_dir / 'report.html'}")
+    if not result.ok:
+        raise click.exceptions.Exit(1) if as_json else click.ClickException(result.message)
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@json_option
+def report(run_dir, as_json) -> None:
+    """Re-render report.json/md/html of a run folder from its stages.jsonl and print the table."""
+    from edgeres.errors import ArtifactError
+    from edgeres.records import read_records
+    from edgeres.report import format_table, write_report
+
+    records = read_records(run_dir)
+    if not records:
+        raise ArtifactError(f"{run_dir} has no stages.jsonl records; is it an edgeres run folder?")
+    latest = {}
+    for r in records:
+        latest[r.stage] = r
+    failed = [r for r in latest.values() if r.status == "failed"]
+    rep = write_report(Path(run_dir), list(latest.values()), ok=not failed,
+                       message=failed[0].message if failed else "all gates passed")
+    emit(rep, as_json, lambda: format_table(rep))
+
+
+COMMANDS = [build, report]

@@ -1,0 +1,488 @@
+"""`edgeres build`: data -> train -> fold -> PTQ -> QAT -> export -> calibration cache -> compile -> verify -> report.
+
+Each stage is a plain function `(ctx, parent) -> StageRecord`. `run_stage` adds what every stage shares: the
+inputs hash (parent sha256 + the stage's own settings), reuse of a finished stage whose inputs are unchanged and whose
+artifact is intact, timing, the append to stages.jsonl, and stopping at the first failed gate.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeres.errors import ConfigError, EdgeresError, GateError
+from edgeres.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
+from edgeres.records import Gate, StageRecord, Status, append_record, reusable
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    out: Path
+    recipe: str = "demo"
+    arch: str | None = None
+    dataset: str | None = None
+    data_dir: str | None = None
+    epochs: int | None = None
+    qat_epochs: int | None = None
+    int8: bool = False
+    fp16: bool = False
+    pretrained: Path | None = None
+    max_drop: float = 1.0          # pp of top-1 vs FP32 allowed for the final INT8 artifact
+    force: bool = False
+    quiet: bool = False
+    bench_seconds: float = 1.0     # per artifact latency measurement in the verify stage
+
+
+@dataclass
+class BuildContext:
+    opts: BuildOptions
+    recipe: Any
+    run_dir: Path
+    records: dict[str, StageRecord] = field(default_factory=dict)
+    _data: Any = None
+    cache: dict[str, Any] = field(default_factory=dict)   # in-memory models handed from stage to stage
+
+    @property
+    def data(self):
+        if self._data is None:
+            from edgeres.data import get_data_for
+
+            self._data = get_data_for(self.recipe)
+        return self._data
+
+    def say(self, msg: str) -> None:
+        if not self.opts.quiet:
+            print(msg, flush=True)
+
+    def path(self, *parts: str) -> Path:
+        p = self.run_dir.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+@dataclass
+class BuildResult:
+    run_dir: Path
+    records: list[StageRecord]
+    ok: bool
+    message: str
+    report: dict[str, Any]
+
+
+StageFn = Callable[[BuildContext, "StageRecord | None"], StageRecord]
+
+
+def run_stage(ctx: BuildContext, name: str, fn: StageFn, parent: StageRecord | None, settings: dict[str, Any],
+              *, fatal: bool = True) -> StageRecord:
+    inputs_hash = sha256_json({"stage": name, "parent": parent.sha256 if parent else None,
+                               "parent_inputs": parent.inputs_hash if parent else None, "settings": settings})
+    if not ctx.opts.force:
+        prev = reusable(ctx.run_dir, name, inputs_hash)
+        if prev is not None:
+            ctx.say(f"[{name}] unchanged, reused ({prev.artifact or prev.status})")
+            ctx.records[name] = prev
+            return prev
+    ctx.say(f"[{name}] running")
+    start = time.perf_counter()
+    try:
+        rec = fn(ctx, parent)
+    except GateError:
+        raise
+    except EdgeresError as e:
+        rec = StageRecord(stage=name, status=Status.FAILED.value, message=f"{name}: {e}")
+    rec.stage = name
+    rec.inputs_hash = inputs_hash
+    rec.parent_sha256 = parent.sha256 if parent else None
+    rec.recipe_hash = ctx.recipe.hash()
+    rec.duration_s = round(time.perf_counter() - start, 3)
+    append_record(ctx.run_dir, rec)
+    ctx.records[name] = rec
+    verdict = rec.status if rec.status != Status.PASSED.value else f"passed in {rec.duration_s:.1f}s"
+    ctx.say(f"[{name}] {verdict}" + (f": {rec.message}" if rec.message and not rec.passed else ""))
+    if fatal and rec.status == Status.FAILED.value:
+        raise GateError(rec.message or f"{name} failed")
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+
+def stage_train(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
+    from edgeres.checkpoint import load_model, save_checkpoint
+    from edgeres.train import train
+
+    rec = StageRecord(stage="train")
+    if ctx.opts.pretrained:
+        model, meta = load_model(ctx.opts.pretrained, arch=ctx.recipe.model.arch)
+        if meta is None:
+            meta = _meta_from_data(ctx)
+        dest = ctx.path("train", "best.pt")
+        save_checkpoint(dest, model, meta)
+        rec.metrics = {"pretrained": str(ctx.opts.pretrained)}
+    else:
+        result = train(ctx.recipe, ctx.run_dir / "train", data=ctx.data, quiet=ctx.opts.quiet)
+        dest = result.best
+        meta = result.meta
+        rec.metrics = {"best_top1": result.best_top1, "epochs": len(result.history),
+                       "history": result.history}
+    atomic_write_json(ctx.run_dir / "meta.json", meta.to_dict())
+    rec.set_artifact(dest)
+    return rec
+
+
+def _meta_from_data(ctx: BuildContext):
+    from edgeres.checkpoint import ModelMeta
+
+    info = ctx.data.info
+    return ModelMeta(arch=ctx.recipe.model.arch, num_classes=info.num_classes, in_channels=info.in_channels,
+                     input_size=info.input_size, mean=tuple(info.mean), std=tuple(info.std),
+                     class_names=tuple(info.class_names), arch_options=dict(ctx.recipe.model.options),
+                     resize_size=info.resize_size, dataset=info.name, recipe_hash=ctx.recipe.hash())
+
+
+def _probe(ctx: BuildContext):
+    """The fixed probe batch: the first `gates.probe_size` evaluation images, saved as probe.npz."""
+    import numpy as np
+
+    if "probe" not in ctx.cache:
+        path = ctx.run_dir / "probe.npz"
+        if path.exists():
+            with np.load(path) as z:
+                ctx.cache["probe"] = (z["x"], z["y"])
+        else:
+            n = min(ctx.recipe.gates.probe_size, len(ctx.data.test))
+            xs, ys = zip(*(ctx.data.test[i] for i in range(n)))
+            x = np.stack([np.asarray(t, dtype=np.float32) for t in xs])
+            y = np.asarray(ys, dtype=np.int64)
+            from edgeres.io import atomic_path
+
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, x=x, y=y)
+            ctx.cache["probe"] = (x, y)
+    return ctx.cache["probe"]
+
+
+def _fp32_model(ctx: BuildContext):
+    from edgeres.checkpoint import load_model
+
+    if "fp32" not in ctx.cache:
+        ctx.cache["fp32"], ctx.cache["meta"] = load_model(ctx.records["train"].artifact)
+    return ctx.cache["fp32"]
+
+
+def _meta(ctx: BuildContext):
+    _fp32_model(ctx)
+    return ctx.cache["meta"]
+
+
+def stage_fold(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
+    import torch
+
+    from edgeres.fold import fold_batchnorm, fold_gate, save_folded
+
+    ref = _fp32_model(ctx)
+    result = fold_batchnorm(ref)
+    x, _ = _probe(ctx)
+    metrics, gates = fold_gate(ref, result.model, torch.from_numpy(x), rel_tol=ctx.recipe.gates.fold_rel_tol)
+    rec = StageRecord(stage="fold", metrics={**metrics, "folded": len(result.folded),
+                                             "kept_affine": list(result.kept_affine)})
+    for g in gates:
+        rec.add_gate(g)
+    dest = ctx.path("fold", "folded.pt")
+    save_folded(dest, result, _meta(ctx))
+    rec.set_artifact(dest)
+    ctx.cache["folded"] = result.model
+    return rec
+
+
+def _folded(ctx: BuildContext):
+    from edgeres.fold import load_folded
+
+    if "folded" not in ctx.cache:
+        ctx.cache["folded"], _ = load_folded(ctx.records["fold"].artifact)
+    return ctx.cache["folded"]
+
+
+def _eval(ctx: BuildContext, key: str, target) -> Any:
+    from edgeres.evaluate import evaluate
+
+    if key not in ctx.cache:
+        ctx.cache[key] = evaluate(target, ctx.data.test, batch_size=256)
+    return ctx.cache[key]
+
+
+def _fp32_eval(ctx: BuildContext):
+    return _eval(ctx, "eval_fp32", _fp32_model(ctx))
+
+
+def _drop_gate(ctx: BuildContext, rec: StageRecord, top1: float, *, final: bool, limit: float | None = None) -> None:
+    base = _fp32_eval(ctx).top1
+    drop = round(base - top1, 4)
+    rec.metrics.update({"top1": top1, "fp32_top1": base, "drop_pp": drop})
+    if final:
+        lim = ctx.opts.max_drop if limit is None else limit
+        g = rec.add_gate(Gate("top1_drop_pp", drop, lim, "<="))
+        if not g.passed:
+            rec.message = f"{rec.stage}: top-1 dropped {drop:.2f} pp > --max-drop {lim:g}"
+
+
+def stage_ptq(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
+    from edgeres.quantize import quantize_ptq, save_quantized
+
+    q = ctx.recipe.quant
+    res = quantize_ptq(_folded(ctx), ctx.data.calib, subset_size=q.calib_size, method=q.calib_method,
+                       seed=ctx.recipe.train.seed, manifest_path=ctx.path("calibration", "manifest.json"),
+                       dataset_fingerprint=ctx.data.info.fingerprint)
+    ctx.cache["ptq"] = res.model
+    rec = StageRecord(stage="ptq", metrics={"calib_size": q.calib_size, "calib_method": q.calib_method})
+    ev = _eval(ctx, "eval_ptq", res.model)
+    _drop_gate(ctx, rec, ev.top1, final=q.qat_epochs == 0)
+    dest = ctx.path("quant", "ptq.pt")
+    save_quantized(dest, res.model, _meta(ctx))
+    rec.set_artifact(dest)
+    rec.extra_artifacts["calibration_manifest"] = str(ctx.run_dir / "calibration" / "manifest.json")
+    return rec
+
+
+def _quantized(ctx: BuildContext, stage: str):
+    from edgeres.quantize import load_quantized
+
+    if stage not in ctx.cache:
+        ctx.cache[stage], _ = load_quantized(ctx.records[stage].artifact)
+    return ctx.cache[stage]
+
+
+def stage_qat(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
+    from edgeres.quantize import quantize_qat, save_quantized
+
+    q = ctx.recipe.quant
+    res = quantize_qat(_quantized(ctx, "ptq"), ctx.data.train, ctx.data.test, epochs=q.qat_epochs, lr=q.qat_lr,
+                       batch_size=q.qat_batch_size or ctx.recipe.data.batch_size, seed=ctx.recipe.train.seed,
+                       quiet=ctx.opts.quiet)
+    ctx.cache["qat"] = res.model
+    rec = StageRecord(stage="qat", metrics={"epochs": q.qat_epochs, "history": res.history})
+    ev = _eval(ctx, "eval_qat", res.model)
+    _drop_gate(ctx, rec, ev.top1, final=True)
+    dest = ctx.path("quant", "qat.pt")
+    save_quantized(dest, res.model, _meta(ctx))
+    rec.set_artifact(dest)
+    return rec
+
+
+def stage_export_fp32(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
+    import torch
+
+    from edgeres.export import export_onnx
+    from edgeres.verify import verify_onnx
+
+    dest = ctx.path("export", "model_fp32.onnx")
+    export_onnx(_folded(ctx), dest, meta=_meta(ctx), int8=False, opset=ctx.recipe.export.opset,
+                simplify=ctx.recipe.export.simplify, recipe_hash=ctx.recipe.hash())
+    x, _ = _probe(ctx)
+    metrics, gates = verify_onnx(dest, _folded(ctx), torch.from_numpy(x), rel_tol=ctx.recipe.gates.export_rel_tol,
+                                 min_agreement=100.0)
+    rec = StageRecord(stage="export_fp32", metrics=metrics)
+    for g in gates:
+        rec.add_gate(g)
+    rec.set_artifact(dest)
+    return rec
+
+
+def stage_export_int8(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
+    import torch
+
+    from edgeres.check import check_onnx
+    from edgeres.export import export_onnx
+    from edgeres.verify import verify_onnx
+
+    source = "qat" if "qat" in ctx.records else "ptq"
+    model = _quantized(ctx, source)
+    dest = ctx.path("export", "model_int8.onnx")
+    export_onnx(model, dest, meta=_meta(ctx), int8=True, opset=ctx.recipe.export.opset,
+                simplify=ctx.recipe.export.simplify, recipe_hash=ctx.recipe.hash())
+    violations = check_onnx(dest)
+    x, _ = _probe(ctx)
+    metrics, gates = verify_onnx(dest, model, torch.from_numpy(x),
+                                 min_agreement=ctx.recipe.gates.min_int8_agreement)
+    rec = StageRecord(stage="export_int8", metrics={**metrics, "source": source,
+                                                    "violations": [str(v) for v in violations]})
+    rec.add_gate(Gate("tensorrt_rule_violations", len(violations), 0, "<="))
+    for g in gates:
+        rec.add_gate(g)
+    if violations and not rec.message.startswith("export_int8: tensorrt"):
+        rec.message = f"export_int8: {len(violations)} TensorRT rule violation(s), first: {violations[0]}"
+    rec.set_artifact(dest)
+    return rec
+
+
+def stage_calib_cache(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
+    """A TensorRT calibration cache for the FP32 ONNX (implicit INT8 on TensorRT 8.x / DLA)."""
+    import numpy as np
+
+    from edgeres.tensorrt.calib_cache import activation_ranges, write_calibration_cache
+
+    n = min(ctx.recipe.quant.calib_size, len(ctx.data.calib))
+    rng = np.random.default_rng(ctx.recipe.train.seed)
+    idx = np.sort(rng.choice(len(ctx.data.calib), size=n, replace=False))
+
+    def batches(bs: int = 64):
+        for i in range(0, n, bs):
+            yield np.stack([np.asarray(ctx.data.calib[int(j)][0], dtype=np.float32) for j in idx[i:i + bs]])
+
+    ranges = activation_ranges(ctx.records["export_fp32"].artifact, batches())
+    dest = ctx.path("calibration", "calib.cache")
+    write_calibration_cache(ranges, dest)
+    rec = StageRecord(stage="calib_cache", metrics={"tensors": len(ranges), "images": n})
+    rec.set_artifact(dest)
+    return rec
+
+
+def stage_compile(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
+    from edgeres.tensorrt import tensorrt_status
+
+    status = tensorrt_status()
+    onnx_path = parent.artifact if parent else None
+    if not status.available:
+        return StageRecord(stage="compile", status=Status.SKIPPED.value,
+                           message=f"compile skipped: {status.reason}. The ONNX {onnx_path} is ready to be built on "
+                                   f"the target (edgeres compile / edgeres bundle).",
+                           metrics={"tensorrt": None, "reason": status.reason})
+    from edgeres.tensorrt.compile import compile_engine
+    from edgeres.tensorrt.options import CompileOptions, Precision
+
+    precision = Precision.INT8 if ctx.opts.int8 else Precision.FP16 if ctx.opts.fp16 else Precision.FP32
+    dest = ctx.path("engine", "model.plan")
+    info = compile_engine(onnx_path, dest, CompileOptions(precision=precision), force=True)
+    rec = StageRecord(stage="compile", metrics={"engine": info})
+    rec.set_artifact(dest)
+    return rec
+
+
+def stage_verify(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
+    """Every artifact on every backend present: accuracy, agreement with FP32, latency."""
+    import numpy as np
+
+    from edgeres.bench import benchmark
+    from edgeres.runners import OrtRunner, TorchRunner
+
+    fp32 = _fp32_eval(ctx)
+    meta = _meta(ctx)
+    shape = (meta.in_channels, meta.input_size, meta.input_size)
+    rows: list[dict[str, Any]] = []
+    per_class: dict[str, list[float]] = {"fp32": list(fp32.per_class)}
+
+    def row(stage: str, backend: str, precision: str, ev, runner=None, size_path=None) -> None:
+        r: dict[str, Any] = {"stage": stage, "backend": backend, "precision": precision,
+                             "top1": round(ev.top1, 3), "delta_pp": round(ev.top1 - fp32.top1, 3),
+                             "agree_pct": round(100.0 * float(np.mean(ev.logits.argmax(1) == fp32.logits.argmax(1))),
+                                                3),
+                             "p50_ms": None, "p99_ms": None, "img_s": None,
+                             "size_mb": round(Path(size_path).stat().st_size / 1e6, 3) if size_path else None}
+        if runner is not None and ctx.opts.bench_seconds > 0:
+            b = benchmark(runner, batch_sizes=(1,), duration_s=ctx.opts.bench_seconds, input_shape=shape)
+            stats = b.results[0] if hasattr(b, "results") else b[0]
+            lat = stats.latency_ms if hasattr(stats, "latency_ms") else stats["latency_ms"]
+            r.update(p50_ms=round(lat["median"], 4), p99_ms=round(lat["p99"], 4),
+                     img_s=round(stats.images_per_s if hasattr(stats, "images_per_s") else stats["images_per_s"], 1))
+        rows.append(r)
+
+    row("train", "torch", "fp32", fp32, TorchRunner(_fp32_model(ctx)), ctx.records["train"].artifact)
+    if "fold" in ctx.records:
+        row("fold", "torch", "fp32", _eval(ctx, "eval_fold", _folded(ctx)), TorchRunner(_folded(ctx)),
+            ctx.records["fold"].artifact)
+    for stage in ("ptq", "qat"):
+        if stage in ctx.records:
+            ev = _eval(ctx, f"eval_{stage}", _quantized(ctx, stage))
+            row(stage, "torch", "int8 (fake-quant)", ev, None, ctx.records[stage].artifact)
+    final_int8 = None
+    for stage, precision in (("export_fp32", "fp32"), ("export_int8", "int8")):
+        if stage in ctx.records:
+            runner = OrtRunner(ctx.records[stage].artifact)
+            ev = _eval(ctx, f"eval_{stage}", runner)
+            row(stage, "onnxruntime", precision, ev, runner, ctx.records[stage].artifact)
+            if precision == "int8":
+                final_int8 = ev
+                per_class["int8"] = list(ev.per_class)
+    comp = ctx.records.get("compile")
+    if comp is not None and comp.passed and comp.artifact:
+        from edgeres.tensorrt.runner import TrtRunner
+
+        runner = TrtRunner(comp.artifact)
+        row("compile", "tensorrt", "int8" if ctx.opts.int8 else "fp16" if ctx.opts.fp16 else "fp32",
+            _eval(ctx, "eval_trt", runner), runner, comp.artifact)
+    elif comp is not None:
+        rows.append({"stage": "compile", "backend": "tensorrt", "precision": "-", "top1": None, "delta_pp": None,
+                     "agree_pct": None, "p50_ms": None, "p99_ms": None, "img_s": None, "size_mb": None,
+                     "note": comp.message})
+    rec = StageRecord(stage="verify", metrics={"rows": rows, "per_class": per_class,
+                                               "class_names": list(meta.class_names), "n_eval": fp32.n})
+    if final_int8 is not None:
+        _drop_gate(ctx, rec, final_int8.top1, final=True)
+        if rec.message:
+            rec.message = rec.message.replace("verify:", "verify (INT8 ONNX on onnxruntime):")
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+
+def _resolve_recipe(opts: BuildOptions):
+    from edgeres.recipe import load_recipe
+
+    recipe = load_recipe(opts.recipe)
+    overrides = {"model.arch": opts.arch, "data.dataset": opts.dataset, "data.data_dir": opts.data_dir,
+                 "train.epochs": opts.epochs, "quant.qat_epochs": opts.qat_epochs}
+    return recipe.with_overrides(overrides)
+
+
+def build(opts: BuildOptions) -> BuildResult:
+    from edgeres.report import write_report
+
+    if opts.max_drop < 0:
+        raise ConfigError(f"--max-drop must be >= 0, got {opts.max_drop}")
+    if opts.pretrained is not None and not Path(opts.pretrained).is_file():
+        raise ConfigError(f"--pretrained checkpoint not found: {opts.pretrained}")
+    recipe = _resolve_recipe(opts)
+    run_dir = Path(opts.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+    ctx = BuildContext(opts=opts, recipe=recipe, run_dir=run_dir)
+    data_fp = {"fingerprint": ctx.data.info.fingerprint}
+    pretrained = {"pretrained": sha256_file(opts.pretrained) if opts.pretrained else None}
+    d = recipe.to_dict()
+    plan: list[tuple[str, StageFn, str | None, dict[str, Any]]] = [
+        ("train", stage_train, None, {**data_fp, **pretrained, "model": d["model"], "data": d["data"],
+                                      "train": d["train"]}),
+        ("fold", stage_fold, "train", {"tol": recipe.gates.fold_rel_tol, "probe": recipe.gates.probe_size}),
+    ]
+    if opts.int8:
+        plan.append(("ptq", stage_ptq, "fold", {"quant": d["quant"], **data_fp}))
+        if recipe.quant.qat_epochs > 0:
+            plan.append(("qat", stage_qat, "ptq", {"quant": d["quant"], "max_drop": opts.max_drop}))
+    plan.append(("export_fp32", stage_export_fp32, "fold", {"export": d["export"], "gates": d["gates"]}))
+    if opts.int8:
+        plan.append(("export_int8", stage_export_int8, "qat" if recipe.quant.qat_epochs > 0 else "ptq",
+                     {"export": d["export"], "gates": d["gates"]}))
+        plan.append(("calib_cache", stage_calib_cache, "export_fp32", {"quant": d["quant"], **data_fp}))
+    plan.append(("compile", stage_compile, "export_int8" if opts.int8 else "export_fp32",
+                 {"int8": opts.int8, "fp16": opts.fp16}))
+    ok, message = True, "all gates passed"
+    start = time.perf_counter()
+    try:
+        for name, fn, parent_name, settings in plan:
+            parent = ctx.records.get(parent_name) if parent_name else None
+            run_stage(ctx, name, fn, parent, settings)
+        parents = [ctx.records[n] for n in ("export_int8", "export_fp32") if n in ctx.records]
+        run_stage(ctx, "verify", stage_verify, parents[0],
+                  {"max_drop": opts.max_drop, "bench_s": opts.bench_seconds, "artifacts":
+                   sorted((r.stage, r.sha256, r.status) for r in ctx.records.values())})
+    except GateError as e:
+        ok, message = False, str(e)
+    report = write_report(run_dir, list(ctx.records.values()), ok=ok, message=message,
+                          total_s=time.perf_counter() - start)
+    return BuildResult(run_dir=run_dir, records=list(ctx.records.values()), ok=ok, message=message, report=report)
+
+
+def summary_line(result: BuildResult) -> str:
+    return json.dumps({"ok": result.ok, "message": result.message, "run_dir": str(result.run_dir)})
