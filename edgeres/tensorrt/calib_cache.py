@@ -1,0 +1,153 @@
+"""TensorRT calibration caches for implicit INT8 (TensorRT 8.x / 10.x, DLA), computed with ONNX Runtime.
+
+The EntropyCalibration2 text format: a header `TRT-<version number>-EntropyCalibration2`, then one line per
+tensor `name: <scale>` where <scale> is the float32 bit pattern as 8 big-endian hex digits and
+scale = amax / 127. Tensor names are the FP32 ONNX's own, which the TensorRT ONNX parser keeps, so the
+FP32 ONNX + this cache builds an INT8 engine on an old JetPack or DLA without calibrating on the device.
+"""
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from edgeres.errors import ArtifactError, ConfigError, DataError
+from edgeres.io import atomic_write_text, refuse_overwrite
+
+METHODS = ("minmax",)
+DEFAULT_TAG = "TRT-8601-EntropyCalibration2"
+_SKIP_OPS = {"Constant", "Shape", "ConstantOfShape", "Size"}
+
+
+def _expose_all_tensors(model) -> list[str]:
+    """Add every float intermediate tensor as a graph output; return the names that will be read."""
+    import onnx
+
+    const = {i.name for i in model.graph.initializer}   # weights and anything computed only from them
+    have = {o.name for o in model.graph.output}
+    names: list[str] = [i.name for i in model.graph.input if i.name not in const]
+    for node in model.graph.node:
+        if node.op_type in _SKIP_OPS or all(i in const for i in node.input if i):
+            const.update(node.output)
+            continue
+        for out in node.output:
+            if out:
+                names.append(out)
+                if out not in have:
+                    model.graph.output.append(onnx.ValueInfoProto(name=out))
+                    have.add(out)
+    return list(dict.fromkeys(names))
+
+
+def activation_ranges(fp32_onnx: str | Path, calib_batches: Iterable[Any], *, method: str = "minmax",
+                      threads: int | None = 1) -> dict[str, float]:
+    """amax (max |x|) of every float tensor of the FP32 ONNX over the calibration batches, via ONNX Runtime."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+    fp32_onnx = Path(fp32_onnx)
+    if not fp32_onnx.is_file():
+        raise ArtifactError(f"ONNX file {fp32_onnx} does not exist")
+    model = onnx.load(str(fp32_onnx))
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        raise ConfigError(f"{fp32_onnx} already has Q/DQ nodes; a calibration cache is computed from the FP32 ONNX")
+    names = _expose_all_tensors(model)
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor as named
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    fixed_batch = session.get_inputs()[0].shape[0]
+    outputs = [o.name for o in session.get_outputs()]
+    amax: dict[str, float] = {}
+    seen = 0
+    for batch in calib_batches:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        chunks = [x[i:i + 1] for i in range(len(x))] if isinstance(fixed_batch, int) and fixed_batch == 1 else [x]
+        for chunk in chunks:
+            values = session.run(outputs, {input_name: chunk})
+            amax[input_name] = max(amax.get(input_name, 0.0), float(np.max(np.abs(chunk))))
+            for name, v in zip(outputs, values):
+                if name in names and isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.size:
+                    amax[name] = max(amax.get(name, 0.0), float(np.max(np.abs(v))))
+        seen += len(x)
+    if seen == 0:
+        raise DataError("no calibration images: the calibration batches were empty")
+    return {n: amax[n] for n in names if n in amax}
+
+
+def scale_hex(scale: float) -> str:
+    """float32 bits, big-endian, 8 lowercase hex digits (1.0 -> 3f800000)."""
+    return struct.pack(">f", scale).hex()
+
+
+def scale_of(amax: float) -> float:
+    """scale = amax / 127 rounded to float32 (what TensorRT stores)."""
+    import numpy as np
+
+    return float(np.float32(amax) / np.float32(127.0))
+
+
+def write_calibration_cache(ranges: dict[str, float], path: str | Path, *, version_tag: str = DEFAULT_TAG,
+                            force: bool = False) -> dict[str, Any]:
+    """Write the cache; tensors with amax 0 (never active) are left out (TensorRT keeps them in higher
+    precision). Returns {"path", "tag", "tensors", "skipped"}."""
+    if not version_tag.startswith("TRT-") or not version_tag.endswith("Calibration2"):
+        raise ConfigError(f"calibration cache tag {version_tag!r} should look like TRT-8601-EntropyCalibration2")
+    refuse_overwrite(path, force)
+    lines = [version_tag]
+    skipped = []
+    for name, amax in ranges.items():
+        if not amax > 0:
+            skipped.append(name)
+            continue
+        if ":" in name or "\n" in name:
+            raise ConfigError(f"tensor name {name!r} cannot be written to a calibration cache")
+        lines.append(f"{name}: {scale_hex(scale_of(amax))}")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return {"path": str(path), "tag": version_tag, "tensors": len(lines) - 1, "skipped": skipped}
+
+
+def read_calibration_cache(path: str | Path) -> tuple[str, dict[str, float]]:
+    """(header tag, {tensor name: scale}) of a TensorRT calibration cache."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"calibration cache {path} does not exist")
+    lines = path.read_text().splitlines()
+    if not lines or not lines[0].startswith("TRT-"):
+        raise ArtifactError(f"{path} is not a TensorRT calibration cache (no TRT-... header)")
+    scales: dict[str, float] = {}
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        name, sep, hexval = line.rpartition(": ")
+        if not sep or len(hexval.strip()) != 8:
+            raise ArtifactError(f"{path} line {n} is not `name: <8 hex digits>`: {line!r}")
+        try:
+            scales[name] = struct.unpack(">f", bytes.fromhex(hexval.strip()))[0]
+        except ValueError:
+            raise ArtifactError(f"{path} line {n} has a bad hex scale: {line!r}") from None
+    return lines[0].strip(), scales
+
+
+def npz_batches(path: str | Path, *, batch_size: int = 32, limit: int | None = None):
+    """Calibration batches from an .npz with images under key "x" (float32 NCHW, preprocessed)."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"calibration images {path} do not exist")
+    with np.load(path) as data:
+        if "x" not in data:
+            raise DataError(f"{path} has no array 'x' (keys: {', '.join(data.files)})")
+        x = np.asarray(data["x"], dtype=np.float32)
+    if x.ndim != 4:
+        raise DataError(f"{path}: 'x' should be [N, C, H, W], got shape {x.shape}")
+    if limit is not None:
+        x = x[:limit]
+    return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]

@@ -1,0 +1,155 @@
+"""The compile stage: ONNX -> TensorRT engine + sidecar + the equivalent trtexec command.
+
+`plan_compile` validates options for a TensorRT version and writes nothing but the trtexec command; it works
+without TensorRT (to prepare a build for a Jetson). `compile_engine` builds for real through engine_build.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeres.errors import ArtifactError, BackendUnavailable, ConfigError
+from edgeres.io import atomic_write_text, refuse_overwrite, sha256_file
+from edgeres.tensorrt.options import DEFAULT_BATCH, CompileOptions, validate_options
+from edgeres.tensorrt.sidecar import sidecar_path, trtexec_script_path, write_sidecar
+from edgeres.tensorrt.trtexec import script_text, trtexec_command
+from edgeres.tensorrt.versions import capabilities, parse_version
+
+
+@dataclass(frozen=True)
+class TrtStatus:
+    available: bool
+    version: str | None
+    reason: str
+    device: str | None = None
+    compute_capability: str | None = None
+    is_jetson: bool = False
+    dla_cores: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tensorrt_status() -> TrtStatus:
+    """Is TensorRT importable and is there a CUDA GPU for it? Never raises."""
+    from edgeres.tensorrt import engine_build
+
+    jetson = engine_build.is_jetson()
+    try:
+        import tensorrt as trt
+    except Exception as e:  # noqa: BLE001 - ImportError, or a broken install raising OSError on its .so
+        return TrtStatus(False, None, f"TensorRT is not installed ({type(e).__name__}: {e}); install it with "
+                         "`pip install tensorrt` on a desktop or use JetPack's python3-libnvinfer on a Jetson",
+                         is_jetson=jetson)
+    version = str(getattr(trt, "__version__", "unknown"))
+    try:
+        info = engine_build.runtime_info(trt)
+    except Exception as e:  # noqa: BLE001 - no driver, no GPU, no libcudart
+        return TrtStatus(False, version, f"TensorRT {version} is installed but no CUDA GPU is usable: {e}",
+                         is_jetson=jetson)
+    return TrtStatus(True, version, f"TensorRT {version} on {info['device']}", info["device"],
+                     info["compute_capability"], bool(info["is_jetson"]), int(info["dla_cores"]))
+
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    input_name: str
+    input_shape: tuple[int | None, ...]   # None for a symbolic dimension
+    has_qdq: bool
+    sha256: str
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return self.input_shape[0] is None
+
+    @property
+    def chw(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.input_shape[1:])  # type: ignore[arg-type]
+
+
+def inspect_onnx(path: str | Path) -> OnnxInfo:
+    """Input name and shape, and whether the graph carries Q/DQ nodes (explicit INT8)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"ONNX file {path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - onnx raises DecodeError and friends
+        raise ArtifactError(f"{path} is not a readable ONNX model: {e}") from None
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ArtifactError(f"{path} has {len(inputs)} inputs; edgeres engines take one image tensor")
+    dims = inputs[0].type.tensor_type.shape.dim
+    shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims)
+    if len(shape) != 4 or any(d is None for d in shape[1:]):
+        raise ArtifactError(f"{path} input {inputs[0].name} has shape {shape}; expected [N, C, H, W] with fixed "
+                            "C, H, W")
+    qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    return OnnxInfo(inputs[0].name, shape, qdq, sha256_file(path))
+
+
+def _batch_for(onnx: OnnxInfo, options: CompileOptions) -> tuple[int, int, int]:
+    if onnx.dynamic_batch:
+        return options.batch or DEFAULT_BATCH
+    fixed = int(onnx.input_shape[0])  # type: ignore[arg-type]
+    if options.batch is not None and not all(b == fixed for b in options.batch):
+        raise ConfigError(f"the ONNX input {onnx.input_name} has a fixed batch of {fixed}; --batch "
+                          f"{','.join(map(str, options.batch))} needs an ONNX exported with a dynamic batch axis")
+    return (fixed, fixed, fixed)
+
+
+def plan_compile(onnx_path: str | Path, out_path: str | Path, options: CompileOptions, *, trt_version: str,
+                 is_jetson: bool, dla_cores: int, compute_capability: str | None = None) -> dict[str, Any]:
+    """Validate for a TensorRT version/device; return warnings and the trtexec command. Writes nothing."""
+    capabilities(trt_version)  # unsupported version -> ConfigError before anything else
+    onnx = inspect_onnx(onnx_path)
+    warnings = validate_options(options, trt_version, is_jetson=is_jetson, dla_cores=dla_cores,
+                                compute_capability=compute_capability, onnx_has_qdq=onnx.has_qdq)
+    batch = _batch_for(onnx, options)
+    argv = trtexec_command(onnx_path, out_path, options, trt_version, input_name=onnx.input_name,
+                           input_chw=onnx.chw, dynamic_batch=onnx.dynamic_batch, batch=batch)
+    return {"trt_version": str(parse_version(trt_version)), "onnx": str(onnx_path), "onnx_sha256": onnx.sha256,
+            "onnx_has_qdq": onnx.has_qdq, "input": onnx.input_name, "batch": list(batch),
+            "options": options.describe(), "warnings": warnings, "trtexec": argv}
+
+
+def write_trtexec_script(out_path: str | Path, plan: dict[str, Any], *, force: bool = False) -> Path:
+    path = trtexec_script_path(out_path)
+    refuse_overwrite(path, force)
+    note = "\n".join(plan["warnings"])
+    atomic_write_text(path, script_text(plan["trtexec"], trt_version=plan["trt_version"], note=note))
+    path.chmod(0o755)
+    return path
+
+
+def compile_engine(onnx_path: str | Path, out_path: str | Path, options: CompileOptions, *,
+                   force: bool = False) -> dict[str, Any]:
+    """Build the engine with the installed TensorRT; write engine, sidecar and trtexec script atomically."""
+    from edgeres.tensorrt import engine_build
+
+    status = tensorrt_status()
+    if not status.available:
+        raise BackendUnavailable(status.reason)
+    out_path = Path(out_path)
+    refuse_overwrite(out_path, force)
+    plan = plan_compile(onnx_path, out_path, options, trt_version=str(status.version), is_jetson=status.is_jetson,
+                        dla_cores=status.dla_cores, compute_capability=status.compute_capability)
+    try:
+        info = engine_build.build_engine(
+            onnx_path, out_path, precision=options.precision.value, dla_core=options.dla_core,
+            gpu_fallback=options.gpu_fallback, workspace_mb=options.workspace_mb, batch=tuple(plan["batch"]),
+            timing_cache=options.timing_cache, calib_cache=options.calib_cache,
+            version_compatible=options.version_compatible, hardware_compatibility=options.hardware_compatibility,
+            sparsity=options.sparsity, strongly_typed=options.strongly_typed)
+    except engine_build.BuildError as e:
+        raise ArtifactError(str(e)) from None
+    info.update({"trtexec": plan["trtexec"], "warnings": plan["warnings"], "options": options.describe()})
+    write_sidecar(out_path, info)
+    script = write_trtexec_script(out_path, plan, force=True)
+    info["sidecar"] = str(sidecar_path(out_path))
+    info["trtexec_script"] = str(script)
+    return info
