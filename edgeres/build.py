@@ -381,11 +381,9 @@ def stage_verify(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
                              "p50_ms": None, "p99_ms": None, "img_s": None,
                              "size_mb": round(Path(size_path).stat().st_size / 1e6, 3) if size_path else None}
         if runner is not None and ctx.opts.bench_seconds > 0:
-            b = benchmark(runner, batch_sizes=(1,), duration_s=ctx.opts.bench_seconds, input_shape=shape)
-            stats = b.results[0] if hasattr(b, "results") else b[0]
-            lat = stats.latency_ms if hasattr(stats, "latency_ms") else stats["latency_ms"]
-            r.update(p50_ms=round(lat["median"], 4), p99_ms=round(lat["p99"], 4),
-                     img_s=round(stats.images_per_s if hasattr(stats, "images_per_s") else stats["images_per_s"], 1))
+            stats = benchmark(runner, batch_sizes=(1,), duration_s=ctx.opts.bench_seconds, input_shape=shape).results[0]
+            r.update(p50_ms=round(stats.latency.median, 4), p99_ms=round(stats.latency.p99, 4),
+                     img_s=round(stats.images_per_s, 1))
         rows.append(r)
 
     row("train", "torch", "fp32", fp32, TorchRunner(_fp32_model(ctx)), ctx.records["train"].artifact)

@@ -1,0 +1,97 @@
+"""`edgeres build` end to end on the embedded default (digits): records, reuse, failing gates, the report."""
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgeres.cli import main
+from edgeres.records import read_records
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--arch", "mnist_resnet", "--epochs", "1", "--qat-epochs", "1", "--bench-seconds", "0.2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "run"
+    result = CliRunner().invoke(main, ["build", "--int8", "--out", str(out), *FAST])
+    return out, result
+
+
+def test_build_runs_every_stage_and_writes_records(built):
+    out, result = built
+    assert result.exit_code == 0, result.output
+    recs = read_records(out)
+    stages = [r.stage for r in recs]
+    assert stages == ["train", "fold", "ptq", "qat", "export_fp32", "export_int8", "calib_cache", "compile", "verify"]
+    by = {r.stage: r for r in recs}
+    for name in ("train", "fold", "ptq", "qat", "export_fp32", "export_int8", "calib_cache"):
+        assert by[name].status == "passed", by[name].message
+        assert Path(by[name].artifact).is_file() and len(by[name].sha256) == 64
+    # each stage points at its parent's artifact
+    assert by["fold"].parent_sha256 == by["train"].sha256
+    assert by["ptq"].parent_sha256 == by["fold"].sha256
+    assert by["export_int8"].parent_sha256 == by["qat"].sha256
+    # the compile stage is never reported as passed without TensorRT
+    assert by["compile"].status == "skipped" and "ready to be built on the target" in by["compile"].message
+    for name in ("fold", "export_fp32", "export_int8", "verify"):
+        assert by[name].gates and all(g["passed"] for g in by[name].gates)
+    assert {"packages", "python"} <= set(by["train"].environment)
+
+
+def test_report_files_and_table(built):
+    out, result = built
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["ok"] is True
+    backends = {(r["stage"], r["backend"]) for r in rep["rows"]}
+    assert ("export_int8", "onnxruntime") in backends and ("train", "torch") in backends
+    int8 = next(r for r in rep["rows"] if r["stage"] == "export_int8")
+    assert 0 <= int8["agree_pct"] <= 100 and int8["p50_ms"] > 0 and int8["p99_ms"] >= int8["p50_ms"]
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Per-class accuracy" in html
+    assert "| stage | backend | precision | top-1 |" in (out / "report.md").read_text()
+    assert "stage" in result.output and "agree w/ FP32" in result.output and "skipped" in result.output
+
+
+def test_unchanged_rerun_reuses_every_stage(built):
+    out, _ = built
+    before = len(read_records(out))
+    result = CliRunner().invoke(main, ["build", "--int8", "--out", str(out), *FAST[:-1]])
+    assert result.exit_code == 0, result.output
+    reused = [line for line in result.output.splitlines() if "unchanged, reused" in line]
+    assert len(reused) == 8, result.output   # all but compile (skipped: re-checked each time) and verify inputs same
+    new = read_records(out)[before:]
+    assert [r.stage for r in new] == ["compile"]
+
+
+def test_changed_qat_setting_resumes_from_qat(built, tmp_path):
+    out, _ = built
+    before = len(read_records(out))
+    args = [a if a != "1" or i != FAST.index("--qat-epochs") + 1 else "2" for i, a in enumerate(FAST)]
+    result = CliRunner().invoke(main, ["build", "--int8", "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    rerun = [r.stage for r in read_records(out)[before:]]
+    assert rerun[0] == "qat" and "train" not in rerun and "fold" not in rerun and "ptq" not in rerun
+
+
+def test_failing_gate_stops_build_with_one_line_and_report(tmp_path):
+    recipe = tmp_path / "strict.yaml"
+    recipe.write_text("gates:\n  fold_rel_tol: 0.0\n")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["build", "--recipe", str(recipe), "--int8", "--out", str(out), *FAST])
+    assert result.exit_code == 1
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: fold:") and "fold_max_abs_diff_rel" in last
+    stages = [r.stage for r in read_records(out)]
+    assert stages[-1] == "fold" and "ptq" not in stages
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["ok"] is False and rep["message"].startswith("fold:")
+
+
+def test_bad_options_are_one_line_errors(tmp_path):
+    r = CliRunner().invoke(main, ["build", "--arch", "nope", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "unknown architecture 'nope'" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["build", "--pretrained", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "y")])
+    assert r.exit_code == 1 and "--pretrained checkpoint not found" in r.output
