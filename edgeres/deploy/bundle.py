@@ -1,0 +1,293 @@
+"""The deploy bundle: the portable parts of a run (ONNX, calibration cache, reference results) plus a
+standalone device runtime that builds and verifies the TensorRT engine on each device itself.
+
+Engines do not move between devices or TensorRT versions, so the bundle never carries one.
+Layout (flat, every file listed in manifest.json with its sha256):
+
+    manifest.json  model_fp32.onnx  model_int8.onnx  calib.cache  probe.npz
+    device_runtime.py  engine_build.py  edgeres-device
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from edgeres.errors import ArtifactError, ConfigError
+from edgeres.io import atomic_path, sha256_file
+
+FORMAT = "edgeres-bundle/1"
+MANIFEST = "manifest.json"
+RUN_FILES = {  # bundle name -> (path in the run folder, required)
+    "model_fp32.onnx": ("export/model_fp32.onnx", True),
+    "model_int8.onnx": ("export/model_int8.onnx", True),
+    "calib.cache": ("calibration/calib.cache", False),
+}
+TENSORRT_TARGETS = ("8.2 (JetPack 4.6)", "8.5 (JetPack 5.1)", "8.6", "10.3 (JetPack 6.1/6.2)")
+DEFAULT_GATES = {"min_top1_agreement": 0.9, "max_accuracy_drop": 0.05}
+EXECUTABLE = ("device_runtime.py", "edgeres-device")
+LAUNCHER = """#!/bin/sh
+# edgeres device runtime: verifies this bundle, builds and checks the engine for this device, benchmarks.
+# Needs python3 + numpy (+ tensorrt, or trtexec, or onnxruntime). Set PYTHON to use another interpreter.
+here=$(cd "$(dirname "$0")" && pwd)
+exec "${PYTHON:-python3}" "$here/device_runtime.py" --bundle "$here" "$@"
+"""
+
+
+def _runtime_sources() -> dict[str, Path | None]:
+    pkg = Path(__file__).resolve().parents[1]
+    engine_build = pkg / "tensorrt" / "engine_build.py"
+    return {"device_runtime.py": pkg / "deploy" / "device_runtime.py",
+            "engine_build.py": engine_build if engine_build.is_file() else None}
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} is not readable JSON ({e})") from None
+
+
+def expected_accuracy_from_run(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Accuracy-like metrics of every passed stage (latest wins) and of report.json, as the run recorded them."""
+    from edgeres.records import read_records
+
+    found: dict[str, dict[str, float]] = {}
+    for rec in read_records(run_dir):
+        if not rec.passed:
+            continue
+        accs = {k: float(v) for k, v in rec.metrics.items()
+                if "acc" in k.lower() and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if accs:
+            found[rec.stage] = accs
+    report = run_dir / "report.json"
+    if report.is_file():
+        data = _load_json(report)
+        if isinstance(data, dict):
+            accs = {k: float(v) for k, v in data.items()
+                    if "acc" in k.lower() and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if accs:
+                found["report"] = accs
+    return found
+
+
+def tensorrt_validated(run_dir: Path) -> list[str]:
+    """TensorRT versions this run's engine was really built and checked with (compile stages that passed)."""
+    from edgeres.records import read_records
+
+    versions = set()
+    for rec in read_records(run_dir):
+        if rec.passed and any(k in rec.stage for k in ("compile", "tensorrt", "engine")):
+            v = (rec.environment.get("packages") or {}).get("tensorrt") or rec.metrics.get("tensorrt_version")
+            if v:
+                versions.add(str(v))
+    return sorted(versions)
+
+
+def _ort_logits(onnx_path: Path, x, batch: int = 32):
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types for invalid models
+        raise ArtifactError(f"{onnx_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
+    inp = sess.get_inputs()[0]
+    out = np.concatenate([sess.run(None, {inp.name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    return out.astype(np.float32), inp, sess.get_outputs()[0]
+
+
+def _collect(run_dir: Path) -> dict[str, Path | None]:
+    if not run_dir.is_dir():
+        raise ArtifactError(f"run folder not found: {run_dir}")
+    missing, files = [], {}
+    for name, (rel, required) in RUN_FILES.items():
+        path = run_dir / rel
+        files[name] = path if path.is_file() else None
+        if required and files[name] is None:
+            missing.append(rel)
+    for rel in ("meta.json", "probe.npz"):
+        if not (run_dir / rel).is_file():
+            missing.append(rel)
+    if missing:
+        raise ArtifactError(f"{run_dir} is missing {', '.join(missing)}: run the export stage "
+                            f"(`edgeres build`) before bundling")
+    return files
+
+
+def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str, float]) -> dict[str, Any]:
+    import numpy as np
+
+    files = _collect(run_dir)
+    meta = _load_json(run_dir / "meta.json")
+    with np.load(run_dir / "probe.npz") as probe:
+        if "x" not in probe.files:
+            raise ArtifactError(f"{run_dir / 'probe.npz'} has no 'x' array")
+        x = np.ascontiguousarray(probe["x"][:probe_size], dtype=np.float32)
+        y = probe["y"][:probe_size].astype(np.int64) if "y" in probe.files else None
+    if x.ndim != 4 or len(x) == 0:
+        raise ArtifactError(f"probe.npz 'x' must be a non-empty NCHW array, found shape {x.shape}")
+    for name, src in files.items():
+        if src is not None:
+            shutil.copyfile(src, dest / name)
+    ref32, inp, out = _ort_logits(dest / "model_fp32.onnx", x)
+    ref8, _, _ = _ort_logits(dest / "model_int8.onnx", x)
+    arrays = {"x": x, "ref_fp32": ref32, "ref_int8": ref8}
+    if y is not None:
+        arrays["y"] = y
+    np.savez(dest / "probe.npz", **arrays)
+    sources = _runtime_sources()
+    for name, src in sources.items():
+        if src is not None:
+            shutil.copyfile(src, dest / name)
+    (dest / "edgeres-device").write_text(LAUNCHER)
+
+    probe_acc = None if y is None else {"fp32": float((ref32.argmax(1) == y).mean()),
+                                        "int8": float((ref8.argmax(1) == y).mean())}
+    calib = "calib.cache" if files["calib.cache"] else None
+    manifest = {
+        "format": FORMAT,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run": {"name": run_dir.resolve().name, "path": str(run_dir.resolve())},
+        "arch": meta.get("arch"), "dataset": meta.get("dataset"), "recipe_hash": meta.get("recipe_hash"),
+        "models": {"fp32": "model_fp32.onnx", "int8": "model_int8.onnx"},
+        "calibration_cache": calib,
+        "calibration_note": None if calib else
+        "the run has no calibration/calib.cache: the INT8 ONNX carries Q/DQ scales (explicit quantization), "
+        "so TensorRT does not need one; implicit-quantization (calibrated) builds are unavailable",
+        "input": {"name": inp.name, "shape": ["N", *map(int, x.shape[1:])], "dtype": "float32", "layout": "NCHW"},
+        "output": {"name": out.name, "shape": ["N", int(ref32.shape[1])], "dtype": "float32"},
+        "preprocessing": {"input_size": meta.get("input_size"), "resize_size": meta.get("resize_size"),
+                          "in_channels": meta.get("in_channels"), "mean": meta.get("mean"), "std": meta.get("std"),
+                          "steps": ["decode (RGB, or grayscale for 1 channel)",
+                                    "resize shorter side to resize_size (when set), center-crop input_size",
+                                    "scale to [0, 1]", "normalize (x - mean) / std", "float32 NCHW"]},
+        "class_names": list(meta.get("class_names") or []),
+        "num_classes": int(ref32.shape[1]),
+        "expected_accuracy": {"run": expected_accuracy_from_run(run_dir), "probe": probe_acc},
+        "gates": gates,
+        "probe": {"file": "probe.npz", "count": int(len(x)), "labels": y is not None,
+                  "arrays": sorted(arrays), "reference": "ONNX Runtime (CPU) on the bundled ONNX files"},
+        "tensorrt": {"validated": tensorrt_validated(run_dir), "targets": list(TENSORRT_TARGETS),
+                     "note": "validated: versions this run's engine was built and checked with; targets: versions "
+                             "the device runtime is written for, not tested here"},
+        "runtime": {"entry": "device_runtime.py", "launcher": "edgeres-device",
+                    "engine_build": "engine_build.py" if sources["engine_build.py"] else None},
+    }
+    listed = sorted(p.name for p in dest.iterdir() if p.is_file())
+    manifest["files"] = {name: {"sha256": sha256_file(dest / name), "size": (dest / name).stat().st_size}
+                         for name in listed}
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    for p in dest.iterdir():
+        p.chmod(0o755 if p.name in EXECUTABLE else 0o644)
+    dest.chmod(0o755)
+    return manifest
+
+
+def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int = 32, tar: bool = False,
+                force: bool = False, min_top1_agreement: float = DEFAULT_GATES["min_top1_agreement"],
+                max_accuracy_drop: float = DEFAULT_GATES["max_accuracy_drop"]) -> Path:
+    """Write the bundle folder `out_dir` (or `out_dir`.tar.gz with tar=True) atomically. Returns its path."""
+    if probe_size < 1:
+        raise ConfigError(f"--probe-size must be >= 1, got {probe_size}")
+    if not 0.0 <= min_top1_agreement <= 1.0 or not 0.0 <= max_accuracy_drop <= 1.0:
+        raise ConfigError("gates must lie in [0, 1]")
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if tar and not out.name.endswith(".tar.gz"):
+        out = out.with_name(out.name + ".tar.gz")
+    if out.exists() and not force:
+        raise ConfigError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gates = {"min_top1_agreement": min_top1_agreement, "max_accuracy_drop": max_accuracy_drop}
+    top = out.name[: -len(".tar.gz")] if tar else out.name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{top}.", suffix=".tmp", dir=out.parent))
+    try:
+        _write_bundle(run_dir, tmp, probe_size=probe_size, gates=gates)
+        if tar:
+            with atomic_path(out) as tmp_tar, tarfile.open(tmp_tar, "w:gz") as tf:
+                for p in sorted(tmp.iterdir()):
+                    tf.add(p, arcname=f"{top}/{p.name}", recursive=False)
+            return out
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        return out
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_member_name(name: str) -> str:
+    """Reject what could write outside the bundle: absolute paths, '..', backslashes, drive letters."""
+    p = PurePosixPath(name)
+    if not name or p.is_absolute() or ".." in p.parts or "\\" in name or "\x00" in name or ":" in p.parts[0]:
+        raise ArtifactError(f"unsafe path in bundle: {name!r} (absolute, '..' or odd characters)")
+    return str(p)
+
+
+def extract_bundle(tar_path: str | Path, dest: str | Path) -> Path:
+    """Extract a bundle .tar.gz into `dest` and return the bundle folder. Only regular files inside one top
+    folder are accepted: absolute paths, '..', symlinks, hard links and devices are refused before any write."""
+    tar_path, dest = Path(tar_path), Path(dest)
+    try:
+        tf = tarfile.open(tar_path, "r:gz")
+    except (OSError, tarfile.TarError) as e:
+        raise ArtifactError(f"{tar_path} is not a readable .tar.gz ({e})") from None
+    with tf:
+        members = tf.getmembers()
+        tops = set()
+        for m in members:
+            name = check_member_name(m.name)
+            if not (m.isfile() or m.isdir()):
+                raise ArtifactError(f"{tar_path}: member {m.name!r} is a link or special file; refused")
+            tops.add(PurePosixPath(name).parts[0])
+            if m.isfile() and len(PurePosixPath(name).parts) != 2:
+                raise ArtifactError(f"{tar_path}: member {m.name!r} is not directly inside the bundle folder")
+        if len(tops) != 1:
+            raise ArtifactError(f"{tar_path}: expected one top folder, found {sorted(tops) or 'none'}")
+        dest.mkdir(parents=True, exist_ok=True)
+        tf.extractall(dest, members=[m for m in members if m.isfile()], filter="data")
+    return dest / tops.pop()
+
+
+@contextlib.contextmanager
+def opened_bundle(path: str | Path) -> Iterator[Path]:
+    """A bundle folder for `path`: the folder itself, or a .tar.gz extracted into a temporary folder."""
+    path = Path(path)
+    if path.is_dir():
+        yield path
+    elif path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
+        with tempfile.TemporaryDirectory(prefix="edgeres-bundle-") as tmp:
+            yield extract_bundle(path, tmp)
+    else:
+        raise ArtifactError(f"bundle not found: {path} (a folder or .tar.gz made by `edgeres bundle`)")
+
+
+def verify_bundle(bundle_dir: str | Path) -> dict[str, Any]:
+    """The manifest of an intact bundle; ArtifactError naming every missing, altered or unsafe file."""
+    from edgeres.deploy import device_runtime as rt
+
+    bundle_dir = Path(bundle_dir)
+    try:
+        manifest = rt.load_manifest(bundle_dir)
+        problems = rt.verify_files(bundle_dir, manifest)
+    except rt.BundleError as e:
+        raise ArtifactError(str(e)) from None
+    if problems:
+        raise ArtifactError(f"{bundle_dir}: bundle verification failed: " + "; ".join(problems))
+    for name in manifest["files"]:
+        check_member_name(name)
+    return manifest

@@ -1,0 +1,541 @@
+#!/usr/bin/env python3
+"""edgeres device runtime: verify a bundle, build the engine for THIS device, check it, benchmark it.
+
+Standalone on purpose: python3 + numpy + (tensorrt | trtexec | onnxruntime). No torch, no edgeres.
+
+    python3 device_runtime.py [--bundle DIR] [--out result.json] [--precision int8|fp16|fp32] [--iterations N]
+
+Steps: 1. every file's sha256 against manifest.json (a tampered bundle is refused); 2. describe the device
+(Jetson model, L4T/JetPack, TensorRT, DLA cores, power mode, clock locking); 3. build the engine, cached by
+device + TensorRT version + ONNX sha256; 4. run the probe set and compare with the host's reference logits
+(top-1 agreement and accuracy gates from the manifest); 5. benchmark. One JSON result is written and printed.
+Exit codes: 0 passed, 1 a gate failed, 2 the bundle or the device cannot be used.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path, PurePosixPath
+
+FORMAT = "edgeres-bundle/1"
+MANIFEST = "manifest.json"
+EXIT_OK, EXIT_GATE, EXIT_UNUSABLE = 0, 1, 2
+PRECISIONS = ("int8", "fp16", "fp32")
+# L4T major.minor -> JetPack release (NVIDIA's published table; unknown releases are reported as None)
+JETPACK = {"32.4": "4.4", "32.5": "4.5", "32.6": "4.6", "32.7": "4.6.x", "34.1": "5.0", "35.1": "5.0.2",
+           "35.2": "5.1", "35.3": "5.1.1", "35.4": "5.1.2", "35.5": "5.1.3", "35.6": "5.1.4",
+           "36.2": "6.0 DP", "36.3": "6.0", "36.4": "6.1/6.2"}
+
+
+class BundleError(Exception):
+    """The bundle or the device cannot be used (exit 2)."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_relpath(name: str) -> str:
+    """A manifest path must stay inside the bundle: relative, no '..', no backslashes or NULs."""
+    p = PurePosixPath(name)
+    if not name or "\\" in name or "\x00" in name or p.is_absolute() or ".." in p.parts or name.startswith("~"):
+        raise BundleError(f"unsafe path in manifest: {name!r}")
+    return str(p)
+
+
+def load_manifest(bundle: Path, expect_sha256: str | None = None) -> dict:
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{path} not found: not an edgeres bundle")
+    if expect_sha256 and sha256_file(path) != expect_sha256:
+        raise BundleError(f"{MANIFEST} sha256 differs from the one the host sent: bundle altered in transit")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path} is not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{path}: format {manifest.get('format')!r}, this runtime reads {FORMAT!r}")
+    return manifest
+
+
+def verify_files(bundle: Path, manifest: dict) -> list[str]:
+    """Problems found (empty when every listed file is present, a regular file, and has its sha256)."""
+    problems = []
+    root = bundle.resolve()
+    for name, entry in sorted(manifest.get("files", {}).items()):
+        rel = safe_relpath(name)
+        path = bundle / rel
+        if path.is_symlink():
+            problems.append(f"{rel}: is a symlink")
+        elif not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif root not in path.resolve().parents:
+            problems.append(f"{rel}: outside the bundle")
+        elif sha256_file(path) != entry.get("sha256"):
+            problems.append(f"{rel}: sha256 mismatch (tampered or corrupt)")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- device
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text(errors="replace").replace("\x00", "").strip()
+    except OSError:
+        return None
+
+
+def _run(cmd: list[str], timeout: float = 20) -> tuple[int, str] | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return p.returncode, (p.stdout + p.stderr)
+
+
+def parse_l4t(text: str | None) -> dict:
+    """'# R35 (release), REVISION: 4.1, GCID: ...' -> {"l4t": "35.4.1", "jetpack": "5.1.2"}."""
+    if not text:
+        return {"l4t": None, "jetpack": None}
+    m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", text)
+    if not m:
+        return {"l4t": None, "jetpack": None, "raw": text.splitlines()[0][:120]}
+    major, rev = m.group(1), m.group(2)
+    l4t = f"{major}.{rev}"
+    return {"l4t": l4t, "jetpack": JETPACK.get(f"{major}.{rev.split('.')[0]}")}
+
+
+def _trt_module():
+    try:
+        import tensorrt  # noqa: F401 - optional, JetPack ships it
+        return tensorrt
+    except Exception:  # a broken install (missing libnvinfer) raises OSError/ImportError alike
+        return None
+
+
+def trtexec_path() -> str | None:
+    for cand in (shutil.which("trtexec"), "/usr/src/tensorrt/bin/trtexec"):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def trtexec_version(exe: str) -> str | None:
+    out = _run([exe, "--help"])
+    m = re.search(r"TensorRT v(\d+)", out[1]) if out else None
+    if not m:
+        return None
+    n = int(m.group(1))  # TensorRT 8: 8502 -> 8.5.2; TensorRT 10: 100300 -> 10.3.0
+    major, minor = (n // 10000, n // 100 % 100) if n >= 100000 else (n // 1000, n // 100 % 10)
+    return f"{major}.{minor}.{n % 100}"
+
+
+def clocks_locked() -> bool | None:
+    """True when every CPU (and the Jetson GPU) runs at a fixed clock (what `jetson_clocks` sets)."""
+    pairs = []
+    for cpu in sorted(Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpufreq")):
+        pairs.append((_read(str(cpu / "scaling_min_freq")), _read(str(cpu / "scaling_max_freq"))))
+    for gpu in Path("/sys/devices").glob("*gpu*/devfreq/*"):
+        pairs.append((_read(str(gpu / "min_freq")), _read(str(gpu / "max_freq"))))
+    pairs = [p for p in pairs if p[0] and p[1]]
+    if not pairs:
+        return None
+    return all(lo == hi for lo, hi in pairs)
+
+
+def describe_device() -> dict:
+    trt = _trt_module()
+    exe = trtexec_path()
+    info = {"hostname": platform.node(), "machine": platform.machine(), "python": platform.python_version(),
+            "model": _read("/proc/device-tree/model"), **parse_l4t(_read("/etc/nv_tegra_release")),
+            "tensorrt": getattr(trt, "__version__", None) if trt else (trtexec_version(exe) if exe else None),
+            "tensorrt_python": bool(trt), "trtexec": exe, "dla_cores": None, "power_mode": None,
+            "clocks_locked": clocks_locked(), "warnings": []}
+    if trt is not None:
+        try:
+            info["dla_cores"] = int(trt.Builder(trt.Logger(trt.Logger.ERROR)).num_DLA_cores)
+        except Exception as e:  # no GPU visible: the builder cannot be created
+            info["warnings"].append(f"TensorRT builder unavailable: {str(e)[:160]}")
+    out = _run(["nvpmodel", "-q"])
+    if out and out[0] == 0:
+        m = re.search(r"NV Power Mode:\s*(.+)", out[1])
+        info["power_mode"] = m.group(1).strip() if m else out[1].strip().splitlines()[0][:80]
+    if info["clocks_locked"] is False:
+        info["warnings"].append("clocks are not locked (run `sudo jetson_clocks`): latency figures will vary")
+    return info
+
+
+def choose_backend(info: dict, forced: str | None) -> str:
+    if forced:
+        return forced
+    if info["tensorrt_python"] and not any("builder unavailable" in w for w in info["warnings"]):
+        return "tensorrt"
+    if info["trtexec"]:
+        return "trtexec"
+    return "onnxruntime"
+
+
+# ---------------------------------------------------------------------------------------------- backends
+def engine_key(info: dict, onnx_sha: str, precision: str, batch: int) -> str:
+    ident = json.dumps([info.get("model") or info.get("machine"), info.get("tensorrt"), onnx_sha, precision, batch])
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def build_with_python(bundle: Path, onnx: Path, engine: Path, *, precision: str, batch: int,
+                      calib: Path | None, workspace_mb: int, dla_core: int | None) -> dict:
+    if not (bundle / "engine_build.py").is_file():
+        raise BundleError("TensorRT Python bindings found but the bundle has no engine_build.py")
+    sys.path.insert(0, str(bundle))
+    import engine_build  # shipped in the bundle, stdlib + tensorrt + numpy only
+
+    return engine_build.build_engine(str(onnx), str(engine), precision=precision, dla_core=dla_core,
+                                     gpu_fallback=dla_core is not None, workspace_mb=workspace_mb,
+                                     batch=(1, batch, batch),
+                                     timing_cache=str(engine.with_suffix(".timing")),
+                                     calib_cache=str(calib) if calib else None)
+
+
+def build_with_python_checked(bundle: Path, onnx: Path, engine: Path, **kw) -> dict:
+    try:
+        return build_with_python(bundle, onnx, engine, **kw)
+    except BundleError:
+        raise
+    except Exception as e:  # engine_build and TensorRT raise their own types; the result names the cause
+        raise BundleError(f"TensorRT engine build failed: {type(e).__name__}: {str(e)[:400]}") from None
+
+
+class CudaRT:
+    """The few libcudart calls a TensorRT run needs, via ctypes (JetPack has no pycuda by default)."""
+
+    def __init__(self) -> None:
+        import ctypes
+        import ctypes.util
+
+        names = [ctypes.util.find_library("cudart"), "libcudart.so", "libcudart.so.12", "libcudart.so.11.0"]
+        for name in filter(None, names):
+            try:
+                self.lib = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        else:
+            raise BundleError("libcudart not found: cannot run a TensorRT engine from Python")
+        self.c = ctypes
+
+    def check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            raise BundleError(f"CUDA {what} failed with error {rc}")
+
+    def malloc(self, nbytes: int) -> int:
+        ptr = self.c.c_void_p()
+        self.check(self.lib.cudaMalloc(self.c.byref(ptr), self.c.c_size_t(nbytes)), "cudaMalloc")
+        return ptr.value
+
+    def copy(self, dst: int, src: int, nbytes: int, kind: int) -> None:  # kind 1 = H2D, 2 = D2H
+        self.check(self.lib.cudaMemcpy(self.c.c_void_p(dst), self.c.c_void_p(src), self.c.c_size_t(nbytes), kind),
+                   "cudaMemcpy")
+
+    def sync(self) -> None:
+        self.check(self.lib.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
+
+    def free(self, ptr: int) -> None:
+        self.lib.cudaFree(self.c.c_void_p(ptr))
+
+
+class TensorRTRunner:
+    def __init__(self, engine_path: Path, input_name: str, output_name: str, max_batch: int) -> None:
+        import tensorrt as trt
+
+        self.trt, self.cuda = trt, CudaRT()
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise BundleError(f"{engine_path}: TensorRT could not deserialize the engine")
+        self.ctx = self.engine.create_execution_context()
+        self.input_name, self.output_name, self.max_batch = input_name, output_name, max_batch
+        self.bufs: dict[str, tuple[int, int]] = {}
+
+    def _buf(self, name: str, nbytes: int) -> int:
+        if name not in self.bufs or self.bufs[name][1] < nbytes:
+            if name in self.bufs:
+                self.cuda.free(self.bufs[name][0])
+            self.bufs[name] = (self.cuda.malloc(nbytes), nbytes)
+        return self.bufs[name][0]
+
+    def infer(self, x):
+        import numpy as np
+
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        self.ctx.set_input_shape(self.input_name, tuple(x.shape))
+        out = np.empty(tuple(self.ctx.get_tensor_shape(self.output_name)), dtype=np.float32)
+        d_in, d_out = self._buf(self.input_name, x.nbytes), self._buf(self.output_name, out.nbytes)
+        self.cuda.copy(d_in, x.ctypes.data, x.nbytes, 1)
+        self.ctx.set_tensor_address(self.input_name, d_in)
+        self.ctx.set_tensor_address(self.output_name, d_out)
+        if not self.ctx.execute_async_v3(0):
+            raise BundleError("TensorRT execution failed")
+        self.cuda.sync()
+        self.cuda.copy(out.ctypes.data, d_out, out.nbytes, 2)
+        return out
+
+
+class OnnxRuntimeRunner:
+    def __init__(self, onnx_path: Path, input_name: str) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BundleError("neither TensorRT, trtexec nor onnxruntime is available on this device") from None
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = input_name
+        self.version = ort.__version__
+
+    def infer(self, x):
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+def trtexec_shapes(name: str, shape: tuple[int, ...]) -> str:
+    return f"{name}:" + "x".join(str(d) for d in shape)
+
+
+def trtexec_build(exe: str, onnx: Path, engine: Path, *, precision: str, input_name: str,
+                  chw: tuple[int, ...], batch: int, calib: Path | None) -> dict:
+    cmd = [exe, f"--onnx={onnx}", f"--saveEngine={engine}", "--skipInference",
+           f"--minShapes={trtexec_shapes(input_name, (1, *chw))}",
+           f"--optShapes={trtexec_shapes(input_name, (batch, *chw))}",
+           f"--maxShapes={trtexec_shapes(input_name, (batch, *chw))}"]
+    if precision == "int8":
+        cmd += ["--int8", "--fp16"]  # Q/DQ ONNX: explicit quantization, fp16 for the layers left unquantized
+    elif precision == "fp16":
+        cmd += ["--fp16"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0 or not engine.is_file():
+        raise BundleError(f"trtexec failed to build the engine: {(p.stdout + p.stderr).strip()[-400:]}")
+    return {"builder": "trtexec", "command": cmd}
+
+
+def trtexec_infer(exe: str, engine: Path, x, input_name: str, output_name: str):
+    """Run a batch through trtexec (--loadInputs / --exportOutput) and return the logits."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        inp, out = Path(tmp) / "input.bin", Path(tmp) / "output.json"
+        np.ascontiguousarray(x, dtype=np.float32).tofile(inp)
+        cmd = [exe, f"--loadEngine={engine}", f"--shapes={trtexec_shapes(input_name, x.shape)}",
+               f"--loadInputs={input_name}:{inp}", f"--exportOutput={out}", "--iterations=1", "--warmUp=0",
+               "--duration=0"]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0 or not out.is_file():
+            raise BundleError(f"trtexec inference failed: {(p.stdout + p.stderr).strip()[-400:]}")
+        for entry in json.loads(out.read_text()):
+            if entry.get("name") == output_name:
+                return np.asarray(entry["values"], dtype=np.float32).reshape(x.shape[0], -1)
+    raise BundleError(f"trtexec output has no tensor named {output_name!r}")
+
+
+def trtexec_bench(exe: str, engine: Path, input_name: str, shape: tuple[int, ...], iterations: int) -> dict:
+    cmd = [exe, f"--loadEngine={engine}", f"--shapes={trtexec_shapes(input_name, shape)}",
+           f"--iterations={iterations}", "--duration=0", "--warmUp=500", "--percentile=99"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    text = p.stdout + p.stderr
+    lat = re.search(r"Latency: .*?median = ([\d.]+) ms.*?percentile\(99%\) = ([\d.]+) ms", text)
+    thr = re.search(r"Throughput: ([\d.]+) qps", text)
+    if p.returncode != 0 or not lat:
+        raise BundleError(f"trtexec benchmark failed: {text.strip()[-400:]}")
+    return {"median_ms": float(lat.group(1)), "p99_ms": float(lat.group(2)),
+            "throughput_qps": float(thr.group(1)) * shape[0] if thr else None, "source": "trtexec"}
+
+
+def benchmark(infer, x, iterations: int, warmup: int = 10) -> dict:
+    import numpy as np
+
+    for _ in range(warmup):
+        infer(x)
+    times = []
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        infer(x)  # every backend here returns host memory: the device is synchronized on both sides
+        times.append((time.perf_counter() - t0) * 1e3)
+    t = np.asarray(times)
+    median = float(np.median(t))
+    return {"median_ms": round(median, 4), "p99_ms": round(float(np.percentile(t, 99)), 4),
+            "mean_ms": round(float(t.mean()), 4), "throughput_ips": round(x.shape[0] * 1e3 / median, 2),
+            "batch": int(x.shape[0]), "iterations": iterations, "warmup": warmup, "source": "wall-clock"}
+
+
+# ---------------------------------------------------------------------------------------------- verify
+def compare(logits, ref, y, gates: dict, expected_accuracy: float | None) -> dict:
+    import numpy as np
+
+    pred, ref_pred = logits.argmax(1), ref.argmax(1)
+    agreement = float((pred == ref_pred).mean())
+    accuracy = float((pred == y).mean()) if y is not None else None
+    checks = [{"name": "top1_agreement", "value": agreement, "limit": gates["min_top1_agreement"], "op": ">="}]
+    if accuracy is not None and expected_accuracy is not None:
+        checks.append({"name": "probe_accuracy", "value": accuracy,
+                       "limit": round(expected_accuracy - gates["max_accuracy_drop"], 6), "op": ">="})
+    for c in checks:
+        c["passed"] = c["value"] >= c["limit"]
+    return {"top1_agreement": agreement, "accuracy": accuracy, "expected_accuracy": expected_accuracy,
+            "max_abs_diff": float(np.abs(logits - ref).max()), "gates": checks,
+            "passed": all(c["passed"] for c in checks)}
+
+
+def previous_result_current(out: Path, manifest_sha: str, info: dict, precision: str) -> dict | None:
+    """The earlier result when it passed for this same bundle, device, TensorRT version and precision."""
+    try:
+        prev = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return None
+    same = (prev.get("status") == "passed" and prev.get("manifest_sha256") == manifest_sha
+            and prev.get("precision") == precision
+            and (prev.get("device") or {}).get("tensorrt") == info.get("tensorrt")
+            and (prev.get("device") or {}).get("model") == info.get("model"))
+    return prev if same else None
+
+
+def run(args: argparse.Namespace) -> tuple[dict, int]:
+    import numpy as np
+
+    bundle = Path(args.bundle).resolve()
+    manifest = load_manifest(bundle, args.expect_manifest_sha256)
+    problems = verify_files(bundle, manifest)
+    if problems:
+        raise BundleError("bundle verification failed, refusing to run: " + "; ".join(problems))
+    manifest_sha = sha256_file(bundle / MANIFEST)
+    info = describe_device()
+    out = Path(args.out) if args.out else bundle / "result.json"
+    if args.skip_if_current:
+        prev = previous_result_current(out, manifest_sha, info, args.precision)
+        if prev is not None:
+            prev["skipped"] = "result is current for this bundle, device and TensorRT version"
+            return prev, EXIT_OK
+    backend = choose_backend(info, args.backend)
+    if backend == "tensorrt" and not info["tensorrt_python"]:
+        raise BundleError("--backend tensorrt: the TensorRT Python bindings are not importable here")
+    if backend == "trtexec" and not info["trtexec"]:
+        raise BundleError("--backend trtexec: no trtexec on PATH or in /usr/src/tensorrt/bin")
+    models, spec = manifest["models"], manifest["input"]
+    onnx = bundle / safe_relpath(models["int8" if args.precision == "int8" else "fp32"])
+    probe = np.load(bundle / safe_relpath(manifest["probe"]["file"]))
+    x = probe["x"].astype(np.float32)
+    y = probe["y"].astype(np.int64) if "y" in probe.files else None
+    ref = probe["ref_int8" if args.precision == "int8" else "ref_fp32"]
+    batch = int(args.batch or manifest.get("probe", {}).get("count", len(x)))
+    gates = {**{"min_top1_agreement": 0.9, "max_accuracy_drop": 0.05}, **manifest.get("gates", {})}
+    expected = (manifest.get("expected_accuracy") or {}).get("probe", {}).get(args.precision if args.precision
+                                                                                != "fp16" else "fp32")
+    result = {"format": "edgeres-result/1", "bundle": str(bundle), "manifest_sha256": manifest_sha,
+              "run": manifest.get("run", {}).get("name"), "precision": args.precision, "backend": backend,
+              "device": info, "tensorrt": info["tensorrt"] if backend != "onnxruntime" else None, "note": None}
+    name_in, name_out = spec["name"], manifest.get("output", {}).get("name", "logits")
+    t0 = time.perf_counter()
+    if backend == "onnxruntime":
+        if args.precision == "fp16":
+            raise BundleError("fp16 needs TensorRT; ONNX Runtime on this device runs int8 or fp32")
+        runner = OnnxRuntimeRunner(onnx, name_in)
+        result["onnxruntime"] = runner.version
+        result["note"] = ("TensorRT not available here (no Python bindings, no trtexec): verified and timed "
+                          "with ONNX Runtime on the CPU instead; no engine was built")
+        infer, result["engine"] = runner.infer, None
+    else:
+        cache = Path(args.cache_dir) if args.cache_dir else bundle / "engines"
+        key = engine_key(info, manifest["files"][onnx.name]["sha256"], args.precision, batch)
+        engine = cache / key / "model.plan"
+        cached = engine.is_file()
+        calib = bundle / manifest["calibration_cache"] if manifest.get("calibration_cache") else None
+        if not cached:
+            engine.parent.mkdir(parents=True, exist_ok=True)
+            if backend == "tensorrt":
+                build = build_with_python_checked(bundle, onnx, engine, precision=args.precision, batch=batch,
+                                                  calib=calib, workspace_mb=args.workspace_mb,
+                                                  dla_core=args.dla_core)
+            else:
+                build = trtexec_build(info["trtexec"], onnx, engine, precision=args.precision, input_name=name_in,
+                                      chw=tuple(x.shape[1:]), batch=batch, calib=calib)
+        result["engine"] = {"path": str(engine), "key": key, "cached": cached,
+                            "build": None if cached else build}
+        if backend == "tensorrt":
+            infer = TensorRTRunner(engine, name_in, name_out, batch).infer
+        else:
+            infer = lambda b: trtexec_infer(info["trtexec"], engine, b, name_in, name_out)
+    result["prepare_s"] = round(time.perf_counter() - t0, 3)
+    logits = np.concatenate([infer(x[i:i + batch]) for i in range(0, len(x), batch)])
+    result["verification"] = compare(logits, ref, y, gates, expected)
+    xb = x[:batch]
+    if backend == "trtexec":
+        result["benchmark"] = trtexec_bench(info["trtexec"], result["engine"]["path"], name_in, xb.shape,
+                                            args.iterations)
+    else:
+        result["benchmark"] = benchmark(infer, xb, args.iterations)
+    result["status"] = "passed" if result["verification"]["passed"] else "failed"
+    result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return result, EXIT_OK if result["status"] == "passed" else EXIT_GATE
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    here = Path(__file__).resolve().parent
+    p = argparse.ArgumentParser(prog="edgeres-device", description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", default=str(here), help="bundle folder (default: this file's folder)")
+    p.add_argument("--out", default=None, help="result JSON (default: BUNDLE/result.json)")
+    p.add_argument("--precision", choices=PRECISIONS, default="int8")
+    p.add_argument("--iterations", type=int, default=200, help="timed iterations")
+    p.add_argument("--batch", type=int, default=None, help="batch for the engine and the benchmark (default: probe)")
+    p.add_argument("--backend", choices=("tensorrt", "trtexec", "onnxruntime"), default=None,
+                   help="force a backend (default: tensorrt, else trtexec, else onnxruntime)")
+    p.add_argument("--cache-dir", default=None, help="engine cache (default: BUNDLE/engines)")
+    p.add_argument("--workspace-mb", type=int, default=1024)
+    p.add_argument("--dla-core", type=int, default=None)
+    p.add_argument("--skip-if-current", action="store_true",
+                   help="do nothing when --out already holds a passed result for this bundle and TensorRT version")
+    p.add_argument("--expect-manifest-sha256", default=None, help="refuse unless manifest.json has this sha256")
+    args = p.parse_args(argv)
+    if args.iterations < 1:
+        p.error("--iterations must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result, code = run(args)
+    except BundleError as e:
+        result, code = {"format": "edgeres-result/1", "status": "error", "error": str(e)}, EXIT_UNUSABLE
+    out = Path(args.out) if args.out else Path(args.bundle) / "result.json"
+    if not result.get("skipped"):
+        try:
+            write_json(out, result)
+        except OSError as e:
+            print(f"edgeres-device: cannot write {out}: {e}", file=sys.stderr)
+    print(json.dumps(result, sort_keys=True, default=str))
+    if code == EXIT_UNUSABLE:
+        print(f"edgeres-device: {result['error']}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

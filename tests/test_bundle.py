@@ -1,0 +1,303 @@
+"""The deploy bundle and the standalone device runtime, with a real tiny model, real ONNX and ONNX Runtime."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_run(root: Path, *, n_probe: int = 24, calib_cache: bool = True) -> Path:
+    """A run folder as the pipeline leaves it: a real resnet20 exported to FP32 ONNX and INT8 Q/DQ ONNX."""
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from edgeres.models import create_model
+
+    run = root / "runs" / "tiny"
+    (run / "export").mkdir(parents=True)
+    (run / "calibration").mkdir()
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10).eval()
+    x = torch.randn(n_probe, 3, 32, 32)
+    torch.onnx.export(model, x[:1], str(run / "export" / "model_fp32.onnx"), dynamo=False, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17)
+    calib = [x[i:i + 1].numpy() for i in range(8)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calib)
+
+        def get_next(self):
+            b = next(self.it, None)
+            return None if b is None else {"input": b}
+
+    quantize_static(str(run / "export" / "model_fp32.onnx"), str(run / "export" / "model_int8.onnx"), Reader(),
+                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    per_channel=True)
+    if calib_cache:
+        (run / "calibration" / "calib.cache").write_text("TRT-8601-EntropyCalibration2\ninput: 3c010a14\n")
+    with torch.no_grad():
+        y = model(x).argmax(1).numpy()
+    y[: n_probe // 8] = (y[: n_probe // 8] + 1) % 10  # some wrong labels: accuracy is a real figure, not 1.0
+    np.savez(run / "probe.npz", x=x.numpy(), y=y.astype(np.int64))
+    meta = {"arch": "resnet20", "num_classes": 10, "in_channels": 3, "input_size": 32,
+            "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "class_names": [f"c{i}" for i in range(10)],
+            "arch_options": {}, "resize_size": None, "dataset": "synthetic", "recipe_hash": "abc"}
+    (run / "meta.json").write_text(json.dumps(meta))
+    rec = {"stage": "quantize", "status": "passed", "metrics": {"accuracy": 0.91, "top1_agreement": 0.99}}
+    (run / "stages.jsonl").write_text(json.dumps(rec) + "\n")
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def bundle(run_dir, tmp_path_factory) -> Path:
+    from edgeres.deploy.bundle import make_bundle
+
+    return make_bundle(run_dir, tmp_path_factory.mktemp("b") / "bundle", probe_size=16)
+
+
+def run_device(bundle: Path, *args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
+    """The runtime as a device runs it: isolated interpreter, cwd outside the repo, edgeres and torch blocked."""
+    blocker = ("import sys\nclass B:\n def find_spec(self, name, path=None, target=None):\n"
+               "  if name.split('.')[0] in ('edgeres', 'torch'): raise ImportError('blocked: ' + name)\n"
+               "sys.meta_path.insert(0, B())\nsys.argv = sys.argv[1:]\nimport runpy\n"
+               "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    return subprocess.run([python, "-I", "-c", blocker, str(bundle / "device_runtime.py"), "--bundle", str(bundle),
+                           "--iterations", "5", *args], capture_output=True, text=True, cwd=bundle.parent)
+
+
+def test_bundle_layout_and_manifest(bundle, run_dir):
+    from edgeres.io import sha256_file
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    for name in ("model_fp32.onnx", "model_int8.onnx", "calib.cache", "probe.npz", "device_runtime.py",
+                 "edgeres-device"):
+        assert (bundle / name).is_file(), name
+        assert m["files"][name]["sha256"] == sha256_file(bundle / name)
+    assert set(m["files"]) == {p.name for p in bundle.iterdir() if p.name != "manifest.json"}
+    assert m["input"] == {"name": "input", "shape": ["N", 3, 32, 32], "dtype": "float32", "layout": "NCHW"}
+    assert m["class_names"] == [f"c{i}" for i in range(10)]
+    assert m["preprocessing"]["mean"] == [0.49, 0.48, 0.45]
+    assert m["expected_accuracy"]["run"] == {"quantize": {"accuracy": 0.91}}  # agreement is no accuracy
+    assert m["tensorrt"]["validated"] == [] and m["tensorrt"]["targets"]
+    assert m["calibration_cache"] == "calib.cache" and m["probe"]["count"] == 16
+    assert (m["runtime"]["engine_build"] == "engine_build.py") == (REPO / "edgeres/tensorrt/engine_build.py").is_file()
+    with np.load(bundle / "probe.npz") as p:
+        assert p["x"].shape == (16, 3, 32, 32) and p["ref_fp32"].shape == p["ref_int8"].shape == (16, 10)
+        acc = float((p["ref_fp32"].argmax(1) == p["y"]).mean())
+        assert m["expected_accuracy"]["probe"]["fp32"] == pytest.approx(acc)
+        assert acc < 1.0  # the fixture's mislabelled images count
+    assert stat.S_IMODE((bundle / "edgeres-device").stat().st_mode) == 0o755
+    assert stat.S_IMODE((bundle / "model_int8.onnx").stat().st_mode) == 0o644
+
+
+def test_device_runtime_passes_with_onnxruntime_and_imports_no_edgeres(bundle, tmp_path):
+    out = tmp_path / "result.json"
+    p = run_device(bundle, "--out", str(out))
+    assert p.returncode == 0, p.stderr + p.stdout
+    printed = json.loads(p.stdout.strip().splitlines()[-1])
+    saved = json.loads(out.read_text())
+    assert printed == saved
+    assert saved["status"] == "passed" and saved["backend"] == "onnxruntime" and saved["tensorrt"] is None
+    assert "ONNX Runtime" in saved["note"]
+    v = saved["verification"]
+    assert v["top1_agreement"] == 1.0 and v["max_abs_diff"] < 1e-4
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert v["accuracy"] == pytest.approx(m["expected_accuracy"]["probe"]["int8"])
+    assert saved["benchmark"]["median_ms"] > 0 and saved["benchmark"]["p99_ms"] >= saved["benchmark"]["median_ms"]
+    assert "model" in saved["device"] and "clocks_locked" in saved["device"]
+
+
+def test_device_runtime_fp32_and_gate_failure(bundle, tmp_path):
+    import shutil
+
+    p = run_device(bundle, "--out", str(tmp_path / "r32.json"), "--precision", "fp32")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "r32.json").read_text())["verification"]["max_abs_diff"] < 1e-4
+    # a bundle whose reference disagrees with the model: same files, a probe with shuffled references
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    with np.load(bad / "probe.npz") as pz:
+        arrays = dict(pz)
+    arrays["ref_int8"] = np.roll(arrays["ref_int8"], 1, axis=1)
+    np.savez(bad / "probe.npz", **arrays)
+    m = json.loads((bad / "manifest.json").read_text())
+    from edgeres.io import sha256_file
+
+    m["files"]["probe.npz"]["sha256"] = sha256_file(bad / "probe.npz")
+    (bad / "manifest.json").write_text(json.dumps(m))
+    p = run_device(bad, "--out", str(tmp_path / "bad.json"))
+    assert p.returncode == 1, p.stderr
+    r = json.loads((tmp_path / "bad.json").read_text())
+    assert r["status"] == "failed" and not r["verification"]["gates"][0]["passed"]
+
+
+def test_tampered_file_refused_on_device(bundle, tmp_path):
+    import shutil
+
+    bad = tmp_path / "tampered"
+    shutil.copytree(bundle, bad)
+    data = bytearray((bad / "model_int8.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (bad / "model_int8.onnx").write_bytes(bytes(data))
+    p = run_device(bad, "--out", str(tmp_path / "t.json"))
+    assert p.returncode == 2
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["status"] == "error" and "model_int8.onnx: sha256 mismatch" in r["error"]
+    assert "verification" not in r
+
+
+def test_unsafe_manifest_path_refused(bundle, tmp_path):
+    import shutil
+
+    bad = tmp_path / "escape"
+    shutil.copytree(bundle, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["files"]["../outside.txt"] = {"sha256": "0" * 64, "size": 0}
+    (bad / "manifest.json").write_text(json.dumps(m))
+    p = run_device(bad, "--out", str(tmp_path / "e.json"))
+    assert p.returncode == 2 and "unsafe path" in p.stdout
+
+
+def test_skip_if_current(bundle, tmp_path):
+    out = tmp_path / "r.json"
+    assert run_device(bundle, "--out", str(out)).returncode == 0
+    first = json.loads(out.read_text())
+    p = run_device(bundle, "--out", str(out), "--skip-if-current")
+    assert p.returncode == 0
+    assert "skipped" in json.loads(p.stdout.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == first  # not rewritten
+    prev = dict(first, device=dict(first["device"], tensorrt="0.0.0-old"))
+    out.write_text(json.dumps(prev))  # the TensorRT version changed since: verify again
+    p = run_device(bundle, "--out", str(out), "--skip-if-current")
+    assert p.returncode == 0 and "skipped" not in json.loads(out.read_text())
+
+
+def test_missing_run_files_named(tmp_path, run_dir):
+    import shutil
+
+    from edgeres.deploy.bundle import make_bundle
+    from edgeres.errors import ArtifactError
+
+    partial = tmp_path / "partial"
+    shutil.copytree(run_dir, partial)
+    (partial / "export" / "model_int8.onnx").unlink()
+    (partial / "probe.npz").unlink()
+    with pytest.raises(ArtifactError, match=r"missing export/model_int8.onnx, probe.npz"):
+        make_bundle(partial, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_no_calibration_cache_is_optional(tmp_path, run_dir):
+    import shutil
+
+    from edgeres.deploy.bundle import make_bundle, verify_bundle
+
+    nocal = tmp_path / "nocal"
+    shutil.copytree(run_dir, nocal)
+    (nocal / "calibration" / "calib.cache").unlink()
+    b = make_bundle(nocal, tmp_path / "b", probe_size=4)
+    m = verify_bundle(b)
+    assert m["calibration_cache"] is None and "calib.cache" not in m["files"] and m["calibration_note"]
+
+
+def test_tar_roundtrip_and_overwrite(bundle, run_dir, tmp_path):
+    from edgeres.deploy.bundle import extract_bundle, make_bundle, verify_bundle
+    from edgeres.errors import ConfigError
+
+    t = make_bundle(run_dir, tmp_path / "b", tar=True, probe_size=4)
+    assert t.name == "b.tar.gz"
+    with pytest.raises(ConfigError, match="already exists"):
+        make_bundle(run_dir, tmp_path / "b", tar=True, probe_size=4)
+    d = extract_bundle(t, tmp_path / "x")
+    assert verify_bundle(d)["probe"]["count"] == 4
+    assert stat.S_IMODE((d / "edgeres-device").stat().st_mode) & 0o111
+
+
+@pytest.mark.parametrize("member,kind", [("../evil.txt", "file"), ("/tmp/evil.txt", "file"),
+                                         ("b/link", "symlink"), ("b/../../evil", "file")])
+def test_tar_path_traversal_refused(tmp_path, member, kind):
+    from edgeres.deploy.bundle import extract_bundle
+    from edgeres.errors import ArtifactError
+
+    t = tmp_path / "evil.tar.gz"
+    with tarfile.open(t, "w:gz") as tf:
+        ok = tarfile.TarInfo("b/manifest.json")
+        ok.size = 2
+        tf.addfile(ok, io.BytesIO(b"{}"))
+        info = tarfile.TarInfo(member)
+        if kind == "symlink":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tf.addfile(info)
+        else:
+            info.size = 4
+            tf.addfile(info, io.BytesIO(b"evil"))
+    with pytest.raises(ArtifactError, match="unsafe path|link or special"):
+        extract_bundle(t, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_cli_bundle(run_dir, tmp_path):
+    from edgeres.cli import main
+
+    r = CliRunner().invoke(main, ["bundle", str(run_dir), "--out", str(tmp_path / "cb"), "--probe-size", "4",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["probe"]["count"] == 4
+    r = CliRunner().invoke(main, ["bundle", str(run_dir), "--out", str(tmp_path / "cb")])
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1].startswith("Error:") and "--force" in r.output
+    r = CliRunner().invoke(main, ["bundle", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "run folder not found" in r.output
+    r = CliRunner().invoke(main, ["bundle", str(run_dir)])
+    assert r.exit_code != 0 and "--out" in r.output
+    for cmd in ("bundle", "deploy"):
+        assert CliRunner().invoke(main, [cmd, "--help"]).exit_code == 0
+
+
+def test_device_runtime_help_without_numpy_installed_paths():
+    p = subprocess.run([sys.executable, "-I", str(REPO / "edgeres" / "deploy" / "device_runtime.py"), "--help"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert p.returncode == 0 and "--precision" in p.stdout
+
+
+def _has_tensorrt() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_has_tensorrt(), reason="checks the message given where TensorRT is absent")
+def test_forced_tensorrt_backend_without_tensorrt(bundle, tmp_path):
+    p = run_device(bundle, "--out", str(tmp_path / "r.json"), "--backend", "tensorrt")
+    assert p.returncode == 2 and "TensorRT Python bindings are not importable" in p.stdout
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not _has_tensorrt(), reason="needs the TensorRT Python bindings and a GPU")
+def test_device_runtime_builds_and_verifies_tensorrt_engine(bundle, tmp_path):
+    out = tmp_path / "trt.json"
+    p = run_device(bundle, "--out", str(out), "--backend", "tensorrt", "--cache-dir", str(tmp_path / "engines"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = json.loads(out.read_text())
+    assert r["backend"] == "tensorrt" and r["tensorrt"] and r["engine"]["cached"] is False
+    p = run_device(bundle, "--out", str(out), "--backend", "tensorrt", "--cache-dir", str(tmp_path / "engines"))
+    assert p.returncode == 0 and json.loads(out.read_text())["engine"]["cached"] is True

@@ -1,0 +1,136 @@
+"""Installing a bundle into a Jetson rootfs tree: layout, permissions, the systemd unit."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_bundle import make_run  # noqa: E402 - the shared run-folder fixture builder
+
+UNIT = "etc/systemd/system/edgeres-verify.service"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("run"), n_probe=8)
+
+
+@pytest.fixture(scope="module")
+def bundle(run_dir, tmp_path_factory) -> Path:
+    from edgeres.deploy.bundle import make_bundle
+
+    return make_bundle(run_dir, tmp_path_factory.mktemp("b") / "bundle", probe_size=8)
+
+
+def fake_rootfs(tmp_path: Path) -> Path:
+    root = tmp_path / "Linux_for_Tegra" / "rootfs"
+    for d in ("etc", "usr/bin", "var/lib"):
+        (root / d).mkdir(parents=True)
+    return root
+
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(p.lstat().st_mode)
+
+
+def test_layout_and_permissions(bundle, tmp_path):
+    from edgeres.deploy.rootfs import install_rootfs
+
+    old = os.umask(0o077)  # a strict umask must not leak into the image
+    try:
+        dest = install_rootfs(bundle, fake_rootfs(tmp_path))
+    finally:
+        os.umask(old)
+    root = tmp_path / "Linux_for_Tegra" / "rootfs"
+    assert dest == root / "opt" / "edgeres" / "bundle"
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["manifest.json", *manifest["files"]])
+    for d in (root / "opt", root / "opt/edgeres", dest, root / "var/lib/edgeres", root / "etc/systemd/system"):
+        assert mode(d) == 0o755, d
+    for p in dest.iterdir():
+        assert mode(p) == (0o755 if p.name in ("device_runtime.py", "edgeres-device") else 0o644), p.name
+    assert mode(root / UNIT) == 0o644
+    link = root / "etc/systemd/system/multi-user.target.wants/edgeres-verify.service"
+    assert link.is_symlink() and os.readlink(link) == "/etc/systemd/system/edgeres-verify.service"
+    unit = (root / UNIT).read_text()
+    assert "Type=oneshot" in unit and "WantedBy=multi-user.target" in unit
+    assert "--skip-if-current" in unit and "--out /var/lib/edgeres/result.json" in unit
+    assert "@" not in unit.replace("file://", "")  # every placeholder filled
+    assert "/var/lib/edgeres/result.json" in (root / "opt/edgeres/README.txt").read_text()
+
+
+def test_installed_bundle_runs_as_the_unit_would(bundle, tmp_path):
+    """Run the unit's ExecStart, mapped into the tree, twice: first verifies, second skips (same TensorRT)."""
+    from edgeres.deploy.rootfs import install_rootfs
+
+    root = fake_rootfs(tmp_path)
+    install_rootfs(bundle, root)
+    line = next(ln for ln in (root / UNIT).read_text().splitlines() if ln.startswith("ExecStart="))
+    argv = line[len("ExecStart="):].split()
+    argv = [sys.executable] + [str(root) + a if a.startswith(("/opt/", "/var/")) else a for a in argv[1:]]
+    first = subprocess.run(argv, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr + first.stdout
+    result = json.loads((root / "var/lib/edgeres/result.json").read_text())
+    assert result["status"] == "passed"
+    second = subprocess.run(argv, capture_output=True, text=True)
+    assert second.returncode == 0 and "skipped" in json.loads(second.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_unit_passes_systemd_analyze_verify(bundle, tmp_path):
+    from edgeres.deploy.rootfs import install_rootfs
+
+    root = fake_rootfs(tmp_path)
+    install_rootfs(bundle, root)
+    unit = root / UNIT
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("systemd-analyze checks ExecStart's /usr/bin/python3, absent on this machine")
+    p = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True)
+    assert p.returncode == 0 and "edgeres-verify.service" not in p.stderr, p.stderr
+    broken = tmp_path / "broken.service"  # the check has teeth: the same unit with one bad line fails
+    broken.write_text(unit.read_text().replace("Type=oneshot", "Type=oneshot-typo"))
+    p = subprocess.run(["systemd-analyze", "verify", "--man=no", str(broken)], capture_output=True, text=True)
+    assert "oneshot-typo" in p.stderr
+
+
+def test_refuses_non_rootfs_and_overwrite(bundle, tmp_path):
+    from edgeres.deploy.rootfs import install_rootfs
+    from edgeres.errors import ArtifactError, ConfigError
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(ConfigError, match="does not look like a root filesystem"):
+        install_rootfs(bundle, plain)
+    assert not (plain / "opt").exists()
+    assert install_rootfs(bundle, plain, force=True).is_dir()
+    with pytest.raises(ConfigError, match="already exists"):
+        install_rootfs(bundle, plain)
+    with pytest.raises(ConfigError, match="refusing to install into /"):
+        install_rootfs(bundle, "/", force=True)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bundle, tampered)
+    (tampered / "calib.cache").write_text("changed\n")
+    root = fake_rootfs(tmp_path / "t")
+    with pytest.raises(ArtifactError, match="calib.cache: sha256 mismatch"):
+        install_rootfs(tampered, root)
+    assert not (root / "opt").exists()
+
+
+def test_cli_bundle_rootfs(run_dir, tmp_path):
+    from edgeres.cli import main
+
+    root = fake_rootfs(tmp_path)
+    r = CliRunner().invoke(main, ["bundle", str(run_dir), "--rootfs", str(root), "--probe-size", "4"])
+    assert r.exit_code == 0, r.output
+    assert "edgeres-verify.service" in r.output and (root / UNIT).is_file()
+    assert json.loads((root / "opt/edgeres/bundle/manifest.json").read_text())["probe"]["count"] == 4
+    r = CliRunner().invoke(main, ["bundle", str(run_dir), "--rootfs", str(tmp_path / "nothing")])
+    assert r.exit_code == 1 and "rootfs not found" in r.output
