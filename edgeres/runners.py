@@ -1,0 +1,309 @@
+"""One runner per backend, all with the same `infer(x) -> logits` (Polygraphy's loaders-and-runners shape).
+
+x is float32 NCHW numpy, the result float32 [N, classes] numpy, so every `infer` is synchronous: when it
+returns, the device has finished. GPU runners also have `infer_timed(x) -> (logits, {"h2d_ms", "compute_ms",
+"d2h_ms"})`. torch, onnx, onnxruntime and tensorrt are imported inside the functions that need them.
+"""
+from __future__ import annotations
+
+import json
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeres.errors import ArtifactError, BackendUnavailable, CheckpointError, ConfigError
+
+
+class Backend(str, Enum):
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+
+SUFFIX_BACKEND = {".onnx": Backend.ONNXRUNTIME, ".pt": Backend.TORCH, ".pth": Backend.TORCH,
+                  ".plan": Backend.TENSORRT, ".engine": Backend.TENSORRT}
+
+
+class Provider(str, Enum):
+    """ONNX Runtime execution providers a user may ask for, by short name."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+    TENSORRT = "tensorrt"
+
+
+ORT_PROVIDER = {Provider.CPU: "CPUExecutionProvider", Provider.CUDA: "CUDAExecutionProvider",
+                Provider.TENSORRT: "TensorrtExecutionProvider"}
+
+
+def _check_batch(x: np.ndarray, shape: tuple[int | None, ...] | None, what: str) -> np.ndarray:
+    """float32, contiguous, NCHW, and the C/H/W the model expects (when it says)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 4:
+        raise ArtifactError(f"{what} expects NCHW input, got an array of shape {tuple(x.shape)}")
+    if shape is not None:
+        for got, want in zip(x.shape[1:], shape):
+            if want is not None and got != want:
+                raise ArtifactError(f"{what} expects input [N, {', '.join(str(s) for s in shape)}], "
+                                    f"got {list(x.shape)}")
+    return x
+
+
+class TorchRunner:
+    """A torch.nn.Module in eval mode. `threads` sets torch's intra-op threads (process-wide in torch)."""
+
+    name = Backend.TORCH.value
+
+    def __init__(self, model: Any, *, device: str = "cpu", threads: int | None = None, meta: Any = None,
+                 path: str | None = None) -> None:
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable(f"device {device} asked for, but torch sees no CUDA GPU")
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        self._torch = torch
+        self.model = model.eval().to(device)
+        self.device = device
+        self.threads = torch.get_num_threads()
+        self.meta = meta
+        self.path = path
+        dtypes = {p.dtype for p in self.model.parameters()}
+        self.precision = "fp16" if torch.float16 in dtypes else ("int8" if torch.qint8 in dtypes else "fp32")
+        self.input_shape = ((meta.in_channels, meta.input_size, meta.input_size) if meta is not None else None)
+        self._dtype = torch.float16 if self.precision == "fp16" else torch.float32
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        x = _check_batch(x, self.input_shape, "torch model")
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(x).to(self.device, self._dtype))
+            return out.float().cpu().numpy()
+
+    def infer_timed(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """CUDA only: H2D, compute and D2H timed separately with CUDA events."""
+        torch = self._torch
+        if not self.device.startswith("cuda"):
+            raise BackendUnavailable("infer_timed needs a CUDA device; this runner is on the CPU")
+        x = _check_batch(x, self.input_shape, "torch model")
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        with torch.inference_mode():
+            host = torch.from_numpy(x)
+            events[0].record()
+            dev = host.to(self.device, self._dtype)
+            events[1].record()
+            out = self.model(dev)
+            events[2].record()
+            logits = out.float().cpu()
+            events[3].record()
+            torch.cuda.synchronize()
+        return logits.numpy(), {"h2d_ms": events[0].elapsed_time(events[1]),
+                                "compute_ms": events[1].elapsed_time(events[2]),
+                                "d2h_ms": events[2].elapsed_time(events[3])}
+
+    def synchronize(self) -> None:
+        if self.device.startswith("cuda"):
+            self._torch.cuda.synchronize()
+
+    def close(self) -> None:
+        self.model = None
+
+
+def _onnx_precision(path: Path) -> str:
+    """int8 when the graph has Q/DQ nodes, fp16 when it holds half-precision weights, else fp32."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger"}:
+        return "int8"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def _parse_meta(props: dict[str, str]) -> dict[str, Any]:
+    """Preprocessing from ONNX metadata_props: a whole ModelMeta as JSON, or loose mean/std/input_size keys."""
+    for key in ("edgeres.meta", "edgeres_meta", "meta", "model_meta"):
+        if key in props:
+            try:
+                obj = json.loads(props[key])
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+    out: dict[str, Any] = {}
+    for key in ("mean", "std", "input_size", "num_classes", "in_channels", "arch", "class_names", "resize_size"):
+        raw = props.get(key, props.get(f"edgeres.{key}"))
+        if raw is None:
+            continue
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = [float(v) for v in raw.split(",")] if key in ("mean", "std") else raw
+    return out
+
+
+class OrtRunner:
+    """An ONNX file on ONNX Runtime. providers: short names (cpu, cuda, tensorrt); CPU when not given."""
+
+    name = Backend.ONNXRUNTIME.value
+
+    def __init__(self, path: str | Path, *, providers: tuple[str, ...] | list[str] | None = None,
+                 threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"ONNX model not found: {path}")
+        wanted = _ort_providers(providers, ort.get_available_providers())
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+            self.precision = _onnx_precision(path)
+        except Exception as e:  # ORT and onnx raise several pybind types for junk or unsupported files
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ArtifactError(f"{path} is not a loadable ONNX model ({first[:200]})") from None
+        self.path = str(path)
+        self.threads = threads
+        self.providers = tuple(self.session.get_providers())
+        gpu = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        self.device = "cuda:0" if gpu else "cpu"
+        inp = self.session.get_inputs()[0]
+        outs = [o.name for o in self.session.get_outputs()]
+        self.input_name = inp.name
+        self.output_name = "logits" if "logits" in outs else outs[0]
+        dims = [d if isinstance(d, int) and d > 0 else None for d in inp.shape]
+        if len(dims) != 4:
+            raise ArtifactError(f"{path}: expected one NCHW input, found {inp.name} with shape {inp.shape}")
+        self.batch_dim: int | None = dims[0]
+        self.input_shape = tuple(dims[1:]) if all(d is not None for d in dims[1:]) else None
+        self.meta = _parse_meta(dict(self.session.get_modelmeta().custom_metadata_map))
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        x = _check_batch(x, self.input_shape, Path(self.path).name)
+        if self.batch_dim is not None and x.shape[0] != self.batch_dim:
+            raise ArtifactError(f"{Path(self.path).name} has a fixed batch of {self.batch_dim}; "
+                                f"cannot run a batch of {x.shape[0]}")
+        return np.asarray(self.session.run([self.output_name], {self.input_name: x})[0], dtype=np.float32)
+
+    def infer_timed(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """CUDA/TensorRT EP only: copies and compute timed apart through IO binding (host clock, synchronised)."""
+        import onnxruntime as ort
+
+        if self.device == "cpu":
+            raise BackendUnavailable("infer_timed needs the CUDA or TensorRT execution provider")
+        x = _check_batch(x, self.input_shape, Path(self.path).name)
+        t0 = time.perf_counter_ns()
+        x_dev = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+        t1 = time.perf_counter_ns()
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, x_dev)
+        binding.bind_output(self.output_name, "cuda", 0)
+        binding.synchronize_inputs()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        t2 = time.perf_counter_ns()
+        logits = binding.copy_outputs_to_cpu()[0]
+        t3 = time.perf_counter_ns()
+        return np.asarray(logits, dtype=np.float32), {"h2d_ms": (t1 - t0) / 1e6, "compute_ms": (t2 - t1) / 1e6,
+                                                      "d2h_ms": (t3 - t2) / 1e6}
+
+    def close(self) -> None:
+        self.session = None
+
+
+def _ort_providers(providers, available: list[str]) -> list[str]:
+    names = [Provider.CPU.value] if not providers else [str(p).lower() for p in providers]
+    out = []
+    for name in names:
+        try:
+            ep = ORT_PROVIDER[Provider(name)]
+        except ValueError:
+            raise ConfigError(f"unknown ONNX Runtime provider {name!r}; choose from "
+                              f"{', '.join(p.value for p in Provider)}") from None
+        if ep not in available:
+            raise BackendUnavailable(f"ONNX Runtime provider {name} ({ep}) is not available here; installed: "
+                                     f"{', '.join(available)}")
+        out.append(ep)
+    if "CPUExecutionProvider" not in out:
+        out.append("CPUExecutionProvider")
+    return out
+
+
+def _load_torch(path: Path):
+    """(model, meta): a BN-folded checkpoint through fold's own loader, anything else through load_model."""
+    from edgeres.checkpoint import load_model, read_checkpoint
+
+    _, _, rest = read_checkpoint(path)
+    if isinstance(rest.get("fold"), dict):   # written by edgeres.fold.save_folded
+        try:
+            from edgeres.fold import load_folded
+        except ImportError as e:
+            raise CheckpointError(f"{path} is a BN-folded checkpoint but edgeres.fold cannot load it ({e})") from None
+        loaded = load_folded(path)
+        return loaded if isinstance(loaded, tuple) else (loaded, None)
+    return load_model(path)
+
+
+def open_runner(path: str | Path, *, backend: str | Backend | None = None, threads: int | None = None,
+                providers: tuple[str, ...] | list[str] | None = None, device: str = "cpu"):
+    """Open the runner that fits the artifact's suffix: .onnx, .pt/.pth, .plan/.engine."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIX_BACKEND:
+        raise ArtifactError(f"{path}: unknown artifact type {suffix or '(no suffix)'!r}; expected one of "
+                            f"{', '.join(SUFFIX_BACKEND)}")
+    kind = SUFFIX_BACKEND[suffix]
+    if backend is not None:
+        try:
+            asked = Backend(backend)
+        except ValueError:
+            raise ConfigError(f"unknown backend {backend!r}; choose from "
+                              f"{', '.join(b.value for b in Backend)}") from None
+        if asked is not kind:
+            raise ConfigError(f"{path.name} runs on {kind.value}, not {asked.value}"
+                              + (" (ONNX Runtime's TensorRT EP: --provider tensorrt)"
+                                 if kind is Backend.ONNXRUNTIME and asked is Backend.TENSORRT else ""))
+    if not path.is_file():
+        raise ArtifactError(f"artifact not found: {path}")
+    if device != "cpu" and kind is not Backend.TORCH:
+        raise ConfigError(f"a device applies to .pt/.pth checkpoints only; for {path.name} use "
+                          + ("--provider cuda" if kind is Backend.ONNXRUNTIME else "the engine's own GPU"))
+    if providers and kind is not Backend.ONNXRUNTIME:
+        raise ConfigError(f"providers apply to ONNX models only, not to {path.name}")
+    if kind is Backend.ONNXRUNTIME:
+        return OrtRunner(path, providers=providers, threads=threads)
+    if kind is Backend.TORCH:
+        model, meta = _load_torch(path)
+        return TorchRunner(model, device=device, threads=threads, meta=meta, path=str(path))
+    try:
+        from edgeres.tensorrt.runner import TrtRunner
+    except ImportError as e:
+        raise BackendUnavailable(f"cannot run {path.name}: TensorRT is not available here ({e}); "
+                                 "engines run only where TensorRT and an NVIDIA GPU are present") from None
+    try:
+        return TrtRunner(path)
+    except ImportError as e:
+        raise BackendUnavailable(f"cannot run {path.name}: TensorRT is not installed ({e})") from None
+
+
+def input_shape(runner: Any) -> tuple[int, int, int]:
+    """(C, H, W) the runner's model expects: from the ONNX input, ModelMeta or ONNX metadata."""
+    shape = getattr(runner, "input_shape", None)
+    if shape is not None and all(isinstance(s, int) for s in shape):
+        return tuple(int(s) for s in shape)
+    meta = getattr(runner, "meta", None)
+    if isinstance(meta, dict) and meta.get("input_size") and meta.get("in_channels"):
+        size = int(meta["input_size"])
+        return (int(meta["in_channels"]), size, size)
+    raise ArtifactError(f"cannot tell the input shape of {getattr(runner, 'path', None) or runner.name}; "
+                        "give it explicitly (--input-shape C,H,W)")
