@@ -240,7 +240,7 @@ def stage_ptq(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     ev = _eval(ctx, "eval_ptq", res.model)
     _drop_gate(ctx, rec, ev.top1, final=q.qat_epochs == 0)
     dest = ctx.path("quant", "ptq.pt")
-    save_quantized(dest, res.model, _meta(ctx))
+    save_quantized(dest, res.model, _meta(ctx), manifest=res.manifest)
     rec.set_artifact(dest)
     rec.extra_artifacts["calibration_manifest"] = str(ctx.run_dir / "calibration" / "manifest.json")
     return rec
@@ -250,7 +250,7 @@ def _quantized(ctx: BuildContext, stage: str):
     from edgeres.quantize import load_quantized
 
     if stage not in ctx.cache:
-        ctx.cache[stage], _ = load_quantized(ctx.records[stage].artifact)
+        ctx.cache[stage] = load_quantized(ctx.records[stage].artifact)[0]
     return ctx.cache[stage]
 
 
@@ -282,7 +282,7 @@ def stage_export_fp32(ctx: BuildContext, parent: StageRecord | None) -> StageRec
                 simplify=ctx.recipe.export.simplify, recipe_hash=ctx.recipe.hash())
     x, _ = _probe(ctx)
     metrics, gates = verify_onnx(dest, _folded(ctx), torch.from_numpy(x), rel_tol=ctx.recipe.gates.export_rel_tol,
-                                 min_agreement=100.0)
+                                 min_agreement=1.0)
     rec = StageRecord(stage="export_fp32", metrics=metrics)
     for g in gates:
         rec.add_gate(g)
@@ -305,7 +305,7 @@ def stage_export_int8(ctx: BuildContext, parent: StageRecord | None) -> StageRec
     violations = check_onnx(dest)
     x, _ = _probe(ctx)
     metrics, gates = verify_onnx(dest, model, torch.from_numpy(x),
-                                 min_agreement=ctx.recipe.gates.min_int8_agreement)
+                                 min_agreement=ctx.recipe.gates.min_int8_agreement / 100.0)
     rec = StageRecord(stage="export_int8", metrics={**metrics, "source": source,
                                                     "violations": [str(v) for v in violations]})
     rec.add_gate(Gate("tensorrt_rule_violations", len(violations), 0, "<="))
@@ -346,7 +346,7 @@ def stage_compile(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     onnx_path = parent.artifact if parent else None
     if not status.available:
         return StageRecord(stage="compile", status=Status.SKIPPED.value,
-                           message=f"compile skipped: {status.reason}. The ONNX {onnx_path} is ready to be built on "
+                           message=f"TensorRT engine not built: {status.reason}. The ONNX {onnx_path} is ready to be built on "
                                    f"the target (edgeres compile / edgeres bundle).",
                            metrics={"tensorrt": None, "reason": status.reason})
     from edgeres.tensorrt.compile import compile_engine
