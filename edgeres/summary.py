@@ -5,7 +5,8 @@ from typing import Any
 
 
 def _stage_of(name: str) -> str:
-    top = name.split(".")[0]
+    parts = name.split(".")
+    top = parts[1] if parts[0] == "features" and len(parts) > 1 else parts[0]   # DenseNet nests under features
     if top.startswith("layer") or top.startswith("denseblock") or top.startswith("transition"):
         return top
     if top in ("fc", "avgpool", "classifier", "bn_final", "norm5"):
@@ -36,7 +37,11 @@ def summarize(model: Any, input_size: int, in_channels: int) -> dict[str, Any]:
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
             hooks.append(mod.register_forward_hook(count(name)))
-    for name, child in model.named_children():
+    children = list(model.named_children())
+    if hasattr(model, "features"):
+        children = [(f"features.{n}", c) for n, c in model.features.named_children()] + \
+            [(n, c) for n, c in children if n != "features"]
+    for name, child in children:
         stage = _stage_of(name)
         if stage not in order:
             order.append(stage)
