@@ -121,6 +121,13 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
 
     state, meta, _ = read_checkpoint(path)
     if meta is not None and (arch is None or arch == meta.arch):
+        asked = {"num_classes": num_classes, "in_channels": in_channels}
+        conflicts = [f"{k}={v} (checkpoint: {getattr(meta, k)})" for k, v in asked.items()
+                     if v is not None and v != getattr(meta, k)]
+        if options and dict(options) != dict(meta.arch_options):
+            conflicts.append(f"options={options} (checkpoint: {meta.arch_options})")
+        if conflicts:
+            raise CheckpointError(f"{path} was saved with different settings: {', '.join(conflicts)}")
         model = meta.create_model()
     else:
         if arch is None:
