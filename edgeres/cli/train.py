@@ -1,2 +1,74 @@
-"""CLI commands (filled in by the owner of this area)."""
-COMMANDS: list = []
+"""Training and evaluation commands: `edgeres train`, `edgeres eval`."""
+from __future__ import annotations
+
+import click
+
+from edgeres.cli._common import emit, floats, json_option, quiet_option
+
+DATASETS = ["digits", "mnist", "cifar10", "imagefolder"]
+
+
+@click.command("train")
+@click.option("--recipe", "recipe_name", default="demo", show_default=True,
+              help="Recipe name (recipes/<NAME>.yaml) or path to a YAML file.")
+@click.option("--arch", default=None, help="Override model.arch.")
+@click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Override data.dataset.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Dataset folder.")
+@click.option("--epochs", type=click.IntRange(1), default=None)
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Global batch size.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None)
+@click.option("--seed", type=click.IntRange(0), default=None)
+@click.option("--workers", type=click.IntRange(0), default=None, help="Data loader worker processes.")
+@click.option("--input-size", type=click.IntRange(8, 4096), default=None)
+@click.option("--mean", default=None, help="Normalization mean, e.g. 0.485,0.456,0.406.")
+@click.option("--std", default=None, help="Normalization std, e.g. 0.229,0.224,0.225.")
+@click.option("--skip-bad-images", is_flag=True, default=None, help="Skip and count unreadable images.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/train", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
+@click.option("--force", is_flag=True, help="Replace an existing run in --out.")
+@quiet_option
+@json_option
+def train_cmd(recipe_name, arch, dataset, data_dir, epochs, batch_size, lr, seed, workers, input_size, mean, std,
+              skip_bad_images, out_dir, resume, force, quiet, as_json) -> None:
+    """Train a model (FP32) from a recipe; flags override recipe values. Works under torchrun (DDP)."""
+    from edgeres.recipe import load_recipe
+    from edgeres.train import train
+
+    recipe = load_recipe(recipe_name).with_overrides({
+        "model.arch": arch, "data.dataset": dataset, "data.data_dir": data_dir, "train.epochs": epochs,
+        "data.batch_size": batch_size, "train.lr": lr, "train.seed": seed, "data.workers": workers,
+        "data.input_size": input_size, "data.mean": floats(mean, "--mean"), "data.std": floats(std, "--std"),
+        "data.skip_bad_images": skip_bad_images})
+    result = train(recipe, out_dir, resume=resume, quiet=quiet or as_json, force=force)
+    last = result.history[-1] if result.history else {}
+    summary = {"best": str(result.best), "last": str(result.last), "best_top1": result.best_top1,
+               "epochs": len(result.history), "final": last, "meta": result.meta.to_dict()}
+    emit(summary, as_json, lambda: f"best top-1 {result.best_top1:.2f}% -> {result.best}\nlast -> {result.last}")
+
+
+@click.command("eval")
+@click.option("--weights", type=click.Path(dir_okay=False), required=True, help="Checkpoint (.pt/.pth).")
+@click.option("--arch", default=None, help="Architecture (needed only for checkpoints without edgeres metadata).")
+@click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Default: the checkpoint's dataset.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--input-size", type=click.IntRange(8, 4096), default=None)
+@click.option("--mean", default=None, help="Normalization mean (default: the checkpoint's).")
+@click.option("--std", default=None, help="Normalization std (default: the checkpoint's).")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True)
+@quiet_option
+@json_option
+def eval_cmd(weights, arch, dataset, data_dir, split, input_size, mean, std, batch_size, workers, quiet,
+             as_json) -> None:
+    """Top-1 / top-5 / loss of a checkpoint on a dataset split (the eval transform, no augmentation)."""
+    from edgeres.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(weights, arch=arch, dataset=dataset, data_dir=data_dir, split=split,
+                                 input_size=input_size, mean=floats(mean, "--mean"), std=floats(std, "--std"),
+                                 batch_size=batch_size, workers=workers, progress=not (quiet or as_json))
+    emit(result, as_json, lambda: f"{result['dataset']} {split}: top-1 {result['top1']:.2f}%  "
+                                  f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  (n={result['n']})")
+
+
+COMMANDS = [train_cmd, eval_cmd]

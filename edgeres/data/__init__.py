@@ -1,0 +1,149 @@
+"""Datasets for training and evaluation: `get_data(...) -> DataBundle(train, test, calib, info)`.
+
+`train` applies the recipe's augmentation; `test` the eval transform; `calib` is the TRAIN images with the
+EVAL transform (INT8 calibration must not see test images nor augmentation). Every sample is
+(float32 C x H x W normalized tensor, int label).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from edgeres.errors import ConfigError, DataError
+
+DATASET_NAMES = ("digits", "mnist", "cifar10", "imagefolder")
+CACHE_MAX_SIDE = 256   # the uint8 cache is for small inputs: refuse it above this side
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    in_channels: int
+    class_names: tuple[str, ...]
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize_size: int | None
+    fingerprint: str            # sha256 identifying the exact data (and split)
+    train_size: int
+    test_size: int
+    skipped_images: int = 0     # unreadable files skipped with skip_bad_images
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["class_names"], d["mean"], d["std"] = list(self.class_names), list(self.mean), list(self.std)
+        return d
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    train: Any
+    test: Any
+    calib: Any
+    info: DatasetInfo
+
+
+def _channels_tuple(values, channels: int, name: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1 and len(values) == 3:
+        raise ConfigError(f"--{name} has 3 values but the images have 1 channel; give one value")
+    raise ConfigError(f"--{name} needs {channels} value(s) (one per channel), got {len(values)}")
+
+
+def get_data(*, dataset: str, data_dir: str | None = None, input_size: int | None = None, mean=None, std=None,
+             resize_size: int | None = None, augment=(), pad: int = 4, cache: bool = False,
+             skip_bad_images: bool = False, in_channels: int | None = None, download: bool = True,
+             workers: int = 2, seed: int = 0, **_ignored: Any) -> DataBundle:
+    """Load a dataset's train/test splits and wrap them in transforms. Extra DataCfg keywords are accepted."""
+    from edgeres.data import datasets as D
+
+    if dataset not in DATASET_NAMES:
+        raise ConfigError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASET_NAMES)}")
+    defaults = D.DEFAULTS[dataset]
+    size = input_size or defaults["size"]
+    channels = in_channels or defaults["channels"]
+    if channels not in (1, 3):
+        raise ConfigError(f"in_channels must be 1 or 3 for image data, got {channels}")
+    skipped = 0
+    if dataset == "digits":
+        train_src, test_src, classes, fp = D.load_digits(size)
+    elif dataset == "mnist":
+        train_src, test_src, classes, fp = D.load_mnist(data_dir, download=download)
+    elif dataset == "cifar10":
+        train_src, test_src, classes, fp = D.load_cifar10(data_dir, download=download)
+    else:
+        train_src, test_src, classes, fp, skipped = D.load_imagefolder(
+            data_dir, channels=channels, skip_bad_images=skip_bad_images, workers=workers)
+    if dataset == "imagefolder":
+        resize_size = resize_size or int(round(size / 0.875))
+        if resize_size < size:
+            raise ConfigError(f"resize_size {resize_size} is smaller than input_size {size}")
+    mean_t = _channels_tuple(mean if mean is not None else defaults["mean"], channels, "mean")
+    std_t = _channels_tuple(std if std is not None else defaults["std"], channels, "std")
+    if any(s <= 0 for s in std_t):
+        raise ConfigError(f"std values must be > 0, got {list(std_t)}")
+    train_cache = test_cache = None
+    if cache and dataset == "imagefolder":
+        if resize_size > CACHE_MAX_SIDE:
+            raise ConfigError(f"the decoded-image cache is for small inputs (resize_size <= {CACHE_MAX_SIDE}); "
+                              f"got {resize_size}: turn data.cache off")
+        train_cache = D.build_cache(train_src.files, channels=channels, side=resize_size, size=size, workers=workers)
+        test_cache = D.build_cache(test_src.files, channels=channels, side=resize_size, size=size, workers=workers)
+    common = dict(size=size, channels=channels, mean=mean_t, std=std_t, pad=pad, resize_size=resize_size, seed=seed)
+    train = D.ImageDataset(train_src, D.TransformSpec(train=True, augment=tuple(augment), **common), cache=train_cache)
+    test = D.ImageDataset(test_src, D.TransformSpec(**common), cache=test_cache)
+    calib = D.ImageDataset(train_src, D.TransformSpec(**common), cache=train_cache)
+    if len(train) == 0 or len(test) == 0:
+        raise DataError(f"{dataset}: empty split (train {len(train)}, test {len(test)} images)")
+    info = DatasetInfo(name=dataset, num_classes=len(classes), in_channels=channels, class_names=tuple(classes),
+                       input_size=size, mean=mean_t, std=std_t, resize_size=resize_size, fingerprint=fp,
+                       train_size=len(train), test_size=len(test), skipped_images=skipped)
+    return DataBundle(train=train, test=test, calib=calib, info=info)
+
+
+def get_data_for(recipe, *, in_channels: int | None = None) -> DataBundle:
+    """get_data from a Recipe's data section (in_channels defaults to the dataset's own)."""
+    from dataclasses import asdict as _asdict
+
+    d = _asdict(recipe.data)
+    d.pop("batch_size", None)
+    return get_data(**d, in_channels=in_channels, seed=recipe.train.seed)
+
+
+def make_loader(dataset, *, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0, drop_last: bool = False,
+                sampler=None, epoch: int = 0):
+    """A DataLoader whose order depends only on (seed, epoch): the same after --resume, in every process."""
+    import torch
+
+    if sampler is None and shuffle:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed,
+                                                      drop_last=drop_last)
+        sampler.set_epoch(epoch)
+    _set_epoch(dataset, epoch)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=workers,
+        drop_last=drop_last, pin_memory=False, persistent_workers=False,
+        multiprocessing_context="fork" if workers and _fork_ok() else None)
+
+
+def _set_epoch(dataset, epoch: int) -> None:
+    """Tell the dataset (through Subset / ConcatDataset wrappers) which epoch's augmentation to draw."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    for inner in ([dataset.dataset] if hasattr(dataset, "dataset") else []) + list(getattr(dataset, "datasets", [])):
+        _set_epoch(inner, epoch)
+
+
+def _fork_ok() -> bool:
+    import multiprocessing
+    import sys
+
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
+__all__ = ["DataBundle", "DatasetInfo", "DATASET_NAMES", "get_data", "get_data_for", "make_loader"]

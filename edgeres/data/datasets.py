@@ -1,0 +1,397 @@
+"""Datasets: digits (embedded), MNIST idx files, CIFAR-10 pickle batches, ImageFolder trees.
+
+Every source yields uint8 images (C x H x W) and int labels; `ImageDataset` applies the train or eval
+transform and returns (float32 normalized tensor, int label).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgeres.data import transforms as T
+from edgeres.errors import DataError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
+
+# Dataset defaults: native side, channels, mean, std.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"size": 32, "channels": 1, "mean": (0.3052,), "std": (0.3236,)},
+    "mnist": {"size": 28, "channels": 1, "mean": (0.1307,), "std": (0.3081,)},
+    "cifar10": {"size": 32, "channels": 3, "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)},
+    "imagefolder": {"size": 224, "channels": 3, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+}
+
+# The official checksums (md5 of the DECOMPRESSED idx files; the .gz files vary with the compressor).
+MNIST_FILES = {
+    "train_images": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+    "train_labels": ("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624", "d53e105ee54ea40749a09fcbcd1e9432"),
+    "test_images": ("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea", "9fb629c4189551a2d022fa330f9573f3"),
+    "test_labels": ("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637", "ec29112dd5afa0611ce80d1b7f02629c"),
+}
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+CIFAR_FILES = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+               "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddbe9b4ba4ecd1fe8d22",
+               "data_batch_5": "482c414d41f54cd9b3ea30ab6f3ef02f", "test_batch": "40351d587109b95175f43aff81a1287e"}
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_TAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+DIGITS_TEST_FRACTION = 0.2   # the last 20% of a permutation with seed 0 is the digits test split
+
+
+@dataclass(frozen=True)
+class Source:
+    """Raw data of one split: either an in-memory uint8 array or a list of image files."""
+
+    labels: np.ndarray                      # int64 [N]
+    array: torch.Tensor | None = None       # uint8 [N, C, H, W]
+    files: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def default_root(name: str) -> Path:
+    return Path(os.environ.get("EDGERES_DATA", Path.home() / ".cache" / "edgeres" / "data")) / name
+
+
+# ---------------------------------------------------------------- digits
+def load_digits(size: int) -> tuple[Source, Source, tuple[str, ...], str]:
+    from sklearn.datasets import load_digits as sk_digits
+
+    raw = sk_digits()
+    x = torch.from_numpy(raw.images.astype(np.float32))[:, None] * (255.0 / 16.0)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x.round_().clamp_(0, 255).to(torch.uint8)
+    y = raw.target.astype(np.int64)
+    perm = np.random.default_rng(0).permutation(len(y))
+    n_test = int(round(len(y) * DIGITS_TEST_FRACTION))
+    tr, te = np.sort(perm[:-n_test]), np.sort(perm[-n_test:])
+    fp = hashlib.sha256(raw.images.astype(np.uint8).tobytes() + y.tobytes() + perm.tobytes()).hexdigest()
+    return (Source(y[tr], x[tr]), Source(y[te], x[te]), tuple(str(i) for i in range(10)), fp)
+
+
+# ---------------------------------------------------------------- download helpers
+def _download(url: str, dest: Path, md5: str) -> None:
+    import urllib.request
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            while block := r.read(1 << 20):
+                f.write(block)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"could not download {url} ({e})") from None
+    got = hashlib.md5(tmp.read_bytes()).hexdigest()
+    if got != md5:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"downloaded {url} has md5 {got}, expected {md5}; the download is corrupt, try again")
+    os.replace(tmp, dest)
+
+
+def _offline_hint(name: str, need: str) -> str:
+    return f"download {name} yourself and pass --data-dir DIR where DIR holds {need}"
+
+
+# ---------------------------------------------------------------- MNIST
+def _read_maybe_gz(path: Path) -> bytes:
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: corrupt gzip file ({e})") from None
+    return data
+
+
+def _parse_idx(data: bytes, path: Path, ndim: int) -> np.ndarray:
+    if len(data) < 4 + 4 * ndim or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
+        raise DataError(f"{path}: not an idx file with {ndim} dimension(s) of uint8")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path}: truncated idx file (header says {dims}, found {body.size} bytes of data)")
+    return body.reshape(dims)
+
+
+def _find_mnist(root: Path) -> dict[str, Path] | None:
+    for d in (root, root / "mnist", root / "MNIST" / "raw"):
+        found = {}
+        for key, (name, _, _) in MNIST_FILES.items():
+            for cand in (d / name, d / f"{name}.gz"):
+                if cand.is_file():
+                    found[key] = cand
+                    break
+        if len(found) == len(MNIST_FILES):
+            return found
+    return None
+
+
+def load_mnist(data_dir: str | None, *, download: bool = True) -> tuple[Source, Source, tuple[str, ...], str]:
+    root = Path(data_dir).expanduser() if data_dir else default_root("mnist")
+    if data_dir and not root.is_dir() and not download:
+        raise DataError(f"MNIST data directory not found: {root}")
+    files = _find_mnist(root)
+    if files is None:
+        need = ", ".join(f"{n}[.gz]" for n, _, _ in MNIST_FILES.values())
+        if not download:
+            raise DataError(f"MNIST files not found in {root}; expected {need}")
+        try:
+            for name, _, gz_md5 in MNIST_FILES.values():
+                if not (root / f"{name}.gz").is_file():
+                    _download(MNIST_URL + f"{name}.gz", root / f"{name}.gz", gz_md5)
+        except DataError as e:
+            raise DataError(f"MNIST not found in {root} and {e}; {_offline_hint('MNIST', need)}") from None
+        files = _find_mnist(root)
+        if files is None:
+            raise DataError(f"MNIST files still missing in {root} after the download")
+    digest = hashlib.sha256()
+    arrays = {}
+    for key, path in files.items():
+        data = _read_maybe_gz(path)
+        expected = MNIST_FILES[key][1]
+        if hashlib.md5(data).hexdigest() != expected:
+            warnings.warn(f"{path}: content md5 differs from the official MNIST file ({expected}); using it anyway",
+                          stacklevel=2)
+        digest.update(data)
+        arrays[key] = _parse_idx(data, path, 3 if key.endswith("images") else 1)
+    for split in ("train", "test"):
+        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
+            raise DataError(f"MNIST {split}: {len(arrays[f'{split}_images'])} images but "
+                            f"{len(arrays[f'{split}_labels'])} labels in {root}")
+    def mk(s: str) -> Source:
+        return Source(arrays[f"{s}_labels"].astype(np.int64), torch.from_numpy(arrays[f"{s}_images"].copy())[:, None])
+
+    return mk("train"), mk("test"), tuple(str(i) for i in range(10)), digest.hexdigest()
+
+
+# ---------------------------------------------------------------- CIFAR-10
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles: allow only what numpy arrays need, so no arbitrary code runs."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray, bytes]:
+    raw = path.read_bytes()
+    try:
+        d = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(d[b"labels"], dtype=np.int64)
+    except Exception as e:  # a bad pickle raises many types
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+    if len(data) != len(labels) or labels.min() < 0 or labels.max() > 9:
+        raise DataError(f"{path}: {len(data)} images, {len(labels)} labels, labels must be 0..9")
+    if hashlib.md5(raw).hexdigest() != CIFAR_FILES[path.name]:
+        warnings.warn(f"{path}: md5 differs from the official CIFAR-10 file; using it anyway", stacklevel=3)
+    return data, labels, raw
+
+
+def load_cifar10(data_dir: str | None, *, download: bool = True) -> tuple[Source, Source, tuple[str, ...], str]:
+    root = Path(data_dir).expanduser() if data_dir else default_root("cifar10")
+    cands = (root, root / "cifar-10-batches-py")
+    folder = next((d for d in cands if all((d / n).is_file() for n in CIFAR_FILES)), None)
+    if folder is None:
+        need = "cifar-10-batches-py/ (data_batch_1..5, test_batch)"
+        if not download:
+            raise DataError(f"CIFAR-10 batches not found in {root}; expected {need}")
+        import tarfile
+
+        tar = root / "cifar-10-python.tar.gz"
+        try:
+            if not tar.is_file():
+                _download(CIFAR_URL, tar, CIFAR_TAR_MD5)
+        except DataError as e:
+            raise DataError(f"CIFAR-10 not found in {root} and {e}; {_offline_hint('CIFAR-10', need)}") from None
+        with tarfile.open(tar) as tf:
+            tf.extractall(root, filter="data")
+        folder = root / "cifar-10-batches-py"
+    digest = hashlib.sha256()
+    parts = {}
+    for name in CIFAR_FILES:
+        x, y, raw = _load_cifar_batch(folder / name)
+        digest.update(raw)
+        parts[name] = (x, y)
+    tx = np.concatenate([parts[f"data_batch_{i}"][0] for i in range(1, 6)])
+    ty = np.concatenate([parts[f"data_batch_{i}"][1] for i in range(1, 6)])
+    return (Source(ty, torch.from_numpy(tx)), Source(parts["test_batch"][1], torch.from_numpy(parts["test_batch"][0])),
+            CIFAR_CLASSES, digest.hexdigest())
+
+
+# ---------------------------------------------------------------- ImageFolder
+def _scan_split(split_dir: Path) -> dict[str, list[Path]]:
+    if not split_dir.is_dir():
+        raise DataError(f"missing directory {split_dir} (an imagefolder dataset needs train/<class>/ and val/<class>/)")
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{split_dir} has no class folders")
+    out = {}
+    for c in classes:
+        files = sorted(p for p in (split_dir / c).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        if not files:
+            raise DataError(f"empty class folder {split_dir / c} (no {'/'.join(IMAGE_EXTS)} images)")
+        out[c] = files
+    return out
+
+
+def decode_image(path: str, channels: int = 3, draft: int | None = None) -> torch.Tensor:
+    """Decode one file to uint8 C x H x W (RGB or L). Corrupt files raise DataError naming the path."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if draft and im.format == "JPEG":
+                im.draft("RGB" if channels == 3 else "L", (draft, draft))
+            im = im.convert("RGB" if channels == 3 else "L")
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise DataError(f"corrupt or unreadable image {path} ({e}); "
+                        "pass --skip-bad-images to skip such files") from None
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _readable(path: str, channels: int) -> bool:
+    try:
+        decode_image(path, channels, draft=64)
+        return True
+    except DataError:
+        return False
+
+
+def load_imagefolder(data_dir: str | None, *, channels: int, skip_bad_images: bool, workers: int):
+    if not data_dir:
+        raise DataError("dataset imagefolder needs --data-dir DIR holding train/<class>/* and val/<class>/*")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root}")
+    val_name = "val" if (root / "val").is_dir() or not (root / "test").is_dir() else "test"
+    train, val = _scan_split(root / "train"), _scan_split(root / val_name)
+    if list(train) != list(val):
+        only_t, only_v = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        raise DataError(f"class folders differ between {root / 'train'} and {root / val_name}: "
+                        f"only in train: {only_t or 'none'}; only in {val_name}: {only_v or 'none'}")
+    classes = tuple(train)
+    digest = hashlib.sha256()
+    sources, skipped = [], 0
+    for split in (train, val):
+        files = [(str(p), i) for i, c in enumerate(classes) for p in split[c]]
+        if skip_bad_images:
+            with ThreadPoolExecutor(max(1, workers)) as ex:
+                ok = list(ex.map(lambda f: _readable(f[0], channels), files))
+            skipped += ok.count(False)
+            files = [f for f, good in zip(files, ok) if good]
+        for path, label in files:
+            digest.update(f"{os.path.relpath(path, root)}\0{os.path.getsize(path)}\0{label}\n".encode())
+        sources.append(Source(np.array([lb for _, lb in files], dtype=np.int64), files=tuple(p for p, _ in files)))
+    return sources[0], sources[1], classes, digest.hexdigest(), skipped
+
+
+def build_cache(files: tuple[str, ...], *, channels: int, side: int, size: int, workers: int) -> torch.Tensor:
+    """Decode every file once to a uint8 [N, C, side, side] array: shorter side resized to `side`, then a
+    side x side window placed so that its central size x size crop is exactly the uncached eval crop."""
+    def one(path: str) -> torch.Tensor:
+        img = T.resize_shorter(decode_image(path, channels, draft=side), side)
+        _, h, w = img.shape
+        top = (h - size) // 2 - (side - size) // 2
+        left = (w - size) // 2 - (side - size) // 2
+        return img[:, top:top + side, left:left + side]
+
+    out = torch.empty((len(files), channels, side, side), dtype=torch.uint8)
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        for i, img in enumerate(ex.map(one, files)):
+            out[i] = img
+    return out
+
+
+# ---------------------------------------------------------------- the torch Dataset
+@dataclass(frozen=True)
+class TransformSpec:
+    size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train: bool = False
+    augment: tuple[str, ...] = ()
+    pad: int = 4
+    resize_size: int | None = None      # files: eval resize of the shorter side
+    seed: int = 0
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(normalized float32 C x H x W, label) from a Source; augmentation seeded by (seed, epoch, index)."""
+
+    def __init__(self, source: Source, spec: TransformSpec, *, cache: torch.Tensor | None = None):
+        self.source, self.spec, self.cache, self.epoch = source, spec, cache, 0
+        self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.source.labels
+
+    def raw(self, index: int) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache[index]
+        if self.source.array is not None:
+            return self.source.array[index]
+        return decode_image(self.source.files[index], self.spec.channels,
+                            draft=self.spec.resize_size or self.spec.size)
+
+    def __getitem__(self, index: int):
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return self._item(index)
+        torch.set_num_threads(1)   # per-image ops are tiny: intra-op threads only add overhead (main process)
+        try:
+            return self._item(index)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _item(self, index: int):
+        s = self.spec
+        img = T.match_channels(self.raw(index), s.channels)
+        if s.train and s.augment:
+            rng = T.sample_rng(s.seed, self.epoch, index)
+            if "random_resized_crop" in s.augment:
+                img = T.random_resized_crop(img, s.size, rng)
+            else:
+                img = self._eval_geometry(img)
+                if "pad_crop" in s.augment:
+                    img = T.pad_random_crop(img, s.size, s.pad, rng)
+            if "flip" in s.augment:
+                img = T.hflip(img, rng)
+        else:
+            img = self._eval_geometry(img)
+        return T.normalize(img, self._mean, self._std), int(self.source.labels[index])
+
+    def _eval_geometry(self, img: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        if self.source.files:   # decoded files (or their cache, already at resize_size): resize + center crop
+            return T.resize_center_crop(img, s.resize_size or s.size, s.size)
+        return T.center_fit(img, s.size, s.size)

@@ -1,0 +1,304 @@
+"""YAML recipes -> a frozen, validated `Recipe`.
+
+A recipe has six sections (model, data, train, quant, gates, export); every key has a default, so a
+recipe file names only what differs. Loading checks every key: an unknown key, a wrong type or an
+out-of-range value is a ConfigError naming the key and the file. CLI flags become overrides
+(`recipe.with_overrides({"train.epochs": 3})`), validated the same way.
+
+Units: `train.milestones` count epochs when `train.milestone_unit` is "epoch" (the default) and
+iterations (optimizer steps) when it is "iteration" (the CIFAR paper recipe: 32000, 48000).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeres.errors import ConfigError
+
+DATASETS = ("digits", "mnist", "cifar10", "imagefolder")
+AUGMENTS = ("pad_crop", "flip", "random_resized_crop")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("multistep", "cosine", "constant")
+MILESTONE_UNITS = ("epoch", "iteration")
+CALIB_METHODS = ("minmax", "mean_minmax", "percentile", "histogram")
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    arch: str = "resnet18"
+    options: dict[str, Any] = field(default_factory=dict)   # arch options, e.g. {"shortcut": "B"}
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    dataset: str = "digits"
+    data_dir: str | None = None                 # None: digits needs none; mnist/cifar10 use the download cache
+    input_size: int | None = None               # None: digits 32, mnist 28, cifar10 32, imagefolder 224
+    mean: tuple[float, ...] | None = None       # None: the dataset's statistics
+    std: tuple[float, ...] | None = None
+    resize_size: int | None = None              # imagefolder eval: shorter side, then center crop (None: input/0.875)
+    batch_size: int = 128                       # the GLOBAL batch (split across torchrun processes)
+    workers: int = 2                            # DataLoader worker processes (0: load in the main process)
+    augment: tuple[str, ...] = ()               # any of pad_crop, flip, random_resized_crop
+    pad: int = 4                                # pad_crop padding (pixels per side)
+    cache: bool = False                         # decode images once into a uint8 array (small inputs)
+    skip_bad_images: bool = False               # skip and count unreadable images instead of failing
+    download: bool = True                       # mnist/cifar10: download (with checksums) when missing
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    epochs: int = 10
+    max_iterations: int | None = None           # stop after this many optimizer steps (None: epochs decide)
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    wd_exclude_bn_bias: bool = False            # no weight decay on BN parameters and biases
+    schedule: str = "multistep"
+    milestones: tuple[int, ...] = ()            # in `milestone_unit`s
+    milestone_unit: str = "epoch"
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0                  # linear warm-up from warmup_lr to lr (cosine and multistep)
+    warmup_lr: float | None = None              # start of the warm-up; with warmup_until_error: the warm-up lr
+    warmup_until_error: float | None = None     # ResNet-110 rule: train at warmup_lr until train error (%) < this
+    label_smoothing: float = 0.0
+    channels_last: bool = False
+    amp: bool = False                           # mixed precision, CUDA only (ignored on CPU with a note)
+    seed: int = 0
+    tensorboard: bool = False                   # also write TensorBoard scalars (needs the tensorboard package)
+
+
+@dataclass(frozen=True)
+class QuantCfg:
+    calib_size: int = 512
+    calib_method: str = "minmax"
+    qat_epochs: int = 1
+    qat_lr: float = 1e-4
+    qat_batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class GatesCfg:
+    fold_rel_tol: float = 1e-4
+    export_rel_tol: float = 1e-4
+    max_drop_ptq: float = 0.5                   # percentage points of top-1 vs FP32
+    max_drop_qat: float = 0.2
+    min_int8_agreement: float = 99.0            # % of probe images with the same top-1 as FP32
+    probe_size: int = 64
+
+
+@dataclass(frozen=True)
+class ExportCfg:
+    opset: int = 17
+    simplify: bool = False
+
+
+SECTIONS = {"model": ModelCfg, "data": DataCfg, "train": TrainCfg, "quant": QuantCfg, "gates": GatesCfg,
+            "export": ExportCfg}
+
+# key -> (low, high, low inclusive?, high inclusive?); None = unbounded
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "data.input_size": (8, 4096), "data.resize_size": (8, 8192), "data.batch_size": (1, 1 << 20),
+    "data.workers": (0, 256), "data.pad": (0, 512),
+    "train.epochs": (1, 100000), "train.max_iterations": (1, None), "train.lr": (1e-12, 100.0),
+    "train.momentum": (0.0, 1.0), "train.weight_decay": (0.0, 1.0), "train.gamma": (1e-9, 1.0),
+    "train.warmup_epochs": (0.0, 100000), "train.warmup_lr": (0.0, 100.0), "train.warmup_until_error": (0.0, 100.0),
+    "train.label_smoothing": (0.0, 0.99), "train.seed": (0, 2**32 - 1),
+    "quant.calib_size": (1, 1 << 24), "quant.qat_epochs": (0, 1000), "quant.qat_lr": (1e-12, 100.0),
+    "quant.qat_batch_size": (1, 1 << 20),
+    "gates.fold_rel_tol": (0.0, 1.0), "gates.export_rel_tol": (0.0, 1.0), "gates.max_drop_ptq": (0.0, 100.0),
+    "gates.max_drop_qat": (0.0, 100.0), "gates.min_int8_agreement": (0.0, 100.0), "gates.probe_size": (1, 1 << 20),
+    "export.opset": (13, 23),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.dataset": DATASETS, "data.augment": AUGMENTS, "train.optimizer": OPTIMIZERS,
+    "train.schedule": SCHEDULES, "train.milestone_unit": MILESTONE_UNITS, "quant.calib_method": CALIB_METHODS,
+}
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    quant: QuantCfg = field(default_factory=QuantCfg)
+    gates: GatesCfg = field(default_factory=GatesCfg)
+    export: ExportCfg = field(default_factory=ExportCfg)
+    source: str = field(default="<dict>", compare=False)   # where it was loaded from (not part of the hash)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: _to_plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
+
+    def hash(self) -> str:
+        from edgeres.io import sha256_json
+
+        return sha256_json(self.to_dict())
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Recipe:
+        """Apply dotted overrides ({"train.epochs": 3}); None values are ignored (an unset CLI flag)."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            section, _, name = key.partition(".")
+            if section not in SECTIONS or not name:
+                raise ConfigError(f"override {key!r}: expected <section>.<key> with section in {', '.join(SECTIONS)}")
+            d[section][name] = _to_plain(value)
+        return recipe_from_dict(d, source=f"{self.source} + overrides")
+
+
+def _check_value(key: str, value: Any, tp: Any, source: str) -> Any:
+    """Coerce/check one value against its annotation; return the stored value."""
+    where = f"{source}: {key}"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(key, value, args[0], source)
+    if value is None:
+        raise ConfigError(f"{where} must not be null")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return tuple(_check_value(f"{key}[{i}]", v, item, source) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - a bug in the dataclasses
+
+
+def _check_range(key: str, value: Any, source: str) -> None:
+    if key in RANGES and value is not None:
+        lo, hi = RANGES[key]
+        for v in (value if isinstance(value, tuple) else (value,)):
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+                raise ConfigError(f"{source}: {key}={v!r} is out of range {bounds}")
+    if key in CHOICES and value is not None:
+        for v in (value if isinstance(value, tuple) else (value,)):
+            if v not in CHOICES[key]:
+                raise ConfigError(f"{source}: {key}={v!r} is not one of {', '.join(CHOICES[key])}")
+
+
+def _build_section(name: str, cls: type, raw: Any, source: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: section {name!r} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {name}.{unknown[0]} (valid keys in {name}: {', '.join(hints)})")
+    values = {}
+    for key, value in raw.items():
+        dotted = f"{name}.{key}"
+        values[key] = _check_value(dotted, value, hints[key], source)
+        _check_range(dotted, values[key], source)
+    return cls(**values)
+
+
+def _check_combinations(r: Recipe, source: str) -> None:
+    d, t = r.data, r.train
+    for key in ("mean", "std"):
+        v = getattr(d, key)
+        if v is not None and len(v) not in (1, 3):
+            raise ConfigError(f"{source}: data.{key} needs 1 or 3 values, got {len(v)}")
+    if d.std is not None and any(s <= 0 for s in d.std):
+        raise ConfigError(f"{source}: data.std values must be > 0, got {list(d.std)}")
+    if "pad_crop" in d.augment and "random_resized_crop" in d.augment:
+        raise ConfigError(f"{source}: data.augment: pad_crop and random_resized_crop are exclusive")
+    if list(t.milestones) != sorted(t.milestones):
+        raise ConfigError(f"{source}: train.milestones must be increasing, got {list(t.milestones)}")
+    if t.warmup_until_error is not None and t.warmup_lr is None:
+        raise ConfigError(f"{source}: train.warmup_until_error needs train.warmup_lr")
+    if t.nesterov and (t.optimizer != "sgd" or t.momentum == 0):
+        raise ConfigError(f"{source}: train.nesterov needs optimizer sgd with momentum > 0")
+
+
+def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
+    """Validate a plain dict (e.g. parsed YAML) into a Recipe. Missing sections/keys take defaults."""
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: a recipe must be a mapping of sections, got {type(d).__name__}")
+    unknown = sorted(set(d) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r} (valid sections: {', '.join(SECTIONS)})")
+    sections = {name: _build_section(name, cls, d.get(name), source) for name, cls in SECTIONS.items()}
+    recipe = Recipe(**sections, source=source)
+    _check_combinations(recipe, source)
+    return recipe
+
+
+def recipes_dir() -> Path:
+    """The repository's recipes/ folder (an installed wheel may carry them as edgeres/recipes/)."""
+    import edgeres
+
+    pkg = Path(edgeres.__file__).resolve().parent
+    top = pkg.parent / "recipes"
+    return top if top.is_dir() or not (pkg / "recipes").is_dir() else pkg / "recipes"
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Load `recipes/<name>.yaml` (a bare name) or a YAML file path."""
+    import yaml
+
+    text = str(name_or_path)
+    path = Path(text)
+    if not (path.suffix in (".yaml", ".yml") or "/" in text or path.exists()):
+        path = recipes_dir() / f"{text}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown recipe {text!r}; built-in recipes: {', '.join(list_recipes()) or 'none'}")
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return recipe_from_dict(raw, source=str(path))
+
+
+__all__ = ["Recipe", "ModelCfg", "DataCfg", "TrainCfg", "QuantCfg", "GatesCfg", "ExportCfg", "load_recipe",
+           "recipe_from_dict", "list_recipes", "recipes_dir"]

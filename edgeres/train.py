@@ -1,0 +1,324 @@
+"""The FP32 training stage: `train(recipe, out_dir) -> TrainResult`.
+
+Writes out_dir/best.pt (best test top-1), last.pt (+ optimizer, schedule state and RNG for --resume),
+metrics.jsonl and metrics.csv (one row per epoch). Checkpoints are written atomically at the end of each
+epoch, so a run killed at any moment (even kill -9) resumes from its last finished epoch; data order and
+augmentation depend only on (seed, epoch, index), so the resumed run ends with the same weights.
+
+Under `torchrun --nproc-per-node N` it trains with DistributedDataParallel (gloo on CPU, nccl on CUDA):
+the recipe's batch_size is the GLOBAL batch, each process takes batch_size / N; only rank 0 evaluates
+and writes. BatchNorm statistics are per process (SyncBatchNorm is CUDA-only), so DDP matches
+single-process training within a tolerance, not bit for bit.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeres.checkpoint import ModelMeta
+from edgeres.errors import ConfigError, DataError
+
+METRIC_FIELDS = ("epoch", "iteration", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr",
+                 "images_per_s", "seconds")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    best: Path
+    last: Path
+    meta: ModelMeta
+    history: list[dict[str, Any]]
+    best_top1: float
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_dist() -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def lr_at(cfg, iteration: int, iters_per_epoch: int, total_iters: int, warming: bool) -> float:
+    """The learning rate before optimizer step `iteration` (0-based)."""
+    if warming:                                          # ResNet-110 rule: hold warmup_lr until error drops
+        return cfg.warmup_lr
+    epoch_f = iteration / iters_per_epoch
+    warm_iters = cfg.warmup_epochs * iters_per_epoch
+    if cfg.warmup_until_error is None and warm_iters > 0 and iteration < warm_iters:
+        start = cfg.warmup_lr if cfg.warmup_lr is not None else 0.0
+        return start + (cfg.lr - start) * iteration / warm_iters
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "multistep":
+        pos = epoch_f if cfg.milestone_unit == "epoch" else iteration
+        return cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestones if pos >= m)
+    span = max(1.0, total_iters - warm_iters)            # cosine to zero after the warm-up
+    t = min(1.0, max(0.0, (iteration - warm_iters) / span))
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
+
+
+def _optimizer(model, cfg):
+    import torch
+
+    if cfg.wd_exclude_bn_bias:
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
+    import json
+
+    from edgeres.io import atomic_write_text
+
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(out / "metrics.csv", buf.getvalue())
+
+
+def _one_line(e: Exception) -> str:
+    """DataLoader workers re-raise with a traceback in the message: keep the last meaningful line."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else str(e)
+    return last.split("DataError: ", 1)[-1]
+
+
+def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = False, data=None,
+          force: bool = False) -> TrainResult:
+    """Train recipe.model on recipe.data; see the module docstring for what is written."""
+    import torch
+
+    from edgeres.checkpoint import read_checkpoint, save_checkpoint
+    from edgeres.data import get_data_for
+    from edgeres.models import create_model
+
+    out = Path(out_dir)
+    dist_info = _init_dist()
+    tcfg, dcfg = recipe.train, recipe.data
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if resume and not last_path.is_file():
+        raise ConfigError(f"nothing to resume: {last_path} does not exist")
+    if not resume and not force and last_path.exists():
+        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or --force to replace it")
+    if dcfg.batch_size % dist_info.world:
+        raise ConfigError(f"data.batch_size {dcfg.batch_size} must divide by the {dist_info.world} processes")
+    device = torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
+    use_amp = bool(tcfg.amp and device.type == "cuda")
+    if tcfg.amp and not use_amp and dist_info.main and not quiet:
+        warnings.warn("train.amp is for CUDA; training in FP32 on CPU", stacklevel=2)
+
+    torch.manual_seed(tcfg.seed)
+    bundle = data if data is not None else get_data_for(recipe)
+    info = bundle.info
+    if len(bundle.train) < dcfg.batch_size:
+        raise ConfigError(f"the training split has {len(bundle.train)} images, fewer than one batch "
+                          f"(data.batch_size {dcfg.batch_size})")
+    model = create_model(recipe.model.arch, num_classes=info.num_classes, in_channels=info.in_channels,
+                         options=recipe.model.options).to(device)
+    if tcfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    meta = ModelMeta(arch=recipe.model.arch, num_classes=info.num_classes, in_channels=info.in_channels,
+                     input_size=info.input_size, mean=tuple(info.mean), std=tuple(info.std),
+                     class_names=tuple(info.class_names), arch_options=dict(recipe.model.options),
+                     resize_size=info.resize_size, dataset=info.name, recipe_hash=recipe.hash())
+    opt = _optimizer(model, tcfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    state = {"epoch": 0, "iteration": 0, "best_top1": -1.0, "warming": tcfg.warmup_until_error is not None,
+             "history": []}
+    if resume:
+        weights, _, rest = read_checkpoint(last_path)
+        model.load_state_dict(weights)
+        opt.load_state_dict(rest["optimizer"])
+        if use_amp and "scaler" in rest:
+            scaler.load_state_dict(rest["scaler"])
+        torch.set_rng_state(rest["rng"])
+        state = dict(rest["train_state"])
+        if rest.get("recipe_hash") != recipe.hash() and dist_info.main:
+            warnings.warn(f"resuming {last_path} with a different recipe than it was started with", stacklevel=2)
+
+    net = model
+    if dist_info.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+    per_rank = dcfg.batch_size // dist_info.world
+    sampler = torch.utils.data.DistributedSampler(bundle.train, num_replicas=dist_info.world, rank=dist_info.rank,
+                                                  shuffle=True, seed=tcfg.seed)
+    ipe = max(1, (-(-len(bundle.train) // dist_info.world)) // per_rank)
+    total = tcfg.epochs * ipe if tcfg.max_iterations is None else min(tcfg.epochs * ipe, tcfg.max_iterations)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing)
+    writer = _tensorboard(out) if tcfg.tensorboard and dist_info.main else None
+    history: list[dict[str, Any]] = list(state["history"])
+
+    from edgeres.data import make_loader
+    from edgeres.evaluate import evaluate
+
+    try:
+        for epoch in range(state["epoch"], tcfg.epochs):
+            if state["iteration"] >= total:
+                break
+            sampler.set_epoch(epoch)
+            loader = make_loader(bundle.train, batch_size=per_rank, shuffle=True, workers=dcfg.workers,
+                                 seed=tcfg.seed, drop_last=True, sampler=sampler, epoch=epoch)
+            net.train()
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            window: deque = deque(maxlen=20)
+            bar = _bar(len(loader), f"epoch {epoch + 1}/{tcfg.epochs}", quiet or not dist_info.main)
+            lr = tcfg.lr
+            for step, (x, y) in enumerate(loader):
+                if state["iteration"] >= total:
+                    break
+                lr = lr_at(tcfg, state["iteration"], ipe, total, state["warming"])
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if tcfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    logits = net(x)
+                    loss = criterion(logits, y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                state["iteration"] += 1
+                n = y.shape[0]
+                seen += n
+                loss_sum += loss.detach() * n
+                batch_correct = (logits.detach().argmax(1) == y).sum()
+                correct += batch_correct
+                if state["warming"]:
+                    window.append((int(batch_correct), n))
+                    if step % 10 == 9 and _window_error(window, dist_info) < tcfg.warmup_until_error:
+                        state["warming"] = False
+                if bar is not None:
+                    bar.update(1)
+                    if step % 10 == 0:
+                        rate = seen * dist_info.world / (time.perf_counter() - t0)
+                        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}",
+                                        lr=f"{lr:.3g}")
+            if bar is not None:
+                bar.close()
+            train_s = time.perf_counter() - t0
+            loss_sum, correct, seen_t = _reduce(dist_info, loss_sum, correct, seen, device)
+            row = {"epoch": epoch + 1, "iteration": state["iteration"], "train_loss": loss_sum / max(1, seen_t),
+                   "train_top1": 100.0 * correct / max(1, seen_t), "lr": lr,
+                   "images_per_s": seen_t / train_s if train_s > 0 else 0.0}
+            state["epoch"] = epoch + 1
+            if dist_info.main:
+                res = evaluate(model, bundle.test, batch_size=max(256, per_rank), workers=dcfg.workers)
+                row.update(test_loss=res.loss, test_top1=res.top1, test_top5=res.top5,
+                           seconds=time.perf_counter() - t0)
+                history.append(row)
+                state["history"] = history
+                if res.top1 > state["best_top1"]:
+                    state["best_top1"] = res.top1
+                    save_checkpoint(best_path, model, meta, epoch=epoch + 1, top1=res.top1)
+                save_checkpoint(last_path, model, meta, optimizer=opt.state_dict(), train_state=dict(state),
+                                rng=torch.get_rng_state(), recipe_hash=recipe.hash(),
+                                **({"scaler": scaler.state_dict()} if use_amp else {}))
+                _write_metrics(out, history)
+                if writer is not None:
+                    for key in METRIC_FIELDS[2:]:
+                        writer.add_scalar(key, row[key], epoch + 1)
+                if not quiet:
+                    _say(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f}% | "
+                         f"test loss {res.loss:.4f} top1 {res.top1:.2f}% top5 {res.top5:.2f}% | "
+                         f"{row['images_per_s']:.0f} img/s")
+            if dist_info.world > 1:
+                torch.distributed.barrier()
+    except DataError as e:
+        raise DataError(_one_line(e)) from None
+    finally:
+        if writer is not None:
+            writer.close()
+    if dist_info.world > 1:   # every rank returns the rank-0 history
+        obj = [history]
+        torch.distributed.broadcast_object_list(obj, src=0)
+        history = obj[0]
+    best_top1 = max((r["test_top1"] for r in history), default=0.0)
+    return TrainResult(best=best_path, last=last_path, meta=meta, history=history, best_top1=best_top1)
+
+
+def _window_error(window, dist_info: Dist) -> float:
+    correct, n = sum(c for c, _ in window), sum(k for _, k in window)
+    if dist_info.world > 1:
+        import torch
+
+        t = torch.tensor([correct, n], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        correct, n = float(t[0]), float(t[1])
+    return 100.0 * (1 - correct / max(1, n))
+
+
+def _reduce(dist_info: Dist, loss_sum, correct, seen: int, device):
+    import torch
+
+    seen_t = torch.tensor(float(seen), device=device, dtype=torch.float64)
+    t = torch.stack([loss_sum.double(), correct.double(), seen_t])
+    if dist_info.world > 1:
+        t = t.cpu()
+        torch.distributed.all_reduce(t)
+    return float(t[0]), float(t[1]), int(t[2])
+
+
+def _bar(total: int, desc: str, off: bool):
+    if off:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def _say(msg: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(msg)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from edgeres.errors import BackendUnavailable
+
+        raise BackendUnavailable("train.tensorboard needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+__all__ = ["TrainResult", "train", "lr_at"]
