@@ -1,2 +1,220 @@
-"""CLI commands (filled in by the owner of this area)."""
-COMMANDS: list = []
+"""`edgeres fold`, `edgeres quantize`, `edgeres export`, `edgeres check`: thin commands over the library."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from edgeres.cli._common import emit, json_option, quiet_option
+
+CALIB_METHODS = ("minmax", "mean_minmax", "percentile", "histogram")
+
+
+def _meta_for(model, meta, arch: str | None):
+    """ModelMeta of a checkpoint, or one built from the registry for a foreign state_dict (--arch)."""
+    from edgeres.checkpoint import ModelMeta
+    from edgeres.models import get_spec
+
+    if meta is not None:
+        return meta
+    spec = get_spec(arch)
+    cin = model.conv1.in_channels if hasattr(model, "conv1") else spec.in_channels
+    ncls = model.fc.out_features if hasattr(model, "fc") else model.classifier.out_features
+    mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if cin == 3 else ((0.5,) * cin, (0.5,) * cin)
+    return ModelMeta(arch=arch, num_classes=ncls, in_channels=cin, input_size=spec.input_size, mean=mean, std=std)
+
+
+def _probe(meta, n: int = 32, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, meta.in_channels, meta.input_size, meta.input_size, generator=g)
+
+
+def load_float_or_folded(weights: str, arch: str | None = None):
+    """A trained checkpoint (folded here) or an `edgeres fold` checkpoint -> (folded model, meta, FoldResult|None)."""
+    from edgeres.checkpoint import load_model, read_checkpoint
+    from edgeres.fold import fold_batchnorm, load_folded
+
+    _, meta, rest = read_checkpoint(weights)
+    if isinstance(rest.get("fold"), dict):
+        model, meta = load_folded(weights)
+        return model, meta, None
+    model, meta = load_model(weights, arch=arch)
+    meta = _meta_for(model, meta, arch)
+    result = fold_batchnorm(model)
+    return result.model, meta, result
+
+
+@click.command()
+@click.option("--weights", required=True, type=click.Path(dir_okay=False), help="Trained FP32 checkpoint.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the folded checkpoint.")
+@click.option("--arch", default=None, help="Architecture, for a checkpoint without edgeres metadata.")
+@click.option("--probe-size", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Images in the probe batch the fold is checked on.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@json_option
+def fold(weights, out, arch, probe_size, force, as_json) -> None:
+    """Fold BatchNorm into the preceding convs; check the result on a probe batch.
+
+    BatchNorms that no conv precedes (pre-activation ResNets, DenseNet) are kept as a per-channel
+    scale-and-shift (exported as Mul+Add, which TensorRT fuses); the command lists them.
+    """
+    from edgeres.checkpoint import load_model
+    from edgeres.errors import GateError
+    from edgeres.fold import fold_batchnorm, fold_gate, save_folded
+    from edgeres.io import refuse_overwrite
+
+    refuse_overwrite(out, force)
+    model, meta = load_model(weights, arch=arch)
+    meta = _meta_for(model, meta, arch or (meta.arch if meta else None))
+    result = fold_batchnorm(model)
+    metrics, gates = fold_gate(model, result.model, _probe(meta, probe_size))
+    failed = [g for g in gates if not g.passed]
+    if failed:
+        raise GateError("fold check failed: " + "; ".join(g.describe() for g in failed))
+    save_folded(out, result, meta)
+    obj = {"out": out, "arch": meta.arch, "folded": result.folded, "kept_affine": result.kept_affine,
+           "kept_reasons": result.reasons, "metrics": metrics, "gates": [g.describe() for g in gates]}
+    emit(obj, as_json, lambda: "\n".join([result.describe(),
+                                          *(f"gate {g.describe()}: ok" for g in gates), f"wrote {out}"]))
+
+
+@click.command()
+@click.option("--ptq", "mode", flag_value="ptq", help="Post-training quantization (calibration only).")
+@click.option("--qat", "mode", flag_value="qat", help="Quantization-aware fine-tuning (from a PTQ checkpoint, "
+              "or PTQ first when given a float one).")
+@click.option("--weights", required=True, type=click.Path(dir_okay=False),
+              help="Trained, folded (edgeres fold) or, for --qat, INT8 PTQ checkpoint.")
+@click.option("--dataset", required=True, help="digits | mnist | cifar10 | imagefolder.")
+@click.option("--data-dir", default=None, help="Dataset folder.")
+@click.option("--arch", default=None, help="Architecture, for a checkpoint without edgeres metadata.")
+@click.option("--calib-size", type=click.IntRange(1), default=512, show_default=True,
+              help="Calibration images (drawn from the training split with the eval transform).")
+@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="minmax", show_default=True,
+              help="NNCF range estimator: minmax, mean_minmax, percentile, histogram (MSE-style).")
+@click.option("--manifest", default=None, type=click.Path(dir_okay=False),
+              help="Calibration manifest path [default: <out dir>/calibration/<out name>.manifest.json].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=3, show_default=True, help="QAT epochs.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True, help="QAT LR.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the INT8 checkpoint.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@quiet_option
+@json_option
+def quantize(mode, weights, dataset, data_dir, arch, calib_size, calib_method, manifest, seed, epochs, lr,
+             batch_size, out, force, quiet, as_json) -> None:
+    """INT8 quantization with NNCF, configured for TensorRT (PTQ or QAT)."""
+    from edgeres.checkpoint import read_checkpoint
+    from edgeres.data import get_data
+    from edgeres.errors import ConfigError
+    from edgeres.io import refuse_overwrite
+    from edgeres.quantize import (
+        is_quantized_checkpoint,
+        load_quantized,
+        quantize_ptq,
+        quantize_qat,
+        save_quantized,
+        top1,
+    )
+
+    if mode is None:
+        raise ConfigError("choose --ptq or --qat")
+    refuse_overwrite(out, force)
+    out_path = Path(out)
+    manifest = manifest or str(out_path.parent / "calibration" / f"{out_path.stem}.manifest.json")
+    _, _, rest = read_checkpoint(weights)
+    start_quantized = is_quantized_checkpoint(rest)
+    if start_quantized and mode == "ptq":
+        raise ConfigError(f"{weights} is already INT8; --ptq needs a float or folded checkpoint")
+    if start_quantized:
+        model, meta, man = load_quantized(weights)
+    else:
+        model, meta, _ = load_float_or_folded(weights, arch)
+    data = get_data(dataset=dataset, data_dir=data_dir, input_size=meta.input_size, mean=meta.mean, std=meta.std,
+                    resize_size=meta.resize_size, in_channels=meta.in_channels)
+    if data.info.num_classes != meta.num_classes:
+        raise ConfigError(f"{dataset} has {data.info.num_classes} classes, the model {meta.num_classes}")
+    log = (lambda s: None) if (quiet or as_json) else (lambda s: click.echo(s, err=True))
+    history: list = []
+    if not start_quantized:
+        ptq = quantize_ptq(model, data.calib, subset_size=calib_size, method=calib_method, seed=seed,
+                           manifest_path=manifest, dataset_fingerprint=data.info.fingerprint)
+        model, man = ptq.model, ptq.manifest
+        log(f"PTQ: {calib_size} calibration images ({calib_method}), manifest {manifest}")
+    if mode == "qat":
+        res = quantize_qat(model, data.train, data.test, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                           log=log)
+        model, history = res.model, res.history
+    acc = top1(model, data.test)
+    save_quantized(out, model, meta, manifest=man, extra={"mode": mode})
+    obj = {"out": out, "mode": mode, "top1_fake_quant": acc, "manifest": manifest if not start_quantized else None,
+           "calib_size": man.get("subset_size"), "calib_method": man.get("method"), "qat_history": history}
+    emit(obj, as_json, lambda: f"{mode.upper()} INT8 (fake-quant) top-1 {acc:.2f}% on {dataset} test\nwrote {out}")
+
+
+@click.command(name="export")
+@click.option("--weights", required=True, type=click.Path(dir_okay=False),
+              help="Trained/folded checkpoint (FP32) or an INT8 checkpoint from `edgeres quantize` (--int8).")
+@click.option("--int8", is_flag=True, help="Export the INT8 Q/DQ model (needs an `edgeres quantize` checkpoint).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
+@click.option("--arch", default=None, help="Architecture, for a checkpoint without edgeres metadata.")
+@click.option("--opset", type=click.IntRange(13), default=17, show_default=True)
+@click.option("--simplify", is_flag=True, help="Simplify with onnxslim (must keep every Q/DQ).")
+@click.option("--recipe-hash", default="", help="Recipe hash to store in the metadata.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@json_option
+def export_cmd(weights, int8, out, arch, opset, simplify, recipe_hash, force, as_json) -> None:
+    """Export ONNX (input "input" [N,C,H,W], output "logits"), check TensorRT rules, verify on ONNX Runtime."""
+    from edgeres.checkpoint import read_checkpoint
+    from edgeres.errors import ConfigError, GateError
+    from edgeres.export import export_onnx, export_summary
+    from edgeres.io import refuse_overwrite
+    from edgeres.quantize import is_quantized_checkpoint, load_quantized
+    from edgeres.verify import verify_onnx
+
+    refuse_overwrite(out, force)
+    _, _, rest = read_checkpoint(weights)
+    if is_quantized_checkpoint(rest):
+        if not int8:
+            raise ConfigError(f"{weights} is an INT8 checkpoint; export it with --int8")
+        model, meta, _ = load_quantized(weights)
+    else:
+        if int8:
+            raise ConfigError(f"--int8 needs an INT8 checkpoint from `edgeres quantize`; {weights} is FP32")
+        model, meta, _ = load_float_or_folded(weights, arch)
+    path = export_onnx(model, out, meta=meta, int8=int8, opset=opset, simplify=simplify, recipe_hash=recipe_hash)
+    metrics, gates = verify_onnx(path, model, _probe(meta))
+    failed = [g for g in gates if not g.passed]
+    obj = {**export_summary(path), "verify": metrics, "gates": [g.describe() for g in gates]}
+    if failed and not int8:
+        Path(path).unlink()
+        raise GateError("ONNX Runtime disagrees with torch: " + "; ".join(g.describe() for g in failed))
+    emit(obj, as_json, lambda: "\n".join([
+        f"wrote {path} ({obj['bytes']} bytes, opset {obj['opset']}, {obj['QuantizeLinear']} Q / "
+        f"{obj['DequantizeLinear']} DQ)",
+        f"ONNX Runtime vs torch on {metrics['n_probe']} random probe images: max|diff| {metrics['max_abs_diff']:.3g}"
+        f" (rel {metrics['rel_diff']:.3g}), top-1 agreement {100 * metrics['top1_agreement']:.1f}%",
+        *(f"gate {g.describe()}: {'ok' if g.passed else 'FAILED'}" for g in gates)]))
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@json_option
+def check(model, as_json) -> None:
+    """Check an ONNX model against TensorRT's INT8 Q/DQ rules; exit 1 on any violation."""
+    from edgeres.check import check_onnx, count_qdq
+
+    violations = check_onnx(model)
+    obj = {"model": model, "ok": not violations, **count_qdq(model),
+           "violations": [v.to_dict() for v in violations]}
+    emit(obj, as_json, lambda: "\n".join([str(v) for v in violations] + [
+        f"{model}: {len(violations)} violation(s)" if violations else
+        f"{model}: ok ({obj['QuantizeLinear']} Q / {obj['DequantizeLinear']} DQ nodes meet TensorRT's rules)"]))
+    if violations:
+        sys.exit(1)
+
+
+COMMANDS = [fold, quantize, export_cmd, check]

@@ -1,0 +1,233 @@
+"""TensorRT's rules for a Q/DQ ONNX model, checked by our own code (`edgeres check model.onnx`).
+
+- every QuantizeLinear / DequantizeLinear is int8 (no uint8), with a zero-point present and exactly 0;
+- weights are quantized per output channel (axis 0, one scale per output channel); activations per tensor;
+- no custom-domain ops;
+- residual Add (two activation inputs): a Q/DQ pair on the identity/shortcut input and none on the
+  input coming straight from the conv branch, so TensorRT can fuse conv + add (+ relu) (NVIDIA's
+  "Q/DQ layer placement" recommendation). The conv branch is the input with more convs on its path
+  from the graph input; in a ResNet that is the block's last conv, the shortcut being identity or a
+  single projection conv.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from edgeres.errors import ArtifactError
+
+QDQ = ("QuantizeLinear", "DequantizeLinear")
+STANDARD_DOMAINS = ("", "ai.onnx")
+WEIGHT_CONSUMERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+MIN_OPSET = 13
+
+
+class Rule(str, Enum):
+    OPSET = "opset"
+    INT8 = "int8"
+    ZERO_POINT = "zero_point"
+    WEIGHT_PER_CHANNEL = "weight_per_channel"
+    ACTIVATION_PER_TENSOR = "activation_per_tensor"
+    CUSTOM_DOMAIN = "custom_domain"
+    RESIDUAL_ADD = "residual_add"
+
+
+@dataclass(frozen=True)
+class Violation:
+    rule: str
+    node: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"[{self.rule}] {self.node}: {self.message}"
+
+
+def load_onnx(path: str | Path):
+    """Load an ONNX model or raise ArtifactError with one clear line."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"ONNX file not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError and friends for junk
+        raise ArtifactError(f"{path} is not an ONNX model ({type(e).__name__})") from None
+    if not model.graph.node and not model.graph.output:
+        raise ArtifactError(f"{path} is not an ONNX model (no graph)")
+    return model
+
+
+class _Graph:
+    """Constant values, producers and consumers of a graph's tensors."""
+
+    def __init__(self, model):
+        from onnx import numpy_helper
+
+        g = model.graph
+        self.nodes = list(g.node)
+        self.const: dict[str, Any] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        self.const_dtype: dict[str, int] = {t.name: t.data_type for t in g.initializer}
+        self.producer: dict[str, Any] = {}
+        self.consumers: dict[str, list] = {}
+        for node in self.nodes:
+            for out in node.output:
+                self.producer[out] = node
+            for inp in node.input:
+                self.consumers.setdefault(inp, []).append(node)
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        self.const[node.output[0]] = numpy_helper.to_array(attr.t)
+                        self.const_dtype[node.output[0]] = attr.t.data_type
+
+    def is_const(self, name: str) -> bool:
+        if name in self.const:
+            return True
+        node = self.producer.get(name)
+        # a weight fed through QuantizeLinear (NNCF's Q/DQ pairs export) or a Cast/Identity of a constant
+        if node is not None and node.op_type in QDQ + ("Identity", "Cast", "Reshape", "Transpose"):
+            return self.is_const(node.input[0])
+        return False
+
+    def conv_depth(self) -> dict[str, int]:
+        """For every tensor: the most convs on any path from the graph input (nodes are topologically sorted)."""
+        depth: dict[str, int] = {}
+        for node in self.nodes:
+            d = max((depth.get(i, 0) for i in node.input if i and not self.is_const(i)), default=0)
+            d += 1 if node.op_type in ("Conv", "ConvTranspose") else 0
+            for out in node.output:
+                depth[out] = d
+        return depth
+
+    def strip_qdq(self, name: str):
+        """The node producing `name` once Q/DQ nodes are skipped."""
+        node = self.producer.get(name)
+        while node is not None and node.op_type in QDQ:
+            node = self.producer.get(node.input[0])
+        return node
+
+
+def _attr(node, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return a.i if a.type == a.INT else a
+    return default
+
+
+def _node_name(node) -> str:
+    return node.name or f"{node.op_type}({node.output[0]})"
+
+
+def _check_qdq(g: _Graph, node, out: list[Violation]) -> None:
+    import numpy as np
+    from onnx import TensorProto
+
+    name = _node_name(node)
+    if len(node.input) < 3 or not node.input[2]:
+        out.append(Violation(Rule.ZERO_POINT.value, name, "zero-point missing (TensorRT needs an explicit int8 0)"))
+    else:
+        zp_name = node.input[2]
+        zp = g.const.get(zp_name)
+        dtype = g.const_dtype.get(zp_name)
+        if zp is None:
+            out.append(Violation(Rule.ZERO_POINT.value, name, "zero-point is not a constant"))
+        else:
+            if dtype != TensorProto.INT8:
+                out.append(Violation(Rule.INT8.value, name,
+                                     f"zero-point type is {TensorProto.DataType.Name(dtype)}, not INT8"))
+            if np.any(np.asarray(zp) != 0):
+                out.append(Violation(Rule.ZERO_POINT.value, name, f"zero-point is not 0 (found {np.unique(zp)[:4]})"))
+    scale = g.const.get(node.input[1]) if len(node.input) > 1 else None
+    if scale is None:
+        out.append(Violation(Rule.ZERO_POINT.value, name, "scale is not a constant"))
+        return
+    scale = np.asarray(scale)
+    x = node.input[0]
+    # a weight: the Q of a constant, or the DQ of such a Q / of an int8 initializer, feeding conv/gemm weights
+    is_weight = g.is_const(x)
+    if is_weight:
+        weight = _weight_of(g, node)
+        axis = _attr(node, "axis", 1)
+        if scale.size <= 1:
+            out.append(Violation(Rule.WEIGHT_PER_CHANNEL.value, name, "weight quantized per tensor, not per channel"))
+        elif axis != 0:
+            out.append(Violation(Rule.WEIGHT_PER_CHANNEL.value, name, f"per-channel axis is {axis}, not 0"))
+        elif weight is not None and scale.size != weight.shape[0]:
+            out.append(Violation(Rule.WEIGHT_PER_CHANNEL.value, name,
+                                 f"{scale.size} scales for {weight.shape[0]} output channels"))
+    elif scale.size != 1:
+        out.append(Violation(Rule.ACTIVATION_PER_TENSOR.value, name,
+                             f"activation quantized with {scale.size} scales, not per tensor"))
+
+
+def _weight_of(g: _Graph, node):
+    name = node.input[0]
+    while name not in g.const:
+        prod = g.producer.get(name)
+        if prod is None:
+            return None
+        name = prod.input[0]
+    return g.const[name]
+
+
+def _check_residual_adds(g: _Graph, out: list[Violation]) -> None:
+    depth = g.conv_depth()
+    for node in g.nodes:
+        if node.op_type != "Add" or len(node.input) != 2 or any(g.is_const(i) for i in node.input):
+            continue
+        a, b = node.input
+        if depth.get(a, 0) == depth.get(b, 0):
+            continue  # no conv branch / shortcut distinction: not a residual add
+        main, short = (a, b) if depth.get(a, 0) > depth.get(b, 0) else (b, a)
+        main_src = g.strip_qdq(main)
+        if main_src is None or main_src.op_type != "Conv":
+            continue
+        name = _node_name(node)
+        prod_main, prod_short = g.producer.get(main), g.producer.get(short)
+        if prod_main is not None and prod_main.op_type in QDQ:
+            out.append(Violation(Rule.RESIDUAL_ADD.value, name,
+                                 f"Q/DQ on the conv-branch input (from {_node_name(main_src)}): TensorRT cannot "
+                                 "fuse conv + add; quantize only the shortcut input"))
+        if prod_short is None or prod_short.op_type != "DequantizeLinear":
+            out.append(Violation(Rule.RESIDUAL_ADD.value, name,
+                                 f"shortcut input {short!r} has no Q/DQ: TensorRT needs it int8 to fuse conv + add"))
+
+
+def check_model(model) -> list[Violation]:
+    """All rule violations of a loaded onnx.ModelProto (empty list: TensorRT-ready)."""
+    out: list[Violation] = []
+    opset = max((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), default=0)
+    if opset < MIN_OPSET:
+        out.append(Violation(Rule.OPSET.value, "model", f"opset {opset} < {MIN_OPSET} (per-channel Q/DQ needs 13)"))
+    g = _Graph(model)
+    has_qdq = False
+    for node in g.nodes:
+        if node.domain not in STANDARD_DOMAINS:
+            out.append(Violation(Rule.CUSTOM_DOMAIN.value, _node_name(node),
+                                 f"op {node.op_type} from custom domain {node.domain!r}"))
+        if node.op_type in QDQ:
+            has_qdq = True
+            _check_qdq(g, node, out)
+    if has_qdq:
+        _check_residual_adds(g, out)
+    return out
+
+
+def check_onnx(path: str | Path) -> list[Violation]:
+    """Check an ONNX file against TensorRT's Q/DQ rules. Not ONNX -> ArtifactError."""
+    return check_model(load_onnx(path))
+
+
+def count_qdq(path_or_model) -> dict[str, int]:
+    model = load_onnx(path_or_model) if isinstance(path_or_model, (str, Path)) else path_or_model
+    counts = {"QuantizeLinear": 0, "DequantizeLinear": 0}
+    for node in model.graph.node:
+        if node.op_type in counts:
+            counts[node.op_type] += 1
+    return counts

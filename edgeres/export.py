@@ -1,0 +1,147 @@
+"""ONNX export: FP32 (from the folded model) and INT8 Q/DQ (from the NNCF model), TensorRT-ready.
+
+Both: input "input" [N, C, H, W] with a dynamic batch axis, output "logits"; metadata_props carry what a
+runtime needs to feed the model (see `metadata_props`); onnx.checker passes; the file is written atomically.
+INT8: NNCF quantizers switched to ONNX QuantizeLinear/DequantizeLinear pairs, legacy TorchScript exporter
+(`dynamo=False`, the path NNCF supports), then `edgeres.check` must find no TensorRT rule violation
+(the residual placement and signedness were already fixed on the NNCF model, see edgeres.quantize).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from edgeres.errors import BackendUnavailable, ConfigError, GateError
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 13
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def metadata_props(meta, *, int8: bool, recipe_hash: str = "") -> dict[str, str]:
+    """Key -> string stored in the ONNX model's metadata_props."""
+    from edgeres import __version__
+
+    return {
+        "edgeres.version": __version__,
+        "arch": meta.arch,
+        "precision": "int8" if int8 else "fp32",
+        "num_classes": str(meta.num_classes),
+        "in_channels": str(meta.in_channels),
+        "input_size": str(meta.input_size),
+        "resize_size": "" if meta.resize_size is None else str(meta.resize_size),
+        "mean": json.dumps(list(meta.mean)),
+        "std": json.dumps(list(meta.std)),
+        "class_names": json.dumps(list(meta.class_names)),
+        "preprocessing": json.dumps({"layout": "NCHW", "scale": "1/255", "mean": list(meta.mean),
+                                     "std": list(meta.std), "resize_size": meta.resize_size,
+                                     "center_crop": meta.input_size}),
+        "dataset": meta.dataset,
+        "recipe_hash": recipe_hash or meta.recipe_hash,
+        "edgeres.meta": json.dumps(meta.to_dict(), sort_keys=True),
+    }
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    from edgeres.check import load_onnx
+
+    return {p.key: p.value for p in load_onnx(path).metadata_props}
+
+
+def set_qdq_export_mode(model) -> int:
+    """Switch every NNCF quantizer to emit ONNX QuantizeLinear/DequantizeLinear pairs."""
+    from nncf.torch.quantization.layers import QuantizerExportMode
+
+    from edgeres.quantize import force_signed, quantizer_hooks
+
+    force_signed(model)
+    hooks = quantizer_hooks(model)
+    for _, q in hooks:
+        q.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
+    return len(hooks)
+
+
+def is_quantized_model(model) -> bool:
+    """True for a model wrapped by NNCF with at least one quantizer (NNCF need not be imported otherwise)."""
+    import sys
+
+    if "nncf" not in sys.modules:
+        return False
+    from nncf.torch.function_hook.wrapper import is_wrapped
+
+    from edgeres.quantize import quantizer_hooks
+
+    return is_wrapped(model) and bool(quantizer_hooks(model))
+
+
+def _simplify(model):
+    try:
+        import onnxslim
+    except ImportError:
+        raise BackendUnavailable("--simplify needs onnxslim (pip install onnxslim)") from None
+    return onnxslim.slim(model)
+
+
+def export_onnx(model, path: str | Path, *, meta, int8: bool, opset: int = DEFAULT_OPSET, simplify: bool = False,
+                recipe_hash: str = "", check: bool = True) -> Path:
+    """Export `model` to ONNX at `path` (atomic). INT8 models must come from edgeres.quantize."""
+    import onnx
+    import torch
+
+    from edgeres.check import check_model, count_qdq
+    from edgeres.io import atomic_path
+
+    if opset < MIN_OPSET:
+        raise ConfigError(f"opset must be >= {MIN_OPSET} (per-channel Q/DQ), got {opset}")
+    if simplify:
+        try:
+            import onnxslim  # noqa: F401
+        except ImportError:
+            raise BackendUnavailable("--simplify needs onnxslim (pip install onnxslim)") from None
+    is_nncf = is_quantized_model(model)
+    if int8 and not is_nncf:
+        raise ConfigError("INT8 export needs a quantized model (run `edgeres quantize` first)")
+    if not int8 and is_nncf:
+        raise ConfigError("this model is quantized; export it with --int8")
+    if int8:
+        set_qdq_export_mode(model)
+    model = model.eval()
+    x = torch.zeros(1, meta.in_channels, meta.input_size, meta.input_size)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+        proto = onnx.load(str(tmp))
+        before = count_qdq(proto)
+        if simplify:
+            proto = _simplify(proto)
+            after = count_qdq(proto)
+            if after != before:
+                raise GateError(f"simplification changed the Q/DQ nodes ({before} -> {after}); export without "
+                                "--simplify")
+        onnx.helper.set_model_props(proto, metadata_props(meta, int8=int8, recipe_hash=recipe_hash))
+        proto.producer_name = "edgeres"
+        onnx.checker.check_model(proto, full_check=True)
+        if int8 and check:
+            violations = check_model(proto)
+            if violations:
+                shown = "; ".join(str(v) for v in violations[:5])
+                more = f" (+{len(violations) - 5} more)" if len(violations) > 5 else ""
+                raise GateError(f"INT8 ONNX breaks TensorRT rules: {shown}{more}")
+        onnx.save(proto, str(tmp))
+    return path
+
+
+def export_summary(path: str | Path) -> dict[str, Any]:
+    from edgeres.check import count_qdq, load_onnx
+    from edgeres.io import sha256_file
+
+    proto = load_onnx(path)
+    return {"path": str(path), "sha256": sha256_file(path), "bytes": Path(path).stat().st_size,
+            "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+            "nodes": len(proto.graph.node), **count_qdq(proto)}

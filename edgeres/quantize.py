@@ -1,0 +1,391 @@
+"""INT8 quantization with NNCF, configured for TensorRT: post-training (PTQ) and quantization-aware (QAT).
+
+The NNCF-for-TensorRT recipe:
+- `nncf.quantize(..., preset=QuantizationPreset.PERFORMANCE)` (symmetric weights and activations), overflow fix
+  off (that is a workaround for CPU VNNI kernels; TensorRT uses the full int8 range);
+- afterwards every quantizer gets `signed = True`: NNCF makes post-ReLU activations unsigned (uint8), which
+  TensorRT rejects; TensorRT accepts only int8 with zero-point 0;
+- residual placement (a pass on the quantized model, after NNCF): NNCF quantizes *both* inputs of every
+  residual Add. NVIDIA's placement wants a Q/DQ only on the shortcut input, none on the input coming
+  straight from the conv branch, so that TensorRT fuses conv + add + relu. We delete that one quantizer
+  hook from the NNCF model itself (not only from the ONNX file), so the fake-quant torch model, QAT and the
+  exported ONNX compute the same thing.
+- export in Q/DQ-pairs mode with the legacy (TorchScript) exporter: see edgeres.export.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from edgeres.errors import BackendUnavailable, CheckpointError, ConfigError, DataError
+
+QUANT_FORMAT = "edgeres-nncf-int8-1"
+MANIFEST_FORMAT = "edgeres-calibration-1"
+
+
+class CalibMethod(str, Enum):
+    """How activation ranges are estimated from the calibration images (NNCF range estimators)."""
+
+    MINMAX = "minmax"              # global min / max (TensorRT's "max" calibrator)
+    MEAN_MINMAX = "mean_minmax"    # mean over batches of the per-batch min / max
+    PERCENTILE = "percentile"      # mean of per-batch quantiles (NNCF MEAN_QUANTILE), clips outliers
+    HISTOGRAM = "histogram"        # MSE-style: range minimizing quantization error on a histogram
+
+    @classmethod
+    def parse(cls, value: str | CalibMethod) -> CalibMethod:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).lower().replace("-", "_"))
+        except ValueError:
+            raise ConfigError(f"unknown calibration method {value!r}; valid: "
+                              f"{', '.join(m.value for m in cls)}") from None
+
+
+DEFAULT_CALIB_METHOD = CalibMethod.MINMAX
+
+
+@dataclass(frozen=True)
+class PTQResult:
+    model: Any
+    manifest: dict[str, Any]
+    placement_changes: list[str] = field(default_factory=list)   # the residual-placement pass
+
+
+@dataclass(frozen=True)
+class QATResult:
+    model: Any
+    history: list[dict[str, float]]
+    best_epoch: int = 0
+
+
+def _nncf():
+    os.environ.setdefault("NNCF_CI", "1")  # no telemetry
+    try:
+        import nncf
+    except ImportError:
+        raise BackendUnavailable("INT8 quantization needs NNCF: pip install 'edgeres[quant]'") from None
+    return nncf
+
+
+def _range_estimator(method: CalibMethod):
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet as R
+
+    return {CalibMethod.MINMAX: R.MINMAX, CalibMethod.MEAN_MINMAX: R.MEAN_MINMAX,
+            CalibMethod.PERCENTILE: R.MEAN_QUANTILE, CalibMethod.HISTOGRAM: R.HISTOGRAM}[method]
+
+
+def fingerprint_dataset(dataset) -> str:
+    """A cheap, stable id of a dataset: its length and a hash of a few of its samples."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256(str(len(dataset)).encode())
+    n = len(dataset)
+    for i in sorted({0, n // 3, (2 * n) // 3, n - 1}) if n else []:
+        x, y = dataset[i]
+        h.update(np.asarray(x, dtype=np.float32).tobytes())
+        h.update(str(int(y)).encode())
+    return h.hexdigest()
+
+
+def calibration_indices(n_available: int, subset_size: int, *, seed: int) -> list[int]:
+    """`subset_size` distinct indices drawn with `seed` (sorted), or a DataError if there are too few."""
+    if subset_size < 1:
+        raise ConfigError(f"calibration subset size must be >= 1, got {subset_size}")
+    if n_available < subset_size:
+        raise DataError(f"calibration set has {n_available} images, asked {subset_size}")
+    return sorted(random.Random(seed).sample(range(n_available), subset_size))
+
+
+def _batches(dataset, indices: list[int], batch_size: int):
+    import torch
+
+    out = []
+    for i in range(0, len(indices), batch_size):
+        xs = [torch.as_tensor(dataset[j][0], dtype=torch.float32) for j in indices[i:i + batch_size]]
+        out.append(torch.stack(xs))
+    return out
+
+
+def _nncf_version() -> str:
+    try:
+        import nncf
+
+        return nncf.__version__
+    except Exception:  # version lookup only, for the manifest
+        return "unknown"
+
+
+def quantizer_hooks(model) -> list[tuple[str, Any]]:
+    """(hook name, quantizer module) for every NNCF hook in the model."""
+    from nncf.torch.function_hook.wrapper import get_hook_storage
+
+    return list(get_hook_storage(model).named_hooks(remove_duplicate=False))
+
+
+def force_signed(model) -> int:
+    """TensorRT takes only int8: make every quantizer signed (NNCF makes post-ReLU ones unsigned)."""
+    n = 0
+    for _, q in quantizer_hooks(model):
+        if hasattr(q, "signed") and not q.signed:
+            q.signed = True
+            n += 1
+    return n
+
+
+def _residual_adds(graph):
+    """(add node, conv-branch edge, shortcut edge) for each residual Add of an NNCF graph of the float model.
+    The conv branch is the Add input with more convs on its path from the model input."""
+    depth: dict[str, int] = {}
+    out = []
+    for node in graph.topological_sort():
+        ins = graph.get_input_edges(node)
+        d = max((depth.get(e.from_node.node_name, 0) for e in ins), default=0)
+        depth[node.node_name] = d + (1 if node.node_type in ("conv2d", "conv1d", "conv3d") else 0)
+        if node.metatype.__name__ != "PTAddMetatype":
+            continue
+        acts = [e for e in ins if "const" not in e.from_node.metatype.__name__.lower()]
+        if len(acts) != 2:
+            continue
+        da, db = (depth.get(e.from_node.node_name, 0) for e in acts)
+        if da == db:
+            continue
+        main, short = (acts[0], acts[1]) if da > db else (acts[1], acts[0])
+        if main.from_node.node_type != "conv2d" or len(graph.get_output_edges(main.from_node)) != 1:
+            continue
+        out.append((node, main, short))
+    return out
+
+
+def _upstream_quantizer(graph, edge, by_key):
+    """The nearest activation quantizer above `edge`, through single-input ops (slice, pad, ...)."""
+    node, port = edge.from_node, edge.output_port_id
+    for _ in range(16):
+        q = by_key.get(("post_hooks", node.node_name, port))
+        if q is not None:
+            return q
+        ins = [e for e in graph.get_input_edges(node) if "const" not in e.from_node.metatype.__name__.lower()]
+        if len(ins) != 1:
+            return None
+        q = by_key.get(("pre_hooks", node.node_name, ins[0].input_port_id))
+        if q is not None:
+            return q
+        node, port = ins[0].from_node, ins[0].output_port_id
+    return None
+
+
+def place_for_tensorrt(model, example_input) -> list[str]:
+    """The residual pass on an NNCF-quantized model (NVIDIA's placement for residual Adds):
+    remove the quantizer on the conv-branch input, and make sure the shortcut input has one (NNCF leaves
+    none after a parameter-free slice+pad shortcut, where it reuses the quantizer above: we add a copy of
+    that quantizer right at the Add, which is exact since slicing and zero-padding keep values on its grid).
+    Returns a list of what was changed."""
+    import copy
+
+    from nncf.torch.function_hook.hook_storage import decode_hook_name
+    from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph
+    from nncf.torch.function_hook.wrapper import get_hook_storage
+
+    storage = get_hook_storage(model)
+    hooks = quantizer_hooks(model)
+    # the graph of the model with its quantizers disabled = the float graph with the same op names
+    saved = {name: q.enabled.clone() for name, q in hooks}
+    for _, q in hooks:
+        q.enabled[0] = 0
+    try:
+        graph = build_nncf_graph(model, example_input)
+    finally:
+        for name, q in hooks:
+            q.enabled.copy_(saved[name])
+    by_key = {decode_hook_name(name): q for name, q in hooks}
+    names_by_key: dict[tuple, list[str]] = {}
+    for name, _ in hooks:
+        names_by_key.setdefault(decode_hook_name(name), []).append(name)
+    changes = []
+    for add, main, short in _residual_adds(graph):
+        for key in (("post_hooks", main.from_node.node_name, main.output_port_id),
+                    ("pre_hooks", add.node_name, main.input_port_id)):
+            for name in names_by_key.get(key, []):
+                storage.delete_hook(name)
+                changes.append(f"removed {name}")
+        has_short = ("post_hooks", short.from_node.node_name, short.output_port_id) in by_key or \
+            ("pre_hooks", add.node_name, short.input_port_id) in by_key
+        if not has_short:
+            upstream = _upstream_quantizer(graph, short, by_key)
+            if upstream is not None:
+                storage.register_pre_function_hook(add.node_name, short.input_port_id, copy.deepcopy(upstream))
+                changes.append(f"added pre_hooks.{add.node_name}__{short.input_port_id}")
+    return changes
+
+
+def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | CalibMethod = DEFAULT_CALIB_METHOD,
+                 seed: int = 0, batch_size: int = 32, manifest_path: str | Path | None = None,
+                 dataset_fingerprint: str = "", fast_bias_correction: bool = True) -> PTQResult:
+    """nncf.quantize (a copy of) the folded model with exactly `subset_size` calibration images, TensorRT-ready.
+
+    `calib_dataset` yields (image tensor, label); images are taken at `calibration_indices(...)`. The manifest
+    (dataset fingerprint, indices, method, seed, versions) is also written to `manifest_path` when given.
+    """
+    method = CalibMethod.parse(method)
+    indices = calibration_indices(len(calib_dataset), subset_size, seed=seed)
+    nncf = _nncf()
+    import copy
+
+    import torch
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+    batches = _batches(calib_dataset, indices, batch_size)
+    model = copy.deepcopy(model).eval()   # NNCF wraps the model in place: keep the caller's float model intact
+    advanced = AdvancedQuantizationParameters(
+        overflow_fix=OverflowFix.DISABLE,
+        activations_range_estimator_params=_range_estimator(method),
+        disable_bias_correction=not fast_bias_correction,
+    )
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    qmodel = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
+                           preset=nncf.QuantizationPreset.PERFORMANCE, advanced_parameters=advanced)
+    changes = place_for_tensorrt(qmodel, batches[0][:1])
+    force_signed(qmodel)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "dataset_fingerprint": dataset_fingerprint or fingerprint_dataset(calib_dataset),
+        "dataset_size": len(calib_dataset),
+        "subset_size": subset_size,
+        "indices": indices,
+        "method": method.value,
+        "seed": seed,
+        "batch_size": batch_size,
+        "preset": "performance",
+        "fast_bias_correction": fast_bias_correction,
+        "nncf_version": _nncf_version(),
+        "torch_version": torch.__version__,
+        "placement_changes": changes,
+        "duration_s": round(time.perf_counter() - t0, 3),
+    }
+    if manifest_path is not None:
+        from edgeres.io import atomic_write_json
+
+        atomic_write_json(manifest_path, manifest)
+    return PTQResult(model=qmodel.eval(), manifest=manifest, placement_changes=changes)
+
+
+def top1(model, dataset, *, batch_size: int = 128) -> float:
+    """Top-1 accuracy (%) of a torch model on a dataset of (tensor, label)."""
+    import torch
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return 100.0 * correct / max(total, 1)
+
+
+def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: float = 1e-4, batch_size: int = 64,
+                 seed: int = 0, weight_decay: float = 0.0, quiet: bool = False, log=None) -> QATResult:
+    """Fine-tune the fake-quant model (weights and quantizer scales learn), cosine LR, best epoch kept.
+
+    Epoch 0 in the history is the PTQ model itself, so QAT never returns something worse than its start.
+    """
+    import torch
+
+    if epochs < 1:
+        raise ConfigError(f"QAT needs epochs >= 1, got {epochs}")
+    if lr <= 0:
+        raise ConfigError(f"QAT learning rate must be > 0, got {lr}")
+    if len(train_dataset) == 0 or len(eval_dataset) == 0:
+        raise DataError("QAT needs a non-empty training and evaluation set")
+    say = log or (lambda s: None if quiet else print(s, flush=True))
+    model = ptq_model
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    loader = torch.utils.data.DataLoader(train_dataset, batch_size=batch_size, shuffle=True, generator=gen,
+                                         drop_last=len(train_dataset) > batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    best_acc = top1(model, eval_dataset)
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_epoch = 0
+    history = [{"epoch": 0, "loss": float("nan"), "top1": best_acc, "lr": lr}]
+    say(f"qat epoch 0 (ptq): top1 {best_acc:.2f}%")
+    for epoch in range(1, epochs + 1):
+        model.train()
+        total, n = 0.0, 0
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            if not math.isfinite(loss.item()):
+                raise DataError(f"QAT loss became {loss.item()} at epoch {epoch}; lower --lr")
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(y)
+            n += len(y)
+        acc = top1(model, eval_dataset)
+        history.append({"epoch": epoch, "loss": total / max(n, 1), "top1": acc, "lr": sched.get_last_lr()[0]})
+        say(f"qat epoch {epoch}/{epochs}: loss {total / max(n, 1):.4f} top1 {acc:.2f}%")
+        if acc > best_acc:
+            best_acc, best_epoch = acc, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return QATResult(model=model.eval(), history=history, best_epoch=best_epoch)
+
+
+def save_quantized(path: str | Path, model, meta, *, manifest: dict[str, Any] | None = None,
+                   extra: dict[str, Any] | None = None) -> Path:
+    """NNCF's supported mechanism: nncf.torch.get_config (where the quantizers sit) + the state_dict."""
+    _nncf()
+    from nncf.torch import get_config
+
+    from edgeres.checkpoint import save_checkpoint
+
+    config = json.dumps(get_config(model), default=str)
+    info = {"format": QUANT_FORMAT, "nncf_config": config,
+            "manifest": json.dumps(manifest or {}, default=str), **(extra or {})}
+    return save_checkpoint(path, model.state_dict(), meta, quant=info)
+
+
+def is_quantized_checkpoint(rest: dict[str, Any]) -> bool:
+    return isinstance(rest.get("quant"), dict) and rest["quant"].get("format") == QUANT_FORMAT
+
+
+def load_quantized(path: str | Path):
+    """Rebuild: arch from ModelMeta -> same BN fold -> nncf.torch.load_from_config -> state_dict.
+
+    Returns (model, meta, manifest dict)."""
+    _nncf()
+    from nncf.torch import load_from_config
+
+    from edgeres.checkpoint import load_weights, read_checkpoint
+    from edgeres.fold import fold_batchnorm, has_batchnorm
+
+    state, meta, rest = read_checkpoint(path)
+    if not is_quantized_checkpoint(rest):
+        raise CheckpointError(f"{path} is not an INT8 (NNCF) checkpoint (make one with `edgeres quantize --ptq`)")
+    if meta is None:
+        raise CheckpointError(f"{path} carries no model metadata")
+    info = rest["quant"]
+    model = meta.create_model().eval()
+    if has_batchnorm(model):
+        model = fold_batchnorm(model).model
+    try:
+        qmodel = load_from_config(model, json.loads(info["nncf_config"]))
+    except Exception as e:  # NNCF raises its own and ValueError for a config that does not fit
+        raise CheckpointError(f"{path}: NNCF quantizer config does not fit {meta.arch}: {e}") from None
+    load_weights(qmodel, state, source=str(path))
+    force_signed(qmodel)
+    return qmodel.eval(), meta, json.loads(info.get("manifest") or "{}")
