@@ -333,7 +333,7 @@ def stage_calib_cache(ctx: BuildContext, parent: StageRecord | None) -> StageRec
 
     ranges = activation_ranges(ctx.records["export_fp32"].artifact, batches())
     dest = ctx.path("calibration", "calib.cache")
-    write_calibration_cache(ranges, dest)
+    write_calibration_cache(ranges, dest, force=True)
     rec = StageRecord(stage="calib_cache", metrics={"tensors": len(ranges), "images": n})
     rec.set_artifact(dest)
     return rec
@@ -455,14 +455,18 @@ def build(opts: BuildOptions) -> BuildResult:
         ("fold", stage_fold, "train", {"tol": recipe.gates.fold_rel_tol, "probe": recipe.gates.probe_size}),
     ]
     if opts.int8:
-        plan.append(("ptq", stage_ptq, "fold", {"quant": d["quant"], **data_fp}))
-        if recipe.quant.qat_epochs > 0:
-            plan.append(("qat", stage_qat, "ptq", {"quant": d["quant"], "max_drop": opts.max_drop}))
+        calib = {"calib_size": recipe.quant.calib_size, "calib_method": recipe.quant.calib_method,
+                 "seed": recipe.train.seed, **data_fp}
+        final_ptq = recipe.quant.qat_epochs == 0
+        plan.append(("ptq", stage_ptq, "fold", {**calib, "max_drop": opts.max_drop if final_ptq else None}))
+        if not final_ptq:
+            plan.append(("qat", stage_qat, "ptq", {"quant": d["quant"], "max_drop": opts.max_drop,
+                                                   "batch_size": recipe.data.batch_size, "seed": recipe.train.seed}))
     plan.append(("export_fp32", stage_export_fp32, "fold", {"export": d["export"], "gates": d["gates"]}))
     if opts.int8:
         plan.append(("export_int8", stage_export_int8, "qat" if recipe.quant.qat_epochs > 0 else "ptq",
                      {"export": d["export"], "gates": d["gates"]}))
-        plan.append(("calib_cache", stage_calib_cache, "export_fp32", {"quant": d["quant"], **data_fp}))
+        plan.append(("calib_cache", stage_calib_cache, "export_fp32", calib))
     plan.append(("compile", stage_compile, "export_int8" if opts.int8 else "export_fp32",
                  {"int8": opts.int8, "fp16": opts.fp16}))
     ok, message = True, "all gates passed"
