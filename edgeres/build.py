@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgeres.errors import ConfigError, EdgeresError, GateError
 from edgeres.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
@@ -346,8 +347,8 @@ def stage_compile(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     onnx_path = parent.artifact if parent else None
     if not status.available:
         return StageRecord(stage="compile", status=Status.SKIPPED.value,
-                           message=f"TensorRT engine not built: {status.reason}. The ONNX {onnx_path} is ready to be built on "
-                                   f"the target (edgeres compile / edgeres bundle).",
+                           message=f"TensorRT engine not built: {status.reason}. The ONNX {onnx_path} is ready "
+                                   f"to be built on the target (edgeres compile / edgeres bundle).",
                            metrics={"tensorrt": None, "reason": status.reason})
     from edgeres.tensorrt.compile import compile_engine
     from edgeres.tensorrt.options import CompileOptions, Precision

@@ -36,7 +36,7 @@ class ModelMeta:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelMeta":
+    def from_dict(cls, d: dict[str, Any]) -> ModelMeta:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         for key in ("mean", "std", "class_names"):
             if key in known:

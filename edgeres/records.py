@@ -72,7 +72,7 @@ class StageRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StageRecord":
+    def from_dict(cls, d: dict[str, Any]) -> StageRecord:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 

@@ -153,7 +153,8 @@ def to_html(report: dict[str, Any]) -> str:
         f"</td></tr>" for r in report["stages"] for g in r.get("gates", []))
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []))
     status = "PASSED" if report["ok"] else "FAILED"
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgeres report {html.escape(report['run'])}</title>
+    title = html.escape(report["run"])
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgeres report {title}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 td:nth-child(-n+3),th{{text-align:left}}.ok{{background:#eef8ee}}.bad{{background:#fbeaea}}

@@ -29,13 +29,15 @@ from edgeres.cli._common import emit, json_option, quiet_option
 def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, int8, fp16, pretrained, out, max_drop, force,
           bench_seconds, quiet, as_json) -> None:
     """Data -> train -> fold -> PTQ -> QAT -> export -> compile -> verify -> report, each stage gated against FP32."""
-    from edgeres.build import BuildOptions, build as run_build
+    from edgeres.build import BuildOptions
+    from edgeres.build import build as run_build
     from edgeres.report import format_table
 
     out = Path(out) if out else Path("runs") / f"{arch or recipe}-{dataset or 'default'}"
     opts = BuildOptions(out=out, recipe=recipe, arch=arch, dataset=dataset, data_dir=data_dir, epochs=epochs,
-                        qat_epochs=qat_epochs, int8=int8, fp16=fp16, pretrained=Path(pretrained) if pretrained else None,
-                        max_drop=max_drop, force=force, quiet=quiet or as_json, bench_seconds=bench_seconds)
+                        qat_epochs=qat_epochs, int8=int8, fp16=fp16,
+                        pretrained=Path(pretrained) if pretrained else None, max_drop=max_drop, force=force,
+                        quiet=quiet or as_json, bench_seconds=bench_seconds)
     result = run_build(opts)
     if as_json:
         emit(result.report, True)

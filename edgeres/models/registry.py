@@ -1,8 +1,9 @@
 """Architecture variants as data: a name maps to a spec, a spec builds a model."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from edgeres.errors import ConfigError
 
