@@ -34,3 +34,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "jetson" in item.keywords and not is_jetson:
             item.add_marker(pytest.mark.skip(reason="needs a Jetson device"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors, many layers: one intra-op thread is faster, above all on a shared machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

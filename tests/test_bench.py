@@ -2,27 +2,16 @@
 import importlib.util
 import json
 import time
-import warnings
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import export_tiny_onnx as _export
 
 from edgeres.bench import Stats, benchmark, format_bench, percentile, stability_warning, stats
 from edgeres.cli import main
 from edgeres.errors import ConfigError
 from edgeres.runners import OrtRunner
-
-
-def _export(model, path, dynamic=True):
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), torch.randn(1, 3, 32, 32), str(path), dynamo=False, input_names=["input"],
-                          output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}} if dynamic else None)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +23,7 @@ def onnx_files(tmp_path_factory):
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("bench")
     model = create_model("resnet20", num_classes=10)
-    return {"dynamic": _export(model, d / "r20.onnx"), "static": _export(model, d / "r20_static.onnx", False)}
+    return {"dynamic": _export(model, d / "r20.onnx"), "static": _export(model, d / "r20_static.onnx", dynamic=False)}
 
 
 @pytest.fixture(scope="module")

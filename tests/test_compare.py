@@ -1,25 +1,15 @@
 """`edgeres compare`: two real artifacts (ONNX Runtime, torch) on the same inputs."""
 import copy
 import json
-import warnings
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import export_tiny_onnx as _export
 
 from edgeres.cli import main
 from edgeres.compare import compare, find_probe, load_probe
 from edgeres.errors import ArtifactError, DataError
-
-
-def _export(model, path, shape):
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), torch.randn(*shape), str(path), dynamo=False, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +31,9 @@ def arts(tmp_path_factory):
     save_checkpoint(d / "mnist.pt", mnist, meta)
     x = np.random.default_rng(0).standard_normal((48, 3, 32, 32), dtype=np.float32)
     return {"dir": d, "x": x, "model": model,
-            "a": _export(model, d / "a.onnx", (1, 3, 32, 32)),
-            "a2": _export(model, d / "a2.onnx", (1, 3, 32, 32)),
-            "b": _export(perturbed, d / "b.onnx", (1, 3, 32, 32)),
+            "a": _export(model, d / "a.onnx"),
+            "a2": _export(model, d / "a2.onnx"),
+            "b": _export(perturbed, d / "b.onnx"),
             "mnist_onnx": _export(mnist, d / "mnist.onnx", (1, 1, 28, 28)), "mnist_pt": d / "mnist.pt"}
 
 

@@ -3,22 +3,10 @@ import importlib.util
 
 import numpy as np
 import pytest
+from helpers import export_tiny_onnx as export_onnx
 
 from edgeres.errors import ArtifactError, BackendUnavailable, CheckpointError, ConfigError
 from edgeres.runners import OrtRunner, TorchRunner, input_shape, open_runner
-
-
-def export_onnx(model, path, shape=(1, 3, 32, 32), dynamic=True):
-    import warnings
-
-    import torch
-
-    with warnings.catch_warnings():  # the TorchScript exporter's deprecation and constant-folding chatter
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), torch.randn(*shape), str(path), dynamo=False, input_names=["input"],
-                          output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}} if dynamic else None)
-    return path
 
 
 @pytest.fixture(scope="module")
