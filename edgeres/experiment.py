@@ -380,21 +380,35 @@ def _save(fig, png: Path, svg: Path) -> None:
             fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
 
 
-def plot_curves(result: dict[str, Any], png: Path, svg: Path) -> None:
-    """The paper's CIFAR-10 figure: error (%) vs iterations; thin = training error, bold = test error."""
+VARIANT_PANELS = (("plain", "plain networks"), ("residual", "ResNets"))
+
+
+def _label(variant: str, depth: int) -> str:
+    return f"{'plain' if variant == 'plain' else 'ResNet'}-{depth}"
+
+
+def _two_panels(result: dict[str, Any]):
+    """One figure, plain nets left and ResNets right; yields (ax, variant, depth, color) for every curve."""
     plt = _pyplot()
-    depths = result["config"]["depths"]
     colors = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, variant, title in zip(axes, ("plain", "residual"), ("plain networks", "ResNets")):
-        for k, depth in enumerate(depths):
-            r = next(r for r in result["runs"] if r["variant"] == variant and r["depth"] == depth)
-            name = f"{'plain' if variant == 'plain' else 'ResNet'}-{depth}"
-            ax.plot(r["iteration"], [100 * e for e in r["train_error"]], color=colors(k), lw=0.9, alpha=0.85,
-                    label=f"{name} train")
-            ax.plot(r["iteration"], [100 * e for e in r["test_error"]], color=colors(k), lw=2.6,
-                    label=f"{name} test")
+    for ax, (_, title) in zip(axes, VARIANT_PANELS):
         ax.set_title(title)
+    curves = [(ax, variant, depth, colors(k)) for ax, (variant, _) in zip(axes, VARIANT_PANELS)
+              for k, depth in enumerate(result["config"]["depths"])]
+    return plt, fig, axes, curves
+
+
+def plot_curves(result: dict[str, Any], png: Path, svg: Path) -> None:
+    """The paper's CIFAR-10 figure: error (%) vs iterations; thin = training error, bold = test error."""
+    plt, fig, axes, curves = _two_panels(result)
+    for ax, variant, depth, color in curves:
+        r = next(r for r in result["runs"] if r["variant"] == variant and r["depth"] == depth)
+        name = _label(variant, depth)
+        ax.plot(r["iteration"], [100 * e for e in r["train_error"]], color=color, lw=0.9, alpha=0.85,
+                label=f"{name} train")
+        ax.plot(r["iteration"], [100 * e for e in r["test_error"]], color=color, lw=2.6, label=f"{name} test")
+    for ax in axes:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
@@ -407,17 +421,13 @@ def plot_curves(result: dict[str, Any], png: Path, svg: Path) -> None:
 
 def plot_gradients(result: dict[str, Any], png: Path, svg: Path) -> None:
     """Per-layer |dL/dW| on the first batch, before any update: plain (left) vs residual (right), log scale."""
-    plt = _pyplot()
-    depths = result["config"]["depths"]
-    colors = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, variant, title in zip(axes, ("plain", "residual"), ("plain networks", "ResNets")):
-        for k, depth in enumerate(depths):
-            g = next(g for g in result["gradient_norms"] if g["variant"] == variant and g["depth"] == depth)
-            ax.plot(range(1, len(g["grad_norm"]) + 1), g["grad_norm"], color=colors(k), marker=".", lw=1.2,
-                    label=f"{'plain' if variant == 'plain' else 'ResNet'}-{depth}")
+    plt, fig, axes, curves = _two_panels(result)
+    for ax, variant, depth, color in curves:
+        g = next(g for g in result["gradient_norms"] if g["variant"] == variant and g["depth"] == depth)
+        ax.plot(range(1, len(g["grad_norm"]) + 1), g["grad_norm"], color=color, marker=".", lw=1.2,
+                label=_label(variant, depth))
+    for ax in axes:
         ax.set_yscale("log")
-        ax.set_title(title)
         ax.set_xlabel("layer (input -> output)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
