@@ -129,7 +129,8 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
         ax.bar(xs - 0.2, pc["fp32"], 0.4, label="FP32")
         ax.bar(xs + 0.2, pc["int8"], 0.4, label="INT8 (ONNX Runtime)")
         ax.set_xticks(xs, names[:n], rotation=45 if n > 10 else 0, fontsize=8)
-        ax.set_ylabel("top-1 %"), ax.set_title("Per-class accuracy, FP32 vs INT8"), ax.legend()
+        ax.set_ylabel("top-1 %"), ax.set_title("Per-class accuracy, FP32 vs INT8")
+        ax.set_ylim(0, 118), ax.legend(loc="upper center", ncol=2, fontsize=8)
         figs.append(("Per-class accuracy", fig))
     out = []
     for title, fig in figs:
