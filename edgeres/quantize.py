@@ -281,16 +281,9 @@ def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | 
 
 def top1(model, dataset, *, batch_size: int = 128) -> float:
     """Top-1 accuracy (%) of a torch model on a dataset of (tensor, label)."""
-    import torch
+    from edgeres.evaluate import evaluate
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return 100.0 * correct / max(total, 1)
+    return evaluate(model, dataset, batch_size=batch_size).top1
 
 
 def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: float = 1e-4, batch_size: int = 64,

@@ -8,40 +8,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgeres.errors import ArtifactError, BackendUnavailable
-
 FP32_REL_TOL = 1e-4
 FP32_MIN_AGREEMENT = 1.0
 INT8_MIN_AGREEMENT = 0.99
 
 
 def ort_session(path: str | Path, threads: int | None = None):
-    """A CPU ONNX Runtime session (graph optimizations on; `threads` intra-op threads)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise BackendUnavailable("onnxruntime is not installed") from None
+    """A CPU ONNX Runtime runner (edgeres.runners.OrtRunner), with a clear error for a missing or non-ONNX file."""
     from edgeres.check import load_onnx
+    from edgeres.runners import OrtRunner
 
-    load_onnx(path)  # clear error for a missing or non-ONNX file
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own exception types for invalid graphs
-        raise ArtifactError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+    load_onnx(path)
+    return OrtRunner(path, threads=threads)
 
 
-def ort_logits(session, x, *, batch_size: int = 64):
+def ort_logits(runner, x, *, batch_size: int = 64):
+    """Logits of `runner` for x [N, C, H, W], in batches."""
     import numpy as np
 
-    name = session.get_inputs()[0].name
     x = np.asarray(x, dtype=np.float32)
-    outs = [session.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
-    return np.concatenate(outs).astype(np.float32)
+    return np.concatenate([runner.infer(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def is_int8_onnx(path: str | Path) -> bool:

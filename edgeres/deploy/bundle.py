@@ -92,18 +92,15 @@ def tensorrt_validated(run_dir: Path) -> list[str]:
 
 
 def _ort_logits(onnx_path: Path, x, batch: int = 32):
-    import numpy as np
-    import onnxruntime as ort
+    """Host reference logits on ONNX Runtime, plus the model's input and output descriptions."""
+    from edgeres.verify import ort_logits, ort_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    runner = ort_session(onnx_path)
     try:
-        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own exception types for invalid models
-        raise ArtifactError(f"{onnx_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
-    inp = sess.get_inputs()[0]
-    out = np.concatenate([sess.run(None, {inp.name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
-    return out.astype(np.float32), inp, sess.get_outputs()[0]
+        return ort_logits(runner, x, batch_size=batch), runner.session.get_inputs()[0], \
+            runner.session.get_outputs()[0]
+    finally:
+        runner.close()
 
 
 def _collect(run_dir: Path) -> dict[str, Path | None]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.errors import ConfigError
+from edgeres.io import sha256_file
 
 EXECUTABLE = ("device_runtime.py", "edgeres-device")
 # Runs on the device with its python3: prints {name: sha256 or null} for the bundle files it already has.
@@ -153,7 +154,7 @@ async def _deploy_host(spec: HostSpec, bundle: Path, manifest: dict, opts: _Opti
                                    f"(exit {probe.exit_status}): {str(probe.stderr).strip()[-300:]}")
                 remote = json.loads(str(probe.stdout).strip().splitlines()[-1])
                 local = {n: manifest["files"][n]["sha256"] for n in names[:-1]}
-                local["manifest.json"] = _sha256(bundle / "manifest.json")
+                local["manifest.json"] = sha256_file(bundle / "manifest.json")
                 async with conn.start_sftp_client() as sftp:
                     for name in names:
                         if remote.get(name) == local[name]:
@@ -188,12 +189,6 @@ async def _deploy_host(spec: HostSpec, bundle: Path, manifest: dict, opts: _Opti
 
 class _Failure(Exception):
     pass
-
-
-def _sha256(path: Path) -> str:
-    from edgeres.io import sha256_file
-
-    return sha256_file(path)
 
 
 def _describe(e: BaseException) -> str:

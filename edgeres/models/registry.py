@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgeres.errors import ConfigError
@@ -102,4 +102,4 @@ def create_model(name: str, *, num_classes: int = 1000, in_channels: int | None 
 
 
 __all__ = ["ArchSpec", "ARCHS", "create_model", "get_spec", "list_archs", "register_arch",
-           "register_builder", "replace"]
+           "register_builder"]
