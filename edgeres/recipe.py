@@ -89,7 +89,7 @@ class GatesCfg:
     export_rel_tol: float = 1e-4
     max_drop_ptq: float = 0.5                   # percentage points of top-1 vs FP32
     max_drop_qat: float = 0.2
-    min_int8_agreement: float = 99.0            # % of probe images with the same top-1 as FP32
+    min_int8_agreement: float = 99.0            # % of evaluation images where INT8 ONNX and fake-quant agree
     probe_size: int = 64
 
 

@@ -41,6 +41,29 @@ def test_build_runs_every_stage_and_writes_records(built):
     assert {"packages", "python"} <= set(by["train"].environment)
 
 
+def test_int8_agreement_gate_covers_the_whole_evaluation_split(built):
+    """The 99 % INT8-vs-fake-quant gate is measured on every evaluation image, not only the 64-image probe."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgeres.data import get_data_for
+    from edgeres.evaluate import evaluate
+    from edgeres.quantize import load_quantized
+    from edgeres.recipe import load_recipe
+
+    out, _ = built
+    by = {r.stage: r for r in read_records(out)}
+    m = by["export_int8"].metrics
+    data = get_data_for(load_recipe(out / "recipe.yaml"))
+    assert m["n_compared"] == len(data.test) == by["verify"].metrics["n_eval"] > m["probe"]["n_probe"]
+    fq = evaluate(load_quantized(by["qat"].artifact)[0], data.test).logits
+    x = np.stack([np.asarray(data.test[i][0], dtype=np.float32) for i in range(len(data.test))])
+    onnx = ort.InferenceSession(by["export_int8"].artifact, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert m["top1_agreement"] == pytest.approx(float(np.mean(fq.argmax(1) == onnx.argmax(1))))
+    gate = next(g for g in by["export_int8"].gates if g["name"] == "onnx_int8_top1_agreement")
+    assert gate["value"] == m["top1_agreement"] and gate["limit"] == 0.99
+
+
 def test_report_files_and_table(built):
     out, result = built
     rep = json.loads((out / "report.json").read_text())
