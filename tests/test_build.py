@@ -58,7 +58,8 @@ def test_int8_agreement_gate_covers_the_whole_evaluation_split(built):
     assert m["n_compared"] == len(data.test) == by["verify"].metrics["n_eval"] > m["probe"]["n_probe"]
     fq = evaluate(load_quantized(by["qat"].artifact)[0], data.test).logits
     x = np.stack([np.asarray(data.test[i][0], dtype=np.float32) for i in range(len(data.test))])
-    onnx = ort.InferenceSession(by["export_int8"].artifact, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    session = ort.InferenceSession(by["export_int8"].artifact, providers=["CPUExecutionProvider"])
+    onnx = session.run(None, {"input": x})[0]
     assert m["top1_agreement"] == pytest.approx(float(np.mean(fq.argmax(1) == onnx.argmax(1))))
     gate = next(g for g in by["export_int8"].gates if g["name"] == "onnx_int8_top1_agreement")
     assert gate["value"] == m["top1_agreement"] and gate["limit"] == 0.99
