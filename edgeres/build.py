@@ -235,7 +235,7 @@ def stage_ptq(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     q = ctx.recipe.quant
     res = quantize_ptq(_folded(ctx), ctx.data.calib, subset_size=q.calib_size, method=q.calib_method,
                        seed=ctx.recipe.train.seed, manifest_path=ctx.path("calibration", "manifest.json"),
-                       dataset_fingerprint=ctx.data.info.fingerprint)
+                       dataset_fingerprint=ctx.data.info.fingerprint, quiet=ctx.opts.quiet)
     ctx.cache["ptq"] = res.model
     rec = StageRecord(stage="ptq", metrics={"calib_size": q.calib_size, "calib_method": q.calib_method})
     ev = _eval(ctx, "eval_ptq", res.model)

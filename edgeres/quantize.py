@@ -19,6 +19,7 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -73,6 +74,25 @@ def _nncf():
     except ImportError:
         raise BackendUnavailable("INT8 quantization needs NNCF: pip install 'edgeres[quant]'") from None
     return nncf
+
+
+@contextmanager
+def _silenced(quiet: bool):
+    """Send NNCF's progress bars (rich, on stdout/stderr) and its INFO log lines to /dev/null when quiet."""
+    if not quiet:
+        yield
+        return
+    import contextlib
+    import logging
+
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf_log.setLevel(logging.WARNING)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            yield
+    finally:
+        nncf_log.setLevel(level)
 
 
 def _range_estimator(method: CalibMethod):
@@ -229,11 +249,12 @@ def place_for_tensorrt(model, example_input) -> list[str]:
 
 def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | CalibMethod = DEFAULT_CALIB_METHOD,
                  seed: int = 0, batch_size: int = 32, manifest_path: str | Path | None = None,
-                 dataset_fingerprint: str = "", fast_bias_correction: bool = True) -> PTQResult:
+                 dataset_fingerprint: str = "", fast_bias_correction: bool = True, quiet: bool = False) -> PTQResult:
     """nncf.quantize (a copy of) the folded model with exactly `subset_size` calibration images, TensorRT-ready.
 
     `calib_dataset` yields (image tensor, label); images are taken at `calibration_indices(...)`. The manifest
     (dataset fingerprint, indices, method, seed, versions) is also written to `manifest_path` when given.
+    `quiet` silences NNCF's own progress bars and INFO lines (they write to stdout whatever its log level).
     """
     method = CalibMethod.parse(method)
     indices = calibration_indices(len(calib_dataset), subset_size, seed=seed)
@@ -252,8 +273,9 @@ def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | 
     )
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    qmodel = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
-                           preset=nncf.QuantizationPreset.PERFORMANCE, advanced_parameters=advanced)
+    with _silenced(quiet):
+        qmodel = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
+                               preset=nncf.QuantizationPreset.PERFORMANCE, advanced_parameters=advanced)
     changes = place_for_tensorrt(qmodel, batches[0][:1])
     force_signed(qmodel)
     manifest = {

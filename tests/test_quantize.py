@@ -149,6 +149,7 @@ def test_cli_quantize_on_digits(tmp_path):
     r = runner.invoke(main, ["quantize", "--ptq", "--weights", str(w), "--dataset", "digits", "--calib-size", "64",
                              "--calib-method", "mean_minmax", "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["calib_size"] == 64, "--json output is one JSON object (no NNCF progress bars)"
     man = json.loads((tmp_path / "calibration" / "q.manifest.json").read_text())
     assert len(man["indices"]) == 64 and man["method"] == "mean_minmax" and man["dataset_fingerprint"]
     model, _, _ = load_quantized(out)

@@ -141,7 +141,7 @@ def quantize(mode, weights, dataset, data_dir, arch, calib_size, calib_method, m
     history: list = []
     if not start_quantized:
         ptq = quantize_ptq(model, data.calib, subset_size=calib_size, method=calib_method, seed=seed,
-                           manifest_path=manifest, dataset_fingerprint=data.info.fingerprint)
+                           manifest_path=manifest, dataset_fingerprint=data.info.fingerprint, quiet=quiet or as_json)
         model, man = ptq.model, ptq.manifest
         log(f"PTQ: {calib_size} calibration images ({calib_method}), manifest {manifest}")
     if mode == "qat":
