@@ -27,6 +27,7 @@ class BuildOptions:
     data_dir: str | None = None
     epochs: int | None = None
     qat_epochs: int | None = None
+    calib_method: str | None = None
     int8: bool = False
     fp16: bool = False
     pretrained: Path | None = None
@@ -437,7 +438,8 @@ def _resolve_recipe(opts: BuildOptions):
 
     recipe = load_recipe(opts.recipe)
     overrides = {"model.arch": opts.arch, "data.dataset": opts.dataset, "data.data_dir": opts.data_dir,
-                 "train.epochs": opts.epochs, "quant.qat_epochs": opts.qat_epochs}
+                 "train.epochs": opts.epochs, "quant.qat_epochs": opts.qat_epochs,
+                 "quant.calib_method": opts.calib_method}
     return recipe.with_overrides(overrides)
 
 

@@ -152,3 +152,12 @@ def test_every_family_goes_through_the_same_gates(tmp_path, arch):
     int8 = by["export_int8"]
     assert int8.passed and int8.metrics["violations"] == [] and int8.metrics["rel_diff"] < 0.05, int8.metrics
     assert by["export_fp32"].passed
+
+
+def test_calib_method_flag_overrides_the_recipe(tmp_path):
+    from edgeres.build import BuildOptions, _resolve_recipe
+
+    assert _resolve_recipe(BuildOptions(out=tmp_path, calib_method="percentile")).quant.calib_method == "percentile"
+    assert _resolve_recipe(BuildOptions(out=tmp_path)).quant.calib_method == "minmax"   # the demo recipe's
+    r = CliRunner().invoke(main, ["build", "--int8", "--calib-method", "entropy", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "entropy" in r.output and not (tmp_path / "x").exists()

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from edgeres.cli._common import emit, json_option, quiet_option
+from edgeres.recipe import CALIB_METHODS
 
 
 @click.command()
@@ -15,6 +16,8 @@ from edgeres.cli._common import emit, json_option, quiet_option
 @click.option("--recipe", default="demo", show_default=True, help="Recipe name in recipes/ or a YAML path.")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="FP32 training epochs (overrides the recipe).")
 @click.option("--qat-epochs", type=click.IntRange(0), default=None, help="QAT epochs; 0 = PTQ only.")
+@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default=None,
+              help="PTQ range estimator (default: the recipe's).")
 @click.option("--int8", is_flag=True, help="Quantize (PTQ, then QAT) and export an INT8 Q/DQ ONNX.")
 @click.option("--fp16", is_flag=True, help="Also allow FP16 kernels when compiling a TensorRT engine.")
 @click.option("--pretrained", type=click.Path(dir_okay=False), default=None, help="Checkpoint: skip training.")
@@ -26,8 +29,8 @@ from edgeres.cli._common import emit, json_option, quiet_option
               help="Latency measurement time per artifact in the verify stage (0 = skip timing).")
 @quiet_option
 @json_option
-def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, int8, fp16, pretrained, out, max_drop, force,
-          bench_seconds, quiet, as_json) -> None:
+def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, calib_method, int8, fp16, pretrained, out, max_drop,
+          force, bench_seconds, quiet, as_json) -> None:
     """Data -> train -> fold -> PTQ -> QAT -> export -> compile -> verify -> report, each stage gated against FP32."""
     from edgeres.build import BuildOptions
     from edgeres.build import build as run_build
@@ -35,7 +38,7 @@ def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, int8, fp16, pretr
 
     out = Path(out) if out else Path("runs") / f"{arch or recipe}-{dataset or 'default'}"
     opts = BuildOptions(out=out, recipe=recipe, arch=arch, dataset=dataset, data_dir=data_dir, epochs=epochs,
-                        qat_epochs=qat_epochs, int8=int8, fp16=fp16,
+                        qat_epochs=qat_epochs, calib_method=calib_method, int8=int8, fp16=fp16,
                         pretrained=Path(pretrained) if pretrained else None, max_drop=max_drop, force=force,
                         quiet=quiet or as_json, bench_seconds=bench_seconds)
     result = run_build(opts)

@@ -7,8 +7,7 @@ from pathlib import Path
 import click
 
 from edgeres.cli._common import emit, json_option, quiet_option
-
-CALIB_METHODS = ("minmax", "mean_minmax", "percentile", "histogram")
+from edgeres.recipe import CALIB_METHODS, QuantCfg
 
 
 def _meta_for(model, meta, arch: str | None):
@@ -92,7 +91,7 @@ def fold(weights, out, arch, probe_size, force, as_json) -> None:
 @click.option("--arch", default=None, help="Architecture, for a checkpoint without edgeres metadata.")
 @click.option("--calib-size", type=click.IntRange(1), default=512, show_default=True,
               help="Calibration images (drawn from the training split with the eval transform).")
-@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="minmax", show_default=True,
+@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default=QuantCfg.calib_method, show_default=True,
               help="NNCF range estimator: minmax, mean_minmax, percentile, histogram (MSE-style).")
 @click.option("--manifest", default=None, type=click.Path(dir_okay=False),
               help="Calibration manifest path [default: <out dir>/calibration/<out name>.manifest.json].")
