@@ -117,6 +117,46 @@ def run_case(name, arch, data, *, epochs, lr, qat_epochs, qat_lr, calib, max_tra
     return row
 
 
+def build_case(name, *, recipe, dataset, data_dir, weights, calib_method, qat_epochs, work):
+    """The product itself on a trained checkpoint: `edgeres build --pretrained W --int8` twice in one run folder,
+    first PTQ only (--qat-epochs 0), then with QAT (train, fold and PTQ reused). Accuracy of each exported ONNX is
+    measured here on ONNX Runtime whatever the build's gates said; the gates are recorded."""
+    from edgeres.build import BuildOptions, build
+    from edgeres.data import get_data_for
+    from edgeres.recipe import load_recipe
+    from edgeres.records import read_records
+
+    run = work / name
+    common = dict(out=run, recipe=recipe, dataset=dataset, data_dir=data_dir, pretrained=Path(weights), int8=True,
+                  calib_method=calib_method, quiet=True, bench_seconds=0, max_drop=100.0)
+    row = {"case": name, "recipe": recipe, "pretrained": str(weights), "calib_method": calib_method}
+    t = time.perf_counter()
+    first = build(BuildOptions(**common, qat_epochs=0))
+    row["fold_ptq_export_s"] = round(time.perf_counter() - t, 1)
+    data = get_data_for(load_recipe(run / "recipe.yaml"))
+    by = {r.stage: r for r in read_records(run)}
+    row.update(input_size=data.info.input_size, test_images=len(data.test), dataset=data.info.name,
+               fp32_onnx_top1=ort_top1(by["export_fp32"].artifact, data.test),
+               ptq_int8_onnx_top1=ort_top1(by["export_int8"].artifact, data.test),
+               ptq_fake_quant_top1=by["ptq"].metrics["top1"], ptq_build_ok=first.ok, ptq_build_message=first.message,
+               ptq_verify={k: by["export_int8"].metrics[k] for k in ("top1_agreement", "n_compared", "max_abs_diff")})
+    row["ptq_drop_pp"] = round(row["fp32_onnx_top1"] - row["ptq_int8_onnx_top1"], 3)
+    row["ptq_within_target"] = row["ptq_drop_pp"] <= PTQ_TARGET_PP
+    if qat_epochs:
+        t = time.perf_counter()
+        second = build(BuildOptions(**common, qat_epochs=qat_epochs))
+        row["qat_s"] = round(time.perf_counter() - t, 1)
+        by = {r.stage: r for r in read_records(run)}
+        row.update(qat_history=by["qat"].metrics["history"], qat_fake_quant_top1=by["qat"].metrics["top1"],
+                   qat_int8_onnx_top1=ort_top1(by["export_int8"].artifact, data.test), qat_build_ok=second.ok,
+                   qat_build_message=second.message,
+                   qat_verify={k: by["export_int8"].metrics[k] for k in ("top1_agreement", "n_compared",
+                                                                           "max_abs_diff")})
+        row["qat_drop_pp"] = round(row["fp32_onnx_top1"] - row["qat_int8_onnx_top1"], 3)
+        row["qat_within_target"] = row["qat_drop_pp"] <= QAT_TARGET_PP
+    return row
+
+
 def time_resnet18_pipeline(work, *, calib: int, threads: int = 2) -> dict:
     """Wall time of fold + PTQ (calib images at 224 px) + INT8 export for resnet18 with `threads` threads."""
     import torch
@@ -162,6 +202,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller training, calibration and QAT")
     ap.add_argument("--cases", default="digits,mnist,timing,imagenette",
                     help="comma-separated subset of: digits, mnist, timing, imagenette")
+    ap.add_argument("--imagenette-weights", default=None,
+                    help="a resnet18 trained with `edgeres train --recipe imagenette_resnet18`: the imagenette "
+                         "case then runs `edgeres build --pretrained` on it instead of a short from-scratch training")
+    ap.add_argument("--calib-method", default="percentile", help="range estimator for the --imagenette-weights case")
+    ap.add_argument("--qat-epochs", type=int, default=2, help="QAT epochs for the --imagenette-weights case")
     args = ap.parse_args(argv)
     import torch
 
@@ -195,18 +240,23 @@ def main(argv=None) -> int:
             results["skipped"]["mnist_mnist_resnet"] = f"{SHARED / 'mnist'} not found"
         if "imagenette" not in wanted:
             pass
-        elif (SHARED / "imagenette-mini").is_dir():
+        elif not (SHARED / "imagenette-mini").is_dir():
+            results["skipped"]["imagenette_resnet18"] = f"{SHARED / 'imagenette-mini'} not found"
+        elif args.imagenette_weights:
+            cases.append(("imagenette_resnet18_build", None, None,
+                          dict(recipe="imagenette_resnet18", dataset="imagefolder",
+                               data_dir=str(SHARED / "imagenette-mini"), weights=args.imagenette_weights,
+                               calib_method=args.calib_method, qat_epochs=args.qat_epochs)))
+        else:
             side = 112 if quick else 160
             cases.append(("imagenette_resnet18", "resnet18",
                           lambda: get_data(dataset="imagefolder", data_dir=str(SHARED / "imagenette-mini"),
                                            input_size=side, resize_size=side * 8 // 7, cache=True),
                           dict(epochs=3 if quick else 10, lr=0.1, qat_epochs=1, qat_lr=1e-4, calib=512,
                                qat_max=300 if quick else 2000)))
-        else:
-            results["skipped"]["imagenette_resnet18"] = f"{SHARED / 'imagenette-mini'} not found"
         for name, arch, load, kw in cases:
             t = time.perf_counter()
-            row = run_case(name, arch, load(), work=work, **kw)
+            row = build_case(name, work=work, **kw) if arch is None else run_case(name, arch, load(), work=work, **kw)
             row["case_s"] = round(time.perf_counter() - t, 1)
             results["cases"].append(row)
             print(f"{name}: fp32 {row['fp32_onnx_top1']:.2f}%  ptq int8 {row['ptq_int8_onnx_top1']:.2f}% "

@@ -317,8 +317,11 @@ def stage_export_int8(ctx: BuildContext, parent: StageRecord | None) -> StageRec
     rec = StageRecord(stage="export_int8", metrics={**metrics, "source": source,
                                                     "violations": [str(v) for v in violations]})
     rec.add_gate(Gate("tensorrt_rule_violations", len(violations), 0, "<="))
-    rec.add_gate(Gate("onnx_int8_top1_agreement", metrics["top1_agreement"],
-                      ctx.recipe.gates.min_int8_agreement / 100.0, ">="))
+    agree = rec.add_gate(Gate("onnx_int8_top1_agreement", metrics["top1_agreement"],
+                              ctx.recipe.gates.min_int8_agreement / 100.0, ">="))
+    if not agree.passed and not violations:
+        rec.message = (f"export_int8: {agree.describe()} over {metrics['n_compared']} images; where they part: "
+                       f"edgeres compare {ctx.records[source].artifact} {dest} --layers")
     if violations and not rec.message.startswith("export_int8: tensorrt"):
         rec.message = f"export_int8: {len(violations)} TensorRT rule violation(s), first: {violations[0]}"
     rec.set_artifact(dest)

@@ -73,6 +73,10 @@ def _nncf():
         import nncf
     except ImportError:
         raise BackendUnavailable("INT8 quantization needs NNCF: pip install 'edgeres[quant]'") from None
+    import logging
+
+    if logging.getLogger("nncf").level == logging.INFO:   # NNCF's default: its INFO chatter off (DEBUG is kept)
+        nncf.set_log_level(logging.WARNING)
     return nncf
 
 

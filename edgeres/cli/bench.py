@@ -53,8 +53,11 @@ def bench(path, batch, iterations, duration, warmup, threads, backend, providers
               help="A .npz with x (float32 NCHW, preprocessed) and optionally y (labels).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for each runner.")
+@click.option("--layers", is_flag=True,
+              help="A: an INT8 checkpoint (edgeres quantize), B: its INT8 ONNX. Compare every activation quantizer "
+                   "(share of elements on a different INT8 step), on the first --limit inputs (default 8).")
 @json_option
-def compare(a, b, dataset, data_dir, split, limit, probe, batch_size, threads, as_json) -> None:
+def compare(a, b, dataset, data_dir, split, limit, probe, batch_size, threads, layers, as_json) -> None:
     """Run artifacts A and B on the same inputs: |diff|, cosine similarity, top-1 agreement, accuracy.
 
     Inputs come from --probe, from --dataset, or else from the probe.npz of A's run folder.
@@ -74,6 +77,18 @@ def compare(a, b, dataset, data_dir, split, limit, probe, batch_size, threads, a
         x, y = load_probe(probe)
         if limit is not None:
             x, y = x[:limit], (y[:limit] if y is not None else None)
+    if layers:
+        from edgeres.quantize import load_quantized
+        from edgeres.verify import format_layerwise, layerwise
+
+        if not str(b).lower().endswith(".onnx"):
+            raise ConfigError("--layers compares an INT8 checkpoint (A) with its INT8 ONNX (B); B is not .onnx")
+        rows = layerwise(load_quantized(a)[0], b, x[:limit or 8])
+        if not rows:
+            raise ConfigError(f"no activation quantizer of {a} matches a Q/DQ node of {b}: not its export?")
+        emit({"a": a, "b": b, "samples": len(x[:limit or 8]), "layers": rows}, as_json,
+             lambda: format_layerwise(rows))
+        return
     result = run_compare(a, b, x, y, batch_size=batch_size, threads=threads)
     emit(result, as_json, lambda: format_compare(result))
 
