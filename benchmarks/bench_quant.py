@@ -1,11 +1,13 @@
 """Benchmark of fold -> PTQ -> (QAT) -> export, accuracy measured on the exported ONNX in ONNX Runtime.
 
-    .venv/bin/python benchmarks/bench_quant.py --out DIR [--quick]
+    .venv/bin/python benchmarks/bench_quant.py --out DIR [--quick] [--imagenette-weights best.pt]
 
 Cases: the embedded default (sklearn digits, resnet18 at 32 px, 1 channel), the MNIST ResNet on real
 MNIST and resnet18 on imagenette-mini (both from ../shared/data; skipped with a reason if absent).
 Each FP32 model is trained here with a short plain loop (the benchmark is about quantization, not
-training). Targets: PTQ INT8 top-1 within 0.5 pp of FP32, QAT within 0.2 pp, both on the INT8 ONNX
+training), except imagenette with --imagenette-weights: a checkpoint from
+`edgeres train --recipe imagenette_resnet18 ...` (30 epochs, about 30 min on 2 cores) goes through
+`edgeres build --pretrained` itself, PTQ-only first, then with the recipe's QAT. Targets: PTQ INT8 top-1 within 0.5 pp of FP32, QAT within 0.2 pp, both on the INT8 ONNX
 run by ONNX Runtime. Also: wall time of fold + PTQ + export for resnet18 at 224 px with 2 threads.
 Writes DIR/quant.json and prints a summary.
 """
@@ -129,12 +131,15 @@ def build_case(name, *, recipe, dataset, data_dir, weights, calib_method, qat_ep
     run = work / name
     common = dict(out=run, recipe=recipe, dataset=dataset, data_dir=data_dir, pretrained=Path(weights), int8=True,
                   calib_method=calib_method, quiet=True, bench_seconds=0, max_drop=100.0)
-    row = {"case": name, "recipe": recipe, "pretrained": str(weights), "calib_method": calib_method}
+    row = {"case": name, "recipe": recipe, "pretrained": str(weights)}
     t = time.perf_counter()
     first = build(BuildOptions(**common, qat_epochs=0))
     row["fold_ptq_export_s"] = round(time.perf_counter() - t, 1)
-    data = get_data_for(load_recipe(run / "recipe.yaml"))
+    used = load_recipe(run / "recipe.yaml")
+    data = get_data_for(used)
     by = {r.stage: r for r in read_records(run)}
+    row.update(calib_method=used.quant.calib_method, calib_size=used.quant.calib_size, qat_lr=used.quant.qat_lr,
+               fp32_epochs=used.train.epochs)
     row.update(input_size=data.info.input_size, test_images=len(data.test), dataset=data.info.name,
                fp32_onnx_top1=ort_top1(by["export_fp32"].artifact, data.test),
                ptq_int8_onnx_top1=ort_top1(by["export_int8"].artifact, data.test),
@@ -142,12 +147,13 @@ def build_case(name, *, recipe, dataset, data_dir, weights, calib_method, qat_ep
                ptq_verify={k: by["export_int8"].metrics[k] for k in ("top1_agreement", "n_compared", "max_abs_diff")})
     row["ptq_drop_pp"] = round(row["fp32_onnx_top1"] - row["ptq_int8_onnx_top1"], 3)
     row["ptq_within_target"] = row["ptq_drop_pp"] <= PTQ_TARGET_PP
-    if qat_epochs:
+    if qat_epochs != 0:
         t = time.perf_counter()
         second = build(BuildOptions(**common, qat_epochs=qat_epochs))
         row["qat_s"] = round(time.perf_counter() - t, 1)
         by = {r.stage: r for r in read_records(run)}
         row.update(qat_history=by["qat"].metrics["history"], qat_fake_quant_top1=by["qat"].metrics["top1"],
+                   qat_epochs=by["qat"].metrics["epochs"], qat_best_epoch=by["qat"].metrics["best_epoch"],
                    qat_int8_onnx_top1=ort_top1(by["export_int8"].artifact, data.test), qat_build_ok=second.ok,
                    qat_build_message=second.message,
                    qat_verify={k: by["export_int8"].metrics[k] for k in ("top1_agreement", "n_compared",
@@ -205,8 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--imagenette-weights", default=None,
                     help="a resnet18 trained with `edgeres train --recipe imagenette_resnet18`: the imagenette "
                          "case then runs `edgeres build --pretrained` on it instead of a short from-scratch training")
-    ap.add_argument("--calib-method", default="percentile", help="range estimator for the --imagenette-weights case")
-    ap.add_argument("--qat-epochs", type=int, default=2, help="QAT epochs for the --imagenette-weights case")
+    ap.add_argument("--calib-method", default=None, help="--imagenette-weights case: range estimator (the recipe's)")
+    ap.add_argument("--qat-epochs", type=int, default=None, help="--imagenette-weights case: QAT epochs (the recipe's)")
     args = ap.parse_args(argv)
     import torch
 

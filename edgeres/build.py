@@ -264,7 +264,8 @@ def stage_qat(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
                        batch_size=q.qat_batch_size or ctx.recipe.data.batch_size, seed=ctx.recipe.train.seed,
                        quiet=ctx.opts.quiet)
     ctx.cache["qat"] = res.model
-    rec = StageRecord(stage="qat", metrics={"epochs": q.qat_epochs, "history": res.history})
+    rec = StageRecord(stage="qat", metrics={"epochs": q.qat_epochs, "history": res.history,
+                                            "best_epoch": res.best_epoch})   # 0: no QAT epoch beat the PTQ model
     ev = _eval(ctx, "eval_qat", res.model)
     _drop_gate(ctx, rec, ev.top1, final=True)
     dest = ctx.path("quant", "qat.pt")
@@ -312,8 +313,8 @@ def stage_export_int8(ctx: BuildContext, parent: StageRecord | None) -> StageRec
     x, _ = _probe(ctx)
     probe = compare_logits(_torch_logits(model, x), ort_logits(runner, x))
     metrics = compare_logits(_eval(ctx, f"eval_{source}", model).logits, _eval(ctx, "eval_export_int8", runner).logits)
-    metrics = {**metrics, "n_compared": metrics.pop("n_probe"), "compared_on": "evaluation split", "precision": "int8",
-               "probe": probe}
+    metrics["n_compared"] = metrics.pop("n_probe")
+    metrics.update(compared_on="evaluation split", precision="int8", probe=probe)
     rec = StageRecord(stage="export_int8", metrics={**metrics, "source": source,
                                                     "violations": [str(v) for v in violations]})
     rec.add_gate(Gate("tensorrt_rule_violations", len(violations), 0, "<="))

@@ -77,7 +77,7 @@ class TrainCfg:
 @dataclass(frozen=True)
 class QuantCfg:
     calib_size: int = 512
-    calib_method: str = "minmax"
+    calib_method: str = "percentile"
     qat_epochs: int = 1
     qat_lr: float = 1e-4
     qat_batch_size: int | None = None

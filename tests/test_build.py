@@ -56,6 +56,10 @@ def test_int8_agreement_gate_covers_the_whole_evaluation_split(built):
     m = by["export_int8"].metrics
     data = get_data_for(load_recipe(out / "recipe.yaml"))
     assert m["n_compared"] == len(data.test) == by["verify"].metrics["n_eval"] > m["probe"]["n_probe"]
+    assert "n_probe" not in m
+    history = by["qat"].metrics["history"]
+    best = max(history, key=lambda h: h["top1"])["top1"]
+    assert history[by["qat"].metrics["best_epoch"]]["top1"] == best   # keep best: the epoch kept scored highest
     fq = evaluate(load_quantized(by["qat"].artifact)[0], data.test).logits
     x = np.stack([np.asarray(data.test[i][0], dtype=np.float32) for i in range(len(data.test))])
     session = ort.InferenceSession(by["export_int8"].artifact, providers=["CPUExecutionProvider"])
@@ -157,7 +161,7 @@ def test_every_family_goes_through_the_same_gates(tmp_path, arch):
 def test_calib_method_flag_overrides_the_recipe(tmp_path):
     from edgeres.build import BuildOptions, _resolve_recipe
 
-    assert _resolve_recipe(BuildOptions(out=tmp_path, calib_method="percentile")).quant.calib_method == "percentile"
-    assert _resolve_recipe(BuildOptions(out=tmp_path)).quant.calib_method == "minmax"   # the demo recipe's
+    assert _resolve_recipe(BuildOptions(out=tmp_path, calib_method="histogram")).quant.calib_method == "histogram"
+    assert _resolve_recipe(BuildOptions(out=tmp_path)).quant.calib_method == "percentile"   # the default
     r = CliRunner().invoke(main, ["build", "--int8", "--calib-method", "entropy", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "entropy" in r.output and not (tmp_path / "x").exists()

@@ -76,7 +76,7 @@ def test_manifest_records_the_calibration(setup):
     man = json.loads(path.read_text())
     assert man == json.loads(json.dumps(setup["ptq"].manifest, default=str))
     assert man["indices"] == calibration_indices(64, 32, seed=5)
-    assert man["subset_size"] == 32 and man["method"] == "minmax" and man["seed"] == 5
+    assert man["subset_size"] == 32 and man["method"] == "percentile" and man["seed"] == 5
     assert man["dataset_fingerprint"] == "fp-123" and man["dataset_size"] == 64 and man["nncf_version"]
 
 
