@@ -167,3 +167,16 @@ def test_calib_method_flag_overrides_the_recipe(tmp_path):
     assert _resolve_recipe(BuildOptions(out=tmp_path)).quant.calib_method == "percentile"   # the default
     r = CliRunner().invoke(main, ["build", "--int8", "--calib-method", "entropy", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "entropy" in r.output and not (tmp_path / "x").exists()
+
+
+def test_export_command_verifies_int8_on_real_images(built, tmp_path):
+    """`edgeres export --int8 --dataset`: the stage command gates INT8 agreement on evaluation images, like build."""
+    out, _ = built
+    dest = tmp_path / "int8.onnx"
+    r = CliRunner().invoke(main, ["export", "--weights", str(out / "quant" / "qat.pt"), "--int8", "--out", str(dest),
+                                  "--dataset", "digits", "--json"])
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.output)
+    assert obj["verify"]["inputs"] == "digits test split" and obj["verify"]["n_probe"] == 359
+    assert obj["gates"] == [f"onnx_int8_top1_agreement {obj['verify']['top1_agreement']:.4g} >= 0.99"]
+    assert dest.is_file() and not list(tmp_path.glob(".*unverified*"))

@@ -169,3 +169,20 @@ def test_cli_export_and_check(tmp_path):
     assert r.exit_code == 0 and json.loads(r.output)["QuantizeLinear"] == 0
     r = runner.invoke(main, ["check", str(tmp_path / "f.onnx")])
     assert r.exit_code == 0
+
+
+def test_cli_export_failing_check_keeps_the_old_file(tmp_path, monkeypatch):
+    """--force with a failing verification: the file already at --out stays as it was, no stray files."""
+    import edgeres.verify
+    from edgeres.records import Gate
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "w.pt", create_model("mnist_resnet", num_classes=10), _meta("mnist_resnet"))
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"the user's previous model")
+    monkeypatch.setattr(edgeres.verify, "verify_onnx",
+                        lambda *a, **k: ({"n_probe": 1}, [Gate("onnx_fp32_top1_agreement", 0.5, 1.0, ">=")]))
+    r = CliRunner().invoke(main, ["export", "--weights", str(tmp_path / "w.pt"), "--out", str(out), "--force"])
+    assert r.exit_code == 1 and "onnx_fp32_top1_agreement 0.5 < 1" in r.output and "not written" in r.output
+    assert out.read_bytes() == b"the user's previous model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "w.pt"]
