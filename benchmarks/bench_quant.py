@@ -120,6 +120,12 @@ def run_case(name, arch, data, *, epochs, lr, qat_epochs, qat_lr, calib, max_tra
     return row
 
 
+def _int8_check(records: dict) -> dict:
+    """export_int8's INT8-vs-fake-quant figures: gated agreement, ONNX Runtime's fused kernels', max|diff|."""
+    keys = ("top1_agreement", "optimized_top1_agreement", "n_compared", "max_abs_diff")
+    return {k: records["export_int8"].metrics[k] for k in keys}
+
+
 def build_case(name, *, recipe, dataset, data_dir, weights, calib_method, qat_epochs, work):
     """The product itself on a trained checkpoint: `edgeres build --pretrained W --int8` twice in one run folder,
     first PTQ only (--qat-epochs 0), then with QAT (train, fold and PTQ reused). Accuracy of each exported ONNX is
@@ -145,7 +151,7 @@ def build_case(name, *, recipe, dataset, data_dir, weights, calib_method, qat_ep
                fp32_onnx_top1=ort_top1(by["export_fp32"].artifact, data.test),
                ptq_int8_onnx_top1=ort_top1(by["export_int8"].artifact, data.test),
                ptq_fake_quant_top1=by["ptq"].metrics["top1"], ptq_build_ok=first.ok, ptq_build_message=first.message,
-               ptq_verify={k: by["export_int8"].metrics[k] for k in ("top1_agreement", "n_compared", "max_abs_diff")})
+               ptq_verify=_int8_check(by))
     row["ptq_drop_pp"] = round(row["fp32_onnx_top1"] - row["ptq_int8_onnx_top1"], 3)
     row["ptq_within_target"] = row["ptq_drop_pp"] <= PTQ_TARGET_PP
     if qat_epochs != 0:
@@ -157,8 +163,7 @@ def build_case(name, *, recipe, dataset, data_dir, weights, calib_method, qat_ep
                    qat_epochs=by["qat"].metrics["epochs"], qat_best_epoch=by["qat"].metrics["best_epoch"],
                    qat_int8_onnx_top1=ort_top1(by["export_int8"].artifact, data.test), qat_build_ok=second.ok,
                    qat_build_message=second.message,
-                   qat_verify={k: by["export_int8"].metrics[k] for k in ("top1_agreement", "n_compared",
-                                                                           "max_abs_diff")})
+                   qat_verify=_int8_check(by))
         row["qat_drop_pp"] = round(row["fp32_onnx_top1"] - row["qat_int8_onnx_top1"], 3)
         row["qat_within_target"] = row["qat_drop_pp"] <= QAT_TARGET_PP
     return row

@@ -296,7 +296,11 @@ def stage_export_fp32(ctx: BuildContext, parent: StageRecord | None) -> StageRec
 def stage_export_int8(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     """INT8 Q/DQ ONNX from the final quantized model; gates: TensorRT rules, and top-1 agreement with the
     fake-quant model over the whole evaluation split (a 99 % gate needs hundreds of images to mean anything:
-    on a 64-image probe one disagreement is already 98.4 %). The probe's max|diff| is reported too."""
+    on a 64-image probe one disagreement is already 98.4 %), ONNX Runtime running the graph as written (see
+    edgeres.verify). The agreement of ONNX Runtime's own INT8 kernels (its default, optimized session, the one
+    `verify` scores) is recorded beside it; the probe's max|diff| is reported too."""
+    import numpy as np
+
     from edgeres.check import check_onnx
     from edgeres.export import export_onnx
     from edgeres.fold import _torch_logits, compare_logits
@@ -309,12 +313,15 @@ def stage_export_int8(ctx: BuildContext, parent: StageRecord | None) -> StageRec
     export_onnx(model, dest, meta=_meta(ctx), int8=True, opset=ctx.recipe.export.opset,
                 simplify=ctx.recipe.export.simplify, recipe_hash=ctx.recipe.hash())
     violations = check_onnx(dest)
-    runner = OrtRunner(dest)
+    as_written = OrtRunner(dest, optimize=False)
     x, _ = _probe(ctx)
-    probe = compare_logits(_torch_logits(model, x), ort_logits(runner, x))
-    metrics = compare_logits(_eval(ctx, f"eval_{source}", model).logits, _eval(ctx, "eval_export_int8", runner).logits)
+    probe = compare_logits(_torch_logits(model, x), ort_logits(as_written, x))
+    fake_quant = _eval(ctx, f"eval_{source}", model).logits
+    metrics = compare_logits(fake_quant, _eval(ctx, "eval_export_int8_as_written", as_written).logits)
+    optimized = _eval(ctx, "eval_export_int8", OrtRunner(dest)).logits   # reused by verify
     metrics["n_compared"] = metrics.pop("n_probe")
-    metrics.update(compared_on="evaluation split", precision="int8", probe=probe)
+    metrics.update(compared_on="evaluation split", precision="int8", probe=probe, onnxruntime_optimizations=False,
+                   optimized_top1_agreement=float(np.mean(fake_quant.argmax(1) == optimized.argmax(1))))
     rec = StageRecord(stage="export_int8", metrics={**metrics, "source": source,
                                                     "violations": [str(v) for v in violations]})
     rec.add_gate(Gate("tensorrt_rule_violations", len(violations), 0, "<="))

@@ -150,12 +150,16 @@ def _parse_meta(props: dict[str, str]) -> dict[str, Any]:
 
 
 class OrtRunner:
-    """An ONNX file on ONNX Runtime. providers: short names (cpu, cuda, tensorrt); CPU when not given."""
+    """An ONNX file on ONNX Runtime. providers: short names (cpu, cuda, tensorrt); CPU when not given.
+
+    `optimize=False` turns ONNX Runtime's graph optimizations off: the graph runs as written. For a Q/DQ model that
+    means QuantizeLinear, DequantizeLinear and a float Conv as separate nodes (the semantics of the exported graph);
+    with optimizations on, ONNX Runtime fuses DQ -> Conv -> Q into its own INT8 kernels (QLinearConv)."""
 
     name = Backend.ONNXRUNTIME.value
 
     def __init__(self, path: str | Path, *, providers: tuple[str, ...] | list[str] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, optimize: bool = True) -> None:
         import onnxruntime as ort
 
         path = Path(path)
@@ -163,7 +167,8 @@ class OrtRunner:
             raise ArtifactError(f"ONNX model not found: {path}")
         wanted = _ort_providers(providers, ort.get_available_providers())
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         opts.log_severity_level = 3
         if threads is not None:
             opts.intra_op_num_threads = int(threads)

@@ -64,9 +64,14 @@ def test_int8_agreement_gate_covers_the_whole_evaluation_split(built):
     assert history[by["qat"].metrics["best_epoch"]]["top1"] == best   # keep best: the epoch kept scored highest
     fq = evaluate(load_quantized(by["qat"].artifact)[0], data.test).logits
     x = np.stack([np.asarray(data.test[i][0], dtype=np.float32) for i in range(len(data.test))])
-    session = ort.InferenceSession(by["export_int8"].artifact, providers=["CPUExecutionProvider"])
-    onnx = session.run(None, {"input": x})[0]
-    assert m["top1_agreement"] == pytest.approx(float(np.mean(fq.argmax(1) == onnx.argmax(1))))
+    # gated: the graph as written (optimizations off); recorded: ONNX Runtime's own INT8 kernels (its default)
+    as_written = ort.SessionOptions()
+    as_written.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for options, key in ((as_written, "top1_agreement"), (None, "optimized_top1_agreement")):
+        session = ort.InferenceSession(by["export_int8"].artifact, options, providers=["CPUExecutionProvider"])
+        onnx = session.run(None, {"input": x})[0]
+        assert m[key] == pytest.approx(float(np.mean(fq.argmax(1) == onnx.argmax(1))))
+    assert m["onnxruntime_optimizations"] is False
     gate = next(g for g in by["export_int8"].gates if g["name"] == "onnx_int8_top1_agreement")
     assert gate["value"] == m["top1_agreement"] and gate["limit"] == 0.99
 

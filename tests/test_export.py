@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
@@ -65,7 +66,7 @@ def test_fp32_export(tmp_path):
     for n in (1, 5):
         assert ort_logits(sess, np.zeros((n, 1, 28, 28), np.float32)).shape == (n, 10)
     metrics, gates = verify_onnx(path, res.model, torch.randn(16, 1, 28, 28))
-    assert all(g.passed for g in gates) and metrics["rel_diff"] < 1e-4
+    assert all(g.passed for g in gates) and metrics["rel_diff"] < 1e-4 and metrics["onnxruntime_optimizations"]
     assert check_onnx(path) == []
 
 
@@ -92,8 +93,11 @@ def test_int8_export_meets_tensorrt_rules(tmp_path, arch, cin, side):
     adds = [n for n in proto.graph.node if n.op_type == "Add" and "Add" in n.name and "layer" in n.name]
     assert adds, "residual adds are in the graph"
     metrics, gates = verify_onnx(path, qmodel, x)
-    assert gates[0].name == "onnx_int8_top1_agreement"
+    assert gates[0].name == "onnx_int8_top1_agreement" and metrics["onnxruntime_optimizations"] is False
     assert metrics["rel_diff"] < 0.1 and metrics["top1_agreement"] >= 0.9
+    # the INT8 check runs the graph as written: no fused QLinearConv
+    level = ort_session(path, optimize=False).session.get_session_options().graph_optimization_level
+    assert level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     assert ort_logits(ort_session(path), x[:3].numpy()).shape == (3, 10)
 
 
