@@ -170,13 +170,28 @@ td:nth-child(-n+3),th{{text-align:left}}.ok{{background:#eef8ee}}.bad{{backgroun
 """
 
 
+def _stage_rows(records: list[StageRecord]) -> list[dict[str, Any]]:
+    """Without a verify stage (the build stopped at a gate): the accuracies the quantize stages measured on the way."""
+    rows: list[dict[str, Any]] = []
+    for r in records:
+        m = r.metrics
+        if r.stage not in ("ptq", "qat") or "top1" not in m or "fp32_top1" not in m:
+            continue
+        if not rows:
+            rows.append({"stage": "train", "backend": "torch", "precision": "fp32", "top1": m["fp32_top1"],
+                         "delta_pp": 0.0})
+        rows.append({"stage": r.stage, "backend": "torch", "precision": "int8 (fake-quant)", "top1": m["top1"],
+                     "delta_pp": -m["drop_pp"]})
+    return rows
+
+
 def build_report(run_dir: Path, records: list[StageRecord], *, ok: bool, message: str,
                  total_s: float = 0.0) -> dict[str, Any]:
     stages = [r.to_dict() for r in records]
     verify = next((r for r in records if r.stage == "verify"), None)
     notes = [r.message for r in records if r.status == "skipped" and r.message]
     return {"run": str(run_dir), "ok": ok, "message": message, "total_s": round(total_s, 2),
-            "rows": verify.metrics.get("rows", []) if verify else [],
+            "rows": verify.metrics.get("rows", []) if verify else _stage_rows(records),
             "per_class": verify.metrics.get("per_class") if verify else None,
             "class_names": verify.metrics.get("class_names") if verify else None,
             "notes": notes, "stages": stages, "environment": environment(),

@@ -125,6 +125,20 @@ def test_failing_gate_stops_build_with_one_line_and_report(tmp_path):
     assert rep["ok"] is False and rep["message"].startswith("fold:")
 
 
+def test_a_build_stopped_late_still_reports_what_it_measured(tmp_path):
+    recipe = tmp_path / "strict.yaml"
+    recipe.write_text("gates:\n  export_rel_tol: 0.0\n")   # export_fp32 fails, after PTQ and QAT ran
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["build", "--recipe", str(recipe), "--int8", "--out", str(out), *FAST])
+    assert result.exit_code == 1 and "export_fp32:" in result.output.strip().splitlines()[-1]
+    rep = json.loads((out / "report.json").read_text())
+    by = {r.stage: r for r in read_records(out)}
+    assert [r["stage"] for r in rep["rows"]] == ["train", "ptq", "qat"]
+    qat = by["qat"].metrics
+    assert rep["rows"][2]["top1"] == qat["top1"] and rep["rows"][0]["top1"] == qat["fp32_top1"]
+    assert "int8 (fake-quant)" in result.output   # the terminal table shows them too
+
+
 def test_bad_options_are_one_line_errors(tmp_path):
     r = CliRunner().invoke(main, ["build", "--arch", "nope", "--out", str(tmp_path / "x")])
     assert r.exit_code == 1 and "unknown architecture 'nope'" in r.output and "Traceback" not in r.output
