@@ -303,9 +303,8 @@ def stage_export_int8(ctx: BuildContext, parent: StageRecord | None) -> StageRec
 
     from edgeres.check import check_onnx
     from edgeres.export import export_onnx
-    from edgeres.fold import _torch_logits, compare_logits
+    from edgeres.fold import compare_logits
     from edgeres.runners import OrtRunner
-    from edgeres.verify import ort_logits
 
     source = "qat" if "qat" in ctx.records else "ptq"
     model = _quantized(ctx, source)
@@ -313,11 +312,11 @@ def stage_export_int8(ctx: BuildContext, parent: StageRecord | None) -> StageRec
     export_onnx(model, dest, meta=_meta(ctx), int8=True, opset=ctx.recipe.export.opset,
                 simplify=ctx.recipe.export.simplify, recipe_hash=ctx.recipe.hash())
     violations = check_onnx(dest)
-    as_written = OrtRunner(dest, optimize=False)
-    x, _ = _probe(ctx)
-    probe = compare_logits(_torch_logits(model, x), ort_logits(as_written, x))
     fake_quant = _eval(ctx, f"eval_{source}", model).logits
-    metrics = compare_logits(fake_quant, _eval(ctx, "eval_export_int8_as_written", as_written).logits)
+    as_written = _eval(ctx, "eval_export_int8_as_written", OrtRunner(dest, optimize=False)).logits
+    metrics = compare_logits(fake_quant, as_written)
+    n = min(ctx.recipe.gates.probe_size, len(fake_quant))   # the probe is the first evaluation images
+    probe = compare_logits(fake_quant[:n], as_written[:n])
     optimized = _eval(ctx, "eval_export_int8", OrtRunner(dest)).logits   # reused by verify
     metrics["n_compared"] = metrics.pop("n_probe")
     metrics.update(compared_on="evaluation split", precision="int8", probe=probe, onnxruntime_optimizations=False,

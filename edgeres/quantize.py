@@ -85,21 +85,15 @@ def _nncf():
 
 @contextmanager
 def _silenced(quiet: bool):
-    """Send NNCF's progress bars (rich, on stdout/stderr) and its INFO log lines to /dev/null when quiet."""
+    """Send NNCF's progress bars (rich, written to stdout/stderr whatever the log level) to /dev/null when quiet;
+    its INFO log lines are already off (see _nncf)."""
     if not quiet:
         yield
         return
     import contextlib
-    import logging
 
-    nncf_log = logging.getLogger("nncf")
-    level = nncf_log.level
-    nncf_log.setLevel(logging.WARNING)
-    try:
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-            yield
-    finally:
-        nncf_log.setLevel(level)
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield
 
 
 def _range_estimator(method: CalibMethod):
@@ -261,7 +255,7 @@ def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | 
 
     `calib_dataset` yields (image tensor, label); images are taken at `calibration_indices(...)`. The manifest
     (dataset fingerprint, indices, method, seed, versions) is also written to `manifest_path` when given.
-    `quiet` silences NNCF's own progress bars and INFO lines (they write to stdout whatever its log level).
+    `quiet` silences NNCF's own progress bars.
     """
     method = CalibMethod.parse(method)
     indices = calibration_indices(len(calib_dataset), subset_size, seed=seed)

@@ -73,8 +73,11 @@ class TorchRunner:
         self.path = path
         dtypes = {p.dtype for p in self.model.parameters()}
         self.precision = "fp16" if torch.float16 in dtypes else ("int8" if torch.qint8 in dtypes else "fp32")
-        if self.precision == "fp32" and _is_fake_quant(self.model):
-            self.precision = "int8 (fake-quant)"
+        if self.precision == "fp32":
+            from edgeres.export import is_quantized_model
+
+            if is_quantized_model(self.model):
+                self.precision = "int8 (fake-quant)"
         self.input_shape = ((meta.in_channels, meta.input_size, meta.input_size) if meta is not None else None)
         self._dtype = torch.float16 if self.precision == "fp16" else torch.float32
 
@@ -246,24 +249,16 @@ def _ort_providers(providers, available: list[str]) -> list[str]:
     return out
 
 
-def _is_fake_quant(model) -> bool:
-    from edgeres.export import is_quantized_model
-
-    return is_quantized_model(model)
-
-
 def _load_torch(path: Path):
     """(model, meta): an INT8 checkpoint as its fake-quant model, a BN-folded one through fold's own loader,
     anything else through load_model."""
     from edgeres.checkpoint import load_model, read_checkpoint
+    from edgeres.quantize import is_quantized_checkpoint, load_quantized  # NNCF is imported only to load one
 
     _, _, rest = read_checkpoint(path)
-    if isinstance(rest.get("quant"), dict):   # an INT8 (NNCF fake-quant) checkpoint from edgeres.quantize
-        from edgeres.quantize import is_quantized_checkpoint, load_quantized
-
-        if is_quantized_checkpoint(rest):
-            model, meta, _ = load_quantized(path)
-            return model, meta
+    if is_quantized_checkpoint(rest):   # an INT8 (NNCF fake-quant) checkpoint from edgeres.quantize
+        model, meta, _ = load_quantized(path)
+        return model, meta
     if isinstance(rest.get("fold"), dict):   # written by edgeres.fold.save_folded
         try:
             from edgeres.fold import load_folded
