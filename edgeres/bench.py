@@ -171,6 +171,17 @@ def _run_batch(runner: Any, x: np.ndarray, *, min_iters: int, min_s: float, warm
                        warning=stability_warning(lat, iterations=len(host)), samples_ms=tuple(samples))
 
 
+MAX_INPUT_BYTES = 4 << 30   # one timed input batch; past this the machine swaps or dies before timing anything
+
+
+def _refuse_oversized(batch_sizes: Sequence[int], shape: tuple[int, ...]) -> None:
+    per_image = 4 * int(np.prod(shape))
+    big = [int(b) for b in batch_sizes if int(b) * per_image > MAX_INPUT_BYTES]
+    if big:
+        raise ConfigError(f"batch {big[0]} of {list(shape)} float32 inputs needs {big[0] * per_image / 2**30:.1f} "
+                          f"GiB per input; the largest batch here is {MAX_INPUT_BYTES // per_image}")
+
+
 def benchmark(runner_or_path: Any, *, batch_sizes: Sequence[int] = (1,), iterations: int | None = None,
               duration_s: float | None = None, warmup_s: float = DEFAULT_WARMUP_S, warmup_iterations: int = 1,
               threads: int | None = None, input_shape: tuple[int, int, int] | None = None,
@@ -206,6 +217,7 @@ def benchmark(runner_or_path: Any, *, batch_sizes: Sequence[int] = (1,), iterati
             raise ConfigError(f"{getattr(runner, 'path', 'the model')} has a fixed batch of {fixed}; "
                               f"cannot time batch sizes {list(batch_sizes)}")
         timed_gpu = str(runner.device) != "cpu" and hasattr(runner, "infer_timed")
+        _refuse_oversized(batch_sizes, shape)
         rng = np.random.default_rng(seed)
         results = []
         for b in batch_sizes:

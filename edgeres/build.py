@@ -6,7 +6,6 @@ artifact is intact, timing, the append to stages.jsonl, and stopping at the firs
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -123,7 +122,8 @@ def stage_train(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
         save_checkpoint(dest, model, meta)
         rec.metrics = {"pretrained": str(ctx.opts.pretrained)}
     else:
-        result = train(ctx.recipe, ctx.run_dir / "train", data=ctx.data, quiet=ctx.opts.quiet)
+        # the build only gets here when the training inputs changed (or --force): start that run afresh
+        result = train(ctx.recipe, ctx.run_dir / "train", data=ctx.data, quiet=ctx.opts.quiet, force=True)
         dest = result.best
         meta = result.meta
         rec.metrics = {"best_top1": result.best_top1, "epochs": len(result.history),
@@ -454,17 +454,31 @@ def _resolve_recipe(opts: BuildOptions):
 
 
 def build(opts: BuildOptions) -> BuildResult:
-    from edgeres.report import write_report
+    """Validate everything, then hold the run folder and run the plan. A build refused before its first stage
+    (bad option, recipe or data, unwritable or busy folder) changes nothing in the folder."""
+    from edgeres.io import ensure_writable_dir
+    from edgeres.records import run_lock
 
     if opts.max_drop < 0:
         raise ConfigError(f"--max-drop must be >= 0, got {opts.max_drop}")
     if opts.pretrained is not None and not Path(opts.pretrained).is_file():
         raise ConfigError(f"--pretrained checkpoint not found: {opts.pretrained}")
     recipe = _resolve_recipe(opts)
-    run_dir = Path(opts.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
-    ctx = BuildContext(opts=opts, recipe=recipe, run_dir=run_dir)
+    from edgeres.models.registry import get_spec, resolve_options
+
+    resolve_options(get_spec(recipe.model.arch), recipe.model.options)   # an unknown arch is refused here
+    run_dir = ensure_writable_dir(opts.out, "run folder")
+    with run_lock(run_dir):
+        ctx = BuildContext(opts=opts, recipe=recipe, run_dir=run_dir)
+        ctx.data  # noqa: B018 -- load (and so validate) the data before anything is written
+        return _run_plan(ctx)
+
+
+def _run_plan(ctx: BuildContext) -> BuildResult:
+    from edgeres.records import write_plan
+    from edgeres.report import write_report
+
+    opts, recipe, run_dir = ctx.opts, ctx.recipe, ctx.run_dir
     data_fp = {"fingerprint": ctx.data.info.fingerprint}
     pretrained = {"pretrained": sha256_file(opts.pretrained) if opts.pretrained else None}
     d = recipe.to_dict()
@@ -488,6 +502,8 @@ def build(opts: BuildOptions) -> BuildResult:
         plan.append(("calib_cache", stage_calib_cache, "export_fp32", calib))
     plan.append(("compile", stage_compile, "export_int8" if opts.int8 else "export_fp32",
                  {"int8": opts.int8, "fp16": opts.fp16}))
+    atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+    write_plan(run_dir, [name for name, *_ in plan] + ["verify"])
     ok, message = True, "all gates passed"
     start = time.perf_counter()
     try:
@@ -503,7 +519,3 @@ def build(opts: BuildOptions) -> BuildResult:
     report = write_report(run_dir, list(ctx.records.values()), ok=ok, message=message,
                           total_s=time.perf_counter() - start)
     return BuildResult(run_dir=run_dir, records=list(ctx.records.values()), ok=ok, message=message, report=report)
-
-
-def summary_line(result: BuildResult) -> str:
-    return json.dumps({"ok": result.ok, "message": result.message, "run_dir": str(result.run_dir)})

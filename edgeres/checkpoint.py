@@ -6,6 +6,7 @@ Loading is always `weights_only=True`: no pickled code runs. Accepted layouts: a
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,25 @@ def save_checkpoint(path: str | Path, model_or_state: Any, meta: ModelMeta | Non
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def _load_failure(e: Exception) -> str:
+    """The reason torch gives, without its advice to retry with weights_only=False (the unsafe fix)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+    return (lines[0] if lines else type(e).__name__)[:160].rstrip(".")
+
+
+# torchvision-era DenseNet files name layers "denselayer1.norm.1"; the modules (and torchvision today) "norm1"
+_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                               r"([12]\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _modern_key(key: str) -> str:
+    m = _OLD_DENSENET_KEY.match(key)
+    return m.group(1) + m.group(2) if m else key
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], ModelMeta | None, dict[str, Any]]:
     """Return (state_dict, meta or None, the rest of the payload)."""
     import torch
@@ -74,8 +94,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], ModelMeta | None,
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for junk, truncated or unsafe files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first[:200]})") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_load_failure(e)}); edgeres loads "
+                              f"only tensors and plain containers and never runs pickled code") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state_dict (a dict of tensors), found {type(obj).__name__}")
     rest: dict[str, Any] = {}
@@ -87,7 +107,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], ModelMeta | None,
             break
     if isinstance(rest.get("meta"), dict):
         meta = ModelMeta.from_dict(rest.pop("meta"))
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    state = {_modern_key(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
     if not state or not all(hasattr(v, "shape") for v in state.values()):
         raise CheckpointError(f"{path}: no tensors found where the state_dict should be")
     return state, meta, rest
@@ -96,7 +116,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], ModelMeta | None,
 def load_weights(model: Any, state: dict[str, Any], source: str = "checkpoint") -> None:
     """Strictly load `state` into `model`, reporting every missing/unexpected key and shape mismatch at once."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # BatchNorm's step counter (PyTorch >= 0.4.1) is absent from older files; torch's own loader fills it in
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} (expected {tuple(own[k].shape)}, found {tuple(state[k].shape)})"
               for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]

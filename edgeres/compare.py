@@ -1,6 +1,7 @@
 """Two artifacts on the same inputs: how far apart are their logits, and do they pick the same class?"""
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ def load_probe(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
             if "x" not in z.files:
                 raise DataError(f"{path} has no 'x' array (found: {', '.join(z.files) or 'nothing'})")
             return z["x"].astype(np.float32), (z["y"] if "y" in z.files else None)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path} is not a readable .npz probe ({e})") from None
 
 

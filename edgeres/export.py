@@ -84,6 +84,16 @@ def _simplify(model):
     return onnxslim.slim(model)
 
 
+def _max_opset() -> int:
+    """The newest opset the TorchScript exporter (the one that writes NNCF's Q/DQ pairs) supports."""
+    try:
+        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+
+        return int(ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except ImportError:
+        return 20
+
+
 def export_onnx(model, path: str | Path, *, meta, int8: bool, opset: int = DEFAULT_OPSET, simplify: bool = False,
                 recipe_hash: str = "", check: bool = True) -> Path:
     """Export `model` to ONNX at `path` (atomic). INT8 models must come from edgeres.quantize."""
@@ -95,6 +105,9 @@ def export_onnx(model, path: str | Path, *, meta, int8: bool, opset: int = DEFAU
 
     if opset < MIN_OPSET:
         raise ConfigError(f"opset must be >= {MIN_OPSET} (per-channel Q/DQ), got {opset}")
+    top = _max_opset()
+    if opset > top:
+        raise ConfigError(f"opset {opset} is newer than this torch's ONNX exporter writes (<= {top})")
     if simplify:
         try:
             import onnxslim  # noqa: F401

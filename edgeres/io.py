@@ -35,6 +35,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; an artifact gets the mode any new file would
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -42,6 +43,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create `path` if needed and prove a file can be written there, before any work starts (not after an epoch)."""
+    from edgeres.errors import ConfigError
+
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".edgeres-write-test.", dir=p)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(f"cannot write to {what} {p}: {e.strerror or e}") from None
+    return p
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -59,8 +81,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def refuse_overwrite(path: str | os.PathLike, force: bool = False) -> None:
-    """Raise if `path` exists and the user did not ask to replace it."""
+    """Before any work: raise if `path` exists and the user did not ask to replace it, if it is a folder, or if
+    its folder cannot be written."""
     from edgeres.errors import ConfigError
 
-    if Path(path).exists() and not force:
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{path} is a folder; give a file path")
+    if p.exists() and not force:
         raise ConfigError(f"{path} already exists; pass --force to replace it")
+    ensure_writable_dir(p.parent if str(p.parent) else Path("."))

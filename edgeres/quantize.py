@@ -80,6 +80,9 @@ def _nncf():
 
     if logging.getLogger("nncf").level == logging.INFO:   # NNCF's default: its INFO chatter off (DEBUG is kept)
         nncf.set_log_level(logging.WARNING)
+    from edgeres.nncf_kernels import prepare
+
+    prepare()   # its C++ kernels, built once under a lock with a progress line (or its pure-torch reference)
     return nncf
 
 

@@ -294,7 +294,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a YAML text file (byte {e.start} is not UTF-8)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     return recipe_from_dict(raw, source=str(path))

@@ -1,15 +1,19 @@
 """Stage records: one JSON line per stage run in runs/<name>/stages.jsonl, so a run can be audited and resumed."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from edgeres.env import environment
-from edgeres.io import sha256_file
+from edgeres.io import atomic_write_json, sha256_file
 
 
 class Status(str, Enum):
@@ -85,19 +89,67 @@ def append_record(run_dir: str | Path, record: StageRecord) -> None:
 
 
 def read_records(run_dir: str | Path) -> list[StageRecord]:
+    return read_records_counted(run_dir)[0]
+
+
+def read_records_counted(run_dir: str | Path) -> tuple[list[StageRecord], int]:
+    """The readable records and how many lines were not (a line torn by a kill mid-write, or garbage)."""
     path = Path(run_dir) / "stages.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
+    if not path.is_file():
+        return [], 0
+    out, bad = [], 0
+    for line in path.read_bytes().splitlines():
+        if not line.strip():
             continue
         try:
-            out.append(StageRecord.from_dict(json.loads(line)))
-        except (json.JSONDecodeError, TypeError):
-            continue  # a line torn by a kill mid-write is ignored; the stage simply re-runs
-    return out
+            d = json.loads(line)
+            if not isinstance(d, dict) or not isinstance(d.get("stage"), str):
+                raise TypeError("not a record")
+            out.append(StageRecord.from_dict(d))
+        except (ValueError, TypeError):   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            bad += 1                         # the stage simply re-runs
+    return out, bad
+
+
+PLAN_FILE = "plan.json"
+
+
+def write_plan(run_dir: str | Path, stages: list[str]) -> None:
+    """The stages this build means to run, so a verdict can require every one of them."""
+    atomic_write_json(Path(run_dir) / PLAN_FILE, {"stages": stages})
+
+
+def read_plan(run_dir: str | Path) -> list[str] | None:
+    try:
+        stages = json.loads((Path(run_dir) / PLAN_FILE).read_text()).get("stages")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [s for s in stages if isinstance(s, str)] if isinstance(stages, list) else None
+
+
+def verdict(records: list[StageRecord], planned: list[str] | None, *, torn: int = 0) -> tuple[bool, str]:
+    """PASSED only when every planned stage has a record that passed (or was skipped with its reason) and each
+    record was made from the artifact its parent record names; else FAILED with the first reason."""
+    latest: dict[str, StageRecord] = {}
+    for r in records:
+        latest[r.stage] = r
+    planned = planned if planned is not None else list(latest)
+    chosen = [latest[s] for s in planned if s in latest]
+    failed = [r for r in chosen if r.status == Status.FAILED.value]
+    if failed:
+        return False, failed[0].message or f"{failed[0].stage} failed"
+    missing = [s for s in planned if s not in latest]
+    if missing:
+        last = chosen[-1].stage if chosen else None
+        where = f"stopped after {last}" if last else "no stage finished"
+        torn_note = f" ({torn} unreadable line(s) in stages.jsonl)" if torn else ""
+        return False, f"incomplete: {where}; not run: {', '.join(missing)}{torn_note}"
+    shas = {r.sha256 for r in chosen if r.sha256}
+    stale = [r for r in chosen if r.parent_sha256 and r.parent_sha256 not in shas]
+    if stale:
+        return False, (f"inconsistent: {stale[0].stage} was made from an artifact no later record has "
+                       f"(re-run the build)")
+    return True, "all gates passed"
 
 
 def reusable(run_dir: str | Path, stage: str, inputs_hash: str) -> StageRecord | None:
@@ -110,3 +162,28 @@ def reusable(run_dir: str | Path, stage: str, inputs_hash: str) -> StageRecord |
         if Path(rec.artifact).is_file() and sha256_file(rec.artifact) == rec.sha256:
             return rec
     return None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold the run folder for one build. An flock is released by the kernel when its process dies, so a killed
+    build never leaves the folder locked; a second build while one runs is refused, not interleaved."""
+    from edgeres.errors import ConfigError
+
+    path = Path(run_dir) / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise ConfigError(f"{run_dir} is in use by another build (pid {holder}); wait for it or choose "
+                              f"another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -7,6 +7,7 @@ returns, the device has finished. GPU runners also have `infer_timed(x) -> (logi
 from __future__ import annotations
 
 import json
+import re
 import time
 from enum import Enum
 from pathlib import Path
@@ -61,6 +62,8 @@ class TorchRunner:
                  path: str | None = None) -> None:
         import torch
 
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+            raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailable(f"device {device} asked for, but torch sees no CUDA GPU")
         if threads is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import time
@@ -116,6 +117,33 @@ def _one_line(e: Exception) -> str:
     return last.split("DataError: ", 1)[-1]
 
 
+def _changed_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return [f"{sec}.{k}" for sec in a for k in a[sec] if b.get(sec, {}).get(k) != a[sec][k]]
+
+
+def _check_resumable(saved: dict[str, Any], recipe, last_path: Path) -> None:
+    """A resumed run keeps the recipe it was started with; only the epoch count may grow."""
+    changed = [k for k in _changed_keys(saved, recipe.to_dict()) if k != "train.epochs"]
+    if changed:
+        raise ConfigError(f"{last_path} was started with other settings ({', '.join(changed[:4])}); resume with "
+                          f"the same options, or pass --force to start over")
+
+
+def resume_recipe(out_dir: str | Path, overrides: dict[str, Any]):
+    """The recipe a run in `out_dir` was started with, plus the options given now (so `train --resume` after
+    `--epochs 2` stops at 2, not at the named recipe's count). None for runs saved before this was recorded."""
+    from edgeres.checkpoint import read_checkpoint
+    from edgeres.recipe import recipe_from_dict
+
+    last = Path(out_dir) / "last.pt"
+    if not last.is_file():
+        raise ConfigError(f"nothing to resume: {last} does not exist")
+    _, _, rest = read_checkpoint(last)
+    if not isinstance(rest.get("recipe"), str):
+        return None
+    return recipe_from_dict(json.loads(rest["recipe"]), source=str(last)).with_overrides(overrides)
+
+
 def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = False, data=None,
           force: bool = False) -> TrainResult:
     """Train recipe.model on recipe.data; see the module docstring for what is written."""
@@ -123,6 +151,7 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
 
     from edgeres.checkpoint import read_checkpoint, save_checkpoint
     from edgeres.data import get_data_for
+    from edgeres.io import ensure_writable_dir
     from edgeres.models import create_model
 
     out = Path(out_dir)
@@ -133,6 +162,7 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
         raise ConfigError(f"nothing to resume: {last_path} does not exist")
     if not resume and not force and last_path.exists():
         raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or --force to replace it")
+    ensure_writable_dir(out, "training folder")   # before the first epoch, not after it
     if dcfg.batch_size % dist_info.world:
         raise ConfigError(f"data.batch_size {dcfg.batch_size} must divide by the {dist_info.world} processes")
     device = torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -166,8 +196,8 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
             scaler.load_state_dict(rest["scaler"])
         torch.set_rng_state(rest["rng"])
         state = dict(rest["train_state"])
-        if rest.get("recipe_hash") != recipe.hash() and dist_info.main:
-            warnings.warn(f"resuming {last_path} with a different recipe than it was started with", stacklevel=2)
+        if isinstance(rest.get("recipe"), str):
+            _check_resumable(json.loads(rest["recipe"]), recipe, last_path)
 
     net = model
     if dist_info.world > 1:
@@ -251,6 +281,7 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
                     save_checkpoint(best_path, model, meta, epoch=epoch + 1, top1=res.top1)
                 save_checkpoint(last_path, model, meta, optimizer=opt.state_dict(), train_state=dict(state),
                                 rng=torch.get_rng_state(), recipe_hash=recipe.hash(),
+                                recipe=json.dumps(recipe.to_dict(), sort_keys=True),
                                 **({"scaler": scaler.state_dict()} if use_amp else {}))
                 _write_metrics(out, history)
                 if writer is not None:

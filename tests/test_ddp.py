@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = textwrap.dedent("""
-    import json, sys, torch
+    import json, os, sys, torch
     torch.set_num_threads(1)
     from edgeres.data import DataBundle, get_data
     from edgeres.recipe import recipe_from_dict
@@ -25,16 +25,18 @@ SCRIPT = textwrap.dedent("""
     sub = torch.utils.data.Subset
     bundle = DataBundle(sub(b.train, range(128)), sub(b.test, range(64)), sub(b.calib, range(128)), b.info)
     res = train(recipe, sys.argv[1], quiet=True, data=bundle)
-    print("RESULT " + json.dumps(res.history))
+    # one file per rank: two ranks printing to one pipe can interleave their lines on a busy machine
+    with open(os.path.join(sys.argv[2], f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
+        json.dump(res.history, f)
 """)
 
 
-def run(cmd, out_dir):
+def run(cmd, out_dir, results):
+    results.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd + [str(out_dir)], capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run(cmd + [str(out_dir), str(results)], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    return [json.loads(ln[len("RESULT "):]) for ln in lines]
+    return [json.loads(f.read_text()) for f in sorted(results.glob("rank*.json"))]
 
 
 @pytest.mark.slow
@@ -44,8 +46,10 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
         pytest.skip("torchrun not installed next to the interpreter")
     script = tmp_path / "train_ddp.py"
     script.write_text(SCRIPT)
-    single = run([sys.executable, str(script)], tmp_path / "single")[0]
-    both = run([torchrun, "--nproc-per-node", "2", "--master-port", "29533", str(script)], tmp_path / "ddp")
+    single = run([sys.executable, str(script)], tmp_path / "single", tmp_path / "single-results")[0]
+    # --standalone: torchrun picks a free port, so two test runs on one machine do not collide
+    both = run([torchrun, "--standalone", "--nproc-per-node", "2", str(script)], tmp_path / "ddp",
+               tmp_path / "ddp-results")
     assert len(both) == 2 and both[0] == both[1]           # every rank returns rank 0's history
     ddp = both[0]
     assert [r["iteration"] for r in ddp] == [r["iteration"] for r in single] == [4, 8]

@@ -24,6 +24,9 @@ class EdgeresGroup(click.Group):
             return super().invoke(ctx)
         except EdgeresError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:   # the file system said no (read-only, full, not a folder) where no check foresaw it
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

@@ -24,8 +24,11 @@ from edgeres.cli._common import emit, json_option
 @click.option("--rootfs", type=click.Path(path_type=Path), default=None,
               help="Also install under ROOTFS/opt/edgeres with a first-boot unit (e.g. Linux_for_Tegra/rootfs).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle / install; accept a rootfs without etc/.")
+@click.option("--allow-failed", is_flag=True,
+              help="Bundle a run whose build did not pass (recorded in the manifest).")
 @json_option
-def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, rootfs, force, as_json) -> None:
+def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, rootfs, force, allow_failed,
+           as_json) -> None:
     """Bundle a run for devices: ONNX, calibration cache, probe set with reference logits, device runtime."""
     import tempfile
 
@@ -34,7 +37,8 @@ def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, root
 
     if out is None and rootfs is None:
         raise click.UsageError("give --out DIR, --rootfs PATH, or both")
-    opts = dict(probe_size=probe_size, min_top1_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
+    opts = dict(probe_size=probe_size, min_top1_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop,
+                allow_failed=allow_failed)
     with tempfile.TemporaryDirectory(prefix="edgeres-bundle-") as tmp:
         path = make_bundle(run_dir, out if out is not None else Path(tmp) / "bundle", tar=tar and out is not None,
                            force=force, **opts)
@@ -54,9 +58,16 @@ def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, root
 
 
 def _read_hosts(hosts: tuple[str, ...], hosts_file: Path | None) -> list[str]:
+    from edgeres.errors import ConfigError
+
     out = list(hosts)
     if hosts_file is not None:
-        for line in hosts_file.read_text().splitlines():
+        try:
+            text = hosts_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{hosts_file} is not UTF-8 text (byte {e.start}); one USER@HOST[:PORT] per line"
+                              ) from None
+        for line in text.splitlines():
             line = line.split("#", 1)[0].strip()
             if line:
                 out.append(line)

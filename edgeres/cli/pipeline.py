@@ -58,18 +58,19 @@ def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, calib_method, int
 def report(run_dir, as_json) -> None:
     """Re-render report.json/md/html of a run folder from its stages.jsonl and print the table."""
     from edgeres.errors import ArtifactError
-    from edgeres.records import read_records
+    from edgeres.records import read_plan, read_records_counted, verdict
     from edgeres.report import format_table, write_report
 
-    records = read_records(run_dir)
+    records, torn = read_records_counted(run_dir)
     if not records:
-        raise ArtifactError(f"{run_dir} has no stages.jsonl records; is it an edgeres run folder?")
+        raise ArtifactError(f"{run_dir} has no readable stages.jsonl records; is it an edgeres run folder?")
+    planned = read_plan(run_dir)
+    ok, message = verdict(records, planned, torn=torn)
     latest = {}
     for r in records:
-        latest[r.stage] = r
-    failed = [r for r in latest.values() if r.status == "failed"]
-    rep = write_report(Path(run_dir), list(latest.values()), ok=not failed,
-                       message=failed[0].message if failed else "all gates passed")
+        if planned is None or r.stage in planned:
+            latest[r.stage] = r
+    rep = write_report(Path(run_dir), list(latest.values()), ok=ok, message=message)
     emit(rep, as_json, lambda: format_table(rep))
 
 

@@ -82,8 +82,8 @@ def fold(weights, out, arch, probe_size, force, as_json) -> None:
 
 
 @click.command()
-@click.option("--ptq", "mode", flag_value="ptq", help="Post-training quantization (calibration only).")
-@click.option("--qat", "mode", flag_value="qat", help="Quantization-aware fine-tuning (from a PTQ checkpoint, "
+@click.option("--ptq", is_flag=True, help="Post-training quantization (calibration only).")
+@click.option("--qat", is_flag=True, help="Quantization-aware fine-tuning (from a PTQ checkpoint, "
               "or PTQ first when given a float one).")
 @click.option("--weights", required=True, type=click.Path(dir_okay=False),
               help="Trained, folded (edgeres fold) or, for --qat, INT8 PTQ checkpoint.")
@@ -104,7 +104,7 @@ def fold(weights, out, arch, probe_size, force, as_json) -> None:
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @quiet_option
 @json_option
-def quantize(mode, weights, dataset, data_dir, arch, calib_size, calib_method, manifest, seed, epochs, lr,
+def quantize(ptq, qat, weights, dataset, data_dir, arch, calib_size, calib_method, manifest, seed, epochs, lr,
              batch_size, out, force, quiet, as_json) -> None:
     """INT8 quantization with NNCF, configured for TensorRT (PTQ or QAT)."""
     from edgeres.checkpoint import read_checkpoint
@@ -120,8 +120,10 @@ def quantize(mode, weights, dataset, data_dir, arch, calib_size, calib_method, m
         top1,
     )
 
-    if mode is None:
-        raise ConfigError("choose --ptq or --qat")
+    if ptq == qat:
+        raise ConfigError("choose one of --ptq (calibration only) or --qat (from a float checkpoint: PTQ, "
+                          "then QAT)" + (", not both" if ptq else ""))
+    mode = "ptq" if ptq else "qat"
     refuse_overwrite(out, force)
     out_path = Path(out)
     manifest = manifest or str(out_path.parent / "calibration" / f"{out_path.stem}.manifest.json")

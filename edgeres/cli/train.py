@@ -32,13 +32,15 @@ def train_cmd(recipe_name, arch, dataset, data_dir, epochs, batch_size, lr, seed
               skip_bad_images, out_dir, resume, force, quiet, as_json) -> None:
     """Train a model (FP32) from a recipe; flags override recipe values. Works under torchrun (DDP)."""
     from edgeres.recipe import load_recipe
-    from edgeres.train import train
+    from edgeres.train import resume_recipe, train
 
-    recipe = load_recipe(recipe_name).with_overrides({
+    overrides = {
         "model.arch": arch, "data.dataset": dataset, "data.data_dir": data_dir, "train.epochs": epochs,
         "data.batch_size": batch_size, "train.lr": lr, "train.seed": seed, "data.workers": workers,
         "data.input_size": input_size, "data.mean": floats(mean, "--mean"), "data.std": floats(std, "--std"),
-        "data.skip_bad_images": skip_bad_images})
+        "data.skip_bad_images": skip_bad_images}
+    recipe = resume_recipe(out_dir, overrides) if resume else None   # a resumed run keeps its own recipe
+    recipe = recipe or load_recipe(recipe_name).with_overrides(overrides)
     result = train(recipe, out_dir, resume=resume, quiet=quiet or as_json, force=force)
     last = result.history[-1] if result.history else {}
     summary = {"best": str(result.best), "last": str(result.last), "best_top1": result.best_top1,

@@ -68,13 +68,16 @@ def compile_cmd(onnx_path, out, fp16, int8, dla_core, gpu_fallback, workspace, b
     opts = _options(fp16, int8, dla_core, gpu_fallback, workspace, batch, timing_cache, version_compatible,
                     hardware_compatibility, sparsity, calib_cache, strongly_typed)
     if trt_version:
+        from edgeres.io import refuse_overwrite
+        from edgeres.tensorrt.sidecar import trtexec_script_path
+
+        refuse_overwrite(trtexec_script_path(out), force)   # before planning: exit 1, nothing written
         plan = plan_compile(onnx_path, out, opts, trt_version=trt_version, is_jetson=jetson,
                             dla_cores=JETSON_DLA_CORES if jetson else 0)
         plan["trtexec_script"] = _write_plan(out, plan, force)
         emit(plan, as_json, lambda: "\n".join(
             [f"warning: {w}" for w in plan["warnings"]] + [format_command(plan["trtexec"])]
-            + ([f"written to {plan['trtexec_script']}"] if plan["trtexec_script"] else
-               [f"(not written: {out}.trtexec.sh exists; --force replaces it)"])))
+            + [f"written to {plan['trtexec_script']}"]))
         return
     status = tensorrt_status()
     if not status.available:
@@ -120,6 +123,9 @@ def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, ou
 
     if (images is None) == (dataset is None):
         raise ConfigError("give exactly one of --images FILE.npz or --dataset NAME")
+    from edgeres.io import refuse_overwrite
+
+    refuse_overwrite(out, force)   # before minutes of calibration, not after
     if trt_version is None:
         status = tensorrt_status()
         if status.version is None:
@@ -145,9 +151,12 @@ def _dataset_batches(dataset: str, data_dir: str | None, count: int, batch_size:
     import numpy as np
 
     from edgeres.data import get_data
+    from edgeres.errors import ConfigError
 
     calib = get_data(dataset=dataset, data_dir=data_dir, download=False).calib
-    n = min(count, len(calib))
+    if count > len(calib):
+        raise ConfigError(f"asked for {count} calibration images; {dataset} has {len(calib)}")
+    n = count
     xs = np.stack([np.asarray(calib[i][0], dtype=np.float32) for i in range(n)])
     return [xs[i:i + batch_size] for i in range(0, n, batch_size)]
 

@@ -291,6 +291,9 @@ def load_imagefolder(data_dir: str | None, *, channels: int, skip_bad_images: bo
         raise DataError(f"class folders differ between {root / 'train'} and {root / val_name}: "
                         f"only in train: {only_t or 'none'}; only in {val_name}: {only_v or 'none'}")
     classes = tuple(train)
+    if len(classes) < 2:
+        raise DataError(f"{root / 'train'} has {len(classes)} class folder ({classes[0]}); a classifier needs at "
+                        f"least 2 (one folder per class)")
     digest = hashlib.sha256()
     sources, skipped = [], 0
     for split in (train, val):

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgeres.errors import ArtifactError, ConfigError
-from edgeres.io import atomic_path, sha256_file
+from edgeres.io import atomic_path, ensure_writable_dir, sha256_file
 
 FORMAT = "edgeres-bundle/1"
 MANIFEST = "manifest.json"
@@ -55,27 +55,25 @@ def _load_json(path: Path) -> Any:
         raise ArtifactError(f"{path} is not readable JSON ({e})") from None
 
 
-def expected_accuracy_from_run(run_dir: Path) -> dict[str, dict[str, float]]:
-    """Accuracy-like metrics of every passed stage (latest wins) and of report.json, as the run recorded them."""
+def expected_accuracy_from_run(run_dir: Path) -> dict[str, float]:
+    """Top-1 (%) the build measured on the evaluation split, per "stage/backend" (the verify stage's rows; a build
+    stopped earlier: what its quantize stages measured)."""
     from edgeres.records import read_records
+    from edgeres.report import build_report
 
-    found: dict[str, dict[str, float]] = {}
-    for rec in read_records(run_dir):
-        if not rec.passed:
-            continue
-        accs = {k: float(v) for k, v in rec.metrics.items()
-                if "acc" in k.lower() and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if accs:
-            found[rec.stage] = accs
-    report = run_dir / "report.json"
-    if report.is_file():
-        data = _load_json(report)
-        if isinstance(data, dict):
-            accs = {k: float(v) for k, v in data.items()
-                    if "acc" in k.lower() and isinstance(v, (int, float)) and not isinstance(v, bool)}
-            if accs:
-                found["report"] = accs
-    return found
+    records = read_records(run_dir)
+    latest = {r.stage: r for r in records}
+    rows = build_report(run_dir, list(latest.values()), ok=False, message="")["rows"]
+    return {f"{r['stage']}/{r['backend']}": float(r["top1"]) for r in rows if r.get("top1") is not None}
+
+
+def build_verdict(run_dir: Path) -> tuple[bool, str]:
+    from edgeres.records import read_plan, read_records_counted, verdict
+
+    records, torn = read_records_counted(run_dir)
+    if not records:
+        return False, "no stage records (stages.jsonl)"
+    return verdict(records, read_plan(run_dir), torn=torn)
 
 
 def tensorrt_validated(run_dir: Path) -> list[str]:
@@ -121,16 +119,19 @@ def _collect(run_dir: Path) -> dict[str, Path | None]:
     return files
 
 
-def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str, float]) -> dict[str, Any]:
+def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str, float],
+                  build: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
+
+    from edgeres.compare import load_probe
 
     files = _collect(run_dir)
     meta = _load_json(run_dir / "meta.json")
-    with np.load(run_dir / "probe.npz") as probe:
-        if "x" not in probe.files:
-            raise ArtifactError(f"{run_dir / 'probe.npz'} has no 'x' array")
-        x = np.ascontiguousarray(probe["x"][:probe_size], dtype=np.float32)
-        y = probe["y"][:probe_size].astype(np.int64) if "y" in probe.files else None
+    x, y = load_probe(run_dir / "probe.npz")
+    if probe_size > len(x):
+        raise ConfigError(f"--probe-size {probe_size}: the run's probe.npz holds {len(x)} images")
+    x = np.ascontiguousarray(x[:probe_size], dtype=np.float32)
+    y = y[:probe_size].astype(np.int64) if y is not None else None
     if x.ndim != 4 or len(x) == 0:
         raise ArtifactError(f"probe.npz 'x' must be a non-empty NCHW array, found shape {x.shape}")
     for name, src in files.items():
@@ -170,7 +171,8 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str
                                     "scale to [0, 1]", "normalize (x - mean) / std", "float32 NCHW"]},
         "class_names": list(meta.get("class_names") or []),
         "num_classes": int(ref32.shape[1]),
-        "expected_accuracy": {"run": expected_accuracy_from_run(run_dir), "probe": probe_acc},
+        "expected_accuracy": {"run_top1_pct": expected_accuracy_from_run(run_dir), "probe": probe_acc},
+        "build": build,
         "gates": gates,
         "probe": {"file": "probe.npz", "count": int(len(x)), "labels": y is not None,
                   "arrays": sorted(arrays), "reference": "ONNX Runtime (CPU) on the bundled ONNX files"},
@@ -192,8 +194,9 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str
 
 def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int = 32, tar: bool = False,
                 force: bool = False, min_top1_agreement: float = DEFAULT_GATES["min_top1_agreement"],
-                max_accuracy_drop: float = DEFAULT_GATES["max_accuracy_drop"]) -> Path:
-    """Write the bundle folder `out_dir` (or `out_dir`.tar.gz with tar=True) atomically. Returns its path."""
+                max_accuracy_drop: float = DEFAULT_GATES["max_accuracy_drop"], allow_failed: bool = False) -> Path:
+    """Write the bundle folder `out_dir` (or `out_dir`.tar.gz with tar=True) atomically. Returns its path.
+    A run whose build did not pass every planned stage is refused unless `allow_failed` (then recorded)."""
     if probe_size < 1:
         raise ConfigError(f"--probe-size must be >= 1, got {probe_size}")
     if not 0.0 <= min_top1_agreement <= 1.0 or not 0.0 <= max_accuracy_drop <= 1.0:
@@ -203,12 +206,19 @@ def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int = 3
         out = out.with_name(out.name + ".tar.gz")
     if out.exists() and not force:
         raise ConfigError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not run_dir.is_dir():
+        raise ArtifactError(f"run folder not found: {run_dir}")
+    ok, message = build_verdict(run_dir)
+    if not ok and not allow_failed:
+        raise ConfigError(f"{run_dir}: the build did not pass ({message}); fix it, or pass --allow-failed to "
+                          f"bundle it anyway")
+    build = {"ok": ok, "message": message, "allow_failed": allow_failed}
+    ensure_writable_dir(out.parent)
     gates = {"min_top1_agreement": min_top1_agreement, "max_accuracy_drop": max_accuracy_drop}
     top = out.name[: -len(".tar.gz")] if tar else out.name
     tmp = Path(tempfile.mkdtemp(prefix=f".{top}.", suffix=".tmp", dir=out.parent))
     try:
-        _write_bundle(run_dir, tmp, probe_size=probe_size, gates=gates)
+        _write_bundle(run_dir, tmp, probe_size=probe_size, gates=gates, build=build)
         if tar:
             with atomic_path(out) as tmp_tar, tarfile.open(tmp_tar, "w:gz") as tf:
                 for p in sorted(tmp.iterdir()):

@@ -54,9 +54,10 @@ class HostSpec:
 
 def parse_host(spec: str, *, default_port: int = 22) -> HostSpec:
     """'user@host', 'user@host:2222', 'host', 'user@[::1]:2222' -> HostSpec."""
-    m = re.fullmatch(r"(?:([^@\s]+)@)?(\[[0-9a-fA-F:.]+\]|[^@:\s\[\]]+)(?::(\d{1,5}))?", spec.strip())
-    if not m:
-        raise ConfigError(f"bad host {spec!r}: expected USER@HOST[:PORT]")
+    m = re.fullmatch(r"(?:([A-Za-z0-9._][A-Za-z0-9._-]*)@)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*)"
+                     r"(?::(\d{1,5}))?", spec.strip())
+    if not m:   # ASCII names only, never starting with '-' (ssh would read '-oProxyCommand=...' as an option)
+        raise ConfigError(f"bad host {spec!r}: expected USER@HOST[:PORT] (letters, digits, '.', '_', '-')")
     port = int(m.group(3)) if m.group(3) else default_port
     if not 0 < port < 65536:
         raise ConfigError(f"bad port in {spec!r}")
@@ -97,12 +98,34 @@ def _known_hosts_line(spec: HostSpec, key) -> str:
     return f"{name} {key.export_public_key().decode().strip()}\n"
 
 
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def read_known_hosts(path: Path):
+    """known_hosts as asyncssh reads it (hashed entries included), or one clear error for a file it cannot read."""
+    import asyncssh
+
+    if not path.is_file():
+        return asyncssh.import_known_hosts("")
+    try:
+        return asyncssh.import_known_hosts(path.read_text(encoding="utf-8"))
+    except (ValueError, asyncssh.KeyImportError) as e:   # UnicodeDecodeError is a ValueError
+        raise ConfigError(f"{path} is not a readable known_hosts file ({str(e).splitlines()[0][:120]})") from None
+
+
 async def _connect(spec: HostSpec, opts: _Options, res: HostResult):
     import asyncssh
 
     kh_path = opts.known_hosts
-    known = asyncssh.read_known_hosts(str(kh_path)) if kh_path.is_file() else asyncssh.import_known_hosts("")
-    keys, ca_keys = known.match(spec.host, spec.host, spec.port)[:2]
+    known = read_known_hosts(kh_path)
+    keys, ca_keys = known.match(spec.host, spec.host if _is_ip(spec.host) else "", spec.port)[:2]
     if not keys and not ca_keys:
         if not opts.accept_new:
             raise ConfigError(f"host key of {spec.label} is not in {kh_path}; add it (ssh-keyscan) or pass "
@@ -114,7 +137,7 @@ async def _connect(spec: HostSpec, opts: _Options, res: HostResult):
         with open(kh_path, "a") as f:
             f.write(_known_hosts_line(spec, key))
         res.host_key_added = key.get_fingerprint()
-        known = asyncssh.read_known_hosts(str(kh_path))
+        known = read_known_hosts(kh_path)
     kwargs: dict[str, Any] = dict(port=spec.port, username=spec.user, known_hosts=known,
                                   connect_timeout=opts.connect_timeout)
     if opts.identity is not None:
@@ -251,6 +274,7 @@ def deploy(bundle_dir: str | Path, hosts: list[str], *, concurrency: int = 4, ac
     if identity is not None and not Path(identity).is_file():
         raise ConfigError(f"identity file not found: {identity}")
     kh = Path(known_hosts).expanduser() if known_hosts else Path("~/.ssh/known_hosts").expanduser()
+    read_known_hosts(kh)   # a broken file is one error up front, not one per host
     with opened_bundle(bundle_dir) as bundle:
         manifest = verify_bundle(bundle)   # a bundle altered on this side is refused before any copy
         rdir = remote_dir or f"edgeres/{Path(bundle_dir).name.removesuffix('.tar.gz')}"

@@ -44,15 +44,14 @@ def activation_ranges(fp32_onnx: str | Path, calib_batches: Iterable[Any], *, me
                       threads: int | None = 1) -> dict[str, float]:
     """amax (max |x|) of every float tensor of the FP32 ONNX over the calibration batches, via ONNX Runtime."""
     import numpy as np
-    import onnx
     import onnxruntime as ort
 
     if method not in METHODS:
         raise ConfigError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+    from edgeres.check import load_onnx
+
     fp32_onnx = Path(fp32_onnx)
-    if not fp32_onnx.is_file():
-        raise ArtifactError(f"ONNX file {fp32_onnx} does not exist")
-    model = onnx.load(str(fp32_onnx))
+    model = load_onnx(fp32_onnx)
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         raise ConfigError(f"{fp32_onnx} already has Q/DQ nodes; a calibration cache is computed from the FP32 ONNX")
     names = _expose_all_tensors(model)
@@ -137,17 +136,13 @@ def read_calibration_cache(path: str | Path) -> tuple[str, dict[str, float]]:
 
 def npz_batches(path: str | Path, *, batch_size: int = 32, limit: int | None = None):
     """Calibration batches from an .npz with images under key "x" (float32 NCHW, preprocessed)."""
-    import numpy as np
+    from edgeres.compare import load_probe
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"calibration images {path} do not exist")
-    with np.load(path) as data:
-        if "x" not in data:
-            raise DataError(f"{path} has no array 'x' (keys: {', '.join(data.files)})")
-        x = np.asarray(data["x"], dtype=np.float32)
+    x, _ = load_probe(path)
     if x.ndim != 4:
         raise DataError(f"{path}: 'x' should be [N, C, H, W], got shape {x.shape}")
     if limit is not None:
+        if limit > len(x):
+            raise ConfigError(f"asked for {limit} calibration images; {path} holds {len(x)}")
         x = x[:limit]
     return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]

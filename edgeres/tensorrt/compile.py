@@ -70,15 +70,11 @@ class OnnxInfo:
 
 def inspect_onnx(path: str | Path) -> OnnxInfo:
     """Input name and shape, and whether the graph carries Q/DQ nodes (explicit INT8)."""
-    import onnx
+
+    from edgeres.check import load_onnx
 
     path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"ONNX file {path} does not exist")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - onnx raises DecodeError and friends
-        raise ArtifactError(f"{path} is not a readable ONNX model: {e}") from None
+    model = load_onnx(path)
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
