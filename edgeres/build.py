@@ -34,6 +34,7 @@ class BuildOptions:
     force: bool = False
     quiet: bool = False
     bench_seconds: float = 1.0     # per artifact latency measurement in the verify stage
+    overrides: dict[str, Any] = field(default_factory=dict)   # any other dotted recipe key: {"data.input_size": 64}
 
 
 @dataclass
@@ -116,6 +117,10 @@ def stage_train(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     rec = StageRecord(stage="train")
     if ctx.opts.pretrained:
         model, meta = load_model(ctx.opts.pretrained, arch=ctx.recipe.model.arch)
+        classes = (meta.num_classes if meta else None) or _num_outputs(model)
+        if classes != ctx.data.info.num_classes:
+            raise ConfigError(f"--pretrained {ctx.opts.pretrained} predicts {classes} classes, the dataset has "
+                              f"{ctx.data.info.num_classes}: fine-tune it instead with --init-from")
         if meta is None:
             meta = _meta_from_data(ctx)
         dest = ctx.path("train", "best.pt")
@@ -133,6 +138,11 @@ def stage_train(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     return rec
 
 
+def _num_outputs(model) -> int:
+    head = getattr(model, "fc", None) or getattr(model, "classifier", None)
+    return int(head.out_features)
+
+
 def _meta_from_data(ctx: BuildContext):
     from edgeres.checkpoint import ModelMeta
 
@@ -144,26 +154,35 @@ def _meta_from_data(ctx: BuildContext):
 
 
 def _probe(ctx: BuildContext):
-    """The fixed probe batch: the first `gates.probe_size` evaluation images, saved as probe.npz."""
+    """The fixed probe batch: the first `gates.probe_size` evaluation images as this build preprocesses them, in
+    probe.npz. Always computed from the data (cheap), so a probe left by a build with other settings (another input
+    size) is replaced, never reused; an identical one is left untouched."""
     import numpy as np
 
     if "probe" not in ctx.cache:
         path = ctx.run_dir / "probe.npz"
-        if path.exists():
-            with np.load(path) as z:
-                ctx.cache["probe"] = (z["x"], z["y"])
-        else:
-            n = min(ctx.recipe.gates.probe_size, len(ctx.data.test))
-            xs, ys = zip(*(ctx.data.test[i] for i in range(n)))
-            x = np.stack([np.asarray(t, dtype=np.float32) for t in xs])
-            y = np.asarray(ys, dtype=np.int64)
+        n = min(ctx.recipe.gates.probe_size, len(ctx.data.test))
+        xs, ys = zip(*(ctx.data.test[i] for i in range(n)))
+        x = np.stack([np.asarray(t, dtype=np.float32) for t in xs])
+        y = np.asarray(ys, dtype=np.int64)
+        if not _same_probe(path, x, y):
             from edgeres.io import atomic_path
 
             with atomic_path(path) as tmp:
                 with open(tmp, "wb") as f:
                     np.savez(f, x=x, y=y)
-            ctx.cache["probe"] = (x, y)
+        ctx.cache["probe"] = (x, y)
     return ctx.cache["probe"]
+
+
+def _same_probe(path: Path, x, y) -> bool:
+    import numpy as np
+
+    try:
+        with np.load(path) as z:
+            return z["x"].shape == x.shape and np.array_equal(z["x"], x) and np.array_equal(z["y"], y)
+    except (OSError, ValueError, KeyError, EOFError):
+        return False
 
 
 def _fp32_model(ctx: BuildContext):
@@ -230,15 +249,29 @@ def _drop_gate(ctx: BuildContext, rec: StageRecord, top1: float, *, final: bool,
             rec.message = f"{rec.stage}: top-1 dropped {drop:.2f} pp > --max-drop {lim:g}"
 
 
+def _calib_size(ctx: BuildContext) -> int:
+    """The recipe's calibration count, or every image of a smaller dataset (said once); an explicit
+    --calib-size larger than the dataset is an error."""
+    asked, have = ctx.recipe.quant.calib_size, len(ctx.data.calib)
+    if asked <= have:
+        return asked
+    if "quant.calib_size" in ctx.opts.overrides:
+        raise ConfigError(f"--calib-size {asked}: the calibration split has {have} images")
+    if "calib_note" not in ctx.cache:
+        ctx.cache["calib_note"] = True
+        ctx.say(f"note: calibrating on all {have} images (the recipe asks {asked})")
+    return have
+
+
 def stage_ptq(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     from edgeres.quantize import quantize_ptq, save_quantized
 
     q = ctx.recipe.quant
-    res = quantize_ptq(_folded(ctx), ctx.data.calib, subset_size=q.calib_size, method=q.calib_method,
+    res = quantize_ptq(_folded(ctx), ctx.data.calib, subset_size=_calib_size(ctx), method=q.calib_method,
                        seed=ctx.recipe.train.seed, manifest_path=ctx.path("calibration", "manifest.json"),
                        dataset_fingerprint=ctx.data.info.fingerprint, quiet=ctx.opts.quiet)
     ctx.cache["ptq"] = res.model
-    rec = StageRecord(stage="ptq", metrics={"calib_size": q.calib_size, "calib_method": q.calib_method})
+    rec = StageRecord(stage="ptq", metrics={"calib_size": _calib_size(ctx), "calib_method": q.calib_method})
     ev = _eval(ctx, "eval_ptq", res.model)
     _drop_gate(ctx, rec, ev.top1, final=q.qat_epochs == 0)
     dest = ctx.path("quant", "ptq.pt")
@@ -339,11 +372,11 @@ def stage_calib_cache(ctx: BuildContext, parent: StageRecord | None) -> StageRec
     """A TensorRT calibration cache for the FP32 ONNX (implicit INT8 on TensorRT 8.x / DLA)."""
     import numpy as np
 
+    from edgeres.quantize import calibration_indices
     from edgeres.tensorrt.calib_cache import activation_ranges, write_calibration_cache
 
-    n = min(ctx.recipe.quant.calib_size, len(ctx.data.calib))
-    rng = np.random.default_rng(ctx.recipe.train.seed)
-    idx = np.sort(rng.choice(len(ctx.data.calib), size=n, replace=False))
+    n = _calib_size(ctx)
+    idx = calibration_indices(len(ctx.data.calib), n, seed=ctx.recipe.train.seed)   # the images PTQ calibrated on
 
     def batches(bs: int = 64):
         for i in range(0, n, bs):
@@ -443,14 +476,26 @@ def stage_verify(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
 
 # ---------------------------------------------------------------------------------------------------- driver
 
+# a dataset given on the command line brings its own input size, statistics and augmentation, unless given too
+DATASET_AUGMENT = {"digits": ("pad_crop",), "mnist": ("pad_crop",), "cifar10": ("pad_crop", "flip"),
+                   "imagefolder": ("random_resized_crop", "flip")}
+
+
 def _resolve_recipe(opts: BuildOptions):
-    from edgeres.recipe import load_recipe
+    from edgeres.recipe import DataCfg, load_recipe
 
     recipe = load_recipe(opts.recipe)
-    overrides = {"model.arch": opts.arch, "data.dataset": opts.dataset, "data.data_dir": opts.data_dir,
-                 "train.epochs": opts.epochs, "quant.qat_epochs": opts.qat_epochs,
-                 "quant.calib_method": opts.calib_method}
-    return recipe.with_overrides(overrides)
+    overrides: dict[str, Any] = {}
+    if opts.dataset and opts.dataset != recipe.data.dataset:
+        # the recipe's data settings were chosen for its own dataset (the demo's 32 px digits): start from defaults
+        overrides.update({"data.input_size": None, "data.mean": None, "data.std": None, "data.resize_size": None,
+                          "data.pad": DataCfg.pad, "data.augment": DATASET_AUGMENT.get(opts.dataset, ())})
+    overrides.update({"model.arch": opts.arch, "data.dataset": opts.dataset, "data.data_dir": opts.data_dir,
+                      "train.epochs": opts.epochs, "quant.qat_epochs": opts.qat_epochs,
+                      "quant.calib_method": opts.calib_method})
+    overrides.update(opts.overrides)
+    return recipe.with_overrides(overrides, keep_none=("data.input_size", "data.mean", "data.std",
+                                                       "data.resize_size"))
 
 
 def build(opts: BuildOptions) -> BuildResult:
@@ -464,6 +509,10 @@ def build(opts: BuildOptions) -> BuildResult:
     if opts.pretrained is not None and not Path(opts.pretrained).is_file():
         raise ConfigError(f"--pretrained checkpoint not found: {opts.pretrained}")
     recipe = _resolve_recipe(opts)
+    if recipe.train.init_from and not Path(recipe.train.init_from).is_file():
+        raise ConfigError(f"--init-from checkpoint not found: {recipe.train.init_from}")
+    if recipe.train.init_from and opts.pretrained:
+        raise ConfigError("--pretrained skips training, --init-from starts it from a checkpoint: give one")
     from edgeres.models.registry import get_spec, resolve_options
 
     resolve_options(get_spec(recipe.model.arch), recipe.model.options)   # an unknown arch is refused here
@@ -480,7 +529,8 @@ def _run_plan(ctx: BuildContext) -> BuildResult:
 
     opts, recipe, run_dir = ctx.opts, ctx.recipe, ctx.run_dir
     data_fp = {"fingerprint": ctx.data.info.fingerprint}
-    pretrained = {"pretrained": sha256_file(opts.pretrained) if opts.pretrained else None}
+    pretrained = {"pretrained": sha256_file(opts.pretrained) if opts.pretrained else None,
+                  "init_from": sha256_file(recipe.train.init_from) if recipe.train.init_from else None}
     d = recipe.to_dict()
     plan: list[tuple[str, StageFn, str | None, dict[str, Any]]] = [
         ("train", stage_train, None, {**data_fp, **pretrained, "model": d["model"], "data": d["data"],
@@ -488,7 +538,7 @@ def _run_plan(ctx: BuildContext) -> BuildResult:
         ("fold", stage_fold, "train", {"tol": recipe.gates.fold_rel_tol, "probe": recipe.gates.probe_size}),
     ]
     if opts.int8:
-        calib = {"calib_size": recipe.quant.calib_size, "calib_method": recipe.quant.calib_method,
+        calib = {"calib_size": _calib_size(ctx), "calib_method": recipe.quant.calib_method,
                  "seed": recipe.train.seed, **data_fp}
         final_ptq = recipe.quant.qat_epochs == 0
         plan.append(("ptq", stage_ptq, "fold", {**calib, "max_drop": opts.max_drop if final_ptq else None}))

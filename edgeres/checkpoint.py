@@ -131,6 +131,21 @@ def load_weights(model: Any, state: dict[str, Any], source: str = "checkpoint") 
     model.load_state_dict(state, strict=True)
 
 
+CLASSIFIER_KEYS = ("fc.weight", "fc.bias", "classifier.weight", "classifier.bias")
+
+
+def load_backbone(model: Any, path: str | Path) -> list[str]:
+    """Fine-tuning: load every weight of `path` into `model` except a classifier whose class count differs, which
+    keeps its fresh initialisation. Returns the names of the re-initialised tensors. Anything else that does not
+    fit (another architecture, other input channels) is an error listing it."""
+    state, _, _ = read_checkpoint(path)
+    own = model.state_dict()
+    fresh = [k for k in CLASSIFIER_KEYS if k in own and k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    kept = {k: v for k, v in state.items() if k not in fresh}
+    load_weights(model, {**kept, **{k: own[k] for k in fresh}}, source=str(path))
+    return fresh
+
+
 def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | None = None,
                in_channels: int | None = None, options: dict[str, Any] | None = None):
     """Build and load a model from a checkpoint. Returns (model in eval mode, meta or None).

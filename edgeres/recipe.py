@@ -72,6 +72,9 @@ class TrainCfg:
     amp: bool = False                           # mixed precision, CUDA only (ignored on CPU with a note)
     seed: int = 0
     tensorboard: bool = False                   # also write TensorBoard scalars (needs the tensorboard package)
+    init_from: str | None = None                # fine-tune: start from this checkpoint's weights (classifier
+                                                # re-initialised when the class count differs)
+    backbone_lr_scale: float = 1.0              # lr multiplier for every layer but the classifier (fine-tuning)
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.momentum": (0.0, 1.0), "train.weight_decay": (0.0, 1.0), "train.gamma": (1e-9, 1.0),
     "train.warmup_epochs": (0.0, 100000), "train.warmup_lr": (0.0, 100.0), "train.warmup_until_error": (0.0, 100.0),
     "train.label_smoothing": (0.0, 0.99), "train.seed": (0, 2**32 - 1),
+    "train.backbone_lr_scale": (0.0, 100.0),
     "quant.calib_size": (1, 1 << 24), "quant.qat_epochs": (0, 1000), "quant.qat_lr": (1e-12, 100.0),
     "quant.qat_batch_size": (1, 1 << 20),
     "gates.fold_rel_tol": (0.0, 1.0), "gates.export_rel_tol": (0.0, 1.0), "gates.max_drop_ptq": (0.0, 100.0),
@@ -153,11 +157,12 @@ class Recipe:
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
-    def with_overrides(self, overrides: dict[str, Any]) -> Recipe:
-        """Apply dotted overrides ({"train.epochs": 3}); None values are ignored (an unset CLI flag)."""
+    def with_overrides(self, overrides: dict[str, Any], *, keep_none: tuple[str, ...] = ()) -> Recipe:
+        """Apply dotted overrides ({"train.epochs": 3}); None values are ignored (an unset CLI flag), except for
+        the keys in `keep_none`, which None resets to "the dataset's own"."""
         d = self.to_dict()
         for key, value in overrides.items():
-            if value is None:
+            if value is None and key not in keep_none:
                 continue
             section, _, name = key.partition(".")
             if section not in SECTIONS or not name:
@@ -269,12 +274,8 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
 
 
 def recipes_dir() -> Path:
-    """The repository's recipes/ folder (an installed wheel may carry them as edgeres/recipes/)."""
-    import edgeres
-
-    pkg = Path(edgeres.__file__).resolve().parent
-    top = pkg.parent / "recipes"
-    return top if top.is_dir() or not (pkg / "recipes").is_dir() else pkg / "recipes"
+    """The built-in recipes: edgeres/recipes/*.yaml, package data, so a wheel carries them."""
+    return Path(__file__).resolve().parent / "recipes"
 
 
 def list_recipes() -> list[str]:
@@ -282,7 +283,7 @@ def list_recipes() -> list[str]:
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
-    """Load `recipes/<name>.yaml` (a bare name) or a YAML file path."""
+    """Load a built-in recipe by name (`edgeres/recipes/<name>.yaml`) or a YAML file path."""
     import yaml
 
     text = str(name_or_path)

@@ -86,12 +86,23 @@ def lr_at(cfg, iteration: int, iters_per_epoch: int, total_iters: int, warming: 
 def _optimizer(model, cfg):
     import torch
 
-    if cfg.wd_exclude_bn_bias:
-        decay = [p for p in model.parameters() if p.ndim > 1]
-        no_decay = [p for p in model.parameters() if p.ndim <= 1]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    else:
-        groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    from edgeres.checkpoint import CLASSIFIER_KEYS
+
+    groups = []
+    # fine-tuning: the backbone at lr * backbone_lr_scale, the classifier at lr (one split only when they differ)
+    parts = (None,) if cfg.backbone_lr_scale == 1.0 else (False, True)
+    for head in parts:
+        named = [(n, p) for n, p in model.named_parameters() if head is None or (n in CLASSIFIER_KEYS) == head]
+        scale = 1.0 if head else cfg.backbone_lr_scale
+        if cfg.wd_exclude_bn_bias:
+            groups += [{"params": [p for _, p in named if p.ndim > 1], "weight_decay": cfg.weight_decay,
+                        "lr_scale": scale},
+                       {"params": [p for _, p in named if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": scale}]
+        else:
+            groups.append({"params": [p for _, p in named], "weight_decay": cfg.weight_decay, "lr_scale": scale})
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.Adam(groups, lr=cfg.lr)
@@ -178,6 +189,13 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
                           f"(data.batch_size {dcfg.batch_size})")
     model = create_model(recipe.model.arch, num_classes=info.num_classes, in_channels=info.in_channels,
                          options=recipe.model.options).to(device)
+    if tcfg.init_from and not resume:
+        from edgeres.checkpoint import load_backbone
+
+        fresh = load_backbone(model, tcfg.init_from)
+        if dist_info.main and not quiet:
+            _say(f"initialised from {tcfg.init_from}" + (f"; classifier re-initialised for {info.num_classes} "
+                                                         f"classes" if fresh else ""))
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     meta = ModelMeta(arch=recipe.model.arch, num_classes=info.num_classes, in_channels=info.in_channels,
@@ -235,7 +253,7 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
                     break
                 lr = lr_at(tcfg, state["iteration"], ipe, total, state["warming"])
                 for g in opt.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if tcfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)

@@ -140,6 +140,10 @@ CASES = [
     ("compare-missing", ["compare", "{onnx}", "{root}/nope.onnx", "--probe", "{probe}"]),
     ("compare-garbage-probe", ["compare", "{onnx}", "{onnx8}", "--probe", "{root}/garbage.npz"]),
     ("compare-probe-wrong-key", ["compare", "{onnx}", "{onnx8}", "--probe", "{root}/wrong_key.npz"]),
+    ("predict-missing-model", ["predict", "{root}/nope.onnx", "{root}/a_file"]),
+    ("predict-garbage-model", ["predict", "{root}/garbage.onnx", "{root}/a_file"]),
+    ("predict-not-an-image", ["predict", "{onnx}", "{root}/a_file"]),
+    ("predict-csv-and-json", ["predict", "{onnx}", "{root}/a_file", "--csv", "--json"]),
     # TensorRT planning (no TensorRT here)
     ("calib-cache-garbage-onnx", ["calib-cache", "--onnx", "{root}/garbage.onnx", "--images", "{probe}",
                                   "--out", "{root}/c.cache"]),

@@ -13,7 +13,7 @@ import click
 from edgeres import __version__
 from edgeres.errors import EdgeresError
 
-COMMAND_MODULES = ("zoo", "train", "quant", "pipeline", "bench", "trt", "deploy", "experiment")
+COMMAND_MODULES = ("zoo", "train", "quant", "pipeline", "bench", "predict", "trt", "deploy", "experiment")
 
 
 class EdgeresGroup(click.Group):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from edgeres.cli._common import emit, json_option, quiet_option
+from edgeres.cli._common import emit, floats, json_option, quiet_option
 from edgeres.recipe import CALIB_METHODS
 
 
@@ -13,14 +13,33 @@ from edgeres.recipe import CALIB_METHODS
 @click.option("--arch", default=None, help="Architecture (default: the recipe's; see `edgeres archs`).")
 @click.option("--dataset", default=None, help="digits (embedded default) | mnist | cifar10 | imagefolder.")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Where the dataset lives.")
-@click.option("--recipe", default="demo", show_default=True, help="Recipe name in recipes/ or a YAML path.")
+@click.option("--recipe", default="demo", show_default=True,
+              help="Built-in recipe name (edgeres/recipes/, see README) or a YAML path.")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="FP32 training epochs (overrides the recipe).")
 @click.option("--qat-epochs", type=click.IntRange(0), default=None, help="QAT epochs; 0 = PTQ only.")
 @click.option("--calib-method", type=click.Choice(CALIB_METHODS), default=None,
               help="PTQ range estimator (default: the recipe's).")
+@click.option("--input-size", type=click.IntRange(8, 4096), default=None,
+              help="Input side in pixels (default: the recipe's, or the dataset's own when --dataset changes it).")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Training batch size.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None, help="Training learning rate.")
+@click.option("--seed", type=click.IntRange(0), default=None, help="Seed for training, calibration subset, QAT.")
+@click.option("--workers", type=click.IntRange(0), default=None, help="Data loader worker processes.")
+@click.option("--mean", default=None, help="Normalization mean, e.g. 0.485,0.456,0.406 (default: the dataset's).")
+@click.option("--std", default=None, help="Normalization std, e.g. 0.229,0.224,0.225 (default: the dataset's).")
+@click.option("--skip-bad-images", is_flag=True, default=None, help="Skip and count unreadable images.")
+@click.option("--calib-size", type=click.IntRange(1), default=None,
+              help="PTQ calibration images (default: the recipe's; all of them when the dataset has fewer).")
+@click.option("--qat-lr", type=click.FloatRange(0, min_open=True), default=None, help="QAT learning rate.")
 @click.option("--int8", is_flag=True, help="Quantize (PTQ, then QAT) and export an INT8 Q/DQ ONNX.")
 @click.option("--fp16", is_flag=True, help="Also allow FP16 kernels when compiling a TensorRT engine.")
-@click.option("--pretrained", type=click.Path(dir_okay=False), default=None, help="Checkpoint: skip training.")
+@click.option("--pretrained", type=click.Path(dir_okay=False), default=None,
+              help="A checkpoint for this dataset's classes: skip training.")
+@click.option("--init-from", type=click.Path(dir_okay=False), default=None,
+              help="Fine-tune: start training from this checkpoint (e.g. 1000-class torchvision weights); a "
+                   "classifier with another class count is re-initialised.")
+@click.option("--backbone-lr-scale", type=click.FloatRange(0, 100), default=None,
+              help="Fine-tuning: lr multiplier for every layer but the classifier (e.g. 0.1).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/ARCH-DATASET).")
 @click.option("--max-drop", type=float, default=1.0, show_default=True,
               help="Largest top-1 drop (pp) of the INT8 model vs FP32 before the build fails.")
@@ -29,8 +48,9 @@ from edgeres.recipe import CALIB_METHODS
               help="Latency measurement time per artifact in the verify stage (0 = skip timing).")
 @quiet_option
 @json_option
-def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, calib_method, int8, fp16, pretrained, out, max_drop,
-          force, bench_seconds, quiet, as_json) -> None:
+def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, calib_method, input_size, batch_size, lr, seed, workers,
+          mean, std, skip_bad_images, calib_size, qat_lr, int8, fp16, pretrained, init_from, backbone_lr_scale, out,
+          max_drop, force, bench_seconds, quiet, as_json) -> None:
     """Data -> train -> fold -> PTQ -> QAT -> export -> compile -> verify -> report, each stage gated against FP32."""
     from edgeres.build import BuildOptions
     from edgeres.build import build as run_build
@@ -40,7 +60,12 @@ def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, calib_method, int
     opts = BuildOptions(out=out, recipe=recipe, arch=arch, dataset=dataset, data_dir=data_dir, epochs=epochs,
                         qat_epochs=qat_epochs, calib_method=calib_method, int8=int8, fp16=fp16,
                         pretrained=Path(pretrained) if pretrained else None, max_drop=max_drop, force=force,
-                        quiet=quiet or as_json, bench_seconds=bench_seconds)
+                        quiet=quiet or as_json, bench_seconds=bench_seconds, overrides={k: v for k, v in {
+                            "data.input_size": input_size, "data.batch_size": batch_size, "train.lr": lr,
+                            "train.seed": seed, "data.workers": workers, "data.mean": floats(mean, "--mean"),
+                            "data.std": floats(std, "--std"), "data.skip_bad_images": skip_bad_images,
+                            "quant.calib_size": calib_size, "quant.qat_lr": qat_lr, "train.init_from": init_from,
+                            "train.backbone_lr_scale": backbone_lr_scale}.items() if v is not None})
     result = run_build(opts)
     if as_json:
         emit(result.report, True)

@@ -10,7 +10,7 @@ DATASETS = ["digits", "mnist", "cifar10", "imagefolder"]
 
 @click.command("train")
 @click.option("--recipe", "recipe_name", default="demo", show_default=True,
-              help="Recipe name (recipes/<NAME>.yaml) or path to a YAML file.")
+              help="Built-in recipe name (edgeres/recipes/<NAME>.yaml) or path to a YAML file.")
 @click.option("--arch", default=None, help="Override model.arch.")
 @click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Override data.dataset.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Dataset folder.")
@@ -23,13 +23,17 @@ DATASETS = ["digits", "mnist", "cifar10", "imagefolder"]
 @click.option("--mean", default=None, help="Normalization mean, e.g. 0.485,0.456,0.406.")
 @click.option("--std", default=None, help="Normalization std, e.g. 0.229,0.224,0.225.")
 @click.option("--skip-bad-images", is_flag=True, default=None, help="Skip and count unreadable images.")
+@click.option("--init-from", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Fine-tune from this checkpoint; a classifier with another class count is re-initialised.")
+@click.option("--backbone-lr-scale", type=click.FloatRange(0, 100), default=None,
+              help="Fine-tuning: lr multiplier for every layer but the classifier.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/train", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--force", is_flag=True, help="Replace an existing run in --out.")
 @quiet_option
 @json_option
 def train_cmd(recipe_name, arch, dataset, data_dir, epochs, batch_size, lr, seed, workers, input_size, mean, std,
-              skip_bad_images, out_dir, resume, force, quiet, as_json) -> None:
+              skip_bad_images, init_from, backbone_lr_scale, out_dir, resume, force, quiet, as_json) -> None:
     """Train a model (FP32) from a recipe; flags override recipe values. Works under torchrun (DDP)."""
     from edgeres.recipe import load_recipe
     from edgeres.train import resume_recipe, train
@@ -38,7 +42,8 @@ def train_cmd(recipe_name, arch, dataset, data_dir, epochs, batch_size, lr, seed
         "model.arch": arch, "data.dataset": dataset, "data.data_dir": data_dir, "train.epochs": epochs,
         "data.batch_size": batch_size, "train.lr": lr, "train.seed": seed, "data.workers": workers,
         "data.input_size": input_size, "data.mean": floats(mean, "--mean"), "data.std": floats(std, "--std"),
-        "data.skip_bad_images": skip_bad_images}
+        "data.skip_bad_images": skip_bad_images, "train.init_from": init_from,
+        "train.backbone_lr_scale": backbone_lr_scale}
     recipe = resume_recipe(out_dir, overrides) if resume else None   # a resumed run keeps its own recipe
     recipe = recipe or load_recipe(recipe_name).with_overrides(overrides)
     result = train(recipe, out_dir, resume=resume, quiet=quiet or as_json, force=force)

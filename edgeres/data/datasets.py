@@ -262,7 +262,7 @@ def decode_image(path: str, channels: int = 3, draft: int | None = None) -> torc
             if draft and im.format == "JPEG":
                 im.draft("RGB" if channels == 3 else "L", (draft, draft))
             im = im.convert("RGB" if channels == 3 else "L")
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = np.array(im, dtype=np.uint8)   # a writable copy (torch warns on read-only arrays)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise DataError(f"corrupt or unreadable image {path} ({e}); "
                         "pass --skip-bad-images to skip such files") from None
