@@ -150,7 +150,9 @@ def _meta_from_data(ctx: BuildContext):
     return ModelMeta(arch=ctx.recipe.model.arch, num_classes=info.num_classes, in_channels=info.in_channels,
                      input_size=info.input_size, mean=tuple(info.mean), std=tuple(info.std),
                      class_names=tuple(info.class_names), arch_options=dict(ctx.recipe.model.options),
-                     resize_size=info.resize_size, dataset=info.name, recipe_hash=ctx.recipe.hash())
+                     resize_size=info.resize_size, dataset=info.name, recipe_hash=ctx.recipe.hash(),
+                     data_dir=str(Path(ctx.recipe.data.data_dir).expanduser().resolve())
+                     if ctx.recipe.data.data_dir else None)
 
 
 def _probe(ctx: BuildContext):
@@ -230,7 +232,9 @@ def _eval(ctx: BuildContext, key: str, target) -> Any:
     from edgeres.evaluate import evaluate
 
     if key not in ctx.cache:
-        ctx.cache[key] = evaluate(target, ctx.data.test, batch_size=256)
+        label = key.removeprefix("eval_").replace("_", " ")
+        ctx.cache[key] = evaluate(target, ctx.data.test, batch_size=256,
+                                  progress=False if ctx.opts.quiet else f"evaluating {label}")
     return ctx.cache[key]
 
 

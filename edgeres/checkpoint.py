@@ -30,6 +30,7 @@ class ModelMeta:
     resize_size: int | None = None   # eval: resize shorter side to this, then center-crop input_size
     dataset: str = ""
     recipe_hash: str = ""
+    data_dir: str | None = None      # where the training data was (absolute), so `eval` needs no --data-dir
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

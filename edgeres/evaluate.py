@@ -48,7 +48,7 @@ def metrics_from_logits(logits: np.ndarray, labels: np.ndarray, num_classes: int
                       logits=logits, labels=labels, per_class=per_class)
 
 
-def _predict_torch(model, loader, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def _predict_torch(model, loader, progress: bool | str) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -65,7 +65,7 @@ def _predict_torch(model, loader, progress: bool) -> tuple[np.ndarray, np.ndarra
     return outs, ys
 
 
-def _predict_runner(runner, loader, progress: bool):
+def _predict_runner(runner, loader, progress: bool | str):
     outs, ys = [], []
     for x, y in _progress(loader, progress):
         outs.append(np.asarray(runner.infer(np.ascontiguousarray(x.numpy(), dtype=np.float32)), dtype=np.float32))
@@ -73,17 +73,19 @@ def _predict_runner(runner, loader, progress: bool):
     return outs, ys
 
 
-def _progress(it, on: bool):
+def _progress(it, on: bool | str):
+    """A bar on stderr when `on` (a string: its label), else the iterable as it is."""
     if not on:
         return it
     from tqdm import tqdm
 
-    return tqdm(it, desc="eval", unit="batch", leave=False)
+    return tqdm(it, desc=on if isinstance(on, str) else "eval", unit="batch", leave=False)
 
 
-def evaluate(target, dataset, *, batch_size: int = 256, workers: int = 0, progress: bool = False,
+def evaluate(target, dataset, *, batch_size: int = 256, workers: int = 0, progress: bool | str = False,
              num_classes: int | None = None) -> EvalResult:
-    """Top-1/top-5/loss of `target` (nn.Module or runner) over every sample of `dataset`, in order."""
+    """Top-1/top-5/loss of `target` (nn.Module or runner) over every sample of `dataset`, in order.
+    `progress`: a bar on stderr (a string labels it)."""
     import torch
 
     from edgeres.data import make_loader
@@ -115,6 +117,8 @@ def evaluate_checkpoint(weights, *, arch: str | None = None, dataset: str | None
     from edgeres.errors import ConfigError
 
     model, meta = load_model(weights, arch=arch)
+    if dataset is None and data_dir is None and meta is not None:
+        data_dir = meta.data_dir   # the checkpoint knows where its data was
     dataset = dataset or (meta.dataset if meta else None)
     if not dataset:
         raise ConfigError(f"{weights} does not say which dataset it was trained on; pass --dataset")

@@ -312,6 +312,14 @@ def top1(model, dataset, *, batch_size: int = 128) -> float:
     return evaluate(model, dataset, batch_size=batch_size).top1
 
 
+def _bar(it, desc: str, off: bool):
+    if off:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, unit="batch", leave=False)
+
+
 def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: float = 1e-4, batch_size: int = 64,
                  seed: int = 0, weight_decay: float = 0.0, quiet: bool = False, log=None) -> QATResult:
     """Fine-tune the fake-quant model (weights and quantizer scales learn), cosine LR, best epoch kept.
@@ -344,7 +352,7 @@ def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: flo
     for epoch in range(1, epochs + 1):
         model.train()
         total, n = 0.0, 0
-        for x, y in loader:
+        for x, y in _bar(loader, f"qat epoch {epoch}/{epochs}", quiet or log is not None):
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             if not math.isfinite(loss.item()):

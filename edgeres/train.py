@@ -201,7 +201,8 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
     meta = ModelMeta(arch=recipe.model.arch, num_classes=info.num_classes, in_channels=info.in_channels,
                      input_size=info.input_size, mean=tuple(info.mean), std=tuple(info.std),
                      class_names=tuple(info.class_names), arch_options=dict(recipe.model.options),
-                     resize_size=info.resize_size, dataset=info.name, recipe_hash=recipe.hash())
+                     resize_size=info.resize_size, dataset=info.name, recipe_hash=recipe.hash(),
+                     data_dir=str(Path(dcfg.data_dir).expanduser().resolve()) if dcfg.data_dir else None)
     opt = _optimizer(model, tcfg)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     state = {"epoch": 0, "iteration": 0, "best_top1": -1.0, "warming": tcfg.warmup_until_error is not None,
@@ -246,7 +247,8 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
             window: deque = deque(maxlen=20)
-            bar = _bar(len(loader), f"epoch {epoch + 1}/{tcfg.epochs}", quiet or not dist_info.main)
+            steps = min(len(loader), total - state["iteration"])   # max_iterations may end this epoch early
+            bar = _bar(steps, f"epoch {epoch + 1}/{tcfg.epochs}", quiet or not dist_info.main)
             lr = tcfg.lr
             for step, (x, y) in enumerate(loader):
                 if state["iteration"] >= total:

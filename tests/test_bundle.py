@@ -17,46 +17,28 @@ from click.testing import CliRunner
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_run(root: Path, *, n_probe: int = 24, calib_cache: bool = True) -> Path:
-    """A run folder as the pipeline leaves it: a real resnet20 exported to FP32 ONNX and INT8 Q/DQ ONNX."""
-    import torch
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+_BUILT: dict[str, Path] = {}
 
-    from edgeres.models import create_model
 
+def make_run(root: Path, **_unused) -> Path:
+    """A run folder made by a real small `edgeres build --int8` on the embedded digits (built once per test
+    process, then copied): records, probe, meta and both ONNX files exactly as the pipeline writes them."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from edgeres.build import BuildOptions, build
+
+    if "run" not in _BUILT:
+        home = Path(tempfile.mkdtemp(prefix="edgeres-tiny-run-"))
+        atexit.register(shutil.rmtree, home, ignore_errors=True)
+        result = build(BuildOptions(out=home / "tiny", arch="mnist_resnet", epochs=3, qat_epochs=0, int8=True,
+                                    bench_seconds=0, max_drop=100.0, quiet=True,
+                                    overrides={"quant.calib_size": 128}))
+        assert result.ok, result.message
+        _BUILT["run"] = home / "tiny"
     run = root / "runs" / "tiny"
-    (run / "export").mkdir(parents=True)
-    (run / "calibration").mkdir()
-    torch.manual_seed(0)
-    model = create_model("resnet20", num_classes=10).eval()
-    x = torch.randn(n_probe, 3, 32, 32)
-    torch.onnx.export(model, x[:1], str(run / "export" / "model_fp32.onnx"), dynamo=False, input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17)
-    calib = [x[i:i + 1].numpy() for i in range(8)]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(calib)
-
-        def get_next(self):
-            b = next(self.it, None)
-            return None if b is None else {"input": b}
-
-    quantize_static(str(run / "export" / "model_fp32.onnx"), str(run / "export" / "model_int8.onnx"), Reader(),
-                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    per_channel=True)
-    if calib_cache:
-        (run / "calibration" / "calib.cache").write_text("TRT-8601-EntropyCalibration2\ninput: 3c010a14\n")
-    with torch.no_grad():
-        y = model(x).argmax(1).numpy()
-    y[: n_probe // 8] = (y[: n_probe // 8] + 1) % 10  # some wrong labels: accuracy is a real figure, not 1.0
-    np.savez(run / "probe.npz", x=x.numpy(), y=y.astype(np.int64))
-    meta = {"arch": "resnet20", "num_classes": 10, "in_channels": 3, "input_size": 32,
-            "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "class_names": [f"c{i}" for i in range(10)],
-            "arch_options": {}, "resize_size": None, "dataset": "synthetic", "recipe_hash": "abc"}
-    (run / "meta.json").write_text(json.dumps(meta))
-    rec = {"stage": "quantize", "status": "passed", "metrics": {"accuracy": 0.91, "top1_agreement": 0.99}}
-    (run / "stages.jsonl").write_text(json.dumps(rec) + "\n")
+    shutil.copytree(_BUILT["run"], run)
     return run
 
 
@@ -91,18 +73,23 @@ def test_bundle_layout_and_manifest(bundle, run_dir):
         assert (bundle / name).is_file(), name
         assert m["files"][name]["sha256"] == sha256_file(bundle / name)
     assert set(m["files"]) == {p.name for p in bundle.iterdir() if p.name != "manifest.json"}
-    assert m["input"] == {"name": "input", "shape": ["N", 3, 32, 32], "dtype": "float32", "layout": "NCHW"}
-    assert m["class_names"] == [f"c{i}" for i in range(10)]
-    assert m["preprocessing"]["mean"] == [0.49, 0.48, 0.45]
-    assert m["expected_accuracy"]["run"] == {"quantize": {"accuracy": 0.91}}  # agreement is no accuracy
+    assert m["input"] == {"name": "input", "shape": ["N", 1, 32, 32], "dtype": "float32", "layout": "NCHW"}
+    assert m["class_names"] == [str(i) for i in range(10)]
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert m["preprocessing"]["mean"] == meta["mean"] and len(meta["mean"]) == 1
+    # what build's verify stage measured, per stage and backend, in percent
+    report = json.loads((run_dir / "report.json").read_text())
+    assert m["expected_accuracy"]["run_top1_pct"] == {f"{r['stage']}/{r['backend']}": r["top1"]
+                                                      for r in report["rows"] if r.get("top1") is not None}
+    assert set(m["expected_accuracy"]["run_top1_pct"]) >= {"train/torch", "ptq/torch", "export_int8/onnxruntime"}
+    assert m["build"] == {"ok": True, "message": "all gates passed", "allow_failed": False}
     assert m["tensorrt"]["validated"] == [] and m["tensorrt"]["targets"]
     assert m["calibration_cache"] == "calib.cache" and m["probe"]["count"] == 16
     assert (m["runtime"]["engine_build"] == "engine_build.py") == (REPO / "edgeres/tensorrt/engine_build.py").is_file()
     with np.load(bundle / "probe.npz") as p:
-        assert p["x"].shape == (16, 3, 32, 32) and p["ref_fp32"].shape == p["ref_int8"].shape == (16, 10)
+        assert p["x"].shape == (16, 1, 32, 32) and p["ref_fp32"].shape == p["ref_int8"].shape == (16, 10)
         acc = float((p["ref_fp32"].argmax(1) == p["y"]).mean())
         assert m["expected_accuracy"]["probe"]["fp32"] == pytest.approx(acc)
-        assert acc < 1.0  # the fixture's mislabelled images count
     assert stat.S_IMODE((bundle / "edgeres-device").stat().st_mode) == 0o755
     assert stat.S_IMODE((bundle / "model_int8.onnx").stat().st_mode) == 0o644
 
@@ -252,6 +239,24 @@ def test_tar_path_traversal_refused(tmp_path, member, kind):
         extract_bundle(t, tmp_path / "dest")
     assert not (tmp_path / "dest").exists()
     assert not (tmp_path / "evil.txt").exists()
+
+
+def test_a_run_whose_build_failed_is_refused_unless_allowed(run_dir, tmp_path):
+    import shutil
+
+    from edgeres.deploy.bundle import make_bundle
+    from edgeres.errors import ConfigError
+
+    failed = tmp_path / "failed"
+    shutil.copytree(run_dir, failed)
+    lines = (failed / "stages.jsonl").read_text().splitlines()
+    (failed / "stages.jsonl").write_text("\n".join(lines[:-1]) + "\n")   # verify never finished
+    with pytest.raises(ConfigError, match=r"did not pass \(incomplete: stopped after compile; not run: verify\)"):
+        make_bundle(failed, tmp_path / "b", probe_size=4)
+    assert not (tmp_path / "b").exists()
+    b = make_bundle(failed, tmp_path / "b", probe_size=4, allow_failed=True)
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["build"]["ok"] is False and m["build"]["allow_failed"] is True
 
 
 def test_cli_bundle(run_dir, tmp_path):

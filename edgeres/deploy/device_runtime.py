@@ -409,10 +409,21 @@ def previous_result_current(out: Path, manifest_sha: str, info: dict, precision:
     return prev if same else None
 
 
+def say(args: argparse.Namespace, msg: str) -> None:
+    """Progress on stderr (stdout carries the one JSON result); off with --quiet."""
+    if not getattr(args, "quiet", False):
+        print(f"edgeres-device: {msg}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> tuple[dict, int]:
-    import numpy as np
+    try:
+        import numpy as np
+    except ImportError:
+        raise BundleError("numpy is not installed for this python3 (JetPack: sudo apt-get install python3-numpy)"
+                          ) from None
 
     bundle = Path(args.bundle).resolve()
+    say(args, f"checking the bundle in {bundle}")
     manifest = load_manifest(bundle, args.expect_manifest_sha256)
     problems = verify_files(bundle, manifest)
     if problems:
@@ -460,6 +471,8 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
         cached = engine.is_file()
         calib = bundle / manifest["calibration_cache"] if manifest.get("calibration_cache") else None
         if not cached:
+            say(args, f"building the {args.precision} engine with {backend} (first run on this device and TensorRT "
+                      f"version; this can take minutes)")
             engine.parent.mkdir(parents=True, exist_ok=True)
             if backend == "tensorrt":
                 build = build_with_python_checked(bundle, onnx, engine, precision=args.precision, batch=batch,
@@ -475,9 +488,11 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
         else:
             infer = lambda b: trtexec_infer(info["trtexec"], engine, b, name_in, name_out)
     result["prepare_s"] = round(time.perf_counter() - t0, 3)
+    say(args, f"verifying on {len(x)} probe images ({backend})")
     logits = np.concatenate([infer(x[i:i + batch]) for i in range(0, len(x), batch)])
     result["verification"] = compare(logits, ref, y, gates, expected)
     xb = x[:batch]
+    say(args, f"timing {args.iterations} iterations at batch {len(xb)}")
     if backend == "trtexec":
         result["benchmark"] = trtexec_bench(info["trtexec"], result["engine"]["path"], name_in, xb.shape,
                                             args.iterations)
@@ -513,6 +528,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-if-current", action="store_true",
                    help="do nothing when --out already holds a passed result for this bundle and TensorRT version")
     p.add_argument("--expect-manifest-sha256", default=None, help="refuse unless manifest.json has this sha256")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
     if args.iterations < 1:
         p.error("--iterations must be >= 1")
@@ -525,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
         result, code = run(args)
     except BundleError as e:
         result, code = {"format": "edgeres-result/1", "status": "error", "error": str(e)}, EXIT_UNUSABLE
+    except Exception as e:  # noqa: BLE001 - the exit-code contract holds for what we did not foresee too
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        result = {"format": "edgeres-result/1", "status": "error", "error": f"{type(e).__name__}: {first}"}
+        code = EXIT_UNUSABLE
     out = Path(args.out) if args.out else Path(args.bundle) / "result.json"
     if not result.get("skipped"):
         try:
