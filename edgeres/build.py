@@ -415,6 +415,15 @@ def stage_compile(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     return rec
 
 
+BENCH_MIN_RUNS = 10   # trtexec's minimum
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def stage_verify(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     """Every artifact on every backend present: accuracy, agreement with FP32, latency."""
     import numpy as np
@@ -436,9 +445,13 @@ def stage_verify(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
                              "p50_ms": None, "p99_ms": None, "img_s": None,
                              "size_mb": round(Path(size_path).stat().st_size / 1e6, 3) if size_path else None}
         if runner is not None and ctx.opts.bench_seconds > 0:
-            stats = benchmark(runner, batch_sizes=(1,), duration_s=ctx.opts.bench_seconds, input_shape=shape).results[0]
+            # as `edgeres bench` measures: warm-up, then at least BENCH_MIN_RUNS calls and --bench-seconds
+            res = benchmark(runner, batch_sizes=(1,), iterations=BENCH_MIN_RUNS, duration_s=ctx.opts.bench_seconds,
+                            input_shape=shape)
+            stats = res.results[0]
             r.update(p50_ms=round(stats.latency.median, 4), p99_ms=round(stats.latency.p99, 4),
-                     img_s=round(stats.images_per_s, 1))
+                     img_s=round(stats.images_per_s, 1), runs=stats.iterations,
+                     threads=(res.environment.get("runner") or {}).get("threads"), latency_warning=stats.warning)
         rows.append(r)
 
     row("train", "torch", "fp32", fp32, TorchRunner(_fp32_model(ctx)), ctx.records["train"].artifact)
@@ -469,7 +482,9 @@ def stage_verify(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
         rows.append({"stage": "compile", "backend": "tensorrt", "precision": "-", "top1": None, "delta_pp": None,
                      "agree_pct": None, "p50_ms": None, "p99_ms": None, "img_s": None, "size_mb": None,
                      "note": comp.message})
-    rec = StageRecord(stage="verify", metrics={"rows": rows, "per_class": per_class,
+    bench = {"batch": 1, "min_runs": BENCH_MIN_RUNS, "min_seconds": ctx.opts.bench_seconds,
+             "torch_threads": _torch_threads(), "timing": "host wall time per call, after warm-up"}
+    rec = StageRecord(stage="verify", metrics={"rows": rows, "per_class": per_class, "bench": bench,
                                                "class_names": list(meta.class_names), "n_eval": fp32.n})
     if final_int8 is not None:
         _drop_gate(ctx, rec, final_int8.top1, final=True)

@@ -47,13 +47,32 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def gate_cells(g: dict[str, Any]) -> tuple[str, str]:
+    """(value, "op limit") in the unit the table uses: agreements in %, drops in pp (percentage points)."""
+    if "agreement" in g["name"] and g["limit"] <= 1.0 and g["value"] <= 1.0:
+        return f"{100 * g['value']:.2f} %", f"{g['op']} {100 * g['limit']:.2f} %"
+    if g["name"].endswith("_pp"):
+        return f"{g['value']:.2f} pp", f"{g['op']} {g['limit']:.2f} pp"
+    return f"{g['value']:.6g}", f"{g['op']} {g['limit']:.6g}"
+
+
 def _gate_lines(records: list[dict[str, Any]]) -> list[str]:
     lines = []
     for r in records:
         for g in r.get("gates", []):
             mark = "pass" if g["passed"] else "FAIL"
-            lines.append(f"| {r['stage']} | {g['name']} | {g['value']:.6g} | {g['op']} {g['limit']:.6g} | {mark} |")
+            value, limit = gate_cells(g)
+            lines.append(f"| {r['stage']} | {g['name']} | {value} | {limit} | {mark} |")
     return lines
+
+
+def env_rows(env: dict[str, Any]) -> list[tuple[str, str]]:
+    """The environment as (name, value) rows: python, platform, CPUs, device, then each package."""
+    rows = [(k, str(env[k])) for k in ("python", "platform", "cpu_count", "device", "torch_threads") if k in env]
+    rows += [(k, str(v)) for k, v in (env.get("packages") or {}).items()]
+    rows += [(k, str(v)) for k, v in env.items() if k not in {r[0] for r in rows} and k != "packages"
+             and not isinstance(v, (dict, list))]
+    return rows
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -69,10 +88,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     for r in report["stages"]:
         md.append(f"| {r['stage']} | {r['status']} | {r['duration_s']:.1f} | {r.get('artifact') or '-'} | "
                   f"{(r.get('sha256') or '-')[:12]} |")
-    env = report["environment"]
-    md += ["", "## Environment", "", f"- python {env.get('python')}, {env.get('platform')}, "
-           f"{env.get('cpu_count')} CPUs, device {env.get('device', 'cpu')}",
-           "- " + ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items())]
+    md += ["", "## Environment", "", "| | |", "|---|---|"]
+    md += [f"| {k} | {v} |" for k, v in env_rows(report["environment"])]
     return "\n".join(md) + "\n"
 
 
@@ -113,9 +130,12 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     if lat:
         fig, ax = plt.subplots(figsize=(9, 3.2))
         labels = [f"{r['stage']}\n{r['backend']} {r['precision']}" for r in lat]
-        ax.bar(labels, [r["p50_ms"] for r in lat], color="#55a868", label="p50")
+        bars = ax.bar(labels, [r["p50_ms"] for r in lat], color="#55a868", label="p50")
         ax.scatter(labels, [r["p99_ms"] for r in lat], color="#c44e52", zorder=3, label="p99")
-        ax.set_ylabel("ms (batch 1)"), ax.set_title("Latency per stage and backend"), ax.legend()
+        ax.bar_label(bars, labels=[f"{r['p50_ms']:.3g}" for r in lat], fontsize=8, padding=2)
+        ax.set_yscale("log")   # one slow torch row must not flatten the fast ones
+        ax.set_ylabel("ms, batch 1 (log scale)"), ax.set_title("Latency per stage and backend (p50 bars, p99 dots)")
+        ax.legend()
         ax.tick_params(axis="x", labelsize=8)
         figs.append(("Latency per stage and backend", fig))
     pc = report.get("per_class") or {}
@@ -126,12 +146,15 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
         names = report.get("class_names") or [str(i) for i in range(n)]
         fig, ax = plt.subplots(figsize=(9, 3.2))
         xs = np.arange(n)
-        ax.bar(xs - 0.2, pc["fp32"], 0.4, label="FP32")
-        ax.bar(xs + 0.2, pc["int8"], 0.4, label="INT8 (ONNX Runtime)")
+        diff = [(b - a) if a is not None and b is not None and a == a and b == b else 0.0   # a == a: not NaN
+                for a, b in zip(pc["fp32"], pc["int8"])]
+        ax.bar(xs, diff, color=["#c44e52" if d < 0 else "#55a868" for d in diff])
+        ax.axhline(0, color="#444", linewidth=0.8)
         ax.set_xticks(xs, names[:n], rotation=45 if n > 10 else 0, fontsize=8)
-        ax.set_ylabel("top-1 %"), ax.set_title("Per-class accuracy, FP32 vs INT8")
-        ax.set_ylim(0, 118), ax.legend(loc="upper center", ncol=2, fontsize=8)
-        figs.append(("Per-class accuracy", fig))
+        ax.set_ylabel("INT8 - FP32, pp"), ax.set_title("Per-class top-1 change, INT8 (ONNX Runtime) vs FP32")
+        lim = max(1.0, *(abs(d) for d in diff)) * 1.15
+        ax.set_ylim(-lim, lim)
+        figs.append(("Per-class accuracy change", fig))
     out = []
     for title, fig in figs:
         buf = io.BytesIO()
@@ -150,8 +173,16 @@ def to_html(report: dict[str, Any]) -> str:
                         for t, b in plots) or "<p>(plots need matplotlib: pip install 'edgeres[report]')</p>"
     gates = "".join(
         f"<tr class='{'ok' if g['passed'] else 'bad'}'><td>{html.escape(r['stage'])}</td><td>{html.escape(g['name'])}"
-        f"</td><td>{g['value']:.6g}</td><td>{g['op']} {g['limit']:.6g}</td><td>{'pass' if g['passed'] else 'FAIL'}"
-        f"</td></tr>" for r in report["stages"] for g in r.get("gates", []))
+        f"</td><td>{html.escape(gate_cells(g)[0])}</td><td>{html.escape(gate_cells(g)[1])}</td>"
+        f"<td>{'pass' if g['passed'] else 'FAIL'}</td></tr>" for r in report["stages"] for g in r.get("gates", []))
+    stages = "".join(
+        f"<tr class='{'bad' if r['status'] == 'failed' else 'ok'}'><td>{html.escape(r['stage'])}</td>"
+        f"<td>{html.escape(r['status'])}</td><td>{r['duration_s']:.1f}</td>"
+        f"<td class='path'>{html.escape(r.get('artifact') or '-')}</td>"
+        f"<td class='sha' title='{html.escape(r.get('sha256') or '')}'>{html.escape((r.get('sha256') or '-')[:16])}"
+        f"</td></tr>" for r in report["stages"])
+    env = "".join(f"<tr><td>{html.escape(k)}</td><td class='path'>{html.escape(v)}</td></tr>"
+                  for k, v in env_rows(report["environment"]))
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []))
     status = "PASSED" if report["ok"] else "FAILED"
     title = html.escape(report["run"])
@@ -159,13 +190,18 @@ def to_html(report: dict[str, Any]) -> str:
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 td:nth-child(-n+3),th{{text-align:left}}.ok{{background:#eef8ee}}.bad{{background:#fbeaea}}
-.status{{font-size:1.2em;font-weight:bold;color:{'#2a7' if report['ok'] else '#c33'}}}img{{max-width:100%}}</style>
+.status{{font-size:1.2em;font-weight:bold;color:{'#2a7' if report['ok'] else '#c33'}}}img{{max-width:100%}}
+table{{max-width:100%}}.path{{text-align:left;word-break:break-all}}.sha{{font-family:monospace}}
+.scroll{{overflow-x:auto;max-width:100%}}</style>
 </head><body><h1>edgeres report: {html.escape(report['run'])}</h1>
 <p class="status">{status}: {html.escape(report['message'])}</p>
-<table><tr>{header}</tr>{body}</table><ul>{notes}</ul>
+<div class="scroll"><table><tr>{header}</tr>{body}</table></div><ul>{notes}</ul>
+<p>Units: top-1, Δ and agreement in % / percentage points (pp) of the evaluation split.</p>
 <h2>Gates</h2><table><tr><th>stage</th><th>gate</th><th>value</th><th>limit</th><th>result</th></tr>{gates}</table>
 {plot_html}
-<h2>Environment</h2><pre>{html.escape(str(report['environment']))}</pre>
+<h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>seconds</th><th>artifact</th><th>sha256</th></tr>
+{stages}</table>
+<h2>Environment</h2><table>{env}</table>
 <p>generated {html.escape(report['generated_at'])}</p></body></html>
 """
 
@@ -190,6 +226,14 @@ def build_report(run_dir: Path, records: list[StageRecord], *, ok: bool, message
     stages = [r.to_dict() for r in records]
     verify = next((r for r in records if r.stage == "verify"), None)
     notes = [r.message for r in records if r.status == "skipped" and r.message]
+    if verify is not None:
+        rows = verify.metrics.get("rows", [])
+        notes += [f"{r['stage']} on {r['backend']}: {r['latency_warning']}" for r in rows if r.get("latency_warning")]
+        b = verify.metrics.get("bench")
+        if b and any(r.get("p50_ms") is not None for r in rows):
+            notes.append(f"latency: batch {b['batch']}, at least {b['min_runs']} runs and {b['min_seconds']:g} s per "
+                         f"row after warm-up, {b['timing']}; torch {b['torch_threads']} threads, ONNX Runtime its "
+                         f"default threads")
     return {"run": str(run_dir), "ok": ok, "message": message, "total_s": round(total_s, 2),
             "rows": verify.metrics.get("rows", []) if verify else _stage_rows(records),
             "per_class": verify.metrics.get("per_class") if verify else None,

@@ -53,7 +53,41 @@ def _check_batch(x: np.ndarray, shape: tuple[int | None, ...] | None, what: str)
     return x
 
 
-class TorchRunner:
+class Runner:
+    """What every backend shares. `infer(x)` checks the batch once, here (float32 NCHW, the C/H/W the model
+    expects, a fixed batch size), then calls the backend's `infer_impl`; a runner is a context manager that closes
+    itself. Subclasses set name, device, precision, input_shape, batch_dim, path and implement infer_impl/close."""
+
+    name = ""
+    device = "cpu"
+    input_shape: tuple[int | None, ...] | None = None
+    batch_dim: int | None = None
+    path: str | None = None
+
+    def check(self, x: np.ndarray) -> np.ndarray:
+        what = Path(self.path).name if self.path else f"{self.name} model"
+        x = _check_batch(x, self.input_shape, what)
+        if self.batch_dim is not None and x.shape[0] != self.batch_dim:
+            raise ArtifactError(f"{what} has a fixed batch of {self.batch_dim}; cannot run a batch of {x.shape[0]}")
+        return x
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        return self.infer_impl(self.check(x))
+
+    def infer_impl(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class TorchRunner(Runner):
     """A torch.nn.Module in eval mode. `threads` sets torch's intra-op threads (process-wide in torch)."""
 
     name = Backend.TORCH.value
@@ -84,9 +118,8 @@ class TorchRunner:
         self.input_shape = ((meta.in_channels, meta.input_size, meta.input_size) if meta is not None else None)
         self._dtype = torch.float16 if self.precision == "fp16" else torch.float32
 
-    def infer(self, x: np.ndarray) -> np.ndarray:
+    def infer_impl(self, x: np.ndarray) -> np.ndarray:
         torch = self._torch
-        x = _check_batch(x, self.input_shape, "torch model")
         with torch.inference_mode():
             out = self.model(torch.from_numpy(x).to(self.device, self._dtype))
             return out.float().cpu().numpy()
@@ -96,7 +129,7 @@ class TorchRunner:
         torch = self._torch
         if not self.device.startswith("cuda"):
             raise BackendUnavailable("infer_timed needs a CUDA device; this runner is on the CPU")
-        x = _check_batch(x, self.input_shape, "torch model")
+        x = self.check(x)
         events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         with torch.inference_mode():
             host = torch.from_numpy(x)
@@ -155,7 +188,7 @@ def _parse_meta(props: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-class OrtRunner:
+class OrtRunner(Runner):
     """An ONNX file on ONNX Runtime. providers: short names (cpu, cuda, tensorrt); CPU when not given.
 
     `optimize=False` turns ONNX Runtime's graph optimizations off: the graph runs as written. For a Q/DQ model that
@@ -201,11 +234,7 @@ class OrtRunner:
         self.input_shape = tuple(dims[1:]) if all(d is not None for d in dims[1:]) else None
         self.meta = _parse_meta(dict(self.session.get_modelmeta().custom_metadata_map))
 
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        x = _check_batch(x, self.input_shape, Path(self.path).name)
-        if self.batch_dim is not None and x.shape[0] != self.batch_dim:
-            raise ArtifactError(f"{Path(self.path).name} has a fixed batch of {self.batch_dim}; "
-                                f"cannot run a batch of {x.shape[0]}")
+    def infer_impl(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run([self.output_name], {self.input_name: x})[0], dtype=np.float32)
 
     def infer_timed(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
@@ -214,7 +243,7 @@ class OrtRunner:
 
         if self.device == "cpu":
             raise BackendUnavailable("infer_timed needs the CUDA or TensorRT execution provider")
-        x = _check_batch(x, self.input_shape, Path(self.path).name)
+        x = self.check(x)
         t0 = time.perf_counter_ns()
         x_dev = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
         t1 = time.perf_counter_ns()

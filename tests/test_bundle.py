@@ -33,7 +33,7 @@ def make_run(root: Path, **_unused) -> Path:
         home = Path(tempfile.mkdtemp(prefix="edgeres-tiny-run-"))
         atexit.register(shutil.rmtree, home, ignore_errors=True)
         result = build(BuildOptions(out=home / "tiny", arch="mnist_resnet", epochs=3, qat_epochs=0, int8=True,
-                                    bench_seconds=0, max_drop=100.0, quiet=True,
+                                    bench_seconds=0.05, max_drop=100.0, quiet=True,
                                     overrides={"quant.calib_size": 128}))
         assert result.ok, result.message
         _BUILT["run"] = home / "tiny"

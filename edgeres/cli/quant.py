@@ -11,6 +11,14 @@ from edgeres.cli._common import emit, json_option, quiet_option
 from edgeres.recipe import CALIB_METHODS, QuantCfg
 
 
+def _pct(fraction: float) -> str:
+    """A fraction as a percent that never rounds a miss up to 100 (0.9999 -> 99.99 %)."""
+    import math
+
+    value = math.floor(fraction * 10000) / 100
+    return f"{value:.2f}%"
+
+
 def _meta_for(model, meta, arch: str | None):
     """ModelMeta of a checkpoint, or one built from the registry for a foreign state_dict (--arch)."""
     from edgeres.checkpoint import ModelMeta
@@ -225,7 +233,7 @@ def export_cmd(weights, int8, out, arch, opset, simplify, recipe_hash, dataset, 
         f"{obj['DequantizeLinear']} DQ)",
         f"ONNX Runtime vs torch on {metrics['n_probe']} {metrics['inputs']} inputs: max|diff| "
         f"{metrics['max_abs_diff']:.3g}"
-        f" (rel {metrics['rel_diff']:.3g}), top-1 agreement {100 * metrics['top1_agreement']:.1f}%",
+        f" (rel {metrics['rel_diff']:.3g}), top-1 agreement {_pct(metrics['top1_agreement'])}",
         *(f"gate {g.describe()}: {'ok' if g.passed else 'FAILED'}" for g in gates)]))
 
 
@@ -239,9 +247,13 @@ def check(model, as_json) -> None:
     violations = check_onnx(model)
     obj = {"model": model, "ok": not violations, **count_qdq(model),
            "violations": [v.to_dict() for v in violations]}
+    quantized = obj["QuantizeLinear"] + obj["DequantizeLinear"] > 0
+    obj["quantized"] = quantized
     emit(obj, as_json, lambda: "\n".join([str(v) for v in violations] + [
         f"{model}: {len(violations)} violation(s)" if violations else
-        f"{model}: ok ({obj['QuantizeLinear']} Q / {obj['DequantizeLinear']} DQ nodes meet TensorRT's rules)"]))
+        f"{model}: ok ({obj['QuantizeLinear']} Q / {obj['DequantizeLinear']} DQ nodes meet TensorRT's rules)"
+        if quantized else f"{model}: not quantized (no Q/DQ nodes, an FP32/FP16 model): the INT8 rules do not "
+                          f"apply; export an INT8 model with `edgeres export --int8`"]))
     if violations:
         sys.exit(1)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.errors import ArtifactError, BackendUnavailable, ConfigError
+from edgeres.runners import Runner
 
 _CAPTURE_MODE_THREAD_LOCAL = 1  # cudaStreamCaptureModeThreadLocal
 
@@ -70,7 +71,10 @@ class _Cuda:
         self.lib.cudaGraphExecDestroy(ctypes.c_void_p(exe))
 
 
-class TrtRunner:
+class TrtRunner(Runner):
+    """A TensorRT engine on the GPU. It checks its own batch against the engine's profile (with the engine's input
+    dtype) in infer_timed, so infer() goes straight there."""
+
     name = "tensorrt"
 
     def __init__(self, engine_path: str | Path, *, cuda_graph: bool = False, check: bool = True,
@@ -206,6 +210,8 @@ class TrtRunner:
     def infer(self, x):
         return self.infer_timed(x)[0]
 
+    infer_impl = infer
+
     def close(self) -> None:
         if getattr(self, "_graph", None) is not None:
             self._cu.destroy_graph(self._graph)
@@ -221,8 +227,4 @@ class TrtRunner:
             self._stream = None
         self._context = self._engine = self._runtime = None
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
