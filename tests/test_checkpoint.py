@@ -237,7 +237,9 @@ def test_all_problems_in_one_message(tmp_path):
 def test_many_missing_keys_are_counted(tmp_path):
     """A resnet18 state_dict loaded as resnet50: the message stays one line and says how many there are."""
     msg = _fit_message(tmp_path, torchvision_state(18), arch="resnet50")
-    n_missing = len(set(dict(torchvision_resnet_keys(50))) - set(dict(torchvision_resnet_keys(18))))
+    missing = set(dict(torchvision_resnet_keys(50))) - set(dict(torchvision_resnet_keys(18)))
+    # BatchNorm's num_batches_tracked is not a true mismatch (torch fills it for files from before it existed)
+    n_missing = len([k for k in missing if not k.endswith("num_batches_tracked")])
     assert f"{n_missing} in all" in msg
     assert len(msg) < 2000
 

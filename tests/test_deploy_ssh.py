@@ -1,242 +1,186 @@
-"""`edgeres deploy` against a real SSH server on 127.0.0.1 (asyncssh in-process, real shell, real SFTP)
-that plays the device: the device runtime runs there with ONNX Runtime and must pass its own checks."""
+"""`edgeres deploy / status / rollback` against real OpenSSH servers on 127.0.0.1, addressed by ssh_config alias
+(tests/fleet.py): releases switched only after verification, rollback, an interrupted copy, canary, a down host."""
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import shutil
-import socket
 import sys
-import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from fleet import MISSING, Fleet, current_release
 
-asyncssh = pytest.importorskip("asyncssh")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_bundle import make_run  # noqa: E402 - the shared run-folder fixture builder
+sys.path.insert(0, str(Path(__file__).parent))
+from test_bundle import make_run  # noqa: E402 - a real small build's run folder
 
-VENV_BIN = str(Path(sys.executable).parent)
+from edgeres.cli import main  # noqa: E402
 
-
-class Device:
-    """An SSH server on 127.0.0.1:<free port>: commands run in a real shell (cwd = its home folder, the venv's
-    python3 first on PATH), SFTP chrooted to that home. Counts the files written over SFTP."""
-
-    def __init__(self, home: Path, client_pub, *, corrupt: str | None = None) -> None:
-        self.home, self.writes, self.corrupt = home, [], corrupt
-        self.host_key = asyncssh.generate_private_key("ssh-ed25519")
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._serve, args=(client_pub, ready), daemon=True)
-        self.thread.start()
-        ready.wait(10)
-
-    def _serve(self, client_pub, ready) -> None:
-        asyncio.set_event_loop(self.loop)
-        device = self
-
-        class SFTP(asyncssh.SFTPServer):
-            def __init__(self, chan):
-                super().__init__(chan, chroot=str(device.home).encode())
-
-            def open(self, path, pflags, attrs):
-                if pflags & asyncssh.FXF_WRITE:
-                    device.writes.append(path.decode())
-                return super().open(path, pflags, attrs)
-
-            def write(self, file_obj, offset, data):
-                if device.corrupt and file_obj.name.endswith(f"{device.corrupt}.part".encode()) and offset == 0:
-                    data = bytes([data[0] ^ 0xFF]) + data[1:]  # a file damaged in transit
-                return super().write(file_obj, offset, data)
-
-        async def handle(process):
-            env = {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""), "HOME": str(device.home)}
-            proc = await asyncio.create_subprocess_shell(
-                process.command, cwd=device.home, env=env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            out, err = await proc.communicate()
-            process.stdout.write(out.decode())
-            process.stderr.write(err.decode())
-            process.exit(proc.returncode)
-
-        async def start():
-            return await asyncssh.create_server(
-                asyncssh.SSHServer, "127.0.0.1", 0, server_host_keys=[self.host_key],
-                authorized_client_keys=asyncssh.import_authorized_keys(client_pub), process_factory=handle,
-                sftp_factory=SFTP)
-
-        self.server = self.loop.run_until_complete(start())
-        self.port = self.server.sockets[0].getsockname()[1]
-        ready.set()
-        self.loop.run_forever()
-
-    def known_hosts_line(self, key=None) -> str:
-        key = key or self.host_key
-        return f"[127.0.0.1]:{self.port} {key.export_public_key().decode().strip()}\n"
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
+def bundles(tmp_path_factory):
+    """v1 and v2 of one run (v2: another probe size, so another manifest), and a v3 whose references disagree
+    with the model (a bundle that fails verification on every device)."""
     from edgeres.deploy.bundle import make_bundle
-
-    root = tmp_path_factory.mktemp("run")
-    return make_bundle(make_run(root, n_probe=8), root / "bundle", probe_size=8)
-
-
-@pytest.fixture(scope="module")
-def client_key(tmp_path_factory) -> tuple[Path, str]:
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    path = tmp_path_factory.mktemp("keys") / "id_ed25519"
-    key.write_private_key(str(path))
-    path.chmod(0o600)
-    return path, key.export_public_key().decode()
-
-
-@pytest.fixture
-def device(tmp_path, client_key):
-    home = tmp_path / "device-home"
-    home.mkdir()
-    d = Device(home, client_key[1])
-    yield d
-    d.close()
-
-
-def known_hosts(tmp_path: Path, *lines: str) -> Path:
-    path = tmp_path / "known_hosts"
-    path.write_text("".join(lines))
-    return path
-
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def test_deploy_verifies_on_device_and_resends_only_changes(bundle, device, client_key, tmp_path):
-    from edgeres.deploy.ssh import deploy, format_table
     from edgeres.io import sha256_file
 
-    kh = known_hosts(tmp_path, device.known_hosts_line())
-    rdir = "fleet dir/b $(touch PWNED); x"  # quoting: must arrive as one literal folder name
-    opts = dict(known_hosts=kh, identity=client_key[0], remote_dir=rdir, iterations=5)
-    [r] = deploy(bundle, [f"jetson@127.0.0.1:{device.port}"], **opts)
+    root = tmp_path_factory.mktemp("bundles")
+    run = make_run(root)
+    v1 = make_bundle(run, root / "v1" / "demo", probe_size=8)
+    v2 = make_bundle(run, root / "v2" / "demo", probe_size=12)
+    v3 = root / "v3" / "demo"
+    shutil.copytree(v2, v3)
+    with np.load(v3 / "probe.npz") as z:
+        arrays = dict(z)
+    arrays["ref_int8"] = np.roll(arrays["ref_int8"], 1, axis=1)
+    np.savez(v3 / "probe.npz", **arrays)
+    m = json.loads((v3 / "manifest.json").read_text())
+    m["files"]["probe.npz"]["sha256"] = sha256_file(v3 / "probe.npz")
+    m["files"]["probe.npz"]["size"] = (v3 / "probe.npz").stat().st_size
+    (v3 / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    return v1, v2, v3
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    f = Fleet(tmp_path_factory.mktemp("fleet"), 4)
+    yield f
+    f.close()
+
+
+def _deploy(bundle, hosts, fleet, **kw):
+    from edgeres.deploy.ssh import deploy
+
+    return deploy(bundle, hosts, iterations=3, host_timeout=300, **fleet.ssh(), **kw)
+
+
+def test_deploy_by_name_then_unchanged_redeploy_sends_nothing(bundles, fleet):
+    v1, _, _ = bundles
+    d = fleet.devices[0]
+    [r] = _deploy(v1, [d.alias], fleet)
     assert r.ok, r.message
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    assert sorted(r.sent) == sorted([*manifest["files"], "manifest.json"]) and r.skipped == []
-    assert r.result["status"] == "passed" and r.result["backend"] == "onnxruntime" and r.result["tensorrt"] is None
-    assert r.result["verification"]["top1_agreement"] == 1.0
-    remote = device.home / rdir
-    for name, entry in manifest["files"].items():
-        assert sha256_file(remote / name) == entry["sha256"]
-    assert os.access(remote / "device_runtime.py", os.X_OK)
-    assert json.loads((remote / "result.json").read_text())["status"] == "passed"
-    assert not list(device.home.rglob("PWNED")) and not list(device.home.rglob("*.part"))
-    assert f"jetson@127.0.0.1:{device.port}" in format_table([r])
-
-    writes = len(device.writes)
-    [again] = deploy(bundle, [f"jetson@127.0.0.1:{device.port}"], **opts)
-    assert again.ok and again.sent == [] and len(again.skipped) == len(manifest["files"]) + 1
-    assert len(device.writes) == writes  # nothing re-sent
-
-    (remote / "calib.cache").write_text("changed on the device\n")
-    [third] = deploy(bundle, [f"jetson@127.0.0.1:{device.port}"], **opts)
-    assert third.ok and third.sent == ["calib.cache"]
-    assert len(device.writes) == writes + 1
+    assert r.activated and r.release == current_release(d) and r.release.startswith("tiny-")
+    assert r.result["status"] == "passed" and r.result["backend"] == "onnxruntime"
+    assert set(r.sent) == {*json.loads((v1 / "manifest.json").read_text())["files"], "manifest.json"}
+    result = json.loads((d.state / "result.json").read_text())
+    assert result["status"] == "passed" and (d.state / "result.json").stat().st_mode & 0o044   # readable by all
+    assert (d.root / "current" / "manifest.json").read_bytes() == (v1 / "manifest.json").read_bytes()
+    [again] = _deploy(v1, [d.alias, d.alias], fleet)     # listed twice: deployed once
+    assert again.ok and again.sent == [] and again.release == r.release
 
 
-def test_host_key_mismatch_refused(bundle, device, client_key, tmp_path):
-    from edgeres.deploy.ssh import deploy
-
-    other = asyncssh.generate_private_key("ssh-ed25519")
-    kh = known_hosts(tmp_path, device.known_hosts_line(other))
-    for accept in (False, True):  # --accept-new-host-keys never overrides a changed key
-        [r] = deploy(bundle, [f"jetson@127.0.0.1:{device.port}"], known_hosts=kh, identity=client_key[0],
-                     accept_new_host_keys=accept, iterations=5)
-        assert not r.ok and r.stage == "connect"
-        assert "does not match" in r.message and "refused" in r.message
-    assert device.writes == [] and not any(device.home.iterdir())
-    assert kh.read_text() == device.known_hosts_line(other)
-
-
-def test_unknown_host_needs_explicit_accept(bundle, device, client_key, tmp_path):
-    from edgeres.deploy.ssh import deploy
-
-    kh = tmp_path / "ssh" / "known_hosts"  # does not exist yet
-    [r] = deploy(bundle, [f"jetson@127.0.0.1:{device.port}"], known_hosts=kh, identity=client_key[0], iterations=5)
-    assert not r.ok and "not in" in r.message and "--accept-new-host-keys" in r.message and device.writes == []
-    [r] = deploy(bundle, [f"jetson@127.0.0.1:{device.port}"], known_hosts=kh, identity=client_key[0],
-                 accept_new_host_keys=True, iterations=5)
-    assert r.ok, r.message
-    assert r.host_key_added == device.host_key.get_fingerprint()
-    assert kh.read_text() == device.known_hosts_line()
+def test_failed_verification_leaves_the_running_release(bundles, fleet):
+    v1, _, v3 = bundles
+    d = fleet.devices[1]
+    [ok] = _deploy(v1, [d.alias], fleet)
+    assert ok.ok, ok.message
+    before = (d.state / "result.json").read_bytes()
+    [bad] = _deploy(v3, [d.alias], fleet)
+    assert not bad.ok and bad.stage == "install" and not bad.activated
+    assert "gate failed: top1_agreement" in bad.message and "left as it was" in bad.message
+    assert current_release(d) == ok.release and (d.state / "result.json").read_bytes() == before
+    assert (d.state / "results" / f"{bad.release}.json").is_file()   # the failed attempt is kept for a look
 
 
-def test_unreachable_host_fails_alone_cli(bundle, device, client_key, tmp_path):
-    from edgeres.cli import main
-
-    kh = known_hosts(tmp_path, device.known_hosts_line())
-    dead = closed_port()
-    hosts = tmp_path / "hosts.txt"
-    hosts.write_text(f"# fleet\njetson@127.0.0.1:{dead}\n\n")
-    args = ["deploy", str(bundle), "--host", f"jetson@127.0.0.1:{device.port}", "--hosts-file", str(hosts),
-            "--known-hosts", str(kh), "--accept-new-host-keys", "--identity", str(client_key[0]),
-            "--iterations", "5", "--concurrency", "2", "--timeout", "5"]
-    r = CliRunner().invoke(main, [*args, "--json"])
-    assert r.exit_code == 1
-    rows = json.loads(r.stdout)
-    assert [row["ok"] for row in rows] == [True, False]
-    assert rows[1]["host"] == f"jetson@127.0.0.1:{dead}" and rows[1]["stage"] == "connect"
-    assert "refused" in rows[1]["message"] or "Connect" in rows[1]["message"]
-    assert "1 of 2 hosts failed" in r.stderr
-    r = CliRunner().invoke(main, args)  # the human table
-    assert r.exit_code == 1 and "FAIL(connect)" in r.stdout and "ok" in r.stdout
-
-
-def test_file_damaged_in_transit_refused_on_device(bundle, client_key, tmp_path):
-    from edgeres.deploy.ssh import deploy
-
-    home = tmp_path / "home"
-    home.mkdir()
-    d = Device(home, client_key[1], corrupt="model_int8.onnx")
+def test_interrupted_copy_leaves_the_running_release(bundles, fleet):
+    v1, v2, _ = bundles
+    d = fleet.devices[2]
+    [ok] = _deploy(v1, [d.alias], fleet)
+    assert ok.ok, ok.message
+    before = (d.state / "result.json").read_bytes()
+    fleet.restart(d, sftp_file_limit_blocks=1)    # SFTP now dies writing any file over 512 bytes, mid-file
     try:
-        [r] = deploy(bundle, [f"jetson@127.0.0.1:{d.port}"], known_hosts=known_hosts(tmp_path, d.known_hosts_line()),
-                     identity=client_key[0], iterations=5)
+        [cut] = _deploy(v2, [d.alias], fleet)
     finally:
-        d.close()
-    assert not r.ok and r.stage == "run" and r.exit_status == 2
-    assert "model_int8.onnx: sha256 mismatch" in r.message and "refusing to run" in r.message
-    assert r.result["status"] == "error"
+        fleet.restart(d)
+    assert not cut.ok and cut.stage == "copy", cut
+    assert current_release(d) == ok.release and (d.state / "result.json").read_bytes() == before
+    [done] = _deploy(v2, [d.alias], fleet)        # the next deploy finishes the job
+    assert done.ok and current_release(d) == done.release != ok.release
 
 
-def test_locally_tampered_bundle_refused_before_copy(bundle, device, client_key, tmp_path):
-    from edgeres.cli import main
+def test_rollback_and_status_for_the_fleet(bundles, fleet):
+    v1, v2, _ = bundles
+    d = fleet.devices[3]
+    [first] = _deploy(v1, [d.alias], fleet)
+    [second] = _deploy(v2, [d.alias], fleet)
+    assert first.ok and second.ok and current_release(d) == second.release
+    hosts = [x.alias for x in fleet.devices]
+    r = CliRunner().invoke(main, ["rollback", "--host", d.alias, *fleet.cli_args()])
+    assert r.exit_code == 0, r.output
+    assert current_release(d) == first.release
+    assert json.loads((d.state / "result.json").read_text())["manifest_sha256"] == \
+        json.loads((d.state / "results" / f"{first.release}.json").read_text())["manifest_sha256"]
+    r = CliRunner().invoke(main, ["status", *sum((["--host", h] for h in hosts), []), *fleet.cli_args(), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {row["host"]: row for row in json.loads(r.stdout)}
+    assert set(rows) == set(hosts)
+    assert rows[d.alias]["result"]["current"] == first.release
+    assert rows[d.alias]["result"]["result"]["backend"] == "onnxruntime"
+    assert rows[d.alias]["result"]["result_is_current"] is True
+    r = CliRunner().invoke(main, ["status", "--host", d.alias, *fleet.cli_args()])
+    assert r.exit_code == 0 and first.release in r.stdout and "passed" in r.stdout and "onnxruntime" in r.stdout
 
-    bad = tmp_path / "bad"
-    shutil.copytree(bundle, bad)
-    (bad / "probe.npz").write_bytes(b"not the probe")
-    kh = known_hosts(tmp_path, device.known_hosts_line())
-    r = CliRunner().invoke(main, ["deploy", str(bad), "--host", f"jetson@127.0.0.1:{device.port}",
-                                  "--known-hosts", str(kh), "--identity", str(client_key[0])])
-    assert r.exit_code == 1 and "probe.npz: sha256 mismatch" in r.output and device.writes == []
+
+def test_canary_stops_the_rollout_and_a_down_host_fails_alone(bundles, fleet, tmp_path):
+    from fleet import free_port
+
+    v1, _, _ = bundles
+    config = tmp_path / "ssh_config"
+    config.write_text(fleet.config.read_text() + f"Host jetson-down\n  HostName localhost\n  Port {free_port()}\n")
+    ssh = {**fleet.ssh(), "ssh_config": config}
+    from edgeres.deploy.ssh import deploy
+
+    hosts = ["jetson-down", fleet.devices[0].alias, fleet.devices[1].alias]
+    out = deploy(v1, hosts, canary=1, iterations=3, host_timeout=120, **ssh)
+    assert [r.stage for r in out] == ["connect", "skipped", "skipped"]
+    assert "not attempted: a canary host failed" in out[1].message
+    out = deploy(v1, hosts, iterations=3, host_timeout=120, **ssh)   # no canary: the down host fails alone
+    assert [r.ok for r in out] == [False, True, True] and out[0].stage == "connect"
+
+
+def test_require_backend_tensorrt_fails_a_host_that_would_fall_back(bundles, fleet):
+    v1, _, _ = bundles
+    d = fleet.devices[0]
+    before = current_release(d)
+    [r] = _deploy(v1, [d.alias], fleet, require_backend="tensorrt")
+    assert not r.ok and "TensorRT is required" in r.message and current_release(d) == before
+
+
+def test_host_keys_unknown_and_changed(bundles, fleet, tmp_path):
+    from edgeres.deploy.ssh import deploy
+
+    v1, _, _ = bundles
+    d = fleet.devices[0]
+    empty = tmp_path / "known_hosts"
+    ssh = {**fleet.ssh(), "known_hosts": empty}
+    [r] = deploy(v1, [d.alias], iterations=3, **ssh)
+    assert not r.ok and "not trusted" in r.message and not empty.exists()
+    [r] = deploy(v1, [d.alias], iterations=3, accept_new_host_keys=True, **ssh)
+    assert r.ok and r.host_key_added and f"[localhost]:{d.port} ssh-ed25519" in empty.read_text()
+    other = (fleet.devices[1].folder / "host_key.pub").read_text().split()
+    empty.write_text(f"[localhost]:{d.port} {other[0]} {other[1]}\n")   # the device's key "changed"
+    [r] = deploy(v1, [d.alias], iterations=3, accept_new_host_keys=True, **ssh)
+    assert not r.ok and "man-in-the-middle" in r.message
 
 
 def test_parse_host():
-    from edgeres.deploy.ssh import parse_host
+    from edgeres.deploy.ssh import parse_host, unique_hosts
     from edgeres.errors import ConfigError
 
-    assert parse_host("nv@10.0.0.5:2222") == parse_host("nv@10.0.0.5", default_port=2222)
+    assert parse_host("nv@10.0.0.5:2222").port == 2222 and parse_host("jetson1").user is None
     assert parse_host("nv@[::1]:22").host == "::1"
-    for bad in ("nv@host:99999", "a b@c", "nv@host;rm -rf /", ""):
+    assert [h.label for h in unique_hosts(["a", "nv@b:22", "a", "nv@b:22"])] == ["a", "nv@b:22"]
+    for bad in ("nv@host:99999", "a b@c", "nv@host;rm -rf /", "", "-oProxyCommand=x", "nv@jétson"):
         with pytest.raises(ConfigError):
             parse_host(bad)
+
+
+def test_remote_paths():
+    from edgeres.deploy.ssh import _remote_path, _under
+
+    assert _remote_path("~/x") == "x" and _under("/home/nv", _remote_path("~/x")) == "/home/nv/x"
+    assert _under("/home/nv", "/opt/edgeres") == "/opt/edgeres"

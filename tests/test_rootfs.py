@@ -46,23 +46,33 @@ def test_layout_and_permissions(bundle, tmp_path):
 
     old = os.umask(0o077)  # a strict umask must not leak into the image
     try:
-        dest = install_rootfs(bundle, fake_rootfs(tmp_path))
+        dest, warnings = install_rootfs(bundle, fake_rootfs(tmp_path))
     finally:
         os.umask(old)
     root = tmp_path / "Linux_for_Tegra" / "rootfs"
-    assert dest == root / "opt" / "edgeres" / "bundle"
+    # the layout an SSH deploy writes: releases/<id>, current -> it
+    assert dest.parent == root / "opt" / "edgeres" / "releases"
+    assert os.readlink(root / "opt/edgeres/current") == f"releases/{dest.name}"
     manifest = json.loads((dest / "manifest.json").read_text())
     assert sorted(p.name for p in dest.iterdir()) == sorted(["manifest.json", *manifest["files"]])
     for d in (root / "opt", root / "opt/edgeres", dest, root / "var/lib/edgeres", root / "etc/systemd/system"):
         assert mode(d) == 0o755, d
     for p in dest.iterdir():
-        assert mode(p) == (0o755 if p.name in ("device_runtime.py", "edgeres-device") else 0o644), p.name
+        assert mode(p) == (0o755 if p.name in ("device_runtime.py", "edgeres-device", "releases.py") else 0o644), \
+            p.name
     assert mode(root / UNIT) == 0o644
+    if os.geteuid() == 0:   # files root runs at boot are root's in the image
+        assert warnings == [] and dest.stat().st_uid == 0 and (root / UNIT).stat().st_uid == 0
+    else:
+        assert "installed as uid" in warnings[0]
     link = root / "etc/systemd/system/multi-user.target.wants/edgeres-verify.service"
     assert link.is_symlink() and os.readlink(link) == "/etc/systemd/system/edgeres-verify.service"
     unit = (root / UNIT).read_text()
     assert "Type=oneshot" in unit and "WantedBy=multi-user.target" in unit
+    # does not hold up the boot, runs after the power mode is set
+    assert "After=multi-user.target nvpmodel.service" in unit and "RemainAfterExit" not in unit
     assert "--skip-if-current" in unit and "--out /var/lib/edgeres/result.json" in unit
+    assert "--bundle /opt/edgeres/current" in unit
     assert "@" not in unit.replace("file://", "")  # every placeholder filled
     assert "/var/lib/edgeres/result.json" in (root / "opt/edgeres/README.txt").read_text()
 
@@ -101,7 +111,8 @@ def test_unit_passes_systemd_analyze_verify(bundle, tmp_path):
     assert "oneshot-typo" in p.stderr
 
 
-def test_refuses_non_rootfs_and_overwrite(bundle, tmp_path):
+def test_refuses_non_rootfs_and_keeps_the_previous_release(bundle, run_dir, tmp_path):
+    from edgeres.deploy.bundle import make_bundle
     from edgeres.deploy.rootfs import install_rootfs
     from edgeres.errors import ArtifactError, ConfigError
 
@@ -110,11 +121,14 @@ def test_refuses_non_rootfs_and_overwrite(bundle, tmp_path):
     with pytest.raises(ConfigError, match="does not look like a root filesystem"):
         install_rootfs(bundle, plain)
     assert not (plain / "opt").exists()
-    assert install_rootfs(bundle, plain, force=True).is_dir()
-    with pytest.raises(ConfigError, match="already exists"):
-        install_rootfs(bundle, plain)
+    first, _ = install_rootfs(bundle, plain, allow_non_rootfs=True)
+    assert install_rootfs(bundle, plain, allow_non_rootfs=True)[0] == first   # the same bundle: the same release
+    other = make_bundle(run_dir, tmp_path / "other", probe_size=4)
+    second, _ = install_rootfs(other, plain, allow_non_rootfs=True)
+    assert second != first and os.readlink(plain / "opt/edgeres/current") == f"releases/{second.name}"
+    assert os.readlink(plain / "opt/edgeres/previous") == f"releases/{first.name}" and first.is_dir()
     with pytest.raises(ConfigError, match="refusing to install into /"):
-        install_rootfs(bundle, "/", force=True)
+        install_rootfs(bundle, "/", allow_non_rootfs=True)
     tampered = tmp_path / "tampered"
     shutil.copytree(bundle, tampered)
     (tampered / "calib.cache").write_text("changed\n")
@@ -131,6 +145,6 @@ def test_cli_bundle_rootfs(run_dir, tmp_path):
     r = CliRunner().invoke(main, ["bundle", str(run_dir), "--rootfs", str(root), "--probe-size", "4"])
     assert r.exit_code == 0, r.output
     assert "edgeres-verify.service" in r.output and (root / UNIT).is_file()
-    assert json.loads((root / "opt/edgeres/bundle/manifest.json").read_text())["probe"]["count"] == 4
+    assert json.loads((root / "opt/edgeres/current/manifest.json").read_text())["probe"]["count"] == 4
     r = CliRunner().invoke(main, ["bundle", str(run_dir), "--rootfs", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "rootfs not found" in r.output

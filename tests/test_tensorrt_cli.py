@@ -57,7 +57,7 @@ def test_plan_for_jetson_target(tmp_path):
     assert plan["trt_version"] == "8.5.2" and "--useDLACore=0" in plan["trtexec"] and "--buildOnly" in plan["trtexec"]
     assert plan["trtexec_script"].endswith("m.plan.trtexec.sh")
     r2 = run("compile", "--onnx", str(onnx_path), "--out", str(tmp_path / "m.plan"), "--trt-version", "8.5.2")
-    assert "not written" in r2.output and r2.exit_code == 0
+    assert "already exists; pass --force" in r2.output and r2.exit_code == 1   # refused, not "exit 0, not written"
 
 
 def _cache(tmp_path):
@@ -85,7 +85,7 @@ def test_refusals_are_one_line(tmp_path, args, message):
 def test_missing_onnx_is_clear(tmp_path):
     r = run("compile", "--onnx", str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "m.plan"), "--trt-version",
             "10.3")
-    assert r.exit_code == 1 and "does not exist" in r.output
+    assert r.exit_code == 1 and "ONNX file not found" in r.output
 
 
 def test_calib_cache_command(tmp_path):

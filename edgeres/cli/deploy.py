@@ -23,12 +23,13 @@ from edgeres.cli._common import emit, json_option
               help="Device gate: probe accuracy may fall this much below the host's.")
 @click.option("--rootfs", type=click.Path(path_type=Path), default=None,
               help="Also install under ROOTFS/opt/edgeres with a first-boot unit (e.g. Linux_for_Tegra/rootfs).")
-@click.option("--force", is_flag=True, help="Replace an existing bundle / install; accept a rootfs without etc/.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--allow-non-rootfs", is_flag=True, help="With --rootfs: install into a folder without etc/.")
 @click.option("--allow-failed", is_flag=True,
               help="Bundle a run whose build did not pass (recorded in the manifest).")
 @json_option
-def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, rootfs, force, allow_failed,
-           as_json) -> None:
+def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, rootfs, force, allow_non_rootfs,
+           allow_failed, as_json) -> None:
     """Bundle a run for devices: ONNX, calibration cache, probe set with reference logits, device runtime."""
     import tempfile
 
@@ -44,15 +45,17 @@ def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, root
                            force=force, **opts)
         with opened_bundle(path) as folder:
             manifest = verify_bundle(folder)
-            installed = install_rootfs(folder, rootfs, force=force) if rootfs is not None else None
+            installed, warnings = (install_rootfs(folder, rootfs, allow_non_rootfs=allow_non_rootfs)
+                                   if rootfs is not None else (None, []))
     result = {"bundle": str(path) if out is not None else None, "rootfs_install": str(installed) if installed else None,
               "files": len(manifest["files"]) + 1, "probe": manifest["probe"],
-              "expected_accuracy": manifest["expected_accuracy"], "calibration_cache": manifest["calibration_cache"]}
-    lines = []
+              "expected_accuracy": manifest["expected_accuracy"], "calibration_cache": manifest["calibration_cache"],
+              "warnings": warnings}
+    lines = [f"warning: {w}" for w in warnings]
     if out is not None:
         lines.append(f"bundle: {path} ({result['files']} files, probe {manifest['probe']['count']} images)")
     if installed:
-        lines.append(f"rootfs: installed at {installed}; unit edgeres-verify.service enabled "
+        lines.append(f"rootfs: release {installed.name} installed and current; unit edgeres-verify.service enabled "
                      f"(result: /var/lib/edgeres/result.json after first boot)")
     emit(result, as_json, "\n".join(lines))
 
@@ -74,38 +77,54 @@ def _read_hosts(hosts: tuple[str, ...], hosts_file: Path | None) -> list[str]:
     return out
 
 
-@click.command()
-@click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--host", "hosts", multiple=True, metavar="USER@HOST[:PORT]", help="A device; repeat for a fleet.")
-@click.option("--hosts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="One USER@HOST[:PORT] per line; # comments.")
-@click.option("--identity", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="SSH private key.")
-@click.option("--known-hosts", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="known_hosts file [default: ~/.ssh/known_hosts].")
-@click.option("--accept-new-host-keys", is_flag=True,
-              help="Trust and record keys of hosts not yet in known_hosts (a changed key is still refused).")
-@click.option("--concurrency", type=click.IntRange(1, 256), default=4, show_default=True)
-@click.option("--remote-dir", default=None, help="Bundle folder on the device, relative to the login's home "
-              "[default: edgeres/<bundle name>].")
-@click.option("--remote-python", default="python3", show_default=True, help="Python on the device.")
-@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), default="int8", show_default=True)
-@click.option("--iterations", type=click.IntRange(1), default=200, show_default=True, help="Timed iterations.")
-@click.option("--timeout", type=click.FloatRange(1), default=30.0, show_default=True, help="SSH connect timeout (s).")
-@json_option
-def deploy(bundle_dir, hosts, hosts_file, identity, known_hosts, accept_new_host_keys, concurrency, remote_dir,
-           remote_python, precision, iterations, timeout, as_json) -> None:
-    """Copy a bundle to devices over SSH, build and verify the engine on each, print a table per host."""
-    from edgeres.deploy.ssh import deploy as run_deploy
-    from edgeres.deploy.ssh import format_table
+def ssh_options(fn):
+    """The options every fleet command shares: which hosts, how to reach them, where edgeres lives on them."""
+    opts = [
+        click.option("--host", "hosts", multiple=True, metavar="[USER@]HOST[:PORT]",
+                     help="A device (an ~/.ssh/config alias works); repeat for a fleet."),
+        click.option("--hosts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="One [USER@]HOST[:PORT] per line; # comments."),
+        click.option("--identity", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="SSH private key (default: ssh config / agent / ~/.ssh/id_*)."),
+        click.option("--known-hosts", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="known_hosts file [default: ~/.ssh/known_hosts]."),
+        click.option("--ssh-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="ssh_config for aliases, ports, users, ProxyJump [default: ~/.ssh/config]."),
+        click.option("--accept-new-host-keys", is_flag=True,
+                     help="Trust and record keys of hosts not yet in known_hosts (a changed key is still refused)."),
+        click.option("--remote-root", default="/opt/edgeres", show_default=True,
+                     help="Releases folder on the device ('~/x': x in the login's home)."),
+        click.option("--state-dir", default="/var/lib/edgeres", show_default=True,
+                     help="Results and engine cache on the device."),
+        click.option("--sudo", is_flag=True, help="Run the device side with `sudo -n` (a non-root login)."),
+        click.option("--remote-python", default="python3", show_default=True,
+                     help="Python on the device (may hold arguments: '/usr/bin/python3 -X utf8')."),
+        click.option("--timeout", "connect_timeout", type=click.FloatRange(1), default=30.0, show_default=True,
+                     help="SSH connect timeout (s)."),
+        click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True,
+                     help="Retries after a connection error (not after a failed verification)."),
+        click.option("--concurrency", type=click.IntRange(1, 256), default=4, show_default=True),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
 
-    targets = _read_hosts(hosts, hosts_file)
+
+def _ssh_kwargs(kw: dict) -> dict:
+    keys = ("identity", "known_hosts", "ssh_config", "accept_new_host_keys", "remote_root", "state_dir", "sudo",
+            "remote_python", "connect_timeout", "retries")
+    return {k: kw[k] for k in keys}
+
+
+def _targets(kw: dict) -> list[str]:
+    targets = _read_hosts(kw["hosts"], kw["hosts_file"])
     if not targets:
         raise click.UsageError("give at least one --host or a --hosts-file")
-    results = run_deploy(bundle_dir, targets, concurrency=concurrency, accept_new_host_keys=accept_new_host_keys,
-                         known_hosts=known_hosts, identity=identity, remote_dir=remote_dir,
-                         remote_python=remote_python, precision=precision, iterations=iterations,
-                         connect_timeout=timeout)
-    emit([r.to_dict() for r in results], as_json, lambda: format_table(results))
+    return targets
+
+
+def _finish(results, as_json: bool, text) -> None:
+    emit([r.to_dict() for r in results], as_json, lambda: text(results))
     failed = [r for r in results if not r.ok]
     if failed:
         click.echo(f"Error: {len(failed)} of {len(results)} hosts failed: "
@@ -113,4 +132,60 @@ def deploy(bundle_dir, hosts, hosts_file, identity, known_hosts, accept_new_host
         sys.exit(1)
 
 
-COMMANDS = [bundle, deploy]
+@click.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@ssh_options
+@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), default="int8", show_default=True)
+@click.option("--iterations", type=click.IntRange(1), default=200, show_default=True, help="Timed iterations.")
+@click.option("--require-backend", type=click.Choice(["tensorrt"]), default=None,
+              help="Fail a host that would fall back to ONNX Runtime instead of TensorRT.")
+@click.option("--canary", type=click.IntRange(0), default=0, show_default=True,
+              help="Deploy to the first N hosts first; stop if any of them fails.")
+@click.option("--max-failures", type=click.IntRange(0), default=None,
+              help="Start no new host once more than K hosts failed.")
+@click.option("--host-timeout", type=click.FloatRange(1), default=3600.0, show_default=True,
+              help="Seconds one host may take (copy, engine build, verification, benchmark).")
+@json_option
+def deploy(bundle_dir, precision, iterations, require_backend, canary, max_failures, host_timeout, as_json,
+           **kw) -> None:
+    """Copy a bundle to devices over SSH; each builds, verifies and only then switches to the new release."""
+    from edgeres.deploy.ssh import deploy as run_deploy
+    from edgeres.deploy.ssh import format_table
+
+    results = run_deploy(bundle_dir, _targets(kw), concurrency=kw["concurrency"], canary=canary,
+                         max_failures=max_failures, host_timeout=host_timeout, precision=precision,
+                         iterations=iterations, require_backend=require_backend, **_ssh_kwargs(kw))
+    _finish(results, as_json, format_table)
+
+
+@click.command()
+@ssh_options
+@json_option
+def status(as_json, **kw) -> None:
+    """What each device runs: release, bundle sha, TensorRT, backend, engine, verdict, latency, when (reads only)."""
+    from edgeres.deploy.ssh import format_status
+    from edgeres.deploy.ssh import status as run_status
+
+    results = run_status(_targets(kw), concurrency=kw["concurrency"], **_ssh_kwargs(kw))
+    _finish(results, as_json, format_status)
+
+
+@click.command()
+@ssh_options
+@json_option
+def rollback(as_json, **kw) -> None:
+    """Switch each device back to its previous release (and that release's last result)."""
+    from edgeres.deploy.ssh import format_status
+    from edgeres.deploy.ssh import rollback as run_rollback
+    from edgeres.deploy.ssh import status as run_status
+
+    results = run_rollback(_targets(kw), concurrency=kw["concurrency"], **_ssh_kwargs(kw))
+    failed = {r.host for r in results if not r.ok}
+    if not as_json:   # show what now runs where
+        click.echo(format_status(run_status([r.host for r in results if r.host not in failed],
+                                            concurrency=kw["concurrency"], **_ssh_kwargs(kw))) if
+                   len(failed) < len(results) else "")
+    _finish(results, as_json, lambda rs: "\n".join(f"{r.host}: {r.message}" for r in rs if not r.ok))
+
+
+COMMANDS = [bundle, deploy, status, rollback]

@@ -8,6 +8,7 @@ import click
 from edgeres.cli._common import emit, json_option
 
 PLAN_TARGET_WITHOUT_TRT = "10.3"   # JetPack 6.1/6.2: the trtexec spelling printed when TensorRT is absent
+DEFAULT_CALIB_COUNT = 256
 JETSON_DLA_CORES = 2               # Xavier / Orin AGX / Orin NX 16GB, for planning a DLA build off-device
 
 
@@ -108,7 +109,9 @@ def compile_cmd(onnx_path, out, fp16, int8, dla_core, gpu_fallback, workspace, b
               help=".npz with preprocessed float32 images [N,C,H,W] under key 'x' (e.g. runs/<name>/probe.npz).")
 @click.option("--dataset", default=None, help="Or a dataset name (edgeres.data): its calibration split.")
 @click.option("--data-dir", default=None, help="Dataset folder for --dataset.")
-@click.option("--count", type=click.IntRange(1), default=256, show_default=True, help="Calibration images.")
+@click.option("--count", type=click.IntRange(1), default=None,
+              help="Calibration images [default: 256, or all of them when there are fewer; more than there are is "
+                   "an error].")
 @click.option("--trt-version", default=None,
               help="TensorRT that will read the cache (its version is in the header); default: the installed one.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Cache file, e.g. calibration/calib.cache")
@@ -136,7 +139,7 @@ def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, ou
     if not caps.implicit_int8:
         raise ConfigError(f"TensorRT {trt_version} has no implicit INT8 calibration; use the Q/DQ INT8 ONNX")
     if images is not None:
-        batches = npz_batches(images, limit=count)
+        batches = npz_batches(images, limit=count, default_limit=DEFAULT_CALIB_COUNT)
     else:
         batches = _dataset_batches(dataset, data_dir, count)
     ranges = activation_ranges(onnx_path, batches)
@@ -154,9 +157,9 @@ def _dataset_batches(dataset: str, data_dir: str | None, count: int, batch_size:
     from edgeres.errors import ConfigError
 
     calib = get_data(dataset=dataset, data_dir=data_dir, download=False).calib
-    if count > len(calib):
+    if count is not None and count > len(calib):
         raise ConfigError(f"asked for {count} calibration images; {dataset} has {len(calib)}")
-    n = count
+    n = count or min(DEFAULT_CALIB_COUNT, len(calib))
     xs = np.stack([np.asarray(calib[i][0], dtype=np.float32) for i in range(n)])
     return [xs[i:i + batch_size] for i in range(0, n, batch_size)]
 

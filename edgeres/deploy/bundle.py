@@ -32,7 +32,8 @@ RUN_FILES = {  # bundle name -> (path in the run folder, required)
 }
 TENSORRT_TARGETS = ("8.2 (JetPack 4.6)", "8.5 (JetPack 5.1)", "8.6", "10.3 (JetPack 6.1/6.2)")
 DEFAULT_GATES = {"min_top1_agreement": 0.9, "max_accuracy_drop": 0.05}
-EXECUTABLE = ("device_runtime.py", "edgeres-device")
+from edgeres.deploy.releases import EXECUTABLE  # noqa: E402 - one list for bundle, releases and deploy
+
 LAUNCHER = """#!/bin/sh
 # edgeres device runtime: verifies this bundle, builds and checks the engine for this device, benchmarks.
 # Needs python3 + numpy (+ tensorrt, or trtexec, or onnxruntime). Set PYTHON to use another interpreter.
@@ -45,6 +46,7 @@ def _runtime_sources() -> dict[str, Path | None]:
     pkg = Path(__file__).resolve().parents[1]
     engine_build = pkg / "tensorrt" / "engine_build.py"
     return {"device_runtime.py": pkg / "deploy" / "device_runtime.py",
+            "releases.py": pkg / "deploy" / "releases.py",
             "engine_build.py": engine_build if engine_build.is_file() else None}
 
 

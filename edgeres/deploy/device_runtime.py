@@ -437,6 +437,10 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
             prev["skipped"] = "result is current for this bundle, device and TensorRT version"
             return prev, EXIT_OK
     backend = choose_backend(info, args.backend)
+    if args.require_backend == "tensorrt" and backend == "onnxruntime":
+        raise BundleError("TensorRT is required (--require-backend tensorrt) but this device has neither working "
+                          "TensorRT Python bindings nor trtexec: " + ("; ".join(info.get("warnings") or [])
+                                                                      or "not installed"))
     if backend == "tensorrt" and not info["tensorrt_python"]:
         raise BundleError("--backend tensorrt: the TensorRT Python bindings are not importable here")
     if backend == "trtexec" and not info["trtexec"]:
@@ -509,6 +513,7 @@ def write_json(path: Path, obj: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
+    os.chmod(tmp, 0o644)   # the default user reads the result (mkstemp makes 0600)
     os.replace(tmp, path)
 
 
@@ -529,6 +534,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="do nothing when --out already holds a passed result for this bundle and TensorRT version")
     p.add_argument("--expect-manifest-sha256", default=None, help="refuse unless manifest.json has this sha256")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--require-backend", choices=("tensorrt",), default=None,
+                   help="fail (exit 2) instead of falling back to ONNX Runtime when TensorRT cannot be used")
     args = p.parse_args(argv)
     if args.iterations < 1:
         p.error("--iterations must be >= 1")

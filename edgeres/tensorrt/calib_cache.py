@@ -134,8 +134,10 @@ def read_calibration_cache(path: str | Path) -> tuple[str, dict[str, float]]:
     return lines[0].strip(), scales
 
 
-def npz_batches(path: str | Path, *, batch_size: int = 32, limit: int | None = None):
-    """Calibration batches from an .npz with images under key "x" (float32 NCHW, preprocessed)."""
+def npz_batches(path: str | Path, *, batch_size: int = 32, limit: int | None = None,
+                default_limit: int | None = None):
+    """Calibration batches from an .npz with images under key "x" (float32 NCHW, preprocessed): `limit` images
+    (more than the file holds is an error), else up to `default_limit`."""
     from edgeres.compare import load_probe
 
     x, _ = load_probe(path)
@@ -145,4 +147,6 @@ def npz_batches(path: str | Path, *, batch_size: int = 32, limit: int | None = N
         if limit > len(x):
             raise ConfigError(f"asked for {limit} calibration images; {path} holds {len(x)}")
         x = x[:limit]
+    elif default_limit is not None:
+        x = x[:default_limit]
     return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
