@@ -151,8 +151,9 @@ def install(root: Path, state: Path, source: Path, python: str, runtime_args: li
     out = state / "results" / f"{rid}.json"
     out.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     (state / "engines").mkdir(parents=True, exist_ok=True, mode=0o755)
+    # --skip-if-current: the same bundle already passed on this device and TensorRT version -> not verified again
     cmd = [python, str(dest / "device_runtime.py"), "--bundle", str(dest), "--out", str(out),
-           "--cache-dir", str(state / "engines"), *runtime_args]
+           "--cache-dir", str(state / "engines"), "--skip-if-current", *runtime_args]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     try:
         result = json.loads(out.read_text())
