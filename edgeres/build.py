@@ -30,7 +30,8 @@ class BuildOptions:
     int8: bool = False
     fp16: bool = False
     pretrained: Path | None = None
-    max_drop: float = 1.0          # pp of top-1 vs FP32 allowed for the final INT8 artifact
+    max_drop: float | None = None  # pp of top-1 vs FP32 allowed for the final INT8 model; None: the recipe's
+                                   # gates.max_drop_ptq (PTQ only) or gates.max_drop_qat (with QAT)
     force: bool = False
     quiet: bool = False
     bench_seconds: float = 1.0     # per artifact latency measurement in the verify stage
@@ -242,15 +243,25 @@ def _fp32_eval(ctx: BuildContext):
     return _eval(ctx, "eval_fp32", _fp32_model(ctx))
 
 
-def _drop_gate(ctx: BuildContext, rec: StageRecord, top1: float, *, final: bool, limit: float | None = None) -> None:
+def max_drop(opts: BuildOptions, recipe) -> tuple[float, str]:
+    """The allowed top-1 drop (pp) of the final INT8 model and where it comes from: --max-drop, else the recipe's
+    gates.max_drop_qat (QAT runs) or gates.max_drop_ptq (PTQ only)."""
+    if opts.max_drop is not None:
+        return opts.max_drop, "--max-drop"
+    if recipe.quant.qat_epochs > 0:
+        return recipe.gates.max_drop_qat, "gates.max_drop_qat"
+    return recipe.gates.max_drop_ptq, "gates.max_drop_ptq"
+
+
+def _drop_gate(ctx: BuildContext, rec: StageRecord, top1: float, *, final: bool) -> None:
     base = _fp32_eval(ctx).top1
     drop = round(base - top1, 4)
     rec.metrics.update({"top1": top1, "fp32_top1": base, "drop_pp": drop})
     if final:
-        lim = ctx.opts.max_drop if limit is None else limit
+        lim, source = max_drop(ctx.opts, ctx.recipe)
         g = rec.add_gate(Gate("top1_drop_pp", drop, lim, "<="))
         if not g.passed:
-            rec.message = f"{rec.stage}: top-1 dropped {drop:.2f} pp > --max-drop {lim:g}"
+            rec.message = f"{rec.stage}: top-1 dropped {drop:.2f} pp > {source} {lim:g}"
 
 
 def _calib_size(ctx: BuildContext) -> int:
@@ -405,9 +416,9 @@ def stage_compile(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
                                    f"to be built on the target (edgeres compile / edgeres bundle).",
                            metrics={"tensorrt": None, "reason": status.reason})
     from edgeres.tensorrt.compile import compile_engine
-    from edgeres.tensorrt.options import CompileOptions, Precision
+    from edgeres.tensorrt.options import CompileOptions, precision_from_flags
 
-    precision = Precision.INT8 if ctx.opts.int8 else Precision.FP16 if ctx.opts.fp16 else Precision.FP32
+    precision = precision_from_flags(fp16=ctx.opts.fp16, int8=ctx.opts.int8)   # --int8 --fp16: both kernels
     dest = ctx.path("engine", "model.plan")
     info = compile_engine(onnx_path, dest, CompileOptions(precision=precision), force=True)
     rec = StageRecord(stage="compile", metrics={"engine": info})
@@ -523,7 +534,7 @@ def build(opts: BuildOptions) -> BuildResult:
     from edgeres.io import ensure_writable_dir
     from edgeres.records import run_lock
 
-    if opts.max_drop < 0:
+    if opts.max_drop is not None and opts.max_drop < 0:
         raise ConfigError(f"--max-drop must be >= 0, got {opts.max_drop}")
     if opts.pretrained is not None and not Path(opts.pretrained).is_file():
         raise ConfigError(f"--pretrained checkpoint not found: {opts.pretrained}")
@@ -560,9 +571,10 @@ def _run_plan(ctx: BuildContext) -> BuildResult:
         calib = {"calib_size": _calib_size(ctx), "calib_method": recipe.quant.calib_method,
                  "seed": recipe.train.seed, **data_fp}
         final_ptq = recipe.quant.qat_epochs == 0
-        plan.append(("ptq", stage_ptq, "fold", {**calib, "max_drop": opts.max_drop if final_ptq else None}))
+        limit = max_drop(opts, recipe)[0]
+        plan.append(("ptq", stage_ptq, "fold", {**calib, "max_drop": limit if final_ptq else None}))
         if not final_ptq:
-            plan.append(("qat", stage_qat, "ptq", {"quant": d["quant"], "max_drop": opts.max_drop,
+            plan.append(("qat", stage_qat, "ptq", {"quant": d["quant"], "max_drop": limit,
                                                    "batch_size": recipe.data.batch_size, "seed": recipe.train.seed}))
     plan.append(("export_fp32", stage_export_fp32, "fold", {"export": d["export"], "gates": d["gates"]}))
     if opts.int8:
@@ -581,7 +593,7 @@ def _run_plan(ctx: BuildContext) -> BuildResult:
             run_stage(ctx, name, fn, parent, settings)
         parents = [ctx.records[n] for n in ("export_int8", "export_fp32") if n in ctx.records]
         run_stage(ctx, "verify", stage_verify, parents[0],
-                  {"max_drop": opts.max_drop, "bench_s": opts.bench_seconds, "artifacts":
+                  {"max_drop": max_drop(opts, recipe)[0], "bench_s": opts.bench_seconds, "artifacts":
                    sorted((r.stage, r.sha256, r.status) for r in ctx.records.values())})
     except GateError as e:
         ok, message = False, str(e)

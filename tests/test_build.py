@@ -199,3 +199,15 @@ def test_export_command_verifies_int8_on_real_images(built, tmp_path):
     assert obj["verify"]["inputs"] == "digits test split" and obj["verify"]["n_probe"] == 359
     assert obj["gates"] == [f"onnx_int8_top1_agreement {obj['verify']['top1_agreement']:.4g} >= 0.99"]
     assert dest.is_file() and not list(tmp_path.glob(".*unverified*"))
+
+
+def test_the_recipes_drop_limits_are_the_gate_unless_max_drop_is_given(tmp_path):
+    from edgeres.build import BuildOptions, _resolve_recipe, max_drop
+
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("gates:\n  max_drop_ptq: 0.4\n  max_drop_qat: 0.1\n")
+    with_qat = _resolve_recipe(BuildOptions(out=tmp_path, recipe=str(strict)))
+    ptq_only = _resolve_recipe(BuildOptions(out=tmp_path, recipe=str(strict), qat_epochs=0))
+    assert max_drop(BuildOptions(out=tmp_path), with_qat) == (0.1, "gates.max_drop_qat")
+    assert max_drop(BuildOptions(out=tmp_path), ptq_only) == (0.4, "gates.max_drop_ptq")
+    assert max_drop(BuildOptions(out=tmp_path, max_drop=2.0), with_qat) == (2.0, "--max-drop")

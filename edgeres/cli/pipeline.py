@@ -41,8 +41,9 @@ from edgeres.recipe import CALIB_METHODS
 @click.option("--backbone-lr-scale", type=click.FloatRange(0, 100), default=None,
               help="Fine-tuning: lr multiplier for every layer but the classifier (e.g. 0.1).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/ARCH-DATASET).")
-@click.option("--max-drop", type=float, default=1.0, show_default=True,
-              help="Largest top-1 drop (pp) of the INT8 model vs FP32 before the build fails.")
+@click.option("--max-drop", type=float, default=None,
+              help="Largest top-1 drop (pp) of the INT8 model vs FP32 before the build fails [default: the "
+                   "recipe's gates.max_drop_qat, or gates.max_drop_ptq with --qat-epochs 0].")
 @click.option("--force", is_flag=True, help="Re-run every stage instead of reusing finished ones.")
 @click.option("--bench-seconds", type=click.FloatRange(0), default=1.0, show_default=True,
               help="Latency measurement time per artifact in the verify stage (0 = skip timing).")
