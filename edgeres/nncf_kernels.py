@@ -3,8 +3,9 @@
 NNCF JIT-compiles a small C++ extension on first use (~80 s on 2 cores), gives up after 60 s, and a compile that is
 killed leaves torch's `lock` file behind, which makes every later run wait forever or fail. edgeres therefore:
 
-- builds the extension in its own cache folder (`~/.cache/edgeres/torch_extensions`, or `$TORCH_EXTENSIONS_DIR`
-  when the user set one), so it does not fight other tools over `~/.cache/torch_extensions`;
+- builds the extension in its own cache folder (`~/.cache/edgeres/torch_extensions/<environment>`, one per Python
+  environment, or `$TORCH_EXTENSIONS_DIR` when the user set one), so it fights neither other tools over
+  `~/.cache/torch_extensions` nor another venv over one build;
 - serialises builds with an `flock` (released by the kernel when a process dies, so it can never go stale), and
   under that lock removes torch's own `lock` file, which only a killed build can have left there;
 - compiles in a child process with a generous timeout (`EDGERES_NNCF_BUILD_TIMEOUT`, default 900 s) and a
@@ -36,10 +37,15 @@ _BUILD = ("import logging, nncf; nncf.set_log_level(logging.ERROR)\n"
 
 
 def extensions_root() -> Path:
+    """$TORCH_EXTENSIONS_DIR when the user set one, else one folder per Python environment (its sys.prefix): the
+    build is specific to that environment's torch and include paths, so two venvs never rebuild over each other."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    import hashlib
+
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "edgeres" / "torch_extensions"
+    env = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+    return cache / "edgeres" / "torch_extensions" / env
 
 
 @contextlib.contextmanager

@@ -42,6 +42,24 @@ def make_run(root: Path, **_unused) -> Path:
     return run
 
 
+def disagreeing_copy(bundle: Path, dest: Path) -> Path:
+    """A copy of `bundle` whose INT8 reference logits disagree with the model (rolled by one class), re-signed in
+    its manifest: intact on disk, failing verification on any device."""
+    import shutil
+
+    from edgeres.io import sha256_file
+
+    shutil.copytree(bundle, dest)
+    with np.load(dest / "probe.npz") as pz:
+        arrays = dict(pz)
+    arrays["ref_int8"] = np.roll(arrays["ref_int8"], 1, axis=1)
+    np.savez(dest / "probe.npz", **arrays)
+    m = json.loads((dest / "manifest.json").read_text())
+    m["files"]["probe.npz"].update(sha256=sha256_file(dest / "probe.npz"), size=(dest / "probe.npz").stat().st_size)
+    (dest / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    return dest
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("run"))
@@ -112,23 +130,12 @@ def test_device_runtime_passes_with_onnxruntime_and_imports_no_edgeres(bundle, t
 
 
 def test_device_runtime_fp32_and_gate_failure(bundle, tmp_path):
-    import shutil
 
     p = run_device(bundle, "--out", str(tmp_path / "r32.json"), "--precision", "fp32")
     assert p.returncode == 0, p.stderr
     assert json.loads((tmp_path / "r32.json").read_text())["verification"]["max_abs_diff"] < 1e-4
     # a bundle whose reference disagrees with the model: same files, a probe with shuffled references
-    bad = tmp_path / "bad"
-    shutil.copytree(bundle, bad)
-    with np.load(bad / "probe.npz") as pz:
-        arrays = dict(pz)
-    arrays["ref_int8"] = np.roll(arrays["ref_int8"], 1, axis=1)
-    np.savez(bad / "probe.npz", **arrays)
-    m = json.loads((bad / "manifest.json").read_text())
-    from edgeres.io import sha256_file
-
-    m["files"]["probe.npz"]["sha256"] = sha256_file(bad / "probe.npz")
-    (bad / "manifest.json").write_text(json.dumps(m))
+    bad = disagreeing_copy(bundle, tmp_path / "bad")
     p = run_device(bad, "--out", str(tmp_path / "bad.json"))
     assert p.returncode == 1, p.stderr
     r = json.loads((tmp_path / "bad.json").read_text())
@@ -306,3 +313,21 @@ def test_device_runtime_builds_and_verifies_tensorrt_engine(bundle, tmp_path):
     assert r["backend"] == "tensorrt" and r["tensorrt"] and r["engine"]["cached"] is False
     p = run_device(bundle, "--out", str(out), "--backend", "tensorrt", "--cache-dir", str(tmp_path / "engines"))
     assert p.returncode == 0 and json.loads(out.read_text())["engine"]["cached"] is True
+
+
+def test_device_runtime_keeps_its_exit_codes_for_unexpected_errors(bundle, tmp_path):
+    """A probe file that is intact (its sha256 matches) but not an .npz: one JSON result, exit 2, no traceback."""
+    import shutil
+
+    from edgeres.io import sha256_file
+
+    bad = tmp_path / "odd"
+    shutil.copytree(bundle, bad)
+    (bad / "probe.npz").write_bytes(b"not an npz at all")
+    m = json.loads((bad / "manifest.json").read_text())
+    m["files"]["probe.npz"].update(sha256=sha256_file(bad / "probe.npz"), size=(bad / "probe.npz").stat().st_size)
+    (bad / "manifest.json").write_text(json.dumps(m))
+    p = run_device(bad, "--out", str(tmp_path / "r.json"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["status"] == "error" and r["error"]

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from fleet import MISSING, Fleet, current_release
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_bundle import make_run  # noqa: E402 - a real small build's run folder
+from test_bundle import disagreeing_copy, make_run  # noqa: E402 - a real small build's run folder
 
 from edgeres.cli import main  # noqa: E402
 
@@ -25,22 +23,12 @@ def bundles(tmp_path_factory):
     """v1 and v2 of one run (v2: another probe size, so another manifest), and a v3 whose references disagree
     with the model (a bundle that fails verification on every device)."""
     from edgeres.deploy.bundle import make_bundle
-    from edgeres.io import sha256_file
 
     root = tmp_path_factory.mktemp("bundles")
     run = make_run(root)
     v1 = make_bundle(run, root / "v1" / "demo", probe_size=8)
     v2 = make_bundle(run, root / "v2" / "demo", probe_size=12)
-    v3 = root / "v3" / "demo"
-    shutil.copytree(v2, v3)
-    with np.load(v3 / "probe.npz") as z:
-        arrays = dict(z)
-    arrays["ref_int8"] = np.roll(arrays["ref_int8"], 1, axis=1)
-    np.savez(v3 / "probe.npz", **arrays)
-    m = json.loads((v3 / "manifest.json").read_text())
-    m["files"]["probe.npz"]["sha256"] = sha256_file(v3 / "probe.npz")
-    m["files"]["probe.npz"]["size"] = (v3 / "probe.npz").stat().st_size
-    (v3 / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    v3 = disagreeing_copy(v2, root / "v3" / "demo")
     return v1, v2, v3
 
 

@@ -56,6 +56,7 @@ def test_small_imagefolder_builds_from_flags_and_a_changed_size_never_reuses_the
     r = CliRunner().invoke(main, [*common, "--input-size", "32"])
     assert r.exit_code == 0, r.output
     assert "calibrating on all 32 images (the recipe asks 256)" in r.output
+    assert "evaluating" in r.stderr                       # no silent minutes: evaluation shows a bar
     ptq = next(json.loads(ln) for ln in (run / "stages.jsonl").read_text().splitlines() if '"ptq"' in ln)
     assert ptq["metrics"]["calib_size"] == 32
     with np.load(run / "probe.npz") as z:
