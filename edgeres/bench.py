@@ -21,7 +21,6 @@ DEFAULT_DURATION_S = 3.0        # trtexec --duration default
 DEFAULT_MIN_ITERATIONS = 10     # trtexec --iterations default
 DEFAULT_WARMUP_S = 0.2          # trtexec --warmUp default (200 ms)
 CV_WARN = 0.10                  # coefficient of variation above which numbers are called unstable
-PERCENTILES = (90, 95, 99)
 
 
 @dataclass(frozen=True)
@@ -54,11 +53,6 @@ class BatchResult:
     d2h: Stats | None = None
     warning: str | None = None
     samples_ms: tuple[float, ...] = ()
-
-    @property
-    def latency_ms(self) -> dict[str, float]:
-        """The host latency statistics as a plain dict (min, mean, median, p90, p95, p99, max, std, cv)."""
-        return asdict(self.latency)
 
     def to_dict(self, *, samples: bool = False) -> dict[str, Any]:
         d = asdict(self)

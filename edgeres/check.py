@@ -20,7 +20,6 @@ from edgeres.errors import ArtifactError
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 STANDARD_DOMAINS = ("", "ai.onnx")
-WEIGHT_CONSUMERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MIN_OPSET = 13
 
 

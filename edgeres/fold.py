@@ -178,7 +178,7 @@ def compare_logits(ref, other) -> dict[str, float]:
             "top1_agreement": agree, "n_probe": int(ref.shape[0])}
 
 
-def _torch_logits(model, x, batch_size: int = 64):
+def torch_logits(model, x, batch_size: int = 64):
     import numpy as np
     import torch
 
@@ -197,7 +197,7 @@ def fold_gate(reference, folded, probe_x, *, rel_tol: float = DEFAULT_REL_TOL):
     """Compare the folded model with the unfolded one on a probe batch. Returns (metrics, [Gate])."""
     from edgeres.records import Gate
 
-    metrics = compare_logits(_torch_logits(reference, probe_x), _torch_logits(folded, probe_x))
+    metrics = compare_logits(torch_logits(reference, probe_x), torch_logits(folded, probe_x))
     gates = [Gate("fold_max_abs_diff_rel", metrics["rel_diff"], rel_tol, "<="),
              Gate("fold_top1_agreement", metrics["top1_agreement"], 1.0, ">=")]
     return metrics, gates

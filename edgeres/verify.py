@@ -44,12 +44,12 @@ def is_int8_onnx(path: str | Path) -> bool:
 def verify_onnx(onnx_path: str | Path, reference, probe_x, *, rel_tol: float | None = None,
                 min_agreement: float | None = None, threads: int | None = None) -> tuple[dict[str, Any], list]:
     """Compare ONNX Runtime's logits with the torch reference's. Returns (metrics, [Gate])."""
-    from edgeres.fold import _torch_logits, compare_logits
+    from edgeres.fold import compare_logits, torch_logits
     from edgeres.records import Gate
 
     int8 = is_int8_onnx(onnx_path)
     session = ort_session(onnx_path, threads=threads, optimize=not int8)
-    metrics = compare_logits(_torch_logits(reference, probe_x), ort_logits(session, probe_x))
+    metrics = compare_logits(torch_logits(reference, probe_x), ort_logits(session, probe_x))
     metrics["precision"] = "int8" if int8 else "fp32"
     metrics["onnxruntime_optimizations"] = not int8
     prefix = "onnx_int8" if int8 else "onnx_fp32"

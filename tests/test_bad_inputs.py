@@ -172,6 +172,10 @@ CASES = [
     ("deploy-garbage-known-hosts", ["deploy", "{run}", "--host", "nvidia@127.0.0.1:1",
                                     "--known-hosts", "{root}/known_hosts_garbage"]),
     ("deploy-missing-bundle", ["deploy", "{root}/nope", "--host", "nvidia@127.0.0.1:1"]),
+    ("status-option-as-host", ["status", "--host", "-oProxyCommand=touch /tmp/pwned"]),
+    ("status-no-hosts", ["status"]),
+    ("rollback-garbage-known-hosts", ["rollback", "--host", "jetson1", "--known-hosts", "{root}/known_hosts_garbage"]),
+    ("rollback-non-utf8-hosts-file", ["rollback", "--hosts-file", "{root}/hosts_latin1.txt"]),
     # train / eval / zoo / experiment
     ("train-readonly-out", ["train", "--out", "{ro}/t", "--epochs", "1"]),
     ("train-binary-recipe", ["train", "--recipe", "{root}/binary.yaml", "--out", "{root}/t"]),

@@ -11,10 +11,3 @@ from edgeres.tensorrt.versions import TrtVersion, calib_version_tag, capabilitie
 __all__ = ["CompileOptions", "Precision", "TrtStatus", "TrtVersion", "calib_version_tag", "capabilities",
            "check_sidecar", "compile_engine", "inspect_onnx", "parse_batch", "parse_version", "plan_compile",
            "read_sidecar", "sidecar_path", "tensorrt_status", "validate_options"]
-
-
-def open_trt_runner(engine_path, *, cuda_graph: bool = False):
-    """TrtRunner for `engine_path` (imports tensorrt and Polygraphy's CUDA wrapper)."""
-    from edgeres.tensorrt.runner import TrtRunner
-
-    return TrtRunner(engine_path, cuda_graph=cuda_graph)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from edgeres.tensorrt.options import CompileOptions, Precision, resolved_strongly_typed
+from edgeres.tensorrt.options import CompileOptions, resolved_strongly_typed
 from edgeres.tensorrt.versions import TrtVersion, capabilities
 
 
@@ -72,11 +72,3 @@ def script_text(argv: list[str], *, trt_version: str, note: str = "") -> str:
     if note:
         head += [f"# {line}" for line in note.splitlines()]
     return "\n".join(head + ["set -e", format_command(argv), ""])
-
-
-def precision_summary(precision: Precision, trt_version: str | TrtVersion) -> list[str]:
-    """Builder flags a precision turns on for this version (none on 11.x)."""
-    caps = capabilities(trt_version)
-    if not caps.weak_typing:
-        return []
-    return [f for f, on in (("FP16", precision.uses_fp16), ("INT8", precision.uses_int8)) if on]
