@@ -46,6 +46,7 @@ def test_killed_build_and_a_second_build_leave_the_folder_consistent(tmp_path):
             if line.startswith("[ptq] running"):
                 break
         assert any(ln.startswith("[ptq] running") for ln in seen), "".join(seen)
+        os.killpg(first.pid, signal.SIGSTOP)   # frozen mid-stage (still holding its lock), however fast the machine
         second = subprocess.run([*EDGERES, "build", "--int8", "--qat-epochs", "0", *SMALL, "--out", str(run)],
                                 capture_output=True, text=True, env=env, timeout=300)
         assert second.returncode == 1
