@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -172,3 +173,14 @@ def test_remote_paths():
 
     assert _remote_path("~/x") == "x" and _under("/home/nv", _remote_path("~/x")) == "/home/nv/x"
     assert _under("/home/nv", "/opt/edgeres") == "/opt/edgeres"
+
+
+@pytest.mark.skipif(shutil.which("sudo") is None, reason="needs sudo (Debian package sudo; .ci/run installs it)")
+def test_sudo_runs_the_device_side_through_sudo_n(bundles, fleet):
+    """--sudo puts `sudo -n` (never a password prompt) in front of the device-side command; the release lands and
+    verifies as with a root login. (The test login is root here, so sudo -n needs no rule.)"""
+    _, v2, _ = bundles
+    d = fleet.devices[1]
+    [r] = _deploy(v2, [d.alias], fleet, sudo=True)
+    assert r.ok, r.message
+    assert current_release(d) == r.release

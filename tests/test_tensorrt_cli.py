@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import export_tiny_onnx
 from test_tensorrt_trtexec import tiny_onnx  # tests/ is on sys.path (pytest rootdir insertion)
 
 from edgeres.cli import main
@@ -105,3 +106,23 @@ def test_calib_cache_command(tmp_path):
     r11 = run("calib-cache", "--onnx", str(onnx_path), "--images", str(tmp_path / "probe.npz"), "--trt-version",
               "11.0", "--out", str(tmp_path / "x.cache"))
     assert r11.exit_code == 1 and "no implicit INT8 calibration" in r11.output
+
+
+def test_calib_cache_from_a_dataset_uses_the_images_ptq_calibrates_on(tmp_path):
+    """`edgeres calib-cache --dataset` draws its images as PTQ does (quantize.calibration_indices, same count and
+    seed): the TensorRT cache and the PTQ manifest describe one calibration set."""
+    import torch
+
+    from edgeres.data import get_data
+    from edgeres.quantize import calibration_indices
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 10))
+    onnx_path = export_tiny_onnx(net, tmp_path / "digits.onnx", shape=(1, 1, 32, 32))
+    r = run("calib-cache", "--onnx", str(onnx_path), "--dataset", "digits", "--count", "40", "--seed", "3",
+            "--trt-version", "8.6.2", "--out", str(tmp_path / "c.cache"), "--json")
+    assert r.exit_code == 0, r.output
+    used = json.loads(r.output)["calibration_indices"]
+    n = len(get_data(dataset="digits").calib)
+    assert used == calibration_indices(n, 40, seed=3) and used != list(range(40))
+    assert len(set(used)) == 40

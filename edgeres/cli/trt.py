@@ -114,10 +114,13 @@ def compile_cmd(onnx_path, out, fp16, int8, dla_core, gpu_fallback, workspace, b
                    "an error].")
 @click.option("--trt-version", default=None,
               help="TensorRT that will read the cache (its version is in the header); default: the installed one.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
+              help="With --dataset: the seed of the calibration draw (the same images `quantize --ptq` and `build` "
+                   "calibrate on for the same count and seed).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Cache file, e.g. calibration/calib.cache")
 @click.option("--force", is_flag=True, help="Replace an existing cache.")
 @json_option
-def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, out, force, as_json) -> None:
+def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, seed, out, force, as_json) -> None:
     """Write a TensorRT calibration cache (EntropyCalibration2 text) from ONNX Runtime activation ranges."""
     from edgeres.errors import ConfigError
     from edgeres.tensorrt.calib_cache import activation_ranges, npz_batches, write_calibration_cache
@@ -141,27 +144,32 @@ def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, ou
     if images is not None:
         batches = npz_batches(images, limit=count, default_limit=DEFAULT_CALIB_COUNT)
     else:
-        batches = _dataset_batches(dataset, data_dir, count)
+        batches, indices = _dataset_batches(dataset, data_dir, count, seed)
     ranges = activation_ranges(onnx_path, batches)
     result = write_calibration_cache(ranges, out, version_tag=calib_version_tag(trt_version), force=force)
+    if images is None:
+        result["calibration_indices"] = indices
     if caps.implicit_int8_deprecated:
         result["warning"] = "implicit INT8 calibration is deprecated since TensorRT 10.1"
     emit(result, as_json, lambda: f"{result['tensors']} tensor scales for {result['tag']} written to {out}"
          + (f" ({len(result['skipped'])} never-active tensors left out)" if result["skipped"] else ""))
 
 
-def _dataset_batches(dataset: str, data_dir: str | None, count: int, batch_size: int = 32):
+def _dataset_batches(dataset: str, data_dir: str | None, count: int | None, seed: int, batch_size: int = 32):
+    """The calibration images PTQ would draw (quantize.calibration_indices: same count and seed, same images)."""
     import numpy as np
 
     from edgeres.data import get_data
     from edgeres.errors import ConfigError
+    from edgeres.quantize import calibration_indices
 
     calib = get_data(dataset=dataset, data_dir=data_dir, download=False).calib
     if count is not None and count > len(calib):
         raise ConfigError(f"asked for {count} calibration images; {dataset} has {len(calib)}")
     n = count or min(DEFAULT_CALIB_COUNT, len(calib))
-    xs = np.stack([np.asarray(calib[i][0], dtype=np.float32) for i in range(n)])
-    return [xs[i:i + batch_size] for i in range(0, n, batch_size)]
+    indices = calibration_indices(len(calib), n, seed=seed)
+    xs = np.stack([np.asarray(calib[i][0], dtype=np.float32) for i in indices])
+    return [xs[i:i + batch_size] for i in range(0, n, batch_size)], indices
 
 
 @click.command("trt-status")
