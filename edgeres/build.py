@@ -112,13 +112,13 @@ def run_stage(ctx: BuildContext, name: str, fn: StageFn, parent: StageRecord | N
 # ---------------------------------------------------------------------------------------------------- stages
 
 def stage_train(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
-    from edgeres.checkpoint import load_model, save_checkpoint
+    from edgeres.checkpoint import load_model, num_outputs, save_checkpoint
     from edgeres.train import train
 
     rec = StageRecord(stage="train")
     if ctx.opts.pretrained:
         model, meta = load_model(ctx.opts.pretrained, arch=ctx.recipe.model.arch)
-        classes = (meta.num_classes if meta else None) or _num_outputs(model)
+        classes = (meta.num_classes if meta else None) or num_outputs(model)
         if classes != ctx.data.info.num_classes:
             raise ConfigError(f"--pretrained {ctx.opts.pretrained} predicts {classes} classes, the dataset has "
                               f"{ctx.data.info.num_classes}: fine-tune it instead with --init-from")
@@ -137,11 +137,6 @@ def stage_train(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     atomic_write_json(ctx.run_dir / "meta.json", meta.to_dict())
     rec.set_artifact(dest)
     return rec
-
-
-def _num_outputs(model) -> int:
-    head = getattr(model, "fc", None) or getattr(model, "classifier", None)
-    return int(head.out_features)
 
 
 def _meta_from_data(ctx: BuildContext):
@@ -281,12 +276,12 @@ def _calib_size(ctx: BuildContext) -> int:
 def stage_ptq(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     from edgeres.quantize import quantize_ptq, save_quantized
 
-    q = ctx.recipe.quant
-    res = quantize_ptq(_folded(ctx), ctx.data.calib, subset_size=_calib_size(ctx), method=q.calib_method,
+    q, n = ctx.recipe.quant, _calib_size(ctx)
+    res = quantize_ptq(_folded(ctx), ctx.data.calib, subset_size=n, method=q.calib_method,
                        seed=ctx.recipe.train.seed, manifest_path=ctx.path("calibration", "manifest.json"),
                        dataset_fingerprint=ctx.data.info.fingerprint, quiet=ctx.opts.quiet)
     ctx.cache["ptq"] = res.model
-    rec = StageRecord(stage="ptq", metrics={"calib_size": _calib_size(ctx), "calib_method": q.calib_method})
+    rec = StageRecord(stage="ptq", metrics={"calib_size": n, "calib_method": q.calib_method})
     ev = _eval(ctx, "eval_ptq", res.model)
     _drop_gate(ctx, rec, ev.top1, final=q.qat_epochs == 0)
     dest = ctx.path("quant", "ptq.pt")

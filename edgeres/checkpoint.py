@@ -135,6 +135,12 @@ def load_weights(model: Any, state: dict[str, Any], source: str = "checkpoint") 
 CLASSIFIER_KEYS = ("fc.weight", "fc.bias", "classifier.weight", "classifier.bias")
 
 
+def num_outputs(model: Any) -> int:
+    """Classes a model predicts: its classifier's output features (ResNets: fc, DenseNets: classifier)."""
+    head = getattr(model, "fc", None) or getattr(model, "classifier", None)
+    return int(head.out_features)
+
+
 def load_backbone(model: Any, path: str | Path) -> list[str]:
     """Fine-tuning: load every weight of `path` into `model` except a classifier whose class count differs, which
     keeps its fresh initialisation. Returns the names of the re-initialised tensors. Anything else that does not

@@ -100,6 +100,7 @@ def test_rollback_and_status_for_the_fleet(bundles, fleet):
     hosts = [x.alias for x in fleet.devices]
     r = CliRunner().invoke(main, ["rollback", "--host", d.alias, *fleet.cli_args()])
     assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == f"{d.alias}: now {first.release} (previous {second.release})"
     assert current_release(d) == first.release
     assert json.loads((d.state / "result.json").read_text())["manifest_sha256"] == \
         json.loads((d.state / "results" / f"{first.release}.json").read_text())["manifest_sha256"]

@@ -175,17 +175,12 @@ def status(as_json, **kw) -> None:
 @json_option
 def rollback(as_json, **kw) -> None:
     """Switch each device back to its previous release (and that release's last result)."""
-    from edgeres.deploy.ssh import format_status
     from edgeres.deploy.ssh import rollback as run_rollback
-    from edgeres.deploy.ssh import status as run_status
 
     results = run_rollback(_targets(kw), concurrency=kw["concurrency"], **_ssh_kwargs(kw))
-    failed = {r.host for r in results if not r.ok}
-    if not as_json:   # show what now runs where
-        click.echo(format_status(run_status([r.host for r in results if r.host not in failed],
-                                            concurrency=kw["concurrency"], **_ssh_kwargs(kw))) if
-                   len(failed) < len(results) else "")
-    _finish(results, as_json, lambda rs: "\n".join(f"{r.host}: {r.message}" for r in rs if not r.ok))
+    _finish(results, as_json, lambda rs: "\n".join(
+        f"{r.host}: now {r.result['current']} (previous {r.result['previous']})" if r.ok else f"{r.host}: {r.message}"
+        for r in rs))
 
 
 COMMANDS = [bundle, deploy, status, rollback]

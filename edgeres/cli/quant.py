@@ -21,14 +21,14 @@ def _pct(fraction: float) -> str:
 
 def _meta_for(model, meta, arch: str | None):
     """ModelMeta of a checkpoint, or one built from the registry for a foreign state_dict (--arch)."""
-    from edgeres.checkpoint import ModelMeta
+    from edgeres.checkpoint import ModelMeta, num_outputs
     from edgeres.models import get_spec
 
     if meta is not None:
         return meta
     spec = get_spec(arch)
     cin = model.conv1.in_channels if hasattr(model, "conv1") else spec.in_channels
-    ncls = model.fc.out_features if hasattr(model, "fc") else model.classifier.out_features
+    ncls = num_outputs(model)
     mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if cin == 3 else ((0.5,) * cin, (0.5,) * cin)
     return ModelMeta(arch=arch, num_classes=ncls, in_channels=cin, input_size=spec.input_size, mean=mean, std=std)
 

@@ -219,9 +219,11 @@ def _under(home: str, path: str) -> str:
     return path if path.startswith("/") else f"{home}/{path}"
 
 
-async def _releases(conn, opts: SSHOptions, action: str, *extra: str, timeout: float) -> tuple[int | None, dict]:
-    """Run releases.py's ACTION on the device (its source travels with the command); (exit status, its JSON)."""
-    home = await _home(conn)
+async def _releases(conn, opts: SSHOptions, action: str, *extra: str, timeout: float,
+                    home: str | None = None) -> tuple[int | None, dict]:
+    """Run releases.py's ACTION on the device (its source travels with the command); (exit status, its JSON).
+    `home`: the login's home when the caller already read it."""
+    home = home or await _home(conn)
     cmd = opts.wrap([*opts.remote_python, "-c", _releases_source(), action, "--root", _under(home, opts.remote_root),
                      "--state", _under(home, opts.state_dir), *extra])
     run = await conn.run(cmd, check=False, timeout=timeout)
@@ -244,7 +246,8 @@ async def _deploy_host(spec: HostSpec, bundle: Path, manifest: dict, opts: SSHOp
     conn = await _connect(spec, opts, res)
     async with conn:
         names = [*sorted(manifest["files"]), "manifest.json"]  # manifest last: it commits the copy
-        stage_dir = f"{await _home(conn)}/{STAGING}/{bundle.name.removesuffix('.tar.gz')}"
+        home = await _home(conn)
+        stage_dir = f"{home}/{STAGING}/{bundle.name.removesuffix('.tar.gz')}"
         py = " ".join(q(p) for p in opts.remote_python)
         res.stage = "copy"
         probe = await conn.run(f"mkdir -p -- {q(stage_dir)} && cd -- {q(stage_dir)} && {py} -c "
@@ -270,7 +273,7 @@ async def _deploy_host(spec: HostSpec, bundle: Path, manifest: dict, opts: SSHOp
         res.stage = "install"
         status, out = await _releases(conn, opts, "install", "--from", stage_dir, "--python", *opts.remote_python[:1],
                                       "--", "--expect-manifest-sha256", local["manifest.json"], *runtime_args,
-                                      timeout=run_timeout)
+                                      timeout=run_timeout, home=home)
     res.exit_status, res.result = status, out.get("result")
     res.release, res.activated = out.get("release"), bool(out.get("activated"))
     res.ok = status == 0 and res.activated
