@@ -400,23 +400,39 @@ def stage_calib_cache(ctx: BuildContext, parent: StageRecord | None) -> StageRec
     return rec
 
 
+def _write_device_plan(ctx: BuildContext) -> dict[str, Any]:
+    """RUN/tensorrt/plan.json + a stock trtexec script per target TensorRT, precision and GPU/DLA, written
+    whether or not this machine has TensorRT (the host decides; the device runs the script)."""
+    from edgeres.tensorrt.targets import PlanInputs, write_run_plan
+
+    fp32 = Path(ctx.records["export_fp32"].artifact)
+    int8 = Path(ctx.records["export_int8"].artifact) if "export_int8" in ctx.records else fp32
+    calib = ctx.records.get("calib_cache")
+    inputs = PlanInputs(fp32_name=fp32.name, int8_name=int8.name, fp32_onnx=fp32, int8_onnx=int8,
+                        calib_name=Path(calib.artifact).name if calib else None,
+                        calib_cache=Path(calib.artifact) if calib else None)
+    return write_run_plan(ctx.path("tensorrt"), inputs, batch=8, relative_to=ctx.run_dir)
+
+
 def stage_compile(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     from edgeres.tensorrt import tensorrt_status
 
     status = tensorrt_status()
     onnx_path = parent.artifact if parent else None
+    plan = _write_device_plan(ctx)
     if not status.available:
         return StageRecord(stage="compile", status=Status.SKIPPED.value,
                            message=f"TensorRT engine not built: {status.reason}. The ONNX {onnx_path} is ready "
-                                   f"to be built on the target (edgeres compile / edgeres bundle).",
-                           metrics={"tensorrt": None, "reason": status.reason})
+                                   f"to be built on the target: {plan['scripts']} trtexec scripts in tensorrt/ "
+                                   "(plan.json), or `edgeres bundle`.",
+                           metrics={"tensorrt": None, "reason": status.reason, "device_plan": plan})
     from edgeres.tensorrt.compile import compile_engine
     from edgeres.tensorrt.options import CompileOptions, precision_from_flags
 
     precision = precision_from_flags(fp16=ctx.opts.fp16, int8=ctx.opts.int8)   # --int8 --fp16: both kernels
     dest = ctx.path("engine", "model.plan")
     info = compile_engine(onnx_path, dest, CompileOptions(precision=precision), force=True)
-    rec = StageRecord(stage="compile", metrics={"engine": info})
+    rec = StageRecord(stage="compile", metrics={"engine": info, "device_plan": plan})
     rec.set_artifact(dest)
     return rec
 

@@ -30,8 +30,8 @@ RUN_FILES = {  # bundle name -> (path in the run folder, required)
     "model_int8.onnx": ("export/model_int8.onnx", True),
     "calib.cache": ("calibration/calib.cache", False),
 }
-TENSORRT_TARGETS = ("8.2 (JetPack 4.6)", "8.5 (JetPack 5.1)", "8.6", "10.3 (JetPack 6.1/6.2)")
 DEFAULT_GATES = {"min_top1_agreement": 0.9, "max_accuracy_drop": 0.05}
+MAX_PLAN_BATCH = 32
 from edgeres.deploy.releases import EXECUTABLE  # noqa: E402 - one list for bundle, releases and deploy
 
 LAUNCHER = """#!/bin/sh
@@ -151,6 +151,13 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str
             shutil.copyfile(src, dest / name)
     (dest / "edgeres-device").write_text(LAUNCHER)
 
+    from edgeres.tensorrt.targets import TARGETS, PlanInputs, device_plan
+
+    plan = device_plan(PlanInputs(fp32_name="model_fp32.onnx", int8_name="model_int8.onnx",
+                                  fp32_onnx=dest / "model_fp32.onnx", int8_onnx=dest / "model_int8.onnx",
+                                  calib_name="calib.cache" if files["calib.cache"] else None,
+                                  calib_cache=dest / "calib.cache" if files["calib.cache"] else None),
+                       batch=min(len(x), MAX_PLAN_BATCH))
     probe_acc = None if y is None else {"fp32": float((ref32.argmax(1) == y).mean()),
                                         "int8": float((ref8.argmax(1) == y).mean())}
     calib = "calib.cache" if files["calib.cache"] else None
@@ -178,9 +185,11 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str
         "gates": gates,
         "probe": {"file": "probe.npz", "count": int(len(x)), "labels": y is not None,
                   "arrays": sorted(arrays), "reference": "ONNX Runtime (CPU) on the bundled ONNX files"},
-        "tensorrt": {"validated": tensorrt_validated(run_dir), "targets": list(TENSORRT_TARGETS),
-                     "note": "validated: versions this run's engine was built and checked with; targets: versions "
-                             "the device runtime is written for, not tested here"},
+        "tensorrt": {"validated": tensorrt_validated(run_dir), "targets": [v[2] for v in TARGETS.values()],
+                     "note": "validated: versions this run's engine was built and checked with on real TensorRT; "
+                             "targets: versions the plan covers (checked against a TensorRT emulator built from "
+                             "each version's API, not on hardware)"},
+        "tensorrt_plan": plan,
         "runtime": {"entry": "device_runtime.py", "launcher": "edgeres-device",
                     "engine_build": "engine_build.py" if sources["engine_build.py"] else None},
     }

@@ -6,9 +6,12 @@ Standalone on purpose: python3 + numpy + (tensorrt | trtexec | onnxruntime). No 
     python3 device_runtime.py [--bundle DIR] [--out result.json] [--precision int8|fp16|fp32] [--iterations N]
 
 Steps: 1. every file's sha256 against manifest.json (a tampered bundle is refused); 2. describe the device
-(Jetson model, L4T/JetPack, TensorRT, DLA cores, power mode, clock locking); 3. build the engine, cached by
-device + TensorRT version + ONNX sha256; 4. run the probe set and compare with the host's reference logits
-(top-1 agreement and accuracy gates from the manifest); 5. benchmark. One JSON result is written and printed.
+(Jetson model, L4T/JetPack, TensorRT, DLA cores, power mode, clock locking); 3. look up the host's plan for this
+TensorRT version, precision and GPU/DLA (manifest "tensorrt_plan": which ONNX, calibration cache or not, profile
+shapes, build arguments, trtexec argv) and build the engine exactly as planned, cached by device + TensorRT
+version + plan entry; a combination the host refused is refused here with its one-line reason; 4. run the probe
+set and compare with the host's reference logits (top-1 agreement and accuracy gates from the manifest);
+5. benchmark. One JSON result is written and printed. Nothing is re-decided here. Needs Python >= 3.8.
 Exit codes: 0 passed, 1 a gate failed, 2 the bundle or the device cannot be used.
 """
 from __future__ import annotations
@@ -27,6 +30,11 @@ import time
 from pathlib import Path, PurePosixPath
 
 FORMAT = "edgeres-bundle/1"
+PLAN_FORMAT = "edgeres-trt-plan/1"
+# equal to engine_build.CUDART_NAMES (a test checks): runtime-only CUDA installs have only versioned names
+CUDART_NAMES = ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0",
+                "/usr/local/cuda/lib64/libcudart.so", "/usr/local/cuda/lib64/libcudart.so.13",
+                "/usr/local/cuda/lib64/libcudart.so.12", "/usr/local/cuda/lib64/libcudart.so.11.0")
 MANIFEST = "manifest.json"
 EXIT_OK, EXIT_GATE, EXIT_UNUSABLE = 0, 1, 2
 PRECISIONS = ("int8", "fp16", "fp32")
@@ -190,28 +198,81 @@ def choose_backend(info: dict, forced: str | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- backends
-def engine_key(info: dict, onnx_sha: str, precision: str, batch: int) -> str:
-    ident = json.dumps([info.get("model") or info.get("machine"), info.get("tensorrt"), onnx_sha, precision, batch])
+def engine_key(info: dict, entry: dict, dla_core) -> str:
+    ident = json.dumps([info.get("model") or info.get("machine"), info.get("tensorrt"), entry, dla_core],
+                       sort_keys=True)
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def build_with_python(bundle: Path, onnx: Path, engine: Path, *, precision: str, batch: int,
-                      calib: Path | None, workspace_mb: int, dla_core: int | None) -> dict:
+def _version_parts(text: str) -> list:
+    return [p for p in str(text).split(".") if p]
+
+
+def calib_tag(version: str) -> int:
+    """NV_TENSORRT_VERSION of a TensorRT version: 8.5.2 -> 8502, 10.3.0 -> 100300."""
+    v = [int(p) for p in re.findall(r"\d+", str(version))[:3]] + [0, 0, 0]
+    return v[0] * (10000 if v[0] >= 10 else 1000) + v[1] * 100 + v[2]
+
+
+def plan_entry(manifest: dict, trt_version: str, precision: str, device: str) -> dict:
+    """The host's decision for this TensorRT version, precision and gpu|dla; BundleError when there is none."""
+    plan = manifest.get("tensorrt_plan") or {}
+    if plan.get("format") != PLAN_FORMAT:
+        raise BundleError(f"the bundle has no TensorRT plan this runtime reads ({PLAN_FORMAT}); make it again with "
+                          "`edgeres bundle`")
+    parts = _version_parts(trt_version)
+    target = None
+    for key, spec in plan["targets"].items():
+        if any(parts[:len(_version_parts(m))] == _version_parts(m) for m in spec["match"]):
+            target = key
+            break
+    if target is None:
+        labels = ", ".join(spec["label"] for spec in plan["targets"].values())
+        raise BundleError(f"TensorRT {trt_version} is not a target of this bundle (targets: {labels}); "
+                          "edgeres needs TensorRT 8.5 or newer")
+    for entry in plan["entries"]:
+        if (entry["target"], entry["precision"], entry["device"]) == (target, precision, device):
+            if entry.get("refused"):
+                raise BundleError(f"{precision} on the {device.upper()} with TensorRT {trt_version}: "
+                                  f"{entry['refused']}")
+            return entry
+    raise BundleError(f"the bundle's plan has no entry for {precision} on the {device.upper()} with TensorRT "
+                      f"{trt_version}")
+
+
+def local_calib_cache(bundle: Path, entry: dict, trt_version: str, dest: Path):
+    """The planned calibration cache with its header naming THIS TensorRT (TensorRT ignores a cache from another
+    version, and trtexec then calibrates on random data without an error)."""
+    if not entry.get("calib_cache"):
+        return None
+    data = (bundle / safe_relpath(entry["calib_cache"])).read_bytes()
+    header, _, body = data.partition(b"\n")
+    if not re.fullmatch(rb"TRT-\d+-EntropyCalibration2", header.strip()):
+        raise BundleError(f"{entry['calib_cache']} does not start with a TRT-<version>-EntropyCalibration2 header")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(f"TRT-{calib_tag(trt_version)}-EntropyCalibration2".encode() + b"\n" + body)
+    return dest
+
+
+def build_with_python(bundle: Path, onnx: Path, engine: Path, entry: dict, *, calib, workspace_mb: int,
+                      dla_core) -> dict:
     if not (bundle / "engine_build.py").is_file():
         raise BundleError("TensorRT Python bindings found but the bundle has no engine_build.py")
     sys.path.insert(0, str(bundle))
     import engine_build  # shipped in the bundle, stdlib + tensorrt + numpy only
 
-    return engine_build.build_engine(str(onnx), str(engine), precision=precision, dla_core=dla_core,
-                                     gpu_fallback=dla_core is not None, workspace_mb=workspace_mb,
-                                     batch=(1, batch, batch),
+    kwargs = dict(entry["engine_build"])
+    kwargs["batch"] = tuple(kwargs["batch"])
+    if kwargs.get("dla_core") is not None:
+        kwargs["dla_core"] = dla_core
+    return engine_build.build_engine(str(onnx), str(engine), workspace_mb=workspace_mb,
                                      timing_cache=str(engine.with_suffix(".timing")),
-                                     calib_cache=str(calib) if calib else None)
+                                     calib_cache=str(calib) if calib else None, **kwargs)
 
 
-def build_with_python_checked(bundle: Path, onnx: Path, engine: Path, **kw) -> dict:
+def build_with_python_checked(bundle: Path, onnx: Path, engine: Path, entry: dict, **kw) -> dict:
     try:
-        return build_with_python(bundle, onnx, engine, **kw)
+        return build_with_python(bundle, onnx, engine, entry, **kw)
     except BundleError:
         raise
     except Exception as e:  # engine_build and TensorRT raise their own types; the result names the cause
@@ -225,8 +286,7 @@ class CudaRT:
         import ctypes
         import ctypes.util
 
-        names = [ctypes.util.find_library("cudart"), "libcudart.so", "libcudart.so.12", "libcudart.so.11.0"]
-        for name in filter(None, names):
+        for name in filter(None, (ctypes.util.find_library("cudart"), *CUDART_NAMES)):
             try:
                 self.lib = ctypes.CDLL(name)
                 break
@@ -313,30 +373,34 @@ def trtexec_shapes(name: str, shape: tuple[int, ...]) -> str:
     return f"{name}:" + "x".join(str(d) for d in shape)
 
 
-def trtexec_build(exe: str, onnx: Path, engine: Path, *, precision: str, input_name: str,
-                  chw: tuple[int, ...], batch: int, calib: Path | None) -> dict:
-    cmd = [exe, f"--onnx={onnx}", f"--saveEngine={engine}", "--skipInference",
-           f"--minShapes={trtexec_shapes(input_name, (1, *chw))}",
-           f"--optShapes={trtexec_shapes(input_name, (batch, *chw))}",
-           f"--maxShapes={trtexec_shapes(input_name, (batch, *chw))}"]
-    if precision == "int8":
-        cmd += ["--int8", "--fp16"]  # Q/DQ ONNX: explicit quantization, fp16 for the layers left unquantized
-    elif precision == "fp16":
-        cmd += ["--fp16"]
+def trtexec_build(exe: str, entry: dict, *, onnx: Path, engine: Path, calib, dla_core) -> dict:
+    """The host's trtexec argv for this entry, with this device's paths (and DLA core index) filled in."""
+    cmd = [exe] + [a.replace("{onnx}", str(onnx)).replace("{engine}", str(engine))
+                   .replace("{calib}", str(calib) if calib else "{calib}") for a in entry["trtexec"][1:]]
+    if dla_core is not None:
+        cmd = [f"--useDLACore={dla_core}" if a.startswith("--useDLACore=") else a for a in cmd]
+    if any("{calib}" in a for a in cmd):
+        raise BundleError("the plan's trtexec command needs a calibration cache the bundle does not have")
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0 or not engine.is_file():
         raise BundleError(f"trtexec failed to build the engine: {(p.stdout + p.stderr).strip()[-400:]}")
     return {"builder": "trtexec", "command": cmd}
 
 
-def trtexec_infer(exe: str, engine: Path, x, input_name: str, output_name: str):
+def _run_args(entry: dict, input_name: str, shape, dla_core) -> list:
+    """--shapes only for a dynamic profile (a static engine has its own); the DLA core for a DLA engine."""
+    args = [] if entry.get("static_batch") else [f"--shapes={trtexec_shapes(input_name, shape)}"]
+    return args + ([f"--useDLACore={dla_core}"] if dla_core is not None else [])
+
+
+def trtexec_infer(exe: str, engine: Path, x, input_name: str, output_name: str, run_args: list):
     """Run a batch through trtexec (--loadInputs / --exportOutput) and return the logits."""
     import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:
         inp, out = Path(tmp) / "input.bin", Path(tmp) / "output.json"
         np.ascontiguousarray(x, dtype=np.float32).tofile(inp)
-        cmd = [exe, f"--loadEngine={engine}", f"--shapes={trtexec_shapes(input_name, x.shape)}",
+        cmd = [exe, f"--loadEngine={engine}", *run_args,
                f"--loadInputs={input_name}:{inp}", f"--exportOutput={out}", "--iterations=1", "--warmUp=0",
                "--duration=0"]
         p = subprocess.run(cmd, capture_output=True, text=True)
@@ -348,8 +412,8 @@ def trtexec_infer(exe: str, engine: Path, x, input_name: str, output_name: str):
     raise BundleError(f"trtexec output has no tensor named {output_name!r}")
 
 
-def trtexec_bench(exe: str, engine: Path, input_name: str, shape: tuple[int, ...], iterations: int) -> dict:
-    cmd = [exe, f"--loadEngine={engine}", f"--shapes={trtexec_shapes(input_name, shape)}",
+def trtexec_bench(exe: str, engine: Path, run_args: list, shape: tuple, iterations: int) -> dict:
+    cmd = [exe, f"--loadEngine={engine}", *run_args,
            f"--iterations={iterations}", "--duration=0", "--warmUp=500", "--percentile=99"]
     p = subprocess.run(cmd, capture_output=True, text=True)
     text = p.stdout + p.stderr
@@ -396,14 +460,15 @@ def compare(logits, ref, y, gates: dict, expected_accuracy: float | None) -> dic
             "passed": all(c["passed"] for c in checks)}
 
 
-def previous_result_current(out: Path, manifest_sha: str, info: dict, precision: str) -> dict | None:
+def previous_result_current(out: Path, manifest_sha: str, info: dict, precision: str,
+                            dla_core=None) -> dict | None:
     """The earlier result when it passed for this same bundle, device, TensorRT version and precision."""
     try:
         prev = json.loads(out.read_text())
     except (OSError, ValueError):
         return None
     same = (prev.get("status") == "passed" and prev.get("manifest_sha256") == manifest_sha
-            and prev.get("precision") == precision
+            and prev.get("precision") == precision and prev.get("dla_core") == dla_core
             and (prev.get("device") or {}).get("tensorrt") == info.get("tensorrt")
             and (prev.get("device") or {}).get("model") == info.get("model"))
     return prev if same else None
@@ -416,6 +481,9 @@ def say(args: argparse.Namespace, msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> tuple[dict, int]:
+    if sys.version_info < (3, 8):
+        raise BundleError(f"Python {platform.python_version()}: the device runtime needs Python 3.8 or newer "
+                          "(JetPack 5.1 ships 3.8)")
     try:
         import numpy as np
     except ImportError:
@@ -432,7 +500,7 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     info = describe_device()
     out = Path(args.out) if args.out else bundle / "result.json"
     if args.skip_if_current:
-        prev = previous_result_current(out, manifest_sha, info, args.precision)
+        prev = previous_result_current(out, manifest_sha, info, args.precision, args.dla_core)
         if prev is not None and args.require_backend == "tensorrt" and prev.get("backend") == "onnxruntime":
             prev = None   # that result came from ONNX Runtime: with TensorRT required it does not count
         if prev is not None:
@@ -448,18 +516,32 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     if backend == "trtexec" and not info["trtexec"]:
         raise BundleError("--backend trtexec: no trtexec on PATH or in /usr/src/tensorrt/bin")
     models, spec = manifest["models"], manifest["input"]
-    onnx = bundle / safe_relpath(models["int8" if args.precision == "int8" else "fp32"])
+    device = "dla" if args.dla_core is not None else "gpu"
+    if device == "dla" and backend == "onnxruntime":
+        raise BundleError("--dla-core needs TensorRT (Python bindings or trtexec); this device has neither")
+    entry = None
+    if backend != "onnxruntime":   # the host's decision for this TensorRT, precision and device
+        entry = plan_entry(manifest, str(info["tensorrt"]), args.precision, device)
+        cores = info.get("dla_cores")
+        if device == "dla" and cores is not None and not 0 <= args.dla_core < cores:
+            raise BundleError(f"--dla-core {args.dla_core}: this device has {cores} DLA cores"
+                              + (" (desktop GPUs have none; Jetson Xavier and Orin have 2)" if cores == 0 else ""))
+    onnx = bundle / safe_relpath(entry["onnx"] if entry else models["int8" if args.precision == "int8" else "fp32"])
     probe = np.load(bundle / safe_relpath(manifest["probe"]["file"]))
     x = probe["x"].astype(np.float32)
     y = probe["y"].astype(np.int64) if "y" in probe.files else None
     ref = probe["ref_int8" if args.precision == "int8" else "ref_fp32"]
-    batch = int(args.batch or manifest.get("probe", {}).get("count", len(x)))
+    batch = int(entry["profile"]["opt"]) if entry else int(manifest.get("tensorrt_plan", {}).get("batch") or len(x))
     gates = {**{"min_top1_agreement": 0.9, "max_accuracy_drop": 0.05}, **manifest.get("gates", {})}
     expected = (manifest.get("expected_accuracy") or {}).get("probe", {}).get(args.precision if args.precision
                                                                                 != "fp16" else "fp32")
     result = {"format": "edgeres-result/1", "bundle": str(bundle), "manifest_sha256": manifest_sha,
               "run": manifest.get("run", {}).get("name"), "precision": args.precision, "backend": backend,
-              "device": info, "tensorrt": info["tensorrt"] if backend != "onnxruntime" else None, "note": None}
+              "device": info, "tensorrt": info["tensorrt"] if backend != "onnxruntime" else None, "note": None,
+              "plan": None if entry is None else {k: entry[k] for k in ("target", "precision", "device", "onnx",
+                                                                       "calib_cache", "profile")},
+              "runs_on": "dla" if device == "dla" else ("gpu" if backend != "onnxruntime" else "cpu"),
+              "dla_core": args.dla_core}
     name_in, name_out = spec["name"], manifest.get("output", {}).get("name", "logits")
     t0 = time.perf_counter()
     if backend == "onnxruntime":
@@ -472,41 +554,56 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
         infer, result["engine"] = runner.infer, None
     else:
         cache = Path(args.cache_dir) if args.cache_dir else bundle / "engines"
-        key = engine_key(info, manifest["files"][onnx.name]["sha256"], args.precision, batch)
+        key = engine_key(info, entry, args.dla_core)
         engine = cache / key / "model.plan"
         cached = engine.is_file()
-        calib = bundle / manifest["calibration_cache"] if manifest.get("calibration_cache") else None
+        build = None
         if not cached:
-            say(args, f"building the {args.precision} engine with {backend} (first run on this device and TensorRT "
-                      f"version; this can take minutes)")
+            say(args, f"building the {args.precision} engine for the {device.upper()} with {backend} as planned "
+                      f"({entry['onnx']}{', ' + entry['calib_cache'] if entry['calib_cache'] else ''}; first run "
+                      "on this device and TensorRT version; this can take minutes)")
             engine.parent.mkdir(parents=True, exist_ok=True)
+            calib = local_calib_cache(bundle, entry, str(info["tensorrt"]), engine.parent / "calib.cache")
             if backend == "tensorrt":
-                build = build_with_python_checked(bundle, onnx, engine, precision=args.precision, batch=batch,
-                                                  calib=calib, workspace_mb=args.workspace_mb,
-                                                  dla_core=args.dla_core)
+                build = build_with_python_checked(bundle, onnx, engine, entry, calib=calib,
+                                                  workspace_mb=args.workspace_mb, dla_core=args.dla_core)
             else:
-                build = trtexec_build(info["trtexec"], onnx, engine, precision=args.precision, input_name=name_in,
-                                      chw=tuple(x.shape[1:]), batch=batch, calib=calib)
-        result["engine"] = {"path": str(engine), "key": key, "cached": cached,
-                            "build": None if cached else build}
+                build = trtexec_build(info["trtexec"], entry, onnx=onnx, engine=engine, calib=calib,
+                                      dla_core=args.dla_core)
+        result["engine"] = {"path": str(engine), "key": key, "cached": cached, "build": build}
         if backend == "tensorrt":
             infer = TensorRTRunner(engine, name_in, name_out, batch).infer
         else:
-            infer = lambda b: trtexec_infer(info["trtexec"], engine, b, name_in, name_out)
+            infer = lambda b: trtexec_infer(info["trtexec"], engine, b, name_in, name_out,
+                                            _run_args(entry, name_in, b.shape, args.dla_core))
     result["prepare_s"] = round(time.perf_counter() - t0, 3)
     say(args, f"verifying on {len(x)} probe images ({backend})")
-    logits = np.concatenate([infer(x[i:i + batch]) for i in range(0, len(x), batch)])
+    static = bool(entry and entry.get("static_batch"))
+    logits = np.concatenate([infer_padded(infer, x[i:i + batch], batch if static else None)
+                             for i in range(0, len(x), batch)])
     result["verification"] = compare(logits, ref, y, gates, expected)
-    xb = x[:batch]
+    xb = x[:batch] if len(x) >= batch or not static else np.concatenate([x] * (batch // len(x) + 1))[:batch]
     say(args, f"timing {args.iterations} iterations at batch {len(xb)}")
     if backend == "trtexec":
-        result["benchmark"] = trtexec_bench(info["trtexec"], result["engine"]["path"], name_in, xb.shape,
+        result["benchmark"] = trtexec_bench(info["trtexec"], result["engine"]["path"],
+                                            _run_args(entry, name_in, xb.shape, args.dla_core), xb.shape,
                                             args.iterations)
     else:
         result["benchmark"] = benchmark(infer, xb, args.iterations)
     result["status"] = "passed" if result["verification"]["passed"] else "failed"
     result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return result, EXIT_OK if result["status"] == "passed" else EXIT_GATE
+
+
+def infer_padded(infer, xb, static_batch):
+    """A static-batch engine (DLA) takes exactly its batch: the last chunk is padded and the padding dropped."""
+    import numpy as np
+
+    n = len(xb)
+    if static_batch is None or n == static_batch:
+        return infer(xb)
+    pad = np.concatenate([xb, np.repeat(xb[-1:], static_batch - n, axis=0)])
+    return infer(pad)[:n]
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -526,12 +623,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="result JSON (default: BUNDLE/result.json)")
     p.add_argument("--precision", choices=PRECISIONS, default="int8")
     p.add_argument("--iterations", type=int, default=200, help="timed iterations")
-    p.add_argument("--batch", type=int, default=None, help="batch for the engine and the benchmark (default: probe)")
     p.add_argument("--backend", choices=("tensorrt", "trtexec", "onnxruntime"), default=None,
                    help="force a backend (default: tensorrt, else trtexec, else onnxruntime)")
     p.add_argument("--cache-dir", default=None, help="engine cache (default: BUNDLE/engines)")
     p.add_argument("--workspace-mb", type=int, default=1024)
-    p.add_argument("--dla-core", type=int, default=None)
+    p.add_argument("--dla-core", type=int, default=None,
+                   help="run on this DLA core (the host's DLA plan: static batch, no GPU fallback)")
     p.add_argument("--skip-if-current", action="store_true",
                    help="do nothing when --out already holds a passed result for this bundle and TensorRT version")
     p.add_argument("--expect-manifest-sha256", default=None, help="refuse unless manifest.json has this sha256")

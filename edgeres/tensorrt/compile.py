@@ -11,7 +11,7 @@ from typing import Any
 
 from edgeres.errors import ArtifactError, BackendUnavailable, ConfigError
 from edgeres.io import atomic_write_text, refuse_overwrite, sha256_file
-from edgeres.tensorrt.options import DEFAULT_BATCH, CompileOptions, validate_options
+from edgeres.tensorrt.options import DEFAULT_BATCH, DLA_DEFAULT_BATCH, CompileOptions, validate_options
 from edgeres.tensorrt.sidecar import sidecar_path, trtexec_script_path, write_sidecar
 from edgeres.tensorrt.trtexec import script_text, trtexec_command
 from edgeres.tensorrt.versions import capabilities, parse_version
@@ -90,7 +90,7 @@ def inspect_onnx(path: str | Path) -> OnnxInfo:
 
 def _batch_for(onnx: OnnxInfo, options: CompileOptions) -> tuple[int, int, int]:
     if onnx.dynamic_batch:
-        return options.batch or DEFAULT_BATCH
+        return options.batch or (DLA_DEFAULT_BATCH if options.dla_core is not None else DEFAULT_BATCH)
     fixed = int(onnx.input_shape[0])  # type: ignore[arg-type]
     if options.batch is not None and not all(b == fixed for b in options.batch):
         raise ConfigError(f"the ONNX input {onnx.input_name} has a fixed batch of {fixed}; --batch "

@@ -63,10 +63,16 @@ def is_jetson() -> bool:
         return False
 
 
+# Where the CUDA runtime is looked for: the unversioned name needs the CUDA dev package; runtime-only installs
+# (JetPack, the nvidia-cuda-runtime wheels, containers) have only the versioned one: CUDA 13 (TensorRT 10.16 /
+# 11 default), 12 (TensorRT 10.x, JetPack 6) and 11 (JetPack 5). The device runtime keeps an equal copy.
+CUDART_NAMES = ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0",
+                "/usr/local/cuda/lib64/libcudart.so", "/usr/local/cuda/lib64/libcudart.so.13",
+                "/usr/local/cuda/lib64/libcudart.so.12", "/usr/local/cuda/lib64/libcudart.so.11.0")
+
+
 def _cudart():
-    names = [ctypes.util.find_library("cudart"), "libcudart.so", "libcudart.so.12", "libcudart.so.11.0",
-             "/usr/local/cuda/lib64/libcudart.so"]
-    for name in names:
+    for name in (ctypes.util.find_library("cudart"), *CUDART_NAMES):
         if not name:
             continue
         try:
@@ -112,7 +118,11 @@ def runtime_info(trt: Any = None) -> dict[str, Any]:
 # ---------------------------------------------------------------- sidecar check (standalone)
 
 def _compatible_version(built: str, runtime: str, version_compatible: bool) -> bool:
+    """Compared on the parts both name: '8.6.1.6' (tensorrt.__version__) and '8.6.1' (trtexec's banner) are one
+    release."""
     b, r = _version_tuple(built), _version_tuple(runtime)
+    n = max(3, min(len(str(built).split(".")), len(str(runtime).split("."))))
+    b, r = b[:n], r[:n]
     if not version_compatible:
         return b == r
     if r < b:
@@ -233,8 +243,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         raise BuildError(f"TensorRT {version} has no FP16 builder flag; cast the ONNX to FP16 instead")
     if typed and major < 11 and (use_fp16 or use_int8):
         raise BuildError("a strongly typed network takes precision from the ONNX; use precision fp32")
-    if dla_core is not None and major >= 11:
-        raise BuildError(f"TensorRT {version} has no DLA support")
+    if dla_core is not None and major >= 11 and _version_tuple(version)[:3] < (11, 4, 1):
+        raise BuildError(f"TensorRT {version} has no DLA support (absent from 11.0 to 11.4.0)")
     if calib_cache is not None and major >= 11:
         raise BuildError(f"TensorRT {version} removed implicit INT8 calibration caches")
     if not onnx_path.is_file():

@@ -13,6 +13,7 @@ from edgeres.errors import ConfigError
 from edgeres.tensorrt.versions import TrtVersion, capabilities, parse_version
 
 DEFAULT_BATCH = (1, 8, 32)
+DLA_DEFAULT_BATCH = (1, 1, 1)   # DLA runs static shapes only
 HARDWARE_LEVELS = ("ampere+",)
 
 
@@ -102,7 +103,7 @@ def validate_options(opts: CompileOptions, trt_version: str | TrtVersion, *, is_
     # DLA
     if opts.dla_core is not None:
         if not caps.dla:
-            raise ConfigError(f"--dla-core: TensorRT {v} has no DLA support (DLA was dropped in TensorRT 11); "
+            raise ConfigError(f"--dla-core: TensorRT {v} has no DLA support (absent from TensorRT 11.0 to 11.4.0); "
                               "DLA engines are built on a Jetson with JetPack's TensorRT 8.5, 8.6 or 10.3")
         if not is_jetson or dla_cores < 1:
             raise ConfigError("--dla-core needs a Jetson with DLA cores (Xavier, Orin); this device has none. "
@@ -112,9 +113,13 @@ def validate_options(opts: CompileOptions, trt_version: str | TrtVersion, *, is_
                               f"0..{dla_cores - 1}")
         if p is Precision.FP32:
             raise ConfigError("DLA runs FP16 or INT8 only: add --fp16 or --int8 to --dla-core")
-        if opts.batch is not None and opts.batch[0] != opts.batch[2] and not opts.gpu_fallback:
-            raise ConfigError("DLA needs a fixed batch: use --batch N,N,N (or add --gpu-fallback to run the "
-                              "dynamic-shape layers on the GPU)")
+        if opts.batch is not None and opts.batch[0] != opts.batch[2]:
+            raise ConfigError("DLA needs a fixed batch: use --batch N (min = opt = max); with a dynamic batch every "
+                              "layer would fall back to the GPU and the engine would not run on DLA at all")
+        if onnx_has_qdq and not v.at_least(8, 6):
+            raise ConfigError(f"--dla-core with the Q/DQ INT8 ONNX: TensorRT {v} does not support explicit "
+                              "quantization on DLA; compile the FP32 ONNX with --int8 --calib-cache "
+                              "calibration/calib.cache")
         if opts.version_compatible:
             raise ConfigError("--version-compatible cannot be combined with --dla-core (not supported on DLA)")
     elif opts.gpu_fallback:

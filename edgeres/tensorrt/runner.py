@@ -15,6 +15,8 @@ from edgeres.errors import ArtifactError, BackendUnavailable, ConfigError
 from edgeres.runners import Runner
 
 _CAPTURE_MODE_THREAD_LOCAL = 1  # cudaStreamCaptureModeThreadLocal
+NP_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64",
+             "BOOL": "bool", "UINT8": "uint8"}
 
 
 class _Cuda:
@@ -129,10 +131,16 @@ class TrtRunner(Runner):
         return ins, [n for n in names if n not in ins]
 
     def _dtype(self, name: str):
+        """Our own DataType -> NumPy map: tensorrt.nptype on 8.5.2 builds its table with `np.bool`, absent from
+        NumPy 1.24-1.26 (what JetPack 5.1's Python 3.8 gets from pip), so every call raises there."""
         eng = self._engine
         dt = eng.get_tensor_dtype(name) if hasattr(eng, "get_tensor_dtype") else \
             eng.get_binding_dtype(eng.get_binding_index(name))
-        return self._np.dtype(self._trt.nptype(dt))
+        key = getattr(dt, "name", str(dt).rsplit(".", 1)[-1])
+        if key not in NP_DTYPES:
+            raise ArtifactError(f"{self.engine_path}: tensor {name} has TensorRT type {key}, which edgeres does not "
+                                "read")
+        return self._np.dtype(NP_DTYPES[key])
 
     def _prepare(self, shape: tuple[int, ...]) -> None:
         """(Re)allocate buffers and bind addresses for an input shape; re-capture the CUDA graph."""
@@ -148,8 +156,11 @@ class TrtRunner(Runner):
             out_shape = tuple(ctx.get_binding_shape(self._engine.get_binding_index(out)))
         for buf in self._bufs.values():
             buf.free()
-        self._bufs = {inp: cuda.DeviceArray(shape=shape, dtype=self._dtype(inp)),
-                      out: cuda.DeviceArray(shape=out_shape, dtype=self._dtype(out))}
+        # our dtypes, never DeviceArray.dtype (deprecated in Polygraphy 0.49, another type from 0.50)
+        self._io_dtypes = {inp: self._dtype(inp), out: self._dtype(out)}
+        self._out_shape = out_shape
+        self._bufs = {inp: cuda.DeviceArray(shape=shape, dtype=self._io_dtypes[inp]),
+                      out: cuda.DeviceArray(shape=out_shape, dtype=self._io_dtypes[out])}
         if self._v3:
             for name, buf in self._bufs.items():
                 ctx.set_tensor_address(name, buf.ptr)
@@ -192,7 +203,7 @@ class TrtRunner(Runner):
                               f"; rebuild with `edgeres compile --batch`")
         self._prepare(tuple(x.shape))
         inp, out = self._bufs[self._inputs[0]], self._bufs[self._outputs[0]]
-        host_out = np.empty(out.shape, dtype=out.dtype)
+        host_out = np.empty(self._out_shape, dtype=self._io_dtypes[self._outputs[0]])
         e0, e1, e2, e3 = self._events
         s = self._stream.ptr
         self._cu.record(e0, s)

@@ -7,7 +7,7 @@ ship 10.3; desktops) and 11.x (desktops only: no JetPack, no DLA). Facts encoded
 - 10.0 added NetworkDefinitionCreationFlag.STRONGLY_TYPED (trtexec --stronglyTyped).
 - 10.1 deprecated the implicit INT8 calibrators; 11.0 removed them and every weak-typing precision flag
   (BuilderFlag.FP16/INT8, trtexec --fp16/--int8/--best/--calib): 11.x networks are always strongly typed.
-- DLA is gone in 11.x; trtexec --workspace was replaced by --memPoolSize=workspace:<MiB> (8.4+), removed in 10.
+- DLA is gone in 11.0-11.4.0 and back in 11.4.1 (AGX Orin, strongly typed networks only); trtexec --workspace was replaced by --memPoolSize=workspace:<MiB> (8.4+), removed in 10.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ KNOWN_TARGETS = {
     "8.6": "8.6.2 (JetPack 6.0, Jetson Orin)",
     "10.3": "10.3.0 (JetPack 6.1/6.2, Jetson Orin)",
     "10": "10.x (desktop GPUs)",
-    "11": "11.x (desktop GPUs; strongly typed only, no DLA)",
+    "11": "11.x (desktop GPUs; strongly typed only; DLA from 11.4.1)",
 }
 
 
@@ -67,7 +67,7 @@ class Capabilities:
     implicit_int8_deprecated: bool  # deprecated since 10.1
     strongly_typed: bool           # STRONGLY_TYPED network flag exists (10.x) or is the only mode (11.x)
     always_strongly_typed: bool    # 11.x
-    dla: bool                      # DLA supported by this TensorRT (< 11)
+    dla: bool                      # DLA supported by this TensorRT (< 11, and 11.4.1+)
     version_compatible: bool       # BuilderFlag.VERSION_COMPATIBLE (8.6+)
     hardware_compatibility: bool   # HardwareCompatibilityLevel.AMPERE_PLUS (8.6+)
     trtexec_explicit_batch: bool   # --explicitBatch accepted (8.x only)
@@ -89,7 +89,7 @@ def capabilities(version: str | TrtVersion) -> Capabilities:
         implicit_int8_deprecated=v.at_least(10, 1),
         strongly_typed=v.major >= 10,
         always_strongly_typed=v.major >= 11,
-        dla=v.major < 11,
+        dla=v.major < 11 or v >= TrtVersion(11, 4, 1),
         version_compatible=v.at_least(8, 6),
         hardware_compatibility=v.at_least(8, 6),
         trtexec_explicit_batch=v.major < 10,

@@ -1,0 +1,188 @@
+"""The device plan: what each target TensorRT must do with a run's ONNX files, decided once, on the host.
+
+For every target TensorRT (8.5 = JetPack 5.1, 8.6 = JetPack 6.0, 10.3 = JetPack 6.1/6.2, newest 10.x and
+11.x on desktops) x precision (int8, fp16, fp32) x device (GPU, DLA) the plan says which ONNX, whether a
+calibration cache is used, the profile shapes, the `engine_build.build_engine` arguments and the stock
+trtexec argv (tensorrt/trtexec.py) — or refuses the combination with one line saying why. The rules are the
+ones `edgeres compile` applies (options.validate_options over versions.capabilities); nothing here is
+re-decided on the device: the bundle's device runtime looks up its entry and executes it.
+
+Choices (and why):
+- INT8 on the GPU: the Q/DQ ONNX (explicit quantization: the scales QAT/PTQ chose), BuilderFlag.INT8 only —
+  the same on the Python and trtexec paths — and on 11.x no flag (strongly typed). Never a calibration cache
+  with the Q/DQ ONNX (TensorRT ignores it).
+- INT8 on DLA: the FP32 ONNX + the calibration cache (implicit INT8), on every version with DLA: TensorRT 8.5
+  does not support explicit quantization on DLA, and one rule for all versions keeps DLA figures comparable.
+  The cache header is re-tagged on the device to that TensorRT's NV_TENSORRT_VERSION (a cache from another
+  version is ignored by TensorRT, and trtexec then calibrates on random data without an error).
+- DLA: a static batch (min = opt = max), no GPU fallback, so a DLA engine either runs on DLA or fails to
+  build — never a GPU figure labelled DLA. FP16 or INT8 only.
+- FP16 on 11.x: refused (no FP16 flag; it needs an FP16 ONNX, which a bundle does not carry).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from edgeres.errors import ConfigError
+from edgeres.tensorrt.options import CompileOptions, Precision, validate_options
+from edgeres.tensorrt.trtexec import trtexec_command
+from edgeres.tensorrt.versions import capabilities
+
+PLAN_FORMAT = "edgeres-trt-plan/1"
+# key -> (the version whose rules apply, version prefixes it serves (first match wins, in this order), label)
+TARGETS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "8.5": ("8.5.2", ("8.5",), "TensorRT 8.5.2 (JetPack 5.1.x)"),
+    "8.6": ("8.6.2", ("8.6",), "TensorRT 8.6 (JetPack 6.0)"),
+    "10.3": ("10.3.0", ("10.3",), "TensorRT 10.3 (JetPack 6.1/6.2)"),
+    "10": ("10.16.0", ("10",), "TensorRT 10.x (desktop GPUs)"),
+    "11": ("11.0.0", ("11",), "TensorRT 11.x (desktop GPUs)"),
+}
+PRECISIONS = ("int8", "fp16", "fp32")
+DEVICES = ("gpu", "dla")
+# placeholders the device substitutes with its own paths (it decides nothing else)
+ONNX, ENGINE, CALIB = "{onnx}", "{engine}", "{calib}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanInputs:
+    """What the host has: the two ONNX files (bundle-relative names and their inspected inputs) and the cache."""
+
+    fp32_name: str
+    int8_name: str
+    fp32_onnx: Path
+    int8_onnx: Path
+    calib_name: str | None = None
+    calib_cache: Path | None = None
+
+
+def target_for(version: str) -> str | None:
+    """'8.5.2.2' -> '8.5', '10.16.0' -> '10', '8.2.1' -> None (not a target)."""
+    parts = str(version).split(".")
+    for key, (_, prefixes, _) in TARGETS.items():
+        for prefix in prefixes:
+            p = prefix.split(".")
+            if parts[:len(p)] == p:
+                return key
+    return None
+
+
+def _refused(target: str, precision: str, device: str, why: str) -> dict[str, Any]:
+    return {"target": target, "precision": precision, "device": device, "refused": why}
+
+
+def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, batch: int) -> dict[str, Any]:
+    """One decision: the build and run instructions for (target TensorRT, precision, gpu|dla), or a refusal."""
+    from edgeres.tensorrt.compile import inspect_onnx
+
+    rules_version, _, label = TARGETS[target]
+    caps = capabilities(rules_version)
+    dla = device == "dla"
+    if dla and not caps.dla:
+        return _refused(target, precision, device, f"{label} has no DLA support")
+    if dla and precision == "fp32":
+        return _refused(target, precision, device, "DLA runs FP16 or INT8 only")
+    explicit = precision == "int8" and not dla
+    if precision == "int8" and dla and inputs.calib_cache is None:
+        return _refused(target, precision, device, "INT8 on DLA needs the calibration cache (implicit INT8); this "
+                                                   "run has none (build with --int8 to write calibration/calib.cache)")
+    if precision == "int8" and dla and not caps.implicit_int8:
+        return _refused(target, precision, device, f"{label} has no implicit INT8 (calibration caches)")
+    if precision == "fp16" and not caps.weak_typing:
+        return _refused(target, precision, device, f"{label} is strongly typed only: FP16 needs an FP16 ONNX, "
+                                                   "which the bundle does not carry (use int8 or fp32)")
+    onnx_path, onnx_name = (inputs.int8_onnx, inputs.int8_name) if explicit else (inputs.fp32_onnx, inputs.fp32_name)
+    info = inspect_onnx(onnx_path)
+    shapes = (batch, batch, batch) if dla or not info.dynamic_batch else (1, batch, batch)
+    if not info.dynamic_batch and batch != int(info.input_shape[0]):   # type: ignore[arg-type]
+        shapes = (int(info.input_shape[0]),) * 3   # type: ignore[arg-type]
+    use_cache = precision == "int8" and dla
+    opts = CompileOptions(precision=Precision(precision), dla_core=0 if dla else None,
+                          batch=shapes if info.dynamic_batch else None,
+                          calib_cache=inputs.calib_cache if use_cache else None)
+    try:
+        warnings = validate_options(opts, rules_version, is_jetson=dla, dla_cores=1 if dla else 0,
+                                    onnx_has_qdq=info.has_qdq)
+    except ConfigError as e:
+        return _refused(target, precision, device, str(e))
+    argv_opts = dataclasses.replace(opts, calib_cache=Path(CALIB) if use_cache else None)
+    argv = trtexec_command(ONNX, ENGINE, argv_opts, rules_version, input_name=info.input_name,
+                           input_chw=info.chw, dynamic_batch=info.dynamic_batch, batch=shapes)
+    return {
+        "target": target, "precision": precision, "device": device, "refused": None,
+        "onnx": onnx_name, "onnx_sha256": info.sha256, "explicit_quantization": info.has_qdq,
+        "calib_cache": inputs.calib_name if use_cache else None,
+        "input": info.input_name, "profile": {"min": shapes[0], "opt": shapes[1], "max": shapes[2]},
+        "static_batch": shapes[0] == shapes[2],
+        # keyword arguments of engine_build.build_engine (the device adds paths and its DLA core index)
+        "engine_build": {"precision": precision, "dla_core": 0 if dla else None, "gpu_fallback": False,
+                         "batch": list(shapes), "strongly_typed": caps.always_strongly_typed or None},
+        "trtexec": argv,
+        "trtexec_run": [f"--useDLACore={0}"] if dla else [],
+        "warnings": warnings,
+    }
+
+
+def device_plan(inputs: PlanInputs, *, batch: int) -> dict[str, Any]:
+    """Every (target, precision, device) entry, in the order the device matches targets."""
+    entries = [plan_entry(t, p, d, inputs, batch=batch) for t in TARGETS for p in PRECISIONS for d in DEVICES]
+    return {"format": PLAN_FORMAT, "batch": batch,
+            "targets": {k: {"rules": v[0], "match": list(v[1]), "label": v[2]} for k, v in TARGETS.items()},
+            "entries": entries}
+
+
+def script_name(entry: dict[str, Any]) -> str:
+    return f"trtexec-{entry['target']}-{entry['precision']}-{entry['device']}.sh"
+
+
+def script_for(entry: dict[str, Any], *, onnx: str, calib: str | None) -> str:
+    """A stock trtexec build for one plan entry, runnable on the device from the folder holding the files."""
+    from edgeres.tensorrt.trtexec import format_command
+
+    label = TARGETS[entry["target"]][2]
+    argv = [a.replace(ONNX, onnx).replace(ENGINE, f"model-{entry['precision']}-{entry['device']}.plan")
+            .replace(CALIB, "calib.local.cache") for a in entry["trtexec"]]
+    lines = ["#!/bin/sh", f"# {label}: {entry['precision']} on the {entry['device'].upper()}, written by edgeres "
+             "(the host's plan; see plan.json).", "# Run it on the target device next to the files it names "
+             "(trtexec is in /usr/src/tensorrt/bin on JetPack).", 'cd "$(dirname "$0")"', "set -e",
+             'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"']
+    for w in entry["warnings"]:
+        lines.append(f"# note: {w}")
+    if calib:
+        lines += ["# the cache header must name this TensorRT (else TensorRT ignores it and trtexec calibrates on "
+                  "random data)",
+                  "tag=$(\"$TRTEXEC\" --help 2>&1 | sed -n 's/.*TensorRT v\\([0-9]*\\).*/\\1/p' | head -n 1)",
+                  '[ -n "$tag" ] || { echo "cannot read the TensorRT version from trtexec --help" >&2; exit 1; }',
+                  f"sed \"1s/.*/TRT-$tag-EntropyCalibration2/\" {calib} > calib.local.cache"]
+    lines.append('"$TRTEXEC" ' + format_command(argv[1:]))
+    return "\n".join(lines) + "\n"
+
+
+def write_run_plan(folder: Path, inputs: PlanInputs, *, batch: int, relative_to: Path) -> dict[str, Any]:
+    """FOLDER/plan.json and one stock trtexec script per planned (not refused) entry, whose paths are relative
+    to FOLDER as seen from `relative_to` (the run folder): copy the run folder to a device and run a script."""
+    import os
+
+    from edgeres.io import atomic_write_json, atomic_write_text
+
+    plan = device_plan(inputs, batch=batch)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def rel(p: Path | None) -> str | None:
+        return None if p is None else os.path.relpath(Path(p).resolve(), folder.resolve())
+
+    scripts = []
+    for entry in plan["entries"]:
+        if entry["refused"]:
+            continue
+        onnx = rel(inputs.int8_onnx if entry["onnx"] == inputs.int8_name else inputs.fp32_onnx)
+        path = folder / script_name(entry)
+        atomic_write_text(path, script_for(entry, onnx=str(onnx), calib=rel(inputs.calib_cache)
+                                           if entry["calib_cache"] else None))
+        path.chmod(0o755)
+        entry["script"] = path.name
+        scripts.append(path.name)
+    atomic_write_json(folder / "plan.json", plan)
+    return {"plan": str((folder / "plan.json").relative_to(relative_to)), "scripts": len(scripts),
+            "refused": sum(1 for e in plan["entries"] if e["refused"])}
