@@ -221,11 +221,12 @@ def plan_entry(manifest: dict, trt_version: str, precision: str, device: str) ->
         raise BundleError(f"the bundle has no TensorRT plan this runtime reads ({PLAN_FORMAT}); make it again with "
                           "`edgeres bundle`")
     parts = _version_parts(trt_version)
-    target = None
-    for key, spec in plan["targets"].items():
-        if any(parts[:len(_version_parts(m))] == _version_parts(m) for m in spec["match"]):
-            target = key
-            break
+    target, best = None, 0
+    for key, spec in plan["targets"].items():   # the most specific prefix wins: 10.3.x -> "10.3", 10.16 -> "10"
+        for m in spec["match"]:
+            n = len(_version_parts(m))
+            if parts[:n] == _version_parts(m) and n > best:
+                target, best = key, n
     if target is None:
         labels = ", ".join(spec["label"] for spec in plan["targets"].values())
         raise BundleError(f"TensorRT {trt_version} is not a target of this bundle (targets: {labels}); "
@@ -373,6 +374,13 @@ def trtexec_shapes(name: str, shape: tuple[int, ...]) -> str:
     return f"{name}:" + "x".join(str(d) for d in shape)
 
 
+def trtexec_error(text: str) -> str:
+    """One line from trtexec's output: its error lines ([E]), else its last line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "[E]" in ln]
+    return (" | ".join(errors) if errors else (lines[-1] if lines else "no output"))[-400:]
+
+
 def trtexec_build(exe: str, entry: dict, *, onnx: Path, engine: Path, calib, dla_core) -> dict:
     """The host's trtexec argv for this entry, with this device's paths (and DLA core index) filled in."""
     cmd = [exe] + [a.replace("{onnx}", str(onnx)).replace("{engine}", str(engine))
@@ -383,7 +391,7 @@ def trtexec_build(exe: str, entry: dict, *, onnx: Path, engine: Path, calib, dla
         raise BundleError("the plan's trtexec command needs a calibration cache the bundle does not have")
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0 or not engine.is_file():
-        raise BundleError(f"trtexec failed to build the engine: {(p.stdout + p.stderr).strip()[-400:]}")
+        raise BundleError(f"trtexec failed to build the engine: {trtexec_error(p.stdout + p.stderr)}")
     return {"builder": "trtexec", "command": cmd}
 
 
@@ -405,7 +413,7 @@ def trtexec_infer(exe: str, engine: Path, x, input_name: str, output_name: str, 
                "--duration=0"]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0 or not out.is_file():
-            raise BundleError(f"trtexec inference failed: {(p.stdout + p.stderr).strip()[-400:]}")
+            raise BundleError(f"trtexec inference failed: {trtexec_error(p.stdout + p.stderr)}")
         for entry in json.loads(out.read_text()):
             if entry.get("name") == output_name:
                 return np.asarray(entry["values"], dtype=np.float32).reshape(x.shape[0], -1)
@@ -420,7 +428,7 @@ def trtexec_bench(exe: str, engine: Path, run_args: list, shape: tuple, iteratio
     lat = re.search(r"Latency: .*?median = ([\d.]+) ms.*?percentile\(99%\) = ([\d.]+) ms", text)
     thr = re.search(r"Throughput: ([\d.]+) qps", text)
     if p.returncode != 0 or not lat:
-        raise BundleError(f"trtexec benchmark failed: {text.strip()[-400:]}")
+        raise BundleError(f"trtexec benchmark failed: {trtexec_error(text)}")
     return {"median_ms": float(lat.group(1)), "p99_ms": float(lat.group(2)),
             "throughput_qps": float(thr.group(1)) * shape[0] if thr else None, "source": "trtexec"}
 

@@ -113,6 +113,9 @@ class TrtRunner(Runner):
         profile = self.sidecar.get("profile") or {}
         self.min_batch = int((profile.get("min") or [1])[0])
         self.max_batch = int((profile.get("max") or [1])[0])
+        self.input_shape = tuple(int(d) for d in (profile.get("min") or [])[1:]) or None   # C, H, W
+        self.path = self.engine_path
+        self.precision = str(self.sidecar.get("precision") or "")
         self._bufs: dict[str, Any] = {}
         self._shape: tuple[int, ...] | None = None
         self._graph: int | None = None

@@ -31,7 +31,7 @@ from edgeres.tensorrt.trtexec import trtexec_command
 from edgeres.tensorrt.versions import capabilities
 
 PLAN_FORMAT = "edgeres-trt-plan/1"
-# key -> (the version whose rules apply, version prefixes it serves (first match wins, in this order), label)
+# key -> (the version whose rules apply, version prefixes it serves (the longest matching prefix wins), label)
 TARGETS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "8.5": ("8.5.2", ("8.5",), "TensorRT 8.5.2 (JetPack 5.1.x)"),
     "8.6": ("8.6.2", ("8.6",), "TensorRT 8.6 (JetPack 6.0)"),
@@ -60,12 +60,13 @@ class PlanInputs:
 def target_for(version: str) -> str | None:
     """'8.5.2.2' -> '8.5', '10.16.0' -> '10', '8.2.1' -> None (not a target)."""
     parts = str(version).split(".")
-    for key, (_, prefixes, _) in TARGETS.items():
+    found, best = None, 0
+    for key, (_, prefixes, _) in TARGETS.items():   # the most specific prefix wins (the device does the same)
         for prefix in prefixes:
             p = prefix.split(".")
-            if parts[:len(p)] == p:
-                return key
-    return None
+            if parts[:len(p)] == p and len(p) > best:
+                found, best = key, len(p)
+    return found
 
 
 def _refused(target: str, precision: str, device: str, why: str) -> dict[str, Any]:
@@ -125,7 +126,7 @@ def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, 
 
 
 def device_plan(inputs: PlanInputs, *, batch: int) -> dict[str, Any]:
-    """Every (target, precision, device) entry, in the order the device matches targets."""
+    """Every (target, precision, device) entry."""
     entries = [plan_entry(t, p, d, inputs, batch=batch) for t in TARGETS for p in PRECISIONS for d in DEVICES]
     return {"format": PLAN_FORMAT, "batch": batch,
             "targets": {k: {"rules": v[0], "match": list(v[1]), "label": v[2]} for k, v in TARGETS.items()},

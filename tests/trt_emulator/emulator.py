@@ -3,7 +3,7 @@
 Its surface is generated from NVIDIA's own binding tables (tests/trt_emulator/api/<version>/python_api.json,
 copied from ../shared/trt-api): a class, method, property, enum member or module function that version does
 not have raises AttributeError, as the real bindings do; a name the version has but the emulator does not
-implement raises NotImplementedError when used. Behaviour is emulated where edgeres relies on it, with the
+implement is present (hasattr is True) and raises NotImplementedError when called. Behaviour is emulated where edgeres relies on it, with the
 rules the real builder applies (each rule below cites what it stands for):
 
 - ONNX parsing: 8.x networks need NetworkDefinitionCreationFlag.EXPLICIT_BATCH ("Network must have explicit
@@ -107,9 +107,8 @@ class _Surface(metaclass=_SurfaceMeta):
                 raise AttributeError(f"'tensorrt.{type(self).__name__}' object has no attribute '{name}'")
             try:
                 return object.__getattribute__(self, name)
-            except AttributeError:
-                raise NotEmulated(f"{EMULATOR_NAME}: {type(self).__name__}.{name} exists in this TensorRT "
-                                  "version but is not emulated") from None
+            except AttributeError:   # the version has it (hasattr is True, as on the real bindings); using it says
+                return _not_emulated_fn(f"{type(self).__name__}.{name}", "this version")   # it is not emulated
         return object.__getattribute__(self, name)
 
     def __setattr__(self, name, value):

@@ -1,0 +1,335 @@
+"""The Jetson path on the TensorRT EMULATOR (tests/trt_emulator): `edgeres build` -> `edgeres bundle` -> the device
+runtime, for every emulated TensorRT version x {Python bindings, trtexec} x {int8, fp16, fp32} x {GPU, DLA}.
+
+Nothing here ran on TensorRT: the emulator's surface is NVIDIA's binding tables per version and its engines run
+the ONNX with ONNX Runtime, so the probe agreement below is computed from real outputs of the planned ONNX.
+Real hardware: tests/test_tensorrt_device.py. Run this file alone with `python -m pytest -m trt_emulator`.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_bundle import make_run  # tests/ is on sys.path (pytest rootdir insertion)
+from trt_emulator import DLA_VERSIONS, VERSIONS, EmulatedDevice
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.trt_emulator
+JETSON = {"8.5.2", "8.6", "10.3"}          # JetPack's TensorRT versions: a device with 2 DLA cores (Orin)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    from edgeres.deploy.bundle import make_bundle
+
+    run = make_run(tmp_path_factory.mktemp("run"))
+    return make_bundle(run, tmp_path_factory.mktemp("b") / "bundle", probe_size=16)
+
+
+def device(root: Path, version: str, **kw) -> EmulatedDevice:
+    kw.setdefault("dla_cores", 2 if version in JETSON else 0)
+    return EmulatedDevice(root / f"dev-{version}", version=version, **kw)
+
+
+def run_device(dev: EmulatedDevice, bundle: Path, out: Path, *args: str) -> tuple[int, dict, str]:
+    p = subprocess.run([sys.executable, str(bundle / "device_runtime.py"), "--bundle", str(bundle), "--out",
+                        str(out), "--iterations", "3", "--quiet", *args], env=dev.env(), capture_output=True,
+                       text=True, cwd=str(out.parent))
+    lines = p.stdout.strip().splitlines()
+    return p.returncode, (json.loads(lines[-1]) if lines else {}), p.stderr
+
+
+def expected_refusal(version: str, backend: str, precision: str, unit: str) -> str | None:
+    """What must be refused (a fragment of the one line), from the published facts: no DLA on 11.0; DLA runs
+    FP16/INT8 only; desktop GPUs (10.16, 11.0 here) have no DLA cores — known up front from the Python bindings
+    (Builder.num_DLA_cores), from TensorRT's own build error with trtexec alone; 11.x is strongly typed."""
+    if unit == "dla":
+        if version == "11.0":
+            return "no DLA support"
+        if precision == "fp32":
+            return "DLA runs FP16 or INT8 only"
+        if version not in JETSON:
+            return "this device has 0 DLA cores" if backend == "tensorrt" else "DLA is not available on this device"
+    if version == "11.0" and precision == "fp16":
+        return "strongly typed"
+    return None
+
+
+MATRIX = [(v, b, p, u) for v in VERSIONS for b in ("tensorrt", "trtexec") for p in ("int8", "fp16", "fp32")
+          for u in ("gpu", "dla")]
+
+
+@pytest.mark.parametrize("version,backend,precision,unit", MATRIX,
+                         ids=[f"{v}-{b}-{p}-{u}" for v, b, p, u in MATRIX])
+def test_bundle_on_emulated_device(bundle, tmp_path, version, backend, precision, unit):
+    dev = device(tmp_path, version, python_bindings=backend == "tensorrt", trtexec=backend == "trtexec")
+    args = ["--precision", precision, "--backend", backend, "--cache-dir", str(tmp_path / "engines")]
+    args += ["--dla-core", "1"] if unit == "dla" else []
+    code, result, stderr = run_device(dev, bundle, tmp_path / "result.json", *args)
+    assert "Traceback" not in stderr, stderr
+    refusal = expected_refusal(version, backend, precision, unit)
+    if refusal:
+        assert code == 2 and result["status"] == "error", result
+        assert refusal in result["error"] and "\n" not in result["error"], result["error"]
+        assert not list((tmp_path / "engines").rglob("*.plan")), "a refused combination must not build"
+        return
+    assert code == 0, (result.get("error"), stderr[-2000:])
+    assert result["backend"] == backend and result["tensorrt"].startswith(version.split(".")[0])
+    assert dev_version(version).startswith(result["device"]["tensorrt"])   # trtexec's banner has 3 parts
+    plan = result["plan"]
+    assert plan["precision"] == precision and plan["device"] == unit and result["runs_on"] == unit
+    # the host's choices, executed: Q/DQ ONNX for INT8 on the GPU; FP32 ONNX + cache for INT8 on DLA
+    if precision == "int8":
+        assert plan["onnx"] == ("model_fp32.onnx" if unit == "dla" else "model_int8.onnx")
+        assert (plan["calib_cache"] is not None) == (unit == "dla")
+    if unit == "dla":
+        assert plan["profile"]["min"] == plan["profile"]["max"], "DLA must be static"
+    engine = Path(result["engine"]["path"])
+    head = json.loads(engine.read_bytes().split(b"\n", 2)[1])   # the emulated engine's own record
+    assert head["device_type"] == unit.upper() and head["layers_on_gpu"] == (0 if unit == "dla" else
+                                                                             head["layers_on_gpu"])
+    if unit == "dla":
+        assert head["layers_on_dla"] > 0 and head["dla_core"] == 1
+        if precision == "int8":
+            assert head["calibration"] == "calibration cache" and head["calibration_scales"] > 0
+    v = result["verification"]
+    assert v["passed"] and v["top1_agreement"] >= 0.9 and np.isfinite(v["max_abs_diff"])
+    assert result["benchmark"]["median_ms"] > 0
+
+
+def dev_version(folder: str) -> str:
+    from trt_emulator.emulator import API
+
+    return json.loads((API / folder / "python_api.json").read_text())["_about"]["tensorrt_version_from_NvInferVersion_h"]
+
+
+# ---------------------------------------------------------------------------------------------- the symptoms
+def test_int8_default_path_does_not_pass_the_cache_with_the_qdq_onnx(bundle, tmp_path):
+    """Symptom 1: the default device run (int8, Python bindings) used to hand calib.cache to build_engine together
+    with the Q/DQ ONNX, which refuses the pair (exit 2 on every Jetson)."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["calibration_cache"] == "calib.cache"   # the bundle does carry one (for DLA)
+    code, result, _ = run_device(device(tmp_path, "8.5.2"), bundle, tmp_path / "r.json")
+    assert code == 0 and result["backend"] == "tensorrt" and result["plan"]["calib_cache"] is None
+
+
+def test_trtexec_85_accepts_only_its_own_options(tmp_path):
+    """Symptom 2: trtexec 8.5.2 knows --buildOnly, not --skipInference; the stand-in fails on an unknown option
+    exactly as trtexec does, and our argv for each version uses only that version's options."""
+    from test_tensorrt_trtexec import tiny_onnx
+    from trt_emulator.trtexec import accepted_options
+
+    from edgeres.tensorrt.targets import PlanInputs, device_plan
+
+    dev = device(tmp_path, "8.5.2", python_bindings=False)
+    onnx = tiny_onnx(tmp_path / "m.onnx")
+    p = subprocess.run(["trtexec", f"--onnx={onnx}", "--skipInference"], env=dev.env(), capture_output=True,
+                       text=True)
+    assert p.returncode != 0 and "Unknown option: --skipInference" in p.stdout
+    plan = device_plan(PlanInputs("m.onnx", "m.onnx", onnx, onnx), batch=4)
+    for v, target in (("8.5.2", "8.5"), ("8.6", "8.6"), ("10.3", "10.3"), ("10.16", "10"), ("11.0", "11")):
+        known = accepted_options(v)
+        for entry in plan["entries"]:
+            if entry["target"] == target and not entry["refused"]:
+                flags = {a.split("=")[0] for a in entry["trtexec"][1:]}
+                assert flags <= known, (v, flags - known)
+
+
+def test_int8_is_the_same_build_on_both_paths(bundle):
+    """Symptom 2b: trtexec built int8 as --int8 --fp16 and the Python path as plain int8; one plan now."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    for e in m["tensorrt_plan"]["entries"]:
+        if e["precision"] == "int8" and not e["refused"] and e["target"] != "11":
+            assert "--int8" in e["trtexec"] and "--fp16" not in e["trtexec"] and "--best" not in e["trtexec"]
+            assert e["engine_build"]["precision"] == "int8"
+
+
+def test_dla_is_static_and_never_falls_back(tmp_path):
+    """Symptom 3: DLA builds used a dynamic profile with GPU fallback (every layer silently on the GPU)."""
+    from test_tensorrt_trtexec import tiny_onnx
+
+    from edgeres.errors import ConfigError
+    from edgeres.tensorrt import CompileOptions, Precision, validate_options
+    from edgeres.tensorrt.compile import _batch_for, inspect_onnx
+
+    info = inspect_onnx(tiny_onnx(tmp_path / "m.onnx"))
+    dla = CompileOptions(precision=Precision.FP16, dla_core=0)
+    assert _batch_for(info, dla) == (1, 1, 1)
+    for fallback in (False, True):
+        with pytest.raises(ConfigError, match="fixed batch"):
+            validate_options(CompileOptions(precision=Precision.FP16, dla_core=0, batch=(1, 8, 8),
+                                            gpu_fallback=fallback), "8.6", is_jetson=True, dla_cores=2)
+    with pytest.raises(ConfigError, match="explicit quantization on DLA"):
+        validate_options(CompileOptions(precision=Precision.INT8, dla_core=0, batch=(4, 4, 4)), "8.5.2",
+                         is_jetson=True, dla_cores=2, onnx_has_qdq=True)
+    # the emulator refuses what TensorRT refuses: a dynamic profile on DLA without fallback
+    from trt_emulator import emulator
+
+    dev = device(tmp_path, "8.6")
+    env = dev.env()
+    code = ("import json,sys; sys.path.insert(0,%r); from trt_emulator.emulator import build_module;"
+            "trt=build_module('8.6'); lg=trt.Logger(trt.Logger.ERROR); b=trt.Builder(lg);"
+            "n=b.create_network(1); p=trt.OnnxParser(n, lg); assert p.parse_from_file(%r);"
+            "c=b.create_builder_config(); c.set_flag(trt.BuilderFlag.FP16); c.default_device_type=trt.DeviceType.DLA;"
+            "c.DLA_core=0; pr=b.create_optimization_profile(); pr.set_shape('input',(1,3,16,16),(8,3,16,16),"
+            "(8,3,16,16)); c.add_optimization_profile(pr); print(b.build_serialized_network(n, c) is None)"
+            % (str(REPO / "tests"), str(tmp_path / "m.onnx")))
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert p.stdout.strip() == "True" and "dynamic shapes" in p.stderr, p.stderr
+    assert emulator.VERSIONS == VERSIONS
+
+
+def test_runner_dtypes_do_not_use_nptype_or_devicearray_dtype(tmp_path):
+    """Symptom 4: TrtRunner used trt.nptype (raises on 8.5.2 with NumPy 1.24-1.26) and DeviceArray.dtype."""
+    from test_tensorrt_trtexec import tiny_onnx
+
+    onnx = tiny_onnx(tmp_path / "m.onnx")
+    dev = device(tmp_path, "8.5.2", numpy="1.24", dla_cores=0)
+    code = f"""
+import sys, warnings, numpy as np, onnxruntime as ort
+warnings.simplefilter("error")
+import tensorrt as trt
+try:
+    trt.nptype(trt.float32)
+    print("nptype ok")
+except AttributeError:
+    print("nptype raises")
+from edgeres.tensorrt import CompileOptions, compile_engine
+from edgeres.tensorrt.runner import TrtRunner
+compile_engine({str(onnx)!r}, {str(tmp_path / 'm.plan')!r}, CompileOptions(batch=(1, 4, 8)))
+x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+ref = ort.InferenceSession({str(onnx)!r}, providers=["CPUExecutionProvider"]).run(None, {{"input": x}})[0]
+for graph in (False, True):
+    with TrtRunner({str(tmp_path / 'm.plan')!r}, cuda_graph=graph) as r:
+        print("diff", float(np.abs(r.infer(x) - ref).max()), float(np.abs(r.infer(x[:2]) - ref[:2]).max()))
+"""
+    p = subprocess.run([sys.executable, "-c", code], env=dev.env(), capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert lines[0] == "nptype raises"   # the emulated JetPack 5.1 + NumPy 1.24 really breaks nptype
+    diffs = [float(v) for line in lines[1:] for v in line.split()[1:]]
+    assert len(diffs) == 4 and max(diffs) < 1e-5
+    assert "from_dtype" not in p.stderr   # Polygraphy's DeviceArray.dtype deprecation never triggered
+
+
+def test_device_runtime_syntax_and_version_floor(bundle, tmp_path):
+    """Symptom 5: the bundle claimed TensorRT 8.2 (JetPack 4.6); the runtime needs Python >= 3.8, TensorRT >= 8.5."""
+    for name in ("device_runtime.py", "engine_build.py", "releases.py"):
+        ast.parse((bundle / name).read_text(), feature_version=(3, 8))
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert not any("8.2" in t for t in m["tensorrt"]["targets"])
+    from edgeres.deploy import device_runtime as rt
+
+    with pytest.raises(rt.BundleError, match="TensorRT 8.2.1.8 is not a target"):
+        rt.plan_entry(m, "8.2.1.8", "int8", "gpu")
+    assert rt.plan_entry(m, "10.16.0.72", "int8", "gpu")["target"] == "10"
+    assert rt.plan_entry(m, "10.3.0.30", "int8", "gpu")["target"] == "10.3"
+
+
+def test_version_rules_for_11_4_dla_and_four_part_versions():
+    """Symptom 6: 11.4.1 brings DLA back; a version-compatible 8.6.1.6 engine must load on 8.6.1."""
+    from edgeres.tensorrt.engine_build import sidecar_mismatch
+    from edgeres.tensorrt.versions import capabilities
+
+    assert not capabilities("11.0").dla and not capabilities("11.4.0").dla and capabilities("11.4.1").dla
+    side = {"trt_version": "8.6.1.6", "version_compatible": True}
+    assert sidecar_mismatch(side, {"trt_version": "8.6.1"}) is None
+    assert sidecar_mismatch({"trt_version": "8.6.1.6"}, {"trt_version": "8.6.1"}) is None
+    assert sidecar_mismatch({"trt_version": "8.6.1.6"}, {"trt_version": "8.6.2"}) is not None
+
+
+def test_calibration_cache_is_retagged_for_the_device_tensorrt(bundle, tmp_path):
+    """Symptom 7: a cache whose header names another TensorRT is ignored, and trtexec then calibrates on random
+    data without an error. The bundle's cache names the host's tag; the device re-tags it to its own."""
+    head = (bundle / "calib.cache").read_text().splitlines()[0]
+    assert head == "TRT-8601-EntropyCalibration2"          # not 8.5.2's 8502
+    dev = device(tmp_path, "8.5.2", python_bindings=False)
+    code, result, _ = run_device(dev, bundle, tmp_path / "r.json", "--precision", "int8", "--backend", "trtexec",
+                                 "--dla-core", "0", "--cache-dir", str(tmp_path / "e"))
+    assert code == 0, result
+    engine = Path(result["engine"]["path"])
+    assert (engine.parent / "calib.cache").read_text().startswith("TRT-8502-EntropyCalibration2\n")
+    assert json.loads(engine.read_bytes().split(b"\n", 2)[1])["calibration"] == "calibration cache"
+
+
+def test_run_folder_keeps_the_plan_and_trtexec_scripts_without_tensorrt(bundle, tmp_path):
+    """The run folder has the plan and a stock trtexec script per target even where this machine has no TensorRT;
+    a script runs as written against that version's trtexec and builds a loadable engine."""
+    import shutil
+
+    run = Path(json.loads((bundle / "manifest.json").read_text())["run"]["path"])
+    plan = json.loads((run / "tensorrt" / "plan.json").read_text())
+    scripts = sorted(p.name for p in (run / "tensorrt").glob("trtexec-*.sh"))
+    assert len(scripts) == sum(1 for e in plan["entries"] if not e["refused"]) >= 20
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for name, version in (("trtexec-8.5-int8-dla.sh", "8.5.2"), ("trtexec-11-int8-gpu.sh", "11.0")):
+        dev = device(tmp_path, version, python_bindings=False)
+        p = subprocess.run(["sh", str(copy / "tensorrt" / name)], env=dev.env(), capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout[-1500:] + p.stderr[-1500:]
+        assert "&&&& PASSED" in p.stdout and "random data" not in p.stdout
+
+
+def test_cudart_versioned_name_only(tmp_path):
+    """Symptom 8: with only libcudart.so.13 (CUDA 13 runtime, no dev symlink) both copies of the lookup find it."""
+    from edgeres.deploy import device_runtime as rt
+    from edgeres.tensorrt import engine_build
+
+    assert rt.CUDART_NAMES == engine_build.CUDART_NAMES and "libcudart.so.13" in rt.CUDART_NAMES
+    dev = device(tmp_path, "10.16")
+    assert sorted(p.name for p in (dev.root / "lib").iterdir()) == ["libcudart.so.13"]
+    code = ("import sys; sys.path.insert(0, %r); import engine_build, device_runtime as rt;"
+            "print(engine_build.cuda_device()['device']); rt.CudaRT()" % str(REPO / "edgeres" / "deploy"))
+    code = code.replace("import engine_build", "sys.path.insert(0, %r); import engine_build"
+                        % str(REPO / "edgeres" / "tensorrt"))
+    p = subprocess.run([sys.executable, "-c", code], env=dev.env(), capture_output=True, text=True)
+    assert p.returncode == 0 and "emulated GPU" in p.stdout, p.stderr
+
+
+def test_shared_constants_are_equal():
+    """Host and device agree on formats, gates and names (the device runtime is standalone by design)."""
+    from edgeres.deploy import bundle as b
+    from edgeres.deploy import device_runtime as rt
+    from edgeres.tensorrt import engine_build, targets
+
+    assert b.FORMAT == rt.FORMAT and b.MANIFEST == rt.MANIFEST
+    assert targets.PLAN_FORMAT == rt.PLAN_FORMAT and tuple(targets.PRECISIONS) == tuple(rt.PRECISIONS)
+    assert rt.parse_args([]).precision == "int8"
+    gates = rt.compare(np.eye(3), np.eye(3), None, {**b.DEFAULT_GATES}, None)["gates"]
+    assert gates[0]["limit"] == b.DEFAULT_GATES["min_top1_agreement"]
+    for v in ("8.5.2", "8.6.1", "10.3.0", "11.0.0"):
+        from edgeres.tensorrt.versions import calib_tag_number
+
+        assert rt.calib_tag(v) == calib_tag_number(v) == engine_build._calib_tag_number(v)
+
+
+# ---------------------------------------------------------------------------------------------- compile / bench
+def test_compile_bench_verify_through_the_emulator(bundle, tmp_path):
+    """`edgeres compile`, `edgeres bench --engine` and `edgeres compare` (verification against the ONNX) with the
+    .plan, as a user runs them."""
+    dev = device(tmp_path, "10.3")
+    run = Path(json.loads((bundle / "manifest.json").read_text())["run"]["path"])
+    plan = tmp_path / "model.plan"
+    edgeres = [sys.executable, "-m", "edgeres"]
+    p = subprocess.run(edgeres + ["compile", "--onnx", str(run / "export" / "model_int8.onnx"), "--int8", "--out", str(plan),
+                                  "--batch", "1,8,16"], env=dev.env(), capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    side = json.loads(Path(f"{plan}.json").read_text())
+    assert side["device"] == "edgeres emulated GPU (libcudart stand-in)" and side["trt_version"] == "10.3.0.26"
+    assert Path(f"{plan}.trtexec.sh").is_file()
+    p = subprocess.run(edgeres + ["bench", "--engine", str(plan), "--batch", "8", "--json"], env=dev.env(),
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "tensorrt" in p.stdout
+    p = subprocess.run(edgeres + ["compare", str(run / "export" / "model_int8.onnx"), str(plan), "--probe",
+                                  str(run / "probe.npz"), "--batch-size", "8", "--json"], env=dev.env(),
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    got = json.loads(p.stdout)
+    assert got["b"]["backend"] == "tensorrt" and got["b"]["device"].startswith("edgeres emulated GPU")
+    assert got["top1_agreement_pct"] == 100.0 and got["max_abs_diff"] < 1e-4 and got["samples"] > 0, got
