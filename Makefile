@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export NNCF_CI := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test bench lint clean
+.PHONY: test-emulator install demo test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-emulator: install   # the TensorRT path on the TensorRT emulator alone (also part of `make test`)
+	$(BIN)/python -m pytest -q -m trt_emulator
 
 bench: install
 	$(BIN)/python benchmarks/run.py --out bench-results

@@ -69,7 +69,10 @@ def test_dla_rules():
         validate_options(CompileOptions(precision=Precision.FP16, dla_core=2), "8.6", **JETSON)
     with pytest.raises(ConfigError, match="fixed batch"):
         validate_options(CompileOptions(precision=Precision.FP16, dla_core=0, batch=(1, 4, 8)), "8.6", **JETSON)
-    validate_options(CompileOptions(precision=Precision.FP16, dla_core=0, batch=(1, 4, 8), gpu_fallback=True),
+    with pytest.raises(ConfigError, match="fixed batch"):   # GPU fallback would run every layer on the GPU
+        validate_options(CompileOptions(precision=Precision.FP16, dla_core=0, batch=(1, 4, 8), gpu_fallback=True),
+                         "8.6", **JETSON)
+    validate_options(CompileOptions(precision=Precision.FP16, dla_core=0, batch=(4, 4, 4), gpu_fallback=True),
                      "8.6", **JETSON)
     with pytest.raises(ConfigError, match="only applies with --dla-core"):
         validate_options(CompileOptions(gpu_fallback=True), "10.3", **DESKTOP)
