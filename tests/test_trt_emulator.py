@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_bundle import make_run  # tests/ is on sys.path (pytest rootdir insertion)
-from trt_emulator import DLA_VERSIONS, VERSIONS, EmulatedDevice
+from trt_emulator import VERSIONS, EmulatedDevice
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.trt_emulator
@@ -105,7 +105,8 @@ def test_bundle_on_emulated_device(bundle, tmp_path, version, backend, precision
 def dev_version(folder: str) -> str:
     from trt_emulator.emulator import API
 
-    return json.loads((API / folder / "python_api.json").read_text())["_about"]["tensorrt_version_from_NvInferVersion_h"]
+    about = json.loads((API / folder / "python_api.json").read_text())["_about"]
+    return about["tensorrt_version_from_NvInferVersion_h"]
 
 
 # ---------------------------------------------------------------------------------------------- the symptoms
@@ -172,13 +173,24 @@ def test_dla_is_static_and_never_falls_back(tmp_path):
 
     dev = device(tmp_path, "8.6")
     env = dev.env()
-    code = ("import json,sys; sys.path.insert(0,%r); from trt_emulator.emulator import build_module;"
-            "trt=build_module('8.6'); lg=trt.Logger(trt.Logger.ERROR); b=trt.Builder(lg);"
-            "n=b.create_network(1); p=trt.OnnxParser(n, lg); assert p.parse_from_file(%r);"
-            "c=b.create_builder_config(); c.set_flag(trt.BuilderFlag.FP16); c.default_device_type=trt.DeviceType.DLA;"
-            "c.DLA_core=0; pr=b.create_optimization_profile(); pr.set_shape('input',(1,3,16,16),(8,3,16,16),"
-            "(8,3,16,16)); c.add_optimization_profile(pr); print(b.build_serialized_network(n, c) is None)"
-            % (str(REPO / "tests"), str(tmp_path / "m.onnx")))
+    code = f"""
+import sys
+sys.path.insert(0, {str(REPO / "tests")!r})
+from trt_emulator.emulator import build_module
+trt = build_module("8.6")
+lg = trt.Logger(trt.Logger.ERROR)
+b = trt.Builder(lg)
+n = b.create_network(1)
+assert trt.OnnxParser(n, lg).parse_from_file({str(tmp_path / "m.onnx")!r})
+c = b.create_builder_config()
+c.set_flag(trt.BuilderFlag.FP16)
+c.default_device_type = trt.DeviceType.DLA
+c.DLA_core = 0
+pr = b.create_optimization_profile()
+pr.set_shape("input", (1, 3, 16, 16), (8, 3, 16, 16), (8, 3, 16, 16))
+c.add_optimization_profile(pr)
+print(b.build_serialized_network(n, c) is None)
+"""
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert p.stdout.strip() == "True" and "dynamic shapes" in p.stderr, p.stderr
     assert emulator.VERSIONS == VERSIONS
@@ -283,10 +295,14 @@ def test_cudart_versioned_name_only(tmp_path):
     assert rt.CUDART_NAMES == engine_build.CUDART_NAMES and "libcudart.so.13" in rt.CUDART_NAMES
     dev = device(tmp_path, "10.16")
     assert sorted(p.name for p in (dev.root / "lib").iterdir()) == ["libcudart.so.13"]
-    code = ("import sys; sys.path.insert(0, %r); import engine_build, device_runtime as rt;"
-            "print(engine_build.cuda_device()['device']); rt.CudaRT()" % str(REPO / "edgeres" / "deploy"))
-    code = code.replace("import engine_build", "sys.path.insert(0, %r); import engine_build"
-                        % str(REPO / "edgeres" / "tensorrt"))
+    code = f"""
+import sys
+sys.path[:0] = [{str(REPO / "edgeres" / "deploy")!r}, {str(REPO / "edgeres" / "tensorrt")!r}]
+import device_runtime as rt
+import engine_build
+print(engine_build.cuda_device()["device"])
+rt.CudaRT()
+"""
     p = subprocess.run([sys.executable, "-c", code], env=dev.env(), capture_output=True, text=True)
     assert p.returncode == 0 and "emulated GPU" in p.stdout, p.stderr
 
@@ -316,8 +332,8 @@ def test_compile_bench_verify_through_the_emulator(bundle, tmp_path):
     run = Path(json.loads((bundle / "manifest.json").read_text())["run"]["path"])
     plan = tmp_path / "model.plan"
     edgeres = [sys.executable, "-m", "edgeres"]
-    p = subprocess.run(edgeres + ["compile", "--onnx", str(run / "export" / "model_int8.onnx"), "--int8", "--out", str(plan),
-                                  "--batch", "1,8,16"], env=dev.env(), capture_output=True, text=True)
+    p = subprocess.run(edgeres + ["compile", "--onnx", str(run / "export" / "model_int8.onnx"), "--int8", "--out",
+                                  str(plan), "--batch", "1,8,16"], env=dev.env(), capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     side = json.loads(Path(f"{plan}.json").read_text())
     assert side["device"] == "edgeres emulated GPU (libcudart stand-in)" and side["trt_version"] == "10.3.0.26"

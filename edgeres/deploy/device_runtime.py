@@ -489,7 +489,7 @@ def say(args: argparse.Namespace, msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> tuple[dict, int]:
-    if sys.version_info < (3, 8):
+    if sys.version_info < (3, 8):  # noqa: UP036 - runs under the device's python3, not ours
         raise BundleError(f"Python {platform.python_version()}: the device runtime needs Python 3.8 or newer "
                           "(JetPack 5.1 ships 3.8)")
     try:

@@ -7,7 +7,8 @@ ship 10.3; desktops) and 11.x (desktops only: no JetPack, no DLA). Facts encoded
 - 10.0 added NetworkDefinitionCreationFlag.STRONGLY_TYPED (trtexec --stronglyTyped).
 - 10.1 deprecated the implicit INT8 calibrators; 11.0 removed them and every weak-typing precision flag
   (BuilderFlag.FP16/INT8, trtexec --fp16/--int8/--best/--calib): 11.x networks are always strongly typed.
-- DLA is gone in 11.0-11.4.0 and back in 11.4.1 (AGX Orin, strongly typed networks only); trtexec --workspace was replaced by --memPoolSize=workspace:<MiB> (8.4+), removed in 10.
+- DLA is gone in 11.0-11.4.0 and back in 11.4.1 (AGX Orin, strongly typed networks only).
+- trtexec --workspace was replaced by --memPoolSize=workspace:<MiB> (8.4+), removed in 10.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 Its surface is generated from NVIDIA's own binding tables (tests/trt_emulator/api/<version>/python_api.json,
 copied from ../shared/trt-api): a class, method, property, enum member or module function that version does
 not have raises AttributeError, as the real bindings do; a name the version has but the emulator does not
-implement is present (hasattr is True) and raises NotImplementedError when called. Behaviour is emulated where edgeres relies on it, with the
-rules the real builder applies (each rule below cites what it stands for):
+implement is present (hasattr is True) and raises NotImplementedError when called. Behaviour is emulated where
+edgeres relies on it, with the rules the real builder applies:
 
 - ONNX parsing: 8.x networks need NetworkDefinitionCreationFlag.EXPLICIT_BATCH ("Network must have explicit
   batch dimensions"); ops outside the emulated importer list fail ("No importer registered for op");
