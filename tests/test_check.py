@@ -127,3 +127,30 @@ def test_cli_check(tmp_path):
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "not an ONNX model" in r.output
     r = runner.invoke(main, ["check", "--help"])
     assert r.exit_code == 0 and "TensorRT" in r.output
+
+
+def test_int8_weight_constants_feeding_dequantize_are_checked_like_qdq_weights():
+    """The stored-INT8-weights form (INT8 initializer -> DequantizeLinear -> Conv) passes with per-channel axis-0
+    scales and is flagged with a per-tensor scale, as the Q/DQ form is."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeres.check import check_model
+
+    def model(scale):
+        inits = [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.int8), "w_q"),
+                 numpy_helper.from_array(np.asarray(scale, np.float32), "w_s"),
+                 numpy_helper.from_array(np.zeros(np.asarray(scale).shape, np.int8), "w_z"),
+                 numpy_helper.from_array(np.array(0.1, np.float32), "a_s"),
+                 numpy_helper.from_array(np.array(0, np.int8), "a_z")]
+        nodes = [helper.make_node("QuantizeLinear", ["input", "a_s", "a_z"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "a_s", "a_z"], ["dq"]),
+                 helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], axis=0),
+                 helper.make_node("Conv", ["dq", "w"], ["logits"])]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+    assert check_model(model([0.1, 0.2, 0.3, 0.4])) == []
+    rules = {v.rule for v in check_model(model(0.1))}
+    assert any("channel" in r for r in rules), rules

@@ -295,12 +295,19 @@ def build_module(version: str | None = None) -> types.ModuleType:
                 return False
             g = proto.graph
             inits = {i.name: i for i in g.initializer}
+            consts = {n.output[0]: a.t for n in g.node if n.op_type == "Constant" for a in n.attribute
+                      if a.name == "value"}
             for idx, node in enumerate(g.node):
                 if node.op_type not in _IMPORTERS:
                     self._errors.append(ParserError(f"No importer registered for op: {node.op_type}", idx))
                     return False
+                if node.op_type in ("QuantizeLinear", "DequantizeLinear") and major < 10 and \
+                        (len(node.input) < 3 or not node.input[2]):
+                    self._errors.append(ParserError(f"This version of TensorRT requires 3 inputs for the "
+                                                    f"{node.op_type} operator.", idx))
+                    return False
                 if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
-                    zp = inits.get(node.input[2])
+                    zp = inits.get(node.input[2], consts.get(node.input[2]))
                     if zp is not None:
                         arr = numpy_helper.to_array(zp)
                         if arr.dtype.name != "int8":
