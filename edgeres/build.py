@@ -378,6 +378,37 @@ def stage_export_int8(ctx: BuildContext, parent: StageRecord | None) -> StageRec
     return rec
 
 
+def stage_export_cpu(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
+    """The CPU INT8 artifact (edgeres/cpu.py): the INT8 ONNX as an OpenVINO IR, run with OpenVINO's INT8 kernels.
+    Gate: its top-1 drop against FP32 over the evaluation split, with the final INT8 model's limit. Its agreement
+    with the INT8 ONNX as written is recorded, not gated: OpenVINO's INT8 convolutions are another implementation
+    (on AVX2 without VNNI they accumulate u8 x s8 pairs in int16), as TensorRT's are. Skipped without OpenVINO."""
+    import numpy as np
+
+    from edgeres.cpu import export_openvino, openvino_status
+    from edgeres.fold import compare_logits
+    from edgeres.runners import OpenVinoRunner, OrtRunner
+
+    ok, why = openvino_status()
+    if not ok:
+        return StageRecord(stage="export_cpu", status=Status.SKIPPED.value,
+                           message=f"CPU INT8 artifact not written: {why}", metrics={"reason": why})
+    dest = ctx.path("export", "model_int8_cpu.xml")
+    info = export_openvino(parent.artifact, dest)
+    as_written = _eval(ctx, "eval_export_int8_as_written", OrtRunner(parent.artifact, optimize=False)).logits
+    runner = OpenVinoRunner(dest)
+    ev = _eval(ctx, "eval_export_cpu", runner)
+    metrics = compare_logits(as_written, ev.logits)
+    metrics["n_compared"] = metrics.pop("n_probe")
+    metrics.update(info, int8_kernels=runner.kernel_report(), compared_with="INT8 ONNX as written (ONNX Runtime)",
+                   top1_agreement=float(np.mean(as_written.argmax(1) == ev.logits.argmax(1))))
+    rec = StageRecord(stage="export_cpu", metrics=metrics)
+    rec.extra_artifacts["openvino_weights"] = str(dest.with_suffix(".bin"))
+    _drop_gate(ctx, rec, ev.top1, final=True)
+    rec.set_artifact(dest)
+    return rec
+
+
 def stage_calib_cache(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     """A TensorRT calibration cache for the FP32 ONNX (implicit INT8 on TensorRT 8.x / DLA)."""
     import numpy as np
@@ -440,6 +471,29 @@ def stage_compile(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
 BENCH_MIN_RUNS = 10   # trtexec's minimum
 
 
+def _explain_slow_int8(rows: list[dict[str, Any]]) -> None:
+    """Mark rows that run INT8 kernels, and say in one line why an INT8 row is slower than FP32 on its backend."""
+    fp32 = {r["backend"]: r for r in rows if r["precision"] == "fp32" and r.get("p50_ms")}
+    fp32.setdefault("openvino", fp32.get("onnxruntime"))   # the CPU artifact is compared with ONNX Runtime FP32
+    for r in rows:
+        path = r.pop("_artifact", None)
+        if path and r.get("int8_kernels") is None:
+            from edgeres.runners import ort_int8_kernels
+
+            k = ort_int8_kernels(path, r.get("threads"))
+            r["int8_kernels"] = f"{k['int8_kernels']}/{k['int8_kernels'] + k['float_convs']}"
+        ref = fp32.get(r["backend"])
+        if r["precision"].startswith("int8") and r.get("p50_ms") and ref and r["p50_ms"] > ref["p50_ms"]:
+            if r["backend"] == "onnxruntime":
+                r["note"] = ("slower than FP32: ONNX Runtime does not fuse this TensorRT-style Q/DQ graph into INT8 "
+                             "kernels on the CPU (signed activations, weights dequantized every call); the CPU "
+                             "artifact is export/model_int8_cpu.xml (OpenVINO)")
+            else:
+                r["note"] = (f"slower than FP32 on {ref['backend']} ({ref['p50_ms']:g} ms) although "
+                             f"{r.get('int8_kernels', '?')} layers run in INT8: at this model size per-call overhead "
+                             "outweighs the INT8 kernels")
+
+
 def _torch_threads() -> int:
     import torch
 
@@ -491,8 +545,19 @@ def stage_verify(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
             ev = _eval(ctx, f"eval_{stage}", runner)
             row(stage, "onnxruntime", precision, ev, runner, ctx.records[stage].artifact)
             if precision == "int8":
+                rows[-1]["_artifact"] = ctx.records[stage].artifact
+            if precision == "int8":
                 final_int8 = ev
                 per_class["int8"] = list(ev.per_class)
+    cpu = ctx.records.get("export_cpu")
+    if cpu is not None and cpu.passed and cpu.artifact:
+        from edgeres.runners import OpenVinoRunner
+
+        runner = OpenVinoRunner(cpu.artifact)
+        row("export_cpu", "openvino", "int8", _eval(ctx, "eval_export_cpu", runner), runner, cpu.artifact)
+        kernels = runner.kernel_report()
+        rows[-1]["int8_kernels"] = f"{kernels['int8_kernels']}/{kernels['int8_kernels'] + kernels['float_convs']}"
+    _explain_slow_int8(rows)
     comp = ctx.records.get("compile")
     if comp is not None and comp.passed and comp.artifact:
         from edgeres.tensorrt.runner import TrtRunner
@@ -591,6 +656,7 @@ def _run_plan(ctx: BuildContext) -> BuildResult:
     if opts.int8:
         plan.append(("export_int8", stage_export_int8, "qat" if recipe.quant.qat_epochs > 0 else "ptq",
                      {"export": d["export"], "gates": d["gates"]}))
+        plan.append(("export_cpu", stage_export_cpu, "export_int8", {"gates": d["gates"]}))
         plan.append(("calib_cache", stage_calib_cache, "export_fp32", calib))
     plan.append(("compile", stage_compile, "export_int8" if opts.int8 else "export_fp32",
                  {"int8": opts.int8, "fp16": opts.fp16}))

@@ -7,7 +7,7 @@ import sys
 from importlib import metadata
 from typing import Any
 
-PACKAGES = ("edgeres", "torch", "nncf", "onnx", "onnxruntime", "numpy", "tensorrt", "polygraphy")
+PACKAGES = ("edgeres", "torch", "nncf", "onnx", "onnxruntime", "openvino", "numpy", "tensorrt", "polygraphy")
 
 
 def package_versions() -> dict[str, str]:

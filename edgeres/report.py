@@ -14,7 +14,7 @@ from edgeres.records import StageRecord
 
 COLUMNS = [("stage", "stage"), ("backend", "backend"), ("precision", "precision"), ("top1", "top-1"),
            ("delta_pp", "Δ vs FP32"), ("agree_pct", "agree w/ FP32"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
-           ("img_s", "img/s"), ("size_mb", "size MB")]
+           ("img_s", "img/s"), ("size_mb", "size MB"), ("int8_kernels", "INT8 kernels")]
 
 
 def _cell(key: str, value: Any) -> str:
@@ -229,11 +229,14 @@ def build_report(run_dir: Path, records: list[StageRecord], *, ok: bool, message
     if verify is not None:
         rows = verify.metrics.get("rows", [])
         notes += [f"{r['stage']} on {r['backend']}: {r['latency_warning']}" for r in rows if r.get("latency_warning")]
+        notes += [f"{r['stage']} on {r['backend']}: {r['note']}" for r in rows if r.get("note") and r.get("top1")
+                  is not None]
         b = verify.metrics.get("bench")
         if b and any(r.get("p50_ms") is not None for r in rows):
             notes.append(f"latency: batch {b['batch']}, at least {b['min_runs']} runs and {b['min_seconds']:g} s per "
-                         f"row after warm-up, {b['timing']}; torch {b['torch_threads']} threads, ONNX Runtime its "
-                         f"default threads")
+                         f"row after warm-up, {b['timing']}; torch {b['torch_threads']} threads, ONNX Runtime and "
+                         f"OpenVINO their default threads; INT8 kernels: convolution/FC layers the backend runs in "
+                         f"INT8 / all")
     return {"run": str(run_dir), "ok": ok, "message": message, "total_s": round(total_s, 2),
             "rows": verify.metrics.get("rows", []) if verify else _stage_rows(records),
             "per_class": verify.metrics.get("per_class") if verify else None,

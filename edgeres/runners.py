@@ -22,10 +22,13 @@ class Backend(str, Enum):
     TORCH = "torch"
     ONNXRUNTIME = "onnxruntime"
     TENSORRT = "tensorrt"
+    OPENVINO = "openvino"
 
 
 SUFFIX_BACKEND = {".onnx": Backend.ONNXRUNTIME, ".pt": Backend.TORCH, ".pth": Backend.TORCH,
-                  ".plan": Backend.TENSORRT, ".engine": Backend.TENSORRT}
+                  ".plan": Backend.TENSORRT, ".engine": Backend.TENSORRT, ".xml": Backend.OPENVINO}
+# artifacts another backend reads too: an ONNX model runs on OpenVINO (`--backend openvino`)
+ALSO_RUNS_ON = {Backend.ONNXRUNTIME: {Backend.OPENVINO}}
 
 
 class Provider(str, Enum):
@@ -263,6 +266,101 @@ class OrtRunner(Runner):
         self.session = None
 
 
+def ort_int8_kernels(path: str | Path, threads: int | None = None) -> dict[str, int]:
+    """How ONNX Runtime's optimized CPU graph runs an INT8 Q/DQ model: fused INT8 kernels (QLinearConv, QLinearAdd,
+    QGemm, ConvInteger...) versus convolutions left in float (with DequantizeLinear run every inference)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node]
+    int8 = sum(1 for o in ops if o.startswith("QLinear") or o in ("QGemm", "ConvInteger", "MatMulInteger"))
+    float_convs = sum(1 for o in ops if o in ("Conv", "FusedConv", "NhwcFusedConv"))
+    return {"int8_kernels": int8, "float_convs": float_convs, "dequantize_nodes": ops.count("DequantizeLinear")}
+
+
+class OpenVinoRunner(Runner):
+    """OpenVINO on the CPU (optional: `pip install 'edgeres[openvino]'`): an IR (.xml/.bin) or an ONNX model. It
+    runs INT8 Q/DQ models with its INT8 kernels (its low-precision transformations fuse the Q/DQ pairs)."""
+
+    name = Backend.OPENVINO.value
+
+    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise BackendUnavailable("OpenVINO is not installed (pip install 'edgeres[openvino]')") from None
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"model not found: {path}")
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            model = core.read_model(str(path))
+            self.compiled = core.compile_model(model, "CPU", config)
+        except Exception as e:  # OpenVINO raises RuntimeError subclasses with multi-line text
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ArtifactError(f"{path} cannot be loaded by OpenVINO ({first[:200]})") from None
+        self.request = self.compiled.create_infer_request()
+        self.path, self.threads, self.device = str(path), threads, "cpu"
+        self.version = ov.get_version()
+        inp = model.inputs[0]
+        dims = [d.get_length() if d.is_static else None for d in inp.get_partial_shape()]
+        if len(dims) != 4:
+            raise ArtifactError(f"{path}: expected one NCHW input, found shape {inp.get_partial_shape()}")
+        self.batch_dim: int | None = dims[0]
+        self.input_shape = tuple(dims[1:]) if all(d is not None for d in dims[1:]) else None
+        self.precision = "int8" if self.int8_layers() else "fp32"
+        self.meta = {}
+        if path.suffix.lower() == ".onnx":
+            self.meta = _parse_meta(_onnx_props(path))
+        elif model.has_rt_info("edgeres_meta"):
+            self.meta = _parse_meta({"edgeres.meta": model.get_rt_info("edgeres_meta").astype(str)})
+
+    def int8_layers(self) -> int:
+        """Convolution / fully connected layers of the compiled model that run in INT8/UINT8 (the execution
+        graph's runtime precision)."""
+        return self.kernel_report()["int8_kernels"]
+
+    def kernel_report(self) -> dict[str, int]:
+        int8 = other = 0
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            kind = info["layerType"].astype(str) if "layerType" in info else ""
+            if kind not in ("Convolution", "FullyConnected", "MatMul", "GroupConvolution"):
+                continue
+            prec = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else ""
+            if prec.lower() in ("i8", "u8"):
+                int8 += 1
+            else:
+                other += 1
+        return {"int8_kernels": int8, "float_convs": other}
+
+    def infer_impl(self, x: np.ndarray) -> np.ndarray:
+        out = self.request.infer({0: x})
+        return np.asarray(out[self.compiled.outputs[0]], dtype=np.float32)
+
+    def close(self) -> None:
+        self.request = self.compiled = None
+
+
+def _onnx_props(path: Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
 def _ort_providers(providers, available: list[str]) -> list[str]:
     names = [Provider.CPU.value] if not providers else [str(p).lower() for p in providers]
     out = []
@@ -316,6 +414,8 @@ def open_runner(path: str | Path, *, backend: str | Backend | None = None, threa
         except ValueError:
             raise ConfigError(f"unknown backend {backend!r}; choose from "
                               f"{', '.join(b.value for b in Backend)}") from None
+        if asked in ALSO_RUNS_ON.get(kind, ()):
+            kind = asked
         if asked is not kind:
             raise ConfigError(f"{path.name} runs on {kind.value}, not {asked.value}"
                               + (" (ONNX Runtime's TensorRT EP: --provider tensorrt)"
@@ -329,6 +429,8 @@ def open_runner(path: str | Path, *, backend: str | Backend | None = None, threa
         raise ConfigError(f"providers apply to ONNX models only, not to {path.name}")
     if kind is Backend.ONNXRUNTIME:
         return OrtRunner(path, providers=providers, threads=threads)
+    if kind is Backend.OPENVINO:
+        return OpenVinoRunner(path, threads=threads)
     if kind is Backend.TORCH:
         model, meta = _load_torch(path)
         return TorchRunner(model, device=device, threads=threads, meta=meta, path=str(path))

@@ -27,9 +27,10 @@ def test_build_runs_every_stage_and_writes_records(built):
     assert result.exit_code == 0, result.output
     recs = read_records(out)
     stages = [r.stage for r in recs]
-    assert stages == ["train", "fold", "ptq", "qat", "export_fp32", "export_int8", "calib_cache", "compile", "verify"]
+    assert stages == ["train", "fold", "ptq", "qat", "export_fp32", "export_int8", "export_cpu", "calib_cache",
+                      "compile", "verify"]
     by = {r.stage: r for r in recs}
-    for name in ("train", "fold", "ptq", "qat", "export_fp32", "export_int8", "calib_cache"):
+    for name in ("train", "fold", "ptq", "qat", "export_fp32", "export_int8", "export_cpu", "calib_cache"):
         assert by[name].status == "passed", by[name].message
         assert Path(by[name].artifact).is_file() and len(by[name].sha256) == 64
     # each stage points at its parent's artifact
@@ -84,6 +85,15 @@ def test_report_files_and_table(built):
     assert ("export_int8", "onnxruntime") in backends and ("train", "torch") in backends
     int8 = next(r for r in rep["rows"] if r["stage"] == "export_int8")
     assert 0 <= int8["agree_pct"] <= 100 and int8["p50_ms"] > 0 and int8["p99_ms"] >= int8["p50_ms"]
+    # the CPU artifact is a row of its own, on OpenVINO's INT8 kernels; ONNX Runtime's INT8 row says what it fused
+    cpu = next(r for r in rep["rows"] if r["stage"] == "export_cpu")
+    assert cpu["backend"] == "openvino" and cpu["precision"] == "int8" and cpu["p50_ms"] > 0
+    done, total = map(int, cpu["int8_kernels"].split("/"))
+    assert done == total > 0
+    assert int8["int8_kernels"] and int(int8["int8_kernels"].split("/")[0]) < total
+    fp32_size = next(r for r in rep["rows"] if r["stage"] == "export_fp32")["size_mb"]
+    assert int8["size_mb"] < 0.35 * fp32_size   # INT8 weights on disk (a small model: scales weigh in)
+    assert "INT8 kernels" in (out / "report.md").read_text()
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "Per-class accuracy" in html
     assert "| stage | backend | precision | top-1 |" in (out / "report.md").read_text()
@@ -96,7 +106,7 @@ def test_unchanged_rerun_reuses_every_stage(built):
     result = CliRunner().invoke(main, ["build", "--int8", "--out", str(out), *FAST[:-1]])
     assert result.exit_code == 0, result.output
     reused = [line for line in result.output.splitlines() if "unchanged, reused" in line]
-    assert len(reused) == 8, result.output   # all but compile (skipped: re-checked each time) and verify inputs same
+    assert len(reused) == 9, result.output   # all but compile (skipped: re-checked each time) and verify inputs same
     new = read_records(out)[before:]
     assert [r.stage for r in new] == ["compile"]
 

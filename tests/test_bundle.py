@@ -331,3 +331,17 @@ def test_device_runtime_keeps_its_exit_codes_for_unexpected_errors(bundle, tmp_p
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["status"] == "error" and r["error"]
+
+
+def test_device_runtime_on_openvino(bundle, tmp_path):
+    """`--backend openvino`: the device's CPU with OpenVINO's INT8 kernels runs the bundle's INT8 ONNX and verifies."""
+    pytest.importorskip("openvino", reason="OpenVINO is an optional extra (pip install 'edgeres[openvino]')")
+    out = tmp_path / "ov.json"
+    p = run_device(bundle, "--out", str(out), "--backend", "openvino", "--iterations", "5")
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = json.loads(out.read_text())
+    assert r["backend"] == "openvino" and r["openvino"] and r["runs_on"] == "cpu" and r["engine"] is None
+    assert r["verification"]["top1_agreement"] >= 0.9 and r["benchmark"]["median_ms"] > 0
+    p = run_device(bundle, "--out", str(tmp_path / "x.json"), "--backend", "openvino", "--require-backend",
+                   "tensorrt")
+    assert p.returncode == 2 and "TensorRT is required" in p.stdout

@@ -172,3 +172,46 @@ def test_torch_cuda_infer_timed(artifacts):
     logits, t = runner.infer_timed(x)
     assert logits.shape == (2, 10) and set(t) == {"h2d_ms", "compute_ms", "d2h_ms"}
     assert all(v >= 0 for v in t.values())
+
+
+def test_openvino_runner_matches_onnxruntime_and_reports_int8_kernels(tmp_path):
+    """An ONNX runs on OpenVINO (`--backend openvino`) with the same FP32 numbers; a Q/DQ model runs its convs in
+    INT8 there while ONNX Runtime leaves this TensorRT-style graph in float."""
+    pytest.importorskip("openvino", reason="OpenVINO is an optional extra (pip install 'edgeres[openvino]')")
+    from test_tensorrt_trtexec import tiny_onnx
+
+    from edgeres.runners import OpenVinoRunner, open_runner, ort_int8_kernels
+
+    fp32, qdq = tiny_onnx(tmp_path / "m.onnx"), _int8_conv_onnx(tmp_path / "q.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    with open_runner(fp32, backend="openvino", threads=1) as ov, open_runner(fp32) as ort_runner:
+        assert isinstance(ov, OpenVinoRunner) and ov.name == "openvino" and ov.input_shape == (3, 16, 16)
+        assert np.abs(ov.infer(x) - ort_runner.infer(x)).max() < 1e-4
+    with OpenVinoRunner(qdq) as ov:
+        assert ov.kernel_report()["int8_kernels"] >= 1 and ov.precision == "int8"
+    assert set(ort_int8_kernels(qdq)) == {"int8_kernels", "float_convs", "dequantize_nodes"}
+    with pytest.raises(ConfigError, match="runs on onnxruntime, not tensorrt"):
+        open_runner(fp32, backend="tensorrt")
+
+
+def _int8_conv_onnx(path):
+    """Input Q/DQ (int8, zero-point 0) and INT8 per-channel weights into a DequantizeLinear -> Conv, as edgeres
+    exports them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (8, 3, 3, 3)).astype(np.int8), "w_q"),
+             numpy_helper.from_array(np.full(8, 0.01, np.float32), "w_s"),
+             numpy_helper.from_array(np.zeros(8, np.int8), "w_z"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "a_s"),
+             numpy_helper.from_array(np.array(0, np.int8), "a_z")]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "a_s", "a_z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "a_s", "a_z"], ["dq"]),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], axis=0),
+             helper.make_node("Conv", ["dq", "w"], ["logits"], pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "int8conv", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                            ["N", 3, 16, 16])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 8, 16, 16])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    return path

@@ -5,7 +5,7 @@ import click
 
 from edgeres.cli._common import emit, ints, json_option
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 
 
@@ -21,7 +21,7 @@ PROVIDERS = ("cpu", "cuda", "tensorrt")
               help="Warm-up seconds before timing (not recorded).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (ONNX Runtime / torch).")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
-              help="Check the artifact runs on this backend (chosen by suffix otherwise).")
+              help="Run on this backend (chosen by suffix otherwise; an .onnx also runs on openvino).")
 @click.option("--provider", "providers", type=click.Choice(PROVIDERS), multiple=True,
               help="ONNX Runtime execution provider(s), in order of preference (default cpu).")
 @click.option("--device", default="cpu", show_default=True, help="For .pt/.pth checkpoints: cpu or cuda[:N].")

@@ -370,6 +370,24 @@ class OnnxRuntimeRunner:
         return self.session.run(None, {self.input_name: x})[0]
 
 
+class OpenVinoRunner:
+    """OpenVINO on this device's CPU (x86 or ARM): its INT8 kernels run the Q/DQ ONNX (--backend openvino)."""
+
+    def __init__(self, onnx_path: Path) -> None:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise BundleError("--backend openvino: OpenVINO is not installed for this python3 (pip install openvino)"
+                              ) from None
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+        self.request = self.compiled.create_infer_request()
+        self.version = ov.get_version()
+
+    def infer(self, x):
+        return self.request.infer({0: x})[self.compiled.outputs[0]]
+
+
 def trtexec_shapes(name: str, shape: tuple[int, ...]) -> str:
     return f"{name}:" + "x".join(str(d) for d in shape)
 
@@ -509,13 +527,13 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     out = Path(args.out) if args.out else bundle / "result.json"
     if args.skip_if_current:
         prev = previous_result_current(out, manifest_sha, info, args.precision, args.dla_core)
-        if prev is not None and args.require_backend == "tensorrt" and prev.get("backend") == "onnxruntime":
+        if prev is not None and args.require_backend == "tensorrt" and prev.get("backend") in ("onnxruntime", "openvino"):
             prev = None   # that result came from ONNX Runtime: with TensorRT required it does not count
         if prev is not None:
             prev["skipped"] = "result is current for this bundle, device and TensorRT version"
             return prev, EXIT_OK
     backend = choose_backend(info, args.backend)
-    if args.require_backend == "tensorrt" and backend == "onnxruntime":
+    if args.require_backend == "tensorrt" and backend in ("onnxruntime", "openvino"):
         raise BundleError("TensorRT is required (--require-backend tensorrt) but this device has neither working "
                           "TensorRT Python bindings nor trtexec: " + ("; ".join(info.get("warnings") or [])
                                                                       or "not installed"))
@@ -525,10 +543,10 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
         raise BundleError("--backend trtexec: no trtexec on PATH or in /usr/src/tensorrt/bin")
     models, spec = manifest["models"], manifest["input"]
     device = "dla" if args.dla_core is not None else "gpu"
-    if device == "dla" and backend == "onnxruntime":
-        raise BundleError("--dla-core needs TensorRT (Python bindings or trtexec); this device has neither")
+    if device == "dla" and backend in ("onnxruntime", "openvino"):
+        raise BundleError(f"--dla-core needs TensorRT (Python bindings or trtexec), not {backend}")
     entry = None
-    if backend != "onnxruntime":   # the host's decision for this TensorRT, precision and device
+    if backend in ("tensorrt", "trtexec"):   # the host's decision for this TensorRT, precision and device
         entry = plan_entry(manifest, str(info["tensorrt"]), args.precision, device)
         cores = info.get("dla_cores")
         if device == "dla" and cores is not None and not 0 <= args.dla_core < cores:
@@ -545,14 +563,21 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
                                                                                 != "fp16" else "fp32")
     result = {"format": "edgeres-result/1", "bundle": str(bundle), "manifest_sha256": manifest_sha,
               "run": manifest.get("run", {}).get("name"), "precision": args.precision, "backend": backend,
-              "device": info, "tensorrt": info["tensorrt"] if backend != "onnxruntime" else None, "note": None,
+              "device": info, "tensorrt": info["tensorrt"] if entry else None, "note": None,
               "plan": None if entry is None else {k: entry[k] for k in ("target", "precision", "device", "onnx",
                                                                        "calib_cache", "profile")},
-              "runs_on": "dla" if device == "dla" else ("gpu" if backend != "onnxruntime" else "cpu"),
+              "runs_on": "dla" if device == "dla" else ("gpu" if entry else "cpu"),
               "dla_core": args.dla_core}
     name_in, name_out = spec["name"], manifest.get("output", {}).get("name", "logits")
     t0 = time.perf_counter()
-    if backend == "onnxruntime":
+    if backend == "openvino":
+        if args.precision == "fp16":
+            raise BundleError("fp16 needs TensorRT; OpenVINO on this device's CPU runs int8 or fp32")
+        runner = OpenVinoRunner(onnx)
+        result["openvino"] = runner.version
+        result["note"] = "run on this device's CPU with OpenVINO (its INT8 kernels for int8); no engine was built"
+        infer, result["engine"] = runner.infer, None
+    elif backend == "onnxruntime":
         if args.precision == "fp16":
             raise BundleError("fp16 needs TensorRT; ONNX Runtime on this device runs int8 or fp32")
         runner = OnnxRuntimeRunner(onnx, name_in)
@@ -631,8 +656,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="result JSON (default: BUNDLE/result.json)")
     p.add_argument("--precision", choices=PRECISIONS, default="int8")
     p.add_argument("--iterations", type=int, default=200, help="timed iterations")
-    p.add_argument("--backend", choices=("tensorrt", "trtexec", "onnxruntime"), default=None,
-                   help="force a backend (default: tensorrt, else trtexec, else onnxruntime)")
+    p.add_argument("--backend", choices=("tensorrt", "trtexec", "onnxruntime", "openvino"), default=None,
+                   help="force a backend (default: tensorrt, else trtexec, else onnxruntime; openvino: the CPU with "
+                        "OpenVINO's INT8 kernels, when installed)")
     p.add_argument("--cache-dir", default=None, help="engine cache (default: BUNDLE/engines)")
     p.add_argument("--workspace-mb", type=int, default=1024)
     p.add_argument("--dla-core", type=int, default=None,
