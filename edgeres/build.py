@@ -378,11 +378,25 @@ def stage_export_int8(ctx: BuildContext, parent: StageRecord | None) -> StageRec
     return rec
 
 
+def _calib_batches(ctx: BuildContext, bs: int = 64):
+    """The calibration images PTQ calibrated on (calibration_indices with the recipe's seed), as float32 batches."""
+    import numpy as np
+
+    from edgeres.quantize import calibration_indices
+
+    n = _calib_size(ctx)
+    idx = calibration_indices(len(ctx.data.calib), n, seed=ctx.recipe.train.seed)
+    for i in range(0, n, bs):
+        yield np.stack([np.asarray(ctx.data.calib[int(j)][0], dtype=np.float32) for j in idx[i:i + bs]])
+
+
 def stage_export_cpu(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
-    """The CPU INT8 artifact (edgeres/cpu.py): the INT8 ONNX as an OpenVINO IR, run with OpenVINO's INT8 kernels.
-    Gate: its top-1 drop against FP32 over the evaluation split, with the final INT8 model's limit. Its agreement
-    with the INT8 ONNX as written is recorded, not gated: OpenVINO's INT8 convolutions are another implementation
-    (on AVX2 without VNNI they accumulate u8 x s8 pairs in int16), as TensorRT's are. Skipped without OpenVINO."""
+    """The CPU INT8 artifact (edgeres/cpu.py), an OpenVINO IR run with OpenVINO's INT8 kernels: NNCF's OpenVINO PTQ
+    of the FP32 ONNX on the PTQ calibration images (recipe export.cpu_int8 = openvino), or the TensorRT INT8 ONNX
+    converted (= qdq). Gate: its top-1 drop against FP32 over the evaluation split, with the final INT8 model's
+    limit. Its agreement with the TensorRT INT8 ONNX (as written) is recorded, not gated: another quantizer
+    placement, or OpenVINO's own INT8 arithmetic (on AVX2 without VNNI u8 x s8 pairs accumulate in int16).
+    Skipped, with the reason, without OpenVINO."""
     import numpy as np
 
     from edgeres.cpu import export_openvino, openvino_status
@@ -394,13 +408,18 @@ def stage_export_cpu(ctx: BuildContext, parent: StageRecord | None) -> StageReco
         return StageRecord(stage="export_cpu", status=Status.SKIPPED.value,
                            message=f"CPU INT8 artifact not written: {why}", metrics={"reason": why})
     dest = ctx.path("export", "model_int8_cpu.xml")
-    info = export_openvino(parent.artifact, dest)
-    as_written = _eval(ctx, "eval_export_int8_as_written", OrtRunner(parent.artifact, optimize=False)).logits
+    if ctx.recipe.export.cpu_int8 == "openvino":
+        images = [b[None] for batch in _calib_batches(ctx) for b in batch]
+        info = export_openvino(parent.artifact, dest, calibration=images)
+    else:
+        info = export_openvino(parent.artifact, dest)
+    trt_int8 = ctx.records["export_int8"].artifact
+    as_written = _eval(ctx, "eval_export_int8_as_written", OrtRunner(trt_int8, optimize=False)).logits
     runner = OpenVinoRunner(dest)
     ev = _eval(ctx, "eval_export_cpu", runner)
     metrics = compare_logits(as_written, ev.logits)
     metrics["n_compared"] = metrics.pop("n_probe")
-    metrics.update(info, int8_kernels=runner.kernel_report(), compared_with="INT8 ONNX as written (ONNX Runtime)",
+    metrics.update(info, int8_kernels=runner.kernel_report(), compared_with="TensorRT INT8 ONNX as written",
                    top1_agreement=float(np.mean(as_written.argmax(1) == ev.logits.argmax(1))))
     rec = StageRecord(stage="export_cpu", metrics=metrics)
     rec.extra_artifacts["openvino_weights"] = str(dest.with_suffix(".bin"))
@@ -411,19 +430,11 @@ def stage_export_cpu(ctx: BuildContext, parent: StageRecord | None) -> StageReco
 
 def stage_calib_cache(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     """A TensorRT calibration cache for the FP32 ONNX (implicit INT8 on TensorRT 8.x / DLA)."""
-    import numpy as np
 
-    from edgeres.quantize import calibration_indices
     from edgeres.tensorrt.calib_cache import activation_ranges, write_calibration_cache
 
     n = _calib_size(ctx)
-    idx = calibration_indices(len(ctx.data.calib), n, seed=ctx.recipe.train.seed)   # the images PTQ calibrated on
-
-    def batches(bs: int = 64):
-        for i in range(0, n, bs):
-            yield np.stack([np.asarray(ctx.data.calib[int(j)][0], dtype=np.float32) for j in idx[i:i + bs]])
-
-    ranges = activation_ranges(ctx.records["export_fp32"].artifact, batches())
+    ranges = activation_ranges(ctx.records["export_fp32"].artifact, _calib_batches(ctx))   # PTQ's images
     dest = ctx.path("calibration", "calib.cache")
     write_calibration_cache(ranges, dest, force=True)
     rec = StageRecord(stage="calib_cache", metrics={"tensors": len(ranges), "images": n})
@@ -469,6 +480,13 @@ def stage_compile(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
 
 
 BENCH_MIN_RUNS = 10   # trtexec's minimum
+
+
+def _artifact_bytes(path) -> int:
+    """On-disk size of an artifact; an OpenVINO IR counts its .xml and .bin."""
+    path = Path(path)
+    extra = path.with_suffix(".bin") if path.suffix == ".xml" else None
+    return path.stat().st_size + (extra.stat().st_size if extra is not None and extra.is_file() else 0)
 
 
 def _explain_slow_int8(rows: list[dict[str, Any]]) -> None:
@@ -519,7 +537,7 @@ def stage_verify(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
                              "agree_pct": round(100.0 * float(np.mean(ev.logits.argmax(1) == fp32.logits.argmax(1))),
                                                 3),
                              "p50_ms": None, "p99_ms": None, "img_s": None,
-                             "size_mb": round(Path(size_path).stat().st_size / 1e6, 3) if size_path else None}
+                             "size_mb": round(_artifact_bytes(size_path) / 1e6, 3) if size_path else None}
         if runner is not None and ctx.opts.bench_seconds > 0:
             # as `edgeres bench` measures: warm-up, then at least BENCH_MIN_RUNS calls and --bench-seconds
             res = benchmark(runner, batch_sizes=(1,), iterations=BENCH_MIN_RUNS, duration_s=ctx.opts.bench_seconds,
@@ -656,7 +674,9 @@ def _run_plan(ctx: BuildContext) -> BuildResult:
     if opts.int8:
         plan.append(("export_int8", stage_export_int8, "qat" if recipe.quant.qat_epochs > 0 else "ptq",
                      {"export": d["export"], "gates": d["gates"]}))
-        plan.append(("export_cpu", stage_export_cpu, "export_int8", {"gates": d["gates"]}))
+        cpu_from = "export_fp32" if recipe.export.cpu_int8 == "openvino" else "export_int8"
+        plan.append(("export_cpu", stage_export_cpu, cpu_from, {"gates": d["gates"], "export": d["export"],
+                                                                 **calib}))
         plan.append(("calib_cache", stage_calib_cache, "export_fp32", calib))
     plan.append(("compile", stage_compile, "export_int8" if opts.int8 else "export_fp32",
                  {"int8": opts.int8, "fp16": opts.fp16}))

@@ -1,11 +1,15 @@
-"""The CPU INT8 artifact: the same INT8 model as the TensorRT Q/DQ ONNX, as an OpenVINO IR for x86 / ARM CPUs.
+"""The CPU INT8 artifact: an OpenVINO IR (`export/model_int8_cpu.xml` + `.bin`) for x86 / ARM CPUs and the
+Jetson's own CPU, run with OpenVINO's INT8 kernels.
 
 Why OpenVINO and not ONNX Runtime: ONNX Runtime's CPU Q/DQ fusion does not take the TensorRT-style graph (signed
 INT8 activations, no Q after the convs that feed residual adds), so it runs it in float and dequantizes every
-weight on every call — slower than FP32 (benchmarks/RESULTS.md). OpenVINO's low-precision transformations fuse
-exactly these Q/DQ pairs into INT8 convolutions. The IR is converted from the INT8 ONNX itself (no second
-quantization: same scales, same placement), its INT8 weights stay INT8 on disk, and its own gate is top-1
-agreement with the fake-quant model's exported graph, run as written, over the evaluation split.
+weight on every call — slower than FP32 (benchmarks/RESULTS.md). Two ways, measured side by side there
+(recipe `export.cpu_int8`):
+- "openvino" (default): NNCF's OpenVINO PTQ of the BN-folded FP32 ONNX on the same calibration images as the
+  TensorRT PTQ — OpenVINO's own quantizer placement (residual adds in INT8), the fastest on the CPU. It does not
+  carry QAT's fine-tuning (it starts from the FP32 model);
+- "qdq": the TensorRT INT8 ONNX itself, converted (same scales and placement, QAT included), ~1.2x slower.
+Either way the IR keeps INT8 weights on disk and is gated on its top-1 drop against FP32.
 OpenVINO is optional (`pip install 'edgeres[openvino]'`) and imported here only.
 """
 from __future__ import annotations
@@ -29,9 +33,12 @@ def openvino_status() -> tuple[bool, str]:
     return True, ov.get_version()
 
 
-def export_openvino(onnx_path: str | Path, xml_path: str | Path) -> dict[str, Any]:
-    """Convert the INT8 (or FP32) ONNX to an OpenVINO IR at xml_path (+ .bin), written atomically: both files are
-    made in a temporary folder beside the destination and moved in, .bin first."""
+def export_openvino(onnx_path: str | Path, xml_path: str | Path, *, calibration=None,
+                    subset_size: int | None = None) -> dict[str, Any]:
+    """The ONNX as an OpenVINO IR at xml_path (+ .bin), written atomically: both files are made in a temporary
+    folder beside the destination and moved in, .bin first. With `calibration` (an iterable of float32 NCHW
+    batches) the FP32 model is quantized by NNCF's OpenVINO PTQ on exactly those images; without, the ONNX (the
+    TensorRT INT8 Q/DQ ONNX) is converted as it is."""
     ok, why = openvino_status()
     if not ok:
         raise BackendUnavailable(why)
@@ -41,6 +48,18 @@ def export_openvino(onnx_path: str | Path, xml_path: str | Path) -> dict[str, An
     onnx_path, xml_path = Path(onnx_path), Path(xml_path)
     props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     model = ov.convert_model(str(onnx_path))
+    method = "converted Q/DQ ONNX"
+    if calibration is not None:
+        import nncf
+
+        from edgeres.quantize import _silenced
+
+        items = list(calibration)
+        with _silenced(True):
+            model = nncf.quantize(model, nncf.Dataset(items), subset_size=subset_size or len(items),
+                                  preset=nncf.QuantizationPreset.PERFORMANCE)
+        method = "NNCF OpenVINO PTQ"
+        props["precision"] = "int8"
     model.set_rt_info(json.dumps(props, sort_keys=True), "edgeres_meta")
     xml_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{xml_path.stem}.", dir=xml_path.parent))
@@ -50,4 +69,5 @@ def export_openvino(onnx_path: str | Path, xml_path: str | Path) -> dict[str, An
         os.replace(tmp / xml_path.name, xml_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"xml": str(xml_path), "bin_bytes": xml_path.with_suffix(".bin").stat().st_size, "openvino": ov.get_version()}
+    return {"xml": str(xml_path), "bin_bytes": xml_path.with_suffix(".bin").stat().st_size,
+            "openvino": ov.get_version(), "method": method}

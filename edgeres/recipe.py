@@ -100,6 +100,9 @@ class GatesCfg:
 class ExportCfg:
     opset: int = 17
     simplify: bool = False
+    # the CPU INT8 artifact (edgeres/cpu.py): "openvino" = NNCF's OpenVINO PTQ of the FP32 ONNX on the same
+    # calibration images (OpenVINO's own placement: fastest); "qdq" = the TensorRT INT8 ONNX converted as it is
+    cpu_int8: str = "openvino"
 
 
 SECTIONS = {"model": ModelCfg, "data": DataCfg, "train": TrainCfg, "quant": QuantCfg, "gates": GatesCfg,
@@ -123,6 +126,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": DATASETS, "data.augment": AUGMENTS, "train.optimizer": OPTIMIZERS,
     "train.schedule": SCHEDULES, "train.milestone_unit": MILESTONE_UNITS, "quant.calib_method": CALIB_METHODS,
+    "export.cpu_int8": ("openvino", "qdq"),
 }
 
 

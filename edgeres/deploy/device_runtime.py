@@ -527,7 +527,8 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     out = Path(args.out) if args.out else bundle / "result.json"
     if args.skip_if_current:
         prev = previous_result_current(out, manifest_sha, info, args.precision, args.dla_core)
-        if prev is not None and args.require_backend == "tensorrt" and prev.get("backend") in ("onnxruntime", "openvino"):
+        if prev is not None and args.require_backend == "tensorrt" and \
+                prev.get("backend") in ("onnxruntime", "openvino"):
             prev = None   # that result came from ONNX Runtime: with TensorRT required it does not count
         if prev is not None:
             prev["skipped"] = "result is current for this bundle, device and TensorRT version"
