@@ -145,9 +145,38 @@ def test_int8_is_the_same_build_on_both_paths(bundle):
     """Symptom 2b: trtexec built int8 as --int8 --fp16 and the Python path as plain int8; one plan now."""
     m = json.loads((bundle / "manifest.json").read_text())
     for e in m["tensorrt_plan"]["entries"]:
-        if e["precision"] == "int8" and not e["refused"] and e["target"] != "11":
+        if e["precision"] == "int8" and not e["refused"] and e["target"] != "11" and e["device"] == "gpu":
             assert "--int8" in e["trtexec"] and "--fp16" not in e["trtexec"] and "--best" not in e["trtexec"]
             assert e["engine_build"]["precision"] == "int8"
+
+
+def test_dla_int8_allows_fp16_for_tensors_the_parser_names(bundle, tmp_path):
+    """Symptom 7b: the ONNX parser names the tensor inside a Gemm itself, so a cache made from the ONNX's names has no
+    scale for it; DLA has no FP32 fallback, so INT8-only DLA fails (as the emulator, following TensorRT, refuses).
+    The plan builds implicit-INT8 DLA engines with FP16 allowed."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    dla = [e for e in m["tensorrt_plan"]["entries"] if e["device"] == "dla" and e["precision"] == "int8"
+           and not e["refused"]]
+    assert dla and all(e["engine_build"]["precision"] == "best" and "--fp16" in e["trtexec"] for e in dla)
+    code = f"""
+import sys
+sys.path[:0] = [{str(REPO / "tests")!r}, {str(REPO / "edgeres" / "tensorrt")!r}]
+import engine_build
+from trt_emulator.emulator import build_module
+trt = build_module("8.5.2")
+for precision in ("int8", "best"):
+    try:
+        engine_build.build_engine({str(bundle / "model_fp32.onnx")!r}, {str(tmp_path / "e.plan")!r}, trt=trt,
+                                  precision=precision, dla_core=0, batch=(4, 4, 4),
+                                  calib_cache={str(bundle / "calib.cache")!r}, device={{"device": "emu"}})
+        print(precision, "built")
+    except engine_build.BuildError as e:
+        print(precision, "refused")
+"""
+    p = subprocess.run([sys.executable, "-c", code], env=device(tmp_path, "8.5.2").env(), capture_output=True,
+                       text=True)
+    assert p.stdout.split() == ["int8", "refused", "best", "built"], p.stdout + p.stderr[-1500:]
+    assert "Matrix Multiply]_output has no INT8 scale" in p.stderr
 
 
 def test_dla_is_static_and_never_falls_back(tmp_path):

@@ -12,7 +12,8 @@ Choices (and why):
   the same on the Python and trtexec paths — and on 11.x no flag (strongly typed). Never a calibration cache
   with the Q/DQ ONNX (TensorRT ignores it).
 - INT8 on DLA: the FP32 ONNX + the calibration cache (implicit INT8), on every version with DLA: TensorRT 8.5
-  does not support explicit quantization on DLA, and one rule for all versions keeps DLA figures comparable.
+  does not support explicit quantization on DLA, and one rule for all versions keeps DLA figures comparable. FP16 is
+  allowed too (INT8 + FP16): the parser's own tensors (inside a Gemm) have no scale in the cache, and DLA has no FP32.
   The cache header is re-tagged on the device to that TensorRT's NV_TENSORRT_VERSION (a cache from another
   version is ignored by TensorRT, and trtexec then calibrates on random data without an error).
 - DLA: a static batch (min = opt = max), no GPU fallback, so a DLA engine either runs on DLA or fails to
@@ -99,7 +100,10 @@ def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, 
     if not info.dynamic_batch and batch != int(info.input_shape[0]):   # type: ignore[arg-type]
         shapes = (int(info.input_shape[0]),) * 3   # type: ignore[arg-type]
     use_cache = precision == "int8" and dla
-    opts = CompileOptions(precision=Precision(precision), dla_core=0 if dla else None,
+    # implicit INT8 on DLA also allows FP16: tensors the ONNX parser names itself (the MatrixMultiply inside a Gemm)
+    # have no scale in a cache made from the ONNX's names, and DLA runs no FP32, so those layers run in FP16
+    build_precision = Precision.BEST if use_cache else Precision(precision)
+    opts = CompileOptions(precision=build_precision, dla_core=0 if dla else None,
                           batch=shapes if info.dynamic_batch else None,
                           calib_cache=inputs.calib_cache if use_cache else None)
     try:
@@ -117,7 +121,7 @@ def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, 
         "input": info.input_name, "profile": {"min": shapes[0], "opt": shapes[1], "max": shapes[2]},
         "static_batch": shapes[0] == shapes[2],
         # keyword arguments of engine_build.build_engine (the device adds paths and its DLA core index)
-        "engine_build": {"precision": precision, "dla_core": 0 if dla else None, "gpu_fallback": False,
+        "engine_build": {"precision": build_precision.value, "dla_core": 0 if dla else None, "gpu_fallback": False,
                          "batch": list(shapes), "strongly_typed": caps.always_strongly_typed or None},
         "trtexec": argv,
         "trtexec_run": [f"--useDLACore={0}"] if dla else [],

@@ -323,6 +323,8 @@ def build_module(version: str | None = None) -> types.ModuleType:
                                           E("LayerType", _LAYER_TYPES.get(node.op_type, "IDENTITY")
                                             if _LAYER_TYPES.get(node.op_type, "IDENTITY") in enums["LayerType"]._names
                                             else "IDENTITY"), node.op_type))
+                if node.op_type == "Gemm":   # the parser builds MatrixMultiply + bias ElementWise: a tensor of its own
+                    net._names_all.append(f"(Unnamed Layer* {len(net._layers) - 1}) [Matrix Multiply]_output")
                 net._names_all += [o for o in node.output if o]
             for vi in g.input:
                 if vi.name in inits:
@@ -501,11 +503,14 @@ def build_module(version: str | None = None) -> types.ModuleType:
                         if ":" in line:
                             name, _, hexval = line.rpartition(":")
                             scales[name.strip()] = hexval.strip()
-                    for t in network._names_all + [i.name for i in network._inputs]:
-                        if t not in scales:
-                            lg.log("WARNING", f"Missing scale and zero-point for tensor {t}, expect fall back to "
-                                              "non-int8 implementation for any layer consuming or producing given "
-                                              "tensor")
+                    missing = [t for t in network._names_all + [i.name for i in network._inputs] if t not in scales]
+                    for t in missing:
+                        lg.log("WARNING", f"Missing scale and zero-point for tensor {t}, expect fall back to "
+                                          "non-int8 implementation for any layer consuming or producing given tensor")
+                    if missing and config._device_type == E("DeviceType", "DLA") and "FP16" not in flags \
+                            and "GPU_FALLBACK" not in flags:
+                        return self._fail(f"DLA: tensor {missing[0]} has no INT8 scale and FP16 is not enabled; DLA "
+                                          "runs INT8 or FP16 only")
             # shapes and profiles
             inp = network._inputs[0]
             dynamic = any(d < 0 for d in inp.shape)
