@@ -285,7 +285,7 @@ def stage_ptq(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     ev = _eval(ctx, "eval_ptq", res.model)
     _drop_gate(ctx, rec, ev.top1, final=q.qat_epochs == 0)
     dest = ctx.path("quant", "ptq.pt")
-    save_quantized(dest, res.model, _meta(ctx), manifest=res.manifest)
+    save_quantized(dest, res.model, _meta(ctx), mode="ptq", manifest=res.manifest)
     rec.set_artifact(dest)
     rec.extra_artifacts["calibration_manifest"] = str(ctx.run_dir / "calibration" / "manifest.json")
     return rec
@@ -312,7 +312,9 @@ def stage_qat(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     ev = _eval(ctx, "eval_qat", res.model)
     _drop_gate(ctx, rec, ev.top1, final=True)
     dest = ctx.path("quant", "qat.pt")
-    save_quantized(dest, res.model, _meta(ctx))
+    from edgeres.quantize import read_manifest
+
+    save_quantized(dest, res.model, _meta(ctx), mode="qat", manifest=read_manifest(parent.artifact))
     rec.set_artifact(dest)
     return rec
 

@@ -372,18 +372,31 @@ def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: flo
     return QATResult(model=model.eval(), history=history, best_epoch=best_epoch)
 
 
-def save_quantized(path: str | Path, model, meta, *, manifest: dict[str, Any] | None = None,
-                   extra: dict[str, Any] | None = None) -> Path:
-    """NNCF's supported mechanism: nncf.torch.get_config (where the quantizers sit) + the state_dict."""
+VOLATILE_MANIFEST_KEYS = ("duration_s",)   # kept in calibration/manifest.json, not in the checkpoint
+
+
+def save_quantized(path: str | Path, model, meta, *, mode: str | None = None,
+                   manifest: dict[str, Any] | None = None) -> Path:
+    """NNCF's supported mechanism: nncf.torch.get_config (where the quantizers sit) + the state_dict. The same
+    model, mode and calibration manifest give the same bytes, whoever saves them (`build` or `edgeres quantize`)."""
     _nncf()
     from nncf.torch import get_config
 
     from edgeres.checkpoint import save_checkpoint
 
     config = json.dumps(get_config(model), default=str)
-    info = {"format": QUANT_FORMAT, "nncf_config": config,
-            "manifest": json.dumps(manifest or {}, default=str), **(extra or {})}
+    stable = {k: v for k, v in (manifest or {}).items() if k not in VOLATILE_MANIFEST_KEYS}
+    info = {"format": QUANT_FORMAT, "nncf_config": config, "mode": mode,
+            "manifest": json.dumps(stable, default=str, sort_keys=True)}
     return save_checkpoint(path, model.state_dict(), meta, quant=info)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The calibration manifest an INT8 checkpoint carries (without rebuilding the model)."""
+    from edgeres.checkpoint import read_checkpoint
+
+    _, _, rest = read_checkpoint(path)
+    return json.loads((rest.get("quant") or {}).get("manifest") or "{}")
 
 
 def is_quantized_checkpoint(rest: dict[str, Any]) -> bool:

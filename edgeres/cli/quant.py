@@ -159,7 +159,7 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, calib_size, calib_metho
                            log=log)
         model, history = res.model, res.history
     acc = top1(model, data.test)
-    save_quantized(out, model, meta, manifest=man, extra={"mode": mode})
+    save_quantized(out, model, meta, mode=mode, manifest=man)
     obj = {"out": out, "mode": mode, "top1_fake_quant": acc, "manifest": manifest if not start_quantized else None,
            "calib_size": man.get("subset_size"), "calib_method": man.get("method"), "qat_history": history}
     emit(obj, as_json, lambda: f"{mode.upper()} INT8 (fake-quant) top-1 {acc:.2f}% on {dataset} test\nwrote {out}")

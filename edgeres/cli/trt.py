@@ -144,7 +144,7 @@ def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, se
     if images is not None:
         batches = npz_batches(images, limit=count, default_limit=DEFAULT_CALIB_COUNT)
     else:
-        batches, indices = _dataset_batches(dataset, data_dir, count, seed)
+        batches, indices = _dataset_batches(dataset, data_dir, count, seed, onnx_path)
     ranges = activation_ranges(onnx_path, batches)
     result = write_calibration_cache(ranges, out, version_tag=calib_version_tag(trt_version), force=force)
     if images is None:
@@ -155,15 +155,23 @@ def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, se
          + (f" ({len(result['skipped'])} never-active tensors left out)" if result["skipped"] else ""))
 
 
-def _dataset_batches(dataset: str, data_dir: str | None, count: int | None, seed: int, batch_size: int = 32):
-    """The calibration images PTQ would draw (quantize.calibration_indices: same count and seed, same images)."""
+def _dataset_batches(dataset: str, data_dir: str | None, count: int | None, seed: int, onnx_path=None,
+                     batch_size: int = 32):
+    """The calibration images PTQ would draw (quantize.calibration_indices: same count and seed, same images),
+    preprocessed as the ONNX's own metadata says (input size, channels, mean/std), as `build` does."""
     import numpy as np
 
     from edgeres.data import get_data
     from edgeres.errors import ConfigError
     from edgeres.quantize import calibration_indices
 
-    calib = get_data(dataset=dataset, data_dir=data_dir, download=False).calib
+    pre = {}
+    if onnx_path is not None:
+        from edgeres.runners import _onnx_props, _parse_meta
+
+        meta = _parse_meta(_onnx_props(Path(onnx_path)))
+        pre = {k: meta[k] for k in ("input_size", "mean", "std", "resize_size", "in_channels") if meta.get(k)}
+    calib = get_data(dataset=dataset, data_dir=data_dir, download=False, **pre).calib
     if count is not None and count > len(calib):
         raise ConfigError(f"asked for {count} calibration images; {dataset} has {len(calib)}")
     n = count or min(DEFAULT_CALIB_COUNT, len(calib))
