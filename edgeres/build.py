@@ -224,12 +224,14 @@ def _folded(ctx: BuildContext):
     return ctx.cache["folded"]
 
 
-def _eval(ctx: BuildContext, key: str, target) -> Any:
+def _eval(ctx: BuildContext, key: str, target=None, *, make=None) -> Any:
+    """The evaluation of `target` (or of what `make()` returns, made only when not yet evaluated) under `key`,
+    computed once per build."""
     from edgeres.evaluate import evaluate
 
     if key not in ctx.cache:
         label = key.removeprefix("eval_").replace("_", " ")
-        ctx.cache[key] = evaluate(target, ctx.data.test, batch_size=256,
+        ctx.cache[key] = evaluate(make() if make is not None else target, ctx.data.test, batch_size=256,
                                   progress=False if ctx.opts.quiet else f"evaluating {label}")
     return ctx.cache[key]
 
@@ -300,7 +302,7 @@ def _quantized(ctx: BuildContext, stage: str):
 
 
 def stage_qat(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
-    from edgeres.quantize import quantize_qat, save_quantized
+    from edgeres.quantize import quantize_qat, read_manifest, save_quantized
 
     q = ctx.recipe.quant
     res = quantize_qat(_quantized(ctx, "ptq"), ctx.data.train, ctx.data.test, epochs=q.qat_epochs, lr=q.qat_lr,
@@ -312,8 +314,6 @@ def stage_qat(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     ev = _eval(ctx, "eval_qat", res.model)
     _drop_gate(ctx, rec, ev.top1, final=True)
     dest = ctx.path("quant", "qat.pt")
-    from edgeres.quantize import read_manifest
-
     save_quantized(dest, res.model, _meta(ctx), mode="qat", manifest=read_manifest(parent.artifact))
     rec.set_artifact(dest)
     return rec
@@ -416,7 +416,7 @@ def stage_export_cpu(ctx: BuildContext, parent: StageRecord | None) -> StageReco
     else:
         info = export_openvino(parent.artifact, dest)
     trt_int8 = ctx.records["export_int8"].artifact
-    as_written = _eval(ctx, "eval_export_int8_as_written", OrtRunner(trt_int8, optimize=False)).logits
+    as_written = _eval(ctx, "eval_export_int8_as_written", make=lambda: OrtRunner(trt_int8, optimize=False)).logits
     runner = OpenVinoRunner(dest)
     ev = _eval(ctx, "eval_export_cpu", runner)
     metrics = compare_logits(as_written, ev.logits)
@@ -432,7 +432,6 @@ def stage_export_cpu(ctx: BuildContext, parent: StageRecord | None) -> StageReco
 
 def stage_calib_cache(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
     """A TensorRT calibration cache for the FP32 ONNX (implicit INT8 on TensorRT 8.x / DLA)."""
-
     from edgeres.tensorrt.calib_cache import activation_ranges, write_calibration_cache
 
     n = _calib_size(ctx)

@@ -62,7 +62,7 @@ def load_onnx(path: str | Path):
     return model
 
 
-class _Graph:
+class GraphIndex:
     """Constant values, producers and consumers of a graph's tensors."""
 
     def __init__(self, model):
@@ -123,7 +123,7 @@ def _node_name(node) -> str:
     return node.name or f"{node.op_type}({node.output[0]})"
 
 
-def _check_qdq(g: _Graph, node, out: list[Violation]) -> None:
+def _check_qdq(g: GraphIndex, node, out: list[Violation]) -> None:
     import numpy as np
     from onnx import TensorProto
 
@@ -165,7 +165,7 @@ def _check_qdq(g: _Graph, node, out: list[Violation]) -> None:
                              f"activation quantized with {scale.size} scales, not per tensor"))
 
 
-def _weight_of(g: _Graph, node):
+def _weight_of(g: GraphIndex, node):
     name = node.input[0]
     while name not in g.const:
         prod = g.producer.get(name)
@@ -175,7 +175,7 @@ def _weight_of(g: _Graph, node):
     return g.const[name]
 
 
-def _check_residual_adds(g: _Graph, out: list[Violation]) -> None:
+def _check_residual_adds(g: GraphIndex, out: list[Violation]) -> None:
     depth = g.conv_depth()
     for node in g.nodes:
         if node.op_type != "Add" or len(node.input) != 2 or any(g.is_const(i) for i in node.input):
@@ -204,7 +204,7 @@ def check_model(model) -> list[Violation]:
     opset = max((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), default=0)
     if opset < MIN_OPSET:
         out.append(Violation(Rule.OPSET.value, "model", f"opset {opset} < {MIN_OPSET} (per-channel Q/DQ needs 13)"))
-    g = _Graph(model)
+    g = GraphIndex(model)
     has_qdq = False
     for node in g.nodes:
         if node.domain not in STANDARD_DOMAINS:

@@ -42,11 +42,12 @@ def export_openvino(onnx_path: str | Path, xml_path: str | Path, *, calibration=
     ok, why = openvino_status()
     if not ok:
         raise BackendUnavailable(why)
-    import onnx
     import openvino as ov
 
+    from edgeres.export import read_metadata
+
     onnx_path, xml_path = Path(onnx_path), Path(xml_path)
-    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    props = read_metadata(onnx_path)
     model = ov.convert_model(str(onnx_path))
     method = "converted Q/DQ ONNX"
     if calibration is not None:

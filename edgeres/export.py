@@ -161,44 +161,35 @@ def store_int8_weights(proto) -> int:
     import numpy as np
     from onnx import TensorProto, numpy_helper
 
-    g = proto.graph
-    inits = {t.name: t for t in g.initializer}
-    consts = dict(inits)   # scales and zero-points may be Constant nodes (the TorchScript exporter writes them so)
-    consumers: dict[str, list] = {}
-    for node in g.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-        if node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                consts[node.output[0]] = value
-    converted, drop_nodes = 0, []
-    for node in g.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] not in inits or len(node.input) < 3:
+    from edgeres.check import GraphIndex
+
+    g = GraphIndex(proto)   # constants (initializers and Constant nodes: scales, zero-points) and consumers
+    weights = {t.name for t in proto.graph.initializer}
+    drop = []
+    for node in g.nodes:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in weights or len(node.input) < 3:
             continue
-        zp_t, scale_t = consts.get(node.input[2]), consts.get(node.input[1])
-        users = consumers.get(node.output[0], [])
-        if zp_t is None or scale_t is None or zp_t.data_type != TensorProto.INT8 or \
+        scale, zp = g.const.get(node.input[1]), g.const.get(node.input[2])
+        users = g.consumers.get(node.output[0], [])
+        if scale is None or zp is None or g.const_dtype.get(node.input[2]) != TensorProto.INT8 or \
                 not users or any(u.op_type != "DequantizeLinear" for u in users):
             continue
-        w = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-        scale = numpy_helper.to_array(scale_t).astype(np.float32)
-        zp = numpy_helper.to_array(zp_t).astype(np.int32)
+        w = np.asarray(g.const[node.input[0]], dtype=np.float32)
+        scale, zp = np.asarray(scale, dtype=np.float32), np.asarray(zp, dtype=np.int32)
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         if scale.ndim == 1 and scale.size > 1:   # per-axis: broadcast along `axis`
             shape = [1] * w.ndim
             shape[axis] = scale.size
             scale, zp = scale.reshape(shape), zp.reshape(shape)
         q = np.clip(np.rint(w / scale) + zp, -128, 127).astype(np.int8)   # QuantizeLinear: round half to even
-        g.initializer.append(numpy_helper.from_array(q, node.output[0]))
-        drop_nodes.append(node)
-        converted += 1
-    for node in drop_nodes:
-        g.node.remove(node)
-    used = {name for node in g.node for name in node.input}
-    for t in [t for t in g.initializer if t.name not in used and t.name not in {o.name for o in g.output}]:
-        g.initializer.remove(t)
-    return converted
+        proto.graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
+        drop.append(node)
+    for node in drop:
+        proto.graph.node.remove(node)
+    used = {name for node in proto.graph.node for name in node.input} | {o.name for o in proto.graph.output}
+    for t in [t for t in proto.graph.initializer if t.name not in used]:
+        proto.graph.initializer.remove(t)
+    return len(drop)
 
 
 def export_summary(path: str | Path) -> dict[str, Any]:

@@ -169,7 +169,7 @@ def _onnx_precision(path: Path) -> str:
     return "fp32"
 
 
-def _parse_meta(props: dict[str, str]) -> dict[str, Any]:
+def parse_meta(props: dict[str, str]) -> dict[str, Any]:
     """Preprocessing from ONNX metadata_props: a whole ModelMeta as JSON, or loose mean/std/input_size keys."""
     for key in ("edgeres.meta", "edgeres_meta", "meta", "model_meta"):
         if key in props:
@@ -235,7 +235,7 @@ class OrtRunner(Runner):
             raise ArtifactError(f"{path}: expected one NCHW input, found {inp.name} with shape {inp.shape}")
         self.batch_dim: int | None = dims[0]
         self.input_shape = tuple(dims[1:]) if all(d is not None for d in dims[1:]) else None
-        self.meta = _parse_meta(dict(self.session.get_modelmeta().custom_metadata_map))
+        self.meta = parse_meta(dict(self.session.get_modelmeta().custom_metadata_map))
 
     def infer_impl(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run([self.output_name], {self.input_name: x})[0], dtype=np.float32)
@@ -321,19 +321,18 @@ class OpenVinoRunner(Runner):
             raise ArtifactError(f"{path}: expected one NCHW input, found shape {inp.get_partial_shape()}")
         self.batch_dim: int | None = dims[0]
         self.input_shape = tuple(dims[1:]) if all(d is not None for d in dims[1:]) else None
-        self.precision = "int8" if self.int8_layers() else "fp32"
+        self.precision = "int8" if self.kernel_report()["int8_kernels"] else "fp32"
         self.meta = {}
         if path.suffix.lower() == ".onnx":
-            self.meta = _parse_meta(_onnx_props(path))
-        elif model.has_rt_info("edgeres_meta"):
-            self.meta = _parse_meta({"edgeres.meta": model.get_rt_info("edgeres_meta").astype(str)})
+            from edgeres.export import read_metadata
 
-    def int8_layers(self) -> int:
-        """Convolution / fully connected layers of the compiled model that run in INT8/UINT8 (the execution
-        graph's runtime precision)."""
-        return self.kernel_report()["int8_kernels"]
+            self.meta = parse_meta(read_metadata(path))
+        elif model.has_rt_info("edgeres_meta"):
+            self.meta = parse_meta({"edgeres.meta": model.get_rt_info("edgeres_meta").astype(str)})
 
     def kernel_report(self) -> dict[str, int]:
+        """Convolution / fully connected layers of the compiled model that run in INT8/UINT8 (the execution
+        graph's runtime precision), and the others."""
         int8 = other = 0
         for op in self.compiled.get_runtime_model().get_ordered_ops():
             info = op.get_rt_info()
@@ -353,12 +352,6 @@ class OpenVinoRunner(Runner):
 
     def close(self) -> None:
         self.request = self.compiled = None
-
-
-def _onnx_props(path: Path) -> dict[str, str]:
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 def _ort_providers(providers, available: list[str]) -> list[str]:

@@ -167,9 +167,10 @@ def _dataset_batches(dataset: str, data_dir: str | None, count: int | None, seed
 
     pre = {}
     if onnx_path is not None:
-        from edgeres.runners import _onnx_props, _parse_meta
+        from edgeres.export import read_metadata
+        from edgeres.runners import parse_meta
 
-        meta = _parse_meta(_onnx_props(Path(onnx_path)))
+        meta = parse_meta(read_metadata(onnx_path))
         pre = {k: meta[k] for k in ("input_size", "mean", "std", "resize_size", "in_channels") if meta.get(k)}
     calib = get_data(dataset=dataset, data_dir=data_dir, download=False, **pre).calib
     if count is not None and count > len(calib):

@@ -32,7 +32,8 @@ from edgeres.tensorrt.trtexec import trtexec_command
 from edgeres.tensorrt.versions import capabilities
 
 PLAN_FORMAT = "edgeres-trt-plan/1"
-# key -> (the version whose rules apply, version prefixes it serves (the longest matching prefix wins), label)
+# key -> (the version whose rules apply, version prefixes it serves (the device runtime picks the longest
+# matching prefix), label)
 TARGETS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "8.5": ("8.5.2", ("8.5",), "TensorRT 8.5.2 (JetPack 5.1.x)"),
     "8.6": ("8.6.2", ("8.6",), "TensorRT 8.6 (JetPack 6.0)"),
@@ -58,24 +59,14 @@ class PlanInputs:
     calib_cache: Path | None = None
 
 
-def target_for(version: str) -> str | None:
-    """'8.5.2.2' -> '8.5', '10.16.0' -> '10', '8.2.1' -> None (not a target)."""
-    parts = str(version).split(".")
-    found, best = None, 0
-    for key, (_, prefixes, _) in TARGETS.items():   # the most specific prefix wins (the device does the same)
-        for prefix in prefixes:
-            p = prefix.split(".")
-            if parts[:len(p)] == p and len(p) > best:
-                found, best = key, len(p)
-    return found
-
-
 def _refused(target: str, precision: str, device: str, why: str) -> dict[str, Any]:
     return {"target": target, "precision": precision, "device": device, "refused": why}
 
 
-def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, batch: int) -> dict[str, Any]:
-    """One decision: the build and run instructions for (target TensorRT, precision, gpu|dla), or a refusal."""
+def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, batch: int,
+               inspected: dict | None = None) -> dict[str, Any]:
+    """One decision: the build and run instructions for (target TensorRT, precision, gpu|dla), or a refusal.
+    `inspected`: ONNX path -> inspect_onnx result, so a whole plan reads and hashes each file once."""
     from edgeres.tensorrt.compile import inspect_onnx
 
     rules_version, _, label = TARGETS[target]
@@ -95,7 +86,7 @@ def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, 
         return _refused(target, precision, device, f"{label} is strongly typed only: FP16 needs an FP16 ONNX, "
                                                    "which the bundle does not carry (use int8 or fp32)")
     onnx_path, onnx_name = (inputs.int8_onnx, inputs.int8_name) if explicit else (inputs.fp32_onnx, inputs.fp32_name)
-    info = inspect_onnx(onnx_path)
+    info = inspected[onnx_path] if inspected and onnx_path in inspected else inspect_onnx(onnx_path)
     shapes = (batch, batch, batch) if dla or not info.dynamic_batch else (1, batch, batch)
     if not info.dynamic_batch and batch != int(info.input_shape[0]):   # type: ignore[arg-type]
         shapes = (int(info.input_shape[0]),) * 3   # type: ignore[arg-type]
@@ -124,14 +115,17 @@ def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, 
         "engine_build": {"precision": build_precision.value, "dla_core": 0 if dla else None, "gpu_fallback": False,
                          "batch": list(shapes), "strongly_typed": caps.always_strongly_typed or None},
         "trtexec": argv,
-        "trtexec_run": [f"--useDLACore={0}"] if dla else [],
         "warnings": warnings,
     }
 
 
 def device_plan(inputs: PlanInputs, *, batch: int) -> dict[str, Any]:
     """Every (target, precision, device) entry."""
-    entries = [plan_entry(t, p, d, inputs, batch=batch) for t in TARGETS for p in PRECISIONS for d in DEVICES]
+    from edgeres.tensorrt.compile import inspect_onnx
+
+    inspected = {path: inspect_onnx(path) for path in {inputs.fp32_onnx, inputs.int8_onnx}}
+    entries = [plan_entry(t, p, d, inputs, batch=batch, inspected=inspected)
+               for t in TARGETS for p in PRECISIONS for d in DEVICES]
     return {"format": PLAN_FORMAT, "batch": batch,
             "targets": {k: {"rules": v[0], "match": list(v[1]), "label": v[2]} for k, v in TARGETS.items()},
             "entries": entries}
