@@ -328,7 +328,7 @@ class OpenVinoRunner(Runner):
 
             self.meta = parse_meta(read_metadata(path))
         elif model.has_rt_info("edgeres_meta"):
-            self.meta = parse_meta({"edgeres.meta": model.get_rt_info("edgeres_meta").astype(str)})
+            self.meta = parse_meta(json.loads(model.get_rt_info("edgeres_meta").astype(str)))   # the ONNX's props
 
     def kernel_report(self) -> dict[str, int]:
         """Convolution / fully connected layers of the compiled model that run in INT8/UINT8 (the execution

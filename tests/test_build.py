@@ -88,6 +88,11 @@ def test_report_files_and_table(built):
     # the CPU artifact is a row of its own, on OpenVINO's INT8 kernels; ONNX Runtime's INT8 row says what it fused
     cpu = next(r for r in rep["rows"] if r["stage"] == "export_cpu")
     assert cpu["backend"] == "openvino" and cpu["precision"] == "int8" and cpu["p50_ms"] > 0
+    from edgeres.runners import OpenVinoRunner
+
+    with OpenVinoRunner(out / "export" / "model_int8_cpu.xml") as ir:   # the IR carries the model's preprocessing
+        assert ir.meta["input_size"] == json.loads((out / "meta.json").read_text())["input_size"]
+        assert ir.precision == "int8"
     done, total = map(int, cpu["int8_kernels"].split("/"))
     assert done == total > 0
     assert int8["int8_kernels"] and int(int8["int8_kernels"].split("/")[0]) < total
