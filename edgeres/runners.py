@@ -302,6 +302,14 @@ class OpenVinoRunner(Runner):
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"model not found: {path}")
+        if path.suffix.lower() == ".xml":   # OpenVINO would try every frontend on anything else, noisily
+            with open(path, "rb") as f:
+                head = f.read(4096)
+            if b"<net" not in head:
+                raise ArtifactError(f"{path} is not an OpenVINO IR (no <net> element): expected the .xml that "
+                                    "`edgeres build` writes beside its .bin")
+            if not path.with_suffix(".bin").is_file():
+                raise ArtifactError(f"{path}: its weights {path.with_suffix('.bin').name} are missing")
         core = ov.Core()
         config = {"PERFORMANCE_HINT": "LATENCY"}
         if threads is not None:

@@ -34,6 +34,9 @@ def world(tmp_path_factory):
     (root / "garbage.pt").write_bytes(os.urandom(4096))
     (root / "garbage.onnx").write_bytes(os.urandom(4096))
     (root / "garbage.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    (root / "garbage.xml").write_bytes(os.urandom(2048))
+    (root / "empty.xml").write_bytes(b"")
+    (root / "lonely.xml").write_text('<?xml version="1.0"?>\n<net name="m" version="11"></net>\n')
     np_bad = root / "wrong_key.npz"
     import numpy as np
 
@@ -134,6 +137,11 @@ CASES = [
     # bench / compare
     ("bench-missing", ["bench", "--engine", "{root}/nope.onnx"]),
     ("bench-garbage-onnx", ["bench", "--engine", "{root}/garbage.onnx", "--iterations", "1"]),
+    ("bench-garbage-ir", ["bench", "--engine", "{root}/garbage.xml", "--iterations", "1"]),
+    ("bench-empty-ir", ["bench", "--engine", "{root}/empty.xml", "--iterations", "1"]),
+    ("bench-ir-without-bin", ["bench", "--engine", "{root}/lonely.xml", "--iterations", "1"]),
+    ("bench-garbage-onnx-on-openvino", ["bench", "--engine", "{root}/garbage.onnx", "--backend", "openvino",
+                                        "--iterations", "1"]),
     ("bench-huge-batch", ["bench", "--engine", "{onnx}", "--batch", "100000000", "--iterations", "1"]),
     ("bench-zero-batch", ["bench", "--engine", "{onnx}", "--batch", "0", "--iterations", "1"]),
     ("bench-bogus-device", ["bench", "--engine", "{ck}", "--device", "bogus", "--iterations", "1"]),

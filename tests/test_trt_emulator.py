@@ -268,6 +268,9 @@ def test_device_runtime_syntax_and_version_floor(bundle, tmp_path):
 
     with pytest.raises(rt.BundleError, match="TensorRT 8.2.1.8 is not a target"):
         rt.plan_entry(m, "8.2.1.8", "int8", "gpu")
+    old = {k: v for k, v in m.items() if k != "tensorrt_plan"}   # a bundle from before the plan
+    with pytest.raises(rt.BundleError, match="no TensorRT plan this runtime reads"):
+        rt.plan_entry(old, "10.3.0", "int8", "gpu")
     assert rt.plan_entry(m, "10.16.0.72", "int8", "gpu")["target"] == "10"
     assert rt.plan_entry(m, "10.3.0.30", "int8", "gpu")["target"] == "10.3"
 
