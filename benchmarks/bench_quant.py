@@ -122,7 +122,7 @@ def run_case(name, arch, data, *, epochs, lr, qat_epochs, qat_lr, calib, max_tra
 
 def _int8_check(records: dict) -> dict:
     """export_int8's INT8-vs-fake-quant figures: gated agreement, ONNX Runtime's fused kernels', max|diff|."""
-    keys = ("top1_agreement", "optimized_top1_agreement", "n_compared", "max_abs_diff")
+    keys = ("top1_agreement_pct", "optimized_top1_agreement_pct", "n_compared", "max_abs_diff")
     return {k: records["export_int8"].metrics[k] for k in keys}
 
 

@@ -1,8 +1,13 @@
-"""`edgeres build`: data -> train -> fold -> PTQ -> QAT -> export -> calibration cache -> compile -> verify -> report.
+"""`edgeres build`: the plan (which stages run, in order, and what each consumes) and one loop over it.
 
-Each stage is a plain function `(ctx, parent) -> StageRecord`. `run_stage` adds what every stage shares: the
-inputs hash (parent sha256 + the stage's own settings), reuse of a finished stage whose inputs are unchanged and whose
-artifact is intact, timing, the append to stages.jsonl, and stopping at the first failed gate.
+Every stage is one function in its own module, `run(inputs, settings) -> StageResult[Output]` (train.run, fold.run,
+quantize.run_ptq / run_qat, export.run, cpu.run, tensorrt.calib_cache.run, tensorrt.compile.run, verify.run): it
+checks its result, writes its artifact atomically only then, and returns its record and typed output. The CLI
+commands call the same functions. Here a row of `PLAN` names a stage, what it consumes, when it runs, the settings
+that enter its inputs hash, and a short adapter that assembles its typed inputs from earlier outputs.
+`run_stage` adds what every stage shares: the inputs hash (parent sha256 + the stage's settings), reuse of a
+finished stage whose inputs are unchanged and whose artifact is intact, timing, the append to stages.jsonl, and
+stopping at the first failed gate.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from typing import Any
 
 from edgeres.errors import ConfigError, EdgeresError, GateError
 from edgeres.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
-from edgeres.records import Gate, StageRecord, Status, append_record, reusable
+from edgeres.records import StageRecord, StageResult, Status, append_record, reusable
 
 
 @dataclass(frozen=True)
@@ -39,13 +44,33 @@ class BuildOptions:
 
 
 @dataclass
+class Outputs:
+    """What the stages handed on, typed: one field per stage. A stage reused from an earlier build has no output
+    until something asks for it; then its `load` (see PLAN) rebuilds it from the artifact."""
+
+    train: Any = None          # train.TrainOutput
+    fold: Any = None           # fold.FoldOutput
+    ptq: Any = None            # quantize.QuantOutput
+    qat: Any = None            # quantize.QuantOutput
+    export_fp32: Any = None    # export.ExportOutput
+    export_int8: Any = None    # export.ExportOutput
+    export_cpu: Any = None     # cpu.CpuOutput
+    calib_cache: Any = None    # tensorrt.calib_cache.CalibCacheOutput
+    compile: Any = None        # tensorrt.compile.CompileOutput
+    verify: Any = None         # the table's rows
+
+
+@dataclass
 class BuildContext:
     opts: BuildOptions
-    recipe: Any
+    recipe: Any                # recipe.Recipe (frozen, validated)
     run_dir: Path
     records: dict[str, StageRecord] = field(default_factory=dict)
+    outputs: Outputs = field(default_factory=Outputs)
+    evaluations: dict[str, Any] = field(default_factory=dict)   # "<stage>/<backend>" -> EvalResult, once per build
     _data: Any = None
-    cache: dict[str, Any] = field(default_factory=dict)   # in-memory models handed from stage to stage
+    _probe: Any = None
+    _calib_note: bool = False
 
     @property
     def data(self):
@@ -64,6 +89,54 @@ class BuildContext:
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
+    def output(self, stage: str):
+        """The typed output of `stage`: handed on by this build, or loaded from the artifact of a reused one."""
+        value = getattr(self.outputs, stage)
+        if value is None:
+            step = next(s for s in PLAN if s.name == stage)
+            value = step.load(self.records[stage]) if step.load else None
+            setattr(self.outputs, stage, value)
+        return value
+
+    def evaluation(self, key: str, make: Callable[[], Any]):
+        """The evaluation (EvalResult on the evaluation split) under `key`, made by `make()` once per build."""
+        from edgeres.evaluate import evaluate
+
+        if key not in self.evaluations:
+            self.evaluations[key] = evaluate(make(), self.data.test, batch_size=256,
+                                             progress=False if self.opts.quiet else f"evaluating {key}")
+        return self.evaluations[key]
+
+    def probe(self):
+        """The fixed probe: the first `gates.probe_size` evaluation images as this build preprocesses them, in
+        probe.npz (replaced when it differs, left untouched when identical). -> (x float32 NCHW, y int64)"""
+        if self._probe is None:
+            import numpy as np
+
+            n = min(self.recipe.gates.probe_size, len(self.data.test))
+            xs, ys = zip(*(self.data.test[i] for i in range(n)))
+            x = np.stack([np.asarray(t, dtype=np.float32) for t in xs])
+            y = np.asarray(ys, dtype=np.int64)
+            path = self.run_dir / "probe.npz"
+            if not _same_probe(path, x, y):
+                from edgeres.io import atomic_path
+
+                with atomic_path(path) as tmp:
+                    with open(tmp, "wb") as f:
+                        np.savez(f, x=x, y=y)
+            self._probe = (x, y)
+        return self._probe
+
+
+def _same_probe(path: Path, x, y) -> bool:
+    import numpy as np
+
+    try:
+        with np.load(path) as z:
+            return z["x"].shape == x.shape and np.array_equal(z["x"], x) and np.array_equal(z["y"], y)
+    except (OSError, ValueError, KeyError, EOFError):
+        return False
+
 
 @dataclass
 class BuildResult:
@@ -74,11 +147,341 @@ class BuildResult:
     report: dict[str, Any]
 
 
-StageFn = Callable[[BuildContext, "StageRecord | None"], StageRecord]
+# ---------------------------------------------------------------------------------------------------- the plan
+
+@dataclass(frozen=True)
+class Step:
+    """One row of the plan."""
+
+    name: str
+    consumes: str | None                                   # its parent stage; "a|b": the first of them that ran
+    call: Callable[[BuildContext], StageResult]            # assembles typed inputs, calls the stage's run()
+    settings: Callable[[BuildContext], dict[str, Any]]     # with the parent's sha256: the stage's inputs hash
+    when: Callable[[BuildContext], bool] = lambda ctx: True
+    load: Callable[[StageRecord], Any] | None = None       # the output of a reused stage, from its artifact
 
 
-def run_stage(ctx: BuildContext, name: str, fn: StageFn, parent: StageRecord | None, settings: dict[str, Any],
-              *, fatal: bool = True) -> StageRecord:
+def max_drop(opts: BuildOptions, recipe) -> tuple[float, str]:
+    """The allowed top-1 drop (pp) of the final INT8 model and where it comes from: --max-drop, else the recipe's
+    gates.max_drop_qat (QAT runs) or gates.max_drop_ptq (PTQ only)."""
+    if opts.max_drop is not None:
+        return opts.max_drop, "--max-drop"
+    if recipe.quant.qat_epochs > 0:
+        return recipe.gates.max_drop_qat, "gates.max_drop_qat"
+    return recipe.gates.max_drop_ptq, "gates.max_drop_ptq"
+
+
+def _calib_size(ctx: BuildContext) -> int:
+    """The recipe's calibration count, or every image of a smaller dataset (said once); an explicit
+    --calib-size larger than the dataset is an error."""
+    asked, have = ctx.recipe.quant.calib_size, len(ctx.data.calib)
+    if asked <= have:
+        return asked
+    if "quant.calib_size" in ctx.opts.overrides:
+        raise ConfigError(f"--calib-size {asked}: the calibration split has {have} images")
+    if not ctx._calib_note:
+        ctx._calib_note = True
+        ctx.say(f"note: calibrating on all {have} images (the recipe asks {asked})")
+    return have
+
+
+def _calib_batches(ctx: BuildContext, bs: int = 64):
+    """The calibration images PTQ calibrated on (calibration_indices with the recipe's seed), as float32 batches:
+    chosen once, for PTQ, the calibration cache and the CPU artifact."""
+    import numpy as np
+
+    from edgeres.quantize import calibration_indices
+
+    n = _calib_size(ctx)
+    idx = calibration_indices(len(ctx.data.calib), n, seed=ctx.recipe.train.seed)
+    for i in range(0, n, bs):
+        yield np.stack([np.asarray(ctx.data.calib[int(j)][0], dtype=np.float32) for j in idx[i:i + bs]])
+
+
+def _final_quant(ctx: BuildContext) -> str:
+    return "qat" if ctx.recipe.quant.qat_epochs > 0 else "ptq"
+
+
+def _fp32_eval(ctx: BuildContext):
+    return ctx.evaluation("train/torch", lambda: ctx.output("train").model)
+
+
+def _quant_eval(ctx: BuildContext, stage: str):
+    out = ctx.output(stage)
+    if out.evaluation is not None:
+        ctx.evaluations.setdefault(f"{stage}/torch", out.evaluation)
+    return ctx.evaluation(f"{stage}/torch", lambda: out.model)
+
+
+def _int8_as_written(ctx: BuildContext):
+    from edgeres.runners import OrtRunner
+
+    out = ctx.output("export_int8")
+    if out.onnxruntime is not None:
+        ctx.evaluations.setdefault("export_int8/onnxruntime-as-written", out.onnxruntime)
+    return ctx.evaluation("export_int8/onnxruntime-as-written", lambda: OrtRunner(out.path, optimize=False))
+
+
+# ------------------------------------------------------------------------------ adapters: typed inputs -> run()
+
+def _train(ctx: BuildContext) -> StageResult:
+    from edgeres.train import TrainInputs, TrainSettings, run
+
+    result = run(TrainInputs(ctx.data, ctx.run_dir / "train", ctx.opts.pretrained), TrainSettings(ctx.recipe),
+                 quiet=ctx.opts.quiet)
+    atomic_write_json(ctx.run_dir / "meta.json", result.output.meta.to_dict())
+    return result
+
+
+def _fold(ctx: BuildContext) -> StageResult:
+    from edgeres.fold import FoldInputs, FoldSettings, run
+
+    trained = ctx.output("train")
+    return run(FoldInputs(trained.model, trained.meta, ctx.probe()[0], ctx.path("fold", "folded.pt")),
+               FoldSettings(rel_tol=ctx.recipe.gates.fold_rel_tol))
+
+
+def _quant_inputs(ctx: BuildContext, model, out: Path, **kw):
+    from edgeres.quantize import QuantInputs
+
+    return QuantInputs(model=model, meta=ctx.output("train").meta, eval_data=ctx.data.test, out=out,
+                       reference_top1=_fp32_eval(ctx).top1, **kw)
+
+
+def _ptq(ctx: BuildContext) -> StageResult:
+    from edgeres.quantize import PtqSettings, run_ptq
+
+    q = ctx.recipe.quant
+    limit, source = max_drop(ctx.opts, ctx.recipe)
+    inputs = _quant_inputs(ctx, ctx.output("fold").model, ctx.path("quant", "ptq.pt"), calib=ctx.data.calib,
+                           dataset_fingerprint=ctx.data.info.fingerprint,
+                           manifest_path=ctx.path("calibration", "manifest.json"))
+    return run_ptq(inputs, PtqSettings(calib_size=_calib_size(ctx), method=q.calib_method, seed=ctx.recipe.train.seed,
+                                       max_drop=limit if q.qat_epochs == 0 else None, drop_source=source),
+                   quiet=ctx.opts.quiet)
+
+
+def _qat(ctx: BuildContext) -> StageResult:
+    from edgeres.quantize import QatSettings, run_qat
+
+    q = ctx.recipe.quant
+    limit, source = max_drop(ctx.opts, ctx.recipe)
+    ptq = ctx.output("ptq")
+    inputs = _quant_inputs(ctx, ptq.model, ctx.path("quant", "qat.pt"), train_data=ctx.data.train,
+                           manifest=ptq.manifest)
+    return run_qat(inputs, QatSettings(epochs=q.qat_epochs, lr=q.qat_lr,
+                                       batch_size=q.qat_batch_size or ctx.recipe.data.batch_size,
+                                       seed=ctx.recipe.train.seed, max_drop=limit, drop_source=source),
+                   quiet=ctx.opts.quiet)
+
+
+def _export_settings(ctx: BuildContext, int8: bool):
+    from edgeres.export import ExportSettings
+
+    e, g = ctx.recipe.export, ctx.recipe.gates
+    return ExportSettings(int8=int8, opset=e.opset, simplify=e.simplify, recipe_hash=ctx.recipe.hash(),
+                          rel_tol=g.export_rel_tol, min_agreement_pct=g.min_int8_agreement, probe_size=g.probe_size)
+
+
+def _export_fp32(ctx: BuildContext) -> StageResult:
+    """FP32 ONNX vs the folded model on the probe (exact)."""
+    from edgeres.export import ExportInputs, run
+
+    folded = ctx.output("fold")
+    x, y = ctx.probe()
+    probe = [(x[i], int(y[i])) for i in range(len(x))]
+    return run(ExportInputs(folded.model, folded.meta, probe, ctx.path("export", "model_fp32.onnx")),
+               _export_settings(ctx, False), quiet=ctx.opts.quiet)
+
+
+def _export_int8(ctx: BuildContext) -> StageResult:
+    """INT8 Q/DQ ONNX vs the fake-quant model over the whole evaluation split (a 99 % gate needs hundreds of images
+    to mean anything: on a 64-image probe one disagreement is already 98.4 %)."""
+    from edgeres.export import ExportInputs, run
+
+    source = _final_quant(ctx)
+    quant = ctx.output(source)
+    return run(ExportInputs(quant.model, quant.meta, ctx.data.test, ctx.path("export", "model_int8.onnx"),
+                            reference=_quant_eval(ctx, source)),
+               _export_settings(ctx, True), quiet=ctx.opts.quiet)
+
+
+def _export_cpu(ctx: BuildContext) -> StageResult:
+    from edgeres.cpu import CpuInputs, CpuSettings, openvino_status, run
+
+    mode = ctx.recipe.export.cpu_int8
+    limit, source = max_drop(ctx.opts, ctx.recipe)
+    if not openvino_status()[0]:
+        return run(CpuInputs(Path(), None, Path()), CpuSettings(mode))   # skipped, with the reason
+    onnx = ctx.records["export_fp32" if mode == "openvino" else "export_int8"].artifact
+    images = [b[None] for batch in _calib_batches(ctx) for b in batch] if mode == "openvino" else None
+    return run(CpuInputs(Path(onnx), ctx.data.test, ctx.path("export", "model_int8_cpu.xml"), calibration=images,
+                         reference_top1=_fp32_eval(ctx).top1, tensorrt_int8=_int8_as_written(ctx)),
+               CpuSettings(mode=mode, max_drop=limit, drop_source=source), quiet=ctx.opts.quiet)
+
+
+def _calib_cache(ctx: BuildContext) -> StageResult:
+    from edgeres.tensorrt.calib_cache import CalibCacheInputs, run
+
+    return run(CalibCacheInputs(Path(ctx.records["export_fp32"].artifact), _calib_batches(ctx),
+                                ctx.path("calibration", "calib.cache")))
+
+
+def _compile(ctx: BuildContext) -> StageResult:
+    from edgeres.tensorrt.compile import CompileInputs, CompileSettings, run
+    from edgeres.tensorrt.options import precision_from_flags
+    from edgeres.tensorrt.targets import PlanInputs
+
+    fp32 = Path(ctx.records["export_fp32"].artifact)
+    int8 = Path(ctx.records["export_int8"].artifact) if "export_int8" in ctx.records else fp32
+    calib = ctx.records.get("calib_cache")
+    plan = PlanInputs(fp32_name=fp32.name, int8_name=int8.name, fp32_onnx=fp32, int8_onnx=int8,
+                      calib_name=Path(calib.artifact).name if calib else None,
+                      calib_cache=Path(calib.artifact) if calib else None)
+    precision = precision_from_flags(fp16=ctx.opts.fp16, int8=ctx.opts.int8)   # --int8 --fp16: both kernels
+    return run(CompileInputs(int8 if ctx.opts.int8 else fp32, plan, ctx.path("tensorrt", "plan.json").parent,
+                             ctx.path("engine", "model.plan"), relative_to=ctx.run_dir),
+               CompileSettings(precision=precision.value))
+
+
+def _verify(ctx: BuildContext) -> StageResult:
+    """Every artifact this build made, on every backend present."""
+    from edgeres.runners import OpenVinoRunner, OrtRunner, TorchRunner
+    from edgeres.verify import Candidate, VerifyInputs, VerifySettings, run
+
+    rec = ctx.records
+    meta = ctx.output("train").meta
+    trained = ctx.output("train")
+    cands = [Candidate("train", "torch", "fp32", _fp32_eval(ctx), TorchRunner(trained.model), rec["train"].artifact)]
+    folded = ctx.output("fold")
+    cands.append(Candidate("fold", "torch", "fp32", ctx.evaluation("fold/torch", lambda: folded.model),
+                           TorchRunner(folded.model), rec["fold"].artifact))
+    for stage in ("ptq", "qat"):
+        if stage in rec:
+            cands.append(Candidate(stage, "torch", "int8 (fake-quant)", _quant_eval(ctx, stage), None,
+                                   rec[stage].artifact))
+    fp32_runner = OrtRunner(rec["export_fp32"].artifact)
+    cands.append(Candidate("export_fp32", "onnxruntime", "fp32",
+                           ctx.evaluation("export_fp32/onnxruntime", lambda: fp32_runner), fp32_runner,
+                           rec["export_fp32"].artifact))
+    if "export_int8" in rec:
+        out = ctx.output("export_int8")
+        if out.onnxruntime_int8 is not None:
+            ctx.evaluations.setdefault("export_int8/onnxruntime", out.onnxruntime_int8)
+        runner = OrtRunner(out.path)
+        cands.append(Candidate("export_int8", "onnxruntime", "int8",
+                               ctx.evaluation("export_int8/onnxruntime", lambda: runner), runner, out.path))
+    cpu = rec.get("export_cpu")
+    if cpu is not None and cpu.passed and cpu.artifact:
+        out = ctx.output("export_cpu")
+        if out.evaluation is not None:
+            ctx.evaluations.setdefault("export_cpu/openvino", out.evaluation)
+        runner = OpenVinoRunner(cpu.artifact)
+        k = runner.kernel_report()
+        cands.append(Candidate("export_cpu", "openvino", "int8", ctx.evaluation("export_cpu/openvino", lambda: runner),
+                               runner, Path(cpu.artifact),
+                               int8_kernels=f"{k['int8_kernels']}/{k['int8_kernels'] + k['float_convs']}"))
+    comp = rec.get("compile")
+    if comp is not None and comp.passed and comp.artifact:
+        from edgeres.tensorrt.runner import TrtRunner
+
+        runner = TrtRunner(comp.artifact)
+        precision = "int8" if ctx.opts.int8 else "fp16" if ctx.opts.fp16 else "fp32"
+        cands.append(Candidate("compile", "tensorrt", precision, ctx.evaluation("compile/tensorrt", lambda: runner),
+                               runner, Path(comp.artifact)))
+    elif comp is not None:
+        cands.append(Candidate("compile", "tensorrt", "-", note=comp.message))
+    limit, source = max_drop(ctx.opts, ctx.recipe)
+    return run(VerifyInputs(_fp32_eval(ctx), cands, (meta.in_channels, meta.input_size, meta.input_size),
+                            list(meta.class_names)),
+               VerifySettings(bench_seconds=ctx.opts.bench_seconds, max_drop=limit if "export_int8" in rec else None,
+                              drop_source=source))
+
+
+def _load(kind: str) -> Callable[[StageRecord], Any]:
+    def load(rec: StageRecord):
+        if kind == "train":
+            from edgeres.train import TrainOutput
+
+            return TrainOutput.load(rec.artifact)
+        if kind == "fold":
+            from edgeres.fold import FoldOutput
+
+            return FoldOutput.load(rec.artifact)
+        if kind == "quant":
+            from edgeres.quantize import QuantOutput
+
+            return QuantOutput.load(rec.artifact)
+        if kind == "export":
+            from edgeres.export import ExportOutput
+
+            return ExportOutput(Path(rec.artifact))
+        from edgeres.cpu import CpuOutput
+
+        return CpuOutput(Path(rec.artifact)) if rec.artifact else None
+    return load
+
+
+def _int8(ctx: BuildContext) -> bool:
+    return ctx.opts.int8
+
+
+def _data_fp(ctx: BuildContext) -> dict[str, Any]:
+    return {"fingerprint": ctx.data.info.fingerprint}
+
+
+def _calib_settings(ctx: BuildContext) -> dict[str, Any]:
+    return {"calib_size": _calib_size(ctx), "calib_method": ctx.recipe.quant.calib_method,
+            "seed": ctx.recipe.train.seed, **_data_fp(ctx)}
+
+
+def _train_settings(ctx: BuildContext) -> dict[str, Any]:
+    d, opts, recipe = ctx.recipe.to_dict(), ctx.opts, ctx.recipe
+    return {**_data_fp(ctx), "pretrained": sha256_file(opts.pretrained) if opts.pretrained else None,
+            "init_from": sha256_file(recipe.train.init_from) if recipe.train.init_from else None,
+            "model": d["model"], "data": d["data"], "train": d["train"]}
+
+
+def _ptq_settings(ctx: BuildContext) -> dict[str, Any]:
+    final = ctx.recipe.quant.qat_epochs == 0
+    return {**_calib_settings(ctx), "max_drop": max_drop(ctx.opts, ctx.recipe)[0] if final else None}
+
+
+def _export_keys(ctx: BuildContext) -> dict[str, Any]:
+    d = ctx.recipe.to_dict()
+    return {"export": d["export"], "gates": d["gates"]}
+
+
+def _verify_settings(ctx: BuildContext) -> dict[str, Any]:
+    return {"max_drop": max_drop(ctx.opts, ctx.recipe)[0], "bench_s": ctx.opts.bench_seconds, "artifacts":
+            sorted((r.stage, r.sha256, r.status) for r in ctx.records.values())}
+
+
+PLAN: list[Step] = [
+    Step("train", None, _train, _train_settings, load=_load("train")),
+    Step("fold", "train", _fold,
+         lambda c: {"tol": c.recipe.gates.fold_rel_tol, "probe": c.recipe.gates.probe_size}, load=_load("fold")),
+    Step("ptq", "fold", _ptq, _ptq_settings, when=_int8, load=_load("quant")),
+    Step("qat", "ptq", _qat,
+         lambda c: {"quant": c.recipe.to_dict()["quant"], "max_drop": max_drop(c.opts, c.recipe)[0],
+                    "batch_size": c.recipe.data.batch_size, "seed": c.recipe.train.seed},
+         when=lambda c: c.opts.int8 and c.recipe.quant.qat_epochs > 0, load=_load("quant")),
+    Step("export_fp32", "fold", _export_fp32, _export_keys, load=_load("export")),
+    Step("export_int8", "qat|ptq", _export_int8, _export_keys, when=_int8, load=_load("export")),
+    Step("export_cpu", "export_fp32", _export_cpu,
+         lambda c: {**_export_keys(c), **_calib_settings(c),
+                    "from": c.records["export_int8"].sha256 if c.recipe.export.cpu_int8 == "qdq" else None},
+         when=_int8, load=_load("cpu")),
+    Step("calib_cache", "export_fp32", _calib_cache, _calib_settings, when=_int8),
+    Step("compile", "export_int8|export_fp32", _compile, lambda c: {"int8": c.opts.int8, "fp16": c.opts.fp16}),
+    Step("verify", "export_int8|export_fp32", _verify, _verify_settings),
+]
+
+
+def run_stage(ctx: BuildContext, step: Step) -> StageRecord:
+    name = step.name
+    parent = next((ctx.records[p] for p in (step.consumes or "").split("|") if p in ctx.records), None)
+    settings = step.settings(ctx)
     inputs_hash = sha256_json({"stage": name, "parent": parent.sha256 if parent else None,
                                "parent_inputs": parent.inputs_hash if parent else None, "settings": settings})
     if not ctx.opts.force:
@@ -90,7 +493,9 @@ def run_stage(ctx: BuildContext, name: str, fn: StageFn, parent: StageRecord | N
     ctx.say(f"[{name}] running")
     start = time.perf_counter()
     try:
-        rec = fn(ctx, parent)
+        result = step.call(ctx)
+        rec = result.record
+        setattr(ctx.outputs, name, result.output)
     except GateError:
         raise
     except EdgeresError as e:
@@ -104,498 +509,8 @@ def run_stage(ctx: BuildContext, name: str, fn: StageFn, parent: StageRecord | N
     ctx.records[name] = rec
     verdict = rec.status if rec.status != Status.PASSED.value else f"passed in {rec.duration_s:.1f}s"
     ctx.say(f"[{name}] {verdict}" + (f": {rec.message}" if rec.message and not rec.passed else ""))
-    if fatal and rec.status == Status.FAILED.value:
+    if rec.status == Status.FAILED.value:
         raise GateError(rec.message or f"{name} failed")
-    return rec
-
-
-# ---------------------------------------------------------------------------------------------------- stages
-
-def stage_train(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
-    from edgeres.checkpoint import load_model, num_outputs, save_checkpoint
-    from edgeres.train import train
-
-    rec = StageRecord(stage="train")
-    if ctx.opts.pretrained:
-        model, meta = load_model(ctx.opts.pretrained, arch=ctx.recipe.model.arch)
-        classes = (meta.num_classes if meta else None) or num_outputs(model)
-        if classes != ctx.data.info.num_classes:
-            raise ConfigError(f"--pretrained {ctx.opts.pretrained} predicts {classes} classes, the dataset has "
-                              f"{ctx.data.info.num_classes}: fine-tune it instead with --init-from")
-        if meta is None:
-            meta = _meta_from_data(ctx)
-        dest = ctx.path("train", "best.pt")
-        save_checkpoint(dest, model, meta)
-        rec.metrics = {"pretrained": str(ctx.opts.pretrained)}
-    else:
-        # the build only gets here when the training inputs changed (or --force): start that run afresh
-        result = train(ctx.recipe, ctx.run_dir / "train", data=ctx.data, quiet=ctx.opts.quiet, force=True)
-        dest = result.best
-        meta = result.meta
-        rec.metrics = {"best_top1": result.best_top1, "epochs": len(result.history),
-                       "history": result.history}
-    atomic_write_json(ctx.run_dir / "meta.json", meta.to_dict())
-    rec.set_artifact(dest)
-    return rec
-
-
-def _meta_from_data(ctx: BuildContext):
-    from edgeres.checkpoint import ModelMeta
-
-    info = ctx.data.info
-    return ModelMeta(arch=ctx.recipe.model.arch, num_classes=info.num_classes, in_channels=info.in_channels,
-                     input_size=info.input_size, mean=tuple(info.mean), std=tuple(info.std),
-                     class_names=tuple(info.class_names), arch_options=dict(ctx.recipe.model.options),
-                     resize_size=info.resize_size, dataset=info.name, recipe_hash=ctx.recipe.hash(),
-                     data_dir=str(Path(ctx.recipe.data.data_dir).expanduser().resolve())
-                     if ctx.recipe.data.data_dir else None)
-
-
-def _probe(ctx: BuildContext):
-    """The fixed probe batch: the first `gates.probe_size` evaluation images as this build preprocesses them, in
-    probe.npz. Always computed from the data (cheap), so a probe left by a build with other settings (another input
-    size) is replaced, never reused; an identical one is left untouched."""
-    import numpy as np
-
-    if "probe" not in ctx.cache:
-        path = ctx.run_dir / "probe.npz"
-        n = min(ctx.recipe.gates.probe_size, len(ctx.data.test))
-        xs, ys = zip(*(ctx.data.test[i] for i in range(n)))
-        x = np.stack([np.asarray(t, dtype=np.float32) for t in xs])
-        y = np.asarray(ys, dtype=np.int64)
-        if not _same_probe(path, x, y):
-            from edgeres.io import atomic_path
-
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez(f, x=x, y=y)
-        ctx.cache["probe"] = (x, y)
-    return ctx.cache["probe"]
-
-
-def _same_probe(path: Path, x, y) -> bool:
-    import numpy as np
-
-    try:
-        with np.load(path) as z:
-            return z["x"].shape == x.shape and np.array_equal(z["x"], x) and np.array_equal(z["y"], y)
-    except (OSError, ValueError, KeyError, EOFError):
-        return False
-
-
-def _fp32_model(ctx: BuildContext):
-    from edgeres.checkpoint import load_model
-
-    if "fp32" not in ctx.cache:
-        ctx.cache["fp32"], ctx.cache["meta"] = load_model(ctx.records["train"].artifact)
-    return ctx.cache["fp32"]
-
-
-def _meta(ctx: BuildContext):
-    _fp32_model(ctx)
-    return ctx.cache["meta"]
-
-
-def stage_fold(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
-    import torch
-
-    from edgeres.fold import fold_batchnorm, fold_gate, save_folded
-
-    ref = _fp32_model(ctx)
-    result = fold_batchnorm(ref)
-    x, _ = _probe(ctx)
-    metrics, gates = fold_gate(ref, result.model, torch.from_numpy(x), rel_tol=ctx.recipe.gates.fold_rel_tol)
-    rec = StageRecord(stage="fold", metrics={**metrics, "folded": len(result.folded),
-                                             "kept_affine": list(result.kept_affine)})
-    for g in gates:
-        rec.add_gate(g)
-    dest = ctx.path("fold", "folded.pt")
-    save_folded(dest, result, _meta(ctx))
-    rec.set_artifact(dest)
-    ctx.cache["folded"] = result.model
-    return rec
-
-
-def _folded(ctx: BuildContext):
-    from edgeres.fold import load_folded
-
-    if "folded" not in ctx.cache:
-        ctx.cache["folded"], _ = load_folded(ctx.records["fold"].artifact)
-    return ctx.cache["folded"]
-
-
-def _eval(ctx: BuildContext, key: str, target=None, *, make=None) -> Any:
-    """The evaluation of `target` (or of what `make()` returns, made only when not yet evaluated) under `key`,
-    computed once per build."""
-    from edgeres.evaluate import evaluate
-
-    if key not in ctx.cache:
-        label = key.removeprefix("eval_").replace("_", " ")
-        ctx.cache[key] = evaluate(make() if make is not None else target, ctx.data.test, batch_size=256,
-                                  progress=False if ctx.opts.quiet else f"evaluating {label}")
-    return ctx.cache[key]
-
-
-def _fp32_eval(ctx: BuildContext):
-    return _eval(ctx, "eval_fp32", _fp32_model(ctx))
-
-
-def max_drop(opts: BuildOptions, recipe) -> tuple[float, str]:
-    """The allowed top-1 drop (pp) of the final INT8 model and where it comes from: --max-drop, else the recipe's
-    gates.max_drop_qat (QAT runs) or gates.max_drop_ptq (PTQ only)."""
-    if opts.max_drop is not None:
-        return opts.max_drop, "--max-drop"
-    if recipe.quant.qat_epochs > 0:
-        return recipe.gates.max_drop_qat, "gates.max_drop_qat"
-    return recipe.gates.max_drop_ptq, "gates.max_drop_ptq"
-
-
-def _drop_gate(ctx: BuildContext, rec: StageRecord, top1: float, *, final: bool) -> None:
-    base = _fp32_eval(ctx).top1
-    drop = round(base - top1, 4)
-    rec.metrics.update({"top1": top1, "fp32_top1": base, "drop_pp": drop})
-    if final:
-        lim, source = max_drop(ctx.opts, ctx.recipe)
-        g = rec.add_gate(Gate("top1_drop_pp", drop, lim, "<="))
-        if not g.passed:
-            rec.message = f"{rec.stage}: top-1 dropped {drop:.2f} pp > {source} {lim:g}"
-
-
-def _calib_size(ctx: BuildContext) -> int:
-    """The recipe's calibration count, or every image of a smaller dataset (said once); an explicit
-    --calib-size larger than the dataset is an error."""
-    asked, have = ctx.recipe.quant.calib_size, len(ctx.data.calib)
-    if asked <= have:
-        return asked
-    if "quant.calib_size" in ctx.opts.overrides:
-        raise ConfigError(f"--calib-size {asked}: the calibration split has {have} images")
-    if "calib_note" not in ctx.cache:
-        ctx.cache["calib_note"] = True
-        ctx.say(f"note: calibrating on all {have} images (the recipe asks {asked})")
-    return have
-
-
-def stage_ptq(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
-    from edgeres.quantize import quantize_ptq, save_quantized
-
-    q, n = ctx.recipe.quant, _calib_size(ctx)
-    res = quantize_ptq(_folded(ctx), ctx.data.calib, subset_size=n, method=q.calib_method,
-                       seed=ctx.recipe.train.seed, manifest_path=ctx.path("calibration", "manifest.json"),
-                       dataset_fingerprint=ctx.data.info.fingerprint, quiet=ctx.opts.quiet)
-    ctx.cache["ptq"] = res.model
-    rec = StageRecord(stage="ptq", metrics={"calib_size": n, "calib_method": q.calib_method})
-    ev = _eval(ctx, "eval_ptq", res.model)
-    _drop_gate(ctx, rec, ev.top1, final=q.qat_epochs == 0)
-    dest = ctx.path("quant", "ptq.pt")
-    save_quantized(dest, res.model, _meta(ctx), mode="ptq", manifest=res.manifest)
-    rec.set_artifact(dest)
-    rec.extra_artifacts["calibration_manifest"] = str(ctx.run_dir / "calibration" / "manifest.json")
-    return rec
-
-
-def _quantized(ctx: BuildContext, stage: str):
-    from edgeres.quantize import load_quantized
-
-    if stage not in ctx.cache:
-        ctx.cache[stage] = load_quantized(ctx.records[stage].artifact)[0]
-    return ctx.cache[stage]
-
-
-def stage_qat(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
-    from edgeres.quantize import quantize_qat, read_manifest, save_quantized
-
-    q = ctx.recipe.quant
-    res = quantize_qat(_quantized(ctx, "ptq"), ctx.data.train, ctx.data.test, epochs=q.qat_epochs, lr=q.qat_lr,
-                       batch_size=q.qat_batch_size or ctx.recipe.data.batch_size, seed=ctx.recipe.train.seed,
-                       quiet=ctx.opts.quiet)
-    ctx.cache["qat"] = res.model
-    rec = StageRecord(stage="qat", metrics={"epochs": q.qat_epochs, "history": res.history,
-                                            "best_epoch": res.best_epoch})   # 0: no QAT epoch beat the PTQ model
-    ev = _eval(ctx, "eval_qat", res.model)
-    _drop_gate(ctx, rec, ev.top1, final=True)
-    dest = ctx.path("quant", "qat.pt")
-    save_quantized(dest, res.model, _meta(ctx), mode="qat", manifest=read_manifest(parent.artifact))
-    rec.set_artifact(dest)
-    return rec
-
-
-def stage_export_fp32(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
-    import torch
-
-    from edgeres.export import export_onnx
-    from edgeres.verify import verify_onnx
-
-    dest = ctx.path("export", "model_fp32.onnx")
-    export_onnx(_folded(ctx), dest, meta=_meta(ctx), int8=False, opset=ctx.recipe.export.opset,
-                simplify=ctx.recipe.export.simplify, recipe_hash=ctx.recipe.hash())
-    x, _ = _probe(ctx)
-    metrics, gates = verify_onnx(dest, _folded(ctx), torch.from_numpy(x), rel_tol=ctx.recipe.gates.export_rel_tol,
-                                 min_agreement=1.0)
-    rec = StageRecord(stage="export_fp32", metrics=metrics)
-    for g in gates:
-        rec.add_gate(g)
-    rec.set_artifact(dest)
-    return rec
-
-
-def stage_export_int8(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
-    """INT8 Q/DQ ONNX from the final quantized model; gates: TensorRT rules, and top-1 agreement with the
-    fake-quant model over the whole evaluation split (a 99 % gate needs hundreds of images to mean anything:
-    on a 64-image probe one disagreement is already 98.4 %), ONNX Runtime running the graph as written (see
-    edgeres.verify). The agreement of ONNX Runtime's own INT8 kernels (its default, optimized session, the one
-    `verify` scores) is recorded beside it; the probe's max|diff| is reported too."""
-    import numpy as np
-
-    from edgeres.check import check_onnx
-    from edgeres.export import export_onnx
-    from edgeres.fold import compare_logits
-    from edgeres.runners import OrtRunner
-
-    source = "qat" if "qat" in ctx.records else "ptq"
-    model = _quantized(ctx, source)
-    dest = ctx.path("export", "model_int8.onnx")
-    export_onnx(model, dest, meta=_meta(ctx), int8=True, opset=ctx.recipe.export.opset,
-                simplify=ctx.recipe.export.simplify, recipe_hash=ctx.recipe.hash())
-    violations = check_onnx(dest)
-    fake_quant = _eval(ctx, f"eval_{source}", model).logits
-    as_written = _eval(ctx, "eval_export_int8_as_written", OrtRunner(dest, optimize=False)).logits
-    metrics = compare_logits(fake_quant, as_written)
-    n = min(ctx.recipe.gates.probe_size, len(fake_quant))   # the probe is the first evaluation images
-    probe = compare_logits(fake_quant[:n], as_written[:n])
-    optimized = _eval(ctx, "eval_export_int8", OrtRunner(dest)).logits   # reused by verify
-    metrics["n_compared"] = metrics.pop("n_probe")
-    metrics.update(compared_on="evaluation split", precision="int8", probe=probe, onnxruntime_optimizations=False,
-                   optimized_top1_agreement=float(np.mean(fake_quant.argmax(1) == optimized.argmax(1))))
-    rec = StageRecord(stage="export_int8", metrics={**metrics, "source": source,
-                                                    "violations": [str(v) for v in violations]})
-    rec.add_gate(Gate("tensorrt_rule_violations", len(violations), 0, "<="))
-    agree = rec.add_gate(Gate("onnx_int8_top1_agreement", metrics["top1_agreement"],
-                              ctx.recipe.gates.min_int8_agreement / 100.0, ">="))
-    if not agree.passed and not violations:
-        rec.message = (f"export_int8: {agree.describe()} over {metrics['n_compared']} images; where they part: "
-                       f"edgeres compare {ctx.records[source].artifact} {dest} --layers")
-    if violations and not rec.message.startswith("export_int8: tensorrt"):
-        rec.message = f"export_int8: {len(violations)} TensorRT rule violation(s), first: {violations[0]}"
-    rec.set_artifact(dest)
-    return rec
-
-
-def _calib_batches(ctx: BuildContext, bs: int = 64):
-    """The calibration images PTQ calibrated on (calibration_indices with the recipe's seed), as float32 batches."""
-    import numpy as np
-
-    from edgeres.quantize import calibration_indices
-
-    n = _calib_size(ctx)
-    idx = calibration_indices(len(ctx.data.calib), n, seed=ctx.recipe.train.seed)
-    for i in range(0, n, bs):
-        yield np.stack([np.asarray(ctx.data.calib[int(j)][0], dtype=np.float32) for j in idx[i:i + bs]])
-
-
-def stage_export_cpu(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
-    """The CPU INT8 artifact (edgeres/cpu.py), an OpenVINO IR run with OpenVINO's INT8 kernels: NNCF's OpenVINO PTQ
-    of the FP32 ONNX on the PTQ calibration images (recipe export.cpu_int8 = openvino), or the TensorRT INT8 ONNX
-    converted (= qdq). Gate: its top-1 drop against FP32 over the evaluation split, with the final INT8 model's
-    limit. Its agreement with the TensorRT INT8 ONNX (as written) is recorded, not gated: another quantizer
-    placement, or OpenVINO's own INT8 arithmetic (on AVX2 without VNNI u8 x s8 pairs accumulate in int16).
-    Skipped, with the reason, without OpenVINO."""
-    import numpy as np
-
-    from edgeres.cpu import export_openvino, openvino_status
-    from edgeres.fold import compare_logits
-    from edgeres.runners import OpenVinoRunner, OrtRunner
-
-    ok, why = openvino_status()
-    if not ok:
-        return StageRecord(stage="export_cpu", status=Status.SKIPPED.value,
-                           message=f"CPU INT8 artifact not written: {why}", metrics={"reason": why})
-    dest = ctx.path("export", "model_int8_cpu.xml")
-    if ctx.recipe.export.cpu_int8 == "openvino":
-        images = [b[None] for batch in _calib_batches(ctx) for b in batch]
-        info = export_openvino(parent.artifact, dest, calibration=images)
-    else:
-        info = export_openvino(parent.artifact, dest)
-    trt_int8 = ctx.records["export_int8"].artifact
-    as_written = _eval(ctx, "eval_export_int8_as_written", make=lambda: OrtRunner(trt_int8, optimize=False)).logits
-    runner = OpenVinoRunner(dest)
-    ev = _eval(ctx, "eval_export_cpu", runner)
-    metrics = compare_logits(as_written, ev.logits)
-    metrics["n_compared"] = metrics.pop("n_probe")
-    metrics.update(info, int8_kernels=runner.kernel_report(), compared_with="TensorRT INT8 ONNX as written",
-                   top1_agreement=float(np.mean(as_written.argmax(1) == ev.logits.argmax(1))))
-    rec = StageRecord(stage="export_cpu", metrics=metrics)
-    rec.extra_artifacts["openvino_weights"] = str(dest.with_suffix(".bin"))
-    _drop_gate(ctx, rec, ev.top1, final=True)
-    rec.set_artifact(dest)
-    return rec
-
-
-def stage_calib_cache(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
-    """A TensorRT calibration cache for the FP32 ONNX (implicit INT8 on TensorRT 8.x / DLA)."""
-    from edgeres.tensorrt.calib_cache import activation_ranges, write_calibration_cache
-
-    n = _calib_size(ctx)
-    ranges = activation_ranges(ctx.records["export_fp32"].artifact, _calib_batches(ctx))   # PTQ's images
-    dest = ctx.path("calibration", "calib.cache")
-    write_calibration_cache(ranges, dest, force=True)
-    rec = StageRecord(stage="calib_cache", metrics={"tensors": len(ranges), "images": n})
-    rec.set_artifact(dest)
-    return rec
-
-
-def _write_device_plan(ctx: BuildContext) -> dict[str, Any]:
-    """RUN/tensorrt/plan.json + a stock trtexec script per target TensorRT, precision and GPU/DLA, written
-    whether or not this machine has TensorRT (the host decides; the device runs the script)."""
-    from edgeres.tensorrt.targets import PlanInputs, write_run_plan
-
-    fp32 = Path(ctx.records["export_fp32"].artifact)
-    int8 = Path(ctx.records["export_int8"].artifact) if "export_int8" in ctx.records else fp32
-    calib = ctx.records.get("calib_cache")
-    inputs = PlanInputs(fp32_name=fp32.name, int8_name=int8.name, fp32_onnx=fp32, int8_onnx=int8,
-                        calib_name=Path(calib.artifact).name if calib else None,
-                        calib_cache=Path(calib.artifact) if calib else None)
-    return write_run_plan(ctx.path("tensorrt"), inputs, batch=8, relative_to=ctx.run_dir)
-
-
-def stage_compile(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
-    from edgeres.tensorrt import tensorrt_status
-
-    status = tensorrt_status()
-    onnx_path = parent.artifact if parent else None
-    plan = _write_device_plan(ctx)
-    if not status.available:
-        return StageRecord(stage="compile", status=Status.SKIPPED.value,
-                           message=f"TensorRT engine not built: {status.reason}. The ONNX {onnx_path} is ready "
-                                   f"to be built on the target: {plan['scripts']} trtexec scripts in tensorrt/ "
-                                   "(plan.json), or `edgeres bundle`.",
-                           metrics={"tensorrt": None, "reason": status.reason, "device_plan": plan})
-    from edgeres.tensorrt.compile import compile_engine
-    from edgeres.tensorrt.options import CompileOptions, precision_from_flags
-
-    precision = precision_from_flags(fp16=ctx.opts.fp16, int8=ctx.opts.int8)   # --int8 --fp16: both kernels
-    dest = ctx.path("engine", "model.plan")
-    info = compile_engine(onnx_path, dest, CompileOptions(precision=precision), force=True)
-    rec = StageRecord(stage="compile", metrics={"engine": info, "device_plan": plan})
-    rec.set_artifact(dest)
-    return rec
-
-
-BENCH_MIN_RUNS = 10   # trtexec's minimum
-
-
-def _artifact_bytes(path) -> int:
-    """On-disk size of an artifact; an OpenVINO IR counts its .xml and .bin."""
-    path = Path(path)
-    extra = path.with_suffix(".bin") if path.suffix == ".xml" else None
-    return path.stat().st_size + (extra.stat().st_size if extra is not None and extra.is_file() else 0)
-
-
-def _explain_slow_int8(rows: list[dict[str, Any]]) -> None:
-    """Mark rows that run INT8 kernels, and say in one line why an INT8 row is slower than FP32 on its backend."""
-    fp32 = {r["backend"]: r for r in rows if r["precision"] == "fp32" and r.get("p50_ms")}
-    fp32.setdefault("openvino", fp32.get("onnxruntime"))   # the CPU artifact is compared with ONNX Runtime FP32
-    for r in rows:
-        path = r.pop("_artifact", None)
-        if path and r.get("int8_kernels") is None:
-            from edgeres.runners import ort_int8_kernels
-
-            k = ort_int8_kernels(path, r.get("threads"))
-            r["int8_kernels"] = f"{k['int8_kernels']}/{k['int8_kernels'] + k['float_convs']}"
-        ref = fp32.get(r["backend"])
-        if r["precision"].startswith("int8") and r.get("p50_ms") and ref and r["p50_ms"] > ref["p50_ms"]:
-            if r["backend"] == "onnxruntime":
-                r["note"] = ("slower than FP32: ONNX Runtime does not fuse this TensorRT-style Q/DQ graph into INT8 "
-                             "kernels on the CPU (signed activations, weights dequantized every call); the CPU "
-                             "artifact is export/model_int8_cpu.xml (OpenVINO)")
-            else:
-                r["note"] = (f"slower than FP32 on {ref['backend']} ({ref['p50_ms']:g} ms) although "
-                             f"{r.get('int8_kernels', '?')} layers run in INT8: at this model size per-call overhead "
-                             "outweighs the INT8 kernels")
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def stage_verify(ctx: BuildContext, parent: StageRecord | None) -> StageRecord:
-    """Every artifact on every backend present: accuracy, agreement with FP32, latency."""
-    import numpy as np
-
-    from edgeres.bench import benchmark
-    from edgeres.runners import OrtRunner, TorchRunner
-
-    fp32 = _fp32_eval(ctx)
-    meta = _meta(ctx)
-    shape = (meta.in_channels, meta.input_size, meta.input_size)
-    rows: list[dict[str, Any]] = []
-    per_class: dict[str, list[float]] = {"fp32": list(fp32.per_class)}
-
-    def row(stage: str, backend: str, precision: str, ev, runner=None, size_path=None) -> None:
-        r: dict[str, Any] = {"stage": stage, "backend": backend, "precision": precision,
-                             "top1": round(ev.top1, 3), "delta_pp": round(ev.top1 - fp32.top1, 3),
-                             "agree_pct": round(100.0 * float(np.mean(ev.logits.argmax(1) == fp32.logits.argmax(1))),
-                                                3),
-                             "p50_ms": None, "p99_ms": None, "img_s": None,
-                             "size_mb": round(_artifact_bytes(size_path) / 1e6, 3) if size_path else None}
-        if runner is not None and ctx.opts.bench_seconds > 0:
-            # as `edgeres bench` measures: warm-up, then at least BENCH_MIN_RUNS calls and --bench-seconds
-            res = benchmark(runner, batch_sizes=(1,), iterations=BENCH_MIN_RUNS, duration_s=ctx.opts.bench_seconds,
-                            input_shape=shape)
-            stats = res.results[0]
-            r.update(p50_ms=round(stats.latency.median, 4), p99_ms=round(stats.latency.p99, 4),
-                     img_s=round(stats.images_per_s, 1), runs=stats.iterations,
-                     threads=(res.environment.get("runner") or {}).get("threads"), latency_warning=stats.warning)
-        rows.append(r)
-
-    row("train", "torch", "fp32", fp32, TorchRunner(_fp32_model(ctx)), ctx.records["train"].artifact)
-    if "fold" in ctx.records:
-        row("fold", "torch", "fp32", _eval(ctx, "eval_fold", _folded(ctx)), TorchRunner(_folded(ctx)),
-            ctx.records["fold"].artifact)
-    for stage in ("ptq", "qat"):
-        if stage in ctx.records:
-            ev = _eval(ctx, f"eval_{stage}", _quantized(ctx, stage))
-            row(stage, "torch", "int8 (fake-quant)", ev, None, ctx.records[stage].artifact)
-    final_int8 = None
-    for stage, precision in (("export_fp32", "fp32"), ("export_int8", "int8")):
-        if stage in ctx.records:
-            runner = OrtRunner(ctx.records[stage].artifact)
-            ev = _eval(ctx, f"eval_{stage}", runner)
-            row(stage, "onnxruntime", precision, ev, runner, ctx.records[stage].artifact)
-            if precision == "int8":
-                rows[-1]["_artifact"] = ctx.records[stage].artifact
-            if precision == "int8":
-                final_int8 = ev
-                per_class["int8"] = list(ev.per_class)
-    cpu = ctx.records.get("export_cpu")
-    if cpu is not None and cpu.passed and cpu.artifact:
-        from edgeres.runners import OpenVinoRunner
-
-        runner = OpenVinoRunner(cpu.artifact)
-        row("export_cpu", "openvino", "int8", _eval(ctx, "eval_export_cpu", runner), runner, cpu.artifact)
-        kernels = runner.kernel_report()
-        rows[-1]["int8_kernels"] = f"{kernels['int8_kernels']}/{kernels['int8_kernels'] + kernels['float_convs']}"
-    _explain_slow_int8(rows)
-    comp = ctx.records.get("compile")
-    if comp is not None and comp.passed and comp.artifact:
-        from edgeres.tensorrt.runner import TrtRunner
-
-        runner = TrtRunner(comp.artifact)
-        row("compile", "tensorrt", "int8" if ctx.opts.int8 else "fp16" if ctx.opts.fp16 else "fp32",
-            _eval(ctx, "eval_trt", runner), runner, comp.artifact)
-    elif comp is not None:
-        rows.append({"stage": "compile", "backend": "tensorrt", "precision": "-", "top1": None, "delta_pp": None,
-                     "agree_pct": None, "p50_ms": None, "p99_ms": None, "img_s": None, "size_mb": None,
-                     "note": comp.message})
-    bench = {"batch": 1, "min_runs": BENCH_MIN_RUNS, "min_seconds": ctx.opts.bench_seconds,
-             "torch_threads": _torch_threads(), "timing": "host wall time per call, after warm-up"}
-    rec = StageRecord(stage="verify", metrics={"rows": rows, "per_class": per_class, "bench": bench,
-                                               "class_names": list(meta.class_names), "n_eval": fp32.n})
-    if final_int8 is not None:
-        _drop_gate(ctx, rec, final_int8.top1, final=True)
-        if rec.message:
-            rec.message = rec.message.replace("verify:", "verify (INT8 ONNX on onnxruntime):")
     return rec
 
 
@@ -652,49 +567,16 @@ def _run_plan(ctx: BuildContext) -> BuildResult:
     from edgeres.records import write_plan
     from edgeres.report import write_report
 
-    opts, recipe, run_dir = ctx.opts, ctx.recipe, ctx.run_dir
-    data_fp = {"fingerprint": ctx.data.info.fingerprint}
-    pretrained = {"pretrained": sha256_file(opts.pretrained) if opts.pretrained else None,
-                  "init_from": sha256_file(recipe.train.init_from) if recipe.train.init_from else None}
-    d = recipe.to_dict()
-    plan: list[tuple[str, StageFn, str | None, dict[str, Any]]] = [
-        ("train", stage_train, None, {**data_fp, **pretrained, "model": d["model"], "data": d["data"],
-                                      "train": d["train"]}),
-        ("fold", stage_fold, "train", {"tol": recipe.gates.fold_rel_tol, "probe": recipe.gates.probe_size}),
-    ]
-    if opts.int8:
-        calib = {"calib_size": _calib_size(ctx), "calib_method": recipe.quant.calib_method,
-                 "seed": recipe.train.seed, **data_fp}
-        final_ptq = recipe.quant.qat_epochs == 0
-        limit = max_drop(opts, recipe)[0]
-        plan.append(("ptq", stage_ptq, "fold", {**calib, "max_drop": limit if final_ptq else None}))
-        if not final_ptq:
-            plan.append(("qat", stage_qat, "ptq", {"quant": d["quant"], "max_drop": limit,
-                                                   "batch_size": recipe.data.batch_size, "seed": recipe.train.seed}))
-    plan.append(("export_fp32", stage_export_fp32, "fold", {"export": d["export"], "gates": d["gates"]}))
-    if opts.int8:
-        plan.append(("export_int8", stage_export_int8, "qat" if recipe.quant.qat_epochs > 0 else "ptq",
-                     {"export": d["export"], "gates": d["gates"]}))
-        cpu_from = "export_fp32" if recipe.export.cpu_int8 == "openvino" else "export_int8"
-        plan.append(("export_cpu", stage_export_cpu, cpu_from, {"gates": d["gates"], "export": d["export"],
-                                                                 **calib}))
-        plan.append(("calib_cache", stage_calib_cache, "export_fp32", calib))
-    plan.append(("compile", stage_compile, "export_int8" if opts.int8 else "export_fp32",
-                 {"int8": opts.int8, "fp16": opts.fp16}))
-    atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
-    write_plan(run_dir, [name for name, *_ in plan] + ["verify"])
+    steps = [s for s in PLAN if s.when(ctx)]
+    atomic_write_text(ctx.run_dir / "recipe.yaml", ctx.recipe.to_yaml())
+    write_plan(ctx.run_dir, [s.name for s in steps])
     ok, message = True, "all gates passed"
     start = time.perf_counter()
     try:
-        for name, fn, parent_name, settings in plan:
-            parent = ctx.records.get(parent_name) if parent_name else None
-            run_stage(ctx, name, fn, parent, settings)
-        parents = [ctx.records[n] for n in ("export_int8", "export_fp32") if n in ctx.records]
-        run_stage(ctx, "verify", stage_verify, parents[0],
-                  {"max_drop": max_drop(opts, recipe)[0], "bench_s": opts.bench_seconds, "artifacts":
-                   sorted((r.stage, r.sha256, r.status) for r in ctx.records.values())})
+        for step in steps:
+            run_stage(ctx, step)
     except GateError as e:
         ok, message = False, str(e)
-    report = write_report(run_dir, list(ctx.records.values()), ok=ok, message=message,
+    report = write_report(ctx.run_dir, list(ctx.records.values()), ok=ok, message=message,
                           total_s=time.perf_counter() - start)
-    return BuildResult(run_dir=run_dir, records=list(ctx.records.values()), ok=ok, message=message, report=report)
+    return BuildResult(run_dir=ctx.run_dir, records=list(ctx.records.values()), ok=ok, message=message, report=report)

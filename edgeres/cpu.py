@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,67 @@ def export_openvino(onnx_path: str | Path, xml_path: str | Path, *, calibration=
         shutil.rmtree(tmp, ignore_errors=True)
     return {"xml": str(xml_path), "bin_bytes": xml_path.with_suffix(".bin").stat().st_size,
             "openvino": ov.get_version(), "method": method}
+
+
+# ---------------------------------------------------------------------------------------------------- the stage
+
+@dataclass(frozen=True)
+class CpuInputs:
+    onnx: Path                 # "openvino": the FP32 ONNX; "qdq": the TensorRT INT8 ONNX
+    eval_data: Any             # the evaluation split
+    out: Path                  # export/model_int8_cpu.xml (+ .bin), written only after its check passed
+    calibration: Any = None    # "openvino": float32 [1, C, H, W] images, PTQ's calibration images
+    reference_top1: float | None = None   # FP32 top-1 (%) on eval_data
+    tensorrt_int8: Any = None  # EvalResult of the TensorRT INT8 ONNX (as written): agreement recorded, not gated
+
+
+@dataclass(frozen=True)
+class CpuSettings:
+    mode: str = "openvino"     # recipe export.cpu_int8
+    max_drop: float | None = None
+    drop_source: str = "--max-drop"
+
+
+@dataclass(frozen=True)
+class CpuOutput:
+    path: Path
+    evaluation: Any = None
+
+
+def run(inputs: CpuInputs, settings: CpuSettings = CpuSettings(), *, quiet: bool = True):
+    """The CPU INT8 artifact stage: write the IR beside `out`, evaluate it with OpenVINO, gate its top-1 drop vs
+    FP32, then move it into place. Skipped, with the reason, without OpenVINO. -> StageResult[CpuOutput | None]"""
+    from edgeres.evaluate import evaluate
+    from edgeres.fold import compare_logits
+    from edgeres.records import StageRecord, StageResult, Status, add_drop_gate
+    from edgeres.runners import OpenVinoRunner
+
+    ok, why = openvino_status()
+    if not ok:
+        return StageResult(StageRecord(stage="export_cpu", status=Status.SKIPPED.value, metrics={"reason": why},
+                                       message=f"CPU INT8 artifact not written: {why}"), None)
+    out = Path(inputs.out)
+    staged = out.with_name(f".{out.stem}.unverified.xml")
+    try:
+        info = export_openvino(inputs.onnx, staged,
+                               calibration=inputs.calibration if settings.mode == "openvino" else None)
+        runner = OpenVinoRunner(staged)
+        ev = evaluate(runner, inputs.eval_data, batch_size=256, progress=False if quiet else "evaluating CPU INT8")
+        metrics: dict[str, Any] = {**info, "xml": str(out), "int8_kernels": runner.kernel_report()}
+        runner.close()
+        if inputs.tensorrt_int8 is not None:
+            metrics.update(compare_logits(inputs.tensorrt_int8.logits, ev.logits),
+                           compared_with="TensorRT INT8 ONNX as written")
+            metrics["n_compared"] = metrics.pop("n_probe")
+        rec = StageRecord(stage="export_cpu", metrics=metrics)
+        add_drop_gate(rec, ev.top1, inputs.reference_top1, settings.max_drop, settings.drop_source)
+        if not rec.passed:
+            return StageResult(rec, CpuOutput(out, ev))
+        os.replace(staged.with_suffix(".bin"), out.with_suffix(".bin"))
+        os.replace(staged, out)
+        rec.extra_artifacts["openvino_weights"] = str(out.with_suffix(".bin"))
+        rec.set_artifact(out)
+        return StageResult(rec, CpuOutput(out, ev))
+    finally:
+        staged.unlink(missing_ok=True)
+        staged.with_suffix(".bin").unlink(missing_ok=True)

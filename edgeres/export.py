@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +201,103 @@ def export_summary(path: str | Path) -> dict[str, Any]:
     return {"path": str(path), "sha256": sha256_file(path), "bytes": Path(path).stat().st_size,
             "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
             "nodes": len(proto.graph.node), **count_qdq(proto)}
+
+
+# ---------------------------------------------------------------------------------------------------- the stage
+
+@dataclass(frozen=True)
+class ExportInputs:
+    model: Any            # the folded FP32 model, or the fake-quant INT8 model (settings.int8)
+    meta: Any             # its ModelMeta
+    images: Any           # (image, label) pairs to check on: the probe (FP32), the evaluation split (INT8)
+    out: Path             # the .onnx to write, only after the check passed
+    reference: Any = None  # EvalResult of `model` on `images` when already computed (else computed here)
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    int8: bool = False
+    opset: int = DEFAULT_OPSET
+    simplify: bool = False
+    recipe_hash: str = ""
+    rel_tol: float = 1e-4              # FP32: max|diff| relative to the logit scale
+    min_agreement_pct: float = 99.0    # INT8: top-1 agreement (%) with the fake-quant model (FP32: always 100)
+    gate_agreement: bool = True        # False: INT8 agreement recorded, not gated (random inputs mean little)
+    probe_size: int = 64               # INT8: max|diff| also reported on the first images (the build's probe)
+
+
+@dataclass(frozen=True)
+class ExportOutput:
+    path: Path
+    onnxruntime: Any = None        # EvalResult on `images`: the graph as written (INT8) / the default session (FP32)
+    onnxruntime_int8: Any = None   # INT8: ONNX Runtime's default session, its own fused INT8 kernels
+
+
+def run(inputs: ExportInputs, settings: ExportSettings = ExportSettings(), *, quiet: bool = True):
+    """The export stage: export beside `out`, check (FP32: ONNX Runtime vs torch, max|diff| and 100 % agreement;
+    INT8: TensorRT's Q/DQ rules and agreement with the fake-quant model, ONNX Runtime running the graph as written),
+    and only then move it into place. A failed check leaves `out` as it was; the rejected graph is kept beside it
+    as `<name>.rejected.onnx` for `edgeres compare --layers`. -> StageResult[ExportOutput]"""
+    import os
+
+    import numpy as np
+
+    from edgeres.check import check_onnx
+    from edgeres.evaluate import evaluate
+    from edgeres.fold import compare_logits
+    from edgeres.records import Gate, StageRecord, StageResult
+    from edgeres.runners import OrtRunner
+
+    out = Path(inputs.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = out.with_name(f".{out.stem}.unverified.onnx")
+    stage = "export_int8" if settings.int8 else "export_fp32"
+    try:
+        export_onnx(inputs.model, staged, meta=inputs.meta, int8=settings.int8, opset=settings.opset,
+                    simplify=settings.simplify, recipe_hash=settings.recipe_hash)
+
+        def ev(target, label: str):
+            return evaluate(target, inputs.images, batch_size=256, progress=False if quiet else label)
+
+        ref = inputs.reference if inputs.reference is not None else ev(inputs.model, "torch reference")
+        optimized = None
+        if settings.int8:
+            violations = check_onnx(staged)
+            ort = ev(OrtRunner(staged, optimize=False), "verifying INT8 ONNX")
+            optimized = ev(OrtRunner(staged), "INT8 ONNX on ONNX Runtime's INT8 kernels")
+            n = min(settings.probe_size, ref.n)
+            metrics = compare_logits(ref.logits, ort.logits)
+            metrics.update(precision="int8", onnxruntime_optimizations=False,
+                           probe=compare_logits(ref.logits[:n], ort.logits[:n]),
+                           optimized_top1_agreement_pct=100.0 * float(np.mean(ref.logits.argmax(1)
+                                                                               == optimized.logits.argmax(1))),
+                           violations=[str(v) for v in violations])
+        else:
+            violations = []
+            ort = ev(OrtRunner(staged), "verifying FP32 ONNX")
+            metrics = compare_logits(ref.logits, ort.logits)
+            metrics.update(precision="fp32", onnxruntime_optimizations=True)
+        metrics["n_compared"] = metrics.pop("n_probe")
+        rec = StageRecord(stage=stage, metrics=metrics)
+        if settings.int8:
+            rec.add_gate(Gate("tensorrt_rule_violations", len(violations), 0, "<="))
+            if settings.gate_agreement:
+                rec.add_gate(Gate("onnx_int8_top1_agreement_pct", metrics["top1_agreement_pct"],
+                                  settings.min_agreement_pct, ">="))
+        else:
+            rec.add_gate(Gate("onnx_fp32_max_abs_diff_rel", metrics["rel_diff"], settings.rel_tol, "<="))
+            rec.add_gate(Gate("onnx_fp32_top1_agreement_pct", metrics["top1_agreement_pct"], 100.0, ">="))
+        if rec.passed:
+            os.replace(staged, out)
+            rec.set_artifact(out)
+            return StageResult(rec, ExportOutput(out, ort, optimized))
+        rejected = out.with_name(f"{out.stem}.rejected.onnx")
+        os.replace(staged, rejected)
+        if violations:
+            rec.message = f"{stage}: {len(violations)} TensorRT rule violation(s), first: {violations[0]}"
+        rec.message += (f" (over {metrics['n_compared']} images); {out} not written, the rejected graph is "
+                        f"{rejected}")
+        rec.extra_artifacts["rejected"] = str(rejected)
+        return StageResult(rec, ExportOutput(rejected, ort, optimized))
+    finally:
+        staged.unlink(missing_ok=True)

@@ -167,15 +167,15 @@ def has_batchnorm(model) -> bool:
 
 
 def compare_logits(ref, other) -> dict[str, float]:
-    """max|diff|, logit scale (max|ref|), their ratio and top-1 agreement of two [N, C] arrays."""
+    """max|diff|, logit scale (max|ref|), their ratio and top-1 agreement (%) of two [N, C] arrays."""
     import numpy as np
 
     ref, other = np.asarray(ref, dtype=np.float64), np.asarray(other, dtype=np.float64)
     max_abs = float(np.max(np.abs(ref - other))) if ref.size else 0.0
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    agree = float(np.mean(ref.argmax(1) == other.argmax(1))) if ref.size else 1.0
+    agree = 100.0 * float(np.mean(ref.argmax(1) == other.argmax(1))) if ref.size else 100.0
     return {"max_abs_diff": max_abs, "logit_scale": scale, "rel_diff": max_abs / max(scale, 1e-12),
-            "top1_agreement": agree, "n_probe": int(ref.shape[0])}
+            "top1_agreement_pct": agree, "n_probe": int(ref.shape[0])}
 
 
 def torch_logits(model, x, batch_size: int = 64):
@@ -199,7 +199,7 @@ def fold_gate(reference, folded, probe_x, *, rel_tol: float = DEFAULT_REL_TOL):
 
     metrics = compare_logits(torch_logits(reference, probe_x), torch_logits(folded, probe_x))
     gates = [Gate("fold_max_abs_diff_rel", metrics["rel_diff"], rel_tol, "<="),
-             Gate("fold_top1_agreement", metrics["top1_agreement"], 1.0, ">=")]
+             Gate("fold_top1_agreement_pct", metrics["top1_agreement_pct"], 100.0, ">=")]
     return metrics, gates
 
 
@@ -227,3 +227,49 @@ def load_folded(path: str | Path):
         raise CheckpointError(f"{path}: its fold plan does not match {meta.arch} as built now")
     load_weights(result.model, state, source=str(path))
     return result.model.eval(), meta
+
+
+# ---------------------------------------------------------------------------------------------------- the stage
+
+@dataclass(frozen=True)
+class FoldInputs:
+    model: Any          # the trained FP32 model (left as it is)
+    meta: Any           # its ModelMeta
+    probe: Any          # float32 [N, C, H, W]: the images the fold is checked on
+    out: Path           # the folded checkpoint to write
+
+
+@dataclass(frozen=True)
+class FoldSettings:
+    rel_tol: float = DEFAULT_REL_TOL
+
+
+@dataclass(frozen=True)
+class FoldOutput:
+    model: Any          # the folded model (eval mode)
+    meta: Any
+    result: FoldResult | None = None   # which BNs were folded / kept (None when loaded from a checkpoint)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FoldOutput:
+        model, meta = load_folded(path)
+        return cls(model, meta)
+
+
+def run(inputs: FoldInputs, settings: FoldSettings = FoldSettings()):
+    """The fold stage: fold, check against the unfolded model on the probe, and only then write the checkpoint.
+    -> StageResult[FoldOutput]"""
+    import torch
+
+    from edgeres.records import StageRecord, StageResult
+
+    result = fold_batchnorm(inputs.model)
+    metrics, gates = fold_gate(inputs.model, result.model, torch.as_tensor(inputs.probe), rel_tol=settings.rel_tol)
+    rec = StageRecord(stage="fold", metrics={**metrics, "folded": len(result.folded),
+                                             "kept_affine": list(result.kept_affine)})
+    for g in gates:
+        rec.add_gate(g)
+    if rec.passed:
+        save_folded(inputs.out, result, inputs.meta)
+        rec.set_artifact(inputs.out)
+    return StageResult(rec, FoldOutput(result.model, inputs.meta, result))

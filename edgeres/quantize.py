@@ -429,3 +429,88 @@ def load_quantized(path: str | Path):
     load_weights(qmodel, state, source=str(path))
     force_signed(qmodel)
     return qmodel.eval(), meta, json.loads(info.get("manifest") or "{}")
+
+
+# ---------------------------------------------------------------------------------------------------- the stages
+
+@dataclass(frozen=True)
+class QuantInputs:
+    model: Any                 # PTQ: the folded float model; QAT: the PTQ model
+    meta: Any                  # its ModelMeta
+    eval_data: Any             # the evaluation split: top-1 of the INT8 model and its drop vs the FP32 reference
+    out: Path                  # the INT8 checkpoint, written only after its check passed
+    reference_top1: float | None = None   # FP32 top-1 (%) on eval_data; None: the drop is not measured
+    calib: Any = None          # PTQ: the split the calibration subset is drawn from
+    dataset_fingerprint: str = ""
+    manifest_path: Path | None = None     # PTQ: calibration/manifest.json
+    train_data: Any = None     # QAT: the training split
+    manifest: dict[str, Any] | None = None   # QAT: the PTQ manifest, carried into the QAT checkpoint
+
+
+@dataclass(frozen=True)
+class PtqSettings:
+    calib_size: int = 512
+    method: str = DEFAULT_CALIB_METHOD.value
+    seed: int = 0
+    max_drop: float | None = None      # pp; None: the drop is recorded, not gated (PTQ before QAT)
+    drop_source: str = "--max-drop"    # where max_drop comes from, for the message
+
+
+@dataclass(frozen=True)
+class QatSettings:
+    epochs: int = 3
+    lr: float = 1e-4
+    batch_size: int = 64
+    seed: int = 0
+    max_drop: float | None = None
+    drop_source: str = "--max-drop"
+
+
+@dataclass(frozen=True)
+class QuantOutput:
+    model: Any                 # the fake-quant model
+    meta: Any
+    manifest: dict[str, Any]   # which images calibrated
+    evaluation: Any = None     # EvalResult on eval_data (None when loaded from a checkpoint)
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuantOutput:
+        model, meta, manifest = load_quantized(path)
+        return cls(model, meta, manifest)
+
+
+def _finish(stage: str, model, inputs: QuantInputs, max_drop, source, metrics, manifest, quiet: bool):
+    from edgeres.evaluate import evaluate
+    from edgeres.records import StageRecord, StageResult, add_drop_gate
+
+    ev = evaluate(model, inputs.eval_data, batch_size=256, progress=False if quiet else f"evaluating {stage}")
+    rec = StageRecord(stage=stage, metrics=metrics)
+    add_drop_gate(rec, ev.top1, inputs.reference_top1, max_drop, source)
+    if rec.passed:
+        save_quantized(inputs.out, model, inputs.meta, mode=stage, manifest=manifest)
+        rec.set_artifact(inputs.out)
+    return StageResult(rec, QuantOutput(model, inputs.meta, manifest, ev))
+
+
+def run_ptq(inputs: QuantInputs, settings: PtqSettings = PtqSettings(), *, quiet: bool = False):
+    """The PTQ stage: calibrate on `settings.calib_size` images drawn with `settings.seed` (`calibration_indices`),
+    evaluate, gate the drop when a limit is given, then write. -> StageResult[QuantOutput]"""
+    res = quantize_ptq(inputs.model, inputs.calib, subset_size=settings.calib_size, method=settings.method,
+                       seed=settings.seed, manifest_path=inputs.manifest_path,
+                       dataset_fingerprint=inputs.dataset_fingerprint, quiet=quiet)
+    result = _finish("ptq", res.model, inputs, settings.max_drop, settings.drop_source,
+                     {"calib_size": settings.calib_size, "calib_method": CalibMethod.parse(settings.method).value},
+                     res.manifest, quiet)
+    if inputs.manifest_path is not None:
+        result.record.extra_artifacts["calibration_manifest"] = str(inputs.manifest_path)
+    return result
+
+
+def run_qat(inputs: QuantInputs, settings: QatSettings = QatSettings(), *, quiet: bool = False, log=None):
+    """The QAT stage: fine-tune the PTQ model (best epoch kept), evaluate, gate, write. -> StageResult[QuantOutput]"""
+    res = quantize_qat(inputs.model, inputs.train_data, inputs.eval_data, epochs=settings.epochs, lr=settings.lr,
+                       batch_size=settings.batch_size, seed=settings.seed, quiet=quiet, log=log)
+    # best_epoch 0: no QAT epoch beat the PTQ model
+    return _finish("qat", res.model, inputs, settings.max_drop, settings.drop_source,
+                   {"epochs": settings.epochs, "history": res.history, "best_epoch": res.best_epoch},
+                   inputs.manifest or {}, quiet)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from edgeres.env import environment
 from edgeres.io import atomic_write_json, sha256_file
@@ -78,6 +78,37 @@ class StageRecord:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StageRecord:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+Out = TypeVar("Out")
+
+
+@dataclass
+class StageResult(Generic[Out]):
+    """What every stage's `run(inputs, settings)` returns: its record (metrics, gates, the artifact it wrote after
+    its own check, and that file's sha256) and its typed output, which the next stage consumes."""
+
+    record: StageRecord
+    output: Out
+
+    @property
+    def passed(self) -> bool:
+        return self.record.passed
+
+
+def add_drop_gate(rec: StageRecord, top1: float, reference_top1: float | None, limit: float | None,
+                  source: str = "--max-drop") -> None:
+    """Record top-1, the FP32 reference's top-1 and the drop (all in %, the drop in percentage points), and gate the
+    drop when a limit is given (`source` names where the limit came from, for the message)."""
+    rec.metrics["top1"] = top1
+    if reference_top1 is None:
+        return
+    drop = round(reference_top1 - top1, 4)
+    rec.metrics.update(fp32_top1=reference_top1, drop_pp=drop)
+    if limit is not None:
+        g = rec.add_gate(Gate("top1_drop_pp", drop, limit, "<="))
+        if not g.passed:
+            rec.message = f"{rec.stage}: top-1 dropped {drop:.2f} pp > {source} {limit:g}"
 
 
 def append_record(run_dir: str | Path, record: StageRecord) -> None:

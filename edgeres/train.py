@@ -198,11 +198,7 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
                                                          f"classes" if fresh else ""))
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    meta = ModelMeta(arch=recipe.model.arch, num_classes=info.num_classes, in_channels=info.in_channels,
-                     input_size=info.input_size, mean=tuple(info.mean), std=tuple(info.std),
-                     class_names=tuple(info.class_names), arch_options=dict(recipe.model.options),
-                     resize_size=info.resize_size, dataset=info.name, recipe_hash=recipe.hash(),
-                     data_dir=str(Path(dcfg.data_dir).expanduser().resolve()) if dcfg.data_dir else None)
+    meta = meta_for(recipe, info)
     opt = _optimizer(model, tcfg)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     state = {"epoch": 0, "iteration": 0, "best_top1": -1.0, "warming": tcfg.warmup_until_error is not None,
@@ -373,3 +369,69 @@ def _tensorboard(out: Path):
 
 
 __all__ = ["TrainResult", "train", "lr_at"]
+
+
+# ---------------------------------------------------------------------------------------------------- the stage
+
+@dataclass(frozen=True)
+class TrainInputs:
+    data: Any                       # edgeres.data bundle (train / calib / test splits, info)
+    out_dir: Path                   # RUN/train: best.pt, last.pt, metrics
+    pretrained: Path | None = None  # a finished checkpoint to take as it is (no training)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    recipe: Any                     # the frozen, validated Recipe (model, data, train)
+
+
+@dataclass(frozen=True)
+class TrainOutput:
+    model: Any                      # the FP32 model (eval mode)
+    meta: ModelMeta
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainOutput:
+        from edgeres.checkpoint import load_model
+
+        model, meta = load_model(path)
+        return cls(model, meta)
+
+
+def meta_for(recipe, info) -> ModelMeta:
+    """ModelMeta of a model trained from `recipe` on data described by `info`."""
+    return ModelMeta(arch=recipe.model.arch, num_classes=info.num_classes, in_channels=info.in_channels,
+                     input_size=info.input_size, mean=tuple(info.mean), std=tuple(info.std),
+                     class_names=tuple(info.class_names), arch_options=dict(recipe.model.options),
+                     resize_size=info.resize_size, dataset=info.name, recipe_hash=recipe.hash(),
+                     data_dir=str(Path(recipe.data.data_dir).expanduser().resolve())
+                     if recipe.data.data_dir else None)
+
+
+def run(inputs: TrainInputs, settings: TrainSettings, *, quiet: bool = False):
+    """The train stage (in `build`): train afresh into out_dir, or take `pretrained` as it is (its classes must be
+    the dataset's). -> StageResult[TrainOutput]"""
+    from edgeres.checkpoint import load_model, num_outputs, save_checkpoint
+    from edgeres.records import StageRecord, StageResult
+
+    recipe, info = settings.recipe, inputs.data.info
+    rec = StageRecord(stage="train")
+    if inputs.pretrained:
+        model, meta = load_model(inputs.pretrained, arch=recipe.model.arch)
+        classes = (meta.num_classes if meta else None) or num_outputs(model)
+        if classes != info.num_classes:
+            raise ConfigError(f"--pretrained {inputs.pretrained} predicts {classes} classes, the dataset has "
+                              f"{info.num_classes}: fine-tune it instead with --init-from")
+        meta = meta or meta_for(recipe, info)
+        dest = Path(inputs.out_dir) / "best.pt"
+        save_checkpoint(dest, model, meta)
+        rec.metrics = {"pretrained": str(inputs.pretrained)}
+        output = TrainOutput(model.eval(), meta)
+    else:
+        # the build only gets here when the training inputs changed (or --force): start that run afresh
+        result = train(recipe, inputs.out_dir, data=inputs.data, quiet=quiet, force=True)
+        dest, meta = result.best, result.meta
+        rec.metrics = {"best_top1": result.best_top1, "epochs": len(result.history), "history": result.history}
+        output = TrainOutput.load(dest)
+    rec.set_artifact(dest)
+    return StageResult(rec, output)

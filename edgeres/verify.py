@@ -9,12 +9,13 @@ backend, measured by accuracy in `verify`, and its agreement is recorded beside 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 FP32_REL_TOL = 1e-4
-FP32_MIN_AGREEMENT = 1.0
-INT8_MIN_AGREEMENT = 0.99
+FP32_MIN_AGREEMENT = 100.0   # %
+INT8_MIN_AGREEMENT = 99.0    # %
 
 
 def ort_session(path: str | Path, threads: int | None = None, *, optimize: bool = True):
@@ -54,11 +55,11 @@ def verify_onnx(onnx_path: str | Path, reference, probe_x, *, rel_tol: float | N
     metrics["onnxruntime_optimizations"] = not int8
     prefix = "onnx_int8" if int8 else "onnx_fp32"
     if int8:
-        gates = [Gate(f"{prefix}_top1_agreement", metrics["top1_agreement"],
+        gates = [Gate(f"{prefix}_top1_agreement_pct", metrics["top1_agreement_pct"],
                       INT8_MIN_AGREEMENT if min_agreement is None else min_agreement, ">=")]
     else:
         gates = [Gate(f"{prefix}_max_abs_diff_rel", metrics["rel_diff"], FP32_REL_TOL if rel_tol is None else rel_tol),
-                 Gate(f"{prefix}_top1_agreement", metrics["top1_agreement"],
+                 Gate(f"{prefix}_top1_agreement_pct", metrics["top1_agreement_pct"],
                       FP32_MIN_AGREEMENT if min_agreement is None else min_agreement, ">=")]
     return metrics, gates
 
@@ -144,3 +145,134 @@ def format_layerwise(rows: list[dict[str, Any]]) -> str:
     lines += [f"{r['quantizer'][:48]:<48} {r['elements']:>10} {r['differ_pct']:>9.4f} {r['max_steps']:>9.2f}"
               for r in rows]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- the stage
+
+BENCH_MIN_RUNS = 10   # trtexec's minimum
+
+
+@dataclass
+class Candidate:
+    """One row of the table: an artifact on one backend, its evaluation, and a runner to time (None: not timed)."""
+
+    stage: str
+    backend: str
+    precision: str
+    evaluation: Any = None     # EvalResult on the evaluation split (None: a row that only carries a note)
+    runner: Any = None
+    artifact: Path | None = None
+    int8_kernels: str | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class VerifyInputs:
+    reference: Any             # EvalResult of the FP32 model (torch) on the evaluation split
+    candidates: list[Candidate]
+    input_shape: tuple[int, int, int]
+    class_names: list[str]
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    bench_seconds: float = 1.0     # per row, after warm-up and at least BENCH_MIN_RUNS calls; 0: not timed
+    max_drop: float | None = None  # pp, on the INT8 ONNX
+    drop_source: str = "--max-drop"
+
+
+def artifact_bytes(path) -> int:
+    """On-disk size of an artifact; an OpenVINO IR counts its .xml and .bin."""
+    path = Path(path)
+    extra = path.with_suffix(".bin") if path.suffix == ".xml" else None
+    return path.stat().st_size + (extra.stat().st_size if extra is not None and extra.is_file() else 0)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _row(c: Candidate, ref, shape, bench_seconds: float) -> dict[str, Any]:
+    import numpy as np
+
+    from edgeres.bench import benchmark
+
+    ev = c.evaluation
+    r: dict[str, Any] = {"stage": c.stage, "backend": c.backend, "precision": c.precision, "top1": None,
+                         "delta_pp": None, "agree_pct": None, "p50_ms": None, "p99_ms": None, "img_s": None,
+                         "size_mb": round(artifact_bytes(c.artifact) / 1e6, 3) if c.artifact else None}
+    if ev is not None:
+        r.update(top1=round(ev.top1, 3), delta_pp=round(ev.top1 - ref.top1, 3),
+                 agree_pct=round(100.0 * float(np.mean(ev.logits.argmax(1) == ref.logits.argmax(1))), 3))
+    if c.int8_kernels is not None:
+        r["int8_kernels"] = c.int8_kernels
+    if c.note:
+        r["note"] = c.note
+    if c.runner is not None and bench_seconds > 0:
+        # as `edgeres bench` measures: warm-up, then at least BENCH_MIN_RUNS calls and --bench-seconds
+        res = benchmark(c.runner, batch_sizes=(1,), iterations=BENCH_MIN_RUNS, duration_s=bench_seconds,
+                        input_shape=shape)
+        stats = res.results[0]
+        r.update(p50_ms=round(stats.latency.median, 4), p99_ms=round(stats.latency.p99, 4),
+                 img_s=round(stats.images_per_s, 1), runs=stats.iterations,
+                 threads=(res.environment.get("runner") or {}).get("threads"), latency_warning=stats.warning)
+    return r
+
+
+def explain_slow_int8(rows: list[dict[str, Any]], artifacts: dict[int, Path]) -> None:
+    """Mark rows that run INT8 kernels (ONNX Runtime: counted on its optimized graph), and say in one line why an
+    INT8 row is slower than FP32 on its backend."""
+    fp32 = {r["backend"]: r for r in rows if r["precision"] == "fp32" and r.get("p50_ms")}
+    fp32.setdefault("openvino", fp32.get("onnxruntime"))   # the CPU artifact is compared with ONNX Runtime FP32
+    for i, r in enumerate(rows):
+        if i in artifacts and r.get("int8_kernels") is None:
+            from edgeres.runners import ort_int8_kernels
+
+            k = ort_int8_kernels(artifacts[i], r.get("threads"))
+            r["int8_kernels"] = f"{k['int8_kernels']}/{k['int8_kernels'] + k['float_convs']}"
+        ref = fp32.get(r["backend"])
+        if r["precision"].startswith("int8") and r.get("p50_ms") and ref and r["p50_ms"] > ref["p50_ms"]:
+            if r["backend"] == "onnxruntime":
+                r["note"] = ("slower than FP32: ONNX Runtime does not fuse this TensorRT-style Q/DQ graph into INT8 "
+                             "kernels on the CPU (signed activations, weights dequantized every call); the CPU "
+                             "artifact is export/model_int8_cpu.xml (OpenVINO)")
+            else:
+                r["note"] = (f"slower than FP32 on {ref['backend']} ({ref['p50_ms']:g} ms) although "
+                             f"{r.get('int8_kernels', '?')} layers run in INT8: at this model size per-call overhead "
+                             "outweighs the INT8 kernels")
+
+
+def run(inputs: VerifyInputs, settings: VerifySettings = VerifySettings()):
+    """The verify stage: every artifact on every backend present — top-1, its difference from FP32 (pp), agreement
+    with FP32 (%), latency measured like `edgeres bench` — and the INT8 ONNX's drop gate. Closes every runner it
+    was given. -> StageResult[list of rows]"""
+    from edgeres.records import StageRecord, StageResult, add_drop_gate
+
+    ref = inputs.reference
+    rows: list[dict[str, Any]] = []
+    per_class: dict[str, list[float]] = {"fp32": list(ref.per_class)}
+    ort_int8: dict[int, Path] = {}
+    final_int8 = None
+    try:
+        for c in inputs.candidates:
+            rows.append(_row(c, ref, inputs.input_shape, settings.bench_seconds))
+            if c.backend == "onnxruntime" and c.precision == "int8" and c.evaluation is not None:
+                ort_int8[len(rows) - 1] = Path(c.artifact)
+                final_int8 = c.evaluation
+                per_class["int8"] = list(c.evaluation.per_class)
+    finally:
+        for c in inputs.candidates:
+            if c.runner is not None:
+                c.runner.close()
+    explain_slow_int8(rows, ort_int8)
+    bench = {"batch": 1, "min_runs": BENCH_MIN_RUNS, "min_seconds": settings.bench_seconds,
+             "torch_threads": _torch_threads(), "timing": "host wall time per call, after warm-up"}
+    rec = StageRecord(stage="verify", metrics={"rows": rows, "per_class": per_class, "bench": bench,
+                                               "class_names": list(inputs.class_names), "n_eval": ref.n})
+    if final_int8 is not None:
+        add_drop_gate(rec, final_int8.top1, ref.top1, settings.max_drop, settings.drop_source)
+        if rec.message:
+            rec.message = rec.message.replace("verify:", "verify (INT8 ONNX on onnxruntime):")
+    return StageResult(rec, rows)

@@ -68,13 +68,13 @@ def test_int8_agreement_gate_covers_the_whole_evaluation_split(built):
     # gated: the graph as written (optimizations off); recorded: ONNX Runtime's own INT8 kernels (its default)
     as_written = ort.SessionOptions()
     as_written.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    for options, key in ((as_written, "top1_agreement"), (None, "optimized_top1_agreement")):
+    for options, key in ((as_written, "top1_agreement_pct"), (None, "optimized_top1_agreement_pct")):
         session = ort.InferenceSession(by["export_int8"].artifact, options, providers=["CPUExecutionProvider"])
         onnx = session.run(None, {"input": x})[0]
-        assert m[key] == pytest.approx(float(np.mean(fq.argmax(1) == onnx.argmax(1))))
+        assert m[key] == pytest.approx(100.0 * float(np.mean(fq.argmax(1) == onnx.argmax(1))))
     assert m["onnxruntime_optimizations"] is False
-    gate = next(g for g in by["export_int8"].gates if g["name"] == "onnx_int8_top1_agreement")
-    assert gate["value"] == m["top1_agreement"] and gate["limit"] == 0.99
+    gate = next(g for g in by["export_int8"].gates if g["name"] == "onnx_int8_top1_agreement_pct")
+    assert gate["value"] == m["top1_agreement_pct"] and gate["limit"] == 99.0   # percent, as the recipe says
 
 
 def test_report_files_and_table(built):
@@ -187,7 +187,7 @@ def test_every_family_goes_through_the_same_gates(tmp_path, arch):
                                        "--quiet"])
     assert result.exit_code == 0, result.output
     by = {r.stage: r for r in read_records(out)}
-    assert by["fold"].passed and by["fold"].metrics["top1_agreement"] == 1.0
+    assert by["fold"].passed and by["fold"].metrics["top1_agreement_pct"] == 100.0
     assert by["fold"].metrics["kept_affine"], "BNs with no conv before them are kept as scale-and-shift"
     int8 = by["export_int8"]
     assert int8.passed and int8.metrics["violations"] == [] and int8.metrics["rel_diff"] < 0.05, int8.metrics
@@ -211,8 +211,9 @@ def test_export_command_verifies_int8_on_real_images(built, tmp_path):
                                   "--dataset", "digits", "--json"])
     assert r.exit_code == 0, r.output
     obj = json.loads(r.output)
-    assert obj["verify"]["inputs"] == "digits test split" and obj["verify"]["n_probe"] == 359
-    assert obj["gates"] == [f"onnx_int8_top1_agreement {obj['verify']['top1_agreement']:.4g} >= 0.99"]
+    assert obj["verify"]["inputs"] == "digits test split" and obj["verify"]["n_compared"] == 359
+    assert obj["gates"] == ["tensorrt_rule_violations 0 <= 0",
+                            f"onnx_int8_top1_agreement_pct {obj['verify']['top1_agreement_pct']:.4g} >= 99"]
     assert dest.is_file() and not list(tmp_path.glob(".*unverified*"))
 
 

@@ -106,8 +106,8 @@ def test_bundle_layout_and_manifest(bundle, run_dir):
     assert (m["runtime"]["engine_build"] == "engine_build.py") == (REPO / "edgeres/tensorrt/engine_build.py").is_file()
     with np.load(bundle / "probe.npz") as p:
         assert p["x"].shape == (16, 1, 32, 32) and p["ref_fp32"].shape == p["ref_int8"].shape == (16, 10)
-        acc = float((p["ref_fp32"].argmax(1) == p["y"]).mean())
-        assert m["expected_accuracy"]["probe"]["fp32"] == pytest.approx(acc)
+        acc = 100.0 * float((p["ref_fp32"].argmax(1) == p["y"]).mean())
+        assert m["expected_accuracy"]["probe_pct"]["fp32"] == pytest.approx(acc)   # %, as everywhere
     assert stat.S_IMODE((bundle / "edgeres-device").stat().st_mode) == 0o755
     assert stat.S_IMODE((bundle / "model_int8.onnx").stat().st_mode) == 0o644
 
@@ -122,9 +122,10 @@ def test_device_runtime_passes_with_onnxruntime_and_imports_no_edgeres(bundle, t
     assert saved["status"] == "passed" and saved["backend"] == "onnxruntime" and saved["tensorrt"] is None
     assert "ONNX Runtime" in saved["note"]
     v = saved["verification"]
-    assert v["top1_agreement"] == 1.0 and v["max_abs_diff"] < 1e-4
+    assert v["top1_agreement_pct"] == 100.0 and v["max_abs_diff"] < 1e-4
     m = json.loads((bundle / "manifest.json").read_text())
-    assert v["accuracy"] == pytest.approx(m["expected_accuracy"]["probe"]["int8"])
+    assert v["accuracy_pct"] == pytest.approx(m["expected_accuracy"]["probe_pct"]["int8"])
+    assert m["gates"] == {"min_top1_agreement_pct": 90.0, "max_accuracy_drop_pp": 5.0}
     assert saved["benchmark"]["median_ms"] > 0 and saved["benchmark"]["p99_ms"] >= saved["benchmark"]["median_ms"]
     assert "model" in saved["device"] and "clocks_locked" in saved["device"]
 
@@ -341,7 +342,7 @@ def test_device_runtime_on_openvino(bundle, tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     r = json.loads(out.read_text())
     assert r["backend"] == "openvino" and r["openvino"] and r["runs_on"] == "cpu" and r["engine"] is None
-    assert r["verification"]["top1_agreement"] >= 0.9 and r["benchmark"]["median_ms"] > 0
+    assert r["verification"]["top1_agreement_pct"] >= 90.0 and r["benchmark"]["median_ms"] > 0
     p = run_device(bundle, "--out", str(tmp_path / "x.json"), "--backend", "openvino", "--require-backend",
                    "tensorrt")
     assert p.returncode == 2 and "TensorRT is required" in p.stdout

@@ -30,27 +30,46 @@ def cli(*args: str) -> dict:
     return json.loads(r.output[r.output.index("{"):])
 
 
+# what a record says about the stage's result; timing, environment, paths and the run's own hashes aside
+SAME = ("stage", "status", "sha256", "metrics", "gates", "message")
+
+
+def same_record(cli_obj: dict, build_rec) -> None:
+    ours, theirs = cli_obj["record"], build_rec.to_dict()
+    for key in SAME:
+        assert ours[key] == theirs[key], f"{build_rec.stage}: {key} differs: {ours[key]!r} vs {theirs[key]!r}"
+
+
 def test_cli_stages_write_what_build_writes(run, tmp_path):
+    """Each command runs the stage's own `run()` on the build's inputs with the build's settings: the artifact has
+    the build's sha256 and the record the build's metrics, gates and verdict."""
     by = {r.stage: r for r in read_records(run)}
     recipe_hash = json.loads((run / "meta.json").read_text())["recipe_hash"]
     calib = by["ptq"].metrics
-    n, seed = calib.get("calib_size") or calib["subset_size"], 0
+    n, seed, probe = calib["calib_size"], 0, "64"
 
-    cli("fold", "--weights", by["train"].artifact, "--out", str(tmp_path / "folded.pt"))
+    obj = cli("fold", "--weights", by["train"].artifact, "--out", str(tmp_path / "folded.pt"), "--dataset", "digits",
+              "--probe-size", probe)
     assert sha256_file(tmp_path / "folded.pt") == by["fold"].sha256
+    same_record(obj, by["fold"])
 
-    cli("quantize", "--ptq", "--weights", by["fold"].artifact, "--dataset", "digits", "--calib-size", str(n),
-        "--seed", str(seed), "--out", str(tmp_path / "ptq.pt"), "--quiet")
+    obj = cli("quantize", "--ptq", "--weights", by["fold"].artifact, "--dataset", "digits", "--calib-size", str(n),
+              "--seed", str(seed), "--max-drop", "100", "--out", str(tmp_path / "ptq.pt"), "--quiet")
     assert sha256_file(tmp_path / "ptq.pt") == by["ptq"].sha256
+    same_record(obj, by["ptq"])
+    assert obj["record"]["metrics"]["drop_pp"] == by["ptq"].metrics["drop_pp"]   # against the same FP32 top-1
 
-    cli("export", "--weights", by["fold"].artifact, "--out", str(tmp_path / "fp32.onnx"), "--recipe-hash",
-        recipe_hash)
+    obj = cli("export", "--weights", by["fold"].artifact, "--out", str(tmp_path / "fp32.onnx"), "--recipe-hash",
+              recipe_hash, "--dataset", "digits", "--limit", probe)
     assert sha256_file(tmp_path / "fp32.onnx") == by["export_fp32"].sha256
+    same_record(obj, by["export_fp32"])
 
-    cli("export", "--weights", by["ptq"].artifact, "--int8", "--out", str(tmp_path / "int8.onnx"),
-        "--recipe-hash", recipe_hash)
+    obj = cli("export", "--weights", by["ptq"].artifact, "--int8", "--out", str(tmp_path / "int8.onnx"),
+              "--recipe-hash", recipe_hash, "--dataset", "digits")
     assert sha256_file(tmp_path / "int8.onnx") == by["export_int8"].sha256
+    same_record(obj, by["export_int8"])
 
-    cli("calib-cache", "--onnx", by["export_fp32"].artifact, "--dataset", "digits", "--count", str(n), "--seed",
-        str(seed), "--trt-version", "8.6.1", "--out", str(tmp_path / "calib.cache"))
+    obj = cli("calib-cache", "--onnx", by["export_fp32"].artifact, "--dataset", "digits", "--count", str(n),
+              "--seed", str(seed), "--trt-version", "8.6.1", "--out", str(tmp_path / "calib.cache"))
     assert sha256_file(tmp_path / "calib.cache") == by["calib_cache"].sha256
+    same_record(obj, by["calib_cache"])

@@ -96,8 +96,8 @@ def test_int8_export_meets_tensorrt_rules(tmp_path, arch, cin, side):
     adds = [n for n in proto.graph.node if n.op_type == "Add" and "Add" in n.name and "layer" in n.name]
     assert adds, "residual adds are in the graph"
     metrics, gates = verify_onnx(path, qmodel, x)
-    assert gates[0].name == "onnx_int8_top1_agreement" and metrics["onnxruntime_optimizations"] is False
-    assert metrics["rel_diff"] < 0.1 and metrics["top1_agreement"] >= 0.9
+    assert gates[0].name == "onnx_int8_top1_agreement_pct" and metrics["onnxruntime_optimizations"] is False
+    assert metrics["rel_diff"] < 0.1 and metrics["top1_agreement_pct"] >= 90.0
     # the INT8 check runs the graph as written: no fused QLinearConv
     level = ort_session(path, optimize=False).session.get_session_options().graph_optimization_level
     assert level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -179,20 +179,20 @@ def test_cli_export_and_check(tmp_path):
 
 
 def test_cli_export_failing_check_keeps_the_old_file(tmp_path, monkeypatch):
-    """--force with a failing verification: the file already at --out stays as it was, no stray files."""
-    import edgeres.verify
-    from edgeres.records import Gate
+    """--force with a failing verification: the file already at --out stays as it was; the rejected graph is kept
+    beside it under its own name (for `edgeres compare --layers`), nothing else is left."""
+    import edgeres.fold
 
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "w.pt", create_model("mnist_resnet", num_classes=10), _meta("mnist_resnet"))
     out = tmp_path / "m.onnx"
     out.write_bytes(b"the user's previous model")
-    monkeypatch.setattr(edgeres.verify, "verify_onnx",
-                        lambda *a, **k: ({"n_probe": 1}, [Gate("onnx_fp32_top1_agreement", 0.5, 1.0, ">=")]))
+    real = edgeres.fold.compare_logits
+    monkeypatch.setattr(edgeres.fold, "compare_logits", lambda a, b: {**real(a, b), "top1_agreement_pct": 50.0})
     r = CliRunner().invoke(main, ["export", "--weights", str(tmp_path / "w.pt"), "--out", str(out), "--force"])
-    assert r.exit_code == 1 and "onnx_fp32_top1_agreement 0.5 < 1" in r.output and "not written" in r.output
+    assert r.exit_code == 1 and "onnx_fp32_top1_agreement_pct 50 < 100" in r.output and "not written" in r.output
     assert out.read_bytes() == b"the user's previous model"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "w.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.rejected.onnx", "w.pt"]
 
 
 def test_int8_weights_on_disk_are_bit_identical_and_smaller(tmp_path):

@@ -56,7 +56,7 @@ def test_fold_is_exact(arch, options, cin, side, kept):
     x = torch.randn(8, cin, side, side, generator=torch.Generator().manual_seed(1))
     metrics, gates = fold_gate(model, result.model, x)
     assert all(g.passed for g in gates), [g.describe() for g in gates]
-    assert metrics["rel_diff"] <= 1e-4 and metrics["top1_agreement"] == 1.0
+    assert metrics["rel_diff"] <= 1e-4 and metrics["top1_agreement_pct"] == 100.0
 
 
 def test_fold_targets_the_right_batchnorms():

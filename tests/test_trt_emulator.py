@@ -98,7 +98,7 @@ def test_bundle_on_emulated_device(bundle, tmp_path, version, backend, precision
         if precision == "int8":
             assert head["calibration"] == "calibration cache" and head["calibration_scales"] > 0
     v = result["verification"]
-    assert v["passed"] and v["top1_agreement"] >= 0.9 and np.isfinite(v["max_abs_diff"])
+    assert v["passed"] and v["top1_agreement_pct"] >= 90.0 and np.isfinite(v["max_abs_diff"])
     assert result["benchmark"]["median_ms"] > 0
 
 
@@ -349,7 +349,7 @@ def test_shared_constants_are_equal():
     assert targets.PLAN_FORMAT == rt.PLAN_FORMAT and tuple(targets.PRECISIONS) == tuple(rt.PRECISIONS)
     assert rt.parse_args([]).precision == "int8"
     gates = rt.compare(np.eye(3), np.eye(3), None, {**b.DEFAULT_GATES}, None)["gates"]
-    assert gates[0]["limit"] == b.DEFAULT_GATES["min_top1_agreement"]
+    assert gates[0]["limit"] == b.DEFAULT_GATES["min_top1_agreement_pct"] == 90.0
     for v in ("8.5.2", "8.6.1", "10.3.0", "11.0.0"):
         from edgeres.tensorrt.versions import calib_tag_number
 

@@ -17,10 +17,10 @@ from edgeres.cli._common import emit, json_option
 @click.option("--tar", is_flag=True, help="Write a .tar.gz instead of a folder.")
 @click.option("--probe-size", type=click.IntRange(1), default=32, show_default=True,
               help="Preprocessed validation images carried with their reference logits.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.9, show_default=True,
-              help="Device gate: top-1 agreement with the host's reference logits.")
-@click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.05, show_default=True,
-              help="Device gate: probe accuracy may fall this much below the host's.")
+@click.option("--min-agreement", type=click.FloatRange(0, 100), default=90.0, show_default=True,
+              help="Device gate: top-1 agreement (%) with the host's reference logits.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=5.0, show_default=True,
+              help="Device gate: probe accuracy may fall this many percentage points below the host's.")
 @click.option("--rootfs", type=click.Path(path_type=Path), default=None,
               help="Also install under ROOTFS/opt/edgeres with a first-boot unit (e.g. Linux_for_Tegra/rootfs).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
@@ -38,7 +38,7 @@ def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, root
 
     if out is None and rootfs is None:
         raise click.UsageError("give --out DIR, --rootfs PATH, or both")
-    opts = dict(probe_size=probe_size, min_top1_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop,
+    opts = dict(probe_size=probe_size, min_top1_agreement_pct=min_agreement, max_accuracy_drop_pp=max_accuracy_drop,
                 allow_failed=allow_failed)
     with tempfile.TemporaryDirectory(prefix="edgeres-bundle-") as tmp:
         path = make_bundle(run_dir, out if out is not None else Path(tmp) / "bundle", tar=tar and out is not None,

@@ -1,8 +1,8 @@
 """`edgeres fold`, `edgeres quantize`, `edgeres export`, `edgeres check`: thin commands over the library."""
 from __future__ import annotations
 
-import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -11,11 +11,11 @@ from edgeres.cli._common import emit, json_option, quiet_option
 from edgeres.recipe import CALIB_METHODS, QuantCfg
 
 
-def _pct(fraction: float) -> str:
-    """A fraction as a percent that never rounds a miss up to 100 (0.9999 -> 99.99 %)."""
+def _pct(percent: float) -> str:
+    """A percent that never rounds a miss up to 100 (99.999 -> 99.99 %)."""
     import math
 
-    value = math.floor(fraction * 10000) / 100
+    value = math.floor(percent * 100 + 1e-9) / 100
     return f"{value:.2f}%"
 
 
@@ -34,10 +34,33 @@ def _meta_for(model, meta, arch: str | None):
 
 
 def _probe(meta, n: int = 32, seed: int = 0):
+    """`n` random inputs shaped like the model's, as (image, label 0) pairs."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, meta.in_channels, meta.input_size, meta.input_size, generator=g)
+    x = torch.randn(n, meta.in_channels, meta.input_size, meta.input_size, generator=g)
+    return [(x[i], 0) for i in range(n)]
+
+
+def _data(meta, dataset: str, data_dir: str | None):
+    """`dataset` preprocessed as the model's own metadata says (input size, channels, mean/std)."""
+    from edgeres.data import get_data
+
+    return get_data(dataset=dataset, data_dir=data_dir, input_size=meta.input_size, mean=meta.mean, std=meta.std,
+                    resize_size=meta.resize_size, in_channels=meta.in_channels)
+
+
+def _first(split, limit: int | None):
+    """The first `limit` samples of a split (all of them when None), as build's probe takes them."""
+    n = len(split) if limit is None else min(limit, len(split))
+    return [split[i] for i in range(n)]
+
+
+def _stage_failed(rec) -> None:
+    from edgeres.errors import GateError
+
+    if not rec.passed:
+        raise GateError(rec.message or f"{rec.stage} failed")
 
 
 def load_float_or_folded(weights: str, arch: str | None = None):
@@ -61,32 +84,45 @@ def load_float_or_folded(weights: str, arch: str | None = None):
 @click.option("--arch", default=None, help="Architecture, for a checkpoint without edgeres metadata.")
 @click.option("--probe-size", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Images in the probe batch the fold is checked on.")
+@click.option("--dataset", default=None,
+              help="Check on this dataset's first --probe-size evaluation images (as `build` does) instead of "
+                   "random inputs.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where --dataset lives.")
+@click.option("--rel-tol", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True,
+              help="Largest max|logit diff| allowed, relative to the logit scale.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @json_option
-def fold(weights, out, arch, probe_size, force, as_json) -> None:
-    """Fold BatchNorm into the preceding convs; check the result on a probe batch.
+def fold(weights, out, arch, probe_size, dataset, data_dir, rel_tol, force, as_json) -> None:
+    """Fold BatchNorm into the preceding convs; check the result on a probe batch (the `fold` stage of `build`).
 
     BatchNorms that no conv precedes (pre-activation ResNets, DenseNet) are kept as a per-channel
     scale-and-shift (exported as Mul+Add, which TensorRT fuses); the command lists them.
     """
+    import numpy as np
+
     from edgeres.checkpoint import load_model
-    from edgeres.errors import GateError
-    from edgeres.fold import fold_batchnorm, fold_gate, save_folded
+    from edgeres.fold import FoldInputs, FoldSettings, run
     from edgeres.io import refuse_overwrite
 
     refuse_overwrite(out, force)
     model, meta = load_model(weights, arch=arch)
     meta = _meta_for(model, meta, arch or (meta.arch if meta else None))
-    result = fold_batchnorm(model)
-    metrics, gates = fold_gate(model, result.model, _probe(meta, probe_size))
-    failed = [g for g in gates if not g.passed]
-    if failed:
-        raise GateError("fold check failed: " + "; ".join(g.describe() for g in failed))
-    save_folded(out, result, meta)
+    pairs = _first(_data(meta, dataset, data_dir).test, probe_size) if dataset else _probe(meta, probe_size)
+    probe = np.stack([np.asarray(x, dtype=np.float32) for x, _ in pairs])
+    res = run(FoldInputs(model, meta, probe, Path(out)), FoldSettings(rel_tol=rel_tol))
+    _stage_failed(res.record)
+    result = res.output.result
     obj = {"out": out, "arch": meta.arch, "folded": result.folded, "kept_affine": result.kept_affine,
-           "kept_reasons": result.reasons, "metrics": metrics, "gates": [g.describe() for g in gates]}
-    emit(obj, as_json, lambda: "\n".join([result.describe(),
-                                          *(f"gate {g.describe()}: ok" for g in gates), f"wrote {out}"]))
+           "kept_reasons": result.reasons, "metrics": res.record.metrics, "record": res.record.to_dict(),
+           "gates": [_describe(g) for g in res.record.gates]}
+    emit(obj, as_json, lambda: "\n".join([result.describe(), *(f"gate {d}: ok" for d in obj["gates"]),
+                                          f"wrote {out}"]))
+
+
+def _describe(gate: dict) -> str:
+    from edgeres.records import Gate
+
+    return Gate(gate["name"], gate["value"], gate["limit"], gate["op"]).describe()
 
 
 @click.command()
@@ -110,22 +146,26 @@ def fold(weights, out, arch, probe_size, force, as_json) -> None:
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the INT8 checkpoint.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--max-drop", type=click.FloatRange(0), default=None,
+              help="Fail (and write nothing) when top-1 drops more than this many percentage points below the "
+                   "float model's on the test split [default: the drop is reported, not gated].")
 @quiet_option
 @json_option
 def quantize(ptq, qat, weights, dataset, data_dir, arch, calib_size, calib_method, manifest, seed, epochs, lr,
-             batch_size, out, force, quiet, as_json) -> None:
-    """INT8 quantization with NNCF, configured for TensorRT (PTQ or QAT)."""
+             batch_size, out, max_drop, force, quiet, as_json) -> None:
+    """INT8 quantization with NNCF, configured for TensorRT (the `ptq` / `qat` stages of `build`)."""
     from edgeres.checkpoint import read_checkpoint
-    from edgeres.data import get_data
     from edgeres.errors import ConfigError
+    from edgeres.evaluate import evaluate
     from edgeres.io import refuse_overwrite
     from edgeres.quantize import (
+        PtqSettings,
+        QatSettings,
+        QuantInputs,
+        QuantOutput,
         is_quantized_checkpoint,
-        load_quantized,
-        quantize_ptq,
-        quantize_qat,
-        save_quantized,
-        top1,
+        run_ptq,
+        run_qat,
     )
 
     if ptq == qat:
@@ -140,29 +180,40 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, calib_size, calib_metho
     if start_quantized and mode == "ptq":
         raise ConfigError(f"{weights} is already INT8; --ptq needs a float or folded checkpoint")
     if start_quantized:
-        model, meta, man = load_quantized(weights)
+        start = QuantOutput.load(weights)
+        model, meta, man = start.model, start.meta, start.manifest
     else:
         model, meta, _ = load_float_or_folded(weights, arch)
-    data = get_data(dataset=dataset, data_dir=data_dir, input_size=meta.input_size, mean=meta.mean, std=meta.std,
-                    resize_size=meta.resize_size, in_channels=meta.in_channels)
+    data = _data(meta, dataset, data_dir)
     if data.info.num_classes != meta.num_classes:
         raise ConfigError(f"{dataset} has {data.info.num_classes} classes, the model {meta.num_classes}")
-    log = (lambda s: None) if (quiet or as_json) else (lambda s: click.echo(s, err=True))
-    history: list = []
+    quiet = quiet or as_json
+    log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    # the drop is measured against the float model (not known when starting from an INT8 checkpoint)
+    reference = None if start_quantized else evaluate(model, data.test, batch_size=256).top1
+    inputs = QuantInputs(model=model, meta=meta, eval_data=data.test, out=out_path, reference_top1=reference,
+                         calib=data.calib, dataset_fingerprint=data.info.fingerprint, manifest_path=Path(manifest),
+                         train_data=data.train, manifest=None if not start_quantized else man)
     if not start_quantized:
-        ptq = quantize_ptq(model, data.calib, subset_size=calib_size, method=calib_method, seed=seed,
-                           manifest_path=manifest, dataset_fingerprint=data.info.fingerprint, quiet=quiet or as_json)
-        model, man = ptq.model, ptq.manifest
+        res = run_ptq(inputs if mode == "ptq" else replace(inputs, out=out_path.with_name(f".{out_path.stem}.ptq")),
+                      PtqSettings(calib_size=calib_size, method=calib_method, seed=seed,
+                                  max_drop=max_drop if mode == "ptq" else None), quiet=quiet)
+        if mode == "qat":
+            Path(res.record.artifact).unlink(missing_ok=True)   # only the QAT model is the command's output
         log(f"PTQ: {calib_size} calibration images ({calib_method}), manifest {manifest}")
+        inputs = replace(inputs, model=res.output.model, manifest=res.output.manifest)
     if mode == "qat":
-        res = quantize_qat(model, data.train, data.test, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                           log=log)
-        model, history = res.model, res.history
-    acc = top1(model, data.test)
-    save_quantized(out, model, meta, mode=mode, manifest=man)
+        res = run_qat(inputs, QatSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, max_drop=max_drop),
+                      quiet=quiet, log=log)
+    _stage_failed(res.record)
+    m = res.output.manifest
+    acc = res.record.metrics["top1"]
     obj = {"out": out, "mode": mode, "top1_fake_quant": acc, "manifest": manifest if not start_quantized else None,
-           "calib_size": man.get("subset_size"), "calib_method": man.get("method"), "qat_history": history}
-    emit(obj, as_json, lambda: f"{mode.upper()} INT8 (fake-quant) top-1 {acc:.2f}% on {dataset} test\nwrote {out}")
+           "calib_size": m.get("subset_size"), "calib_method": m.get("method"),
+           "qat_history": res.record.metrics.get("history", []), "record": res.record.to_dict()}
+    drop = (f", {res.record.metrics['drop_pp']:.2f} pp below float" if "drop_pp" in res.record.metrics else "")
+    emit(obj, as_json, lambda: f"{mode.upper()} INT8 (fake-quant) top-1 {acc:.2f}% on {dataset} test{drop}\n"
+                               f"wrote {out}")
 
 
 @click.command(name="export")
@@ -188,53 +239,37 @@ def export_cmd(weights, int8, out, arch, opset, simplify, recipe_hash, dataset, 
     fake-quant model on >= 99 % of --dataset images. A failed check leaves --out as it was and exits 1.
     On random inputs (no --dataset) the INT8 agreement is reported, not gated: it means little there."""
     from edgeres.checkpoint import read_checkpoint
-    from edgeres.errors import ConfigError, GateError
-    from edgeres.export import export_onnx, export_summary
+    from edgeres.errors import ConfigError
+    from edgeres.export import ExportInputs, ExportSettings, export_summary, run
     from edgeres.io import refuse_overwrite
-    from edgeres.quantize import is_quantized_checkpoint, load_quantized
-    from edgeres.verify import verify_onnx
+    from edgeres.quantize import QuantOutput, is_quantized_checkpoint
 
     refuse_overwrite(out, force)
     _, _, rest = read_checkpoint(weights)
     if is_quantized_checkpoint(rest):
         if not int8:
             raise ConfigError(f"{weights} is an INT8 checkpoint; export it with --int8")
-        model, meta, _ = load_quantized(weights)
+        q = QuantOutput.load(weights)
+        model, meta = q.model, q.meta
     else:
         if int8:
             raise ConfigError(f"--int8 needs an INT8 checkpoint from `edgeres quantize`; {weights} is FP32")
         model, meta, _ = load_float_or_folded(weights, arch)
-    # export next to --out, verify, and only then move into place: a failed check leaves what was there untouched
-    path = Path(out)
-    staged = path.with_name(f".{path.stem}.unverified.onnx")
-    try:
-        export_onnx(model, staged, meta=meta, int8=int8, opset=opset, simplify=simplify, recipe_hash=recipe_hash)
-        if dataset:
-            import torch
-
-            from edgeres.compare import load_dataset_inputs
-
-            x = torch.from_numpy(load_dataset_inputs(staged, dataset=dataset, data_dir=data_dir, split="test",
-                                                     limit=limit)[0])
-        else:
-            x = _probe(meta)
-        metrics, gates = verify_onnx(staged, model, x)
-        metrics["inputs"] = f"{dataset} test split" if dataset else "random"
-        failed = [g for g in gates if not g.passed]
-        if failed and (dataset or not int8):
-            raise GateError("ONNX Runtime disagrees with torch: " + "; ".join(g.describe() for g in failed)
-                            + f"; {path} not written")
-        os.replace(staged, path)
-    finally:
-        staged.unlink(missing_ok=True)
-    obj = {**export_summary(path), "verify": metrics, "gates": [g.describe() for g in gates]}
+    images = _first(_data(meta, dataset, data_dir).test, limit) if dataset else _probe(meta)
+    # exported beside --out, verified, and only then moved into place: a failed check leaves what was there
+    settings = ExportSettings(int8=int8, opset=opset, simplify=simplify, recipe_hash=recipe_hash,
+                              gate_agreement=bool(dataset) or not int8)
+    res = run(ExportInputs(model, meta, images, Path(out)), settings, quiet=as_json)
+    _stage_failed(res.record)
+    metrics = {**res.record.metrics, "inputs": f"{dataset} test split" if dataset else "random"}
+    gates = [_describe(g) for g in res.record.gates]
+    obj = {**export_summary(out), "verify": metrics, "gates": gates, "record": res.record.to_dict()}
     emit(obj, as_json, lambda: "\n".join([
-        f"wrote {path} ({obj['bytes']} bytes, opset {obj['opset']}, {obj['QuantizeLinear']} Q / "
+        f"wrote {out} ({obj['bytes']} bytes, opset {obj['opset']}, {obj['QuantizeLinear']} Q / "
         f"{obj['DequantizeLinear']} DQ)",
-        f"ONNX Runtime vs torch on {metrics['n_probe']} {metrics['inputs']} inputs: max|diff| "
-        f"{metrics['max_abs_diff']:.3g}"
-        f" (rel {metrics['rel_diff']:.3g}), top-1 agreement {_pct(metrics['top1_agreement'])}",
-        *(f"gate {g.describe()}: {'ok' if g.passed else 'FAILED'}" for g in gates)]))
+        f"ONNX Runtime vs torch on {metrics['n_compared']} {metrics['inputs']} inputs: max|diff| "
+        f"{metrics['max_abs_diff']:.3g} (rel {metrics['rel_diff']:.3g}), top-1 agreement "
+        f"{_pct(metrics['top1_agreement_pct'])}", *(f"gate {g}: ok" for g in gates)]))
 
 
 @click.command()

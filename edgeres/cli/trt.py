@@ -123,7 +123,7 @@ def compile_cmd(onnx_path, out, fp16, int8, dla_core, gpu_fallback, workspace, b
 def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, seed, out, force, as_json) -> None:
     """Write a TensorRT calibration cache (EntropyCalibration2 text) from ONNX Runtime activation ranges."""
     from edgeres.errors import ConfigError
-    from edgeres.tensorrt.calib_cache import activation_ranges, npz_batches, write_calibration_cache
+    from edgeres.tensorrt.calib_cache import CalibCacheInputs, CalibCacheSettings, npz_batches, run
     from edgeres.tensorrt.compile import tensorrt_status
     from edgeres.tensorrt.versions import calib_version_tag, capabilities
 
@@ -141,13 +141,17 @@ def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, se
     caps = capabilities(trt_version)
     if not caps.implicit_int8:
         raise ConfigError(f"TensorRT {trt_version} has no implicit INT8 calibration; use the Q/DQ INT8 ONNX")
+    indices = None
     if images is not None:
         batches = npz_batches(images, limit=count, default_limit=DEFAULT_CALIB_COUNT)
     else:
         batches, indices = _dataset_batches(dataset, data_dir, count, seed, onnx_path)
-    ranges = activation_ranges(onnx_path, batches)
-    result = write_calibration_cache(ranges, out, version_tag=calib_version_tag(trt_version), force=force)
-    if images is None:
+    res = run(CalibCacheInputs(Path(onnx_path), batches, Path(out), indices),
+              CalibCacheSettings(version_tag=calib_version_tag(trt_version), force=force))
+    m = res.record.metrics
+    result = {"path": out, "tag": m["tag"], "tensors": m["tensors"] - len(m["skipped"]), "skipped": m["skipped"],
+              "images": m["images"], "record": res.record.to_dict()}
+    if indices is not None:
         result["calibration_indices"] = indices
     if caps.implicit_int8_deprecated:
         result["warning"] = "implicit INT8 calibration is deprecated since TensorRT 10.1"

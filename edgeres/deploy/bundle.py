@@ -30,7 +30,7 @@ RUN_FILES = {  # bundle name -> (path in the run folder, required)
     "model_int8.onnx": ("export/model_int8.onnx", True),
     "calib.cache": ("calibration/calib.cache", False),
 }
-DEFAULT_GATES = {"min_top1_agreement": 0.9, "max_accuracy_drop": 0.05}
+DEFAULT_GATES = {"min_top1_agreement_pct": 90.0, "max_accuracy_drop_pp": 5.0}   # % and percentage points
 MAX_PLAN_BATCH = 32
 from edgeres.deploy.releases import EXECUTABLE  # noqa: E402 - one list for bundle, releases and deploy
 
@@ -158,8 +158,8 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str
                                   calib_name="calib.cache" if files["calib.cache"] else None,
                                   calib_cache=dest / "calib.cache" if files["calib.cache"] else None),
                        batch=min(len(x), MAX_PLAN_BATCH))
-    probe_acc = None if y is None else {"fp32": float((ref32.argmax(1) == y).mean()),
-                                        "int8": float((ref8.argmax(1) == y).mean())}
+    probe_acc = None if y is None else {"fp32": 100.0 * float((ref32.argmax(1) == y).mean()),
+                                        "int8": 100.0 * float((ref8.argmax(1) == y).mean())}
     calib = "calib.cache" if files["calib.cache"] else None
     manifest = {
         "format": FORMAT,
@@ -180,7 +180,7 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str
                                     "scale to [0, 1]", "normalize (x - mean) / std", "float32 NCHW"]},
         "class_names": list(meta.get("class_names") or []),
         "num_classes": int(ref32.shape[1]),
-        "expected_accuracy": {"run_top1_pct": expected_accuracy_from_run(run_dir), "probe": probe_acc},
+        "expected_accuracy": {"run_top1_pct": expected_accuracy_from_run(run_dir), "probe_pct": probe_acc},
         "build": build,
         "gates": gates,
         "probe": {"file": "probe.npz", "count": int(len(x)), "labels": y is not None,
@@ -204,14 +204,15 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str
 
 
 def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int = 32, tar: bool = False,
-                force: bool = False, min_top1_agreement: float = DEFAULT_GATES["min_top1_agreement"],
-                max_accuracy_drop: float = DEFAULT_GATES["max_accuracy_drop"], allow_failed: bool = False) -> Path:
+                force: bool = False, min_top1_agreement_pct: float = DEFAULT_GATES["min_top1_agreement_pct"],
+                max_accuracy_drop_pp: float = DEFAULT_GATES["max_accuracy_drop_pp"],
+                allow_failed: bool = False) -> Path:
     """Write the bundle folder `out_dir` (or `out_dir`.tar.gz with tar=True) atomically. Returns its path.
     A run whose build did not pass every planned stage is refused unless `allow_failed` (then recorded)."""
     if probe_size < 1:
         raise ConfigError(f"--probe-size must be >= 1, got {probe_size}")
-    if not 0.0 <= min_top1_agreement <= 1.0 or not 0.0 <= max_accuracy_drop <= 1.0:
-        raise ConfigError("gates must lie in [0, 1]")
+    if not 0.0 <= min_top1_agreement_pct <= 100.0 or not 0.0 <= max_accuracy_drop_pp <= 100.0:
+        raise ConfigError("gates are in % (agreement) and percentage points (drop): each must lie in [0, 100]")
     run_dir, out = Path(run_dir), Path(out_dir)
     if tar and not out.name.endswith(".tar.gz"):
         out = out.with_name(out.name + ".tar.gz")
@@ -225,7 +226,7 @@ def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int = 3
                           f"bundle it anyway")
     build = {"ok": ok, "message": message, "allow_failed": allow_failed}
     ensure_writable_dir(out.parent)
-    gates = {"min_top1_agreement": min_top1_agreement, "max_accuracy_drop": max_accuracy_drop}
+    gates = {"min_top1_agreement_pct": min_top1_agreement_pct, "max_accuracy_drop_pp": max_accuracy_drop_pp}
     top = out.name[: -len(".tar.gz")] if tar else out.name
     tmp = Path(tempfile.mkdtemp(prefix=f".{top}.", suffix=".tmp", dir=out.parent))
     try:

@@ -473,15 +473,16 @@ def compare(logits, ref, y, gates: dict, expected_accuracy: float | None) -> dic
     import numpy as np
 
     pred, ref_pred = logits.argmax(1), ref.argmax(1)
-    agreement = float((pred == ref_pred).mean())
-    accuracy = float((pred == y).mean()) if y is not None else None
-    checks = [{"name": "top1_agreement", "value": agreement, "limit": gates["min_top1_agreement"], "op": ">="}]
+    agreement = 100.0 * float((pred == ref_pred).mean())               # %, like every edgeres figure
+    accuracy = 100.0 * float((pred == y).mean()) if y is not None else None
+    checks = [{"name": "top1_agreement_pct", "value": agreement, "limit": gates["min_top1_agreement_pct"],
+               "op": ">="}]
     if accuracy is not None and expected_accuracy is not None:
-        checks.append({"name": "probe_accuracy", "value": accuracy,
-                       "limit": round(expected_accuracy - gates["max_accuracy_drop"], 6), "op": ">="})
+        checks.append({"name": "probe_accuracy_pct", "value": accuracy,
+                       "limit": round(expected_accuracy - gates["max_accuracy_drop_pp"], 6), "op": ">="})
     for c in checks:
         c["passed"] = c["value"] >= c["limit"]
-    return {"top1_agreement": agreement, "accuracy": accuracy, "expected_accuracy": expected_accuracy,
+    return {"top1_agreement_pct": agreement, "accuracy_pct": accuracy, "expected_accuracy_pct": expected_accuracy,
             "max_abs_diff": float(np.abs(logits - ref).max()), "gates": checks,
             "passed": all(c["passed"] for c in checks)}
 
@@ -559,8 +560,8 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     y = probe["y"].astype(np.int64) if "y" in probe.files else None
     ref = probe["ref_int8" if args.precision == "int8" else "ref_fp32"]
     batch = int(entry["profile"]["opt"]) if entry else int(manifest.get("tensorrt_plan", {}).get("batch") or len(x))
-    gates = {**{"min_top1_agreement": 0.9, "max_accuracy_drop": 0.05}, **manifest.get("gates", {})}
-    expected = (manifest.get("expected_accuracy") or {}).get("probe", {}).get(args.precision if args.precision
+    gates = {**{"min_top1_agreement_pct": 90.0, "max_accuracy_drop_pp": 5.0}, **manifest.get("gates", {})}
+    expected = ((manifest.get("expected_accuracy") or {}).get("probe_pct") or {}).get(args.precision if args.precision
                                                                                 != "fp16" else "fp32")
     result = {"format": "edgeres-result/1", "bundle": str(bundle), "manifest_sha256": manifest_sha,
               "run": manifest.get("run", {}).get("name"), "precision": args.precision, "backend": backend,

@@ -439,14 +439,14 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def format_table(results: list[HostResult]) -> str:
-    head = ("host", "status", "release", "backend", "tensorrt", "prec", "agree", "acc", "median_ms", "sent/skip")
+    head = ("host", "status", "release", "backend", "tensorrt", "prec", "agree %", "acc %", "median_ms", "sent/skip")
     rows = []
     for r in results:
         out = r.result or {}
         ver, bench = out.get("verification") or {}, out.get("benchmark") or {}
         rows.append((r.host, "ok" if r.ok else f"FAIL({r.stage})", r.release or "-", out.get("backend") or "-",
                      (out.get("device") or {}).get("tensorrt") or "-", out.get("precision") or "-",
-                     _fmt(ver.get("top1_agreement"), ".3f"), _fmt(ver.get("accuracy"), ".3f"),
+                     _fmt(ver.get("top1_agreement_pct"), ".2f"), _fmt(ver.get("accuracy_pct"), ".2f"),
                      _fmt(bench.get("median_ms"), ".3f"), f"{len(r.sent)}/{len(r.skipped)}"))
     return _table(head, rows, results)
 

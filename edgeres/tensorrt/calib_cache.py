@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +151,38 @@ def npz_batches(path: str | Path, *, batch_size: int = 32, limit: int | None = N
     elif default_limit is not None:
         x = x[:default_limit]
     return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------------- the stage
+
+@dataclass(frozen=True)
+class CalibCacheInputs:
+    fp32_onnx: Path
+    batches: Any               # float32 [n, C, H, W] batches: PTQ's calibration images
+    out: Path
+    indices: list[int] | None = None   # which images of the calibration split, recorded when known
+
+
+@dataclass(frozen=True)
+class CalibCacheSettings:
+    version_tag: str = DEFAULT_TAG     # the header names the TensorRT that reads it (re-tagged on the device)
+    force: bool = True
+
+
+@dataclass(frozen=True)
+class CalibCacheOutput:
+    path: Path
+    tensors: int
+
+
+def run(inputs: CalibCacheInputs, settings: CalibCacheSettings = CalibCacheSettings()):
+    """The calibration-cache stage (implicit INT8 on TensorRT 8.x / DLA). -> StageResult[CalibCacheOutput]"""
+    from edgeres.records import StageRecord, StageResult
+
+    batches = list(inputs.batches)
+    ranges = activation_ranges(inputs.fp32_onnx, batches)
+    info = write_calibration_cache(ranges, inputs.out, version_tag=settings.version_tag, force=settings.force)
+    rec = StageRecord(stage="calib_cache", metrics={"tensors": len(ranges), "images": sum(len(b) for b in batches),
+                                                    "tag": info["tag"], "skipped": info["skipped"]})
+    rec.set_artifact(inputs.out)
+    return StageResult(rec, CalibCacheOutput(Path(inputs.out), len(ranges)))

@@ -149,3 +149,49 @@ def compile_engine(onnx_path: str | Path, out_path: str | Path, options: Compile
     info["sidecar"] = str(sidecar_path(out_path))
     info["trtexec_script"] = str(script)
     return info
+
+
+# ---------------------------------------------------------------------------------------------------- the stage
+
+@dataclass(frozen=True)
+class CompileInputs:
+    onnx: Path                 # the ONNX this machine builds (INT8 Q/DQ with --int8, else FP32)
+    plan: Any                  # targets.PlanInputs: what the device plan is made from
+    plan_dir: Path             # RUN/tensorrt: plan.json + one trtexec script per target
+    out: Path                  # engine/model.plan
+    relative_to: Path | None = None
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    precision: str = "fp32"    # options.Precision value
+    plan_batch: int = 8
+
+
+@dataclass(frozen=True)
+class CompileOutput:
+    engine: Path | None        # None where TensorRT is not installed here
+    device_plan: dict[str, Any]
+
+
+def run(inputs: CompileInputs, settings: CompileSettings = CompileSettings()):
+    """The compile stage: the device plan (always: the host decides, the device runs it), then an engine where
+    TensorRT is installed; otherwise skipped with the reason. -> StageResult[CompileOutput]"""
+    from edgeres.records import StageRecord, StageResult, Status
+    from edgeres.tensorrt.options import Precision
+    from edgeres.tensorrt.targets import write_run_plan
+
+    plan = write_run_plan(inputs.plan_dir, inputs.plan, batch=settings.plan_batch, relative_to=inputs.relative_to)
+    status = tensorrt_status()
+    if not status.available:
+        rec = StageRecord(stage="compile", status=Status.SKIPPED.value,
+                          message=f"TensorRT engine not built: {status.reason}. The ONNX {inputs.onnx} is ready "
+                                  f"to be built on the target: {plan['scripts']} trtexec scripts in "
+                                  f"{inputs.plan_dir.name}/ (plan.json), or `edgeres bundle`.",
+                          metrics={"tensorrt": None, "reason": status.reason, "device_plan": plan})
+        return StageResult(rec, CompileOutput(None, plan))
+    info = compile_engine(inputs.onnx, inputs.out, CompileOptions(precision=Precision(settings.precision)),
+                          force=True)
+    rec = StageRecord(stage="compile", metrics={"engine": info, "device_plan": plan})
+    rec.set_artifact(inputs.out)
+    return StageResult(rec, CompileOutput(Path(inputs.out), plan))
