@@ -175,46 +175,42 @@ def train_curve(model, data, x_test, y_test, cfg: DegradationConfig, *, label: s
     import torch.nn.functional as F
 
     from edgeres.data import make_loader
+    from edgeres.loop import Step, sgd_steps
 
-    device = next(model.parameters()).device
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     curve: dict[str, list] = {k: [] for k in ("iteration", "lr", "train_error", "train_loss", "test_error")}
-    wrong = seen = 0
-    loss_sum = 0.0
+    window = {"wrong": 0, "seen": 0, "loss_sum": 0.0}
     diverged = False
     it = epoch = 0
-    model.train()
     start = time.perf_counter()
+
+    def after(step: Step) -> None:
+        nonlocal diverged
+        value = float(step.loss)
+        diverged = diverged or not math.isfinite(value)
+        n = len(step.labels)
+        window["wrong"] += n - int(step.correct)
+        window["seen"] += n
+        window["loss_sum"] += value * n
+        if step.iteration % cfg.eval_every == 0 or step.iteration == cfg.iterations:
+            for key, v in (("iteration", step.iteration), ("lr", step.lr),
+                           ("train_error", window["wrong"] / window["seen"]),
+                           ("train_loss", _finite(window["loss_sum"] / window["seen"])),
+                           ("test_error", evaluate(model, x_test, y_test))):
+                curve[key].append(v)
+            window.update(wrong=0, seen=0, loss_sum=0.0)
+            if log:
+                log(f"{label:<16} iter {step.iteration:>6}/{cfg.iterations}  lr {step.lr:.4g}  "
+                    f"train err {curve['train_error'][-1]:6.2%}  test err {curve['test_error'][-1]:6.2%}")
+
     while it < cfg.iterations:
-        for x, y in make_loader(data.train, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                drop_last=True):
-            x, y = x.to(device), y.to(device)
-            lr = lr_at(cfg, it)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            value = float(loss.detach())
-            diverged = diverged or not math.isfinite(value)
-            wrong += int((out.detach().argmax(1) != y).sum())
-            seen += len(y)
-            loss_sum += value * len(y)
-            it += 1
-            if it % cfg.eval_every == 0 or it == cfg.iterations:
-                for key, value in (("iteration", it), ("lr", lr), ("train_error", wrong / seen),
-                                   ("train_loss", _finite(loss_sum / seen)),
-                                   ("test_error", evaluate(model, x_test, y_test))):
-                    curve[key].append(value)
-                wrong = seen = 0
-                loss_sum = 0.0
-                if log:
-                    log(f"{label:<16} iter {it:>6}/{cfg.iterations}  lr {lr:.4g}  "
-                        f"train err {curve['train_error'][-1]:6.2%}  test err {curve['test_error'][-1]:6.2%}")
-            if it >= cfg.iterations:
-                break
+        loader = make_loader(data.train, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                             drop_last=True)
+        steps = sgd_steps(model, loader, opt, criterion=F.cross_entropy, lr_at=lambda i: lr_at(cfg, i), iteration=it,
+                          max_steps=cfg.iterations - it, on_step=after).steps
+        if steps == 0:
+            raise ConfigError(f"the training split has fewer images than one batch ({cfg.batch_size})")
+        it += steps
         epoch += 1
     return {**curve, "diverged": diverged, "seconds": round(time.perf_counter() - start, 2)}
 

@@ -328,6 +328,8 @@ def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: flo
     """
     import torch
 
+    from edgeres.loop import Step, sgd_steps
+
     if epochs < 1:
         raise ConfigError(f"QAT needs epochs >= 1, got {epochs}")
     if lr <= 0:
@@ -342,29 +344,30 @@ def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: flo
                                          drop_last=len(train_dataset) > batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
+    total = max(1, epochs * len(loader))
+
+    def cosine(it: int) -> float:   # cosine annealing to 0 over every QAT step
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(it, total) / total))
+
+    def finite(step: Step) -> None:
+        if not math.isfinite(step.loss.item()):
+            raise DataError(f"QAT loss became {step.loss.item()} at step {step.iteration}; lower --lr")
+
     loss_fn = torch.nn.CrossEntropyLoss()
     best_acc = top1(model, eval_dataset)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     best_epoch = 0
     history = [{"epoch": 0, "loss": float("nan"), "top1": best_acc, "lr": lr}]
     say(f"qat epoch 0 (ptq): top1 {best_acc:.2f}%")
+    iteration = 0
     for epoch in range(1, epochs + 1):
-        model.train()
-        total, n = 0.0, 0
-        for x, y in _bar(loader, f"qat epoch {epoch}/{epochs}", quiet or log is not None):
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            if not math.isfinite(loss.item()):
-                raise DataError(f"QAT loss became {loss.item()} at epoch {epoch}; lower --lr")
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(y)
-            n += len(y)
+        done = sgd_steps(model, _bar(loader, f"qat epoch {epoch}/{epochs}", quiet or log is not None), opt,
+                         criterion=loss_fn, lr_at=cosine, iteration=iteration, on_step=finite)
+        iteration += done.steps
+        loss = float(done.loss_sum) / max(done.seen, 1)
         acc = top1(model, eval_dataset)
-        history.append({"epoch": epoch, "loss": total / max(n, 1), "top1": acc, "lr": sched.get_last_lr()[0]})
-        say(f"qat epoch {epoch}/{epochs}: loss {total / max(n, 1):.4f} top1 {acc:.2f}%")
+        history.append({"epoch": epoch, "loss": loss, "top1": acc, "lr": cosine(iteration)})
+        say(f"qat epoch {epoch}/{epochs}: loss {loss:.4f} top1 {acc:.2f}%")
         if acc > best_acc:
             best_acc, best_epoch = acc, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

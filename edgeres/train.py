@@ -229,6 +229,7 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
 
     from edgeres.data import make_loader
     from edgeres.evaluate import evaluate
+    from edgeres.loop import Step, sgd_steps
 
     try:
         for epoch in range(state["epoch"], tcfg.epochs):
@@ -237,47 +238,30 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
             sampler.set_epoch(epoch)
             loader = make_loader(bundle.train, batch_size=per_rank, shuffle=True, workers=dcfg.workers,
                                  seed=tcfg.seed, drop_last=True, sampler=sampler, epoch=epoch)
-            net.train()
             t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            seen = 0
             window: deque = deque(maxlen=20)
             steps = min(len(loader), total - state["iteration"])   # max_iterations may end this epoch early
             bar = _bar(steps, f"epoch {epoch + 1}/{tcfg.epochs}", quiet or not dist_info.main)
-            lr = tcfg.lr
-            for step, (x, y) in enumerate(loader):
-                if state["iteration"] >= total:
-                    break
-                lr = lr_at(tcfg, state["iteration"], ipe, total, state["warming"])
-                for g in opt.param_groups:
-                    g["lr"] = lr * g.get("lr_scale", 1.0)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if tcfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    logits = net(x)
-                    loss = criterion(logits, y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                state["iteration"] += 1
-                n = y.shape[0]
-                seen += n
-                loss_sum += loss.detach() * n
-                batch_correct = (logits.detach().argmax(1) == y).sum()
-                correct += batch_correct
+            seen, lr = 0, tcfg.lr
+
+            def after(step: Step, window=window, bar=bar, t0=t0) -> None:   # bound now: called in this epoch
+                nonlocal seen, lr
+                state["iteration"], lr = step.iteration, step.lr
+                seen += int(step.labels.shape[0])
                 if state["warming"]:
-                    window.append((int(batch_correct), n))
-                    if step % 10 == 9 and _window_error(window, dist_info) < tcfg.warmup_until_error:
+                    window.append((int(step.correct), int(step.labels.shape[0])))
+                    if step.index % 10 == 9 and _window_error(window, dist_info) < tcfg.warmup_until_error:
                         state["warming"] = False
                 if bar is not None:
                     bar.update(1)
-                    if step % 10 == 0:
+                    if step.index % 10 == 0:
                         rate = seen * dist_info.world / (time.perf_counter() - t0)
-                        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}",
-                                        lr=f"{lr:.3g}")
+                        bar.set_postfix(loss=f"{step.loss.item():.3f}", img_s=f"{rate:.0f}", lr=f"{step.lr:.3g}")
+
+            done = sgd_steps(net, loader, opt, criterion=criterion, iteration=state["iteration"], max_steps=steps,
+                             lr_at=lambda it: lr_at(tcfg, it, ipe, total, state["warming"]), device=device,
+                             amp=use_amp, scaler=scaler, channels_last=tcfg.channels_last, on_step=after)
+            loss_sum, correct, seen = done.loss_sum, done.correct, done.seen
             if bar is not None:
                 bar.close()
             train_s = time.perf_counter() - t0

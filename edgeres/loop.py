@@ -1,0 +1,81 @@
+"""The one training loop: SGD steps over a loader, shared by FP32 training (`train.train`), QAT
+(`quantize.quantize_qat`) and the degradation experiment (`experiment.train_curve`).
+
+Each caller owns its schedule (a function iteration -> learning rate), its loader (and so its data order) and what
+happens after a step (progress bars, warm-up switches, divergence checks, periodic evaluation) through `on_step`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Step:
+    """What `on_step` sees after each optimizer step."""
+
+    iteration: int       # global iterations done, this one included
+    index: int           # the step's index in this call
+    lr: float
+    loss: Any            # detached scalar tensor
+    logits: Any          # detached [n, classes]
+    labels: Any
+    correct: Any         # scalar tensor: right top-1 answers in this batch
+
+
+@dataclass
+class Pass:
+    """Totals of one call (tensors stay on the device: no sync per step)."""
+
+    steps: int
+    seen: int
+    loss_sum: Any
+    correct: Any
+
+
+def sgd_steps(net, loader, opt, *, criterion, lr_at: Callable[[int], float], iteration: int = 0,
+              max_steps: int | None = None, device=None, amp: bool = False, scaler=None, channels_last: bool = False,
+              on_step: Callable[[Step], None] | None = None) -> Pass:
+    """Train `net` on the batches of `loader` (at most `max_steps`), from global `iteration`: before each step every
+    parameter group's lr is `lr_at(iteration) * group.get("lr_scale", 1)`. AMP (fp16 autocast + `scaler`) on CUDA."""
+    import torch
+
+    device = device or next(net.parameters()).device
+    dev = torch.device(device)
+    loss_sum = torch.zeros((), device=dev)
+    correct = torch.zeros((), device=dev, dtype=torch.long)
+    seen = steps = 0
+    net.train()
+    for index, (x, y) in enumerate(loader):
+        if max_steps is not None and steps >= max_steps:
+            break
+        lr = lr_at(iteration)
+        for g in opt.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
+            logits = net(x)
+            loss = criterion(logits, y)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        iteration += 1
+        steps += 1
+        n = int(y.shape[0])
+        seen += n
+        loss = loss.detach()
+        logits = logits.detach()
+        batch_correct = (logits.argmax(1) == y).sum()
+        loss_sum += loss * n
+        correct += batch_correct
+        if on_step is not None:
+            on_step(Step(iteration, index, lr, loss, logits, y, batch_correct))
+    return Pass(steps, seen, loss_sum, correct)
