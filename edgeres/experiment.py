@@ -116,7 +116,7 @@ def cifar_resnet(depth: int, *, variant: Variant, num_classes: int, in_channels:
     return BUILDERS[spec.builder](num_classes=num_classes, in_channels=in_channels, **{**spec.args, "layers": (n,) * 3})
 
 
-def lr_at(cfg: DegradationConfig, iteration: int) -> float:
+def step_lr(cfg: DegradationConfig, iteration: int) -> float:
     """Step schedule: lr / 10 at each milestone fraction of the run (iteration is 0-based)."""
     passed = sum(iteration >= round(m * cfg.iterations) for m in cfg.milestones)
     return cfg.lr * 0.1 ** passed
@@ -154,7 +154,8 @@ def gradient_norms(model, batches: list) -> dict[str, Any]:
             "first_to_last_ratio": norms[0] / norms[-1] if norms[-1] > 0 else None}
 
 
-def evaluate(model, x_test, y_test, batch: int = 500) -> float:
+def error_rate(model, x_test, y_test, batch: int = 500) -> float:
+    """The share of test images the model gets wrong (the paper's error rate)."""
     import torch
 
     model.eval()
@@ -196,7 +197,7 @@ def train_curve(model, data, x_test, y_test, cfg: DegradationConfig, *, label: s
             for key, v in (("iteration", step.iteration), ("lr", step.lr),
                            ("train_error", window["wrong"] / window["seen"]),
                            ("train_loss", _finite(window["loss_sum"] / window["seen"])),
-                           ("test_error", evaluate(model, x_test, y_test))):
+                           ("test_error", error_rate(model, x_test, y_test))):
                 curve[key].append(v)
             window.update(wrong=0, seen=0, loss_sum=0.0)
             if log:
@@ -206,7 +207,7 @@ def train_curve(model, data, x_test, y_test, cfg: DegradationConfig, *, label: s
     while it < cfg.iterations:
         loader = make_loader(data.train, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
                              drop_last=True)
-        steps = sgd_steps(model, loader, opt, criterion=F.cross_entropy, lr_at=lambda i: lr_at(cfg, i), iteration=it,
+        steps = sgd_steps(model, loader, opt, criterion=F.cross_entropy, lr_at=lambda i: step_lr(cfg, i), iteration=it,
                           max_steps=cfg.iterations - it, on_step=after).steps
         if steps == 0:
             raise ConfigError(f"the training split has fewer images than one batch ({cfg.batch_size})")

@@ -277,7 +277,9 @@ def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | 
     )
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    with _silenced(quiet):
+    from edgeres.nncf_patches import fast_calibration
+
+    with _silenced(quiet), fast_calibration():
         qmodel = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
                                preset=nncf.QuantizationPreset.PERFORMANCE, advanced_parameters=advanced)
     changes = place_for_tensorrt(qmodel, batches[0][:1])

@@ -142,7 +142,7 @@ def test_check_says_when_a_model_is_not_quantized(tmp_path):
 def test_a_gate_miss_is_never_printed_as_100_percent():
     from edgeres.cli.quant import _pct
 
-    assert _pct(0.9999) == "99.99%" and _pct(0.99999) == "99.99%" and _pct(1.0) == "100.00%"
+    assert _pct(99.99) == "99.99%" and _pct(99.999) == "99.99%" and _pct(100.0) == "100.00%"   # percent in
 
 
 def test_shell_completion_script():

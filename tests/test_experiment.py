@@ -18,10 +18,10 @@ from edgeres.experiment import (
     Variant,
     cifar_resnet,
     gradient_norms,
-    lr_at,
     orderings,
     parse_depths,
     run_degradation,
+    step_lr,
 )
 from edgeres.models import create_model
 
@@ -77,7 +77,7 @@ def test_plain_and_residual_twins_differ_only_by_shortcuts():
 
 def test_lr_schedule_is_the_papers_scaled():
     cfg = DegradationConfig(iterations=64_000)
-    assert [lr_at(cfg, i) for i in (0, 31_999, 32_000, 47_999, 48_000, 63_999)] == pytest.approx(
+    assert [step_lr(cfg, i) for i in (0, 31_999, 32_000, 47_999, 48_000, 63_999)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 

@@ -348,7 +348,7 @@ def test_shared_constants_are_equal():
     assert b.FORMAT == rt.FORMAT and b.MANIFEST == rt.MANIFEST
     assert targets.PLAN_FORMAT == rt.PLAN_FORMAT and tuple(targets.PRECISIONS) == tuple(rt.PRECISIONS)
     assert rt.parse_args([]).precision == "int8"
-    gates = rt.compare(np.eye(3), np.eye(3), None, {**b.DEFAULT_GATES}, None)["gates"]
+    gates = rt.check_outputs(np.eye(3), np.eye(3), None, {**b.DEFAULT_GATES}, None)["gates"]
     assert gates[0]["limit"] == b.DEFAULT_GATES["min_top1_agreement_pct"] == 90.0
     for v in ("8.5.2", "8.6.1", "10.3.0", "11.0.0"):
         from edgeres.tensorrt.versions import calib_tag_number

@@ -33,7 +33,7 @@ def _meta_for(model, meta, arch: str | None):
     return ModelMeta(arch=arch, num_classes=ncls, in_channels=cin, input_size=spec.input_size, mean=mean, std=std)
 
 
-def _probe(meta, n: int = 32, seed: int = 0):
+def _random_inputs(meta, n: int = 32, seed: int = 0):
     """`n` random inputs shaped like the model's, as (image, label 0) pairs."""
     import torch
 
@@ -107,7 +107,7 @@ def fold(weights, out, arch, probe_size, dataset, data_dir, rel_tol, force, as_j
     refuse_overwrite(out, force)
     model, meta = load_model(weights, arch=arch)
     meta = _meta_for(model, meta, arch or (meta.arch if meta else None))
-    pairs = _first(_data(meta, dataset, data_dir).test, probe_size) if dataset else _probe(meta, probe_size)
+    pairs = _first(_data(meta, dataset, data_dir).test, probe_size) if dataset else _random_inputs(meta, probe_size)
     probe = np.stack([np.asarray(x, dtype=np.float32) for x, _ in pairs])
     res = run(FoldInputs(model, meta, probe, Path(out)), FoldSettings(rel_tol=rel_tol))
     _stage_failed(res.record)
@@ -255,7 +255,7 @@ def export_cmd(weights, int8, out, arch, opset, simplify, recipe_hash, dataset, 
         if int8:
             raise ConfigError(f"--int8 needs an INT8 checkpoint from `edgeres quantize`; {weights} is FP32")
         model, meta, _ = load_float_or_folded(weights, arch)
-    images = _first(_data(meta, dataset, data_dir).test, limit) if dataset else _probe(meta)
+    images = _first(_data(meta, dataset, data_dir).test, limit) if dataset else _random_inputs(meta)
     # exported beside --out, verified, and only then moved into place: a failed check leaves what was there
     settings = ExportSettings(int8=int8, opset=opset, simplify=simplify, recipe_hash=recipe_hash,
                               gate_agreement=bool(dataset) or not int8)

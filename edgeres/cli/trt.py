@@ -63,7 +63,8 @@ def compile_cmd(onnx_path, out, fp16, int8, dla_core, gpu_fallback, workspace, b
                 jetson, print_trtexec, force, as_json) -> None:
     """Compile an ONNX model into a TensorRT engine with a sidecar and the equivalent trtexec command."""
     from edgeres.errors import BackendUnavailable, ConfigError
-    from edgeres.tensorrt.compile import compile_engine, plan_compile, tensorrt_status
+    from edgeres.tensorrt.compile import compile_engine, plan_compile
+    from edgeres.tensorrt.status import tensorrt_status
     from edgeres.tensorrt.trtexec import format_command
 
     opts = _options(fp16, int8, dla_core, gpu_fallback, workspace, batch, timing_cache, version_compatible,
@@ -124,7 +125,7 @@ def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, se
     """Write a TensorRT calibration cache (EntropyCalibration2 text) from ONNX Runtime activation ranges."""
     from edgeres.errors import ConfigError
     from edgeres.tensorrt.calib_cache import CalibCacheInputs, CalibCacheSettings, npz_batches, run
-    from edgeres.tensorrt.compile import tensorrt_status
+    from edgeres.tensorrt.status import tensorrt_status
     from edgeres.tensorrt.versions import calib_version_tag, capabilities
 
     if (images is None) == (dataset is None):
@@ -189,7 +190,7 @@ def _dataset_batches(dataset: str, data_dir: str | None, count: int | None, seed
 @json_option
 def trt_status_cmd(as_json) -> None:
     """Is TensorRT usable here: version, GPU, compute capability, Jetson, DLA cores."""
-    from edgeres.tensorrt.compile import tensorrt_status
+    from edgeres.tensorrt.status import tensorrt_status
 
     status = tensorrt_status()
     emit(status.describe(), as_json, status.reason)

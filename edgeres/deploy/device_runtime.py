@@ -469,7 +469,7 @@ def benchmark(infer, x, iterations: int, warmup: int = 10) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- verify
-def compare(logits, ref, y, gates: dict, expected_accuracy: float | None) -> dict:
+def check_outputs(logits, ref, y, gates: dict, expected_accuracy: float | None) -> dict:
     import numpy as np
 
     pred, ref_pred = logits.argmax(1), ref.argmax(1)
@@ -616,7 +616,7 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     static = bool(entry and entry.get("static_batch"))
     logits = np.concatenate([infer_padded(infer, x[i:i + batch], batch if static else None)
                              for i in range(0, len(x), batch)])
-    result["verification"] = compare(logits, ref, y, gates, expected)
+    result["verification"] = check_outputs(logits, ref, y, gates, expected)
     xb = x[:batch] if len(x) >= batch or not static else np.concatenate([x] * (batch // len(x) + 1))[:batch]
     say(args, f"timing {args.iterations} iterations at batch {len(xb)}")
     if backend == "trtexec":

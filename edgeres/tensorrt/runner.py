@@ -81,8 +81,8 @@ class TrtRunner(Runner):
 
     def __init__(self, engine_path: str | Path, *, cuda_graph: bool = False, check: bool = True,
                  runtime: dict[str, Any] | None = None):
-        from edgeres.tensorrt.compile import tensorrt_status
         from edgeres.tensorrt.sidecar import check_sidecar, read_sidecar
+        from edgeres.tensorrt.status import tensorrt_status
 
         status = tensorrt_status()
         if not status.available:

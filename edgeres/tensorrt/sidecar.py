@@ -65,7 +65,7 @@ def check_sidecar(engine_path: str | Path, runtime: dict[str, Any] | None = None
 
 
 def current_runtime() -> dict[str, Any]:
-    from edgeres.tensorrt.compile import tensorrt_status
+    from edgeres.tensorrt.status import tensorrt_status
 
     status = tensorrt_status()
     if not status.available:
