@@ -14,6 +14,7 @@ The NNCF-for-TensorRT recipe:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -253,12 +254,14 @@ def place_for_tensorrt(model, example_input) -> list[str]:
 
 def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | CalibMethod = DEFAULT_CALIB_METHOD,
                  seed: int = 0, batch_size: int = 32, manifest_path: str | Path | None = None,
-                 dataset_fingerprint: str = "", fast_bias_correction: bool = True, quiet: bool = False) -> PTQResult:
+                 dataset_fingerprint: str = "", fast_bias_correction: bool = True, quiet: bool = False,
+                 fast: bool = True) -> PTQResult:
     """nncf.quantize (a copy of) the folded model with exactly `subset_size` calibration images, TensorRT-ready.
 
     `calib_dataset` yields (image tensor, label); images are taken at `calibration_indices(...)`. The manifest
     (dataset fingerprint, indices, method, seed, versions) is also written to `manifest_path` when given.
-    `quiet` silences NNCF's own progress bars.
+    `quiet` silences NNCF's own progress bars. `fast` (the default): NHWC statistics passes and the exact speed-ups
+    of edgeres.nncf_patches; False runs NNCF exactly as it ships (benchmarks compare the two).
     """
     method = CalibMethod.parse(method)
     indices = calibration_indices(len(calib_dataset), subset_size, seed=seed)
@@ -270,6 +273,9 @@ def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | 
 
     batches = _batches(calib_dataset, indices, batch_size)
     model = copy.deepcopy(model).eval()   # NNCF wraps the model in place: keep the caller's float model intact
+    if fast and batches and batches[0].ndim == 4:   # NHWC: oneDNN's faster CPU convolutions for the statistics
+        model = model.to(memory_format=torch.channels_last)
+        batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
     advanced = AdvancedQuantizationParameters(
         overflow_fix=OverflowFix.DISABLE,
         activations_range_estimator_params=_range_estimator(method),
@@ -279,10 +285,11 @@ def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | 
     torch.manual_seed(seed)
     from edgeres.nncf_patches import fast_calibration
 
-    with _silenced(quiet), fast_calibration():
+    with _silenced(quiet), fast_calibration() if fast else contextlib.nullcontext():
         qmodel = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
                                preset=nncf.QuantizationPreset.PERFORMANCE, advanced_parameters=advanced)
-    changes = place_for_tensorrt(qmodel, batches[0][:1])
+    qmodel = qmodel.to(memory_format=torch.contiguous_format)   # checkpoints and exports as before
+    changes = place_for_tensorrt(qmodel, batches[0][:1].contiguous())
     force_signed(qmodel)
     manifest = {
         "format": MANIFEST_FORMAT,

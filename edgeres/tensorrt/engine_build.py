@@ -235,20 +235,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     major = _version_tuple(version)[0]
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     precision = precision.lower()
-    if precision not in ("fp32", "fp16", "int8", "best"):
-        raise BuildError(f"unknown precision {precision!r}; choose fp32, fp16, int8 or best")
-    use_fp16, use_int8 = precision in ("fp16", "best"), precision in ("int8", "best")
     typed = True if major >= 11 else bool(strongly_typed)
-    if major >= 11 and use_fp16:
-        raise BuildError(f"TensorRT {version} has no FP16 builder flag; cast the ONNX to FP16 instead")
-    if typed and major < 11 and (use_fp16 or use_int8):
-        raise BuildError("a strongly typed network takes precision from the ONNX; use precision fp32")
-    if dla_core is not None and major >= 11 and _version_tuple(version)[:3] < (11, 4, 1):
-        raise BuildError(f"TensorRT {version} has no DLA support (absent from 11.0 to 11.4.0)")
-    if calib_cache is not None and major >= 11:
-        raise BuildError(f"TensorRT {version} removed implicit INT8 calibration caches")
-    if not onnx_path.is_file():
-        raise BuildError(f"ONNX file {onnx_path} does not exist")
+    use_fp16, use_int8 = _check_request(version, precision, typed, dla_core, calib_cache, onnx_path)
 
     severity = {"error": trt.Logger.ERROR, "warning": trt.Logger.WARNING, "info": trt.Logger.INFO,
                 "verbose": trt.Logger.VERBOSE}[log_level]
@@ -284,43 +272,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         if use_int8:
             set_flag("INT8")
 
-    # optimization profile for the batch axis
-    inp = network.get_input(0)
-    shape = tuple(int(d) for d in inp.shape)
-    dynamic = shape[0] < 0
-    if any(d < 0 for d in shape[1:]):
-        raise BuildError(f"input {inp.name} has dynamic non-batch dimensions {shape}; export a fixed C,H,W")
-    if dynamic:
-        lo, opt, hi = batch or (1, 8, 32)
-        profile = builder.create_optimization_profile()
-        profile.set_shape(inp.name, (lo, *shape[1:]), (opt, *shape[1:]), (hi, *shape[1:]))
-        config.add_optimization_profile(profile)
-        profile_info = {"input": inp.name, "min": [lo, *shape[1:]], "opt": [opt, *shape[1:]],
-                        "max": [hi, *shape[1:]]}
-    else:
-        if batch is not None and not all(b == shape[0] for b in batch):
-            raise BuildError(f"the ONNX input {inp.name} has a fixed batch of {shape[0]}; re-export with a dynamic "
-                             f"batch axis to build for batch {batch}")
-        profile = None
-        profile_info = {"input": inp.name, "min": list(shape), "opt": list(shape), "max": list(shape)}
-
+    profile, profile_info, dynamic = _batch_profile(builder, config, network.get_input(0), batch)
     cache_sha, header_text = None, None
     if calib_cache is not None:
-        data = Path(calib_cache).read_bytes()
-        header, _, body = data.partition(b"\n")
-        header_text = header.decode(errors="replace").strip()
-        if not re.fullmatch(r"TRT-\d+-EntropyCalibration2", header_text):
-            raise BuildError(f"calibration cache {calib_cache} starts with {header_text!r}, not an "
-                             "EntropyCalibration2 header (TRT-<version>-EntropyCalibration2)")
-        # TensorRT rejects a cache whose header names another TensorRT version; the scales themselves do not
-        # depend on the version, so the header is re-tagged in memory (the file is left as it is) and recorded.
-        want = f"TRT-{_calib_tag_number(version)}-EntropyCalibration2"
-        if header_text != want:
-            data = want.encode() + b"\n" + body
-        config.int8_calibrator = _cache_calibrator(trt, data)
-        if profile is not None:
-            config.set_calibration_profile(profile)
-        cache_sha = hashlib.sha256(data).hexdigest()
+        cache_sha, header_text = _attach_calib_cache(trt, config, profile, Path(calib_cache), version)
 
     if dla_core is not None:
         config.default_device_type = trt.DeviceType.DLA
@@ -381,6 +336,62 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         "timing_cache": str(timing_cache) if timing_cache is not None else None,
         "build_seconds": round(seconds, 3),
     }
+
+
+def _check_request(version: str, precision: str, typed: bool, dla_core, calib_cache, onnx_path: Path):
+    """What this TensorRT refuses before anything is parsed. -> (use_fp16, use_int8)"""
+    major = _version_tuple(version)[0]
+    if precision not in ("fp32", "fp16", "int8", "best"):
+        raise BuildError(f"unknown precision {precision!r}; choose fp32, fp16, int8 or best")
+    use_fp16, use_int8 = precision in ("fp16", "best"), precision in ("int8", "best")
+    if major >= 11 and use_fp16:
+        raise BuildError(f"TensorRT {version} has no FP16 builder flag; cast the ONNX to FP16 instead")
+    if typed and major < 11 and (use_fp16 or use_int8):
+        raise BuildError("a strongly typed network takes precision from the ONNX; use precision fp32")
+    if dla_core is not None and major >= 11 and _version_tuple(version)[:3] < (11, 4, 1):
+        raise BuildError(f"TensorRT {version} has no DLA support (absent from 11.0 to 11.4.0)")
+    if calib_cache is not None and major >= 11:
+        raise BuildError(f"TensorRT {version} removed implicit INT8 calibration caches")
+    if not onnx_path.is_file():
+        raise BuildError(f"ONNX file {onnx_path} does not exist")
+    return use_fp16, use_int8
+
+
+def _batch_profile(builder, config, inp, batch):
+    """The optimization profile of the batch axis (None for a fixed batch). -> (profile, its record, dynamic)"""
+    shape = tuple(int(d) for d in inp.shape)
+    if any(d < 0 for d in shape[1:]):
+        raise BuildError(f"input {inp.name} has dynamic non-batch dimensions {shape}; export a fixed C,H,W")
+    if shape[0] < 0:
+        lo, opt, hi = batch or (1, 8, 32)
+        profile = builder.create_optimization_profile()
+        profile.set_shape(inp.name, (lo, *shape[1:]), (opt, *shape[1:]), (hi, *shape[1:]))
+        config.add_optimization_profile(profile)
+        return profile, {"input": inp.name, "min": [lo, *shape[1:]], "opt": [opt, *shape[1:]],
+                         "max": [hi, *shape[1:]]}, True
+    if batch is not None and not all(b == shape[0] for b in batch):
+        raise BuildError(f"the ONNX input {inp.name} has a fixed batch of {shape[0]}; re-export with a dynamic "
+                         f"batch axis to build for batch {batch}")
+    return None, {"input": inp.name, "min": list(shape), "opt": list(shape), "max": list(shape)}, False
+
+
+def _attach_calib_cache(trt, config, profile, path: Path, version: str):
+    """Implicit INT8 from a calibration cache. TensorRT rejects a cache whose header names another TensorRT
+    version; the scales do not depend on the version, so the header is re-tagged in memory (the file is left as it
+    is) and recorded. -> (sha256 of the cache used, the file's header)"""
+    data = path.read_bytes()
+    header, _, body = data.partition(b"\n")
+    header_text = header.decode(errors="replace").strip()
+    if not re.fullmatch(r"TRT-\d+-EntropyCalibration2", header_text):
+        raise BuildError(f"calibration cache {path} starts with {header_text!r}, not an "
+                         "EntropyCalibration2 header (TRT-<version>-EntropyCalibration2)")
+    want = f"TRT-{_calib_tag_number(version)}-EntropyCalibration2"
+    if header_text != want:
+        data = want.encode() + b"\n" + body
+    config.int8_calibrator = _cache_calibrator(trt, data)
+    if profile is not None:
+        config.set_calibration_profile(profile)
+    return hashlib.sha256(data).hexdigest(), header_text
 
 
 def _calib_tag_number(version: str) -> int:
