@@ -268,7 +268,7 @@ def _qat(ctx: BuildContext) -> StageResult:
     limit, source = max_drop(ctx.opts, ctx.recipe)
     ptq = ctx.output("ptq")
     inputs = _quant_inputs(ctx, ptq.model, ctx.path("quant", "qat.pt"), train_data=ctx.data.train,
-                           manifest=ptq.manifest)
+                           manifest=ptq.manifest, evaluation=_quant_eval(ctx, "ptq"))
     return run_qat(inputs, QatSettings(epochs=q.qat_epochs, lr=q.qat_lr,
                                        batch_size=q.qat_batch_size or ctx.recipe.data.batch_size,
                                        seed=ctx.recipe.train.seed, max_drop=limit, drop_source=source),

@@ -69,6 +69,7 @@ class QATResult:
     model: Any
     history: list[dict[str, float]]
     best_epoch: int = 0
+    evaluation: Any = None     # EvalResult of the returned model on the evaluation set
 
 
 def _nncf():
@@ -314,13 +315,6 @@ def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | 
     return PTQResult(model=qmodel.eval(), manifest=manifest, placement_changes=changes)
 
 
-def top1(model, dataset, *, batch_size: int = 128) -> float:
-    """Top-1 accuracy (%) of a torch model on a dataset of (tensor, label)."""
-    from edgeres.evaluate import evaluate
-
-    return evaluate(model, dataset, batch_size=batch_size).top1
-
-
 def _bar(it, desc: str, off: bool):
     if off:
         return it
@@ -330,7 +324,8 @@ def _bar(it, desc: str, off: bool):
 
 
 def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: float = 1e-4, batch_size: int = 64,
-                 seed: int = 0, weight_decay: float = 0.0, quiet: bool = False, log=None) -> QATResult:
+                 seed: int = 0, weight_decay: float = 0.0, quiet: bool = False, log=None,
+                 start_evaluation=None) -> QATResult:
     """Fine-tune the fake-quant model (weights and quantizer scales learn), cosine LR, best epoch kept.
 
     Epoch 0 in the history is the PTQ model itself, so QAT never returns something worse than its start.
@@ -363,7 +358,10 @@ def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: flo
             raise DataError(f"QAT loss became {step.loss.item()} at step {step.iteration}; lower --lr")
 
     loss_fn = torch.nn.CrossEntropyLoss()
-    best_acc = top1(model, eval_dataset)
+    from edgeres.evaluate import evaluate
+
+    best = start_evaluation or evaluate(model, eval_dataset)   # the PTQ model's, when the caller has it
+    best_acc = best.top1
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     best_epoch = 0
     history = [{"epoch": 0, "loss": float("nan"), "top1": best_acc, "lr": lr}]
@@ -374,14 +372,15 @@ def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: flo
                          criterion=loss_fn, lr_at=cosine, iteration=iteration, on_step=finite)
         iteration += done.steps
         loss = float(done.loss_sum) / max(done.seen, 1)
-        acc = top1(model, eval_dataset)
+        ev = evaluate(model, eval_dataset)
+        acc = ev.top1
         history.append({"epoch": epoch, "loss": loss, "top1": acc, "lr": cosine(iteration)})
         say(f"qat epoch {epoch}/{epochs}: loss {loss:.4f} top1 {acc:.2f}%")
         if acc > best_acc:
-            best_acc, best_epoch = acc, epoch
+            best_acc, best_epoch, best = acc, epoch, ev
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
-    return QATResult(model=model.eval(), history=history, best_epoch=best_epoch)
+    return QATResult(model=model.eval(), history=history, best_epoch=best_epoch, evaluation=best)
 
 
 VOLATILE_MANIFEST_KEYS = ("duration_s",)   # kept in calibration/manifest.json, not in the checkpoint
@@ -457,6 +456,7 @@ class QuantInputs:
     manifest_path: Path | None = None     # PTQ: calibration/manifest.json
     train_data: Any = None     # QAT: the training split
     manifest: dict[str, Any] | None = None   # QAT: the PTQ manifest, carried into the QAT checkpoint
+    evaluation: Any = None     # QAT: the PTQ model's EvalResult on eval_data, when already computed
 
 
 @dataclass(frozen=True)
@@ -491,11 +491,12 @@ class QuantOutput:
         return cls(model, meta, manifest)
 
 
-def _finish(stage: str, model, inputs: QuantInputs, max_drop, source, metrics, manifest, quiet: bool):
+def _finish(stage: str, model, inputs: QuantInputs, max_drop, source, metrics, manifest, quiet: bool, ev=None):
     from edgeres.evaluate import evaluate
     from edgeres.records import StageRecord, StageResult, add_drop_gate
 
-    ev = evaluate(model, inputs.eval_data, batch_size=256, progress=False if quiet else f"evaluating {stage}")
+    if ev is None:
+        ev = evaluate(model, inputs.eval_data, batch_size=256, progress=False if quiet else f"evaluating {stage}")
     rec = StageRecord(stage=stage, metrics=metrics)
     add_drop_gate(rec, ev.top1, inputs.reference_top1, max_drop, source)
     if rec.passed:
@@ -521,8 +522,9 @@ def run_ptq(inputs: QuantInputs, settings: PtqSettings = PtqSettings(), *, quiet
 def run_qat(inputs: QuantInputs, settings: QatSettings = QatSettings(), *, quiet: bool = False, log=None):
     """The QAT stage: fine-tune the PTQ model (best epoch kept), evaluate, gate, write. -> StageResult[QuantOutput]"""
     res = quantize_qat(inputs.model, inputs.train_data, inputs.eval_data, epochs=settings.epochs, lr=settings.lr,
-                       batch_size=settings.batch_size, seed=settings.seed, quiet=quiet, log=log)
+                       batch_size=settings.batch_size, seed=settings.seed, quiet=quiet, log=log,
+                       start_evaluation=inputs.evaluation)
     # best_epoch 0: no QAT epoch beat the PTQ model
     return _finish("qat", res.model, inputs, settings.max_drop, settings.drop_source,
                    {"epochs": settings.epochs, "history": res.history, "best_epoch": res.best_epoch},
-                   inputs.manifest or {}, quiet)
+                   inputs.manifest or {}, quiet, res.evaluation)
