@@ -85,7 +85,11 @@ def tail_quantile(a, q, axis=None, keepdims: bool = False):
     x = a.detach()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
-    rows = x.permute(*keep, *axes).reshape(-1, n)                # [M, n]
+    if not keep:   # one row of every value: their order does not matter, so take them in memory order (no copy)
+        nhwc = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        rows = (x.permute(0, 2, 3, 1) if nhwc else x).reshape(1, n)
+    else:
+        rows = x.permute(*keep, *axes).reshape(-1, n)            # [M, n]
     outs = []
     for v, k in zip(qs, ks):
         largest = v >= 0.5

@@ -62,3 +62,12 @@ def test_ptq_with_the_speedups_equals_nncfs_own():
     assert numeric.quantile.registry[torch.Tensor] is before   # removed on exit
     with fast_calibration() as installed:
         assert installed and numeric.quantile.registry[torch.Tensor] is not before
+
+
+def test_nhwc_tensors_are_read_in_memory_order():
+    """NNCF collects NHWC activations (edgeres calibrates in channels_last): same quantiles, no copy needed."""
+    torch.manual_seed(0)
+    a = torch.relu(torch.randn(4, 16, 20, 20)).contiguous(memory_format=torch.channels_last)
+    for q in ((0.0001,), (0.9999,), (0.001, 0.999)):
+        ref = np.quantile(a.numpy().astype(np.float64), q=q, axis=(0, 1, 2, 3), keepdims=True)
+        assert np.array_equal(tail_quantile(a, q, (0, 1, 2, 3), True).numpy(), ref)
