@@ -332,6 +332,7 @@ def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: flo
     """
     import torch
 
+    from edgeres.data import make_loader
     from edgeres.loop import Step, sgd_steps
 
     if epochs < 1:
@@ -342,10 +343,15 @@ def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: flo
         raise DataError("QAT needs a non-empty training and evaluation set")
     say = log or (lambda s: None if quiet else print(s, flush=True))
     model = ptq_model
-    gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    loader = torch.utils.data.DataLoader(train_dataset, batch_size=batch_size, shuffle=True, generator=gen,
-                                         drop_last=len(train_dataset) > batch_size)
+    drop_last = len(train_dataset) > batch_size
+
+    def loader_for(epoch: int):
+        # order and augmentation from (seed, epoch) alone, whatever epoch the dataset was last used at (training)
+        return make_loader(train_dataset, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
+                           drop_last=drop_last)
+
+    loader = loader_for(0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     total = max(1, epochs * len(loader))
@@ -368,6 +374,7 @@ def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: flo
     say(f"qat epoch 0 (ptq): top1 {best_acc:.2f}%")
     iteration = 0
     for epoch in range(1, epochs + 1):
+        loader = loader_for(epoch - 1)
         done = sgd_steps(model, _bar(loader, f"qat epoch {epoch}/{epochs}", quiet or log is not None), opt,
                          criterion=loss_fn, lr_at=cosine, iteration=iteration, on_step=finite)
         iteration += done.steps

@@ -73,3 +73,26 @@ def test_cli_stages_write_what_build_writes(run, tmp_path):
               "--seed", str(seed), "--trt-version", "8.6.1", "--out", str(tmp_path / "calib.cache"))
     assert sha256_file(tmp_path / "calib.cache") == by["calib_cache"].sha256
     same_record(obj, by["calib_cache"])
+
+
+def test_cli_qat_writes_what_build_writes(tmp_path):
+    """`edgeres quantize --qat --recipe RUN/recipe.yaml` from the folded model (PTQ, then QAT, trained with the
+    recipe's augmentation) on a build's inputs: the build's QAT checkpoint, byte for byte, and its record."""
+    import yaml
+
+    from edgeres.build import BuildOptions, build
+
+    out = tmp_path / "run"
+    res = build(BuildOptions(out=out, arch="mnist_resnet", epochs=2, qat_epochs=1, int8=True, bench_seconds=0,
+                             max_drop=100.0, quiet=True, overrides={"quant.calib_size": 64}))
+    assert res.ok, res.message
+    by = {r.stage: r for r in read_records(out)}
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    q = recipe["quant"]
+    obj = cli("quantize", "--qat", "--weights", by["fold"].artifact, "--dataset", "digits", "--calib-size", "64",
+              "--seed", str(recipe["train"]["seed"]), "--epochs", str(q["qat_epochs"]), "--lr", str(q["qat_lr"]),
+              "--batch-size", str(q.get("qat_batch_size") or recipe["data"]["batch_size"]), "--max-drop", "100",
+              "--recipe", str(out / "recipe.yaml"), "--out", str(tmp_path / "qat.pt"), "--quiet")
+    assert sha256_file(tmp_path / "qat.pt") == by["qat"].sha256
+    same_record(obj, by["qat"])
+    assert not list(tmp_path.glob(".qat*"))   # the intermediate PTQ checkpoint is not left behind

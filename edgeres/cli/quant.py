@@ -42,12 +42,20 @@ def _random_inputs(meta, n: int = 32, seed: int = 0):
     return [(x[i], 0) for i in range(n)]
 
 
-def _data(meta, dataset: str, data_dir: str | None):
-    """`dataset` preprocessed as the model's own metadata says (input size, channels, mean/std)."""
+def _data(meta, dataset: str, data_dir: str | None, recipe=None):
+    """`dataset` preprocessed as the model's own metadata says (input size, channels, mean/std); with a recipe, its
+    training-data settings too (augmentation, padding, cache), as `build` trains with them."""
+    from dataclasses import asdict
+
     from edgeres.data import get_data
 
+    extra = {}
+    if recipe is not None:
+        extra = {k: v for k, v in asdict(recipe.data).items() if k not in (
+            "dataset", "data_dir", "input_size", "mean", "std", "resize_size", "batch_size")}
+        extra["seed"] = recipe.train.seed
     return get_data(dataset=dataset, data_dir=data_dir, input_size=meta.input_size, mean=meta.mean, std=meta.std,
-                    resize_size=meta.resize_size, in_channels=meta.in_channels)
+                    resize_size=meta.resize_size, in_channels=meta.in_channels, **extra)
 
 
 def _first(split, limit: int | None):
@@ -146,13 +154,16 @@ def _describe(gate: dict) -> str:
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the INT8 checkpoint.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--recipe", default=None,
+              help="A recipe (name, or a run's recipe.yaml): QAT trains with its data augmentation, as `build` does "
+                   "[default: no augmentation].")
 @click.option("--max-drop", type=click.FloatRange(0), default=None,
               help="Fail (and write nothing) when top-1 drops more than this many percentage points below the "
                    "float model's on the test split [default: the drop is reported, not gated].")
 @quiet_option
 @json_option
 def quantize(ptq, qat, weights, dataset, data_dir, arch, calib_size, calib_method, manifest, seed, epochs, lr,
-             batch_size, out, max_drop, force, quiet, as_json) -> None:
+             batch_size, out, recipe, max_drop, force, quiet, as_json) -> None:
     """INT8 quantization with NNCF, configured for TensorRT (the `ptq` / `qat` stages of `build`)."""
     from edgeres.checkpoint import read_checkpoint
     from edgeres.errors import ConfigError
@@ -184,7 +195,11 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, calib_size, calib_metho
         model, meta, man = start.model, start.meta, start.manifest
     else:
         model, meta, _ = load_float_or_folded(weights, arch)
-    data = _data(meta, dataset, data_dir)
+    if recipe is not None:
+        from edgeres.recipe import load_recipe
+
+        recipe = load_recipe(recipe)
+    data = _data(meta, dataset, data_dir, recipe)
     if data.info.num_classes != meta.num_classes:
         raise ConfigError(f"{dataset} has {data.info.num_classes} classes, the model {meta.num_classes}")
     quiet = quiet or as_json
