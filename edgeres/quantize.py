@@ -342,7 +342,9 @@ def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: flo
     if len(train_dataset) == 0 or len(eval_dataset) == 0:
         raise DataError("QAT needs a non-empty training and evaluation set")
     say = log or (lambda s: None if quiet else print(s, flush=True))
-    model = ptq_model
+    import copy
+
+    model = copy.deepcopy(ptq_model)   # the PTQ model stays as it is: the build keeps it as the ptq output
     torch.manual_seed(seed)
     drop_last = len(train_dataset) > batch_size
 

@@ -54,3 +54,13 @@ def test_qat_stops_on_a_diverging_loss():
     net = torch.nn.Sequential(torch.nn.Linear(4, 2))
     with pytest.raises(DataError, match="QAT loss became .* lower --lr"):
         quantize_qat(net, _data(), _data(16, seed=1), epochs=2, lr=1e38, batch_size=8, quiet=True)
+
+
+def test_qat_leaves_the_model_it_starts_from_as_it_was():
+    from edgeres.quantize import quantize_qat
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    res = quantize_qat(net, _data(), _data(16, seed=1), epochs=1, lr=0.5, batch_size=8, quiet=True)
+    assert res.model is not net and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
