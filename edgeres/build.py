@@ -307,12 +307,13 @@ def _export_int8(ctx: BuildContext) -> StageResult:
 
 
 def _export_cpu(ctx: BuildContext) -> StageResult:
-    from edgeres.cpu import CpuInputs, CpuSettings, openvino_status, run
+    from edgeres.cpu import CpuInputs, CpuSettings, run, skipped
 
     mode = ctx.recipe.export.cpu_int8
     limit, source = max_drop(ctx.opts, ctx.recipe)
-    if not openvino_status()[0]:
-        return run(CpuInputs(Path(), None, Path()), CpuSettings(mode))   # skipped, with the reason
+    skip = skipped()   # before drawing calibration images and evaluations it would not use
+    if skip is not None:
+        return skip
     onnx = ctx.records["export_fp32" if mode == "openvino" else "export_int8"].artifact
     images = [b[None] for batch in _calib_batches(ctx) for b in batch] if mode == "openvino" else None
     return run(CpuInputs(Path(onnx), ctx.data.test, ctx.path("export", "model_int8_cpu.xml"), calibration=images,
@@ -350,8 +351,8 @@ def _verify(ctx: BuildContext) -> StageResult:
     from edgeres.verify import Candidate, VerifyInputs, VerifySettings, run
 
     rec = ctx.records
-    meta = ctx.output("train").meta
     trained = ctx.output("train")
+    meta = trained.meta
     cands = [Candidate("train", "torch", "fp32", _fp32_eval(ctx), TorchRunner(trained.model), rec["train"].artifact)]
     folded = ctx.output("fold")
     cands.append(Candidate("fold", "torch", "fp32", ctx.evaluation("fold/torch", lambda: folded.model),

@@ -100,18 +100,28 @@ class CpuOutput:
     evaluation: Any = None
 
 
+def skipped():
+    """The stage's result where OpenVINO is not installed (skipped, with the reason), else None."""
+    from edgeres.records import StageRecord, StageResult, Status
+
+    ok, why = openvino_status()
+    if ok:
+        return None
+    return StageResult(StageRecord(stage="export_cpu", status=Status.SKIPPED.value, metrics={"reason": why},
+                                   message=f"CPU INT8 artifact not written: {why}"), None)
+
+
 def run(inputs: CpuInputs, settings: CpuSettings = CpuSettings(), *, quiet: bool = True):
     """The CPU INT8 artifact stage: write the IR beside `out`, evaluate it with OpenVINO, gate its top-1 drop vs
     FP32, then move it into place. Skipped, with the reason, without OpenVINO. -> StageResult[CpuOutput | None]"""
     from edgeres.evaluate import evaluate
     from edgeres.fold import compare_logits
-    from edgeres.records import StageRecord, StageResult, Status, add_drop_gate
+    from edgeres.records import StageRecord, StageResult, add_drop_gate
     from edgeres.runners import OpenVinoRunner
 
-    ok, why = openvino_status()
-    if not ok:
-        return StageResult(StageRecord(stage="export_cpu", status=Status.SKIPPED.value, metrics={"reason": why},
-                                       message=f"CPU INT8 artifact not written: {why}"), None)
+    skip = skipped()
+    if skip is not None:
+        return skip
     out = Path(inputs.out)
     staged = out.with_name(f".{out.stem}.unverified.xml")
     try:

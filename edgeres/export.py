@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.errors import BackendUnavailable, ConfigError, GateError
+from edgeres.verify import FP32_MIN_AGREEMENT, FP32_REL_TOL, INT8_MIN_AGREEMENT
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13
@@ -220,8 +221,8 @@ class ExportSettings:
     opset: int = DEFAULT_OPSET
     simplify: bool = False
     recipe_hash: str = ""
-    rel_tol: float = 1e-4              # FP32: max|diff| relative to the logit scale
-    min_agreement_pct: float = 99.0    # INT8: top-1 agreement (%) with the fake-quant model (FP32: always 100)
+    rel_tol: float = FP32_REL_TOL      # FP32: max|diff| relative to the logit scale
+    min_agreement_pct: float = INT8_MIN_AGREEMENT   # INT8: top-1 agreement (%) with fake-quant (FP32: always 100)
     gate_agreement: bool = True        # False: INT8 agreement recorded, not gated (random inputs mean little)
     probe_size: int = 64               # INT8: max|diff| also reported on the first images (the build's probe)
 
@@ -286,7 +287,8 @@ def run(inputs: ExportInputs, settings: ExportSettings = ExportSettings(), *, qu
                                   settings.min_agreement_pct, ">="))
         else:
             rec.add_gate(Gate("onnx_fp32_max_abs_diff_rel", metrics["rel_diff"], settings.rel_tol, "<="))
-            rec.add_gate(Gate("onnx_fp32_top1_agreement_pct", metrics["top1_agreement_pct"], 100.0, ">="))
+            rec.add_gate(Gate("onnx_fp32_top1_agreement_pct", metrics["top1_agreement_pct"], FP32_MIN_AGREEMENT,
+                              ">="))
         if rec.passed:
             os.replace(staged, out)
             rec.set_artifact(out)

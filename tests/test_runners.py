@@ -215,3 +215,16 @@ def _int8_conv_onnx(path):
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 8, 16, 16])], inits)
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
     return path
+
+
+def test_cpu_stage_is_skipped_with_the_reason_without_openvino(monkeypatch, tmp_path):
+    """Where OpenVINO is not installed the CPU artifact stage is skipped (never passed), says why, writes nothing."""
+    from pathlib import Path
+
+    import edgeres.cpu as cpu
+
+    monkeypatch.setattr(cpu, "openvino_status", lambda: (False, "OpenVINO is not installed (test)"))
+    res = cpu.run(cpu.CpuInputs(Path("missing.onnx"), [], tmp_path / "m.xml"))
+    assert res.output is None and res.record.status == "skipped" and not res.record.passed
+    assert res.record.message == "CPU INT8 artifact not written: OpenVINO is not installed (test)"
+    assert cpu.skipped().record.to_dict()["message"] == res.record.message and not list(tmp_path.iterdir())
