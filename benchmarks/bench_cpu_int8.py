@@ -12,7 +12,7 @@ Artifacts (all from the same BN-folded FP32 model and the same calibration image
 - OpenVINO INT8 made by NNCF's native OpenVINO path from the FP32 ONNX (the issue's reference).
 Latency: interleaved rounds (every artifact once per round, in turn), the median of the per-round medians. Also:
 file sizes, PTQ wall time (edgeres default method vs NNCF-OpenVINO vs ORT quantize_static, same images), the
-physical floor (1.82 G MACs at this CPU's measured FP32 GEMM peak and INT8 convolution peak), and top-1 on
+physical floor (1.82 G MACs at this CPU's measured FP32 and INT8 arithmetic peaks, benchmarks/peak.c), and top-1 on
 imagenette-mini val when ../shared/data is present (meaningful only with --weights: a trained checkpoint).
 Writes DIR/cpu_int8.json and DIR/cpu_int8.md.
 """
@@ -52,52 +52,37 @@ def calibration_images(n: int, seed: int = 0):
     return rng.standard_normal((n, 3, 224, 224)).astype(np.float32), "Gaussian noise (no ../shared/data)", None
 
 
-def fp32_peak_gflops() -> float:
-    """FP32 GEMM peak with THREADS threads (torch's BLAS), in G MAC/s."""
-    import torch
+def measured_peaks(tmp: Path) -> dict:
+    """This CPU's arithmetic peak with THREADS threads (benchmarks/peak.c: register-only FMA and AVX2 INT8 loops).
 
-    torch.set_num_threads(THREADS)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    for _ in range(2):
-        a @ b
-    t0, n = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 2.0:
-        a @ b
-        n += 1
-    return n * 2048 ** 3 / (time.perf_counter() - t0) / 1e9
+    Returns G MAC/s for fp32, int8 (the exact u8 x s8 sequence: vpmaddubsw + vpmaddwd + vpaddd) and int8_add16 (an
+    int16-accumulating upper bound), or {"error": why} when there is no C compiler or the CPU lacks AVX2/FMA.
+    """
+    import shutil
+    import subprocess
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        return {"error": "no C compiler (gcc) to build benchmarks/peak.c"}
+    exe = tmp / "peak"
+    try:
+        subprocess.run([cc, "-O2", "-mavx2", "-mfma", "-pthread", str(ROOT / "benchmarks" / "peak.c"), "-o", str(exe)],
+                       check=True, capture_output=True, text=True)
+        out = subprocess.run([str(exe), str(THREADS), "1.0"], check=True, capture_output=True, text=True).stdout
+    except (subprocess.CalledProcessError, OSError) as e:
+        return {"error": f"peak.c did not build or run: {getattr(e, 'stderr', '') or e}".strip()}
+    peaks = json.loads(out)
+    return {"fp32": peaks["fp32_gmacs"], "int8": peaks["int8_gmacs"], "int8_add16": peaks["int8_add16_gmacs"]}
 
 
-def int8_peak_gmacs(tmp: Path) -> float:
-    """INT8 convolution peak: a 256->256 3x3 conv at 56x56 with INT8 Q/DQ, run by OpenVINO's INT8 kernels."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from edgeres.runners import OpenVinoRunner
-
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.integers(-127, 128, (256, 256, 3, 3)).astype(np.int8), "w"),
-             numpy_helper.from_array(np.full(256, 0.01, np.float32), "ws"),
-             numpy_helper.from_array(np.zeros(256, np.int8), "wz"),
-             numpy_helper.from_array(np.array(0.05, np.float32), "s"),
-             numpy_helper.from_array(np.array(0, np.int8), "z")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]),
-             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wf"], axis=0),
-             helper.make_node("Conv", ["dq", "wf"], ["y"], pads=[1, 1, 1, 1])]
-    g = helper.make_graph(nodes, "peak", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256, 56, 56])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256, 56, 56])], inits)
-    path = tmp / "peak.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
-    runner = OpenVinoRunner(path, threads=THREADS)
-    x = rng.standard_normal((1, 256, 56, 56)).astype(np.float32)
-    for _ in range(3):
-        runner.infer(x)
-    t0, n = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 2.0:
-        runner.infer(x)
-        n += 1
-    return n * 256 * 256 * 9 * 56 * 56 / (time.perf_counter() - t0) / 1e9
+def floor_ms(peaks: dict) -> dict:
+    """MACS at each measured peak, in ms: no implementation on this CPU can be faster."""
+    if "error" in peaks:
+        return {"error": peaks["error"]}
+    return {"fp32_ms": round(MACS / peaks["fp32"] / 1e6, 2), "int8_ms": round(MACS / peaks["int8"] / 1e6, 2),
+            "int8_add16_ms": round(MACS / peaks["int8_add16"] / 1e6, 2),
+            "fp32_peak_gmacs": peaks["fp32"], "int8_peak_gmacs": peaks["int8"],
+            "int8_add16_peak_gmacs": peaks["int8_add16"]}
 
 
 def interleaved(runners: dict, batches=(1, 8), rounds: int = 15, per_round: dict | None = None) -> dict:
@@ -222,9 +207,7 @@ def main() -> int:
     }
     print("timing ...", flush=True)
     lat = interleaved(runners, rounds=rounds)
-    fp32_peak, int8_peak = fp32_peak_gflops(), int8_peak_gmacs(tmp)
-    floor = {"fp32_ms": round(MACS / fp32_peak / 1e6, 2), "int8_ms": round(MACS / int8_peak / 1e6, 2),
-             "fp32_peak_gmacs": round(fp32_peak, 1), "int8_peak_gmacs": round(int8_peak, 1)}
+    floor = floor_ms(measured_peaks(tmp))
     ref_ov, ref_ort = lat["OpenVINO, NNCF-native INT8"], lat["ORT FP32 (model_fp32.onnx)"]
     kernels = {}
     for name, r in runners.items():
@@ -250,7 +233,11 @@ def main() -> int:
                      **{f"b{b}_ms": lat[name][b] for b in (1, 8)},
                      **{f"b{b}_vs_ort_fp32": round(lat[name][b] / ref_ort[b], 3) for b in (1, 8)},
                      **{f"b{b}_vs_openvino_nncf": round(lat[name][b] / ref_ov[b], 3) for b in (1, 8)},
-                     "b1_vs_int8_floor": round(lat[name][1] / floor["int8_ms"], 2), "top1": acc.get(name)})
+                     **({} if "error" in floor else {
+                         f"b{b}_vs_int8_floor": round(lat[name][b] / (floor["int8_ms"] * b), 2) for b in (1, 8)}),
+                     **({} if "error" in floor else {
+                         f"b{b}_vs_fp32_floor": round(lat[name][b] / (floor["fp32_ms"] * b), 2) for b in (1, 8)}),
+                     "top1": acc.get(name)})
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": THREADS,
                     "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
@@ -267,15 +254,23 @@ def main() -> int:
     }
     (out / "cpu_int8.json").write_text(json.dumps(result, indent=2) + "\n")
     md = ["| artifact / runtime | INT8 kernels | b1 ms | b1 vs ORT FP32 | b1 vs OV-NNCF | b8 ms | b8 vs ORT FP32 | "
-          "b8 vs OV-NNCF | b1 vs INT8 floor | top-1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+          "b8 vs OV-NNCF | b1 / b8 vs INT8 floor | b1 / b8 vs FP32 floor | top-1 |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['artifact']} | {r['int8_kernels'] or '-'} | {r['b1_ms']} | {r['b1_vs_ort_fp32']} | "
                   f"{r['b1_vs_openvino_nncf']} | {r['b8_ms']} | {r['b8_vs_ort_fp32']} | {r['b8_vs_openvino_nncf']} | "
-                  f"{r['b1_vs_int8_floor']} | {r['top1'] if r['top1'] is not None else '-'} |")
+                  f"{r.get('b1_vs_int8_floor', '-')} / {r.get('b8_vs_int8_floor', '-')} | "
+                  f"{r.get('b1_vs_fp32_floor', '-')} / {r.get('b8_vs_fp32_floor', '-')} | "
+                  f"{r['top1'] if r['top1'] is not None else '-'} |")
     md.append("")
-    md.append(f"floor: FP32 {floor['fp32_ms']} ms ({floor['fp32_peak_gmacs']} G MAC/s), INT8 {floor['int8_ms']} ms "
-              f"({floor['int8_peak_gmacs']} G MAC/s); PTQ s: {result['ptq_s']}; INT8 ONNX / FP32 size "
-              f"{result['int8_onnx_vs_fp32_size']}")
+    if "error" in floor:
+        md.append(f"floor: not measured ({floor['error']})")
+    else:
+        md.append(f"floor (batch 1; x8 at batch 8): FP32 {floor['fp32_ms']} ms ({floor['fp32_peak_gmacs']} G MAC/s), "
+                  f"INT8 {floor['int8_ms']} ms ({floor['int8_peak_gmacs']} G MAC/s, exact u8 x s8), int16-accumulating "
+                  f"bound {floor['int8_add16_ms']} ms ({floor['int8_add16_peak_gmacs']} G MAC/s); "
+                  f"INT8 floor / ORT FP32 b1 {round(floor['int8_ms'] / ref_ort[1], 3)}")
+    md.append(f"PTQ s: {result['ptq_s']}; INT8 ONNX / FP32 size {result['int8_onnx_vs_fp32_size']}")
     (out / "cpu_int8.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -71,11 +71,11 @@ def run_case(name, arch, data, *, epochs, lr, qat_epochs, qat_lr, calib, max_tra
     import torch
 
     from edgeres.checkpoint import ModelMeta
-    from edgeres.export import export_onnx
+    from edgeres.export import ExportInputs, ExportSettings, export_onnx
+    from edgeres.export import run as export_stage
     from edgeres.fold import fold_batchnorm, fold_gate
     from edgeres.models import create_model
     from edgeres.quantize import load_quantized, quantize_ptq, quantize_qat, save_quantized
-    from edgeres.verify import verify_onnx
 
     info = data.info
     meta = ModelMeta(arch=arch, num_classes=info.num_classes, in_channels=info.in_channels,
@@ -96,12 +96,14 @@ def run_case(name, arch, data, *, epochs, lr, qat_epochs, qat_lr, calib, max_tra
     ptq = quantize_ptq(fold.model, data.calib, subset_size=min(calib, len(data.calib)), seed=0,
                        dataset_fingerprint=info.fingerprint)
     save_quantized(work / f"{name}_ptq.pt", ptq.model, meta)  # QAT starts from a reloaded copy
-    ptq_path = export_onnx(ptq.model, work / f"{name}_ptq.onnx", meta=meta, int8=True)
+    ptq_export = export_stage(ExportInputs(ptq.model, meta, [(p, 0) for p in probe], work / f"{name}_ptq.onnx"),
+                              ExportSettings(int8=True))
+    ptq_path = ptq_export.output.path   # the rejected graph when the check failed (ptq_verify_passed says)
     row["fold_ptq_export_s"] = round(time.perf_counter() - t, 1)
     row["fp32_onnx_top1"] = ort_top1(fp32_path, data.test)
     row["ptq_int8_onnx_top1"] = ort_top1(ptq_path, data.test)
-    row["ptq_verify"], g2 = verify_onnx(ptq_path, ptq.model, probe)
-    row["ptq_verify_passed"] = all(g.passed for g in g2)
+    row["ptq_verify"] = ptq_export.record.metrics
+    row["ptq_verify_passed"] = ptq_export.record.passed
     row["ptq_drop_pp"] = round(row["fp32_onnx_top1"] - row["ptq_int8_onnx_top1"], 3)
     row["ptq_within_target"] = row["ptq_drop_pp"] <= PTQ_TARGET_PP
     if qat_epochs:

@@ -66,6 +66,16 @@ def _lerp(lo, hi, t: float):
     return hi - diff * (1.0 - t) if t >= 0.5 else lo + diff * t
 
 
+def _tail_position(v: float, n: int) -> tuple[bool, int, int, float, int]:
+    """Quantile v of n sorted values, NumPy's linear method: (from the top?, lower index, upper index, weight,
+    how many values topk must return to reach both indices)."""
+    pos = v * (n - 1)
+    lo_i = math.floor(pos)
+    hi_i = min(lo_i + 1, n - 1)
+    largest = v >= 0.5
+    return largest, lo_i, hi_i, pos - lo_i, (n - lo_i if largest else hi_i + 1)
+
+
 def tail_quantile(a, q, axis=None, keepdims: bool = False):
     """`np.quantile(a.astype(float64), q, axis, keepdims=keepdims)` for a torch tensor, computed with topk; None
     when the quantiles are not in the tails (then the caller falls back)."""
@@ -79,8 +89,8 @@ def tail_quantile(a, q, axis=None, keepdims: bool = False):
     n = math.prod(a.shape[d] for d in axes) if axes else 1
     if n == 0 or any(not 0.0 <= v <= 1.0 for v in qs):
         return None
-    ks = [n - math.floor(v * (n - 1)) if v >= 0.5 else min(math.floor(v * (n - 1)) + 1, n - 1) + 1 for v in qs]
-    if max(ks) > max(2, n * MAX_TAIL_FRACTION):
+    positions = [_tail_position(v, n) for v in qs]
+    if max(p[-1] for p in positions) > max(2, n * MAX_TAIL_FRACTION):
         return None
     x = a.detach()
     if x.dtype not in (torch.float32, torch.float64):
@@ -91,15 +101,10 @@ def tail_quantile(a, q, axis=None, keepdims: bool = False):
     else:
         rows = x.permute(*keep, *axes).reshape(-1, n)            # [M, n]
     outs = []
-    for v, k in zip(qs, ks):
-        largest = v >= 0.5
+    for largest, lo_i, hi_i, t, k in positions:
         top = _single_row_top(rows, k, largest) if rows.shape[0] == 1 else None
         if top is None:
             top = torch.topk(rows, k, dim=1, largest=largest, sorted=True).values
-        pos = v * (n - 1)
-        lo_i = math.floor(pos)
-        hi_i = min(lo_i + 1, n - 1)
-        t = pos - lo_i
         if largest:               # top[:, j] is the value at sorted position n - 1 - j
             lo, hi = top[:, n - 1 - lo_i], top[:, n - 1 - hi_i]
         else:

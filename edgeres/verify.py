@@ -1,11 +1,12 @@
-"""Verify an exported ONNX model on ONNX Runtime (CPU) against its torch parent on a probe batch.
+"""The verify stage (every candidate on every backend present, one table) and the ONNX checks' constants and helpers.
 
+The export stage (edgeres/export.py) checks each ONNX with these tolerances before it writes it:
 FP32 ONNX vs the torch FP32 (folded) model: max|diff| <= 1e-4 relative to the logit scale, top-1 agreement 100 %.
 INT8 ONNX vs the fake-quant NNCF torch model: top-1 agreement >= 99 %; max|diff| is reported. The INT8 check runs
 the graph as written (ONNX Runtime's graph optimizations off): it judges the export, i.e. whether the Q/DQ graph
 computes what the fake-quant model computes. With optimizations on, ONNX Runtime swaps in its own INT8 kernels
 (QLinearConv: int32 accumulation, requantization), a different INT8 implementation as TensorRT is one; that is a
-backend, measured by accuracy in `verify`, and its agreement is recorded beside the gated one.
+backend, measured by accuracy here, and its agreement is recorded beside the gated one.
 """
 from __future__ import annotations
 
@@ -34,34 +35,6 @@ def ort_logits(runner, x, *, batch_size: int = 64):
 
     x = np.asarray(x, dtype=np.float32)
     return np.concatenate([runner.infer(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-
-
-def is_int8_onnx(path: str | Path) -> bool:
-    from edgeres.check import count_qdq
-
-    return sum(count_qdq(path).values()) > 0
-
-
-def verify_onnx(onnx_path: str | Path, reference, probe_x, *, rel_tol: float | None = None,
-                min_agreement: float | None = None, threads: int | None = None) -> tuple[dict[str, Any], list]:
-    """Compare ONNX Runtime's logits with the torch reference's. Returns (metrics, [Gate])."""
-    from edgeres.fold import compare_logits, torch_logits
-    from edgeres.records import Gate
-
-    int8 = is_int8_onnx(onnx_path)
-    session = ort_session(onnx_path, threads=threads, optimize=not int8)
-    metrics = compare_logits(torch_logits(reference, probe_x), ort_logits(session, probe_x))
-    metrics["precision"] = "int8" if int8 else "fp32"
-    metrics["onnxruntime_optimizations"] = not int8
-    prefix = "onnx_int8" if int8 else "onnx_fp32"
-    if int8:
-        gates = [Gate(f"{prefix}_top1_agreement_pct", metrics["top1_agreement_pct"],
-                      INT8_MIN_AGREEMENT if min_agreement is None else min_agreement, ">=")]
-    else:
-        gates = [Gate(f"{prefix}_max_abs_diff_rel", metrics["rel_diff"], FP32_REL_TOL if rel_tol is None else rel_tol),
-                 Gate(f"{prefix}_top1_agreement_pct", metrics["top1_agreement_pct"],
-                      FP32_MIN_AGREEMENT if min_agreement is None else min_agreement, ">=")]
-    return metrics, gates
 
 
 def _constant(proto, name: str):

@@ -19,10 +19,11 @@ from edgeres.check import check_onnx, count_qdq  # noqa: E402
 from edgeres.checkpoint import ModelMeta, save_checkpoint  # noqa: E402
 from edgeres.cli import main  # noqa: E402
 from edgeres.errors import BackendUnavailable, ConfigError  # noqa: E402
-from edgeres.export import export_onnx, read_metadata  # noqa: E402
+from edgeres.export import ExportInputs, ExportSettings, export_onnx, read_metadata  # noqa: E402
+from edgeres.export import run as export_stage  # noqa: E402
 from edgeres.fold import fold_batchnorm, save_folded  # noqa: E402
 from edgeres.models import create_model, list_archs  # noqa: E402
-from edgeres.verify import ort_logits, ort_session, verify_onnx  # noqa: E402
+from edgeres.verify import ort_logits, ort_session  # noqa: E402
 
 
 def _meta(arch, cin=1, side=28):
@@ -39,6 +40,12 @@ def _folded(arch, seed=0, **kw):
             m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     return fold_batchnorm(model)
+
+
+def _export(model, out, meta, x, *, int8=False, reference=None):
+    """The export stage on the images `x` (labels unused): writes `out` only when its checks pass."""
+    images = [(x[i], 0) for i in range(len(x))]
+    return export_stage(ExportInputs(model, meta, images, out, reference), ExportSettings(int8=int8))
 
 
 def _ptq(folded_model, cin, side, n=32):
@@ -65,18 +72,29 @@ def test_fp32_export(tmp_path):
     sess = ort_session(path)
     for n in (1, 5):
         assert ort_logits(sess, np.zeros((n, 1, 28, 28), np.float32)).shape == (n, 10)
-    metrics, gates = verify_onnx(path, res.model, torch.randn(16, 1, 28, 28))
-    assert all(g.passed for g in gates) and metrics["rel_diff"] < 1e-4 and metrics["onnxruntime_optimizations"]
+    staged = _export(res.model, tmp_path / "staged.onnx", _meta("mnist_resnet"), torch.randn(16, 1, 28, 28))
+    metrics = staged.record.metrics
+    assert staged.record.passed and metrics["rel_diff"] < 1e-4 and metrics["onnxruntime_optimizations"]
+    assert [g["name"] for g in staged.record.gates] == ["onnx_fp32_max_abs_diff_rel", "onnx_fp32_top1_agreement_pct"]
+    assert staged.output.path == tmp_path / "staged.onnx" and staged.output.path.exists()
     assert check_onnx(path) == []
 
 
 def test_fp32_verify_can_fail(tmp_path):
+    from edgeres.evaluate import evaluate
+
     res = _folded("mnist_resnet")
-    path = export_onnx(res.model, tmp_path / "m.onnx", meta=_meta("mnist_resnet"), int8=False)
+    x = torch.randn(8, 1, 28, 28)
+    other = _folded("mnist_resnet")
     with torch.no_grad():
-        res.model.fc.bias.add_(1.0)   # the torch reference no longer matches the file
-    _, gates = verify_onnx(path, res.model, torch.randn(8, 1, 28, 28))
-    assert not gates[0].passed
+        other.model.fc.bias.add_(1.0)   # a reference the exported graph does not match
+    reference = evaluate(other.model, [(x[i], 0) for i in range(len(x))])
+    (tmp_path / "m.onnx").write_bytes(b"what the user had")
+    result = _export(res.model, tmp_path / "m.onnx", _meta("mnist_resnet"), x, reference=reference)
+    assert not result.record.passed
+    assert [g["name"] for g in result.record.gates if not g["passed"]] == ["onnx_fp32_max_abs_diff_rel"]
+    assert (tmp_path / "m.onnx").read_bytes() == b"what the user had"   # checks, then writes
+    assert (tmp_path / "m.rejected.onnx").exists() and "m.rejected.onnx" in result.record.message
 
 
 @pytest.mark.parametrize("arch,cin,side", [("mnist_resnet", 1, 28), ("resnet20", 3, 32),
@@ -84,8 +102,9 @@ def test_fp32_verify_can_fail(tmp_path):
 def test_int8_export_meets_tensorrt_rules(tmp_path, arch, cin, side):
     res = _folded(arch)
     qmodel, x = _ptq(res.model, cin, side)
-    path = export_onnx(qmodel, tmp_path / "q.onnx", meta=_meta(arch, cin, side), int8=True)
-    assert check_onnx(path) == []
+    result = _export(qmodel, tmp_path / "q.onnx", _meta(arch, cin, side), x, int8=True)
+    path = result.output.path
+    assert result.record.passed and check_onnx(path) == []
     counts = count_qdq(path)
     proto = onnx.load(str(path))
     int8_weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
@@ -95,8 +114,9 @@ def test_int8_export_meets_tensorrt_rules(tmp_path, arch, cin, side):
     assert read_metadata(path)["precision"] == "int8"
     adds = [n for n in proto.graph.node if n.op_type == "Add" and "Add" in n.name and "layer" in n.name]
     assert adds, "residual adds are in the graph"
-    metrics, gates = verify_onnx(path, qmodel, x)
-    assert gates[0].name == "onnx_int8_top1_agreement_pct" and metrics["onnxruntime_optimizations"] is False
+    metrics = result.record.metrics
+    assert [g["name"] for g in result.record.gates] == ["tensorrt_rule_violations", "onnx_int8_top1_agreement_pct"]
+    assert metrics["onnxruntime_optimizations"] is False and metrics["n_compared"] == len(x)
     assert metrics["rel_diff"] < 0.1 and metrics["top1_agreement_pct"] >= 90.0
     # the INT8 check runs the graph as written: no fused QLinearConv
     level = ort_session(path, optimize=False).session.get_session_options().graph_optimization_level
@@ -149,11 +169,10 @@ def test_simplify_needs_onnxslim(tmp_path):
 def test_densenet_fp32_export(tmp_path):
     res = _folded("densenet_bc_100")
     assert res.kept_affine
-    path = export_onnx(res.model, tmp_path / "d.onnx", meta=_meta("densenet_bc_100", 3, 32), int8=False)
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    result = _export(res.model, tmp_path / "d.onnx", _meta("densenet_bc_100", 3, 32), torch.randn(4, 3, 32, 32))
+    assert result.record.passed
+    ops = {n.op_type for n in onnx.load(str(result.output.path)).graph.node}
     assert "BatchNormalization" not in ops and {"Mul", "Concat"} <= ops
-    _, gates = verify_onnx(path, res.model, torch.randn(4, 3, 32, 32))
-    assert all(g.passed for g in gates)
 
 
 def test_cli_export_and_check(tmp_path):
