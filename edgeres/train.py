@@ -160,22 +160,14 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
     """Train recipe.model on recipe.data; see the module docstring for what is written."""
     import torch
 
-    from edgeres.checkpoint import read_checkpoint, save_checkpoint
     from edgeres.data import get_data_for
-    from edgeres.io import ensure_writable_dir
     from edgeres.models import create_model
 
     out = Path(out_dir)
     dist_info = _init_dist()
     tcfg, dcfg = recipe.train, recipe.data
     last_path, best_path = out / "last.pt", out / "best.pt"
-    if resume and not last_path.is_file():
-        raise ConfigError(f"nothing to resume: {last_path} does not exist")
-    if not resume and not force and last_path.exists():
-        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or --force to replace it")
-    ensure_writable_dir(out, "training folder")   # before the first epoch, not after it
-    if dcfg.batch_size % dist_info.world:
-        raise ConfigError(f"data.batch_size {dcfg.batch_size} must divide by the {dist_info.world} processes")
+    _check_run_folder(out, resume=resume, force=force, batch_size=dcfg.batch_size, world=dist_info.world)
     device = torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
     use_amp = bool(tcfg.amp and device.type == "cuda")
     if tcfg.amp and not use_amp and dist_info.main and not quiet:
@@ -204,15 +196,7 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
     state = {"epoch": 0, "iteration": 0, "best_top1": -1.0, "warming": tcfg.warmup_until_error is not None,
              "history": []}
     if resume:
-        weights, _, rest = read_checkpoint(last_path)
-        model.load_state_dict(weights)
-        opt.load_state_dict(rest["optimizer"])
-        if use_amp and "scaler" in rest:
-            scaler.load_state_dict(rest["scaler"])
-        torch.set_rng_state(rest["rng"])
-        state = dict(rest["train_state"])
-        if isinstance(rest.get("recipe"), str):
-            _check_resumable(json.loads(rest["recipe"]), recipe, last_path)
+        state = _restore(last_path, recipe, model, opt, scaler if use_amp else None)
 
     net = model
     if dist_info.world > 1:
@@ -276,21 +260,8 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
                            seconds=time.perf_counter() - t0)
                 history.append(row)
                 state["history"] = history
-                if res.top1 > state["best_top1"]:
-                    state["best_top1"] = res.top1
-                    save_checkpoint(best_path, model, meta, epoch=epoch + 1, top1=res.top1)
-                save_checkpoint(last_path, model, meta, optimizer=opt.state_dict(), train_state=dict(state),
-                                rng=torch.get_rng_state(), recipe_hash=recipe.hash(),
-                                recipe=json.dumps(recipe.to_dict(), sort_keys=True),
-                                **({"scaler": scaler.state_dict()} if use_amp else {}))
-                _write_metrics(out, history)
-                if writer is not None:
-                    for key in METRIC_FIELDS[2:]:
-                        writer.add_scalar(key, row[key], epoch + 1)
-                if not quiet:
-                    _say(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f}% | "
-                         f"test loss {res.loss:.4f} top1 {res.top1:.2f}% top5 {res.top5:.2f}% | "
-                         f"{row['images_per_s']:.0f} img/s")
+                _save_epoch(out, recipe, model, meta, opt, scaler if use_amp else None, state, row)
+                _log_epoch(row, writer, quiet)
             if dist_info.world > 1:
                 torch.distributed.barrier()
     except DataError as e:
@@ -304,6 +275,63 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
         history = obj[0]
     best_top1 = max((r["test_top1"] for r in history), default=0.0)
     return TrainResult(best=best_path, last=last_path, meta=meta, history=history, best_top1=best_top1)
+
+
+def _check_run_folder(out: Path, *, resume: bool, force: bool, batch_size: int, world: int) -> None:
+    """Refuse, before anything is trained, what would fail or overwrite a run later."""
+    from edgeres.io import ensure_writable_dir
+
+    last_path = out / "last.pt"
+    if resume and not last_path.is_file():
+        raise ConfigError(f"nothing to resume: {last_path} does not exist")
+    if not resume and not force and last_path.exists():
+        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or --force to replace it")
+    ensure_writable_dir(out, "training folder")   # before the first epoch, not after it
+    if batch_size % world:
+        raise ConfigError(f"data.batch_size {batch_size} must divide by the {world} processes")
+
+
+def _restore(last_path: Path, recipe, model, opt, scaler) -> dict[str, Any]:
+    """Load last.pt into model / optimizer / AMP scaler / torch RNG; returns the saved training state."""
+    import torch
+
+    from edgeres.checkpoint import read_checkpoint
+
+    weights, _, rest = read_checkpoint(last_path)
+    if isinstance(rest.get("recipe"), str):
+        _check_resumable(json.loads(rest["recipe"]), recipe, last_path)
+    model.load_state_dict(weights)
+    opt.load_state_dict(rest["optimizer"])
+    if scaler is not None and "scaler" in rest:
+        scaler.load_state_dict(rest["scaler"])
+    torch.set_rng_state(rest["rng"])
+    return dict(rest["train_state"])
+
+
+def _save_epoch(out: Path, recipe, model, meta, opt, scaler, state: dict[str, Any], row: dict[str, Any]) -> None:
+    """best.pt when this epoch's test top-1 is the best so far, last.pt (everything --resume needs), the metrics."""
+    import torch
+
+    from edgeres.checkpoint import save_checkpoint
+
+    if row["test_top1"] > state["best_top1"]:
+        state["best_top1"] = row["test_top1"]
+        save_checkpoint(out / "best.pt", model, meta, epoch=row["epoch"], top1=row["test_top1"])
+    save_checkpoint(out / "last.pt", model, meta, optimizer=opt.state_dict(), train_state=dict(state),
+                    rng=torch.get_rng_state(), recipe_hash=recipe.hash(),
+                    recipe=json.dumps(recipe.to_dict(), sort_keys=True),
+                    **({"scaler": scaler.state_dict()} if scaler is not None else {}))
+    _write_metrics(out, state["history"])
+
+
+def _log_epoch(row: dict[str, Any], writer, quiet: bool) -> None:
+    if writer is not None:
+        for key in METRIC_FIELDS[2:]:
+            writer.add_scalar(key, row[key], row["epoch"])
+    if not quiet:
+        _say(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f}% | "
+             f"test loss {row['test_loss']:.4f} top1 {row['test_top1']:.2f}% top5 {row['test_top5']:.2f}% | "
+             f"{row['images_per_s']:.0f} img/s")
 
 
 def _window_error(window, dist_info: Dist) -> float:

@@ -507,6 +507,78 @@ def say(args: argparse.Namespace, msg: str) -> None:
         print(f"edgeres-device: {msg}", file=sys.stderr, flush=True)
 
 
+def _choose(info: dict, manifest: dict, args: argparse.Namespace):
+    """The backend this device runs (refusing what --backend / --require-backend / --dla-core rule out), GPU or
+    DLA, and the host's plan entry for this TensorRT, precision and device (None on a CPU backend)."""
+    backend = choose_backend(info, args.backend)
+    if args.require_backend == "tensorrt" and backend in ("onnxruntime", "openvino"):
+        raise BundleError("TensorRT is required (--require-backend tensorrt) but this device has neither working "
+                          "TensorRT Python bindings nor trtexec: " + ("; ".join(info.get("warnings") or [])
+                                                                      or "not installed"))
+    if backend == "tensorrt" and not info["tensorrt_python"]:
+        raise BundleError("--backend tensorrt: the TensorRT Python bindings are not importable here")
+    if backend == "trtexec" and not info["trtexec"]:
+        raise BundleError("--backend trtexec: no trtexec on PATH or in /usr/src/tensorrt/bin")
+    device = "dla" if args.dla_core is not None else "gpu"
+    if device == "dla" and backend in ("onnxruntime", "openvino"):
+        raise BundleError(f"--dla-core needs TensorRT (Python bindings or trtexec), not {backend}")
+    entry = None
+    if backend in ("tensorrt", "trtexec"):   # the host's decision for this TensorRT, precision and device
+        entry = plan_entry(manifest, str(info["tensorrt"]), args.precision, device)
+        cores = info.get("dla_cores")
+        if device == "dla" and cores is not None and not 0 <= args.dla_core < cores:
+            raise BundleError(f"--dla-core {args.dla_core}: this device has {cores} DLA cores"
+                              + (" (desktop GPUs have none; Jetson Xavier and Orin have 2)" if cores == 0 else ""))
+    return backend, device, entry
+
+
+def _cpu_runner(backend: str, onnx: Path, name_in: str, precision: str, result: dict):
+    """OpenVINO or ONNX Runtime on this device's CPU: no engine is built. Returns infer(batch) -> logits."""
+    if backend == "openvino":
+        if precision == "fp16":
+            raise BundleError("fp16 needs TensorRT; OpenVINO on this device's CPU runs int8 or fp32")
+        runner = OpenVinoRunner(onnx)
+        result["openvino"] = runner.version
+        result["note"] = "run on this device's CPU with OpenVINO (its INT8 kernels for int8); no engine was built"
+    else:
+        if precision == "fp16":
+            raise BundleError("fp16 needs TensorRT; ONNX Runtime on this device runs int8 or fp32")
+        runner = OnnxRuntimeRunner(onnx, name_in)
+        result["onnxruntime"] = runner.version
+        result["note"] = ("TensorRT not available here (no Python bindings, no trtexec): verified and timed "
+                          "with ONNX Runtime on the CPU instead; no engine was built")
+    result["engine"] = None
+    return runner.infer
+
+
+def _engine_runner(backend: str, bundle: Path, onnx: Path, entry: dict, info: dict, device: str, batch: int,
+                   name_in: str, name_out: str, args: argparse.Namespace, result: dict):
+    """The TensorRT engine for this device (built as planned on first run, then cached under its key), run with
+    the Python bindings or trtexec. Returns infer(batch) -> logits."""
+    cache = Path(args.cache_dir) if args.cache_dir else bundle / "engines"
+    key = engine_key(info, entry, args.dla_core)
+    engine = cache / key / "model.plan"
+    cached = engine.is_file()
+    build = None
+    if not cached:
+        say(args, f"building the {args.precision} engine for the {device.upper()} with {backend} as planned "
+                  f"({entry['onnx']}{', ' + entry['calib_cache'] if entry['calib_cache'] else ''}; first run "
+                  "on this device and TensorRT version; this can take minutes)")
+        engine.parent.mkdir(parents=True, exist_ok=True)
+        calib = local_calib_cache(bundle, entry, str(info["tensorrt"]), engine.parent / "calib.cache")
+        if backend == "tensorrt":
+            build = build_with_python_checked(bundle, onnx, engine, entry, calib=calib,
+                                              workspace_mb=args.workspace_mb, dla_core=args.dla_core)
+        else:
+            build = trtexec_build(info["trtexec"], entry, onnx=onnx, engine=engine, calib=calib,
+                                  dla_core=args.dla_core)
+    result["engine"] = {"path": str(engine), "key": key, "cached": cached, "build": build}
+    if backend == "tensorrt":
+        return TensorRTRunner(engine, name_in, name_out, batch).infer
+    return lambda b: trtexec_infer(info["trtexec"], engine, b, name_in, name_out,
+                                   _run_args(entry, name_in, b.shape, args.dla_core))
+
+
 def run(args: argparse.Namespace) -> tuple[dict, int]:
     if sys.version_info < (3, 8):  # noqa: UP036 - runs under the device's python3, not ours
         raise BundleError(f"Python {platform.python_version()}: the device runtime needs Python 3.8 or newer "
@@ -534,26 +606,8 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
         if prev is not None:
             prev["skipped"] = "result is current for this bundle, device and TensorRT version"
             return prev, EXIT_OK
-    backend = choose_backend(info, args.backend)
-    if args.require_backend == "tensorrt" and backend in ("onnxruntime", "openvino"):
-        raise BundleError("TensorRT is required (--require-backend tensorrt) but this device has neither working "
-                          "TensorRT Python bindings nor trtexec: " + ("; ".join(info.get("warnings") or [])
-                                                                      or "not installed"))
-    if backend == "tensorrt" and not info["tensorrt_python"]:
-        raise BundleError("--backend tensorrt: the TensorRT Python bindings are not importable here")
-    if backend == "trtexec" and not info["trtexec"]:
-        raise BundleError("--backend trtexec: no trtexec on PATH or in /usr/src/tensorrt/bin")
+    backend, device, entry = _choose(info, manifest, args)
     models, spec = manifest["models"], manifest["input"]
-    device = "dla" if args.dla_core is not None else "gpu"
-    if device == "dla" and backend in ("onnxruntime", "openvino"):
-        raise BundleError(f"--dla-core needs TensorRT (Python bindings or trtexec), not {backend}")
-    entry = None
-    if backend in ("tensorrt", "trtexec"):   # the host's decision for this TensorRT, precision and device
-        entry = plan_entry(manifest, str(info["tensorrt"]), args.precision, device)
-        cores = info.get("dla_cores")
-        if device == "dla" and cores is not None and not 0 <= args.dla_core < cores:
-            raise BundleError(f"--dla-core {args.dla_core}: this device has {cores} DLA cores"
-                              + (" (desktop GPUs have none; Jetson Xavier and Orin have 2)" if cores == 0 else ""))
     onnx = bundle / safe_relpath(entry["onnx"] if entry else models["int8" if args.precision == "int8" else "fp32"])
     probe = np.load(bundle / safe_relpath(manifest["probe"]["file"]))
     x = probe["x"].astype(np.float32)
@@ -572,45 +626,10 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
               "dla_core": args.dla_core}
     name_in, name_out = spec["name"], manifest.get("output", {}).get("name", "logits")
     t0 = time.perf_counter()
-    if backend == "openvino":
-        if args.precision == "fp16":
-            raise BundleError("fp16 needs TensorRT; OpenVINO on this device's CPU runs int8 or fp32")
-        runner = OpenVinoRunner(onnx)
-        result["openvino"] = runner.version
-        result["note"] = "run on this device's CPU with OpenVINO (its INT8 kernels for int8); no engine was built"
-        infer, result["engine"] = runner.infer, None
-    elif backend == "onnxruntime":
-        if args.precision == "fp16":
-            raise BundleError("fp16 needs TensorRT; ONNX Runtime on this device runs int8 or fp32")
-        runner = OnnxRuntimeRunner(onnx, name_in)
-        result["onnxruntime"] = runner.version
-        result["note"] = ("TensorRT not available here (no Python bindings, no trtexec): verified and timed "
-                          "with ONNX Runtime on the CPU instead; no engine was built")
-        infer, result["engine"] = runner.infer, None
+    if backend in ("openvino", "onnxruntime"):
+        infer = _cpu_runner(backend, onnx, name_in, args.precision, result)
     else:
-        cache = Path(args.cache_dir) if args.cache_dir else bundle / "engines"
-        key = engine_key(info, entry, args.dla_core)
-        engine = cache / key / "model.plan"
-        cached = engine.is_file()
-        build = None
-        if not cached:
-            say(args, f"building the {args.precision} engine for the {device.upper()} with {backend} as planned "
-                      f"({entry['onnx']}{', ' + entry['calib_cache'] if entry['calib_cache'] else ''}; first run "
-                      "on this device and TensorRT version; this can take minutes)")
-            engine.parent.mkdir(parents=True, exist_ok=True)
-            calib = local_calib_cache(bundle, entry, str(info["tensorrt"]), engine.parent / "calib.cache")
-            if backend == "tensorrt":
-                build = build_with_python_checked(bundle, onnx, engine, entry, calib=calib,
-                                                  workspace_mb=args.workspace_mb, dla_core=args.dla_core)
-            else:
-                build = trtexec_build(info["trtexec"], entry, onnx=onnx, engine=engine, calib=calib,
-                                      dla_core=args.dla_core)
-        result["engine"] = {"path": str(engine), "key": key, "cached": cached, "build": build}
-        if backend == "tensorrt":
-            infer = TensorRTRunner(engine, name_in, name_out, batch).infer
-        else:
-            infer = lambda b: trtexec_infer(info["trtexec"], engine, b, name_in, name_out,
-                                            _run_args(entry, name_in, b.shape, args.dla_core))
+        infer = _engine_runner(backend, bundle, onnx, entry, info, device, batch, name_in, name_out, args, result)
     result["prepare_s"] = round(time.perf_counter() - t0, 3)
     say(args, f"verifying on {len(x)} probe images ({backend})")
     static = bool(entry and entry.get("static_batch"))
