@@ -93,14 +93,21 @@ def validate_options(opts: CompileOptions, trt_version: str | TrtVersion, *, is_
     v = parse_version(trt_version)
     caps = capabilities(v)
     warnings: list[str] = []
-    p = opts.precision
     if opts.batch is not None:
         check_batch(opts.batch)
     if opts.workspace_mb is not None and opts.workspace_mb < 1:
         raise ConfigError(f"--workspace must be >= 1 MiB, got {opts.workspace_mb}")
-    cc_major = int(compute_capability.split(".")[0]) if compute_capability else None
+    _check_dla(opts, v, caps, is_jetson=is_jetson, dla_cores=dla_cores, onnx_has_qdq=onnx_has_qdq)
+    _check_precision(opts, v, caps, onnx_has_qdq=onnx_has_qdq, warnings=warnings)
+    _check_portability(opts, v, caps, is_jetson=is_jetson, compute_capability=compute_capability,
+                       warnings=warnings)
+    return warnings
 
-    # DLA
+
+def _check_dla(opts: CompileOptions, v: TrtVersion, caps, *, is_jetson: bool, dla_cores: int,
+               onnx_has_qdq: bool | None) -> None:
+    """DLA: a Jetson with DLA cores, a TensorRT that has DLA, FP16/INT8, a fixed batch."""
+    p = opts.precision
     if opts.dla_core is not None:
         if not caps.dla:
             raise ConfigError(f"--dla-core: TensorRT {v} has no DLA support (absent from TensorRT 11.0 to 11.4.0); "
@@ -125,7 +132,11 @@ def validate_options(opts: CompileOptions, trt_version: str | TrtVersion, *, is_
     elif opts.gpu_fallback:
         raise ConfigError("--gpu-fallback only applies with --dla-core (layers DLA cannot run go to the GPU)")
 
-    # precision and typing
+
+def _check_precision(opts: CompileOptions, v: TrtVersion, caps, *, onnx_has_qdq: bool | None,
+                     warnings: list[str]) -> None:
+    """Strong vs weak typing, FP16/INT8 flags and implicit-INT8 calibration caches, per TensorRT version."""
+    p = opts.precision
     if caps.always_strongly_typed:
         if opts.strongly_typed is False:
             raise ConfigError(f"TensorRT {v} networks are always strongly typed; drop --no-strongly-typed")
@@ -166,7 +177,11 @@ def validate_options(opts: CompileOptions, trt_version: str | TrtVersion, *, is_
             warnings.append(f"TensorRT {v}: implicit INT8 calibration caches are deprecated since 10.1 and "
                             "removed in 11; prefer the Q/DQ INT8 ONNX")
 
-    # portability
+
+def _check_portability(opts: CompileOptions, v: TrtVersion, caps, *, is_jetson: bool,
+                       compute_capability: str | None, warnings: list[str]) -> None:
+    """Version/hardware compatibility, sparsity, the timing cache path."""
+    cc_major = int(compute_capability.split(".")[0]) if compute_capability else None
     if opts.version_compatible and not caps.version_compatible:
         raise ConfigError(f"--version-compatible needs TensorRT 8.6 or newer; this is TensorRT {v}")
     if opts.hardware_compatibility is not None:
@@ -186,4 +201,3 @@ def validate_options(opts: CompileOptions, trt_version: str | TrtVersion, *, is_
                         "TensorRT will ignore structured sparsity")
     if opts.timing_cache is not None and Path(opts.timing_cache).is_dir():
         raise ConfigError(f"--timing-cache {opts.timing_cache} is a folder; give a file path")
-    return warnings
