@@ -31,7 +31,7 @@ os.environ.setdefault("NNCF_CI", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "imagenette-mini"
-MACS = 1.82e9   # resnet18 at 224 (conv + fc multiply-accumulates)
+MACS = 1.8136e9   # resnet18 at 224, 10 classes: conv + fc multiply-accumulates, counted with forward hooks
 THREADS = 2
 
 
