@@ -234,9 +234,8 @@ def main() -> int:
                      **{f"b{b}_vs_ort_fp32": round(lat[name][b] / ref_ort[b], 3) for b in (1, 8)},
                      **{f"b{b}_vs_openvino_nncf": round(lat[name][b] / ref_ov[b], 3) for b in (1, 8)},
                      **({} if "error" in floor else {
-                         f"b{b}_vs_int8_floor": round(lat[name][b] / (floor["int8_ms"] * b), 2) for b in (1, 8)}),
-                     **({} if "error" in floor else {
-                         f"b{b}_vs_fp32_floor": round(lat[name][b] / (floor["fp32_ms"] * b), 2) for b in (1, 8)}),
+                         f"b{b}_vs_{kind}_floor": round(lat[name][b] / (floor[f"{kind}_ms"] * b), 2)
+                         for kind in ("int8", "fp32") for b in (1, 8)}),
                      "top1": acc.get(name)})
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": THREADS,

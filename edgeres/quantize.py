@@ -330,9 +330,12 @@ def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: flo
 
     Epoch 0 in the history is the PTQ model itself, so QAT never returns something worse than its start.
     """
+    import copy
+
     import torch
 
     from edgeres.data import make_loader
+    from edgeres.evaluate import evaluate
     from edgeres.loop import Step, sgd_steps
 
     if epochs < 1:
@@ -342,8 +345,6 @@ def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: flo
     if len(train_dataset) == 0 or len(eval_dataset) == 0:
         raise DataError("QAT needs a non-empty training and evaluation set")
     say = log or (lambda s: None if quiet else print(s, flush=True))
-    import copy
-
     model = copy.deepcopy(ptq_model)   # the PTQ model stays as it is: the build keeps it as the ptq output
     torch.manual_seed(seed)
     drop_last = len(train_dataset) > batch_size
@@ -366,8 +367,6 @@ def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: flo
             raise DataError(f"QAT loss became {step.loss.item()} at step {step.iteration}; lower --lr")
 
     loss_fn = torch.nn.CrossEntropyLoss()
-    from edgeres.evaluate import evaluate
-
     best = start_evaluation or evaluate(model, eval_dataset)   # the PTQ model's, when the caller has it
     best_acc = best.top1
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

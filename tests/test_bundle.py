@@ -130,6 +130,25 @@ def test_device_runtime_passes_with_onnxruntime_and_imports_no_edgeres(bundle, t
     assert "model" in saved["device"] and "clocks_locked" in saved["device"]
 
 
+def test_device_runtime_refuses_fp16_on_a_cpu_backend(bundle, tmp_path):
+    """fp16 needs TensorRT: on ONNX Runtime (and OpenVINO, where installed) one clear line, exit 2, an error result."""
+    backends = ["onnxruntime"] + (["openvino"] if _has_openvino() else [])
+    for backend in backends:
+        out = tmp_path / f"{backend}.json"
+        p = run_device(bundle, "--out", str(out), "--precision", "fp16", "--backend", backend)
+        assert p.returncode == 2, p.stderr + p.stdout
+        where = "OpenVINO on this device's CPU" if backend == "openvino" else "ONNX Runtime on this device"
+        assert f"fp16 needs TensorRT; {where} runs int8 or fp32" in p.stderr + p.stdout
+        assert "Traceback" not in p.stderr
+        assert json.loads(out.read_text())["status"] == "error"
+
+
+def _has_openvino() -> bool:
+    from edgeres.cpu import openvino_status
+
+    return openvino_status()[0]
+
+
 def test_device_runtime_fp32_and_gate_failure(bundle, tmp_path):
 
     p = run_device(bundle, "--out", str(tmp_path / "r32.json"), "--precision", "fp32")

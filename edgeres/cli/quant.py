@@ -45,17 +45,13 @@ def _random_inputs(meta, n: int = 32, seed: int = 0):
 def _data(meta, dataset: str, data_dir: str | None, recipe=None):
     """`dataset` preprocessed as the model's own metadata says (input size, channels, mean/std); with a recipe, its
     training-data settings too (augmentation, padding, cache), as `build` trains with them."""
-    from dataclasses import asdict
+    from edgeres.data import get_data, get_data_for
 
-    from edgeres.data import get_data
-
-    extra = {}
+    own = dict(dataset=dataset, data_dir=data_dir, input_size=meta.input_size, mean=meta.mean, std=meta.std,
+               resize_size=meta.resize_size)
     if recipe is not None:
-        extra = {k: v for k, v in asdict(recipe.data).items() if k not in (
-            "dataset", "data_dir", "input_size", "mean", "std", "resize_size", "batch_size")}
-        extra["seed"] = recipe.train.seed
-    return get_data(dataset=dataset, data_dir=data_dir, input_size=meta.input_size, mean=meta.mean, std=meta.std,
-                    resize_size=meta.resize_size, in_channels=meta.in_channels, **extra)
+        return get_data_for(recipe, in_channels=meta.in_channels, **own)
+    return get_data(in_channels=meta.in_channels, **own)
 
 
 def _first(split, limit: int | None):

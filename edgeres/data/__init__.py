@@ -106,12 +106,14 @@ def get_data(*, dataset: str, data_dir: str | None = None, input_size: int | Non
     return DataBundle(train=train, test=test, calib=calib, info=info)
 
 
-def get_data_for(recipe, *, in_channels: int | None = None) -> DataBundle:
-    """get_data from a Recipe's data section (in_channels defaults to the dataset's own)."""
+def get_data_for(recipe, *, in_channels: int | None = None, **overrides) -> DataBundle:
+    """get_data from a Recipe's data section (in_channels defaults to the dataset's own); `overrides` replace
+    recipe.data fields (e.g. a model's own preprocessing)."""
     from dataclasses import asdict as _asdict
 
     d = _asdict(recipe.data)
     d.pop("batch_size", None)
+    d.update(overrides)
     return get_data(**d, in_channels=in_channels, seed=recipe.train.seed)
 
 

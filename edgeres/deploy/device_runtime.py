@@ -534,15 +534,14 @@ def _choose(info: dict, manifest: dict, args: argparse.Namespace):
 
 def _cpu_runner(backend: str, onnx: Path, name_in: str, precision: str, result: dict):
     """OpenVINO or ONNX Runtime on this device's CPU: no engine is built. Returns infer(batch) -> logits."""
+    if precision == "fp16":
+        where = "OpenVINO on this device's CPU" if backend == "openvino" else "ONNX Runtime on this device"
+        raise BundleError(f"fp16 needs TensorRT; {where} runs int8 or fp32")
     if backend == "openvino":
-        if precision == "fp16":
-            raise BundleError("fp16 needs TensorRT; OpenVINO on this device's CPU runs int8 or fp32")
         runner = OpenVinoRunner(onnx)
         result["openvino"] = runner.version
         result["note"] = "run on this device's CPU with OpenVINO (its INT8 kernels for int8); no engine was built"
     else:
-        if precision == "fp16":
-            raise BundleError("fp16 needs TensorRT; ONNX Runtime on this device runs int8 or fp32")
         runner = OnnxRuntimeRunner(onnx, name_in)
         result["onnxruntime"] = runner.version
         result["note"] = ("TensorRT not available here (no Python bindings, no trtexec): verified and timed "
