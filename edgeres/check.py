@@ -8,6 +8,9 @@
   "Q/DQ layer placement" recommendation). The conv branch is the input with more convs on its path
   from the graph input; in a ResNet that is the block's last conv, the shortcut being identity or a
   single projection conv.
+- with a target TensorRT (`trt_version`): the INT8 weight form is one that version documents
+  (versions.capabilities(v).int8_weight_forms: FP32 weights behind QuantizeLinear everywhere, INT8 constants into
+  DequantizeLinear from TensorRT 10; sources in versions.SOURCES["int8_weight_forms"]).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.errors import ArtifactError
+from edgeres.tensorrt.versions import FP32_QUANTIZE, INT8_CONSTANTS, capabilities, parse_version
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -31,6 +35,10 @@ class Rule(str, Enum):
     ACTIVATION_PER_TENSOR = "activation_per_tensor"
     CUSTOM_DOMAIN = "custom_domain"
     RESIDUAL_ADD = "residual_add"
+    WEIGHT_FORM = "weight_form"
+
+
+INT8_WEIGHTS_PROP = "edgeres.int8_weight_form"   # metadata key on an ONNX edgeres rewrote into another weight form
 
 
 @dataclass(frozen=True)
@@ -198,8 +206,36 @@ def _check_residual_adds(g: GraphIndex, out: list[Violation]) -> None:
                                  f"shortcut input {short!r} has no Q/DQ: TensorRT needs it int8 to fuse conv + add"))
 
 
-def check_model(model) -> list[Violation]:
-    """All rule violations of a loaded onnx.ModelProto (empty list: TensorRT-ready)."""
+def int8_weight_form(model) -> str | None:
+    """How a Q/DQ ONNX stores its weights: INT8_CONSTANTS (INT8 initializers into DequantizeLinear), FP32_QUANTIZE
+    (float initializers through QuantizeLinear), or None (no quantized weights)."""
+    from onnx import TensorProto
+
+    inits = {t.name: t for t in model.graph.initializer}
+    forms = set()
+    for node in model.graph.node:
+        t = inits.get(node.input[0]) if node.input else None
+        if t is None or len(t.dims) < 2:
+            continue
+        if node.op_type == "DequantizeLinear" and t.data_type == TensorProto.INT8:
+            forms.add(INT8_CONSTANTS)
+        elif node.op_type == "QuantizeLinear" and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            forms.add(FP32_QUANTIZE)
+    return INT8_CONSTANTS if INT8_CONSTANTS in forms else FP32_QUANTIZE if forms else None
+
+
+def _check_weight_form(model, trt_version, out: list[Violation]) -> None:
+    form = int8_weight_form(model)
+    caps = capabilities(trt_version)
+    if form is not None and form not in caps.int8_weight_forms:
+        out.append(Violation(Rule.WEIGHT_FORM.value, "model",
+                             f"weights stored as {form}: TensorRT {parse_version(trt_version)} documents only "
+                             f"{' / '.join(caps.int8_weight_forms)} (use the .fp32w.onnx copy edgeres writes beside "
+                             "the device plan)"))
+
+
+def check_model(model, *, trt_version: str | None = None) -> list[Violation]:
+    """All rule violations of a loaded onnx.ModelProto (empty list: TensorRT-ready), for `trt_version` when given."""
     out: list[Violation] = []
     opset = max((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), default=0)
     if opset < MIN_OPSET:
@@ -215,12 +251,15 @@ def check_model(model) -> list[Violation]:
             _check_qdq(g, node, out)
     if has_qdq:
         _check_residual_adds(g, out)
+        if trt_version is not None:
+            _check_weight_form(model, trt_version, out)
     return out
 
 
-def check_onnx(path: str | Path) -> list[Violation]:
-    """Check an ONNX file against TensorRT's Q/DQ rules. Not ONNX -> ArtifactError."""
-    return check_model(load_onnx(path))
+def check_onnx(path: str | Path, *, trt_version: str | None = None) -> list[Violation]:
+    """Check an ONNX file against TensorRT's Q/DQ rules (for `trt_version` when given). Not ONNX -> ArtifactError;
+    a TensorRT version edgeres does not target -> ConfigError."""
+    return check_model(load_onnx(path), trt_version=trt_version)
 
 
 def count_qdq(path_or_model) -> dict[str, int]:

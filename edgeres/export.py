@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.errors import BackendUnavailable, ConfigError, GateError
+from edgeres.io import check_replaceable
 from edgeres.verify import FP32_MIN_AGREEMENT, FP32_REL_TOL, INT8_MIN_AGREEMENT
 
 DEFAULT_OPSET = 17
@@ -124,7 +125,8 @@ def export_onnx(model, path: str | Path, *, meta, int8: bool, opset: int = DEFAU
     if int8:
         set_qdq_export_mode(model)
     model = model.eval()
-    x = torch.zeros(1, meta.in_channels, meta.input_size, meta.input_size)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))   # a model on the GPU exports there
+    x = torch.zeros(1, meta.in_channels, meta.input_size, meta.input_size, device=device)
     path = Path(path)
     with atomic_path(path) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
@@ -157,9 +159,9 @@ def export_onnx(model, path: str | Path, *, meta, int8: bool, opset: int = DEFAU
 
 def store_int8_weights(proto) -> int:
     """Replace each weight's QuantizeLinear(float constant) by the INT8 constant it computes, feeding the same
-    DequantizeLinear: bit-identical outputs, ~4x smaller file. TensorRT's ONNX parser takes an INT8 initializer
-    as the input of a DequantizeLinear (a constant layer; onnx-tensorrt QuantDequantLinearHelper, 8.5 onwards:
-    input 0 may be INT8 weights, zero-point all zeros, three inputs). Returns how many weights were converted."""
+    DequantizeLinear: bit-identical outputs, ~4x smaller file. NVIDIA documents pre-quantized INT8 weights into an
+    IDequantizeLayer from TensorRT 10 (versions.SOURCES["int8_weight_forms"]); for 8.5/8.6 the device plan uses the
+    copy `restore_fp32_weights` makes. Returns how many weights were converted."""
     import numpy as np
     from onnx import TensorProto, numpy_helper
 
@@ -193,6 +195,56 @@ def store_int8_weights(proto) -> int:
         proto.graph.initializer.remove(t)
     return len(drop)
 
+
+
+def restore_fp32_weights(proto) -> int:
+    """The inverse of store_int8_weights: each INT8 weight feeding DequantizeLinear becomes an FP32 constant
+    ((q - zero_point) * scale) behind a QuantizeLinear with the same scale, zero-point and axis — the form TensorRT
+    8.5/8.6 document (FP32 weights quantized by the IQuantizeLayer, as NVIDIA's pytorch-quantization exports).
+    QuantizeLinear gives back q exactly (checked), so outputs are bit-identical. Returns how many were restored."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeres.check import GraphIndex
+    from edgeres.errors import ArtifactError
+
+    g = GraphIndex(proto)
+    before: dict[str, list] = {}   # name of a weight's first DequantizeLinear user -> QuantizeLinear nodes to insert
+    restored = 0
+    for t in [t for t in proto.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) > 1]:
+        users = g.consumers.get(t.name, [])
+        if not users or any(u.op_type != "DequantizeLinear" or u.input[0] != t.name or len(u.input) < 3
+                            for u in users):
+            continue
+        dq = users[0]
+        q = numpy_helper.to_array(t).astype(np.int32)
+        scale = np.asarray(g.const[dq.input[1]], dtype=np.float32)
+        zp = np.asarray(g.const[dq.input[2]], dtype=np.int32)
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        b_scale, b_zp = scale, zp
+        if scale.ndim == 1 and scale.size > 1:
+            shape = [1] * q.ndim
+            shape[axis] = scale.size
+            b_scale, b_zp = scale.reshape(shape), zp.reshape(shape)
+        w = ((q - b_zp) * b_scale).astype(np.float32)
+        if not np.array_equal(np.clip(np.rint(w / b_scale) + b_zp, -128, 127).astype(np.int32), q):
+            raise ArtifactError(f"weight {t.name}: FP32 weights would not quantize back to the same INT8 values")
+        w_name = f"{t.name}_fp32"
+        qnode = helper.make_node("QuantizeLinear", [w_name, dq.input[1], dq.input[2]], [t.name],
+                                 name=f"{t.name}_QuantizeLinear", **({"axis": axis} if scale.size > 1 else {}))
+        before.setdefault(dq.output[0], []).append(qnode)
+        proto.graph.initializer.remove(t)
+        proto.graph.initializer.append(numpy_helper.from_array(w, w_name))
+        restored += 1
+    nodes = []
+    for node in proto.graph.node:   # each QuantizeLinear right before the DequantizeLinear it feeds (graph order)
+        nodes += before.get(node.output[0], []) if node.op_type == "DequantizeLinear" else []
+        kept = type(node)()
+        kept.CopyFrom(node)
+        nodes.append(kept)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return restored
 
 def export_summary(path: str | Path) -> dict[str, Any]:
     from edgeres.check import count_qdq, load_onnx
@@ -249,7 +301,7 @@ def run(inputs: ExportInputs, settings: ExportSettings = ExportSettings(), *, qu
     from edgeres.records import Gate, StageRecord, StageResult
     from edgeres.runners import OrtRunner
 
-    out = Path(inputs.out)
+    out = check_replaceable(inputs.out, force=True)   # a regular file or nothing: never a device, link or FIFO
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = out.with_name(f".{out.stem}.unverified.onnx")
     stage = "export_int8" if settings.int8 else "export_fp32"

@@ -29,7 +29,15 @@ def test_trt85_fp16_dla(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGERES_TRT_EMULATOR_DLA_CORES", "2")
     head, info = build(tmp_path, "8.5.2", tiny_onnx(tmp_path / "m.onnx"), precision="fp16", dla_core=0,
                        gpu_fallback=True, batch=(2, 2, 2), workspace_mb=64)
-    assert head["device_type"] == "DLA" and head["dla_core"] == 0 and head["layers_on_dla"] == 5
+    # NVIDIA's DLA table: Conv and ReLU run on DLA; the average Reduce (GlobalAveragePool), the 2D Shuffle (Flatten)
+    # and the MatrixMultiply (Gemm) fall back to the GPU — the emulator's reading and edgeres's (dla.py) agree
+    assert head["device_type"] == "DLA" and head["dla_core"] == 0 and head["layers_on_dla"] == 2
+    from edgeres.check import load_onnx
+    from edgeres.tensorrt.dla import gpu_layers
+
+    planned = [g["op"] for g in gpu_layers(load_onnx(tmp_path / "m.onnx"))]
+    assert planned == ["GlobalAveragePool", "Flatten", "Gemm"] and len(head["gpu_layers"]) == len(planned)
+    assert all(op in name for op, name in zip(planned, head["gpu_layers"]))
     assert info["builder_flags"] == ["FP16", "GPU_FALLBACK"] and set(head["flags"]) == {"FP16", "GPU_FALLBACK"}
     assert head["input"]["profile"] == [[2, 3, 16, 16]] * 3
     assert info["trt_version"] == "8.5.2.2" and info["device"] == DEVICE["device"]
@@ -112,5 +120,5 @@ def test_engine_build_is_self_contained():
     tree = ast.parse(Path(engine_build.__file__).read_text())
     mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert "edgeres" not in mods and mods <= {"__future__", "ctypes", "hashlib", "os", "re", "tempfile", "time",
-                                              "pathlib", "typing", "tensorrt", "numpy"}
+    assert "edgeres" not in mods and mods <= {"__future__", "ctypes", "hashlib", "os", "platform", "re", "tempfile",
+                                              "time", "pathlib", "typing", "tensorrt", "numpy"}

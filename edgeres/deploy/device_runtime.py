@@ -208,6 +208,10 @@ def _version_parts(text: str) -> list:
     return [p for p in str(text).split(".") if p]
 
 
+def _version_key(text: str) -> tuple:
+    return tuple(int(p) for p in re.findall(r"\d+", str(text))[:4])
+
+
 def calib_tag(version: str) -> int:
     """NV_TENSORRT_VERSION of a TensorRT version: 8.5.2 -> 8502, 10.3.0 -> 100300."""
     v = [int(p) for p in re.findall(r"\d+", str(version))[:3]] + [0, 0, 0]
@@ -221,12 +225,16 @@ def plan_entry(manifest: dict, trt_version: str, precision: str, device: str) ->
         raise BundleError(f"the bundle has no TensorRT plan this runtime reads ({PLAN_FORMAT}); make it again with "
                           "`edgeres bundle`")
     parts = _version_parts(trt_version)
-    target, best = None, 0
-    for key, spec in plan["targets"].items():   # the most specific prefix wins: 10.3.x -> "10.3", 10.16 -> "10"
+    target, best = None, None
+    for key, spec in plan["targets"].items():   # the most specific prefix wins: 10.3.x -> "10.3", 10.16 -> "10";
+        low = spec.get("from")                   # then the highest lower bound reached: 11.4.1+ -> "11.4.1"
+        if low and _version_key(trt_version) < _version_key(low):
+            continue
         for m in spec["match"]:
             n = len(_version_parts(m))
-            if parts[:n] == _version_parts(m) and n > best:
-                target, best = key, n
+            rank = (n, _version_key(low) if low else ())
+            if parts[:n] == _version_parts(m) and (best is None or rank > best):
+                target, best = key, rank
     if target is None:
         labels = ", ".join(spec["label"] for spec in plan["targets"].values())
         raise BundleError(f"TensorRT {trt_version} is not a target of this bundle (targets: {labels}); "
@@ -318,12 +326,15 @@ class CudaRT:
 
 
 class TensorRTRunner:
-    def __init__(self, engine_path: Path, input_name: str, output_name: str, max_batch: int) -> None:
+    def __init__(self, engine_path: Path, input_name: str, output_name: str, max_batch: int, dla_core=None) -> None:
         import tensorrt as trt
 
         self.trt, self.cuda = trt, CudaRT()
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(engine_path.read_bytes())
+        runtime = trt.Runtime(self.logger)
+        if dla_core is not None:   # IRuntime::setDLACore: the core a DLA engine runs on is chosen at deserialization
+            runtime.DLA_core = int(dla_core)
+        self.engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise BundleError(f"{engine_path}: TensorRT could not deserialize the engine")
         self.ctx = self.engine.create_execution_context()
@@ -519,6 +530,11 @@ def _choose(info: dict, manifest: dict, args: argparse.Namespace):
         raise BundleError("--backend tensorrt: the TensorRT Python bindings are not importable here")
     if backend == "trtexec" and not info["trtexec"]:
         raise BundleError("--backend trtexec: no trtexec on PATH or in /usr/src/tensorrt/bin")
+    if backend == "trtexec":   # the binary that builds decides the plan entry, argv and cache tag, not the bindings
+        version = trtexec_version(info["trtexec"])
+        if version is None:
+            raise BundleError(f"cannot read the TensorRT version from `{info['trtexec']} --help`")
+        info["tensorrt_bindings"], info["tensorrt"] = info["tensorrt"] if info["tensorrt_python"] else None, version
     device = "dla" if args.dla_core is not None else "gpu"
     if device == "dla" and backend in ("onnxruntime", "openvino"):
         raise BundleError(f"--dla-core needs TensorRT (Python bindings or trtexec), not {backend}")
@@ -573,7 +589,7 @@ def _engine_runner(backend: str, bundle: Path, onnx: Path, entry: dict, info: di
                                   dla_core=args.dla_core)
     result["engine"] = {"path": str(engine), "key": key, "cached": cached, "build": build}
     if backend == "tensorrt":
-        return TensorRTRunner(engine, name_in, name_out, batch).infer
+        return TensorRTRunner(engine, name_in, name_out, batch, dla_core=args.dla_core).infer
     return lambda b: trtexec_infer(info["trtexec"], engine, b, name_in, name_out,
                                    _run_args(entry, name_in, b.shape, args.dla_core))
 
@@ -619,8 +635,9 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     result = {"format": "edgeres-result/1", "bundle": str(bundle), "manifest_sha256": manifest_sha,
               "run": manifest.get("run", {}).get("name"), "precision": args.precision, "backend": backend,
               "device": info, "tensorrt": info["tensorrt"] if entry else None, "note": None,
-              "plan": None if entry is None else {k: entry[k] for k in ("target", "precision", "device", "onnx",
-                                                                       "calib_cache", "profile")},
+              "plan": None if entry is None else {k: entry.get(k) for k in ("target", "precision", "device", "onnx",
+                                                                           "calib_cache", "profile",
+                                                                           "gpu_fallback_layers")},
               "runs_on": "dla" if device == "dla" else ("gpu" if entry else "cpu"),
               "dla_core": args.dla_core}
     name_in, name_out = spec["name"], manifest.get("output", {}).get("name", "logits")

@@ -24,6 +24,8 @@ class OnnxInfo:
     input_shape: tuple[int | None, ...]   # None for a symbolic dimension
     has_qdq: bool
     sha256: str
+    weight_form: str | None = None            # check.int8_weight_form: INT8 constants or FP32 behind QuantizeLinear
+    dla_gpu_layers: tuple = ()                # dla.gpu_layers: the nodes NVIDIA's DLA table excludes
 
     @property
     def dynamic_batch(self) -> bool:
@@ -37,7 +39,8 @@ class OnnxInfo:
 def inspect_onnx(path: str | Path) -> OnnxInfo:
     """Input name and shape, and whether the graph carries Q/DQ nodes (explicit INT8)."""
 
-    from edgeres.check import load_onnx
+    from edgeres.check import int8_weight_form, load_onnx
+    from edgeres.tensorrt.dla import gpu_layers
 
     path = Path(path)
     model = load_onnx(path)
@@ -51,7 +54,8 @@ def inspect_onnx(path: str | Path) -> OnnxInfo:
         raise ArtifactError(f"{path} input {inputs[0].name} has shape {shape}; expected [N, C, H, W] with fixed "
                             "C, H, W")
     qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
-    return OnnxInfo(inputs[0].name, shape, qdq, sha256_file(path))
+    return OnnxInfo(inputs[0].name, shape, qdq, sha256_file(path), int8_weight_form(model),
+                    tuple(gpu_layers(model)))
 
 
 def _batch_for(onnx: OnnxInfo, options: CompileOptions) -> tuple[int, int, int]:

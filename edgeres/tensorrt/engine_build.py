@@ -20,6 +20,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import os
+import platform
 import re
 import tempfile
 import time
@@ -52,6 +53,19 @@ def trt_version(trt: Any = None) -> str:
     """The installed TensorRT version string, e.g. '10.3.0.30'."""
     trt = trt or _import_trt()
     return str(trt.__version__)
+
+
+def _has_dla(version: str) -> bool:
+    """DLA windows (NVIDIA, Working with DLA 11.4.1): 8.5 .. 10.7, none in 10.8 .. 11.4.0, back in 11.4.1 (AGX Orin,
+    JetPack 7.2.2+). Equal to versions.has_dla (a test checks)."""
+    v = (_version_tuple(version) + (0, 0, 0))[:3]
+    return v[:2] <= (10, 7) or v >= (11, 4, 1)
+
+
+def platform_info() -> dict[str, Any]:
+    """The platform an engine is tied to ('Serialized engines are not portable across platforms', NVIDIA Support
+    Matrix): CPU architecture, OS, and whether this is a Jetson (JetPack) or a desktop/server GPU."""
+    return {"machine": platform.machine(), "system": platform.system(), "is_jetson": is_jetson()}
 
 
 def is_jetson() -> bool:
@@ -103,7 +117,7 @@ def cuda_device(index: int = 0) -> dict[str, str]:
 def runtime_info(trt: Any = None) -> dict[str, Any]:
     """What an engine must match here: TensorRT version, GPU, compute capability, Jetson, DLA cores."""
     trt = trt or _import_trt()
-    info: dict[str, Any] = {"trt_version": trt_version(trt), "is_jetson": is_jetson()}
+    info: dict[str, Any] = {"trt_version": trt_version(trt), **platform_info()}
     info.update(cuda_device())
     dla = 0
     try:
@@ -139,6 +153,9 @@ def sidecar_mismatch(sidecar: dict, runtime: dict) -> str | None:
     """
     engine = sidecar.get("engine", "the engine")
     fix = "Rebuild it on this machine with `edgeres compile` (or run the saved .trtexec.sh here)."
+    problem = _platform_mismatch(sidecar, runtime)
+    if problem:
+        return f"{engine} {problem}; serialized engines are not portable across platforms. {fix}"
     built_v, here_v = sidecar.get("trt_version"), runtime.get("trt_version")
     if built_v and here_v and not _compatible_version(built_v, here_v, bool(sidecar.get("version_compatible"))):
         why = ("a version-compatible engine runs only on the same or a later TensorRT of the same major "
@@ -148,6 +165,9 @@ def sidecar_mismatch(sidecar: dict, runtime: dict) -> str | None:
     built_cc, here_cc = sidecar.get("compute_capability"), runtime.get("compute_capability")
     if built_cc and here_cc:
         level = sidecar.get("hardware_compatibility")
+        if level == "ampere+" and runtime.get("is_jetson"):
+            return (f"{engine} was built hardware-compatible (ampere+), which is for desktop/server GPUs; this is a "
+                    f"Jetson ({runtime.get('device', '?')}). {fix}")
         if level == "ampere+":
             if _version_tuple(here_cc)[0] < 8:
                 return (f"{engine} was built hardware-compatible for Ampere and newer GPUs, but this GPU "
@@ -159,6 +179,19 @@ def sidecar_mismatch(sidecar: dict, runtime: dict) -> str | None:
     dla_core = sidecar.get("dla_core")
     if dla_core is not None and "dla_cores" in runtime and int(dla_core) >= int(runtime["dla_cores"]):
         return (f"{engine} runs on DLA core {dla_core} but this device has {runtime['dla_cores']} DLA cores. {fix}")
+    return None
+
+
+def _platform_mismatch(sidecar: dict, runtime: dict) -> str | None:
+    """CPU architecture, OS, Jetson or not: compared where both sides name them (older sidecars lack them)."""
+    def where(d: dict) -> str:
+        kind = "Jetson" if d.get("is_jetson") else "desktop/server GPU"
+        return f"{d.get('system', '?')} {d.get('machine', '?')}, {kind}"
+
+    for key in ("machine", "system", "is_jetson"):
+        if key in sidecar and key in runtime and sidecar[key] is not None and runtime[key] is not None \
+                and sidecar[key] != runtime[key]:
+            return f"was built on {where(sidecar)} but this machine is {where(runtime)}"
     return None
 
 
@@ -318,7 +351,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         "trt_version": version,
         "device": dev.get("device"),
         "compute_capability": dev.get("compute_capability"),
-        "is_jetson": is_jetson(),
+        **platform_info(),
         "precision": precision,
         "builder_flags": builder_flags,
         "strongly_typed": typed,
@@ -348,8 +381,8 @@ def _check_request(version: str, precision: str, typed: bool, dla_core, calib_ca
         raise BuildError(f"TensorRT {version} has no FP16 builder flag; cast the ONNX to FP16 instead")
     if typed and major < 11 and (use_fp16 or use_int8):
         raise BuildError("a strongly typed network takes precision from the ONNX; use precision fp32")
-    if dla_core is not None and major >= 11 and _version_tuple(version)[:3] < (11, 4, 1):
-        raise BuildError(f"TensorRT {version} has no DLA support (absent from 11.0 to 11.4.0)")
+    if dla_core is not None and not _has_dla(version):
+        raise BuildError(f"TensorRT {version} has no DLA support (DLA: 8.5 to 10.7, and 11.4.1+ on AGX Orin)")
     if calib_cache is not None and major >= 11:
         raise BuildError(f"TensorRT {version} removed implicit INT8 calibration caches")
     if not onnx_path.is_file():

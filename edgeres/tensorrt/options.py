@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeres.errors import ConfigError
-from edgeres.tensorrt.versions import TrtVersion, capabilities, parse_version
+from edgeres.tensorrt.versions import TrtVersion, capabilities, dla_rule_text, parse_version
 
 DEFAULT_BATCH = (1, 8, 32)
 DLA_DEFAULT_BATCH = (1, 1, 1)   # DLA runs static shapes only
@@ -110,8 +110,7 @@ def _check_dla(opts: CompileOptions, v: TrtVersion, caps, *, is_jetson: bool, dl
     p = opts.precision
     if opts.dla_core is not None:
         if not caps.dla:
-            raise ConfigError(f"--dla-core: TensorRT {v} has no DLA support (absent from TensorRT 11.0 to 11.4.0); "
-                              "DLA engines are built on a Jetson with JetPack's TensorRT 8.5, 8.6 or 10.3")
+            raise ConfigError(f"--dla-core: TensorRT {v} has no DLA support; {dla_rule_text()}")
         if not is_jetson or dla_cores < 1:
             raise ConfigError("--dla-core needs a Jetson with DLA cores (Xavier, Orin); this device has none. "
                               "Drop --dla-core to build for the GPU")
@@ -123,7 +122,7 @@ def _check_dla(opts: CompileOptions, v: TrtVersion, caps, *, is_jetson: bool, dl
         if opts.batch is not None and opts.batch[0] != opts.batch[2]:
             raise ConfigError("DLA needs a fixed batch: use --batch N (min = opt = max); with a dynamic batch every "
                               "layer would fall back to the GPU and the engine would not run on DLA at all")
-        if onnx_has_qdq and not v.at_least(8, 6):
+        if onnx_has_qdq and not caps.dla_explicit_quantization:
             raise ConfigError(f"--dla-core with the Q/DQ INT8 ONNX: TensorRT {v} does not support explicit "
                               "quantization on DLA; compile the FP32 ONNX with --int8 --calib-cache "
                               "calibration/calib.cache")
@@ -184,6 +183,7 @@ def _check_portability(opts: CompileOptions, v: TrtVersion, caps, *, is_jetson: 
     cc_major = int(compute_capability.split(".")[0]) if compute_capability else None
     if opts.version_compatible and not caps.version_compatible:
         raise ConfigError(f"--version-compatible needs TensorRT 8.6 or newer; this is TensorRT {v}")
+    # hardware compatibility: AMPERE_PLUS engines are built on Ampere-or-newer desktop GPUs (versions.SOURCES)
     if opts.hardware_compatibility is not None:
         if opts.hardware_compatibility not in HARDWARE_LEVELS:
             raise ConfigError(f"--hardware-compatibility {opts.hardware_compatibility!r} is unknown; "

@@ -1,7 +1,8 @@
 """The engine's sidecar JSON (`model.plan.json`) and the check of an engine against this machine.
 
-TensorRT refuses a mismatched engine with "version tag does not match" or a segfault; we refuse it first,
-saying which TensorRT / GPU built it and how to rebuild.
+TensorRT refuses a mismatched engine with "version tag does not match" or a segfault; we refuse it first, in one
+line, saying which platform (CPU architecture, OS, Jetson or not), TensorRT and GPU built it and how to rebuild
+(engine_build.sidecar_mismatch; "Serialized engines are not portable across platforms", NVIDIA Support Matrix).
 """
 from __future__ import annotations
 
@@ -65,10 +66,12 @@ def check_sidecar(engine_path: str | Path, runtime: dict[str, Any] | None = None
 
 
 def current_runtime() -> dict[str, Any]:
+    from edgeres.tensorrt.engine_build import platform_info
     from edgeres.tensorrt.status import tensorrt_status
 
     status = tensorrt_status()
     if not status.available:
         raise BackendUnavailable(status.reason)
-    return {"trt_version": status.version, "device": status.device, "compute_capability": status.compute_capability,
-            "is_jetson": status.is_jetson, "dla_cores": status.dla_cores}
+    return {**platform_info(), "trt_version": status.version, "device": status.device,
+            "compute_capability": status.compute_capability, "is_jetson": status.is_jetson,
+            "dla_cores": status.dla_cores}

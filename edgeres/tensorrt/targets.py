@@ -7,17 +7,22 @@ trtexec argv (tensorrt/trtexec.py) — or refuses the combination with one line 
 ones `edgeres compile` applies (options.validate_options over versions.capabilities); nothing here is
 re-decided on the device: the bundle's device runtime looks up its entry and executes it.
 
-Choices (and why):
+Choices (and why; each version fact is a row of versions.capabilities, with its NVIDIA source in SOURCES):
 - INT8 on the GPU: the Q/DQ ONNX (explicit quantization: the scales QAT/PTQ chose), BuilderFlag.INT8 only —
   the same on the Python and trtexec paths — and on 11.x no flag (strongly typed). Never a calibration cache
-  with the Q/DQ ONNX (TensorRT ignores it).
-- INT8 on DLA: the FP32 ONNX + the calibration cache (implicit INT8), on every version with DLA: TensorRT 8.5
-  does not support explicit quantization on DLA, and one rule for all versions keeps DLA figures comparable. FP16 is
-  allowed too (INT8 + FP16): the parser's own tensors (inside a Gemm) have no scale in the cache, and DLA has no FP32.
-  The cache header is re-tagged on the device to that TensorRT's NV_TENSORRT_VERSION (a cache from another
-  version is ignored by TensorRT, and trtexec then calibrates on random data without an error).
-- DLA: a static batch (min = opt = max), no GPU fallback, so a DLA engine either runs on DLA or fails to
-  build — never a GPU figure labelled DLA. FP16 or INT8 only.
+  with the Q/DQ ONNX (TensorRT ignores it). The Q/DQ ONNX is taken in the INT8 weight form the target documents
+  (`int8_weight_forms`): 8.5/8.6 get the copy with FP32 weights behind QuantizeLinear (`int8_fp32w`), 10.x+ the
+  INT8 constants; a target whose form the inputs lack is refused with that reason.
+- INT8 on DLA: the FP32 ONNX + the calibration cache (implicit INT8) where TensorRT has calibration caches (8.5 to
+  10.7): TensorRT 8.5 does not support explicit quantization on DLA, and one rule for those versions keeps DLA
+  figures comparable. FP16 is allowed too (INT8 + FP16): the parser's own tensors (inside a Gemm) have no scale in
+  the cache. 11.4.1+ (strongly typed, no caches): the Q/DQ ONNX. The cache header is re-tagged on the device to that
+  TensorRT's NV_TENSORRT_VERSION (a cache from another version is ignored by TensorRT, and trtexec then calibrates
+  on random data without an error).
+- DLA: only where the version has DLA (8.5 .. 10.7, 11.4.1+), a static batch (min = opt = max), FP16 or INT8, and
+  GPU fallback for exactly the layers NVIDIA's DLA layer table excludes (dla.py: the average Reduce of
+  GlobalAveragePool, the MatrixMultiply of Gemm, the Flatten to 2D), listed in the entry (`gpu_fallback_layers`).
+  Everything else must run on DLA; the device records what TensorRT placed.
 - FP16 on 11.x: refused (no FP16 flag; it needs an FP16 ONNX, which a bundle does not carry).
 """
 from __future__ import annotations
@@ -29,17 +34,19 @@ from typing import Any
 from edgeres.errors import ConfigError
 from edgeres.tensorrt.options import CompileOptions, Precision, validate_options
 from edgeres.tensorrt.trtexec import trtexec_command
-from edgeres.tensorrt.versions import capabilities
+from edgeres.tensorrt.versions import FP32_QUANTIZE, INT8_CONSTANTS, capabilities, dla_rule_text
 
 PLAN_FORMAT = "edgeres-trt-plan/1"
-# key -> (the version whose rules apply, version prefixes it serves (the device runtime picks the longest
-# matching prefix), label)
-TARGETS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "8.5": ("8.5.2", ("8.5",), "TensorRT 8.5.2 (JetPack 5.1.x)"),
-    "8.6": ("8.6.2", ("8.6",), "TensorRT 8.6 (JetPack 6.0)"),
-    "10.3": ("10.3.0", ("10.3",), "TensorRT 10.3 (JetPack 6.1/6.2)"),
-    "10": ("10.16.0", ("10",), "TensorRT 10.x (desktop GPUs)"),
-    "11": ("11.0.0", ("11",), "TensorRT 11.x (desktop GPUs)"),
+# key -> (the version whose rules apply, version prefixes it serves, label, lowest version it serves or None).
+# The device runtime picks, among the targets whose prefix matches and whose lowest version it reaches, the longest
+# prefix, then the highest lowest version: 11.4.1+ -> "11.4.1" (DLA back), 11.0 .. 11.4.0 -> "11".
+TARGETS: dict[str, tuple[str, tuple[str, ...], str, str | None]] = {
+    "8.5": ("8.5.2", ("8.5",), "TensorRT 8.5.2 (JetPack 5.1.x)", None),
+    "8.6": ("8.6.2", ("8.6",), "TensorRT 8.6 (JetPack 6.0)", None),
+    "10.3": ("10.3.0", ("10.3",), "TensorRT 10.3 (JetPack 6.1/6.2)", None),
+    "10": ("10.16.0", ("10",), "TensorRT 10.x (desktop GPUs)", None),
+    "11": ("11.0.0", ("11",), "TensorRT 11.0 to 11.4.0 (desktop GPUs)", None),
+    "11.4.1": ("11.4.1", ("11",), "TensorRT 11.4.1+ (JetPack 7.2.2+ on Jetson AGX Orin, desktop GPUs)", "11.4.1"),
 }
 PRECISIONS = ("int8", "fp16", "fp32")
 DEVICES = ("gpu", "dla")
@@ -57,6 +64,9 @@ class PlanInputs:
     int8_onnx: Path
     calib_name: str | None = None
     calib_cache: Path | None = None
+    # the INT8 ONNX with FP32 weights behind QuantizeLinear, for targets that document only that form (8.5/8.6)
+    int8_fp32w_name: str | None = None
+    int8_fp32w_onnx: Path | None = None
 
 
 def _refused(target: str, precision: str, device: str, why: str) -> dict[str, Any]:
@@ -69,32 +79,44 @@ def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, 
     `inspected`: ONNX path -> inspect_onnx result, so a whole plan reads and hashes each file once."""
     from edgeres.tensorrt.compile import inspect_onnx
 
-    rules_version, _, label = TARGETS[target]
+    def info_of(path: Path):
+        return inspected[path] if inspected and path in inspected else inspect_onnx(path)
+
+    rules_version, _, label, _ = TARGETS[target]
     caps = capabilities(rules_version)
     dla = device == "dla"
     if dla and not caps.dla:
-        return _refused(target, precision, device, f"{label} has no DLA support")
+        return _refused(target, precision, device, f"{label} has no DLA support ({dla_rule_text()})")
     if dla and precision == "fp32":
         return _refused(target, precision, device, "DLA runs FP16 or INT8 only")
-    explicit = precision == "int8" and not dla
-    if precision == "int8" and dla and inputs.calib_cache is None:
-        return _refused(target, precision, device, "INT8 on DLA needs the calibration cache (implicit INT8); this "
-                                                   "run has none (build with --int8 to write calibration/calib.cache)")
-    if precision == "int8" and dla and not caps.implicit_int8:
-        return _refused(target, precision, device, f"{label} has no implicit INT8 (calibration caches)")
     if precision == "fp16" and not caps.weak_typing:
         return _refused(target, precision, device, f"{label} is strongly typed only: FP16 needs an FP16 ONNX, "
                                                    "which the bundle does not carry (use int8 or fp32)")
-    onnx_path, onnx_name = (inputs.int8_onnx, inputs.int8_name) if explicit else (inputs.fp32_onnx, inputs.fp32_name)
-    info = inspected[onnx_path] if inspected and onnx_path in inspected else inspect_onnx(onnx_path)
+    use_cache = precision == "int8" and dla and caps.implicit_int8
+    explicit = precision == "int8" and not use_cache
+    if use_cache and inputs.calib_cache is None:
+        return _refused(target, precision, device, "INT8 on DLA needs the calibration cache (implicit INT8); this "
+                                                   "run has none (build with --int8 to write calibration/calib.cache)")
+    onnx_path, onnx_name = inputs.fp32_onnx, inputs.fp32_name
+    if explicit:
+        onnx_path, onnx_name = inputs.int8_onnx, inputs.int8_name
+        form = info_of(onnx_path).weight_form
+        if form is not None and form not in caps.int8_weight_forms:
+            if inputs.int8_fp32w_onnx is None:
+                return _refused(target, precision, device,
+                                f"{label} documents INT8 Q/DQ weights only as {' or '.join(caps.int8_weight_forms)} "
+                                f"and {onnx_name} stores them as {form}; the inputs have no {FP32_QUANTIZE} copy "
+                                "(edgeres writes it beside the plan)")
+            onnx_path, onnx_name = inputs.int8_fp32w_onnx, inputs.int8_fp32w_name
+    info = info_of(onnx_path)
     shapes = (batch, batch, batch) if dla or not info.dynamic_batch else (1, batch, batch)
     if not info.dynamic_batch and batch != int(info.input_shape[0]):   # type: ignore[arg-type]
         shapes = (int(info.input_shape[0]),) * 3   # type: ignore[arg-type]
-    use_cache = precision == "int8" and dla
+    fallback = list(info.dla_gpu_layers) if dla else []
     # implicit INT8 on DLA also allows FP16: tensors the ONNX parser names itself (the MatrixMultiply inside a Gemm)
     # have no scale in a cache made from the ONNX's names, and DLA runs no FP32, so those layers run in FP16
     build_precision = Precision.BEST if use_cache else Precision(precision)
-    opts = CompileOptions(precision=build_precision, dla_core=0 if dla else None,
+    opts = CompileOptions(precision=build_precision, dla_core=0 if dla else None, gpu_fallback=bool(fallback),
                           batch=shapes if info.dynamic_batch else None,
                           calib_cache=inputs.calib_cache if use_cache else None)
     try:
@@ -108,12 +130,16 @@ def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, 
     return {
         "target": target, "precision": precision, "device": device, "refused": None,
         "onnx": onnx_name, "onnx_sha256": info.sha256, "explicit_quantization": info.has_qdq,
+        "int8_weight_form": info.weight_form,
         "calib_cache": inputs.calib_name if use_cache else None,
         "input": info.input_name, "profile": {"min": shapes[0], "opt": shapes[1], "max": shapes[2]},
         "static_batch": shapes[0] == shapes[2],
+        # DLA: the layers NVIDIA's DLA table excludes run on the GPU (dla.py); every other layer runs on DLA
+        "gpu_fallback_layers": fallback if dla else None,
         # keyword arguments of engine_build.build_engine (the device adds paths and its DLA core index)
-        "engine_build": {"precision": build_precision.value, "dla_core": 0 if dla else None, "gpu_fallback": False,
-                         "batch": list(shapes), "strongly_typed": caps.always_strongly_typed or None},
+        "engine_build": {"precision": build_precision.value, "dla_core": 0 if dla else None,
+                         "gpu_fallback": bool(fallback), "batch": list(shapes),
+                         "strongly_typed": caps.always_strongly_typed or None},
         "trtexec": argv,
         "warnings": warnings,
     }
@@ -123,11 +149,13 @@ def device_plan(inputs: PlanInputs, *, batch: int) -> dict[str, Any]:
     """Every (target, precision, device) entry."""
     from edgeres.tensorrt.compile import inspect_onnx
 
-    inspected = {path: inspect_onnx(path) for path in {inputs.fp32_onnx, inputs.int8_onnx}}
+    paths = {inputs.fp32_onnx, inputs.int8_onnx} | ({inputs.int8_fp32w_onnx} if inputs.int8_fp32w_onnx else set())
+    inspected = {path: inspect_onnx(path) for path in paths}
     entries = [plan_entry(t, p, d, inputs, batch=batch, inspected=inspected)
                for t in TARGETS for p in PRECISIONS for d in DEVICES]
     return {"format": PLAN_FORMAT, "batch": batch,
-            "targets": {k: {"rules": v[0], "match": list(v[1]), "label": v[2]} for k, v in TARGETS.items()},
+            "targets": {k: {"rules": v[0], "match": list(v[1]), "label": v[2], "from": v[3]}
+                        for k, v in TARGETS.items()},
             "entries": entries}
 
 
@@ -165,8 +193,9 @@ def write_run_plan(folder: Path, inputs: PlanInputs, *, batch: int, relative_to:
 
     from edgeres.io import atomic_write_json, atomic_write_text
 
-    plan = device_plan(inputs, batch=batch)
     folder.mkdir(parents=True, exist_ok=True)
+    inputs = with_fp32_weights_copy(inputs, folder)
+    plan = device_plan(inputs, batch=batch)
 
     def rel(p: Path | None) -> str | None:
         return None if p is None else os.path.relpath(Path(p).resolve(), folder.resolve())
@@ -175,7 +204,9 @@ def write_run_plan(folder: Path, inputs: PlanInputs, *, batch: int, relative_to:
     for entry in plan["entries"]:
         if entry["refused"]:
             continue
-        onnx = rel(inputs.int8_onnx if entry["onnx"] == inputs.int8_name else inputs.fp32_onnx)
+        by_name = {inputs.int8_name: inputs.int8_onnx, inputs.fp32_name: inputs.fp32_onnx,
+                   inputs.int8_fp32w_name: inputs.int8_fp32w_onnx}
+        onnx = rel(by_name[entry["onnx"]])
         path = folder / script_name(entry)
         atomic_write_text(path, script_for(entry, onnx=str(onnx), calib=rel(inputs.calib_cache)
                                            if entry["calib_cache"] else None))
@@ -185,3 +216,32 @@ def write_run_plan(folder: Path, inputs: PlanInputs, *, batch: int, relative_to:
     atomic_write_json(folder / "plan.json", plan)
     return {"plan": str((folder / "plan.json").relative_to(relative_to)), "scripts": len(scripts),
             "refused": sum(1 for e in plan["entries"] if e["refused"])}
+
+
+FP32W_SUFFIX = ".fp32w.onnx"
+
+
+def with_fp32_weights_copy(inputs: PlanInputs, folder: Path) -> PlanInputs:
+    """When the INT8 ONNX stores INT8 constants (documented from TensorRT 10 only), write FOLDER/<name>.fp32w.onnx:
+    the same graph with FP32 weights behind QuantizeLinear (export.restore_fp32_weights: bit-identical outputs), the
+    form 8.5/8.6 document, and name it in the inputs. Replaces only a file of that name edgeres wrote itself."""
+    from edgeres.check import INT8_WEIGHTS_PROP, int8_weight_form, load_onnx
+    from edgeres.export import restore_fp32_weights
+    from edgeres.io import atomic_write_bytes
+
+    if inputs.int8_fp32w_onnx is not None or inputs.int8_onnx == inputs.fp32_onnx:
+        return inputs
+    model = load_onnx(inputs.int8_onnx)
+    if int8_weight_form(model) != INT8_CONSTANTS:
+        return inputs
+    restore_fp32_weights(model)
+    stem = Path(inputs.int8_name).name
+    name = (stem[:-len(".onnx")] if stem.endswith(".onnx") else stem) + FP32W_SUFFIX
+    dest = folder / name
+    if dest.exists():
+        prior = load_onnx(dest)
+        if not any(p.key == INT8_WEIGHTS_PROP for p in prior.metadata_props):
+            raise ConfigError(f"{dest} exists and was not written by edgeres; move it away")
+    model.metadata_props.add(key=INT8_WEIGHTS_PROP, value=FP32_QUANTIZE)
+    atomic_write_bytes(dest, model.SerializeToString())
+    return dataclasses.replace(inputs, int8_fp32w_name=name, int8_fp32w_onnx=dest)

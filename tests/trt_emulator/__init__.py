@@ -68,11 +68,16 @@ class EmulatedDevice:
     numpy: str | None = None          # emulate this NumPy's attribute set inside tensorrt.nptype
     python_bindings: bool = True
     trtexec: bool = True
+    jetson: str | None = None         # "orin" | "xavier": that module's compute capability and DLA cores, aarch64
+    machine: str | None = None        # CPU architecture the emulated engines record (default: this machine's)
     cudart: Path = field(init=False)
 
     def __post_init__(self):
-        from trt_emulator.emulator import EMULATOR_NAME
+        from trt_emulator.emulator import EMULATOR_NAME, JETSONS
 
+        if self.jetson is not None:
+            self.compute_capability, self.dla_cores = JETSONS[self.jetson]
+            self.machine = self.machine or "aarch64"
         self.root = Path(self.root)
         self.cudart = build_cudart()
         lib = self.root / "lib"
@@ -100,6 +105,11 @@ class EmulatedDevice:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.root / "lib"), env.get("LD_LIBRARY_PATH")]))
         env.update({"EDGERES_TRT_EMULATOR_VERSION": self.version, "EDGERES_EMULATED_CC": self.compute_capability,
                     "EDGERES_TRT_EMULATOR_DLA_CORES": str(self.dla_cores), "EDGERES_EMULATED_CUDART": str(self.cudart)})
+        for key, value in (("EDGERES_EMULATED_JETSON", self.jetson), ("EDGERES_EMULATED_MACHINE", self.machine)):
+            if value:
+                env[key] = value
+            else:
+                env.pop(key, None)
         if self.numpy:
             env["EDGERES_TRT_EMULATOR_NUMPY"] = self.numpy
         else:

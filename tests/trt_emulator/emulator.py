@@ -33,7 +33,15 @@ edgeres relies on it, with the rules the real builder applies:
 Configuration (environment, so subprocesses see the same device): EDGERES_TRT_EMULATOR_VERSION (api folder:
 8.5.2, 8.6, 10.3, 10.16, 11.0), EDGERES_TRT_EMULATOR_DLA_CORES (default 0), EDGERES_EMULATED_CC (default
 8.6), EDGERES_TRT_EMULATOR_NUMPY (emulate that NumPy's attribute set in nptype), EDGERES_EMULATED_CUDART
-(path of the compiled stand-in).
+(path of the compiled stand-in), EDGERES_EMULATED_JETSON (orin | xavier: a Jetson), EDGERES_EMULATED_MACHINE
+(CPU architecture; default this machine's).
+
+Platform and portability (each from NVIDIA's Support Matrix, Engine Portability, and the DLA pages): engines
+record OS, CPU architecture and Jetson-or-not and are refused elsewhere; AMPERE_PLUS engines load on any compute
+capability >= 8.0 off Jetson (and are refused to build on a Jetson); version-compatible engines load on newer
+runtimes per its own table (same major; 8 -> 10; 10 -> 11); INT8 constants into DequantizeLinear fail to build
+before 10.0; DLA placement follows the DLA layer table (average Reduce, MatrixMultiply and 2D Shuffles fall back
+with GPU_FALLBACK and fail without it), recording the GPU layers in the engine.
 """
 from __future__ import annotations
 
@@ -215,6 +223,8 @@ def build_module(version: str | None = None) -> types.ModuleType:
             self._flags, self._inputs, self._outputs, self._layers = flags, [], [], []
             self._onnx = None
             self._names_all = []
+            self._int8_weights = []     # DequantizeLinear nodes fed by INT8 constant weights
+            self._dummy_ranges = False  # trtexec --int8 without --calib: per-tensor placeholder ranges
 
         num_layers = property(lambda self: len(self._layers))
         num_inputs = property(lambda self: len(self._inputs))
@@ -323,6 +333,11 @@ def build_module(version: str | None = None) -> types.ModuleType:
                                           E("LayerType", _LAYER_TYPES.get(node.op_type, "IDENTITY")
                                             if _LAYER_TYPES.get(node.op_type, "IDENTITY") in enums["LayerType"]._names
                                             else "IDENTITY"), node.op_type))
+                net._layers[-1]._attrs = {a.name: list(a.ints) for a in node.attribute if a.ints}
+                w = inits.get(node.input[0]) if node.input else None
+                if node.op_type == "DequantizeLinear" and w is not None and w.data_type == onnx.TensorProto.INT8 \
+                        and len(w.dims) > 1:
+                    net._int8_weights.append(node.name or node.input[0])
                 if node.op_type == "Gemm":   # the parser builds MatrixMultiply + bias ElementWise: a tensor of its own
                     net._names_all.append(f"(Unnamed Layer* {len(net._layers) - 1}) [Matrix Multiply]_output")
                 net._names_all += [o for o in node.output if o]
@@ -427,7 +442,7 @@ def build_module(version: str | None = None) -> types.ModuleType:
             return self._timing
 
         def can_run_on_DLA(self, layer):  # noqa: N802 - TensorRT's name
-            return layer._op in _DLA_OPS
+            return _dla_runs(layer) is None
 
     class IInt8Calibrator(_Surface):
         def __init__(self):
@@ -475,12 +490,27 @@ def build_module(version: str | None = None) -> types.ModuleType:
             if qdq and not typed and "INT8" not in flags:
                 return self._fail("Int8 precision has been set for a layer or layer output, but int8 is not "
                                   "configured in the builder (Q/DQ network without BuilderFlag.INT8)")
+            if network._int8_weights and major < 10:
+                # TensorRT < 10: IConstantLayer makes weights other than kINT32 real-valued tensors, and an
+                # IDequantizeLayer's input must be INT8 (8.5/8.6 API docs); pre-quantized INT8 weights into DQ are
+                # documented from 10.0 (developer guide, Explicit Quantization > Quantized Weights)
+                return self._fail(f"DequantizeLinear {network._int8_weights[0]}: its input is an INT8 constant, "
+                                  "which TensorRT < 10 imports as real-valued weights; a Dequantize input must be INT8")
+            hw = config._hw
+            if hw is not None and hw.name == "AMPERE_PLUS":
+                if _jetson():
+                    return self._fail("Hardware compatibility (AMPERE_PLUS) is not supported on this platform "
+                                      "(Jetson/JetPack)")
+                if _vt(_cc())[0] < 8:
+                    return self._fail("Hardware compatibility (AMPERE_PLUS) needs an Ampere or newer GPU to build on")
             calib = config._calibrator
             if calib is not None and qdq:
                 lg.log("WARNING", "Calibrator won't be used in explicit precision mode. Use quantization aware "
                                   "training to generate network with Quantize/Dequantize nodes.")
             scales, calibration = {}, None
-            if "INT8" in flags and not qdq:
+            if "INT8" in flags and not qdq and calib is None and network._dummy_ranges:
+                calibration = "placeholder dynamic ranges (no calibrator)"
+            elif "INT8" in flags and not qdq:
                 if calib is None:
                     return self._fail("Calibration failure occurred with no scaling factors detected. This could be "
                                       "due to no int8 calibrator or insufficient custom scales for network layers.")
@@ -522,7 +552,7 @@ def build_module(version: str | None = None) -> types.ModuleType:
             else:
                 mn = opt = mx = tuple(inp.shape)
             # DLA
-            device_type, on_dla, on_gpu = "GPU", 0, len(layers)
+            device_type, on_dla, on_gpu, gpu_names = "GPU", 0, len(layers), None
             if config._device_type == E("DeviceType", "DLA"):
                 cores = self.num_DLA_cores
                 if cores < 1:
@@ -540,15 +570,17 @@ def build_module(version: str | None = None) -> types.ModuleType:
                 if not static and not fallback:
                     return self._fail("DLA does not support dynamic shapes: the optimization profile must have "
                                       "min = opt = max (or set BuilderFlag.GPU_FALLBACK)")
-                dla_layers = [lay for lay in layers if lay._op in _DLA_OPS] if static else []
+                dla_layers = [lay for lay in layers if _dla_runs(lay) is None] if static else []
                 if len(dla_layers) < len(layers) and not fallback:
-                    bad = next(lay for lay in layers if lay._op not in _DLA_OPS)
-                    return self._fail(f"Layer {bad.name} ({bad._op}) cannot run on DLA and GPU_FALLBACK is not set")
+                    bad = next(lay for lay in layers if _dla_runs(lay) is not None)
+                    return self._fail(f"Layer {bad.name} cannot run on DLA ({_dla_runs(bad)}) and GPU_FALLBACK is "
+                                      "not set")
                 if not dla_layers:
                     lg.log("WARNING", "No layer runs on DLA (dynamic shapes): every layer falls back to the GPU")
                 device_type, on_dla, on_gpu = "DLA", len(dla_layers), len(layers) - len(dla_layers)
-            header = {"trt_version": state["version"], "compute_capability": os.environ.get("EDGERES_EMULATED_CC",
-                                                                                           "8.6"),
+                gpu_names = [lay.name for lay in layers if lay not in dla_layers]
+            header = {"trt_version": state["version"], "compute_capability": _cc(), "platform": _platform(),
+                      "hardware_compatibility": hw.name if hw is not None else None, "gpu_layers": gpu_names,
                       "version_compatible": "VERSION_COMPATIBLE" in flags, "flags": sorted(flags),
                       "strongly_typed": typed, "explicit_quantization": qdq, "calibration_scales": len(scales),
                       "calibration": calibration,
@@ -564,6 +596,9 @@ def build_module(version: str | None = None) -> types.ModuleType:
         def __init__(self, logger):
             self._logger = logger
             object.__setattr__(self, "_host_code", False)
+            object.__setattr__(self, "_dla_core", None)
+
+        DLA_core = property(lambda self: self._dla_core, lambda self, c: object.__setattr__(self, "_dla_core", int(c)))
 
         engine_host_code_allowed = property(lambda self: self._host_code,
                                             lambda self, v: object.__setattr__(self, "_host_code", bool(v)))
@@ -576,17 +611,25 @@ def build_module(version: str | None = None) -> types.ModuleType:
                 return None
             head, _, onnx_bytes = data[len(MAGIC):].partition(b"\n")
             info = json.loads(head)
+            if info.get("platform") != _platform():
+                self._logger.log("ERROR", f"1: [stdArchiveReader.cpp] The engine plan file was serialized on "
+                                          f"{info.get('platform')}; this is {_platform()} (engines are not portable "
+                                          "across platforms)")
+                return None
             built, here = _vt(info["trt_version"]), _vt(state["version"])
             if built != here:
-                ok = info["version_compatible"] and self._host_code and here >= built and \
-                    (here[0] == built[0] or (built[0], here[0]) in ((8, 10), (10, 11)))
+                # Support Matrix 11.4.1, Engine Portability: version-compatible engines run on newer runtimes of the
+                # same major; across majors only TensorRT 8 -> 10 and 10 -> 11; the runtime must allow engine host code
+                ok = info["version_compatible"] and self._host_code and here > built and \
+                    here[0] in _VC_RUNTIME_MAJORS.get(built[0], ())
                 if not ok:
                     self._logger.log("ERROR", "1: [stdArchiveReader.cpp] The engine plan file is not compatible "
                                               f"with this version of TensorRT, expecting library version "
                                               f"{state['version']} got {info['trt_version']}, please rebuild.")
                     return None
-            cc_here = os.environ.get("EDGERES_EMULATED_CC", "8.6")
-            if info["compute_capability"] != cc_here:
+            cc_here = _cc()
+            portable = info.get("hardware_compatibility") == "AMPERE_PLUS" and _vt(cc_here)[0] >= 8 and not _jetson()
+            if info["compute_capability"] != cc_here and not portable:
                 self._logger.log("ERROR", "6: The engine plan file is generated on an incompatible device, "
                                           f"expecting compute {cc_here} got compute {info['compute_capability']}, "
                                           "please rebuild.")
@@ -594,11 +637,14 @@ def build_module(version: str | None = None) -> types.ModuleType:
             if info["device_type"] == "DLA" and int(os.environ.get("EDGERES_TRT_EMULATOR_DLA_CORES", "0")) < 1:
                 self._logger.log("ERROR", "the engine runs on DLA but this device has no DLA")
                 return None
-            return ICudaEngine(info, onnx_bytes)
+            engine = ICudaEngine(info, onnx_bytes)
+            engine._runtime_dla_core = self._dla_core if info["device_type"] == "DLA" else None
+            return engine
 
     class ICudaEngine(_Surface):
         def __init__(self, info, onnx_bytes):
             self._info, self._onnx = info, onnx_bytes
+            self._runtime_dla_core = None   # the Runtime's DLA_core at deserialization (the core a DLA engine uses)
             self._io = [info["input"]["name"], info["output"]["name"]]
 
         num_io_tensors = property(lambda self: 2)
@@ -787,6 +833,50 @@ def build_module(version: str | None = None) -> types.ModuleType:
     mod.__version__ = full
     mod.__emulator__ = EMULATOR_NAME
     return mod
+
+
+# version-compatible engines: built major -> runtime majors that load them (Support Matrix 11.4.1, Engine Portability)
+_VC_RUNTIME_MAJORS = {8: (8, 10), 10: (10, 11), 11: (11,)}
+# Jetson modules by name (NVIDIA CUDA GPUs table, developer.nvidia.com/cuda-gpus): compute capability, DLA cores
+JETSONS = {"orin": ("8.7", 2), "xavier": ("7.2", 2)}
+
+
+def _cc() -> str:
+    return os.environ.get("EDGERES_EMULATED_CC", "8.6")
+
+
+def _jetson() -> bool:
+    return os.environ.get("EDGERES_EMULATED_JETSON", "") in JETSONS
+
+
+def _platform() -> str:
+    """What an engine is tied to: OS, CPU architecture, Jetson or not ('not portable across platforms')."""
+    import platform
+
+    machine = os.environ.get("EDGERES_EMULATED_MACHINE") or platform.machine()
+    return f"{platform.system()}-{machine}" + ("-jetson" if _jetson() else "")
+
+
+def _dla_runs(layer) -> str | None:
+    """Why DLA cannot run this layer (None: it can), read from NVIDIA's "DLA Supported Layers and Restrictions"
+    table (docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/dla-layer-restrictions.html) by the layer
+    TensorRT builds, not by the ONNX op: Convolution 2D kernel [1,32] stride [1,8]; Pooling window [1,8]; Activation,
+    ElementWise, Scale; Reduce MAX only; Shuffle 4D only; no MatrixMultiply."""
+    kind = layer.type.name
+    attrs = getattr(layer, "_attrs", {})
+    if kind == "CONVOLUTION":
+        ok = all(1 <= k <= 32 for k in attrs.get("kernel_shape", [])) and \
+            all(1 <= s <= 8 for s in attrs.get("strides", []))
+        return None if ok else "convolution kernel/stride beyond DLA limits"
+    if kind == "POOLING":
+        return None if all(1 <= k <= 8 for k in attrs.get("kernel_shape", [99])) else "pooling window beyond 8"
+    if kind in ("ACTIVATION", "ELEMENTWISE", "SCALE", "CONSTANT", "QUANTIZE", "DEQUANTIZE"):
+        return None
+    if kind == "REDUCE":
+        return None if layer._op == "ReduceMax" else "DLA Reduce supports MAX only"
+    if kind == "SHUFFLE":
+        return "DLA Shuffle takes 4D tensors only" if layer._op in ("Flatten", "Reshape", "Squeeze") else None
+    return f"{kind} is not a DLA layer"
 
 
 def _names(table: dict, cls: str) -> list[str]:

@@ -5,8 +5,14 @@ module of the same version, so the builder rules are the emulator's. Output line
 `&&&& RUNNING TensorRT.trtexec [TensorRT v8502]`, `Latency: min = ... median = ... percentile(99%) = ...`,
 `Throughput: ... qps`, `&&&& PASSED` / `&&&& FAILED`.
 
-Like the real trtexec, an INT8 build of a network without Q/DQ whose calibration cache is missing or from
-another TensorRT version is calibrated with random data (a warning, not an error).
+Like the real trtexec (samples/common/sampleEngines.cpp, sampleOptions.cpp, sampleInference.cpp at each tag):
+- `--int8` without `--calib` on a network without Q/DQ sets placeholder per-tensor dynamic ranges
+  (setDummyInt8DynamicRanges: "Int8 calibrator not provided. Generating dummy per-tensor dynamic range");
+  with `--calib` whose cache is from another TensorRT version it calibrates with random data (a warning);
+- a dynamic input without shapes is built and run at 1 ("Automatically overriding shape to: 1x..."); inference
+  shapes are `--shapes`, else the build's OPT shapes (AllOptions::parse), else 1;
+- `--versionCompatible`, `--hardwareCompatibilityLevel`, `--memPoolSize`, `--timingCacheFile` are applied to the
+  builder config; `--useDLACore` with `--loadEngine` sets the runtime's DLA core.
 """
 from __future__ import annotations
 
@@ -118,6 +124,9 @@ def _build(trt, opts: dict[str, str]) -> bytes:
         for key in ("--minShapes", "--optShapes", "--maxShapes"):
             if key in opts:
                 shapes[key] = _shape(opts[key])[1]
+        if not shapes and "--shapes" in opts:   # --shapes alone builds a static profile at that shape
+            one = _shape(opts["--shapes"])[1]
+            shapes = {"--minShapes": one, "--optShapes": one, "--maxShapes": one}
         if not shapes:
             print(f"[W] Dynamic dimensions required for input: {inp.name}, but no shapes were provided. "
                   "Automatically overriding shape to: 1x...")
@@ -135,17 +144,41 @@ def _build(trt, opts: dict[str, str]) -> bytes:
     if "--int8" in precision:
         has_qdq = any(network.get_layer(i).type in (trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE)
                       for i in range(network.num_layers))
-        if not has_qdq:
-            cache = Path(opts["--calib"]).read_bytes() if opts.get("--calib") else None
+        if not has_qdq and not opts.get("--calib"):
+            print("[W] Int8 calibrator not provided. Generating dummy per-tensor dynamic range. Int8 accuracy is not "
+                  "guaranteed.")
+            network._dummy_ranges = True
+        elif not has_qdq:
+            cache = Path(opts["--calib"]).read_bytes() if Path(opts["--calib"]).is_file() else None
             want = f"TRT-{_tag(trt.__version__)}-"
             if cache is None or not cache.startswith(want.encode()):
                 print("[W] [TRT] Calibration cache missing or from another TensorRT version: calibrating with "
                       "random data (accuracy will be meaningless)")
                 cache = None
             config.int8_calibrator = _calibrator(trt, cache)
+    if "--versionCompatible" in opts or "--vc" in opts:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if "--hardwareCompatibilityLevel" in opts:
+        level = opts["--hardwareCompatibilityLevel"].lower()
+        names = {"none": "NONE", "ampere+": "AMPERE_PLUS"}
+        if level not in names:
+            raise SystemExit(f"[E] Invalid hardware compatibility level: {level}")
+        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, names[level])
+    for pool in filter(None, opts.get("--memPoolSize", "").split(",")):
+        name, _, size = pool.partition(":")
+        if name.strip() != "workspace":
+            continue
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(float(size) * (1 << 20)))
+    timing = None
+    if opts.get("--timingCacheFile"):
+        tpath = Path(opts["--timingCacheFile"])
+        timing = config.create_timing_cache(tpath.read_bytes() if tpath.is_file() else b"")
+        config.set_timing_cache(timing, False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise SystemExit("[E] Engine could not be created from network")
+    if timing is not None:
+        Path(opts["--timingCacheFile"]).write_bytes(bytes(config.get_timing_cache().serialize()))
     return bytes(plan)
 
 
@@ -154,6 +187,8 @@ def _infer(trt, data: bytes, opts: dict[str, str]) -> None:
 
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = trt.Runtime(logger)
+    if "--useDLACore" in opts:
+        runtime.DLA_core = int(opts["--useDLACore"])
     engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
         raise SystemExit("[E] Engine deserialization failed")
@@ -162,8 +197,12 @@ def _infer(trt, data: bytes, opts: dict[str, str]) -> None:
     shape = tuple(engine.get_tensor_shape(name_in))
     if "--shapes" in opts:
         shape = _shape(opts["--shapes"])[1]
-    elif any(d < 0 for d in shape):
-        shape = tuple(engine.get_tensor_profile_shape(name_in, 0)[1])
+    elif "--optShapes" in opts:          # AllOptions::parse: the build's OPT shapes become the inference shapes
+        shape = _shape(opts["--optShapes"])[1]
+    elif any(d < 0 for d in shape):      # sampleInference: no shapes given -> every dynamic dimension is 1
+        shape = tuple(d if d >= 0 else 1 for d in shape)
+        print(f"[W] Dynamic dimensions required for input: {name_in}, but no shapes were provided. Automatically "
+              f"overriding shape to: {'x'.join(map(str, shape))}")
     if not ctx.set_input_shape(name_in, shape):
         raise SystemExit(f"[E] Inference set up failed (shape {shape})")
     out_shape = tuple(ctx.get_tensor_shape(name_out))
