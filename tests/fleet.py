@@ -47,6 +47,16 @@ class Device:
     def state(self) -> Path:
         return self.home / "var" / "lib" / "edgeres"
 
+    @property
+    def units(self) -> Path:
+        """The device's systemd unit folder (exists: deploy installs the verify-on-boot units there)."""
+        return self.home / "etc" / "systemd" / "system"
+
+    @property
+    def trusted_keys(self) -> Path:
+        """The device's allowed_signers (absent: unsigned bundles are accepted)."""
+        return self.home / "etc" / "edgeres" / "allowed_signers"
+
 
 class Fleet:
     """N devices; `ssh` kwargs for edgeres.deploy.ssh; start/stop/restart one device's sshd."""
@@ -65,6 +75,7 @@ class Fleet:
             folder = base / name
             home = folder / "home"
             home.mkdir(parents=True)
+            (home / "etc" / "systemd" / "system").mkdir(parents=True)
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "host_key")], check=True)
             pub = self.key.with_suffix(".pub").read_text().strip()
             (folder / "authorized_keys").write_text(f'environment="HOME={home}" {pub}\n')
@@ -148,12 +159,20 @@ class Fleet:
                 "state_dir": "~/var/lib/edgeres", "remote_python": sys.executable, "connect_timeout": 10.0,
                 "retries": 0, **extra}
 
+    def deploy_kwargs(self, **extra) -> dict:
+        """ssh() plus where each device keeps its trusted keys and systemd units (in its own HOME)."""
+        return self.ssh(trusted_keys="~/etc/edgeres/allowed_signers", units_dir="~/etc/systemd/system", **extra)
+
     def cli_args(self) -> list[str]:
         import sys
 
         return ["--known-hosts", str(self.known_hosts), "--ssh-config", str(self.config), "--remote-root",
                 "~/opt/edgeres", "--state-dir", "~/var/lib/edgeres", "--remote-python", sys.executable,
                 "--timeout", "10", "--retries", "0"]
+
+    def deploy_cli_args(self) -> list[str]:
+        return [*self.cli_args(), "--trusted-keys", "~/etc/edgeres/allowed_signers", "--units-dir",
+                "~/etc/systemd/system"]
 
 
 def current_release(d: Device) -> str | None:

@@ -2,6 +2,7 @@
 `edgeres deploy` (push a bundle to a fleet over SSH and verify it on every device)."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -27,9 +28,12 @@ from edgeres.cli._common import emit, json_option
 @click.option("--allow-non-rootfs", is_flag=True, help="With --rootfs: install into a folder without etc/.")
 @click.option("--allow-failed", is_flag=True,
               help="Bundle a run whose build did not pass (recorded in the manifest).")
+@click.option("--sign", "sign_key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="OpenSSH ed25519 private key: sign the manifest (signature.json); devices whose "
+                   "/etc/edgeres/allowed_signers lists keys install only bundles signed by one of them.")
 @json_option
 def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, rootfs, force, allow_non_rootfs,
-           allow_failed, as_json) -> None:
+           allow_failed, sign_key, as_json) -> None:
     """Bundle a run for devices: ONNX, calibration cache, probe set with reference logits, device runtime."""
     import tempfile
 
@@ -39,7 +43,7 @@ def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, root
     if out is None and rootfs is None:
         raise click.UsageError("give --out DIR, --rootfs PATH, or both")
     opts = dict(probe_size=probe_size, min_top1_agreement_pct=min_agreement, max_accuracy_drop_pp=max_accuracy_drop,
-                allow_failed=allow_failed)
+                allow_failed=allow_failed, sign_key=sign_key)
     with tempfile.TemporaryDirectory(prefix="edgeres-bundle-") as tmp:
         path = make_bundle(run_dir, out if out is not None else Path(tmp) / "bundle", tar=tar and out is not None,
                            force=force, **opts)
@@ -55,8 +59,8 @@ def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, root
     if out is not None:
         lines.append(f"bundle: {path} ({result['files']} files, probe {manifest['probe']['count']} images)")
     if installed:
-        lines.append(f"rootfs: release {installed.name} installed and current; unit edgeres-verify.service enabled "
-                     f"(result: /var/lib/edgeres/result.json after first boot)")
+        lines.append(f"rootfs: release {installed.name} installed and current, pending until verified on the device; "
+                     f"edgeres-verify.timer enabled (result: /var/lib/edgeres/result.json after the first boot)")
     emit(result, as_json, "\n".join(lines))
 
 
@@ -103,7 +107,7 @@ def ssh_options(fn):
                      help="SSH connect timeout (s)."),
         click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True,
                      help="Retries after a connection error (not after a failed verification)."),
-        click.option("--concurrency", type=click.IntRange(1, 256), default=4, show_default=True),
+        click.option("--concurrency", type=click.IntRange(1, 256), default=16, show_default=True),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -123,12 +127,27 @@ def _targets(kw: dict) -> list[str]:
     return targets
 
 
+def _printer(as_json: bool, line=None):
+    """Print each host's line the moment it finishes (a JSON line with --json)."""
+    from edgeres.deploy.fleet_output import host_line
+
+    def on_done(res) -> None:
+        click.echo(host_line(res, as_json=True) if as_json else (line or host_line)(res))
+    return on_done
+
+
 def _finish(results, as_json: bool, text) -> None:
-    emit([r.to_dict() for r in results], as_json, lambda: text(results))
-    failed = [r for r in results if not r.ok]
-    if failed:
-        click.echo(f"Error: {len(failed)} of {len(results)} hosts failed: "
-                   + ", ".join(r.host for r in failed), err=True)
+    from edgeres.deploy.fleet_output import OUTCOMES
+
+    counts = {o: sum(r.outcome == o for r in results) for o in OUTCOMES}
+    if as_json:
+        click.echo(json.dumps({"event": "summary", **counts}, sort_keys=True))
+    else:
+        click.echo(text(results))
+    bad = [r for r in results if r.outcome in ("failed", "skipped")]
+    if bad:
+        click.echo(f"Error: {counts['failed']} of {len(results)} hosts failed, {counts['skipped']} skipped: "
+                   + ", ".join(f"{r.host} ({r.outcome})" for r in bad), err=True)
         sys.exit(1)
 
 
@@ -143,18 +162,29 @@ def _finish(results, as_json: bool, text) -> None:
               help="Deploy to the first N hosts first; stop if any of them fails.")
 @click.option("--max-failures", type=click.IntRange(0), default=None,
               help="Start no new host once more than K hosts failed.")
-@click.option("--host-timeout", type=click.FloatRange(1), default=3600.0, show_default=True,
-              help="Seconds one host may take (copy, engine build, verification, benchmark).")
+@click.option("--host-timeout", type=click.FloatRange(10), default=3600.0, show_default=True,
+              help="Seconds one host may take (copy, engine build, verification); the device aborts its install "
+                   "at the same limit and nothing is switched.")
+@click.option("--keep", type=click.IntRange(1), default=3, show_default=True,
+              help="Releases kept on each device after a successful activation (current and previous always).")
+@click.option("--trusted-keys", default="/etc/edgeres/allowed_signers", show_default=True,
+              help="Device's allowed_signers file: when it lists keys, only bundles they signed are installed.")
+@click.option("--units-dir", default="/etc/systemd/system", show_default=True,
+              help="Where the device gets the verify-on-boot units (skipped, and said, where it does not exist).")
 @json_option
-def deploy(bundle_dir, precision, iterations, require_backend, canary, max_failures, host_timeout, as_json,
-           **kw) -> None:
-    """Copy a bundle to devices over SSH; each builds, verifies and only then switches to the new release."""
+def deploy(bundle_dir, precision, iterations, require_backend, canary, max_failures, host_timeout, keep,
+           trusted_keys, units_dir, as_json, **kw) -> None:
+    """Copy a bundle to devices over SSH; each stages and verifies it, and only then does this command activate it.
+
+    A host that fails, times out, or whose controller is killed or interrupted keeps its running release."""
+    from edgeres.deploy.fleet_output import format_table
     from edgeres.deploy.ssh import deploy as run_deploy
-    from edgeres.deploy.ssh import format_table
 
     results = run_deploy(bundle_dir, _targets(kw), concurrency=kw["concurrency"], canary=canary,
                          max_failures=max_failures, host_timeout=host_timeout, precision=precision,
-                         iterations=iterations, require_backend=require_backend, **_ssh_kwargs(kw))
+                         iterations=iterations, require_backend=require_backend, keep=keep,
+                         trusted_keys=trusted_keys, units_dir=units_dir, on_done=_printer(as_json),
+                         **_ssh_kwargs(kw))
     _finish(results, as_json, format_table)
 
 
@@ -163,24 +193,56 @@ def deploy(bundle_dir, precision, iterations, require_backend, canary, max_failu
 @json_option
 def status(as_json, **kw) -> None:
     """What each device runs: release, bundle sha, TensorRT, backend, engine, verdict, latency, when (reads only)."""
-    from edgeres.deploy.ssh import format_status
+    from edgeres.deploy.fleet_output import format_status
     from edgeres.deploy.ssh import status as run_status
 
-    results = run_status(_targets(kw), concurrency=kw["concurrency"], **_ssh_kwargs(kw))
+    results = run_status(_targets(kw), concurrency=kw["concurrency"], on_done=_printer(True) if as_json else None,
+                         **_ssh_kwargs(kw))
     _finish(results, as_json, format_status)
+
+
+def _rollback_line(r) -> str:
+    if r.ok:
+        return f"{r.host}: now {r.result['current']} (previous {r.result['previous']})"
+    return f"{r.host}: {r.outcome.upper()}({r.stage}) {r.message}"
 
 
 @click.command()
 @ssh_options
 @json_option
 def rollback(as_json, **kw) -> None:
-    """Switch each device back to its previous release (and that release's last result)."""
+    """Switch each device back to its previous release (and that release's last passed result)."""
+    from edgeres.deploy.fleet_output import summary
     from edgeres.deploy.ssh import rollback as run_rollback
 
-    results = run_rollback(_targets(kw), concurrency=kw["concurrency"], **_ssh_kwargs(kw))
-    _finish(results, as_json, lambda rs: "\n".join(
-        f"{r.host}: now {r.result['current']} (previous {r.result['previous']})" if r.ok else f"{r.host}: {r.message}"
-        for r in rs))
+    results = run_rollback(_targets(kw), concurrency=kw["concurrency"], on_done=_printer(as_json, _rollback_line),
+                           **_ssh_kwargs(kw))
+    _finish(results, as_json, summary)
 
 
-COMMANDS = [bundle, deploy, status, rollback]
+@click.command()
+@click.option("--bundle", "bundle_path", required=True, type=click.Path(path_type=Path),
+              help="A bundle folder or .tar.gz made by `edgeres bundle`.")
+@click.option("--rootfs", required=True, type=click.Path(path_type=Path),
+              help="The Jetson root filesystem tree (e.g. Linux_for_Tegra/rootfs).")
+@click.option("--allow-non-rootfs", is_flag=True, help="Install into a folder without etc/.")
+@click.option("--trusted-keys", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="allowed_signers file: refuse the bundle unless one of its keys signed it; also installed as "
+                   "the image's /etc/edgeres/allowed_signers.")
+@json_option
+def rootfs(bundle_path, rootfs, allow_non_rootfs, trusted_keys, as_json) -> None:
+    """Install an existing bundle into a Jetson rootfs: the same release (id and layout) an SSH deploy writes,
+    pending until the verify-on-boot timer's first check passes on the device."""
+    from edgeres.deploy.bundle import opened_bundle
+    from edgeres.deploy.rootfs import install_rootfs
+
+    with opened_bundle(bundle_path) as folder:
+        installed, warnings = install_rootfs(folder, rootfs, allow_non_rootfs=allow_non_rootfs,
+                                             trusted_keys=trusted_keys)
+    emit({"release": installed.name, "path": str(installed), "warnings": warnings}, as_json,
+         "\n".join([f"warning: {w}" for w in warnings] +
+                   [f"rootfs: release {installed.name} installed and current (pending until verified on the "
+                    f"device); edgeres-verify.timer enabled"]))
+
+
+COMMANDS = [bundle, rootfs, deploy, status, rollback]

@@ -15,13 +15,14 @@ import os
 import shutil
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from edgeres.deploy.signing import check_key, sign_bundle
 from edgeres.errors import ArtifactError, ConfigError
-from edgeres.io import atomic_path, ensure_writable_dir, sha256_file
+from edgeres.io import atomic_path, check_bundle_out, ensure_writable_dir, sha256_file
+from edgeres.records import verify_copies
 
 FORMAT = "edgeres-bundle/1"
 MANIFEST = "manifest.json"
@@ -75,7 +76,7 @@ def build_verdict(run_dir: Path) -> tuple[bool, str]:
     records, torn = read_records_counted(run_dir)
     if not records:
         return False, "no stage records (stages.jsonl)"
-    return verdict(records, read_plan(run_dir), torn=torn)
+    return verdict(records, read_plan(run_dir), torn=torn, run_dir=run_dir)
 
 
 def tensorrt_validated(run_dir: Path) -> list[str]:
@@ -89,6 +90,20 @@ def tensorrt_validated(run_dir: Path) -> list[str]:
             if v:
                 versions.add(str(v))
     return sorted(versions)
+
+
+def write_npz(path: Path, arrays: dict[str, Any]) -> None:
+    """np.savez's format with a fixed time stamp on every member, so the same arrays give the same bytes (and the
+    same bundle the same release id)."""
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(arrays[name]), allow_pickle=False)
 
 
 def _ort_logits(onnx_path: Path, x, batch: int = 32):
@@ -139,12 +154,13 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str
     for name, src in files.items():
         if src is not None:
             shutil.copyfile(src, dest / name)
+    verify_copies(run_dir, [(src, dest / name) for name, src in files.items() if src is not None])
     ref32, inp, out = _ort_logits(dest / "model_fp32.onnx", x)
     ref8, _, _ = _ort_logits(dest / "model_int8.onnx", x)
     arrays = {"x": x, "ref_fp32": ref32, "ref_int8": ref8}
     if y is not None:
         arrays["y"] = y
-    np.savez(dest / "probe.npz", **arrays)
+    write_npz(dest / "probe.npz", arrays)
     sources = _runtime_sources()
     for name, src in sources.items():
         if src is not None:
@@ -163,8 +179,7 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str
     calib = "calib.cache" if files["calib.cache"] else None
     manifest = {
         "format": FORMAT,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "run": {"name": run_dir.resolve().name, "path": str(run_dir.resolve())},
+        "run": {"name": run_dir.resolve().name},   # no time stamp, no local path: the same run gives the same id
         "arch": meta.get("arch"), "dataset": meta.get("dataset"), "recipe_hash": meta.get("recipe_hash"),
         "models": {"fp32": "model_fp32.onnx", "int8": "model_int8.onnx"},
         "calibration_cache": calib,
@@ -206,9 +221,10 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str
 def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int = 32, tar: bool = False,
                 force: bool = False, min_top1_agreement_pct: float = DEFAULT_GATES["min_top1_agreement_pct"],
                 max_accuracy_drop_pp: float = DEFAULT_GATES["max_accuracy_drop_pp"],
-                allow_failed: bool = False) -> Path:
+                allow_failed: bool = False, sign_key: str | Path | None = None) -> Path:
     """Write the bundle folder `out_dir` (or `out_dir`.tar.gz with tar=True) atomically. Returns its path.
-    A run whose build did not pass every planned stage is refused unless `allow_failed` (then recorded)."""
+    A run whose build did not pass every planned stage is refused unless `allow_failed` (then recorded).
+    `sign_key`: an OpenSSH ed25519 private key that signs the manifest (signature.json, edgeres/deploy/signing.py)."""
     if probe_size < 1:
         raise ConfigError(f"--probe-size must be >= 1, got {probe_size}")
     if not 0.0 <= min_top1_agreement_pct <= 100.0 or not 0.0 <= max_accuracy_drop_pp <= 100.0:
@@ -216,8 +232,7 @@ def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int = 3
     run_dir, out = Path(run_dir), Path(out_dir)
     if tar and not out.name.endswith(".tar.gz"):
         out = out.with_name(out.name + ".tar.gz")
-    if out.exists() and not force:
-        raise ConfigError(f"{out} already exists; pass --force to replace it")
+    check_bundle_out(out, force)   # only a bundle edgeres made is ever replaced (io.py: the ownership rule)
     if not run_dir.is_dir():
         raise ArtifactError(f"run folder not found: {run_dir}")
     ok, message = build_verdict(run_dir)
@@ -225,12 +240,16 @@ def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int = 3
         raise ConfigError(f"{run_dir}: the build did not pass ({message}); fix it, or pass --allow-failed to "
                           f"bundle it anyway")
     build = {"ok": ok, "message": message, "allow_failed": allow_failed}
+    if sign_key is not None:
+        check_key(sign_key)   # a bad key is refused before the bundle is built
     ensure_writable_dir(out.parent)
     gates = {"min_top1_agreement_pct": min_top1_agreement_pct, "max_accuracy_drop_pp": max_accuracy_drop_pp}
     top = out.name[: -len(".tar.gz")] if tar else out.name
     tmp = Path(tempfile.mkdtemp(prefix=f".{top}.", suffix=".tmp", dir=out.parent))
     try:
         _write_bundle(run_dir, tmp, probe_size=probe_size, gates=gates, build=build)
+        if sign_key is not None:
+            sign_bundle(tmp, sign_key)
         if tar:
             with atomic_path(out) as tmp_tar, tarfile.open(tmp_tar, "w:gz") as tf:
                 for p in sorted(tmp.iterdir()):

@@ -1,48 +1,46 @@
 """Deploy a bundle to a fleet over SSH (asyncssh), roll back, read status.
 
 Hosts are resolved as `ssh` resolves them: `~/.ssh/config` (aliases, HostName, Port, User, ProxyJump,
-IdentityFile), then what the spec says (USER@HOST:PORT wins). Host keys are checked against known_hosts (hashed
+IdentityFile), then what the spec says (USER@HOST:PORT wins). A device is what `ssh -G` resolves it to (user,
+hostname, port): two spellings of one device are merged before anything starts, and two that turn out to share a
+machine id and install root after connecting are merged too. Host keys are checked against known_hosts (hashed
 entries too); a new key is accepted only with accept_new_host_keys (then recorded), a changed key never.
 
-Per host: send the bundle files whose sha256 differs into a staging folder in the login's home
-(`.cache/edgeres/staging/<bundle>`, each file written as NAME.part, then renamed), then run edgeres/deploy/
-releases.py on the device (its source is sent with the command, so it is always the host's version): it copies the
-staged bundle into ROOT/releases/<id>, verifies it there with the device runtime and switches ROOT/current only when
-it passed. A failed copy, a failed verification or a reboot leaves the running release and its result untouched.
+Per host, edgeres/deploy/releases.py runs on the device (its source travels with each command, so it is always the
+host's version), and the controller commits:
+  1. prepare: the device's identity, whether this login (or sudo -n) may write ROOT and STATE (checked before any
+     byte is copied), and which files it already has by sha256 (staged objects and installed releases);
+  2. copy: only the missing files, content-addressed, into `.cache/edgeres/objects/<sha256>` in the login's home
+     (each written as a .part file, then renamed), so an unchanged file is never sent again;
+  3. install: stage and verify under the device's lock with the device's own time limit (the time left of
+     --host-timeout), with --abort-on-stdin-eof: when this controller times out, is killed or interrupted, its
+     connection closes and the device aborts. install never switches anything;
+  4. activate: sent only when the install passed and this controller still wants it; the device switches
+     ROOT/current with one rename, prunes to --keep releases and installs the verify-on-boot units.
 Hosts run in parallel with bounded concurrency; every remote command is built with shlex.quote.
 """
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import re
 import shlex
+import shutil
+import subprocess
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeres.deploy.releases import EXECUTABLE, ROOT, STATE
+from edgeres.deploy.releases import MANIFEST, ROOT, SIGNATURE, STATE, TRUSTED_KEYS, UNITS_DIR
 from edgeres.errors import ConfigError
 from edgeres.io import sha256_file
 
-STAGING = ".cache/edgeres/staging"
-# Runs on the device with its python3: prints {name: sha256 or null} for the bundle files it already has.
-REMOTE_SHA256 = """import hashlib, json, os, sys
-out = {}
-for name in sys.argv[1:]:
-    h = hashlib.sha256()
-    try:
-        if os.path.islink(name) or not os.path.isfile(name):
-            raise OSError
-        with open(name, 'rb') as f:
-            for block in iter(lambda: f.read(1 << 20), b''):
-                h.update(block)
-        out[name] = h.hexdigest()
-    except OSError:
-        out[name] = None
-print(json.dumps(out))
-"""
+OBJECTS = ".cache/edgeres/objects"   # content-addressed staging in the login's home: files by sha256
+ACTIVATE_MARGIN_S = 5.0              # activate is sent only with at least this much of --host-timeout left
 _HOST = re.compile(r"(?:([A-Za-z0-9._][A-Za-z0-9._-]*)@)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*)"
                    r"(?::(\d{1,5}))?")
 
@@ -70,34 +68,70 @@ def parse_host(spec: str) -> HostSpec:
     return HostSpec(m.group(2).strip("[]"), m.group(1), port)
 
 
-def unique_hosts(hosts: list[str]) -> list[HostSpec]:
-    """Parsed, in order, each once: the same device listed twice would race with itself."""
+def resolve(spec: HostSpec, ssh_config: Path | None) -> str:
+    """user@hostname:port as `ssh -G` resolves the spec through the ssh config (without OpenSSH's client: the
+    spec's own fields, defaulted)."""
+    exe = shutil.which("ssh")
+    fields = {"user": spec.user or getpass.getuser(), "hostname": spec.host, "port": str(spec.port or 22)}
+    if exe is not None:
+        cmd = [exe, "-G", *(["-F", str(ssh_config)] if ssh_config and ssh_config.is_file() else []),
+               *(["-l", spec.user] if spec.user else []), *(["-p", str(spec.port)] if spec.port else []), spec.host]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        if out.returncode == 0:
+            for line in out.stdout.splitlines():
+                key, _, value = line.partition(" ")
+                if key in fields:
+                    fields[key] = value.strip()
+    return f"{fields['user']}@{fields['hostname']}:{fields['port']}"
+
+
+def unique_hosts(hosts: list[str], ssh_config: Path | None = None) -> tuple[list[HostSpec], dict[str, str]]:
+    """Parsed, in order, each device once: (the specs kept, {merged spec: the spec kept for the same device}).
+    The same device listed twice would race with itself."""
     seen: dict[str, HostSpec] = {}
+    merged: dict[str, str] = {}
     for h in hosts:
         spec = parse_host(h)
-        seen.setdefault(spec.label, spec)
-    return list(seen.values())
+        key = resolve(spec, ssh_config)
+        if key in seen:
+            if seen[key].label != spec.label:
+                merged[spec.label] = seen[key].label
+            continue
+        seen[key] = spec
+    return list(seen.values()), merged
 
 
 @dataclass
 class HostResult:
     host: str
     ok: bool = False
-    stage: str = "connect"          # where it stopped: connect, copy, install, done, skipped
-    message: str = ""
+    stage: str = "connect"          # where it stopped: connect, prepare, copy, install, activate, done, skipped,
+    message: str = ""               # duplicate
+    resolved: str | None = None     # user@hostname:port (ssh -G)
+    machine_id: str | None = None
     release: str | None = None
+    attempt: str | None = None
     activated: bool = False
-    sent: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    sent: list[str] = field(default_factory=list)      # sha256 of the objects sent
+    skipped: list[str] = field(default_factory=list)   # sha256 the device already had
     bytes_sent: int = 0
     exit_status: int | None = None
     result: dict[str, Any] | None = None
+    pruned: list[str] = field(default_factory=list)
+    units: dict[str, Any] | None = None
     host_key_added: str | None = None   # fingerprint recorded in known_hosts under --accept-new-host-keys
     attempts: int = 0
     duration_s: float = 0.0
 
+    @property
+    def outcome(self) -> str:
+        """ok, failed, skipped (never attempted), duplicate (the same device as another host)."""
+        if self.ok:
+            return "ok"
+        return self.stage if self.stage in ("skipped", "duplicate") else "failed"
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "outcome": self.outcome}
 
 
 @dataclass(frozen=True)
@@ -108,6 +142,8 @@ class SSHOptions:
     ssh_config: Path | None = Path("~/.ssh/config").expanduser()
     remote_root: str = ROOT
     state_dir: str = STATE
+    trusted_keys: str = TRUSTED_KEYS
+    units_dir: str = UNITS_DIR
     sudo: bool = False
     remote_python: tuple[str, ...] = ("python3",)
     connect_timeout: float = 30.0
@@ -207,7 +243,7 @@ def _releases_source() -> str:
 
 
 async def _home(conn) -> str:
-    """The login's home: relative paths (the staging folder, '~/x' roots) are resolved against it, for SFTP too."""
+    """The login's home: relative paths (the objects folder, '~/x' roots) are resolved against it, for SFTP too."""
     run = await conn.run('printf "%s" "$HOME"', check=False, timeout=30)
     home = str(run.stdout).strip()
     if run.exit_status != 0 or not home.startswith("/"):
@@ -219,19 +255,36 @@ def _under(home: str, path: str) -> str:
     return path if path.startswith("/") else f"{home}/{path}"
 
 
+def _command(opts: SSHOptions, home: str, action: str, *extra: str) -> str:
+    return opts.wrap([*opts.remote_python, "-c", _releases_source(), action, "--root", _under(home, opts.remote_root),
+                      "--state", _under(home, opts.state_dir), *extra])
+
+
 async def _releases(conn, opts: SSHOptions, action: str, *extra: str, timeout: float,
                     home: str | None = None) -> tuple[int | None, dict]:
-    """Run releases.py's ACTION on the device (its source travels with the command); (exit status, its JSON).
-    `home`: the login's home when the caller already read it."""
+    """Run releases.py's ACTION on the device; (exit status, its JSON)."""
     home = home or await _home(conn)
-    cmd = opts.wrap([*opts.remote_python, "-c", _releases_source(), action, "--root", _under(home, opts.remote_root),
-                     "--state", _under(home, opts.state_dir), *extra])
-    run = await conn.run(cmd, check=False, timeout=timeout)
+    run = await conn.run(_command(opts, home, action, *extra), check=False, timeout=timeout)
     out = _last_json(str(run.stdout))
     if out is None:
         raise _Failure(f"releases.py {action} printed no result (exit {run.exit_status}): "
                        f"{str(run.stderr).strip()[-300:]}")
     return run.exit_status, out
+
+
+async def _install(conn, cmd: str) -> tuple[int | None, dict]:
+    """install with its stdin held open by this controller: when this process or its connection goes away, the
+    device sees EOF and aborts (--abort-on-stdin-eof)."""
+    proc = await conn.create_process(cmd)
+    try:
+        done = await proc.wait(check=False)
+    finally:
+        proc.close()
+    out = _last_json(str(done.stdout))
+    if out is None:
+        raise _Failure(f"releases.py install printed no result (exit {done.exit_status}): "
+                       f"{str(done.stderr).strip()[-300:]}")
+    return done.exit_status, out
 
 
 def _gate_message(result: dict | None) -> str:
@@ -240,57 +293,107 @@ def _gate_message(result: dict | None) -> str:
     return "gate failed: " + "; ".join(failed) if failed else ""
 
 
-async def _deploy_host(spec: HostSpec, bundle: Path, manifest: dict, opts: SSHOptions, runtime_args: list[str],
-                       res: HostResult, run_timeout: float) -> None:
-    q = shlex.quote
+@dataclass(frozen=True)
+class DeployJob:
+    """What every host gets: the bundle's objects and the device-side settings."""
+    bundle: Path
+    objects: dict[str, Path]          # sha256 -> local file (files, manifest, signature)
+    manifest_sha: str
+    signature_sha: str | None
+    runtime_args: tuple[str, ...]
+    keep: int
+
+
+def deploy_job(bundle: Path, manifest: dict, runtime_args: list[str], keep: int) -> DeployJob:
+    objects = {entry["sha256"]: bundle / name for name, entry in sorted(manifest["files"].items())}
+    manifest_sha = sha256_file(bundle / MANIFEST)
+    objects[manifest_sha] = bundle / MANIFEST
+    sig = bundle / SIGNATURE
+    signature_sha = sha256_file(sig) if sig.is_file() else None
+    if signature_sha:
+        objects[signature_sha] = sig
+    return DeployJob(bundle, objects, manifest_sha, signature_sha, tuple(runtime_args), keep)
+
+
+async def _deploy_host(spec: HostSpec, job: DeployJob, opts: SSHOptions, res: HostResult, *, deadline: float,
+                       claim: Callable[[str, HostResult], str | None]) -> None:
     conn = await _connect(spec, opts, res)
     async with conn:
-        names = [*sorted(manifest["files"]), "manifest.json"]  # manifest last: it commits the copy
         home = await _home(conn)
-        stage_dir = f"{home}/{STAGING}/{bundle.name.removesuffix('.tar.gz')}"
-        py = " ".join(q(p) for p in opts.remote_python)
+        objdir = f"{home}/{OBJECTS}"
+        res.stage = "prepare"
+        status, prep = await _releases(conn, opts, "prepare", "--objects", objdir, timeout=opts.connect_timeout * 4,
+                                       home=home)
+        res.machine_id = prep.get("machine_id")
+        if status != 0:
+            raise _Failure("permission: " + "; ".join(prep.get("problems") or [prep.get("error") or
+                                                                                  f"exit {status}"])
+                           + ("" if opts.sudo else " (a non-root login: pass --sudo, or a --remote-root it can write)")
+                           + "; nothing copied")
+        other = claim(f"{prep.get('machine_id')}:{prep.get('root')}", res)
+        if other is not None:
+            res.stage = "duplicate"
+            res.message = f"same device as {other} (machine id and install root); not deployed twice"
+            return
         res.stage = "copy"
-        probe = await conn.run(f"mkdir -p -- {q(stage_dir)} && cd -- {q(stage_dir)} && {py} -c "
-                               f"{q(REMOTE_SHA256)} " + " ".join(q(n) for n in names),
-                               check=False, timeout=opts.connect_timeout * 4)
-        if probe.exit_status != 0:
-            raise _Failure(f"cannot prepare the staging folder {stage_dir} with {py} (exit {probe.exit_status}): "
-                           f"{str(probe.stderr).strip()[-300:]}")
-        remote = _last_json(str(probe.stdout)) or {}
-        local = {n: manifest["files"][n]["sha256"] for n in names[:-1]}
-        local["manifest.json"] = sha256_file(bundle / "manifest.json")
+        have = set(prep.get("have") or [])
+        attempt = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+        res.attempt = attempt
         async with conn.start_sftp_client() as sftp:
-            for name in names:
-                if remote.get(name) == local[name]:
-                    res.skipped.append(name)
+            await sftp.makedirs(objdir, exist_ok=True)
+            for sha, path in job.objects.items():
+                if sha in have:
+                    res.skipped.append(sha)
                     continue
-                dst, part = f"{stage_dir}/{name}", f"{stage_dir}/{name}.part"
-                await sftp.put(str(bundle / name), part)
-                await sftp.chmod(part, 0o755 if name in EXECUTABLE else 0o644)
-                await sftp.posix_rename(part, dst)
-                res.sent.append(name)
-                res.bytes_sent += (bundle / name).stat().st_size
+                part = f"{objdir}/{sha}.part-{attempt}"
+                await sftp.put(str(path), part)
+                await sftp.chmod(part, 0o644)
+                await sftp.posix_rename(part, f"{objdir}/{sha}")
+                res.sent.append(sha)
+                res.bytes_sent += path.stat().st_size
         res.stage = "install"
-        status, out = await _releases(conn, opts, "install", "--from", stage_dir, "--python", *opts.remote_python[:1],
-                                      "--", "--expect-manifest-sha256", local["manifest.json"], *runtime_args,
-                                      timeout=run_timeout, home=home)
-    res.exit_status, res.result = status, out.get("result")
-    res.release, res.activated = out.get("release"), bool(out.get("activated"))
-    res.ok = status == 0 and res.activated
-    res.stage = "done" if res.ok else "install"
-    if not res.ok:
-        res.message = (out.get("error") or (res.result or {}).get("error") or _gate_message(res.result)
-                       or f"exit {status}") + "; the running release was left as it was"
+        left = deadline - time.monotonic()
+        cmd = _command(opts, home, "install", "--objects", objdir, "--manifest", job.manifest_sha,
+                       *(["--signature", job.signature_sha] if job.signature_sha else []), "--attempt", attempt,
+                       "--time-limit", f"{max(left - ACTIVATE_MARGIN_S, 1.0):.0f}", "--abort-on-stdin-eof",
+                       "--trusted-keys", _under(home, opts.trusted_keys), "--python", opts.remote_python[0],
+                       "--", "--expect-manifest-sha256", job.manifest_sha, *job.runtime_args)
+        status, out = await _install(conn, cmd)
+        res.exit_status, res.result = status, out.get("result")
+        res.release = out.get("release")
+        if status != 0 or not out.get("verified"):
+            res.message = (out.get("error") or (res.result or {}).get("error") or _gate_message(res.result)
+                           or f"exit {status}") + "; the running release was left as it was"
+            return
+        if deadline - time.monotonic() < ACTIVATE_MARGIN_S:
+            res.message = "verified, but too little of --host-timeout was left to activate; nothing switched"
+            return
+        res.stage = "activate"
+        status, out = await _releases(conn, opts, "activate", res.release, "--attempt", attempt, "--keep",
+                                      str(job.keep), "--units-dir", _under(home, opts.units_dir),
+                                      timeout=ACTIVATE_MARGIN_S * 6, home=home)
+        res.exit_status = status
+        res.activated = bool(out.get("activated"))
+        res.pruned, res.units = out.get("pruned") or [], out.get("units")
+        res.ok = status == 0 and res.activated
+        res.stage = "done" if res.ok else "activate"
+        if not res.ok:
+            res.message = out.get("error") or f"exit {status}"
 
 
 async def _fleet(specs: list[HostSpec], work, *, concurrency: int, host_timeout: float, canary: int = 0,
-                 max_failures: int | None = None) -> list[HostResult]:
-    """Run `work(spec, res)` on every host: canaries first (any failure stops the rest), then the others with
-    bounded concurrency, stopping new hosts once more than max_failures failed. One host's bug never hides the
-    others' results."""
-    results = {s.label: HostResult(s.label) for s in specs}
+                 max_failures: int | None = None, on_done: Callable[[HostResult], None] | None = None,
+                 resolved: dict[str, str] | None = None) -> list[HostResult]:
+    """Run `work(spec, res, deadline)` on every host: canaries first (any failure stops the rest), then the others
+    with bounded concurrency, starting no new host once more than max_failures failed. `on_done` sees each host's
+    result as it finishes. One host's bug never hides the others' results."""
+    results = {s.label: HostResult(s.label, resolved=(resolved or {}).get(s.label)) for s in specs}
     sem = asyncio.Semaphore(concurrency)
     failures = 0
+
+    def done(res: HostResult) -> None:
+        if on_done is not None:
+            on_done(res)
 
     async def one(spec: HostSpec) -> None:
         nonlocal failures
@@ -298,46 +401,53 @@ async def _fleet(specs: list[HostSpec], work, *, concurrency: int, host_timeout:
         async with sem:
             if max_failures is not None and failures > max_failures:
                 res.stage, res.message = "skipped", f"not attempted: more than {max_failures} host(s) failed"
+                done(res)
                 return
             t0 = time.monotonic()
             try:
-                await asyncio.wait_for(work(spec, res), host_timeout)
+                await asyncio.wait_for(work(spec, res, t0 + host_timeout), host_timeout)
             except asyncio.TimeoutError:
-                res.message = f"{res.stage}: no answer within --host-timeout {host_timeout:g} s"
-            except _Failure as e:
-                res.message = str(e)
-            except ConfigError as e:
+                res.message = f"{res.stage}: no answer within --host-timeout {host_timeout:g} s; the device " \
+                              f"aborts the install and nothing is switched"
+            except (_Failure, ConfigError) as e:
                 res.message = str(e)
             except Exception as e:  # noqa: BLE001 - asyncssh/OS errors; one host's failure stays its own
                 res.message = f"{res.stage}: {_describe(e)}"
             res.duration_s = round(time.monotonic() - t0, 3)
-            if not res.ok:
+            if res.outcome == "failed":
                 failures += 1
+            done(res)
 
     first, rest = specs[:canary], specs[canary:]
     await asyncio.gather(*(one(s) for s in first))
-    if canary and any(not results[s.label].ok for s in first):
+    if canary and any(results[s.label].outcome == "failed" for s in first):
         for s in rest:
             results[s.label].stage, results[s.label].message = "skipped", "not attempted: a canary host failed"
+            done(results[s.label])
     else:
         await asyncio.gather(*(one(s) for s in rest))
     return [results[s.label] for s in specs]
 
 
-def _options(known_hosts, identity, ssh_config, remote_root, state_dir, sudo, remote_python, accept_new,
-             connect_timeout, retries) -> SSHOptions:
+def _options(ssh: dict[str, Any]) -> SSHOptions:
+    identity = ssh.get("identity")
     if identity is not None and not Path(identity).is_file():
         raise ConfigError(f"identity file not found: {identity}")
-    kh = Path(known_hosts).expanduser() if known_hosts else Path("~/.ssh/known_hosts").expanduser()
+    kh = Path(ssh.get("known_hosts") or "~/.ssh/known_hosts").expanduser()
     read_known_hosts(kh)   # a broken file is one error up front, not one per host
+    remote_python = ssh.get("remote_python", "python3")
     python = tuple(shlex.split(remote_python)) if isinstance(remote_python, str) else tuple(remote_python)
     if not python:
         raise ConfigError("--remote-python is empty")
-    return SSHOptions(known_hosts=kh, accept_new=accept_new, identity=Path(identity) if identity else None,
-                      ssh_config=Path(ssh_config).expanduser() if ssh_config else
-                      Path("~/.ssh/config").expanduser(), remote_root=_remote_path(remote_root),
-                      state_dir=_remote_path(state_dir), sudo=sudo, remote_python=python,
-                      connect_timeout=connect_timeout, retries=retries)
+    return SSHOptions(known_hosts=kh, accept_new=ssh.get("accept_new_host_keys", False),
+                      identity=Path(identity) if identity else None,
+                      ssh_config=Path(ssh.get("ssh_config") or "~/.ssh/config").expanduser(),
+                      remote_root=_remote_path(ssh.get("remote_root", ROOT)),
+                      state_dir=_remote_path(ssh.get("state_dir", STATE)),
+                      trusted_keys=_remote_path(ssh.get("trusted_keys", TRUSTED_KEYS)),
+                      units_dir=_remote_path(ssh.get("units_dir", UNITS_DIR)), sudo=ssh.get("sudo", False),
+                      remote_python=python, connect_timeout=ssh.get("connect_timeout", 30.0),
+                      retries=ssh.get("retries", 2))
 
 
 def _remote_path(p: str) -> str:
@@ -349,51 +459,64 @@ def _remote_path(p: str) -> str:
     return p
 
 
-def deploy(bundle_dir: str | Path, hosts: list[str], *, concurrency: int = 4, canary: int = 0,
+def _specs(hosts: list[str], opts: SSHOptions, on_done) -> tuple[list[HostSpec], list[HostResult], dict]:
+    specs, merged = unique_hosts(hosts, opts.ssh_config)
+    if not specs:
+        raise ConfigError("no hosts given")
+    resolved = {s.label: resolve(s, opts.ssh_config) for s in specs}
+    dups = [HostResult(label, stage="duplicate", message=f"same device as {kept} ({resolved[kept]}); merged")
+            for label, kept in merged.items()]
+    for d in dups:
+        if on_done is not None:
+            on_done(d)
+    return specs, dups, resolved
+
+
+def deploy(bundle_dir: str | Path, hosts: list[str], *, concurrency: int = 16, canary: int = 0,
            max_failures: int | None = None, host_timeout: float = 3600.0, precision: str = "int8",
-           iterations: int = 200, require_backend: str | None = None, **ssh: Any) -> list[HostResult]:
-    """Deploy and verify on every host; returns one HostResult per distinct host, in the order given."""
+           iterations: int = 200, require_backend: str | None = None, keep: int = 3,
+           on_done: Callable[[HostResult], None] | None = None, **ssh: Any) -> list[HostResult]:
+    """Deploy, verify and activate on every host; one HostResult per host given (merged duplicates included),
+    distinct hosts first, in the order given."""
     from edgeres.deploy.bundle import opened_bundle, verify_bundle
 
     if concurrency < 1:
         raise ConfigError("concurrency must be >= 1")
     if precision not in ("int8", "fp16", "fp32"):
         raise ConfigError(f"precision must be int8, fp16 or fp32, got {precision!r}")
-    specs = unique_hosts(hosts)
-    if not specs:
-        raise ConfigError("no hosts given")
     if canary < 0 or (max_failures is not None and max_failures < 0):
         raise ConfigError("--canary and --max-failures must be >= 0")
-    opts = _ssh_options(ssh)
+    if keep < 1:
+        raise ConfigError("--keep must be >= 1 (the running release stays)")
+    opts = _options(ssh)
     runtime_args = ["--precision", precision, "--iterations", str(iterations), "--quiet"]
     if require_backend:
         runtime_args += ["--require-backend", require_backend]
     with opened_bundle(bundle_dir) as bundle:
         manifest = verify_bundle(bundle)   # a bundle altered on this side is refused before any copy
+        job = deploy_job(bundle, manifest, runtime_args, keep)
+        specs, dups, resolved = _specs(hosts, opts, on_done)
+        claimed: dict[str, str] = {}
 
-        async def work(spec: HostSpec, res: HostResult) -> None:
-            await _deploy_host(spec, bundle, manifest, opts, runtime_args, res, run_timeout=host_timeout)
+        def claim(identity: str, res: HostResult) -> str | None:
+            """None for the first host of a device; the first host's name for any later one."""
+            owner = claimed.setdefault(identity, res.host)
+            return None if owner == res.host else owner
+
+        async def work(spec: HostSpec, res: HostResult, deadline: float) -> None:
+            await _deploy_host(spec, job, opts, res, deadline=deadline, claim=claim)
 
         return asyncio.run(_fleet(specs, work, concurrency=concurrency, host_timeout=host_timeout, canary=canary,
-                                  max_failures=max_failures))
-
-
-def _ssh_options(ssh: dict[str, Any]) -> SSHOptions:
-    return _options(ssh.get("known_hosts"), ssh.get("identity"), ssh.get("ssh_config"),
-                    ssh.get("remote_root", ROOT), ssh.get("state_dir", STATE), ssh.get("sudo", False),
-                    ssh.get("remote_python", "python3"), ssh.get("accept_new_host_keys", False),
-                    ssh.get("connect_timeout", 30.0), ssh.get("retries", 2))
+                                  max_failures=max_failures, on_done=on_done, resolved=resolved)) + dups
 
 
 def _on_each(hosts: list[str], action: str, *, concurrency: int, host_timeout: float,
-             **ssh: Any) -> list[HostResult]:
+             on_done: Callable[[HostResult], None] | None = None, **ssh: Any) -> list[HostResult]:
     """releases.py ACTION (status, rollback) on every host."""
-    specs = unique_hosts(hosts)
-    if not specs:
-        raise ConfigError("no hosts given")
-    opts = _ssh_options(ssh)
+    opts = _options(ssh)
+    specs, dups, resolved = _specs(hosts, opts, on_done)
 
-    async def work(spec: HostSpec, res: HostResult) -> None:
+    async def work(spec: HostSpec, res: HostResult, deadline: float) -> None:
         conn = await _connect(spec, opts, res)
         async with conn:
             res.stage = action
@@ -405,66 +528,15 @@ def _on_each(hosts: list[str], action: str, *, concurrency: int, host_timeout: f
         if not res.ok:
             res.message = out.get("error") or f"exit {status}"
 
-    return asyncio.run(_fleet(specs, work, concurrency=concurrency, host_timeout=host_timeout))
+    return asyncio.run(_fleet(specs, work, concurrency=concurrency, host_timeout=host_timeout, on_done=on_done,
+                              resolved=resolved)) + dups
 
 
-def status(hosts: list[str], *, concurrency: int = 8, host_timeout: float = 60.0, **ssh: Any) -> list[HostResult]:
+def status(hosts: list[str], *, concurrency: int = 16, host_timeout: float = 60.0, **ssh: Any) -> list[HostResult]:
     """What every device runs, read from the devices without running anything."""
     return _on_each(hosts, "status", concurrency=concurrency, host_timeout=host_timeout, **ssh)
 
 
-def rollback(hosts: list[str], *, concurrency: int = 4, host_timeout: float = 120.0, **ssh: Any) -> list[HostResult]:
-    """Switch every device back to its previous release (and that release's last result)."""
+def rollback(hosts: list[str], *, concurrency: int = 16, host_timeout: float = 120.0, **ssh: Any) -> list[HostResult]:
+    """Switch every device back to its previous release (and that release's last passed result)."""
     return _on_each(hosts, "rollback", concurrency=concurrency, host_timeout=host_timeout, **ssh)
-
-
-def _table(head: tuple[str, ...], rows: list[tuple], results: list[HostResult]) -> str:
-    rows = [head, *rows]
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    for r in results:
-        notes = [r.message] if r.message else []
-        if r.host_key_added:
-            notes.append(f"new host key recorded: {r.host_key_added}")
-        result = r.result or {}
-        if result.get("note"):
-            notes.append(result["note"])
-        notes += [f"warning: {w}" for w in (result.get("device") or {}).get("warnings", [])]
-        lines += [f"{r.host}: {n}" for n in notes]
-    return "\n".join(lines)
-
-
-def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def format_table(results: list[HostResult]) -> str:
-    head = ("host", "status", "release", "backend", "tensorrt", "prec", "agree %", "acc %", "median_ms", "sent/skip")
-    rows = []
-    for r in results:
-        out = r.result or {}
-        ver, bench = out.get("verification") or {}, out.get("benchmark") or {}
-        rows.append((r.host, "ok" if r.ok else f"FAIL({r.stage})", r.release or "-", out.get("backend") or "-",
-                     (out.get("device") or {}).get("tensorrt") or "-", out.get("precision") or "-",
-                     _fmt(ver.get("top1_agreement_pct"), ".2f"), _fmt(ver.get("accuracy_pct"), ".2f"),
-                     _fmt(bench.get("median_ms"), ".3f"), f"{len(r.sent)}/{len(r.skipped)}"))
-    return _table(head, rows, results)
-
-
-def format_status(results: list[HostResult]) -> str:
-    head = ("host", "release", "bundle sha", "tensorrt", "backend", "engine", "verdict", "median_ms", "when")
-    rows = []
-    for r in results:
-        st = r.result or {}
-        res = st.get("result") or {}
-        engine = res.get("engine")
-        built = "-" if not engine else ("cached" if engine.get("cached") else "built")
-        verdict = (res.get("status") or "-") if st.get("installed") else "not installed"
-        if st.get("installed") and res and not st.get("result_is_current"):
-            verdict += " (older release)"
-        rows.append((r.host, st.get("current") or "-", (st.get("manifest_sha256") or "-")[:12],
-                     (res.get("device") or {}).get("tensorrt") or "-", res.get("backend") or "-", built,
-                     verdict if r.ok else f"UNREACHABLE({r.stage})", _fmt((res.get("benchmark") or {})
-                                                                         .get("median_ms"), ".3f"),
-                     res.get("finished_at") or "-"))
-    return _table(head, rows, [r for r in results if not r.ok])
