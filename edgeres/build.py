@@ -542,7 +542,8 @@ def _resolve_recipe(opts: BuildOptions):
 def build(opts: BuildOptions) -> BuildResult:
     """Validate everything, then hold the run folder and run the plan. A build refused before its first stage
     (bad option, recipe or data, unwritable or busy folder) changes nothing in the folder."""
-    from edgeres.io import ensure_writable_dir
+    from edgeres.checkpoint import check_checkpoints
+    from edgeres.io import claim_dir
     from edgeres.records import run_lock
 
     if opts.max_drop is not None and opts.max_drop < 0:
@@ -557,7 +558,8 @@ def build(opts: BuildOptions) -> BuildResult:
     from edgeres.models.registry import get_spec, resolve_options
 
     resolve_options(get_spec(recipe.model.arch), recipe.model.options)   # an unknown arch is refused here
-    run_dir = ensure_writable_dir(opts.out, "run folder")
+    check_checkpoints(opts.pretrained, recipe.train.init_from, arch=recipe.model.arch)   # read before any write
+    run_dir = claim_dir(opts.out, what="run folder", kind="run", legacy=("stages.jsonl",))
     with run_lock(run_dir):
         ctx = BuildContext(opts=opts, recipe=recipe, run_dir=run_dir)
         ctx.data  # noqa: B018 -- load (and so validate) the data before anything is written
@@ -565,7 +567,7 @@ def build(opts: BuildOptions) -> BuildResult:
 
 
 def _run_plan(ctx: BuildContext) -> BuildResult:
-    from edgeres.records import write_plan
+    from edgeres.records import finish_plan, write_plan
     from edgeres.report import write_report
 
     steps = [s for s in PLAN if s.when(ctx)]
@@ -578,6 +580,7 @@ def _run_plan(ctx: BuildContext) -> BuildResult:
             run_stage(ctx, step)
     except GateError as e:
         ok, message = False, str(e)
+    finish_plan(ctx.run_dir)
     report = write_report(ctx.run_dir, list(ctx.records.values()), ok=ok, message=message,
                           total_s=time.perf_counter() - start)
     return BuildResult(run_dir=ctx.run_dir, records=list(ctx.records.values()), ok=ok, message=message, report=report)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.errors import CheckpointError
-from edgeres.io import atomic_write_bytes
+from edgeres.io import atomic_write_bytes, require_regular_file
 
 
 @dataclass(frozen=True)
@@ -38,15 +38,12 @@ class ModelMeta:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelMeta:
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        for key in ("mean", "std", "class_names"):
-            if key in known:
-                known[key] = tuple(known[key])
+    def from_dict(cls, d: dict[str, Any], source: str = "checkpoint") -> ModelMeta:
+        known = check_meta({k: d[k] for k in cls.__dataclass_fields__ if k in d}, source)
         try:
             return cls(**known)
         except TypeError as e:
-            raise CheckpointError(f"checkpoint metadata incomplete: {e}") from None
+            raise CheckpointError(f"{source} metadata incomplete: {e}") from None
 
     def create_model(self):
         from edgeres.models import create_model
@@ -55,11 +52,81 @@ class ModelMeta:
                             options=self.arch_options)
 
 
+# Metadata is read from files a user hands over: every value is type- and range-checked before anything sizes an
+# allocation or a model from it (a class count of 1e9 would be a 256 GB classifier, an input size of 50000 a 10 GB
+# image). The limits are those of the recipe (data.input_size) and of the models edgeres builds.
+META_INT_RANGES = {"num_classes": (1, 100_000), "in_channels": (1, 16), "input_size": (8, 4096),
+                   "resize_size": (8, 8192)}
+META_STRINGS = ("arch", "dataset", "recipe_hash", "data_dir")
+
+
+def check_meta(d: dict[str, Any], source: str = "checkpoint") -> dict[str, Any]:
+    """Type- and range-check the ModelMeta fields present in `d` (from a checkpoint or ONNX metadata); returns
+    them normalised (tuples for mean/std/class_names). CheckpointError naming the field otherwise."""
+    import math
+
+    out = dict(d)
+
+    def bad(key: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{source}: metadata {key} {why}, got {_short(d[key])}")
+
+    for key, (lo, hi) in META_INT_RANGES.items():
+        v = d.get(key)
+        if v is None and key == "resize_size":
+            continue
+        if key in d:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(key, "must be an integer")
+            if not lo <= v <= hi:
+                raise bad(key, f"must lie in [{lo}, {hi}]")
+    for key in META_STRINGS:
+        if key in d and d[key] is not None and not isinstance(d[key], str):
+            raise bad(key, "must be a string")
+    for key in ("mean", "std"):
+        if key in d:
+            v = d[key]
+            if not isinstance(v, (list, tuple)) or not v or len(v) > 16 or \
+                    not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
+                raise bad(key, "must be a list of 1 to 16 finite numbers")
+            if key == "std" and any(x <= 0 for x in v):
+                raise bad(key, "must be > 0")
+            channels = d.get("in_channels")
+            if isinstance(channels, int) and len(v) not in (1, channels):
+                raise bad(key, f"needs 1 or {channels} values (one per input channel)")
+            out[key] = tuple(float(x) for x in v)
+    if "class_names" in d:
+        v = d["class_names"]
+        if not isinstance(v, (list, tuple)) or len(v) > META_INT_RANGES["num_classes"][1] or \
+                not all(isinstance(x, str) for x in v):
+            raise bad("class_names", "must be a list of strings, one per class")
+        out["class_names"] = tuple(v)
+    if "arch_options" in d and not isinstance(d["arch_options"], dict):
+        raise bad("arch_options", "must be a mapping")
+    return out
+
+
+def _short(value: Any, n: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def check_checkpoints(pretrained: str | Path | None, init_from: str | Path | None, *, arch: str | None) -> None:
+    """Read the checkpoints a build was handed (--pretrained, --init-from) before it writes anything into its run
+    folder: a broken file is refused with the run left as it was."""
+    if pretrained:
+        load_model(pretrained, arch=arch)
+    if init_from:
+        read_checkpoint(init_from)
+
+
 def save_checkpoint(path: str | Path, model_or_state: Any, meta: ModelMeta | None, **extra: Any) -> Path:
     """Atomically write {"state_dict", "meta", **extra}. `extra` must hold only tensors and plain types."""
     import torch
 
     state = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") else model_or_state
+    # tensors saved from the GPU are saved as CPU tensors: a checkpoint loads on any machine (no-op on the CPU)
+    if any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in state.values()):
+        state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
     payload = {"state_dict": state, "meta": meta.to_dict() if meta else None, **extra}
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -89,9 +156,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], ModelMeta | None,
     """Return (state_dict, meta or None, the rest of the payload)."""
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = require_regular_file(path, "checkpoint", CheckpointError)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for junk, truncated or unsafe files
@@ -107,7 +172,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], ModelMeta | None,
             obj = obj[key]
             break
     if isinstance(rest.get("meta"), dict):
-        meta = ModelMeta.from_dict(rest.pop("meta"))
+        meta = ModelMeta.from_dict(rest.pop("meta"), source=str(path))
+    odd = next((k for k in obj if not isinstance(k, str)), None)
+    if odd is not None:
+        raise CheckpointError(f"{path}: state_dict keys must be names (strings), found {_short(odd)}")
     state = {_modern_key(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
     if not state or not all(hasattr(v, "shape") for v in state.values()):
         raise CheckpointError(f"{path}: no tensors found where the state_dict should be")

@@ -5,10 +5,13 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from edgeres.errors import ConfigError, EdgeresError
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -53,8 +56,6 @@ def _umask() -> int:
 
 def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
     """Create `path` if needed and prove a file can be written there, before any work starts (not after an epoch)."""
-    from edgeres.errors import ConfigError
-
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)
@@ -81,13 +82,150 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def refuse_overwrite(path: str | os.PathLike, force: bool = False) -> None:
-    """Before any work: raise if `path` exists and the user did not ask to replace it, if it is a folder, or if
-    its folder cannot be written."""
-    from edgeres.errors import ConfigError
-
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{path} is a folder; give a file path")
-    if p.exists() and not force:
-        raise ConfigError(f"{path} already exists; pass --force to replace it")
+    """Before any work: raise unless `path` is absent or (with `force`) a regular file (check_replaceable: never a
+    folder, link, FIFO, device or socket), or if its folder cannot be written."""
+    p = check_replaceable(path, force)
     ensure_writable_dir(p.parent if str(p.parent) else Path("."))
+
+
+# ------------------------------------------------------------------------------------------------ ownership
+# edgeres writes, replaces or deletes only paths it created and can recognise as its own (git will not overwrite
+# untracked files; pip removes only the files in RECORD). A folder edgeres creates carries MARKER; a bundle folder
+# is recognised by its manifest. Every `--out` goes through one of the checks below before any work starts.
+
+MARKER = ".edgeres"
+MAX_TEXT_BYTES = 16 << 20   # recipes, plans, records, manifests: text files a user can read
+
+
+def _kind(mode: int) -> str | None:
+    """'a FIFO', 'a device'... for what is not a regular file or a folder (None for those)."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return None
+
+
+def special_file(path: str | os.PathLike) -> str | None:
+    """What `path` is when it exists but is neither a regular file nor a folder (links followed), else None."""
+    try:
+        return _kind(os.stat(path).st_mode)
+    except OSError:
+        return None
+
+
+def require_regular_file(path: str | os.PathLike, what: str = "file", error: type | None = None) -> Path:
+    """`path` must be an existing regular file: a FIFO would block forever, a device read without end."""
+    err = error or ConfigError
+    p = Path(path)
+    kind = special_file(p)
+    if kind:
+        raise err(f"{what} {p} is {kind}, not a regular file; refused")
+    if p.is_dir():
+        raise err(f"{what} {p} is a folder, not a file")
+    if not p.is_file():
+        raise err(f"{what} not found: {p}")
+    return p
+
+
+def read_small_bytes(path: str | os.PathLike, what: str = "file", limit: int = MAX_TEXT_BYTES,
+                     error: type | None = None) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (never a FIFO, a device or a huge file)."""
+    p = require_regular_file(path, what, error)
+    if p.stat().st_size > limit:
+        raise (error or ConfigError)(f"{what} {p} is {p.stat().st_size} bytes; more than the {limit} a "
+                                     f"{what} may have")
+    return p.read_bytes()
+
+
+def check_replaceable(path: str | os.PathLike, force: bool = False, what: str = "--out") -> Path:
+    """A file edgeres may write at `path`: absent, or (with `force`) a regular file. Never a folder, a link, a
+    FIFO, a device or a socket, whatever `force` says."""
+    p = Path(path)
+    try:
+        mode = os.lstat(p).st_mode
+    except FileNotFoundError:
+        return p
+    except OSError as e:
+        raise ConfigError(f"{what} {p}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"{what} {p} is a folder; give a file path")
+    kind = _kind(mode)
+    if kind:
+        raise ConfigError(f"{what} {p} is {kind}; edgeres replaces only regular files it wrote, even with --force")
+    if not force:
+        raise ConfigError(f"{p} already exists; pass --force to replace it")
+    return p
+
+
+def check_owned_dir(path: str | os.PathLike, *, what: str = "--out", legacy: tuple[str, ...] = (),
+                    owner_parent: bool = False) -> bool:
+    """May edgeres write into folder `path`? True when it exists as edgeres's own (it carries MARKER, or one of the
+    `legacy` files an older edgeres left there, or with `owner_parent` its parent carries MARKER), False when it does
+    not exist or is empty (edgeres will create/claim it). Anything else is refused: a file, a link, a special file,
+    or a folder with someone else's files. Writes nothing."""
+    p = Path(path)
+    try:
+        mode = os.lstat(p).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise ConfigError(f"{what} {p}: {e.strerror or e}") from None
+    if not stat.S_ISDIR(mode):
+        kind = _kind(mode) or "a file"
+        raise ConfigError(f"{what} {p} is {kind}, not a folder edgeres made; choose a new folder")
+    if (p / MARKER).is_file() or (owner_parent and (p.parent / MARKER).is_file()):
+        return True
+    if any((p / name).is_file() for name in legacy):
+        return True
+    try:
+        if next(p.iterdir(), None) is None:
+            return False
+    except OSError as e:
+        raise ConfigError(f"{what} {p}: {e.strerror or e}") from None
+    raise ConfigError(f"{what} {p} is a folder edgeres did not create (no {MARKER} marker) and is not empty; "
+                      f"edgeres writes only into folders it made: choose a new or empty folder")
+
+
+def claim_dir(path: str | os.PathLike, *, what: str = "output folder", kind: str = "run",
+              legacy: tuple[str, ...] = (), owner_parent: bool = False) -> Path:
+    """Check `path` as check_owned_dir does, then create it if needed and mark it as edgeres's own."""
+    p = Path(path)
+    check_owned_dir(p, what=what, legacy=legacy, owner_parent=owner_parent)
+    ensure_writable_dir(p, what)
+    if not (p / MARKER).is_file():
+        atomic_write_json(p / MARKER, {"created_by": "edgeres", "kind": kind})
+    return p
+
+
+def check_bundle_out(path: str | os.PathLike, force: bool, *, manifest: str = "manifest.json",
+                     fmt_prefix: str = "edgeres-bundle/") -> Path:
+    """A bundle `--out`: absent, or (with `force`) a bundle edgeres made: a folder holding only the files its
+    manifest lists, or a regular .tar.gz file. Anything else (the user's folder, a run, a folder of runs) is
+    refused, so `--force` can never delete it."""
+    p = Path(path)
+    if p.name.endswith(".tar.gz"):
+        return check_replaceable(p, force)
+    try:
+        mode = os.lstat(p).st_mode
+    except FileNotFoundError:
+        return p
+    if not stat.S_ISDIR(mode):
+        raise ConfigError(f"--out {p} is {_kind(mode) or 'a file'}, not a bundle folder; refused")
+    try:
+        data = json.loads(read_small_bytes(p / manifest, "bundle manifest"))
+        ok = isinstance(data, dict) and str(data.get("format", "")).startswith(fmt_prefix) and \
+            isinstance(data.get("files"), dict)
+    except (EdgeresError, ValueError, OSError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"--out {p} exists and is not a bundle edgeres made (no readable {manifest}); "
+                          f"edgeres will not replace or delete it, even with --force")
+    extra = sorted(c.name for c in p.iterdir() if c.name not in data["files"] and c.name != manifest)
+    if extra:
+        raise ConfigError(f"--out {p} holds files the bundle did not make ({', '.join(extra[:5])}); edgeres will "
+                          f"not delete them: move them away or choose another --out")
+    if not force:
+        raise ConfigError(f"{p} already exists; pass --force to replace it")
+    return p

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from edgeres.env import environment
-from edgeres.io import atomic_write_json, sha256_file
+from edgeres.errors import ArtifactError, EdgeresError
+from edgeres.io import atomic_write_json, read_small_bytes, require_regular_file, sha256_file, special_file
 
 
 class Status(str, Enum):
@@ -129,7 +130,7 @@ def read_records_counted(run_dir: str | Path) -> tuple[list[StageRecord], int]:
     if not path.is_file():
         return [], 0
     out, bad = [], 0
-    for line in path.read_bytes().splitlines():
+    for line in read_small_bytes(path, "stage records", limit=256 << 20, error=ArtifactError).splitlines():
         if not line.strip():
             continue
         try:
@@ -143,24 +144,80 @@ def read_records_counted(run_dir: str | Path) -> tuple[list[StageRecord], int]:
 
 
 PLAN_FILE = "plan.json"
+RECIPE_FILE = "recipe.yaml"
 
 
 def write_plan(run_dir: str | Path, stages: list[str]) -> None:
-    """The stages this build means to run, so a verdict can require every one of them."""
-    atomic_write_json(Path(run_dir) / PLAN_FILE, {"stages": stages})
+    """The stages this build means to run, so a verdict can require every one of them, and the sha256 of the
+    recipe.yaml it runs with (written just before), so a verdict can tell when the recipe on disk is another one.
+    `finished` turns true (finish_plan) only when the build ran its plan to the end or to a failed gate."""
+    recipe = Path(run_dir) / RECIPE_FILE
+    atomic_write_json(Path(run_dir) / PLAN_FILE, {"stages": stages, "finished": False,
+                                                   "recipe_sha256": sha256_file(recipe) if recipe.is_file() else None})
+
+
+def finish_plan(run_dir: str | Path) -> None:
+    info = read_plan_info(run_dir)
+    if info is not None:
+        atomic_write_json(Path(run_dir) / PLAN_FILE, {**info, "finished": True})
+
+
+def read_plan_info(run_dir: str | Path) -> dict[str, Any] | None:
+    """plan.json as a dict, or None when it is missing or unreadable (never blocks on a FIFO or reads a device)."""
+    try:
+        info = json.loads(read_small_bytes(Path(run_dir) / PLAN_FILE, "plan", limit=1 << 20))
+    except (EdgeresError, OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def read_plan(run_dir: str | Path) -> list[str] | None:
-    try:
-        stages = json.loads((Path(run_dir) / PLAN_FILE).read_text()).get("stages")
-    except (OSError, ValueError, AttributeError):
-        return None
+    stages = (read_plan_info(run_dir) or {}).get("stages")
     return [s for s in stages if isinstance(s, str)] if isinstance(stages, list) else None
 
 
-def verdict(records: list[StageRecord], planned: list[str] | None, *, torn: int = 0) -> tuple[bool, str]:
+def artifact_in_run(run_dir: str | Path, artifact: str) -> Path:
+    """Where a record's artifact lies in `run_dir` now: records name it as the build saw it (a relative --out, a
+    folder since moved), and every artifact sits one folder deep (export/model_fp32.onnx) or at the top."""
+    p, run = Path(artifact), Path(run_dir)
+    for candidate in (run / p.parent.name / p.name, run / p.name):
+        if candidate.exists():
+            return candidate
+    return p
+
+
+def _recheck(run_dir: Path, chosen: list[StageRecord]) -> str | None:
+    """The first reason the files on disk are not what the records say, or None."""
+    info = read_plan_info(run_dir) or {}
+    if info.get("finished") is False:
+        return "the last build did not finish (killed or crashed): its plan and recipe.yaml are newer than the " \
+               "records; re-run the build"
+    want = info.get("recipe_sha256")
+    if want:
+        recipe = run_dir / RECIPE_FILE
+        got = sha256_file(recipe) if recipe.is_file() else None
+        if got != want:
+            return f"{RECIPE_FILE} is not the recipe the build ran with ({'changed' if got else 'missing'} since); " \
+                   f"re-run the build"
+    for r in chosen:
+        if not r.artifact or not r.sha256:
+            continue
+        path = artifact_in_run(run_dir, r.artifact)
+        try:
+            got = sha256_file(require_regular_file(path, "artifact", ArtifactError))
+        except (EdgeresError, OSError) as e:
+            return f"{r.stage}: its artifact is gone or unreadable ({e})"
+        if got != r.sha256:
+            return f"{r.stage}: {path} is not the file the stage wrote and checked (sha256 differs); re-run the build"
+    return None
+
+
+def verdict(records: list[StageRecord], planned: list[str] | None, *, torn: int = 0,
+            run_dir: str | Path | None = None) -> tuple[bool, str]:
     """PASSED only when every planned stage has a record that passed (or was skipped with its reason) and each
-    record was made from the artifact its parent record names; else FAILED with the first reason."""
+    record was made from the artifact its parent record names; with `run_dir`, also only when the last build
+    finished, recipe.yaml is the one it ran with and every artifact still has the sha256 its record holds.
+    Else FAILED with the first reason."""
     latest: dict[str, StageRecord] = {}
     for r in records:
         latest[r.stage] = r
@@ -180,7 +237,27 @@ def verdict(records: list[StageRecord], planned: list[str] | None, *, torn: int 
     if stale:
         return False, (f"inconsistent: {stale[0].stage} was made from an artifact no later record has "
                        f"(re-run the build)")
+    problem = _recheck(Path(run_dir), chosen) if run_dir is not None else None
+    if problem:
+        return False, problem
     return True, "all gates passed"
+
+
+def verify_copies(run_dir: str | Path, copies: list[tuple[Path, Path]]) -> None:
+    """Each copy ((source in the run, the copy) pairs) must have the sha256 the latest record of its source holds:
+    what a verdict rests on is what ships. ArtifactError naming the first file that does not."""
+    records = read_records(run_dir)
+    for src, copy in copies:
+        want = None
+        for r in reversed(records):
+            if r.artifact and r.sha256 and artifact_in_run(run_dir, r.artifact).resolve() == Path(src).resolve():
+                want = r.sha256
+                break
+        if want is None:
+            raise ArtifactError(f"{src}: no stage record names it, so nothing vouches for it; re-run the build")
+        if sha256_file(copy) != want:
+            raise ArtifactError(f"{src} is not the file its stage wrote and checked (sha256 differs from the "
+                                f"record); re-run the build")
 
 
 def reusable(run_dir: str | Path, stage: str, inputs_hash: str) -> StageRecord | None:
@@ -202,6 +279,8 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     from edgeres.errors import ConfigError
 
     path = Path(run_dir) / ".lock"
+    if special_file(path):
+        raise ConfigError(f"{path} is {special_file(path)}, not the lock file edgeres writes; refused")
     with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -279,14 +279,18 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
 
 def _check_run_folder(out: Path, *, resume: bool, force: bool, batch_size: int, world: int) -> None:
     """Refuse, before anything is trained, what would fail or overwrite a run later."""
-    from edgeres.io import ensure_writable_dir
+    from edgeres.io import check_owned_dir, claim_dir
 
     last_path = out / "last.pt"
+    check_owned_dir(out, what="training folder", legacy=("metrics.jsonl",), owner_parent=True)
     if resume and not last_path.is_file():
         raise ConfigError(f"nothing to resume: {last_path} does not exist")
-    if not resume and not force and last_path.exists():
-        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or --force to replace it")
-    ensure_writable_dir(out, "training folder")   # before the first epoch, not after it
+    held = [n for n in ("best.pt", "last.pt", "metrics.jsonl", "metrics.csv") if (out / n).exists()]
+    if not resume and not force and held:
+        raise ConfigError(f"{out} already holds a training run ({', '.join(held)}); pass --resume to continue it or "
+                          f"--force to replace it")
+    # before the first epoch, not after it
+    claim_dir(out, what="training folder", kind="train", legacy=("metrics.jsonl",), owner_parent=True)
     if batch_size % world:
         raise ConfigError(f"data.batch_size {batch_size} must divide by the {world} processes")
 

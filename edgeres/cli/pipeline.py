@@ -91,7 +91,7 @@ def report(run_dir, as_json) -> None:
     if not records:
         raise ArtifactError(f"{run_dir} has no readable stages.jsonl records; is it an edgeres run folder?")
     planned = read_plan(run_dir)
-    ok, message = verdict(records, planned, torn=torn)
+    ok, message = verdict(records, planned, torn=torn, run_dir=run_dir)   # re-hashes the artifacts
     latest = {}
     for r in records:
         if planned is None or r.stage in planned:
