@@ -34,7 +34,7 @@ SOURCES = {
            "DLA on Jetson AGX Orin with JetPack 7.2.2 or later, strongly typed networks, GPU fallback as in 10.x",
     "dla_layers": "DLA Supported Layers and Restrictions (https://docs.nvidia.com/deeplearning/tensorrt/latest/"
                   "inference-library/dla-layer-restrictions.html): per-layer precision and key limits, see dla.py",
-    "dla_explicit_quantization": "TensorRT 8.5 developer guide, Working with DLA: DLA does not support explicit "
+    "dla_explicit_quantization": "NVIDIA TensorRT 8.5 developer guide, Working with DLA: no explicit "
                                  "quantization; TensorRT 8.6 release notes: Q/DQ (explicit quantization) on DLA",
     "int8_weight_forms": "TensorRT 10.x developer guide, Explicit Quantization > Quantized Weights (https://docs."
                          "nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-explicit-"
