@@ -154,3 +154,21 @@ def test_int8_weight_constants_feeding_dequantize_are_checked_like_qdq_weights()
     assert check_model(model([0.1, 0.2, 0.3, 0.4])) == []
     rules = {v.rule for v in check_model(model(0.1))}
     assert any("channel" in r for r in rules), rules
+
+
+def test_weight_form_accepted_only_where_nvidia_documents_it(tmp_path):
+    """INT8 constants into DequantizeLinear: documented from TensorRT 10; 8.5/8.6 document FP32 weights behind
+    QuantizeLinear (versions.SOURCES["int8_weight_forms"]). Without a version the form is not judged."""
+    from test_tensorrt_plan import qdq_onnx
+
+    from edgeres.check import Rule, check_onnx
+
+    int8 = qdq_onnx(tmp_path / "i.onnx", int8_weights=True)
+    fp32w = qdq_onnx(tmp_path / "f.onnx", int8_weights=False)
+    form = Rule.WEIGHT_FORM.value
+    assert form in {v.rule for v in check_onnx(int8, trt_version="8.5.2")}
+    assert form in {v.rule for v in check_onnx(int8, trt_version="8.6")}
+    assert form not in {v.rule for v in check_onnx(int8, trt_version="10.3")}
+    assert form not in {v.rule for v in check_onnx(int8)}
+    for v in ("8.5.2", "8.6", "10.3", "11.0"):
+        assert form not in {x.rule for x in check_onnx(fp32w, trt_version=v)}

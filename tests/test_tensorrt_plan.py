@@ -261,8 +261,9 @@ sys.path[:0] = [{str(REPO / 'tests')!r}, {str(REPO / 'edgeres' / 'tensorrt')!r}]
 import engine_build
 from trt_emulator.emulator import build_module
 trt = build_module({version!r})
+dev = {{"device": "emu", "compute_capability": {cc!r}}}
 info = engine_build.build_engine({str(fp32)!r}, {str(tmp_path / 'e.plan')!r}, trt=trt, version_compatible={vc!r},
-                                 hardware_compatibility={hw!r}, device={{"device": "emu", "compute_capability": {cc!r}}})
+                                 hardware_compatibility={hw!r}, device=dev)
 info["machine"], info["is_jetson"] = {machine!r}, {bool(jetson)!r}
 print(json.dumps(info))
 """
@@ -288,3 +289,44 @@ print(rt.deserialize_cuda_engine(open({str(tmp_path / 'e.plan')!r}, "rb").read()
     verdict = engine_build.sidecar_mismatch(sidecar, runtime)
     assert (verdict is None) == emulator_loads, (verdict, p.stderr[-600:])
     assert verdict is None or "\n" not in verdict
+
+
+# ------------------------------------------------------------------------------------------- device runtime
+def test_device_runtime_target_windows_trtexec_version_and_dla_core(tmp_path, inputs):
+    from edgeres.deploy import device_runtime as rt
+
+    manifest = {"tensorrt_plan": device_plan(inputs, batch=2)}
+    assert rt.plan_entry(manifest, "11.4.1.5", "int8", "dla")["target"] == "11.4.1"   # DLA back
+    assert rt.plan_entry(manifest, "11.5.0", "int8", "gpu")["target"] == "11.4.1"
+    with pytest.raises(rt.BundleError, match="no DLA support"):
+        rt.plan_entry(manifest, "11.4.0", "int8", "dla")
+    assert rt.plan_entry(manifest, "11.4.0", "int8", "gpu")["target"] == "11"
+    # the trtexec backend: the plan entry follows trtexec's own version, not the Python bindings'
+    dev = EmulatedDevice(tmp_path / "dev85", version="8.5.2", jetson="orin")
+    info = {"tensorrt": "10.3.0.26", "tensorrt_python": True, "trtexec": str(dev.root / "bin" / "trtexec"),
+            "dla_cores": 2, "warnings": []}
+    args = rt.parse_args(["--backend", "trtexec", "--precision", "fp16", "--dla-core", "1"])
+    env = dict(os.environ)
+    os.environ.update(dev.env())
+    try:
+        backend, device, chosen = rt._choose(info, manifest, args)
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    assert backend == "trtexec" and chosen["target"] == "8.5" and info["tensorrt"] == "8.5.2"
+    assert info["tensorrt_bindings"] == "10.3.0.26"
+    # the Python path: the runtime's DLA core is set before deserialization
+    code = f"""
+import sys
+sys.path[:0] = [{str(REPO / 'tests')!r}, {str(REPO / 'edgeres' / 'tensorrt')!r}, {str(REPO / 'edgeres' / 'deploy')!r}]
+import engine_build, tensorrt
+import device_runtime as rt
+engine_build.build_engine({str(inputs.fp32_onnx)!r}, {str(tmp_path / 'd.plan')!r}, precision="fp16", dla_core=1,
+                          gpu_fallback=True, batch=(2, 2, 2), device={{"device": "emu"}})
+from pathlib import Path
+r = rt.TensorRTRunner(Path({str(tmp_path / 'd.plan')!r}), "input", "logits", 2, dla_core=1)
+print(r.engine._runtime_dla_core)
+"""
+    dev86 = EmulatedDevice(tmp_path / "dev86", version="8.6", jetson="orin")
+    p = subprocess.run([sys.executable, "-c", code], env=dev86.env(), capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == "1", p.stdout + p.stderr[-1500:]

@@ -91,3 +91,25 @@ def test_check_sidecar_detects_replaced_engine(tmp_path):
     write_sidecar(engine, sidecar(engine_sha256=sha256_bytes(b"the bytes that were built")))
     with pytest.raises(ArtifactError, match="sha256 differs"):
         check_sidecar(engine, ORIN)
+
+
+def test_engine_from_another_platform_refused_in_one_line():
+    """NVIDIA: serialized engines are not portable across platforms. H100 (x86_64) -> GH200 (aarch64), both sm 9.0,
+    same TensorRT: refused before deserialize_cuda_engine; likewise a Jetson engine on an SBSA server."""
+    h100 = {"trt_version": "10.3.0.26", "device": "H100", "compute_capability": "9.0", "machine": "x86_64",
+            "system": "Linux", "is_jetson": False}
+    gh200 = {**h100, "device": "GH200", "machine": "aarch64"}
+    msg = sidecar_mismatch(sidecar(**h100), gh200)
+    assert msg and "\n" not in msg and "Linux x86_64 (desktop" in msg and "Linux aarch64" in msg and "not portable" in msg
+    assert sidecar_mismatch(sidecar(**h100), {**h100, "device": "H100 NVL"}) is None
+    orin = {**ORIN, "machine": "aarch64", "system": "Linux"}
+    assert "Jetson" in sidecar_mismatch(sidecar(**orin), {**orin, "is_jetson": False})
+    # a sidecar from before the platform was recorded is checked on what it names
+    assert sidecar_mismatch(sidecar(), orin) is None
+
+
+def test_hardware_compatible_engine_not_on_a_jetson():
+    amp = sidecar(compute_capability="8.6", hardware_compatibility="ampere+")
+    assert sidecar_mismatch(amp, {"compute_capability": "8.9", "trt_version": "8.5.2.2"}) is None
+    assert "ampere+" in sidecar_mismatch(amp, {"compute_capability": "8.7", "trt_version": "8.5.2.2",
+                                               "is_jetson": True})

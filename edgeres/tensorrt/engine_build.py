@@ -186,7 +186,7 @@ def _platform_mismatch(sidecar: dict, runtime: dict) -> str | None:
     """CPU architecture, OS, Jetson or not: compared where both sides name them (older sidecars lack them)."""
     def where(d: dict) -> str:
         kind = "Jetson" if d.get("is_jetson") else "desktop/server GPU"
-        return f"{d.get('system', '?')} {d.get('machine', '?')}, {kind}"
+        return " ".join(str(d[k]) for k in ("system", "machine") if d.get(k)) + f" ({kind})"
 
     for key in ("machine", "system", "is_jetson"):
         if key in sidecar and key in runtime and sidecar[key] is not None and runtime[key] is not None \
