@@ -178,3 +178,45 @@ class Fleet:
 def current_release(d: Device) -> str | None:
     link = d.root / "current"
     return Path(os.readlink(link)).name if link.is_symlink() else None
+
+
+def slow_python(folder: Path, seconds: float) -> Path:
+    """A python3 for the device side that takes `seconds` longer to start the device runtime (a slow device: an
+    engine build, a busy CPU); releases.py itself starts at once. Its pid file shows whether it is still running."""
+    import sys
+
+    script = folder / f"python-slow-{seconds:g}"
+    script.write_text(f"""#!/bin/sh
+for a in "$@"; do
+  case "$a" in */device_runtime.py) echo $$ > "{folder}/slow.pid"; sleep {seconds};; esac
+done
+exec {sys.executable} "$@"
+""")
+    script.chmod(0o755)
+    return script
+
+
+def lock_held(state: Path) -> bool:
+    """Whether a device-side transaction holds STATE/lock right now."""
+    import fcntl
+
+    path = state / "lock"
+    if not path.exists():
+        return False
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def wait_lock_free(state: Path, timeout: float = 30.0) -> float:
+    """Seconds until no transaction holds the device's lock (raises after `timeout`)."""
+    t0 = time.monotonic()
+    while lock_held(state):
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{state / 'lock'} still held after {timeout:g} s")
+        time.sleep(0.1)
+    return time.monotonic() - t0

@@ -611,12 +611,14 @@ def prepare(root: Path, state: Path, objects: Path | None) -> tuple[dict, int]:
     """Before any copy: who this device is (machine id + install root), whether this login may write ROOT and
     STATE, and which files (by sha256) it already has."""
     problems = []
-    for path in (root, state):
-        probe = path
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if not os.access(probe, os.W_OK | os.X_OK):
-            problems.append(f"{path} is not writable by uid {os.getuid()} (nearest existing folder {probe})")
+    for path in (root, state):   # a real write, as the install will do it (sudo, read-only mounts, ACLs included)
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=0o755)
+            fd, tmp = tempfile.mkstemp(prefix=".edgeres-write-check.", dir=path)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            problems.append(f"{path}: cannot write as uid {os.getuid()} ({e.strerror or e})")
     out = {"action": "prepare", "machine_id": machine_id(), "root": str(root.resolve() if root.exists() else root),
            "uid": os.getuid(), "problems": problems, "have": sorted(_have(root, objects)) if not problems else [],
            "current": _target(root, "current")}
