@@ -21,6 +21,10 @@ DEFAULT_DURATION_S = 3.0        # trtexec --duration default
 DEFAULT_MIN_ITERATIONS = 10     # trtexec --iterations default
 DEFAULT_WARMUP_S = 0.2          # trtexec --warmUp default (200 ms)
 CV_WARN = 0.10                  # coefficient of variation above which numbers are called unstable
+# A benchmark that would run for hours is a typo, not a measurement: the bounds say so instead of hanging.
+MAX_DURATION_S = 3600.0         # per batch size
+MAX_WARMUP_S = 600.0
+MAX_ITERATIONS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -111,10 +115,10 @@ def stability_warning(s: Stats, *, threshold: float = CV_WARN, iterations: int |
 def _limits(iterations: int | None, duration_s: float | None) -> tuple[int, float]:
     """(minimum iterations, minimum seconds). Only --iterations: exactly N; only --duration: at least S
     seconds; both: at least both (trtexec); neither: trtexec's defaults."""
-    if iterations is not None and iterations < 1:
-        raise ConfigError(f"--iterations must be at least 1, got {iterations}")
-    if duration_s is not None and duration_s <= 0:
-        raise ConfigError(f"--duration must be positive, got {duration_s}")
+    if iterations is not None and not 1 <= iterations <= MAX_ITERATIONS:
+        raise ConfigError(f"--iterations must lie in [1, {MAX_ITERATIONS}], got {iterations}")
+    if duration_s is not None and not (math.isfinite(duration_s) and 0 < duration_s <= MAX_DURATION_S):
+        raise ConfigError(f"--duration must be a number of seconds in (0, {MAX_DURATION_S:g}], got {duration_s}")
     if iterations is None and duration_s is None:
         return DEFAULT_MIN_ITERATIONS, DEFAULT_DURATION_S
     return (iterations or 1), (duration_s or 0.0)
@@ -193,8 +197,10 @@ def benchmark(runner_or_path: Any, *, batch_sizes: Sequence[int] = (1,), iterati
 
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
         raise ConfigError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
-    if warmup_s < 0 or warmup_iterations < 0:
-        raise ConfigError("warm-up must not be negative")
+    if not (math.isfinite(warmup_s) and 0 <= warmup_s <= MAX_WARMUP_S) or not 0 <= warmup_iterations <= MAX_ITERATIONS:
+        raise ConfigError(f"--warmup must be a number of seconds in [0, {MAX_WARMUP_S:g}], got {warmup_s}")
+    if input_shape is not None and (len(input_shape) != 3 or not all(1 <= int(s) <= 16384 for s in input_shape)):
+        raise ConfigError(f"--input-shape must be C,H,W with each in [1, 16384], got {list(input_shape)}")
     min_iters, min_s = _limits(iterations, duration_s)
     exact = iterations is not None and duration_s is None
     owned = isinstance(runner_or_path, (str, Path))

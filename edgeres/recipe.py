@@ -11,6 +11,8 @@ iterations (optimizer steps) when it is "iteration" (the CIFAR paper recipe: 320
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.errors import ConfigError
+from edgeres.io import read_small_bytes
 
 DATASETS = ("digits", "mnist", "cifar10", "imagefolder")
 AUGMENTS = ("pad_crop", "flip", "random_resized_crop")
@@ -175,6 +178,14 @@ class Recipe:
         return recipe_from_dict(d, source=f"{self.source} + overrides")
 
 
+def _short(value: Any, n: int = 80) -> str:
+    """repr for an error message, cut short (a value can be megabytes of nested lists)."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 6, 6, n, n
+    text = r.repr(value)
+    return text if len(text) <= n else text[:n] + "..."
+
+
 def _check_value(key: str, value: Any, tp: Any, source: str) -> Any:
     """Coerce/check one value against its annotation; return the stored value."""
     where = f"{source}: {key}"
@@ -184,32 +195,36 @@ def _check_value(key: str, value: Any, tp: Any, source: str) -> Any:
         if value is None:
             return None
         return _check_value(key, value, args[0], source)
+    if tp is int and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be an integer, got {_short(value)}")
     if value is None:
         raise ConfigError(f"{where} must not be null")
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
+            raise ConfigError(f"{where} must be true or false, got {_short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+            raise ConfigError(f"{where} must be an integer, got {_short(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
+            raise ConfigError(f"{where} must be a number, got {_short(value)}")
+        if not math.isfinite(value):   # NaN passes every range check (all comparisons are false): refuse it here
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
+            raise ConfigError(f"{where} must be a string, got {_short(value)}")
         return value
     if origin is tuple:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
+            raise ConfigError(f"{where} must be a list, got {_short(value)}")
         item = typing.get_args(tp)[0]
         return tuple(_check_value(f"{key}[{i}]", v, item, source) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+            raise ConfigError(f"{where} must be a mapping, got {_short(value)}")
         return dict(value)
     raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - a bug in the dataclasses
 
@@ -220,11 +235,11 @@ def _check_range(key: str, value: Any, source: str) -> None:
         for v in (value if isinstance(value, tuple) else (value,)):
             if (lo is not None and v < lo) or (hi is not None and v > hi):
                 bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-                raise ConfigError(f"{source}: {key}={v!r} is out of range {bounds}")
+                raise ConfigError(f"{source}: {key}={_short(v)} is out of range {bounds}")
     if key in CHOICES and value is not None:
         for v in (value if isinstance(value, tuple) else (value,)):
             if v not in CHOICES[key]:
-                raise ConfigError(f"{source}: {key}={v!r} is not one of {', '.join(CHOICES[key])}")
+                raise ConfigError(f"{source}: {key}={_short(v)} is not one of {', '.join(CHOICES[key])}")
 
 
 def _build_section(name: str, cls: type, raw: Any, source: str) -> Any:
@@ -277,6 +292,61 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
     return recipe
 
 
+MAX_RECIPE_BYTES = 1 << 20    # a recipe is a page of settings
+MAX_YAML_NODES = 100_000       # nodes after alias expansion: a billion-laughs file is refused before anything walks it
+MAX_YAML_DEPTH = 50
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load with alias expansion bounded: the node graph is composed (linear in the text; aliases are
+    shared nodes), its expanded size and depth are counted with memoisation, and only a graph within MAX_YAML_NODES
+    and MAX_YAML_DEPTH is constructed into Python objects."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{source}: nested too deeply (more than {MAX_YAML_DEPTH} levels)") from None
+        if node is None:
+            return None
+        _check_yaml_size(node, source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_size(root: Any, source: str) -> None:
+    import yaml
+
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in size:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            size[id(node)], depth[id(node)] = 1, 1
+            continue
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+        if not done:
+            if id(node) in depth:   # on the stack already: a recursive alias
+                raise ConfigError(f"{source}: a YAML alias refers to itself; not a recipe")
+            depth[id(node)] = -1
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in size)
+            continue
+        size[id(node)] = 1 + sum(size[id(c)] for c in children)
+        depth[id(node)] = 1 + max((depth[id(c)] for c in children), default=0)
+        if size[id(node)] > MAX_YAML_NODES:
+            raise ConfigError(f"{source}: expands to more than {MAX_YAML_NODES} YAML nodes (aliases included); "
+                              f"a recipe is a page of settings, not this")
+        if depth[id(node)] > MAX_YAML_DEPTH:
+            raise ConfigError(f"{source}: nested too deeply (more than {MAX_YAML_DEPTH} levels)")
+
+
 def recipes_dir() -> Path:
     """The built-in recipes: edgeres/recipes/*.yaml, package data, so a wheel carries them."""
     return Path(__file__).resolve().parent / "recipes"
@@ -299,7 +369,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        raw = parse_yaml(read_small_bytes(path, "recipe", limit=MAX_RECIPE_BYTES).decode("utf-8"), str(path))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a YAML text file (byte {e.start} is not UTF-8)") from None
     except yaml.YAMLError as e:

@@ -15,7 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from edgeres.errors import ArtifactError, BackendUnavailable, CheckpointError, ConfigError
+from edgeres.checkpoint import check_meta
+from edgeres.errors import ArtifactError, BackendUnavailable, CheckpointError, ConfigError, EdgeresError
+from edgeres.io import require_regular_file
+
+MAX_THREADS = 512   # a thread pool larger than any machine edgeres targets is a typo; 100000 threads hang the process
 
 
 class Backend(str, Enum):
@@ -75,7 +79,30 @@ class Runner:
         return x
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        return self.infer_impl(self.check(x))
+        """Checked input in, checked logits out; whatever the backend raises becomes one ArtifactError line that
+        names the model and the input it expected."""
+        x = self.check(x)
+        try:
+            out = self.infer_impl(x)
+        except EdgeresError:
+            raise
+        except Exception as e:   # pybind/runtime errors of ONNX Runtime, OpenVINO, TensorRT, torch
+            raise ArtifactError(f"{self._what()} failed on {self.name} with input {list(x.shape)} (it expects "
+                                f"{self._expects()}): {_first_line(e)}") from None
+        out = np.asarray(out)
+        if out.ndim != 2 or out.shape[0] != x.shape[0] or not np.issubdtype(out.dtype, np.floating):
+            raise ArtifactError(f"{self._what()} returned {out.dtype} {list(out.shape)} for a batch of {x.shape[0]}; "
+                                f"edgeres needs float logits [N, classes]")
+        return out
+
+    def _what(self) -> str:
+        return Path(self.path).name if self.path else f"{self.name} model"
+
+    def _expects(self) -> str:
+        dims = ["N" if self.batch_dim is None else str(self.batch_dim),
+                *(["C", "H", "W"] if self.input_shape is None else
+                  [("?" if d is None else str(d)) for d in self.input_shape])]
+        return f"float32 [{', '.join(dims)}]"
 
     def infer_impl(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -156,6 +183,10 @@ class TorchRunner(Runner):
         self.model = None
 
 
+def _first_line(e: BaseException) -> str:
+    return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
+
+
 def _onnx_precision(path: Path) -> str:
     """int8 when the graph has Q/DQ nodes, fp16 when it holds half-precision weights, else fp32."""
     import onnx
@@ -169,8 +200,13 @@ def _onnx_precision(path: Path) -> str:
     return "fp32"
 
 
-def parse_meta(props: dict[str, str]) -> dict[str, Any]:
-    """Preprocessing from ONNX metadata_props: a whole ModelMeta as JSON, or loose mean/std/input_size keys."""
+def parse_meta(props: dict[str, str], source: str = "ONNX model") -> dict[str, Any]:
+    """Preprocessing from ONNX metadata_props: a whole ModelMeta as JSON, or loose mean/std/input_size keys; every
+    value type- and range-checked (checkpoint.check_meta) before anything sizes an image or a model from it."""
+    return check_meta(_raw_meta(props), source)
+
+
+def _raw_meta(props: dict[str, str]) -> dict[str, Any]:
     for key in ("edgeres.meta", "edgeres_meta", "meta", "model_meta"):
         if key in props:
             try:
@@ -187,7 +223,10 @@ def parse_meta(props: dict[str, str]) -> dict[str, Any]:
         try:
             out[key] = json.loads(raw)
         except ValueError:
-            out[key] = [float(v) for v in raw.split(",")] if key in ("mean", "std") else raw
+            try:
+                out[key] = [float(v) for v in raw.split(",")] if key in ("mean", "std") else raw
+            except ValueError:
+                out[key] = raw   # check_meta says what is wrong with it
     return out
 
 
@@ -226,16 +265,24 @@ class OrtRunner(Runner):
         self.providers = tuple(self.session.get_providers())
         gpu = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self.device = "cuda:0" if gpu else "cpu"
-        inp = self.session.get_inputs()[0]
-        outs = [o.name for o in self.session.get_outputs()]
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1:
+            raise ArtifactError(f"{path} has {len(inputs)} inputs ({', '.join(i.name for i in inputs[:4])}); edgeres "
+                                f"runs image classifiers with one NCHW input")
+        inp = inputs[0]
+        outs = [o.name for o in outputs]
         self.input_name = inp.name
         self.output_name = "logits" if "logits" in outs else outs[0]
+        logits = outputs[outs.index(self.output_name)]
+        if logits.type not in ("tensor(float)", "tensor(float16)", "tensor(double)") or len(logits.shape) != 2:
+            raise ArtifactError(f"{path}: output {logits.name} is {logits.type} {logits.shape}; edgeres needs float "
+                                f"logits [N, classes] (not class indices or probabilities of another shape)")
         dims = [d if isinstance(d, int) and d > 0 else None for d in inp.shape]
         if len(dims) != 4:
             raise ArtifactError(f"{path}: expected one NCHW input, found {inp.name} with shape {inp.shape}")
         self.batch_dim: int | None = dims[0]
         self.input_shape = tuple(dims[1:]) if all(d is not None for d in dims[1:]) else None
-        self.meta = parse_meta(dict(self.session.get_modelmeta().custom_metadata_map))
+        self.meta = parse_meta(dict(self.session.get_modelmeta().custom_metadata_map), str(path))
 
     def infer_impl(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run([self.output_name], {self.input_name: x})[0], dtype=np.float32)
@@ -334,9 +381,9 @@ class OpenVinoRunner(Runner):
         if path.suffix.lower() == ".onnx":
             from edgeres.export import read_metadata
 
-            self.meta = parse_meta(read_metadata(path))
+            self.meta = parse_meta(read_metadata(path), str(path))
         elif model.has_rt_info("edgeres_meta"):
-            self.meta = parse_meta(json.loads(model.get_rt_info("edgeres_meta").astype(str)))   # the ONNX's props
+            self.meta = parse_meta(json.loads(model.get_rt_info("edgeres_meta").astype(str)), str(path))   # ONNX props
 
     def kernel_report(self) -> dict[str, int]:
         """Convolution / fully connected layers of the compiled model that run in INT8/UINT8 (the execution
@@ -405,6 +452,8 @@ def open_runner(path: str | Path, *, backend: str | Backend | None = None, threa
     """Open the runner that fits the artifact's suffix: .onnx, .pt/.pth, .plan/.engine."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if threads is not None and not 1 <= int(threads) <= MAX_THREADS:
+        raise ConfigError(f"--threads must lie in [1, {MAX_THREADS}], got {threads}")
     if suffix not in SUFFIX_BACKEND:
         raise ArtifactError(f"{path}: unknown artifact type {suffix or '(no suffix)'!r}; expected one of "
                             f"{', '.join(SUFFIX_BACKEND)}")
@@ -421,8 +470,7 @@ def open_runner(path: str | Path, *, backend: str | Backend | None = None, threa
             raise ConfigError(f"{path.name} runs on {kind.value}, not {asked.value}"
                               + (" (ONNX Runtime's TensorRT EP: --provider tensorrt)"
                                  if kind is Backend.ONNXRUNTIME and asked is Backend.TENSORRT else ""))
-    if not path.is_file():
-        raise ArtifactError(f"artifact not found: {path}")
+    require_regular_file(path, "artifact", ArtifactError)
     if device != "cpu" and kind is not Backend.TORCH:
         raise ConfigError(f"a device applies to .pt/.pth checkpoints only; for {path.name} use "
                           + ("--provider cuda" if kind is Backend.ONNXRUNTIME else "the engine's own GPU"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -9,12 +10,24 @@ import click
 
 
 def emit(obj: Any, as_json: bool, text: str | Callable[[], str] | None = None) -> None:
-    """Print `obj` as one JSON object (--json) or as human text."""
+    """Print `obj` as one JSON object (--json) or as human text. JSON has no NaN or Infinity: such a number is
+    printed as null, so what a script reads is always valid JSON."""
     if as_json:
-        click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        click.echo(json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str, allow_nan=False))
     else:
         click.echo(text() if callable(text) else (text if text is not None else json.dumps(obj, indent=2,
                                                                                           default=str)))
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None (dataclass-free JSON-able data: dicts, lists, tuples)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def json_option(fn):
@@ -30,9 +43,12 @@ def floats(value: str | None, name: str) -> tuple[float, ...] | None:
     if value is None:
         return None
     try:
-        return tuple(float(v) for v in value.split(",") if v.strip())
+        out = tuple(float(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}", param_hint=name) from None
+    if not all(math.isfinite(v) for v in out):
+        raise click.BadParameter(f"expected finite numbers, got {value!r}", param_hint=name)
+    return out
 
 
 def ints(value: str | None, name: str) -> tuple[int, ...] | None:

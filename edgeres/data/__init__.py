@@ -45,7 +45,11 @@ class DataBundle:
 
 
 def _channels_tuple(values, channels: int, name: str) -> tuple[float, ...]:
+    import math
+
     values = tuple(float(v) for v in values)
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"--{name} must be finite numbers, got {list(values)}")
     if len(values) == channels:
         return values
     if len(values) == 1:
@@ -69,6 +73,12 @@ def get_data(*, dataset: str, data_dir: str | None = None, input_size: int | Non
     channels = in_channels or defaults["channels"]
     if channels not in (1, 3):
         raise ConfigError(f"in_channels must be 1 or 3 for image data, got {channels}")
+    if not 8 <= size <= 4096:
+        raise ConfigError(f"input size must lie in [8, 4096] pixels, got {size}")
+    mean_t = _channels_tuple(mean if mean is not None else defaults["mean"], channels, "mean")   # before any load
+    std_t = _channels_tuple(std if std is not None else defaults["std"], channels, "std")
+    if any(s <= 0 for s in std_t):
+        raise ConfigError(f"std values must be > 0, got {list(std_t)}")
     skipped = 0
     if dataset == "digits":
         train_src, test_src, classes, fp = D.load_digits(size)
@@ -83,10 +93,6 @@ def get_data(*, dataset: str, data_dir: str | None = None, input_size: int | Non
         resize_size = resize_size or int(round(size / 0.875))
         if resize_size < size:
             raise ConfigError(f"resize_size {resize_size} is smaller than input_size {size}")
-    mean_t = _channels_tuple(mean if mean is not None else defaults["mean"], channels, "mean")
-    std_t = _channels_tuple(std if std is not None else defaults["std"], channels, "std")
-    if any(s <= 0 for s in std_t):
-        raise ConfigError(f"std values must be > 0, got {list(std_t)}")
     train_cache = test_cache = None
     if cache and dataset == "imagefolder":
         if resize_size > CACHE_MAX_SIDE:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import warnings
@@ -21,6 +22,7 @@ import torch
 
 from edgeres.data import transforms as T
 from edgeres.errors import DataError
+from edgeres.io import require_regular_file
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 
@@ -106,13 +108,19 @@ def _offline_hint(name: str, need: str) -> str:
 
 
 # ---------------------------------------------------------------- MNIST
+MAX_IDX_BYTES = 256 << 20   # MNIST's largest file is 47 MB unpacked: more is a gzip bomb, not MNIST
+
+
 def _read_maybe_gz(path: Path) -> bytes:
-    data = path.read_bytes()
+    data = require_regular_file(path, "MNIST file", DataError).read_bytes()
     if data[:2] == b"\x1f\x8b":
         try:
-            data = gzip.decompress(data)
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+                data = f.read(MAX_IDX_BYTES + 1)
         except (OSError, EOFError) as e:
             raise DataError(f"{path}: corrupt gzip file ({e})") from None
+    if len(data) > MAX_IDX_BYTES:
+        raise DataError(f"{path}: more than {MAX_IDX_BYTES >> 20} MB of data; not an MNIST idx file")
     return data
 
 
@@ -121,7 +129,7 @@ def _parse_idx(data: bytes, path: Path, ndim: int) -> np.ndarray:
         raise DataError(f"{path}: not an idx file with {ndim} dimension(s) of uint8")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
+    if body.size != math.prod(dims):
         raise DataError(f"{path}: truncated idx file (header says {dims}, found {body.size} bytes of data)")
     return body.reshape(dims)
 
@@ -168,9 +176,14 @@ def load_mnist(data_dir: str | None, *, download: bool = True) -> tuple[Source, 
         digest.update(data)
         arrays[key] = _parse_idx(data, path, 3 if key.endswith("images") else 1)
     for split in ("train", "test"):
-        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
-            raise DataError(f"MNIST {split}: {len(arrays[f'{split}_images'])} images but "
-                            f"{len(arrays[f'{split}_labels'])} labels in {root}")
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if len(images) != len(labels):
+            raise DataError(f"MNIST {split}: {len(images)} images but {len(labels)} labels in {root}")
+        if len(labels) == 0 or labels.max() > 9:
+            raise DataError(f"MNIST {split} in {root}: " + ("no images" if len(labels) == 0 else
+                            f"label {int(labels.max())} is not a digit 0..9"))
+        if images.shape[1:] != (28, 28):
+            raise DataError(f"MNIST {split} in {root}: images are {images.shape[1]}x{images.shape[2]}, not 28x28")
     def mk(s: str) -> Source:
         return Source(arrays[f"{s}_labels"].astype(np.int64), torch.from_numpy(arrays[f"{s}_images"].copy())[:, None])
 
@@ -192,14 +205,14 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray, bytes]:
-    raw = path.read_bytes()
+    raw = require_regular_file(path, "CIFAR-10 batch", DataError).read_bytes()
     try:
         d = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
         data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except Exception as e:  # a bad pickle raises many types
         raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
-    if len(data) != len(labels) or labels.min() < 0 or labels.max() > 9:
+    if len(data) == 0 or len(data) != len(labels) or labels.min() < 0 or labels.max() > 9:
         raise DataError(f"{path}: {len(data)} images, {len(labels)} labels, labels must be 0..9")
     if hashlib.md5(raw).hexdigest() != CIFAR_FILES[path.name]:
         warnings.warn(f"{path}: md5 differs from the official CIFAR-10 file; using it anyway", stacklevel=3)
@@ -253,21 +266,55 @@ def _scan_split(split_dir: Path) -> dict[str, list[Path]]:
     return out
 
 
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024   # one decoded image; larger is a decompression bomb or not a training image
+
+
 def decode_image(path: str, channels: int = 3, draft: int | None = None) -> torch.Tensor:
-    """Decode one file to uint8 C x H x W (RGB or L). Corrupt files raise DataError naming the path."""
+    """Decode one file to uint8 C x H x W (RGB or L). Corrupt files, decompression bombs and images past
+    MAX_IMAGE_PIXELS raise DataError naming the path (skippable with --skip-bad-images); 16-bit images are scaled
+    to 8 bits (not clipped), floating-point images refused."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            if draft and im.format == "JPEG":
-                im.draft("RGB" if channels == 3 else "L", (draft, draft))
-            im = im.convert("RGB" if channels == 3 else "L")
-            arr = np.array(im, dtype=np.uint8)   # a writable copy (torch warns on read-only arrays)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise DataError(f"corrupt or unreadable image {path} ({e}); "
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(require_regular_file(path, "image", DataError)) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise DataError(f"image {path} is {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS} edgeres "
+                                    f"decodes (a decompression bomb, or not a training image); pass "
+                                    f"--skip-bad-images to skip such files")
+                if draft and im.format == "JPEG":
+                    im.draft("RGB" if channels == 3 else "L", (draft, draft))
+                arr = _to_uint8(im, channels, path)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning, MemoryError) as e:
+        raise DataError(f"corrupt or unreadable image {path} ({_first(e)}); "
                         "pass --skip-bad-images to skip such files") from None
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _first(e: BaseException) -> str:
+    return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
+
+
+def _to_uint8(im, channels: int, path: str) -> np.ndarray:
+    """H x W (L) or H x W x 3 (RGB) uint8. 16-bit modes are scaled by 255/65535 (PIL's convert would clip every
+    value above 255 to white); 32-bit integer images are taken as 16-bit when their values fit, else refused;
+    floating-point images are refused (no scale is implied)."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im)
+        if a.dtype.kind not in "ui" or (a.size and (a.min() < 0 or a.max() > 65535)):
+            raise DataError(f"image {path}: {mode} pixels outside 0..65535; convert it to 8 or 16 bits")
+        gray = np.rint(a.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
+        return gray if channels == 1 else np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "F":
+        raise DataError(f"image {path} has floating-point pixels (mode F) with no implied range; convert it to an "
+                        f"8- or 16-bit image")
+    im = im.convert("RGB" if channels == 3 else "L")
+    return np.array(im, dtype=np.uint8)   # a writable copy (torch warns on read-only arrays)
 
 
 def _readable(path: str, channels: int) -> bool:
