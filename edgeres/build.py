@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeres.device import describe as describe_device
+from edgeres.device import resolve as resolve_device
 from edgeres.errors import ConfigError, EdgeresError, GateError
 from edgeres.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
 from edgeres.records import StageRecord, StageResult, Status, append_record, reusable
@@ -40,6 +42,7 @@ class BuildOptions:
     force: bool = False
     quiet: bool = False
     bench_seconds: float = 1.0     # per artifact latency measurement in the verify stage
+    device: str | None = None      # torch device for every torch stage (edgeres.device.resolve; None: GPU if any)
     overrides: dict[str, Any] = field(default_factory=dict)   # any other dotted recipe key: {"data.input_size": 64}
 
 
@@ -68,6 +71,7 @@ class BuildContext:
     records: dict[str, StageRecord] = field(default_factory=dict)
     outputs: Outputs = field(default_factory=Outputs)
     evaluations: dict[str, Any] = field(default_factory=dict)   # "<stage>/<backend>" -> EvalResult, once per build
+    device: Any = None         # the torch.device every torch stage runs on, decided once (build)
     _data: Any = None
     _probe: Any = None
     _calib_note: bool = False
@@ -103,7 +107,10 @@ class BuildContext:
         from edgeres.evaluate import evaluate
 
         if key not in self.evaluations:
-            self.evaluations[key] = evaluate(make(), self.data.test, batch_size=256,
+            target = make()
+            if hasattr(target, "parameters") and hasattr(target, "to"):   # a torch model: on the build's device
+                target = target.to(self.device)
+            self.evaluations[key] = evaluate(target, self.data.test, batch_size=256,
                                              progress=False if self.opts.quiet else f"evaluating {key}")
         return self.evaluations[key]
 
@@ -227,8 +234,8 @@ def _int8_as_written(ctx: BuildContext):
 def _train(ctx: BuildContext) -> StageResult:
     from edgeres.train import TrainInputs, TrainSettings, run
 
-    result = run(TrainInputs(ctx.data, ctx.run_dir / "train", ctx.opts.pretrained), TrainSettings(ctx.recipe),
-                 quiet=ctx.opts.quiet)
+    result = run(TrainInputs(ctx.data, ctx.run_dir / "train", ctx.opts.pretrained, device=ctx.device),
+                 TrainSettings(ctx.recipe), quiet=ctx.opts.quiet)
     atomic_write_json(ctx.run_dir / "meta.json", result.output.meta.to_dict())
     return result
 
@@ -237,15 +244,16 @@ def _fold(ctx: BuildContext) -> StageResult:
     from edgeres.fold import FoldInputs, FoldSettings, run
 
     trained = ctx.output("train")
-    return run(FoldInputs(trained.model, trained.meta, ctx.probe()[0], ctx.path("fold", "folded.pt")),
+    return run(FoldInputs(trained.model.to(ctx.device), trained.meta, ctx.probe()[0], ctx.path("fold", "folded.pt")),
                FoldSettings(rel_tol=ctx.recipe.gates.fold_rel_tol))
 
 
 def _quant_inputs(ctx: BuildContext, model, out: Path, **kw):
     from edgeres.quantize import QuantInputs
 
+    fp32 = _fp32_eval(ctx)
     return QuantInputs(model=model, meta=ctx.output("train").meta, eval_data=ctx.data.test, out=out,
-                       reference_top1=_fp32_eval(ctx).top1, **kw)
+                       reference_top1=fp32.top1, reference_logits=fp32.logits, device=ctx.device, **kw)
 
 
 def _ptq(ctx: BuildContext) -> StageResult:
@@ -256,8 +264,10 @@ def _ptq(ctx: BuildContext) -> StageResult:
     inputs = _quant_inputs(ctx, ctx.output("fold").model, ctx.path("quant", "ptq.pt"), calib=ctx.data.calib,
                            dataset_fingerprint=ctx.data.info.fingerprint,
                            manifest_path=ctx.path("calibration", "manifest.json"))
+    final = q.qat_epochs == 0   # PTQ is gated only when it is the final INT8 model
     return run_ptq(inputs, PtqSettings(calib_size=_calib_size(ctx), method=q.calib_method, seed=ctx.recipe.train.seed,
-                                       max_drop=limit if q.qat_epochs == 0 else None, drop_source=source),
+                                       max_drop=limit if final else None, drop_source=source,
+                                       min_agreement_pct=ctx.recipe.gates.min_agreement_pct if final else None),
                    quiet=ctx.opts.quiet)
 
 
@@ -268,10 +278,13 @@ def _qat(ctx: BuildContext) -> StageResult:
     limit, source = max_drop(ctx.opts, ctx.recipe)
     ptq = ctx.output("ptq")
     inputs = _quant_inputs(ctx, ptq.model, ctx.path("quant", "qat.pt"), train_data=ctx.data.train,
-                           manifest=ptq.manifest, evaluation=_quant_eval(ctx, "ptq"))
+                           manifest=ptq.manifest, evaluation=_quant_eval(ctx, "ptq"),
+                           teacher=ctx.output("fold").model, holdout=ctx.data.holdout)
     return run_qat(inputs, QatSettings(epochs=q.qat_epochs, lr=q.qat_lr,
                                        batch_size=q.qat_batch_size or ctx.recipe.data.batch_size,
-                                       seed=ctx.recipe.train.seed, max_drop=limit, drop_source=source),
+                                       seed=ctx.recipe.train.seed, max_drop=limit, drop_source=source,
+                                       loss=q.qat_loss, temperature=q.qat_temperature, amp=q.qat_amp,
+                                       min_agreement_pct=ctx.recipe.gates.min_agreement_pct),
                    quiet=ctx.opts.quiet)
 
 
@@ -353,10 +366,12 @@ def _verify(ctx: BuildContext) -> StageResult:
     rec = ctx.records
     trained = ctx.output("train")
     meta = trained.meta
-    cands = [Candidate("train", "torch", "fp32", _fp32_eval(ctx), TorchRunner(trained.model), rec["train"].artifact)]
+    dev = str(ctx.device)
+    cands = [Candidate("train", "torch", "fp32", _fp32_eval(ctx), TorchRunner(trained.model, device=dev),
+                       rec["train"].artifact)]
     folded = ctx.output("fold")
     cands.append(Candidate("fold", "torch", "fp32", ctx.evaluation("fold/torch", lambda: folded.model),
-                           TorchRunner(folded.model), rec["fold"].artifact))
+                           TorchRunner(folded.model, device=dev), rec["fold"].artifact))
     for stage in ("ptq", "qat"):
         if stage in rec:
             cands.append(Candidate(stage, "torch", "int8 (fake-quant)", _quant_eval(ctx, stage), None,
@@ -396,7 +411,8 @@ def _verify(ctx: BuildContext) -> StageResult:
     return run(VerifyInputs(_fp32_eval(ctx), cands, (meta.in_channels, meta.input_size, meta.input_size),
                             list(meta.class_names)),
                VerifySettings(bench_seconds=ctx.opts.bench_seconds, max_drop=limit if "export_int8" in rec else None,
-                              drop_source=source))
+                              drop_source=source, torch_device=dev,
+                              min_agreement_pct=ctx.recipe.gates.min_agreement_pct if "export_int8" in rec else None))
 
 
 def _load(kind: str) -> Callable[[StageRecord], Any]:
@@ -445,7 +461,8 @@ def _train_settings(ctx: BuildContext) -> dict[str, Any]:
 
 def _ptq_settings(ctx: BuildContext) -> dict[str, Any]:
     final = ctx.recipe.quant.qat_epochs == 0
-    return {**_calib_settings(ctx), "max_drop": max_drop(ctx.opts, ctx.recipe)[0] if final else None}
+    return {**_calib_settings(ctx), "max_drop": max_drop(ctx.opts, ctx.recipe)[0] if final else None,
+            "min_agreement_pct": ctx.recipe.gates.min_agreement_pct if final else None}
 
 
 def _export_keys(ctx: BuildContext) -> dict[str, Any]:
@@ -454,7 +471,8 @@ def _export_keys(ctx: BuildContext) -> dict[str, Any]:
 
 
 def _verify_settings(ctx: BuildContext) -> dict[str, Any]:
-    return {"max_drop": max_drop(ctx.opts, ctx.recipe)[0], "bench_s": ctx.opts.bench_seconds, "artifacts":
+    return {"max_drop": max_drop(ctx.opts, ctx.recipe)[0], "bench_s": ctx.opts.bench_seconds,
+            "min_agreement_pct": ctx.recipe.gates.min_agreement_pct, "artifacts":
             sorted((r.stage, r.sha256, r.status) for r in ctx.records.values())}
 
 
@@ -465,6 +483,7 @@ PLAN: list[Step] = [
     Step("ptq", "fold", _ptq, _ptq_settings, when=_int8, load=_load("quant")),
     Step("qat", "ptq", _qat,
          lambda c: {"quant": c.recipe.to_dict()["quant"], "max_drop": max_drop(c.opts, c.recipe)[0],
+                    "min_agreement_pct": c.recipe.gates.min_agreement_pct,
                     "batch_size": c.recipe.data.batch_size, "seed": c.recipe.train.seed},
          when=lambda c: c.opts.int8 and c.recipe.quant.qat_epochs > 0, load=_load("quant")),
     Step("export_fp32", "fold", _export_fp32, _export_keys, load=_load("export")),
@@ -502,6 +521,7 @@ def run_stage(ctx: BuildContext, step: Step) -> StageRecord:
     except EdgeresError as e:
         rec = StageRecord(stage=name, status=Status.FAILED.value, message=f"{name}: {e}")
     rec.stage = name
+    rec.environment.update(describe_device(ctx.device))
     rec.inputs_hash = inputs_hash
     rec.parent_sha256 = parent.sha256 if parent else None
     rec.recipe_hash = ctx.recipe.hash()
@@ -558,10 +578,11 @@ def build(opts: BuildOptions) -> BuildResult:
     from edgeres.models.registry import get_spec, resolve_options
 
     resolve_options(get_spec(recipe.model.arch), recipe.model.options)   # an unknown arch is refused here
+    device = resolve_device(opts.device)   # decided once for every torch stage; an unusable --device is refused here
     check_checkpoints(opts.pretrained, recipe.train.init_from, arch=recipe.model.arch)   # read before any write
     run_dir = claim_dir(opts.out, what="run folder", kind="run", legacy=("stages.jsonl",))
     with run_lock(run_dir):
-        ctx = BuildContext(opts=opts, recipe=recipe, run_dir=run_dir)
+        ctx = BuildContext(opts=opts, recipe=recipe, run_dir=run_dir, device=device)
         ctx.data  # noqa: B018 -- load (and so validate) the data before anything is written
         return _run_plan(ctx)
 

@@ -110,7 +110,8 @@ __all__ = ["EvalResult", "evaluate", "evaluate_checkpoint", "metrics_from_logits
 
 def evaluate_checkpoint(weights, *, arch: str | None = None, dataset: str | None = None, data_dir: str | None = None,
                         split: str = "test", input_size: int | None = None, mean=None, std=None,
-                        batch_size: int = 256, workers: int = 0, progress: bool = False) -> dict[str, Any]:
+                        batch_size: int = 256, workers: int = 0, progress: bool = False,
+                        device: str | None = None) -> dict[str, Any]:
     """`edgeres eval`: load a checkpoint, rebuild its preprocessing (flags override), evaluate one split."""
     from edgeres.checkpoint import load_model
     from edgeres.data import get_data
@@ -132,8 +133,13 @@ def evaluate_checkpoint(weights, *, arch: str | None = None, dataset: str | None
     fc = getattr(model, "fc", None)
     if fc is not None and fc.out_features != bundle.info.num_classes:
         raise ConfigError(f"{weights} predicts {fc.out_features} classes but {dataset} has {bundle.info.num_classes}")
-    res = evaluate(model, bundle.test if split == "test" else bundle.calib, batch_size=batch_size, workers=workers,
+    from edgeres.device import resolve
+
+    dev = resolve(device)
+    res = evaluate(model.to(dev), bundle.test if split == "test" else bundle.calib, batch_size=batch_size,
+                   workers=workers,
                    progress=progress, num_classes=bundle.info.num_classes)
     return {**res.to_dict(), "dataset": dataset, "split": split, "weights": str(weights),
             "arch": meta.arch if meta else arch, "input_size": bundle.info.input_size,
-            "mean": list(bundle.info.mean), "std": list(bundle.info.std), "fingerprint": bundle.info.fingerprint}
+            "mean": list(bundle.info.mean), "std": list(bundle.info.std), "fingerprint": bundle.info.fingerprint,
+            "device": str(dev)}

@@ -182,13 +182,16 @@ def torch_logits(model, x, batch_size: int = 64):
     import numpy as np
     import torch
 
+    from edgeres.device import exact_math
+
     x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     outs = []
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), exact_math(device):   # plain FP32 on the GPU too: the fold check compares closely
         for i in range(0, len(x), batch_size):
-            outs.append(model(x[i:i + batch_size]).float().cpu().numpy())
+            outs.append(model(x[i:i + batch_size].to(device)).float().cpu().numpy())
     model.train(was_training)
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 

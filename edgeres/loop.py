@@ -36,9 +36,12 @@ class Pass:
 
 def sgd_steps(net, loader, opt, *, criterion, lr_at: Callable[[int], float], iteration: int = 0,
               max_steps: int | None = None, device=None, amp: bool = False, scaler=None, channels_last: bool = False,
+              amp_dtype=None, teacher: Callable[[Any], Any] | None = None,
               on_step: Callable[[Step], None] | None = None) -> Pass:
     """Train `net` on the batches of `loader` (at most `max_steps`), from global `iteration`: before each step every
-    parameter group's lr is `lr_at(iteration) * group.get("lr_scale", 1)`. AMP (fp16 autocast + `scaler`) on CUDA."""
+    parameter group's lr is `lr_at(iteration) * group.get("lr_scale", 1)`. AMP (fp16 autocast + `scaler`, or
+    `amp_dtype`) on CUDA. With `teacher` (distillation), `criterion(logits, labels, teacher(x))`, the teacher run
+    without gradients."""
     import torch
 
     device = device or next(net.parameters()).device
@@ -56,9 +59,12 @@ def sgd_steps(net, loader, opt, *, criterion, lr_at: Callable[[int], float], ite
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(x)
+        with torch.autocast(dev.type, dtype=amp_dtype or torch.float16, enabled=amp):
             logits = net(x)
-            loss = criterion(logits, y)
+            loss = criterion(logits, y) if teacher is None else criterion(logits.float(), y, target)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

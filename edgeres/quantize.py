@@ -256,13 +256,14 @@ def place_for_tensorrt(model, example_input) -> list[str]:
 def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | CalibMethod = DEFAULT_CALIB_METHOD,
                  seed: int = 0, batch_size: int = 32, manifest_path: str | Path | None = None,
                  dataset_fingerprint: str = "", fast_bias_correction: bool = True, quiet: bool = False,
-                 fast: bool = True) -> PTQResult:
+                 fast: bool = True, device=None) -> PTQResult:
     """nncf.quantize (a copy of) the folded model with exactly `subset_size` calibration images, TensorRT-ready.
 
     `calib_dataset` yields (image tensor, label); images are taken at `calibration_indices(...)`. The manifest
     (dataset fingerprint, indices, method, seed, versions) is also written to `manifest_path` when given.
     `quiet` silences NNCF's own progress bars. `fast` (the default): NHWC statistics passes and the exact speed-ups
-    of edgeres.nncf_patches; False runs NNCF exactly as it ships (benchmarks compare the two).
+    of edgeres.nncf_patches; False runs NNCF exactly as it ships (benchmarks compare the two). `device`: where the
+    statistics passes and bias correction run (edgeres.device.resolve; default the CPU here, as before).
     """
     method = CalibMethod.parse(method)
     indices = calibration_indices(len(calib_dataset), subset_size, seed=seed)
@@ -272,9 +273,12 @@ def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | 
     import torch
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
-    batches = _batches(calib_dataset, indices, batch_size)
-    model = copy.deepcopy(model).eval()   # NNCF wraps the model in place: keep the caller's float model intact
-    if fast and batches and batches[0].ndim == 4:   # NHWC: oneDNN's faster CPU convolutions for the statistics
+    from edgeres.device import resolve
+
+    dev = resolve(device or "cpu") if not isinstance(device, torch.device) else device
+    batches = [b.to(dev) for b in _batches(calib_dataset, indices, batch_size)]
+    model = copy.deepcopy(model).eval().to(dev)   # NNCF wraps the model in place: keep the caller's model intact
+    if fast and batches and batches[0].ndim == 4:   # NHWC: oneDNN's (and cuDNN's) faster convolutions
         model = model.to(memory_format=torch.channels_last)
         batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
     advanced = AdvancedQuantizationParameters(
@@ -307,8 +311,11 @@ def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | 
         "torch_version": torch.__version__,
         "placement_changes": changes,
         "duration_s": round(time.perf_counter() - t0, 3),
+        "device": str(dev),
     }
-    if manifest_path is not None:
+    from edgeres.dist import init_dist
+
+    if manifest_path is not None and init_dist().main:   # under torchrun every rank calibrates alike; rank 0 writes
         from edgeres.io import atomic_write_json
 
         atomic_write_json(manifest_path, manifest)
@@ -323,37 +330,134 @@ def _bar(it, desc: str, off: bool):
     return tqdm(it, desc=desc, unit="batch", leave=False)
 
 
-def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: float = 1e-4, batch_size: int = 64,
-                 seed: int = 0, weight_decay: float = 0.0, quiet: bool = False, log=None,
-                 start_evaluation=None) -> QATResult:
-    """Fine-tune the fake-quant model (weights and quantizer scales learn), cosine LR, best epoch kept.
+QAT_LOSSES = ("kd", "kd+ce", "ce")
 
-    Epoch 0 in the history is the PTQ model itself, so QAT never returns something worse than its start.
+
+def qat_criterion(loss: str, temperature: float):
+    """The QAT loss. kd: KL(teacher || student) of the softened distributions, x T^2 (the FP32 model's decisions are
+    what QAT keeps); kd+ce: the mean of that and cross-entropy on the labels; ce: the labels only."""
+    import torch
+    import torch.nn.functional as F
+
+    if loss not in QAT_LOSSES:
+        raise ConfigError(f"unknown QAT loss {loss!r}; valid: {', '.join(QAT_LOSSES)}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"QAT temperature must be a positive number, got {temperature}")
+    ce = torch.nn.CrossEntropyLoss()
+    t = float(temperature)
+
+    def kd(logits, target):
+        return F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(target.float() / t, 1), reduction="batchmean",
+                        log_target=True) * (t * t)
+
+    if loss == "ce":
+        return ce
+    if loss == "kd":
+        return lambda logits, labels, target: kd(logits, target)
+    return lambda logits, labels, target: 0.5 * kd(logits, target) + 0.5 * ce(logits, labels)
+
+
+def agreement_pct(a, b) -> float:
+    """Top-1 agreement (%) of two [N, C] logit arrays."""
+    import numpy as np
+
+    a, b = np.asarray(a), np.asarray(b)
+    return 100.0 * float(np.mean(a.argmax(1) == b.argmax(1))) if len(a) else 100.0
+
+
+def _kl(student, teacher) -> float:
+    """Mean KL(teacher || student) at T=1 over rows (float64): the tie-break of QAT's selection."""
+    import numpy as np
+
+    def logp(z):
+        z = np.asarray(z, np.float64)
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    lt, ls = logp(teacher), logp(student)
+    return float(np.mean(np.sum(np.exp(lt) * (lt - ls), 1))) if len(lt) else 0.0
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """How QAT judges an epoch on the held-out images: agreement with the FP32 teacher (then the KL to it), or
+    without a teacher top-1 on the labels."""
+
+    data: Any
+    teacher_logits: Any = None
+
+    def score(self, model) -> tuple[float, float, dict[str, float]]:
+        from edgeres.evaluate import evaluate
+
+        ev = evaluate(model, self.data, batch_size=256)
+        if self.teacher_logits is None:
+            return ev.top1, 0.0, {"holdout_top1": ev.top1}
+        agree, kl = agreement_pct(ev.logits, self.teacher_logits), _kl(ev.logits, self.teacher_logits)
+        return agree, -kl, {"holdout_top1": ev.top1, "holdout_agreement_pct": agree, "holdout_kl": kl}
+
+
+def quantize_qat(ptq_model, train_dataset, select_dataset=None, *, epochs: int, lr: float = 1e-4,
+                 batch_size: int = 64, seed: int = 0, weight_decay: float = 0.0, teacher=None, loss: str | None = None,
+                 temperature: float = 1.0, device=None, amp: bool = False, quiet: bool = False, log=None,
+                 **_unused: Any) -> QATResult:
+    """Fine-tune the fake-quant model (weights and quantizer scales learn), cosine LR, on `device`.
+
+    `teacher` (the folded FP32 model) is distilled with `loss` (default: "kd" with a teacher, "ce" without).
+    Selection on `select_dataset` (held-out TRAINING images, never the test split): epoch 0 is the PTQ model itself,
+    and an epoch is kept only when its top-1 agreement with the teacher on those images is higher (ties: a lower KL
+    to the teacher); without a teacher, holdout top-1. Without `select_dataset` the last epoch is kept.
+    Under torchrun (WORLD_SIZE > 1) each process takes its share of every global batch of `batch_size`
+    (`dist.shard_of_global_batches`): the same result as one process, up to float noise.
     """
     import copy
 
     import torch
 
     from edgeres.data import make_loader
-    from edgeres.evaluate import evaluate
+    from edgeres.device import is_cuda, resolve
+    from edgeres.dist import all_sum, init_dist, shard_of_global_batches
     from edgeres.loop import Step, sgd_steps
 
     if epochs < 1:
         raise ConfigError(f"QAT needs epochs >= 1, got {epochs}")
-    if lr <= 0:
+    if not (math.isfinite(lr) and lr > 0):
         raise ConfigError(f"QAT learning rate must be > 0, got {lr}")
-    if len(train_dataset) == 0 or len(eval_dataset) == 0:
-        raise DataError("QAT needs a non-empty training and evaluation set")
+    if len(train_dataset) == 0 or (select_dataset is not None and len(select_dataset) == 0):
+        raise DataError("QAT needs a non-empty training set (and holdout, when one is given)")
+    loss = loss or ("kd" if teacher is not None else "ce")
+    if loss != "ce" and teacher is None:
+        raise ConfigError(f"QAT loss {loss!r} distils the FP32 model: give its checkpoint (--teacher), or use ce")
+    criterion = qat_criterion(loss, temperature)
     say = log or (lambda s: None if quiet else print(s, flush=True))
-    model = copy.deepcopy(ptq_model)   # the PTQ model stays as it is: the build keeps it as the ptq output
+    dist = init_dist()
+    dev = resolve(device) if not isinstance(device, torch.device) else device
+    cuda = is_cuda(dev)
+    model = copy.deepcopy(ptq_model).to(dev)   # the PTQ model stays as it is: the build keeps it as the ptq output
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    teach = None
+    if teacher is not None and loss != "ce":
+        teach = copy.deepcopy(teacher).to(dev).eval()
+        for p in teach.parameters():
+            p.requires_grad_(False)
     torch.manual_seed(seed)
     drop_last = len(train_dataset) > batch_size
+    per_rank = batch_size // max(1, dist.world) if batch_size % max(1, dist.world) == 0 else batch_size
 
     def loader_for(epoch: int):
-        # order and augmentation from (seed, epoch) alone, whatever epoch the dataset was last used at (training)
-        return make_loader(train_dataset, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
-                           drop_last=drop_last)
+        # order and augmentation from (seed, epoch) alone, whatever epoch the dataset was last used at (training);
+        # under torchrun this process's share of each global batch
+        if dist.world == 1:
+            return make_loader(train_dataset, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
+                               drop_last=drop_last, pin_memory=cuda)
+        idx = shard_of_global_batches(len(train_dataset), batch_size, seed=seed, epoch=epoch, rank=dist.rank,
+                                      world=dist.world, drop_last=drop_last)
+        return make_loader(torch.utils.data.Subset(train_dataset, idx), batch_size=per_rank, shuffle=False,
+                           epoch=epoch, pin_memory=cuda)
 
+    net = model
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if cuda else None)
     loader = loader_for(0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -366,32 +470,61 @@ def quantize_qat(ptq_model, train_dataset, eval_dataset, *, epochs: int, lr: flo
         if not math.isfinite(step.loss.item()):
             raise DataError(f"QAT loss became {step.loss.item()} at step {step.iteration}; lower --lr")
 
-    loss_fn = torch.nn.CrossEntropyLoss()
-    best = start_evaluation or evaluate(model, eval_dataset)   # the PTQ model's, when the caller has it
-    best_acc = best.top1
+    selection = None
+    if select_dataset is not None:
+        from edgeres.evaluate import evaluate
+
+        ref = evaluate(teach, select_dataset, batch_size=256).logits if teach is not None else None
+        selection = _Selection(select_dataset, ref)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    best_epoch = 0
-    history = [{"epoch": 0, "loss": float("nan"), "top1": best_acc, "lr": lr}]
-    say(f"qat epoch 0 (ptq): top1 {best_acc:.2f}%")
+    best_epoch, best_key = 0, None
+    history: list[dict[str, Any]] = [{"epoch": 0, "loss": None, "lr": lr}]
+    if selection is not None:
+        a, b, info = selection.score(model)
+        best_key = (a, b)
+        history[0].update(info)
+        say(f"qat epoch 0 (ptq): {_describe(info)}")
     iteration = 0
+    amp_on = bool(amp and cuda)
     for epoch in range(1, epochs + 1):
         loader = loader_for(epoch - 1)
-        done = sgd_steps(model, _bar(loader, f"qat epoch {epoch}/{epochs}", quiet or log is not None), opt,
-                         criterion=loss_fn, lr_at=cosine, iteration=iteration, on_step=finite)
+        t0 = time.perf_counter()
+        done = sgd_steps(net, _bar(loader, f"qat epoch {epoch}/{epochs}", quiet or log is not None or not dist.main),
+                         opt, criterion=criterion, lr_at=cosine, iteration=iteration, on_step=finite, device=dev,
+                         channels_last=cuda, amp=amp_on, amp_dtype=torch.bfloat16 if amp_on else None,
+                         teacher=teach)
+        seconds = time.perf_counter() - t0
         iteration += done.steps
-        loss = float(done.loss_sum) / max(done.seen, 1)
-        ev = evaluate(model, eval_dataset)
-        acc = ev.top1
-        history.append({"epoch": epoch, "loss": loss, "top1": acc, "lr": cosine(iteration)})
-        say(f"qat epoch {epoch}/{epochs}: loss {loss:.4f} top1 {acc:.2f}%")
-        if acc > best_acc:
-            best_acc, best_epoch, best = acc, epoch, ev
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    return QATResult(model=model.eval(), history=history, best_epoch=best_epoch, evaluation=best)
+        loss_sum, seen = all_sum([float(done.loss_sum), float(done.seen)], dev)
+        row: dict[str, Any] = {"epoch": epoch, "loss": loss_sum / max(seen, 1), "lr": cosine(iteration),
+                               "images_per_s": round(seen / seconds, 1) if seconds > 0 else None}
+        if selection is not None:
+            a, b, info = selection.score(model)
+            row.update(info)
+            if (a, b) > best_key:
+                best_key, best_epoch = (a, b), epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            best_epoch = epoch
+        history.append(row)
+        say(f"qat epoch {epoch}/{epochs}: loss {row['loss']:.4f} ({loss}) | {_describe(row)} | "
+            f"{row['images_per_s'] or 0:.0f} img/s")
+    if selection is not None:
+        model.load_state_dict(best_state)
+    model = model.to(memory_format=torch.contiguous_format)
+    return QATResult(model=model.eval(), history=history, best_epoch=best_epoch)
 
 
-VOLATILE_MANIFEST_KEYS = ("duration_s",)   # kept in calibration/manifest.json, not in the checkpoint
+def _describe(info: dict[str, Any]) -> str:
+    parts = []
+    if "holdout_agreement_pct" in info:
+        parts.append(f"holdout agreement with FP32 {info['holdout_agreement_pct']:.2f}%")
+    if "holdout_top1" in info:
+        parts.append(f"holdout top1 {info['holdout_top1']:.2f}%")
+    return ", ".join(parts) or "no holdout: the last epoch is kept"
+
+
+VOLATILE_MANIFEST_KEYS = ("duration_s", "device")   # kept in calibration/manifest.json, not in the checkpoint
 
 
 def save_quantized(path: str | Path, model, meta, *, mode: str | None = None,
@@ -464,7 +597,11 @@ class QuantInputs:
     manifest_path: Path | None = None     # PTQ: calibration/manifest.json
     train_data: Any = None     # QAT: the training split
     manifest: dict[str, Any] | None = None   # QAT: the PTQ manifest, carried into the QAT checkpoint
-    evaluation: Any = None     # QAT: the PTQ model's EvalResult on eval_data, when already computed
+    evaluation: Any = None     # the INT8 model's EvalResult on eval_data, when already computed (PTQ: reused)
+    reference_logits: Any = None   # the FP32 model's logits on eval_data: the agreement gate (None: not measured)
+    teacher: Any = None        # QAT: the folded FP32 model it distils (quant.qat_loss kd / kd+ce)
+    holdout: Any = None        # QAT: held-out training images that select its epoch (never eval_data)
+    device: Any = None         # torch device of the statistics passes / QAT (None: the CPU)
 
 
 @dataclass(frozen=True)
@@ -474,6 +611,7 @@ class PtqSettings:
     seed: int = 0
     max_drop: float | None = None      # pp; None: the drop is recorded, not gated (PTQ before QAT)
     drop_source: str = "--max-drop"    # where max_drop comes from, for the message
+    min_agreement_pct: float | None = None   # top-1 agreement with FP32 (%); None: recorded, not gated
 
 
 @dataclass(frozen=True)
@@ -484,6 +622,10 @@ class QatSettings:
     seed: int = 0
     max_drop: float | None = None
     drop_source: str = "--max-drop"
+    loss: str = QuantCfg.qat_loss
+    temperature: float = QuantCfg.qat_temperature
+    amp: bool = QuantCfg.qat_amp
+    min_agreement_pct: float | None = None
 
 
 @dataclass(frozen=True)
@@ -499,15 +641,26 @@ class QuantOutput:
         return cls(model, meta, manifest)
 
 
-def _finish(stage: str, model, inputs: QuantInputs, max_drop, source, metrics, manifest, quiet: bool, ev=None):
+def _finish(stage: str, model, inputs: QuantInputs, max_drop, source, metrics, manifest, quiet: bool, ev=None,
+            min_agreement: float | None = None):
+    from edgeres.dist import init_dist
     from edgeres.evaluate import evaluate
-    from edgeres.records import StageRecord, StageResult, add_drop_gate
+    from edgeres.records import Gate, StageRecord, StageResult, add_drop_gate
 
     if ev is None:
         ev = evaluate(model, inputs.eval_data, batch_size=256, progress=False if quiet else f"evaluating {stage}")
     rec = StageRecord(stage=stage, metrics=metrics)
     add_drop_gate(rec, ev.top1, inputs.reference_top1, max_drop, source)
-    if rec.passed:
+    if inputs.reference_logits is not None:
+        agree = round(agreement_pct(ev.logits, inputs.reference_logits), 4)
+        rec.metrics["top1_agreement_pct"] = agree
+        if min_agreement is not None:
+            rec.add_gate(Gate("top1_agreement_pct", agree, min_agreement, ">="))
+    if inputs.device is not None:
+        from edgeres.device import describe
+
+        rec.environment.update(describe(inputs.device))
+    if rec.passed and init_dist().main:   # under torchrun only rank 0 writes
         save_quantized(inputs.out, model, inputs.meta, mode=stage, manifest=manifest)
         rec.set_artifact(inputs.out)
     return StageResult(rec, QuantOutput(model, inputs.meta, manifest, ev))
@@ -518,21 +671,27 @@ def run_ptq(inputs: QuantInputs, settings: PtqSettings = PtqSettings(), *, quiet
     evaluate, gate the drop when a limit is given, then write. -> StageResult[QuantOutput]"""
     res = quantize_ptq(inputs.model, inputs.calib, subset_size=settings.calib_size, method=settings.method,
                        seed=settings.seed, manifest_path=inputs.manifest_path,
-                       dataset_fingerprint=inputs.dataset_fingerprint, quiet=quiet)
+                       dataset_fingerprint=inputs.dataset_fingerprint, quiet=quiet, device=inputs.device)
     result = _finish("ptq", res.model, inputs, settings.max_drop, settings.drop_source,
                      {"calib_size": settings.calib_size, "calib_method": CalibMethod.parse(settings.method).value},
-                     res.manifest, quiet)
+                     res.manifest, quiet, min_agreement=settings.min_agreement_pct)
     if inputs.manifest_path is not None:
         result.record.extra_artifacts["calibration_manifest"] = str(inputs.manifest_path)
     return result
 
 
 def run_qat(inputs: QuantInputs, settings: QatSettings = QatSettings(), *, quiet: bool = False, log=None):
-    """The QAT stage: fine-tune the PTQ model (best epoch kept), evaluate, gate, write. -> StageResult[QuantOutput]"""
-    res = quantize_qat(inputs.model, inputs.train_data, inputs.eval_data, epochs=settings.epochs, lr=settings.lr,
+    """The QAT stage: fine-tune the PTQ model distilling the FP32 teacher, keep the epoch that agrees best with it on
+    the holdout, then evaluate on eval_data (read here only), gate, write. -> StageResult[QuantOutput]"""
+    res = quantize_qat(inputs.model, inputs.train_data, inputs.holdout, epochs=settings.epochs, lr=settings.lr,
                        batch_size=settings.batch_size, seed=settings.seed, quiet=quiet, log=log,
-                       start_evaluation=inputs.evaluation)
-    # best_epoch 0: no QAT epoch beat the PTQ model
+                       teacher=inputs.teacher, loss=settings.loss,
+                       temperature=settings.temperature, device=inputs.device, amp=settings.amp)
+    # best_epoch 0: no QAT epoch beat the PTQ model on the holdout
+    ev = inputs.evaluation if res.best_epoch == 0 and inputs.evaluation is not None else None
     return _finish("qat", res.model, inputs, settings.max_drop, settings.drop_source,
-                   {"epochs": settings.epochs, "history": res.history, "best_epoch": res.best_epoch},
-                   inputs.manifest or {}, quiet, res.evaluation)
+                   {"epochs": settings.epochs, "history": res.history, "best_epoch": res.best_epoch,
+                    "loss": settings.loss,
+                    "temperature": settings.temperature,
+                    "holdout_size": len(inputs.holdout) if inputs.holdout is not None else 0},
+                   inputs.manifest or {}, quiet, ev, min_agreement=settings.min_agreement_pct)

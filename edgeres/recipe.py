@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.errors import ConfigError
-from edgeres.io import read_small_bytes
+from edgeres.io import read_small_bytes, require_regular_file
 
 DATASETS = ("digits", "mnist", "cifar10", "imagefolder")
 AUGMENTS = ("pad_crop", "flip", "random_resized_crop")
@@ -51,6 +51,8 @@ class DataCfg:
     cache: bool = False                         # decode images once into a uint8 array (small inputs)
     skip_bad_images: bool = False               # skip and count unreadable images instead of failing
     download: bool = True                       # mnist/cifar10: download (with checksums) when missing
+    holdout: float = 0.1                        # fraction of the training split held out (seeded by train.seed)
+                                                # to select best.pt and QAT's epoch; the test split is only reported
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ class QuantCfg:
     qat_epochs: int = 1
     qat_lr: float = 1e-4
     qat_batch_size: int | None = None
+    qat_loss: str = "kd"                        # kd: distil the folded FP32 model's logits (KL at qat_temperature);
+                                                # kd+ce: half that, half cross-entropy on the labels; ce: labels only
+    qat_temperature: float = 1.0
+    qat_amp: bool = False                       # CUDA: bf16 autocast around the fake-quant model (off: see README)
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,7 @@ class GatesCfg:
     max_drop_ptq: float = 0.5                   # percentage points of top-1 vs FP32
     max_drop_qat: float = 0.2
     min_int8_agreement: float = 99.0            # % of evaluation images where INT8 ONNX and fake-quant agree
+    min_agreement_pct: float = 95.0             # % of evaluation images where an INT8 model's top-1 = FP32's
     probe_size: int = 64
 
 
@@ -121,7 +128,8 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.label_smoothing": (0.0, 0.99), "train.seed": (0, 2**32 - 1),
     "train.backbone_lr_scale": (0.0, 100.0),
     "quant.calib_size": (1, 1 << 24), "quant.qat_epochs": (0, 1000), "quant.qat_lr": (1e-12, 100.0),
-    "quant.qat_batch_size": (1, 1 << 20),
+    "quant.qat_batch_size": (1, 1 << 20), "quant.qat_temperature": (0.05, 100.0), "data.holdout": (0.0, 0.9),
+    "gates.min_agreement_pct": (0.0, 100.0),
     "gates.fold_rel_tol": (0.0, 1.0), "gates.export_rel_tol": (0.0, 1.0), "gates.max_drop_ptq": (0.0, 100.0),
     "gates.max_drop_qat": (0.0, 100.0), "gates.min_int8_agreement": (0.0, 100.0), "gates.probe_size": (1, 1 << 20),
     "export.opset": (13, 23),
@@ -129,7 +137,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": DATASETS, "data.augment": AUGMENTS, "train.optimizer": OPTIMIZERS,
     "train.schedule": SCHEDULES, "train.milestone_unit": MILESTONE_UNITS, "quant.calib_method": CALIB_METHODS,
-    "export.cpu_int8": ("openvino", "qdq"),
+    "export.cpu_int8": ("openvino", "qdq"), "quant.qat_loss": ("kd", "kd+ce", "ce"),
 }
 
 
@@ -366,8 +374,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         path = recipes_dir() / f"{text}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown recipe {text!r}; built-in recipes: {', '.join(list_recipes()) or 'none'}")
-    if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path}")
+    require_regular_file(path, "recipe file")
     try:
         raw = parse_yaml(read_small_bytes(path, "recipe", limit=MAX_RECIPE_BYTES).decode("utf-8"), str(path))
     except UnicodeDecodeError as e:

@@ -107,10 +107,10 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     if hist:
         fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
         ep = [h.get("epoch") for h in hist]
-        for key in ("train_loss", "test_loss"):
+        for key in ("train_loss", "val_loss", "test_loss"):   # val: the holdout that selects best.pt
             if key in hist[0]:
                 ax[0].plot(ep, [h[key] for h in hist], marker="o", label=key)
-        for key in ("train_top1", "test_top1"):
+        for key in ("train_top1", "val_top1", "test_top1"):
             if key in hist[0]:
                 ax[1].plot(ep, [h[key] for h in hist], marker="o", label=key)
         ax[0].set_title("loss"), ax[1].set_title("top-1 %")

@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import math
-import os
 import time
 import warnings
 from collections import deque
@@ -25,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.checkpoint import ModelMeta
+from edgeres.dist import Dist, init_dist
 from edgeres.errors import ConfigError, DataError
 
-METRIC_FIELDS = ("epoch", "iteration", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr",
-                 "images_per_s", "seconds")
+METRIC_FIELDS = ("epoch", "iteration", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "test_loss",
+                 "test_top1", "test_top5", "lr", "images_per_s", "seconds")
 
 
 @dataclass(frozen=True)
@@ -40,28 +40,8 @@ class TrainResult:
     best_top1: float
 
 
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
 def _init_dist() -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return init_dist()
 
 
 def lr_at(cfg, iteration: int, iters_per_epoch: int, total_iters: int, warming: bool) -> float:
@@ -156,11 +136,17 @@ def resume_recipe(out_dir: str | Path, overrides: dict[str, Any]):
 
 
 def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = False, data=None,
-          force: bool = False) -> TrainResult:
-    """Train recipe.model on recipe.data; see the module docstring for what is written."""
+          force: bool = False, device: str | None = None) -> TrainResult:
+    """Train recipe.model on recipe.data; see the module docstring for what is written. `device`: see
+    edgeres.device.resolve (default: the first GPU torch sees, else the CPU; under torchrun the process's own).
+
+    Selection: best.pt is the epoch with the best top-1 on the holdout (data.holdout of the training split); the
+    test split is read once, at the end, to report best.pt. Without a holdout, best.pt is the last epoch and the test
+    split is evaluated every epoch for the curves only."""
     import torch
 
     from edgeres.data import get_data_for
+    from edgeres.device import resolve
     from edgeres.models import create_model
 
     out = Path(out_dir)
@@ -168,7 +154,7 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
     tcfg, dcfg = recipe.train, recipe.data
     last_path, best_path = out / "last.pt", out / "best.pt"
     _check_run_folder(out, resume=resume, force=force, batch_size=dcfg.batch_size, world=dist_info.world)
-    device = torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
+    device = resolve(device)
     use_amp = bool(tcfg.amp and device.type == "cuda")
     if tcfg.amp and not use_amp and dist_info.main and not quiet:
         warnings.warn("train.amp is for CUDA; training in FP32 on CPU", stacklevel=2)
@@ -201,7 +187,7 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
     net = model
     if dist_info.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     per_rank = dcfg.batch_size // dist_info.world
     sampler = torch.utils.data.DistributedSampler(bundle.train, num_replicas=dist_info.world, rank=dist_info.rank,
                                                   shuffle=True, seed=tcfg.seed)
@@ -210,6 +196,7 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing)
     writer = _tensorboard(out) if tcfg.tensorboard and dist_info.main else None
     history: list[dict[str, Any]] = list(state["history"])
+    selects = getattr(bundle, "holdout", None) is not None and len(bundle.holdout) > 0
 
     from edgeres.data import make_loader
     from edgeres.evaluate import evaluate
@@ -255,12 +242,14 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
                    "images_per_s": seen_t / train_s if train_s > 0 else 0.0}
             state["epoch"] = epoch + 1
             if dist_info.main:
-                res = evaluate(model, bundle.test, batch_size=max(256, per_rank), workers=dcfg.workers)
-                row.update(test_loss=res.loss, test_top1=res.top1, test_top5=res.top5,
-                           seconds=time.perf_counter() - t0)
+                split, prefix = (bundle.holdout, "val") if selects else (bundle.test, "test")
+                res = evaluate(model, split, batch_size=max(256, per_rank), workers=dcfg.workers)
+                row.update({f"{prefix}_loss": res.loss, f"{prefix}_top1": res.top1, f"{prefix}_top5": res.top5,
+                            "seconds": time.perf_counter() - t0})
                 history.append(row)
                 state["history"] = history
-                _save_epoch(out, recipe, model, meta, opt, scaler if use_amp else None, state, row)
+                _save_epoch(out, recipe, model, meta, opt, scaler if use_amp else None, state, row,
+                            "val_top1" if selects else None)
                 _log_epoch(row, writer, quiet)
             if dist_info.world > 1:
                 torch.distributed.barrier()
@@ -273,8 +262,29 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
         obj = [history]
         torch.distributed.broadcast_object_list(obj, src=0)
         history = obj[0]
-    best_top1 = max((r["test_top1"] for r in history), default=0.0)
+    best_top1 = _final_test(best_path, bundle.test, history, selects, dist_info, device)
     return TrainResult(best=best_path, last=last_path, meta=meta, history=history, best_top1=best_top1)
+
+
+def _final_test(best_path: Path, test, history: list[dict[str, Any]], selects: bool, dist_info: Dist,
+                device) -> float:
+    """Top-1 (%) of best.pt on the test split: read here, once, after selection (rank 0; broadcast)."""
+    if not history:
+        return 0.0
+    if not selects:
+        return float(history[-1]["test_top1"])
+    value = [0.0]
+    if dist_info.main:
+        from edgeres.checkpoint import load_model
+        from edgeres.evaluate import evaluate
+
+        model, _ = load_model(best_path)
+        value = [evaluate(model.to(device), test, batch_size=256).top1]
+    if dist_info.world > 1:
+        import torch
+
+        torch.distributed.broadcast_object_list(value, src=0)
+    return float(value[0])
 
 
 def _check_run_folder(out: Path, *, resume: bool, force: bool, batch_size: int, world: int) -> None:
@@ -312,15 +322,18 @@ def _restore(last_path: Path, recipe, model, opt, scaler) -> dict[str, Any]:
     return dict(rest["train_state"])
 
 
-def _save_epoch(out: Path, recipe, model, meta, opt, scaler, state: dict[str, Any], row: dict[str, Any]) -> None:
-    """best.pt when this epoch's test top-1 is the best so far, last.pt (everything --resume needs), the metrics."""
+def _save_epoch(out: Path, recipe, model, meta, opt, scaler, state: dict[str, Any], row: dict[str, Any],
+                select: str | None) -> None:
+    """best.pt when this epoch's holdout top-1 (`select`) is the best so far (without a holdout: every epoch, the
+    last one is kept), last.pt (everything --resume needs), the metrics."""
     import torch
 
     from edgeres.checkpoint import save_checkpoint
 
-    if row["test_top1"] > state["best_top1"]:
-        state["best_top1"] = row["test_top1"]
-        save_checkpoint(out / "best.pt", model, meta, epoch=row["epoch"], top1=row["test_top1"])
+    if select is None or row[select] > state["best_top1"]:
+        state["best_top1"] = row[select] if select else row["epoch"]
+        extra = {f"{select}": row[select]} if select else {}
+        save_checkpoint(out / "best.pt", model, meta, epoch=row["epoch"], **extra)
     save_checkpoint(out / "last.pt", model, meta, optimizer=opt.state_dict(), train_state=dict(state),
                     rng=torch.get_rng_state(), recipe_hash=recipe.hash(),
                     recipe=json.dumps(recipe.to_dict(), sort_keys=True),
@@ -333,9 +346,10 @@ def _log_epoch(row: dict[str, Any], writer, quiet: bool) -> None:
         for key in METRIC_FIELDS[2:]:
             writer.add_scalar(key, row[key], row["epoch"])
     if not quiet:
+        split = "val" if "val_top1" in row else "test"
         _say(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f}% | "
-             f"test loss {row['test_loss']:.4f} top1 {row['test_top1']:.2f}% top5 {row['test_top5']:.2f}% | "
-             f"{row['images_per_s']:.0f} img/s")
+             f"{split} loss {row[split + '_loss']:.4f} top1 {row[split + '_top1']:.2f}% top5 "
+             f"{row[split + '_top5']:.2f}% | {row['images_per_s']:.0f} img/s")
 
 
 def _window_error(window, dist_info: Dist) -> float:
@@ -394,6 +408,7 @@ class TrainInputs:
     data: Any                       # edgeres.data bundle (train / calib / test splits, info)
     out_dir: Path                   # RUN/train: best.pt, last.pt, metrics
     pretrained: Path | None = None  # a finished checkpoint to take as it is (no training)
+    device: Any = None              # torch device (edgeres.device.resolve; None: the GPU if any)
 
 
 @dataclass(frozen=True)
@@ -445,9 +460,11 @@ def run(inputs: TrainInputs, settings: TrainSettings, *, quiet: bool = False):
         output = TrainOutput(model.eval(), meta)
     else:
         # the build only gets here when the training inputs changed (or --force): start that run afresh
-        result = train(recipe, inputs.out_dir, data=inputs.data, quiet=quiet, force=True)
+        result = train(recipe, inputs.out_dir, data=inputs.data, quiet=quiet, force=True, device=inputs.device)
         dest, meta = result.best, result.meta
-        rec.metrics = {"best_top1": result.best_top1, "epochs": len(result.history), "history": result.history}
+        rec.metrics = {"best_top1": result.best_top1, "epochs": len(result.history), "history": result.history,
+                       "selection": "holdout top-1" if inputs.data.holdout is not None else "last epoch",
+                       "holdout_size": len(inputs.data.holdout) if inputs.data.holdout is not None else 0}
         output = TrainOutput.load(dest)
     rec.set_artifact(dest)
     return StageResult(rec, output)

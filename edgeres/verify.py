@@ -152,6 +152,8 @@ class VerifySettings:
     bench_seconds: float = 1.0     # per row, after warm-up and at least BENCH_MIN_RUNS calls; 0: not timed
     max_drop: float | None = None  # pp, on the INT8 ONNX
     drop_source: str = "--max-drop"
+    min_agreement_pct: float | None = None   # %, the INT8 ONNX's top-1 agreement with FP32
+    torch_device: str = "cpu"      # where the torch rows ran (CUDA: timed with CUDA events)
 
 
 def artifact_bytes(path) -> int:
@@ -241,11 +243,22 @@ def run(inputs: VerifyInputs, settings: VerifySettings = VerifySettings()):
                 c.runner.close()
     explain_slow_int8(rows, ort_int8)
     bench = {"batch": 1, "min_runs": BENCH_MIN_RUNS, "min_seconds": settings.bench_seconds,
-             "torch_threads": _torch_threads(), "timing": "host wall time per call, after warm-up"}
+             "torch_threads": _torch_threads(), "torch_device": settings.torch_device,
+             "timing": "host wall time per call, after warm-up" + (
+                 f"; torch on {settings.torch_device}: CUDA events (H2D + compute + D2H)"
+                 if settings.torch_device.startswith("cuda") else "")}
     rec = StageRecord(stage="verify", metrics={"rows": rows, "per_class": per_class, "bench": bench,
                                                "class_names": list(inputs.class_names), "n_eval": ref.n})
     if final_int8 is not None:
         add_drop_gate(rec, final_int8.top1, ref.top1, settings.max_drop, settings.drop_source)
+        if settings.min_agreement_pct is not None:
+            import numpy as np
+
+            from edgeres.records import Gate
+
+            agree = round(100.0 * float(np.mean(final_int8.logits.argmax(1) == ref.logits.argmax(1))), 4)
+            rec.metrics["int8_top1_agreement_pct"] = agree
+            rec.add_gate(Gate("int8_top1_agreement_pct", agree, settings.min_agreement_pct, ">="))
         if rec.message:
             rec.message = rec.message.replace("verify:", "verify (INT8 ONNX on onnxruntime):")
     return StageResult(rec, rows)

@@ -128,17 +128,44 @@ def test_save_and_load_quantized(setup):
         load_quantized(setup["tmp"] / "f.pt")
 
 
-def test_qat_keeps_the_best_epoch(setup, tmp_path):
+def test_qat_keeps_the_epoch_that_agrees_best_with_fp32_on_the_holdout(setup, tmp_path):
+    """QAT distils the folded FP32 model and selects on held-out TRAINING images by agreement with it (then KL):
+    the kept epoch is the recorded best, the returned model is that epoch's, and nothing else is read."""
+    from edgeres.evaluate import evaluate
+    from edgeres.quantize import _kl, agreement_pct
+
     save_quantized(tmp_path / "q.pt", setup["ptq"].model, META)
     model, _, _ = load_quantized(tmp_path / "q.pt")   # a copy: the module fixture stays as it was
     small = TensorDataset(*(t[:32] for t in setup["ds"].tensors))
-    res = quantize_qat(model, small, small, epochs=2, lr=1e-3, batch_size=32, quiet=True)
+    holdout = TensorDataset(*(t[32:64] for t in setup["ds"].tensors))
+    teacher = setup["folded"]
+    res = quantize_qat(model, small, holdout, teacher=teacher, epochs=2, lr=1e-3, batch_size=32, quiet=True)
     assert [h["epoch"] for h in res.history] == [0, 1, 2]
-    best = max(h["top1"] for h in res.history)
-    assert res.history[res.best_epoch]["top1"] == best
-    assert top1(res.model, small) == pytest.approx(best) == res.evaluation.top1   # its evaluation is handed on
+    keys = [(h["holdout_agreement_pct"], -h["holdout_kl"]) for h in res.history]
+    assert res.best_epoch == max(range(3), key=lambda i: keys[i])   # the first best: later ties do not replace it
+    kept, ref = evaluate(res.model, holdout).logits, evaluate(teacher, holdout).logits
+    assert agreement_pct(kept, ref) == pytest.approx(res.history[res.best_epoch]["holdout_agreement_pct"])
+    assert _kl(kept, ref) == pytest.approx(res.history[res.best_epoch]["holdout_kl"], rel=1e-4, abs=1e-7)
+    last = quantize_qat(model, small, None, teacher=teacher, epochs=1, lr=1e-3, batch_size=32, quiet=True)
+    assert last.best_epoch == 1, "without a holdout nothing is selected: the last epoch is kept"
+    with pytest.raises(ConfigError, match="distils the FP32 model"):
+        quantize_qat(model, small, holdout, epochs=1, loss="kd")
     with pytest.raises(ConfigError):
         quantize_qat(model, setup["ds"], setup["ds"], epochs=0)
+
+
+def test_kd_loss_is_zero_when_the_student_is_the_teacher_and_mixes_with_ce():
+    from edgeres.quantize import qat_criterion
+
+    torch.manual_seed(0)
+    z, y = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    for t in (1.0, 4.0):
+        assert float(qat_criterion("kd", t)(z, y, z)) == pytest.approx(0.0, abs=1e-6)
+        assert float(qat_criterion("kd", t)(z, y, z.flip(0))) > 0.01
+    mixed = float(qat_criterion("kd+ce", 1.0)(z, y, z))
+    assert mixed == pytest.approx(0.5 * float(torch.nn.functional.cross_entropy(z, y)), rel=1e-5)
+    with pytest.raises(ConfigError, match="unknown QAT loss"):
+        qat_criterion("mse", 1.0)
 
 
 def test_cli_quantize_on_digits(tmp_path):
@@ -150,7 +177,7 @@ def test_cli_quantize_on_digits(tmp_path):
     out = tmp_path / "q.pt"
     r = runner.invoke(main, ["quantize", "--ptq", "--weights", str(w), "--dataset", "digits",
                              "--calib-size", "5000", "--out", str(out)])
-    assert r.exit_code == 1 and "calibration set has 1438 images, asked 5000" in r.output and not out.exists()
+    assert r.exit_code == 1 and "calibration set has 1294 images, asked 5000" in r.output and not out.exists()
     r = runner.invoke(main, ["quantize", "--ptq", "--weights", str(w), "--dataset", "digits", "--calib-size", "64",
                              "--calib-method", "mean_minmax", "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output

@@ -43,14 +43,53 @@ def test_train_writes_checkpoints_and_metrics(tmp_path):
     with open(tmp_path / "metrics.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == [1, 2] and len(csv_rows) == 2
-    assert set(csv_rows[0]) == {"epoch", "iteration", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
-                                "lr", "images_per_s", "seconds"}
+    assert set(csv_rows[0]) == {"epoch", "iteration", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
+                                "test_loss", "test_top1", "test_top5", "lr", "images_per_s", "seconds"}
     assert rows[0]["lr"] == pytest.approx(0.05) and rows[1]["lr"] == pytest.approx(0.005)   # /10 at epoch 1
-    assert res.best_top1 == max(r["test_top1"] for r in rows)
+    # no holdout: nothing selects, best.pt is the last epoch (the test split only draws the curves)
+    assert res.best_top1 == rows[-1]["test_top1"]
     _, best_meta, best_rest = read_checkpoint(res.best)
-    assert best_meta == meta and best_rest["top1"] == res.best_top1
+    assert best_meta == meta and best_rest["epoch"] == 2
     with pytest.raises(ConfigError, match="--resume"):
         train(recipe, tmp_path, quiet=True, data=small_bundle())
+
+
+class _Counted(torch.utils.data.Dataset):
+    """A split that counts how often each image is read."""
+
+    def __init__(self, inner):
+        self.inner, self.reads = inner, 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.inner[i]
+
+
+def test_best_pt_is_selected_on_the_holdout_and_the_test_split_is_read_once(tmp_path):
+    from edgeres.data import split_holdout
+
+    b = small_bundle(n_train=128)
+    b = split_holdout(b, 0.25, seed=7)
+    test = _Counted(b.test)
+    bundle = DataBundle(train=b.train, test=test, calib=b.calib, info=b.info, holdout=b.holdout)
+    assert len(b.train) == 96 and len(b.holdout) == 32 and b.info.holdout_size == 32
+    assert not set(b.train.indices) & set(b.holdout.indices), "held-out images are not trained on"
+    res = train(recipe_from_dict(RECIPE), tmp_path, quiet=True, data=bundle)
+    assert test.reads == len(test), "the test split is read once, after selection"
+    rows = res.history
+    assert all("val_top1" in r and "test_top1" not in r for r in rows)
+    best = max(range(len(rows)), key=lambda i: rows[i]["val_top1"])
+    _, _, rest = read_checkpoint(res.best)
+    assert rest["epoch"] == rows[best]["epoch"] and rest["val_top1"] == rows[best]["val_top1"]
+    from edgeres.checkpoint import load_model
+    from edgeres.evaluate import evaluate
+
+    assert res.best_top1 == pytest.approx(evaluate(load_model(res.best)[0], b.test).top1)
+    with pytest.raises(ConfigError, match="data.holdout"):
+        split_holdout(b, 1.0, seed=0)
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):

@@ -58,3 +58,10 @@ def ints(value: str | None, name: str) -> tuple[int, ...] | None:
         return tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint=name) from None
+
+
+def device_option(fn):
+    """--device: where every torch stage runs (decided once per command, recorded in its records)."""
+    from edgeres.device import DEVICE_HELP
+
+    return click.option("--device", default=None, metavar="DEVICE", help=f"Torch device: {DEVICE_HELP}.")(fn)

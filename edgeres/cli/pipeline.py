@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from edgeres.cli._common import emit, floats, json_option, quiet_option
+from edgeres.cli._common import device_option, emit, floats, json_option, quiet_option
 from edgeres.recipe import CALIB_METHODS
 
 
@@ -47,11 +47,18 @@ from edgeres.recipe import CALIB_METHODS
 @click.option("--force", is_flag=True, help="Re-run every stage instead of reusing finished ones.")
 @click.option("--bench-seconds", type=click.FloatRange(0), default=1.0, show_default=True,
               help="Latency measurement time per artifact in the verify stage (0 = skip timing).")
+@click.option("--holdout", type=click.FloatRange(0, 0.9), default=None,
+              help="Fraction of the training split held out to select best.pt and QAT's epoch (data.holdout).")
+@click.option("--qat-loss", type=click.Choice(["kd", "kd+ce", "ce"]), default=None,
+              help="QAT loss: kd distils the FP32 model (default), ce trains on labels (quant.qat_loss).")
+@click.option("--min-agreement", type=click.FloatRange(0, 100), default=None,
+              help="Smallest top-1 agreement (%) of the INT8 models with FP32 (gates.min_agreement_pct).")
+@device_option
 @quiet_option
 @json_option
 def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, calib_method, input_size, batch_size, lr, seed, workers,
           mean, std, skip_bad_images, calib_size, qat_lr, int8, fp16, pretrained, init_from, backbone_lr_scale, out,
-          max_drop, force, bench_seconds, quiet, as_json) -> None:
+          max_drop, force, bench_seconds, holdout, qat_loss, min_agreement, device, quiet, as_json) -> None:
     """Data -> train -> fold -> PTQ -> QAT -> export -> compile -> verify -> report, each stage gated against FP32."""
     from edgeres.build import BuildOptions
     from edgeres.build import build as run_build
@@ -61,12 +68,15 @@ def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, calib_method, inp
     opts = BuildOptions(out=out, recipe=recipe, arch=arch, dataset=dataset, data_dir=data_dir, epochs=epochs,
                         qat_epochs=qat_epochs, calib_method=calib_method, int8=int8, fp16=fp16,
                         pretrained=Path(pretrained) if pretrained else None, max_drop=max_drop, force=force,
-                        quiet=quiet or as_json, bench_seconds=bench_seconds, overrides={k: v for k, v in {
+                        quiet=quiet or as_json, bench_seconds=bench_seconds, device=device,
+                        overrides={k: v for k, v in {
                             "data.input_size": input_size, "data.batch_size": batch_size, "train.lr": lr,
                             "train.seed": seed, "data.workers": workers, "data.mean": floats(mean, "--mean"),
                             "data.std": floats(std, "--std"), "data.skip_bad_images": skip_bad_images,
                             "quant.calib_size": calib_size, "quant.qat_lr": qat_lr, "train.init_from": init_from,
-                            "train.backbone_lr_scale": backbone_lr_scale}.items() if v is not None})
+                            "train.backbone_lr_scale": backbone_lr_scale, "data.holdout": holdout,
+                            "quant.qat_loss": qat_loss, "gates.min_agreement_pct": min_agreement}.items()
+                            if v is not None})
     result = run_build(opts)
     if as_json:
         emit(result.report, True)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from edgeres.cli._common import emit, json_option, quiet_option
-from edgeres.recipe import CALIB_METHODS, QuantCfg
+from edgeres.cli._common import device_option, emit, json_option, quiet_option
+from edgeres.recipe import CALIB_METHODS, DataCfg, QuantCfg
 
 
 def _pct(percent: float) -> str:
@@ -42,16 +42,18 @@ def _random_inputs(meta, n: int = 32, seed: int = 0):
     return [(x[i], 0) for i in range(n)]
 
 
-def _data(meta, dataset: str, data_dir: str | None, recipe=None):
+def _data(meta, dataset: str, data_dir: str | None, recipe=None, holdout: float | None = None, seed: int = 0):
     """`dataset` preprocessed as the model's own metadata says (input size, channels, mean/std); with a recipe, its
-    training-data settings too (augmentation, padding, cache), as `build` trains with them."""
-    from edgeres.data import get_data, get_data_for
+    training-data settings too (augmentation, padding, cache, holdout), as `build` trains with them. `holdout`:
+    hold out that fraction of the training split (seeded by `seed`) as `build` does (None: none)."""
+    from edgeres.data import get_data, get_data_for, split_holdout
 
     own = dict(dataset=dataset, data_dir=data_dir, input_size=meta.input_size, mean=meta.mean, std=meta.std,
                resize_size=meta.resize_size)
     if recipe is not None:
         return get_data_for(recipe, in_channels=meta.in_channels, **own)
-    return get_data(in_channels=meta.in_channels, **own)
+    data = get_data(in_channels=meta.in_channels, **own)
+    return split_holdout(data, holdout, seed=seed) if holdout else data
 
 
 def _first(split, limit: int | None):
@@ -156,11 +158,34 @@ def _describe(gate: dict) -> str:
 @click.option("--max-drop", type=click.FloatRange(0), default=None,
               help="Fail (and write nothing) when top-1 drops more than this many percentage points below the "
                    "float model's on the test split [default: the drop is reported, not gated].")
+@click.option("--min-agreement", type=click.FloatRange(0, 100), default=None,
+              help="Fail when the INT8 model's top-1 agrees with the float model's on fewer than this % of the test "
+                   "split [default: reported, not gated].")
+@click.option("--qat-loss", type=click.Choice(["kd", "kd+ce", "ce"]), default=QuantCfg.qat_loss, show_default=True,
+              help="kd: distil the float model's logits (KL); kd+ce: half labels; ce: labels only.")
+@click.option("--temperature", type=click.FloatRange(0.05, 100), default=QuantCfg.qat_temperature,
+              show_default=True, help="Distillation temperature.")
+@click.option("--teacher", type=click.Path(dir_okay=False), default=None,
+              help="--qat from an INT8 checkpoint: the float (or folded) model to distil [default: the float model "
+                   "--weights is, when it is one].")
+@click.option("--holdout", type=click.FloatRange(0, 0.9), default=DataCfg.holdout, show_default=True,
+              help="Fraction of the training split held out (seeded by --seed) to select QAT's epoch; not used for "
+                   "calibration. With --recipe, the recipe's data.holdout.")
+@device_option
 @quiet_option
 @json_option
 def quantize(ptq, qat, weights, dataset, data_dir, arch, calib_size, calib_method, manifest, seed, epochs, lr,
-             batch_size, out, recipe, max_drop, force, quiet, as_json) -> None:
-    """INT8 quantization with NNCF, configured for TensorRT (the `ptq` / `qat` stages of `build`)."""
+             batch_size, out, recipe, max_drop, min_agreement, qat_loss, temperature, teacher, holdout, device, force,
+             quiet, as_json) -> None:
+    """INT8 quantization with NNCF, configured for TensorRT (the `ptq` / `qat` stages of `build`).
+
+    QAT distils the float model and keeps the epoch that agrees with it best on held-out training images. Under
+    `torchrun --nproc-per-node N` QAT splits each global --batch-size across the processes (rank 0 writes).
+
+    \b
+    Example:
+      edgeres quantize --qat --weights runs/x/train/best.pt --dataset imagefolder --data-dir photos --out qat.pt
+    """
     from edgeres.checkpoint import read_checkpoint
     from edgeres.errors import ConfigError
     from edgeres.evaluate import evaluate
@@ -186,37 +211,55 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, calib_size, calib_metho
     start_quantized = is_quantized_checkpoint(rest)
     if start_quantized and mode == "ptq":
         raise ConfigError(f"{weights} is already INT8; --ptq needs a float or folded checkpoint")
+    from edgeres.device import resolve
+
+    dev = resolve(device)
     if start_quantized:
         start = QuantOutput.load(weights)
         model, meta, man = start.model, start.meta, start.manifest
+        teacher_model = load_float_or_folded(teacher, arch)[0] if teacher else None
+        if teacher_model is None and mode == "qat" and qat_loss != "ce":
+            raise ConfigError(f"{weights} is INT8: --qat-loss {qat_loss} distils the float model; give it with "
+                              f"--teacher, or use --qat-loss ce")
     else:
         model, meta, _ = load_float_or_folded(weights, arch)
+        teacher_model = model
     if recipe is not None:
         from edgeres.recipe import load_recipe
 
         recipe = load_recipe(recipe)
-    data = _data(meta, dataset, data_dir, recipe)
+    data = _data(meta, dataset, data_dir, recipe, holdout=holdout, seed=seed)
     if data.info.num_classes != meta.num_classes:
         raise ConfigError(f"{dataset} has {data.info.num_classes} classes, the model {meta.num_classes}")
     quiet = quiet or as_json
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     # the drop is measured against the float model (not known when starting from an INT8 checkpoint)
-    reference = None if start_quantized else evaluate(model, data.test, batch_size=256).top1
-    inputs = QuantInputs(model=model, meta=meta, eval_data=data.test, out=out_path, reference_top1=reference,
+    reference = None if teacher_model is None else evaluate(teacher_model.to(dev), data.test, batch_size=256)
+    inputs = QuantInputs(model=model, meta=meta, eval_data=data.test, out=out_path,
+                         reference_top1=reference.top1 if reference else None,
+                         reference_logits=reference.logits if reference else None,
                          calib=data.calib, dataset_fingerprint=data.info.fingerprint, manifest_path=Path(manifest),
-                         train_data=data.train, manifest=None if not start_quantized else man)
+                         train_data=data.train, manifest=None if not start_quantized else man,
+                         teacher=teacher_model, holdout=data.holdout, device=dev)
     if not start_quantized:
         res = run_ptq(inputs if mode == "ptq" else replace(inputs, out=out_path.with_name(f".{out_path.stem}.ptq")),
                       PtqSettings(calib_size=calib_size, method=calib_method, seed=seed,
-                                  max_drop=max_drop if mode == "ptq" else None), quiet=quiet)
-        if mode == "qat":
+                                  max_drop=max_drop if mode == "ptq" else None,
+                                  min_agreement_pct=min_agreement if mode == "ptq" else None), quiet=quiet)
+        if mode == "qat" and res.record.artifact:
             Path(res.record.artifact).unlink(missing_ok=True)   # only the QAT model is the command's output
         log(f"PTQ: {calib_size} calibration images ({calib_method}), manifest {manifest}")
-        inputs = replace(inputs, model=res.output.model, manifest=res.output.manifest)
+        inputs = replace(inputs, model=res.output.model, manifest=res.output.manifest,
+                         evaluation=res.output.evaluation)
     if mode == "qat":
-        res = run_qat(inputs, QatSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, max_drop=max_drop),
+        res = run_qat(inputs, QatSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, max_drop=max_drop,
+                                          loss=qat_loss, temperature=temperature, min_agreement_pct=min_agreement),
                       quiet=quiet, log=log)
     _stage_failed(res.record)
+    from edgeres.dist import init_dist
+
+    if not init_dist().main:   # under torchrun: rank 0 wrote and reports
+        return
     m = res.output.manifest
     acc = res.record.metrics["top1"]
     obj = {"out": out, "mode": mode, "top1_fake_quant": acc, "manifest": manifest if not start_quantized else None,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from edgeres.cli._common import emit, floats, json_option, quiet_option
+from edgeres.cli._common import device_option, emit, floats, json_option, quiet_option
 
 DATASETS = ["digits", "mnist", "cifar10", "imagefolder"]
 
@@ -30,10 +30,15 @@ DATASETS = ["digits", "mnist", "cifar10", "imagefolder"]
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/train", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--force", is_flag=True, help="Replace an existing run in --out.")
+@click.option("--holdout", type=click.FloatRange(0, 0.9), default=None,
+              help="Fraction of the training split held out to select best.pt (data.holdout; 0: keep the last "
+                   "epoch). The test split is read once, at the end.")
+@device_option
 @quiet_option
 @json_option
 def train_cmd(recipe_name, arch, dataset, data_dir, epochs, batch_size, lr, seed, workers, input_size, mean, std,
-              skip_bad_images, init_from, backbone_lr_scale, out_dir, resume, force, quiet, as_json) -> None:
+              skip_bad_images, init_from, backbone_lr_scale, out_dir, resume, force, holdout, device, quiet,
+              as_json) -> None:
     """Train a model (FP32) from a recipe; flags override recipe values. Works under torchrun (DDP)."""
     from edgeres.recipe import load_recipe
     from edgeres.train import resume_recipe, train
@@ -43,10 +48,10 @@ def train_cmd(recipe_name, arch, dataset, data_dir, epochs, batch_size, lr, seed
         "data.batch_size": batch_size, "train.lr": lr, "train.seed": seed, "data.workers": workers,
         "data.input_size": input_size, "data.mean": floats(mean, "--mean"), "data.std": floats(std, "--std"),
         "data.skip_bad_images": skip_bad_images, "train.init_from": init_from,
-        "train.backbone_lr_scale": backbone_lr_scale}
+        "train.backbone_lr_scale": backbone_lr_scale, "data.holdout": holdout}
     recipe = resume_recipe(out_dir, overrides) if resume else None   # a resumed run keeps its own recipe
     recipe = recipe or load_recipe(recipe_name).with_overrides(overrides)
-    result = train(recipe, out_dir, resume=resume, quiet=quiet or as_json, force=force)
+    result = train(recipe, out_dir, resume=resume, quiet=quiet or as_json, force=force, device=device)
     last = result.history[-1] if result.history else {}
     summary = {"best": str(result.best), "last": str(result.last), "best_top1": result.best_top1,
                "epochs": len(result.history), "final": last, "meta": result.meta.to_dict()}
@@ -64,16 +69,18 @@ def train_cmd(recipe_name, arch, dataset, data_dir, epochs, batch_size, lr, seed
 @click.option("--std", default=None, help="Normalization std (default: the checkpoint's).")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True)
+@device_option
 @quiet_option
 @json_option
-def eval_cmd(weights, arch, dataset, data_dir, split, input_size, mean, std, batch_size, workers, quiet,
+def eval_cmd(weights, arch, dataset, data_dir, split, input_size, mean, std, batch_size, workers, device, quiet,
              as_json) -> None:
     """Top-1 / top-5 / loss of a checkpoint on a dataset split (the eval transform, no augmentation)."""
     from edgeres.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(weights, arch=arch, dataset=dataset, data_dir=data_dir, split=split,
                                  input_size=input_size, mean=floats(mean, "--mean"), std=floats(std, "--std"),
-                                 batch_size=batch_size, workers=workers, progress=not (quiet or as_json))
+                                 batch_size=batch_size, workers=workers, progress=not (quiet or as_json),
+                                 device=device)
     emit(result, as_json, lambda: f"{result['dataset']} {split}: top-1 {result['top1']:.2f}%  "
                                   f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  (n={result['n']})")
 

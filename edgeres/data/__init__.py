@@ -6,7 +6,7 @@ EVAL transform (INT8 calibration must not see test images nor augmentation). Eve
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from edgeres.errors import ConfigError, DataError
@@ -29,6 +29,8 @@ class DatasetInfo:
     train_size: int
     test_size: int
     skipped_images: int = 0     # unreadable files skipped with skip_bad_images
+    holdout_size: int = 0       # training images held out for model selection (data.holdout)
+    holdout_fraction: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -42,6 +44,31 @@ class DataBundle:
     test: Any
     calib: Any
     info: DatasetInfo
+    holdout: Any = None         # held-out training images (eval transform): what selects best.pt and QAT's epoch
+
+
+def split_holdout(bundle: DataBundle, fraction: float, *, seed: int) -> DataBundle:
+    """Hold out `fraction` of the training split (drawn with `seed`; the eval transform) for model selection, so
+    that no selection ever reads the test split the report scores. train and calib keep the other images."""
+    import random
+
+    import torch
+
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"data.holdout must be in [0, 1), got {fraction}")
+    n = len(bundle.train)
+    k = int(round(n * fraction))
+    if k == 0:
+        return bundle
+    if n - k < 1:
+        raise DataError(f"data.holdout {fraction}: the training split has only {n} images")
+    held = sorted(random.Random(f"holdout-{seed}").sample(range(n), k))
+    taken = set(held)
+    keep = [i for i in range(n) if i not in taken]
+    sub = torch.utils.data.Subset
+    info = replace(bundle.info, train_size=len(keep), holdout_size=k, holdout_fraction=fraction)
+    return DataBundle(train=sub(bundle.train, keep), test=bundle.test, calib=sub(bundle.calib, keep), info=info,
+                      holdout=sub(bundle.calib, held))
 
 
 def _channels_tuple(values, channels: int, name: str) -> tuple[float, ...]:
@@ -119,12 +146,14 @@ def get_data_for(recipe, *, in_channels: int | None = None, **overrides) -> Data
 
     d = _asdict(recipe.data)
     d.pop("batch_size", None)
+    holdout = d.pop("holdout", 0.0)
     d.update(overrides)
-    return get_data(**d, in_channels=in_channels, seed=recipe.train.seed)
+    return split_holdout(get_data(**d, in_channels=in_channels, seed=recipe.train.seed), holdout,
+                         seed=recipe.train.seed)
 
 
 def make_loader(dataset, *, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0, drop_last: bool = False,
-                sampler=None, epoch: int = 0):
+                sampler=None, epoch: int = 0, pin_memory: bool = False):
     """A DataLoader whose order depends only on (seed, epoch): the same after --resume, in every process."""
     import torch
 
@@ -135,7 +164,7 @@ def make_loader(dataset, *, batch_size: int, shuffle: bool, workers: int = 0, se
     _set_epoch(dataset, epoch)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=workers,
-        drop_last=drop_last, pin_memory=False, persistent_workers=False,
+        drop_last=drop_last, pin_memory=pin_memory, persistent_workers=False,
         multiprocessing_context="fork" if workers and _fork_ok() else None)
 
 
@@ -154,4 +183,4 @@ def _fork_ok() -> bool:
     return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
 
-__all__ = ["DataBundle", "DatasetInfo", "DATASET_NAMES", "get_data", "get_data_for", "make_loader"]
+__all__ = ["DataBundle", "DatasetInfo", "DATASET_NAMES", "get_data", "get_data_for", "make_loader", "split_holdout"]
