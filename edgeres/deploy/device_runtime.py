@@ -425,8 +425,10 @@ def trtexec_build(exe: str, entry: dict, *, onnx: Path, engine: Path, calib, dla
 
 
 def _run_args(entry: dict, input_name: str, shape, dla_core) -> list:
-    """--shapes only for a dynamic profile (a static engine has its own); the DLA core for a DLA engine."""
-    args = [] if entry.get("static_batch") else [f"--shapes={trtexec_shapes(input_name, shape)}"]
+    """--shapes whenever the ONNX input is dynamic, even with a static profile (DLA): trtexec runs a dynamic input
+    given no shapes at 1 (sampleInference.cpp, "Automatically overriding shape to: 1x..."); the DLA core for a DLA
+    engine. Plans from before `dynamic_input` was recorded came from edgeres's dynamic-batch ONNX."""
+    args = [f"--shapes={trtexec_shapes(input_name, shape)}"] if entry.get("dynamic_input", True) else []
     return args + ([f"--useDLACore={dla_core}"] if dla_core is not None else [])
 
 

@@ -134,6 +134,7 @@ def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, 
         "calib_cache": inputs.calib_name if use_cache else None,
         "input": info.input_name, "profile": {"min": shapes[0], "opt": shapes[1], "max": shapes[2]},
         "static_batch": shapes[0] == shapes[2],
+        "dynamic_input": info.dynamic_batch,   # run with explicit shapes (trtexec --shapes) even when static_batch
         # DLA: the layers NVIDIA's DLA table excludes run on the GPU (dla.py); every other layer runs on DLA
         "gpu_fallback_layers": fallback if dla else None,
         # keyword arguments of engine_build.build_engine (the device adds paths and its DLA core index)

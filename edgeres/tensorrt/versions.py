@@ -43,12 +43,16 @@ SOURCES = {
                          "weights other than kINT32 are real values, so 8.x documents only FP32 weights behind "
                          "QuantizeLinear (the form NVIDIA's pytorch-quantization toolkit exports)",
     "version_compatible": "TensorRT 8.6 release notes: BuilderFlag.VERSION_COMPATIBLE (trt-api 8.6 python_api.json); "
-                          "Support Matrix 11.4.1 (https://docs.nvidia.com/deeplearning/tensorrt/11.4.1/getting-"
-                          "started/support-matrix.html), Engine Portability: newer runtimes of the same major, "
-                          "and across majors only 8 -> 10 and 10 -> 11",
+                          "Version Compatibility (https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-"
+                          "library/version-compatibility.html): 'supported from version 8.6', runtime must allow "
+                          "engine host code; Support Matrix 11.4.1 (https://docs.nvidia.com/deeplearning/tensorrt/"
+                          "11.4.1/getting-started/support-matrix.html), Engine Portability: newer runtimes of the "
+                          "same major, and across majors only 8 -> 10 and 10 -> 11",
     "hardware_compatibility": "TensorRT 8.6 release notes: HardwareCompatibilityLevel.AMPERE_PLUS (trt-api 8.6); "
                               "NvInfer.h kAMPERE_PLUS: 'only supported for engines built on NVIDIA Ampere and later "
-                              "GPUs'; TensorRT 8.6 developer guide, Hardware Compatibility: not supported on JetPack",
+                              "GPUs'; NVIDIA TensorRT 8.6 Developer Guide, section 6.2 Hardware Compatibility: "
+                              "Ampere and later only, 'not supported on NVIDIA DRIVE OS or JetPack' (that page is not "
+                              "in this project's search corpus; its sentence is quoted by secondary sources)",
     "platform_portability": "Support Matrix (https://docs.nvidia.com/deeplearning/tensorrt/latest/getting-started/"
                             "support-matrix.html), Engine Portability: 'Serialized engines are not portable across "
                             "platforms'",
