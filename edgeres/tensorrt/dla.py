@@ -14,8 +14,9 @@ library/dla-layer-restrictions.html, same table in the 8.5/8.6/10.x developer gu
 - Shuffle runs on DLA only for 4D tensors; a Flatten/Reshape to a 2D [N, K] tensor does not;
 - Q/DQ (explicit quantization) on DLA from TensorRT 8.6 (versions.capabilities: dla_explicit_quantization).
 Anything else (not in the table) runs on the GPU. With GPU fallback such layers run on the GPU silently ("DLA
-Runtime Configuration > GPU Fallback Mode"), so the plan names them and lets nothing else fall back. TensorRT's own placement can differ in detail (fusions); what the
-device builds is recorded in the result, and the emulator (tests/trt_emulator) applies its own reading of the table.
+Runtime Configuration > GPU Fallback Mode", docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/dla-runtime-
+configuration.html), so the plan names them. TensorRT's own placement can differ in detail (fusions, DLA loadable
+limits); the emulator (tests/trt_emulator) applies its own reading of the table and the tests compare the two.
 """
 from __future__ import annotations
 
