@@ -93,10 +93,12 @@ def evaluate(target, dataset, *, batch_size: int = 256, workers: int = 0, progre
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers)
     if isinstance(target, torch.nn.Module):
+        device = next((p.device for p in target.parameters()), torch.device("cpu"))
+        loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, device=device)
         outs, ys = _predict_torch(target, loader, progress)
     elif hasattr(target, "infer"):
+        loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers)
         outs, ys = _predict_runner(target, loader, progress)
     else:
         raise ConfigError(f"cannot evaluate a {type(target).__name__}: need a torch module or a runner with infer()")

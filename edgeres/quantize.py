@@ -449,11 +449,11 @@ def quantize_qat(ptq_model, train_dataset, select_dataset=None, *, epochs: int, 
         # under torchrun this process's share of each global batch
         if dist.world == 1:
             return make_loader(train_dataset, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
-                               drop_last=drop_last, pin_memory=cuda)
+                               drop_last=drop_last, device=dev)
         idx = shard_of_global_batches(len(train_dataset), batch_size, seed=seed, epoch=epoch, rank=dist.rank,
                                       world=dist.world, drop_last=drop_last)
         return make_loader(torch.utils.data.Subset(train_dataset, idx), batch_size=per_rank, shuffle=False,
-                           epoch=epoch, pin_memory=cuda)
+                           epoch=epoch, device=dev)
 
     net = model
     if dist.world > 1:

@@ -208,7 +208,7 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
                 break
             sampler.set_epoch(epoch)
             loader = make_loader(bundle.train, batch_size=per_rank, shuffle=True, workers=dcfg.workers,
-                                 seed=tcfg.seed, drop_last=True, sampler=sampler, epoch=epoch)
+                                 seed=tcfg.seed, drop_last=True, sampler=sampler, epoch=epoch, device=device)
             t0 = time.perf_counter()
             window: deque = deque(maxlen=20)
             steps = min(len(loader), total - state["iteration"])   # max_iterations may end this epoch early

@@ -153,8 +153,10 @@ def get_data_for(recipe, *, in_channels: int | None = None, **overrides) -> Data
 
 
 def make_loader(dataset, *, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0, drop_last: bool = False,
-                sampler=None, epoch: int = 0, pin_memory: bool = False):
-    """A DataLoader whose order depends only on (seed, epoch): the same after --resume, in every process."""
+                sampler=None, epoch: int = 0, pin_memory: bool = False, device=None):
+    """A DataLoader whose order depends only on (seed, epoch): the same after --resume, in every process.
+    On a CUDA `device`, image datasets decode and transform on the GPU (edgeres.data.gpu: same order, same
+    per-sample draws); everywhere else the CPU pipeline, with pinned memory for a GPU."""
     import torch
 
     if sampler is None and shuffle:
@@ -162,6 +164,17 @@ def make_loader(dataset, *, batch_size: int, shuffle: bool, workers: int = 0, se
                                                       drop_last=drop_last)
         sampler.set_epoch(epoch)
     _set_epoch(dataset, epoch)
+    if device is not None and str(device).startswith("cuda"):
+        from edgeres.data import gpu
+
+        reason = gpu.why_not(dataset, device)
+        if reason is None:
+            gpu.say_once("on", f"data: decoding and augmenting on {device} (CPU workers only read files)")
+            order = list(sampler) if sampler is not None else list(range(len(dataset)))
+            return gpu.DeviceLoader(dataset, order, batch_size=batch_size, device=device, workers=workers,
+                                    epoch=epoch, drop_last=drop_last)
+        gpu.say_once("off", f"data: the CPU pipeline feeds {device} ({reason})")
+        pin_memory = True
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=workers,
         drop_last=drop_last, pin_memory=pin_memory, persistent_workers=False,

@@ -424,8 +424,13 @@ class ImageDataset(torch.utils.data.Dataset):
             torch.set_num_threads(threads)
 
     def _item(self, index: int):
+        return self.transform(self.raw(index), index, self._mean, self._std), int(self.source.labels[index])
+
+    def transform(self, img: torch.Tensor, index: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """uint8 C x H x W (as `raw` gives it, on any device) -> the normalized sample `index` at this epoch: the
+        one transform of the CPU loaders and the GPU path (edgeres.data.gpu)."""
         s = self.spec
-        img = T.match_channels(self.raw(index), s.channels)
+        img = T.match_channels(img, s.channels)
         if s.train and s.augment:
             rng = T.sample_rng(s.seed, self.epoch, index)
             if "random_resized_crop" in s.augment:
@@ -438,7 +443,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 img = T.hflip(img, rng)
         else:
             img = self._eval_geometry(img)
-        return T.normalize(img, self._mean, self._std), int(self.source.labels[index])
+        return T.normalize(img, mean, std)
 
     def _eval_geometry(self, img: torch.Tensor) -> torch.Tensor:
         s = self.spec

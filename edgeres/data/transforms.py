@@ -95,7 +95,7 @@ def match_channels(img: torch.Tensor, channels: int) -> torch.Tensor:
     if c == 1:
         return img.expand(channels, -1, -1).contiguous()
     if channels == 1 and c == 3:
-        w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+        w = torch.tensor([0.299, 0.587, 0.114], device=img.device).view(3, 1, 1)
         return (img.float() * w).sum(0, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
     raise ValueError(f"cannot convert {c} channels to {channels}")
 
