@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,7 +44,14 @@ def fleet(tmp_path_factory):
 def _deploy(bundle, hosts, fleet, **kw):
     from edgeres.deploy.ssh import deploy
 
-    return deploy(bundle, hosts, iterations=3, host_timeout=300, **fleet.ssh(), **kw)
+    return deploy(bundle, hosts, iterations=3, host_timeout=300, **fleet.deploy_kwargs(**kw))
+
+
+def _objects(bundle: Path) -> set[str]:
+    from edgeres.io import sha256_file
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    return {*(e["sha256"] for e in m["files"].values()), sha256_file(bundle / "manifest.json")}
 
 
 def test_deploy_by_name_then_unchanged_redeploy_sends_nothing(bundles, fleet):
@@ -53,12 +61,15 @@ def test_deploy_by_name_then_unchanged_redeploy_sends_nothing(bundles, fleet):
     assert r.ok, r.message
     assert r.activated and r.release == current_release(d) and r.release.startswith("tiny-")
     assert r.result["status"] == "passed" and r.result["backend"] == "onnxruntime"
-    assert set(r.sent) == {*json.loads((v1 / "manifest.json").read_text())["files"], "manifest.json"}
+    assert set(r.sent) == _objects(v1) and r.bytes_sent > 0
     result = json.loads((d.state / "result.json").read_text())
     assert result["status"] == "passed" and (d.state / "result.json").stat().st_mode & 0o044   # readable by all
     assert (d.root / "current" / "manifest.json").read_bytes() == (v1 / "manifest.json").read_bytes()
     [again] = _deploy(v1, [d.alias, d.alias], fleet)     # listed twice: deployed once
-    assert again.ok and again.sent == [] and again.release == r.release
+    assert again.ok and again.sent == [] and again.bytes_sent == 0 and again.release == r.release
+    assert not list((d.home / ".cache/edgeres/objects").iterdir())   # staged objects went into the release
+    units = d.units / "timers.target.wants" / "edgeres-verify.timer"
+    assert units.is_symlink() and "verify-current" in (d.units / "edgeres-verify.service").read_text()
 
 
 def test_failed_verification_leaves_the_running_release(bundles, fleet):
@@ -71,7 +82,9 @@ def test_failed_verification_leaves_the_running_release(bundles, fleet):
     assert not bad.ok and bad.stage == "install" and not bad.activated
     assert "gate failed: top1_agreement" in bad.message and "left as it was" in bad.message
     assert current_release(d) == ok.release and (d.state / "result.json").read_bytes() == before
-    assert (d.state / "results" / f"{bad.release}.json").is_file()   # the failed attempt is kept for a look
+    [attempt] = (d.state / "attempts" / bad.release).iterdir()      # the failed attempt is kept for a look
+    assert json.loads(attempt.read_text())["status"] == "failed"
+    assert not (d.state / "results" / f"{bad.release}.json").exists()   # only passed results live there
 
 
 def test_interrupted_copy_leaves_the_running_release(bundles, fleet):
@@ -100,13 +113,15 @@ def test_rollback_and_status_for_the_fleet(bundles, fleet):
     hosts = [x.alias for x in fleet.devices]
     r = CliRunner().invoke(main, ["rollback", "--host", d.alias, *fleet.cli_args()])
     assert r.exit_code == 0, r.output
-    assert r.stdout.strip() == f"{d.alias}: now {first.release} (previous {second.release})"
+    assert r.stdout.splitlines() == [f"{d.alias}: now {first.release} (previous {second.release})", "1 ok, 0 failed"]
     assert current_release(d) == first.release
     assert json.loads((d.state / "result.json").read_text())["manifest_sha256"] == \
         json.loads((d.state / "results" / f"{first.release}.json").read_text())["manifest_sha256"]
     r = CliRunner().invoke(main, ["status", *sum((["--host", h] for h in hosts), []), *fleet.cli_args(), "--json"])
     assert r.exit_code == 0, r.output
-    rows = {row["host"]: row for row in json.loads(r.stdout)}
+    lines = [json.loads(line) for line in r.stdout.splitlines()]   # one JSON line per host, then the counts
+    assert lines[-1] == {"event": "summary", "ok": len(hosts), "failed": 0, "skipped": 0, "duplicate": 0}
+    rows = {row["host"]: row for row in lines[:-1]}
     assert set(rows) == set(hosts)
     assert rows[d.alias]["result"]["current"] == first.release
     assert rows[d.alias]["result"]["result"]["backend"] == "onnxruntime"
@@ -121,23 +136,31 @@ def test_canary_stops_the_rollout_and_a_down_host_fails_alone(bundles, fleet, tm
     v1, _, _ = bundles
     config = tmp_path / "ssh_config"
     config.write_text(fleet.config.read_text() + f"Host jetson-down\n  HostName localhost\n  Port {free_port()}\n")
-    ssh = {**fleet.ssh(), "ssh_config": config}
+    ssh = {**fleet.deploy_kwargs(), "ssh_config": config}
     from edgeres.deploy.ssh import deploy
 
     hosts = ["jetson-down", fleet.devices[0].alias, fleet.devices[1].alias]
     out = deploy(v1, hosts, canary=1, iterations=3, host_timeout=120, **ssh)
     assert [r.stage for r in out] == ["connect", "skipped", "skipped"]
+    assert [r.outcome for r in out] == ["failed", "skipped", "skipped"]
     assert "not attempted: a canary host failed" in out[1].message
     out = deploy(v1, hosts, iterations=3, host_timeout=120, **ssh)   # no canary: the down host fails alone
     assert [r.ok for r in out] == [False, True, True] and out[0].stage == "connect"
 
 
 def test_require_backend_tensorrt_fails_a_host_that_would_fall_back(bundles, fleet):
+    """The re-check of the running release fails: it keeps running, and status still reports its passed result."""
     v1, _, _ = bundles
     d = fleet.devices[0]
-    before = current_release(d)
+    [ok] = _deploy(v1, [d.alias], fleet)
+    before, result = current_release(d), (d.state / "result.json").read_bytes()
     [r] = _deploy(v1, [d.alias], fleet, require_backend="tensorrt")
-    assert not r.ok and "TensorRT is required" in r.message and current_release(d) == before
+    assert not r.ok and "TensorRT is required" in r.message and current_release(d) == before == ok.release
+    assert (d.state / "result.json").read_bytes() == result
+    from edgeres.deploy.ssh import status
+
+    [st] = status([d.alias], **fleet.ssh())
+    assert st.result["result"]["status"] == "passed" and not st.result["pending"]
 
 
 def test_host_keys_unknown_and_changed(bundles, fleet, tmp_path):
@@ -146,7 +169,7 @@ def test_host_keys_unknown_and_changed(bundles, fleet, tmp_path):
     v1, _, _ = bundles
     d = fleet.devices[0]
     empty = tmp_path / "known_hosts"
-    ssh = {**fleet.ssh(), "known_hosts": empty}
+    ssh = {**fleet.deploy_kwargs(), "known_hosts": empty}
     [r] = deploy(v1, [d.alias], iterations=3, **ssh)
     assert not r.ok and "not trusted" in r.message and not empty.exists()
     [r] = deploy(v1, [d.alias], iterations=3, accept_new_host_keys=True, **ssh)
@@ -157,13 +180,16 @@ def test_host_keys_unknown_and_changed(bundles, fleet, tmp_path):
     assert not r.ok and "man-in-the-middle" in r.message
 
 
-def test_parse_host():
+def test_parse_host(tmp_path):
     from edgeres.deploy.ssh import parse_host, unique_hosts
     from edgeres.errors import ConfigError
 
     assert parse_host("nv@10.0.0.5:2222").port == 2222 and parse_host("jetson1").user is None
     assert parse_host("nv@[::1]:22").host == "::1"
-    assert [h.label for h in unique_hosts(["a", "nv@b:22", "a", "nv@b:22"])] == ["a", "nv@b:22"]
+    config = tmp_path / "ssh_config"
+    config.write_text("Host a\n  HostName b\n  User nv\n  Port 22\n")
+    specs, merged = unique_hosts(["a", "nv@b:22", "a", "nv@b", "c"], config)   # ssh -G: a is nv@b:22
+    assert [h.label for h in specs] == ["a", "c"] and merged == {"nv@b:22": "a", "nv@b": "a"}
     for bad in ("nv@host:99999", "a b@c", "nv@host;rm -rf /", "", "-oProxyCommand=x", "nv@jétson"):
         with pytest.raises(ConfigError):
             parse_host(bad)
@@ -185,3 +211,153 @@ def test_sudo_runs_the_device_side_through_sudo_n(bundles, fleet):
     [r] = _deploy(v2, [d.alias], fleet, sudo=True)
     assert r.ok, r.message
     assert current_release(d) == r.release
+
+
+def test_one_device_under_several_names_is_deployed_once(bundles, fleet, tmp_path):
+    """ssh -G merges spellings before anything starts; a name that reaches the same machine id and install root by
+    another address is merged after connecting. Exactly one of them installs and activates."""
+    import getpass
+
+    from edgeres.deploy.ssh import deploy
+
+    v1, _, _ = bundles
+    d = fleet.devices[2]
+    config = tmp_path / "ssh_config"
+    config.write_text(fleet.config.read_text() + f"\nHost {d.alias}-ip\n  HostName 127.0.0.1\n  Port {d.port}\n"
+                      f"  User {getpass.getuser()}\n  IdentityFile {fleet.key}\n")
+    known = tmp_path / "known_hosts"
+    key = (d.folder / "host_key.pub").read_text().split()
+    known.write_text(fleet.known_hosts.read_text() + f"[127.0.0.1]:{d.port} {key[0]} {key[1]}\n")
+    hosts = [d.alias, f"{getpass.getuser()}@{d.alias}", f"localhost:{d.port}", f"{d.alias}-ip"]
+    out = deploy(v1, hosts, iterations=3, host_timeout=120,
+                 **fleet.deploy_kwargs(ssh_config=config, known_hosts=known))
+    by = {r.host: r for r in out}
+    assert by[f"{getpass.getuser()}@{d.alias}"].outcome == "duplicate"
+    assert by[f"localhost:{d.port}"].outcome == "duplicate" and f"same device as {d.alias}" in \
+        by[f"localhost:{d.port}"].message
+    assert sorted(r.outcome for r in (by[d.alias], by[f"{d.alias}-ip"])) == ["duplicate", "ok"]
+    assert "machine id" in next(r.message for r in (by[d.alias], by[f"{d.alias}-ip"]) if r.outcome == "duplicate")
+    assert sum(len(list((d.state / "attempts").glob(f"*/{r.attempt}.json"))) for r in out if r.attempt) == 1
+
+
+@pytest.fixture
+def fresh_fleet(tmp_path):
+    """One device that has nothing installed yet."""
+    f = Fleet(tmp_path / "fresh", 1)
+    yield f
+    f.close()
+
+
+def test_unchanged_files_are_not_sent_again(bundles, fresh_fleet):
+    """Content-addressed staging: a re-deploy of the same bundle sends nothing; a re-bundled model whose ONNX files
+    did not change sends only what did (probe set and manifest)."""
+    v1, v2, _ = bundles
+    fleet = fresh_fleet
+    d = fleet.devices[0]
+    [first] = _deploy(v1, [d.alias], fleet)
+    [again] = _deploy(v1, [d.alias], fleet)
+    assert first.ok and again.ok and again.bytes_sent == 0 and first.bytes_sent > 100_000
+    [other] = _deploy(v2, [d.alias], fleet)
+    m1, m2 = (json.loads((b / "manifest.json").read_text())["files"] for b in (v1, v2))
+    changed = {e["sha256"] for n, e in m2.items() if m1.get(n, {}).get("sha256") != e["sha256"]}
+    from edgeres.io import sha256_file
+
+    assert other.ok and set(other.sent) == changed | {sha256_file(v2 / "manifest.json")}   # no more than that
+    assert m1["model_int8.onnx"] == m2["model_int8.onnx"] and m2["model_int8.onnx"]["sha256"] not in other.sent
+
+
+def test_permission_is_checked_before_any_copy(bundles, fleet):
+    """A device side that cannot write ROOT (here: run as uid 65534 through setpriv, as a non-root login would)
+    is refused at prepare, with nothing copied."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs util-linux's setpriv to run the device side as another user")
+    v1, _, _ = bundles
+    d = fleet.devices[1]
+    before = current_release(d)
+    python = f"setpriv --reuid=65534 --regid=65534 --clear-groups {sys.executable}"
+    [r] = _deploy(v1, [d.alias], fleet, remote_python=python)
+    assert not r.ok and r.stage == "prepare" and r.bytes_sent == 0 and r.sent == []
+    assert r.message.startswith("permission: ") and "cannot write as uid 65534" in r.message, r.message
+    assert "--sudo" in r.message and "nothing copied" in r.message and current_release(d) == before
+
+
+def test_the_flashed_layout_is_the_deployed_layout(bundles, fleet, tmp_path):
+    """edgeres rootfs --bundle writes the tree an SSH deploy writes: the same release id, files, bytes and modes,
+    and the same verify-on-boot units (paths aside)."""
+    from edgeres.cli import main
+
+    v1, _, _ = bundles
+    d = fleet.devices[0]
+    [r] = _deploy(v1, [d.alias], fleet)
+    assert r.ok, r.message
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    out = CliRunner().invoke(main, ["rootfs", "--bundle", str(v1), "--rootfs", str(rootfs), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["release"] == r.release
+
+    def tree(folder: Path) -> dict:
+        return {p.name: (p.read_bytes(), p.stat().st_mode & 0o777) for p in folder.iterdir()}
+
+    assert tree(rootfs / "opt/edgeres/releases" / r.release) == tree(d.root / "releases" / r.release)
+    for name in ("edgeres-verify.service", "edgeres-verify.timer"):
+        flashed = (rootfs / "etc/systemd/system" / name).read_text()
+        deployed = (d.units / name).read_text().replace(str(d.root.resolve()), "/opt/edgeres") \
+            .replace(str(d.state.resolve()), "/var/lib/edgeres").replace(sys.executable, "/usr/bin/python3")
+        assert flashed == deployed, name
+    assert (rootfs / "etc/systemd/system/timers.target.wants/edgeres-verify.timer").is_symlink()
+
+
+def test_signed_bundles_over_ssh(bundles, fleet, tmp_path):
+    """A device with trusted keys installs only what they signed: an unsigned and a forged bundle are refused
+    before staging, with nothing switched; the signed one goes live."""
+    from edgeres.deploy.signing import sign_bundle
+
+    v1, v2, _ = bundles
+    d = fleet.devices[2]
+    key = tmp_path / "release_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "release", "-f", str(key)], check=True)
+    signed = tmp_path / "signed" / "demo"
+    shutil.copytree(v2, signed)
+    sign_bundle(signed, key)
+    forged = tmp_path / "forged" / "demo"
+    shutil.copytree(signed, forged)
+    m = json.loads((forged / "manifest.json").read_text())
+    m["gates"]["min_top1_agreement_pct"] = 0.0   # a hand-edited manifest, the signature kept
+    (forged / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    [base] = _deploy(v1, [d.alias], fleet)
+    d.trusted_keys.parent.mkdir(parents=True, exist_ok=True)
+    d.trusted_keys.write_text("release " + key.with_suffix(".pub").read_text())
+    try:
+        [unsigned] = _deploy(v2, [d.alias], fleet)
+        assert not unsigned.ok and "unsigned bundle refused" in unsigned.message
+        [bad] = _deploy(forged, [d.alias], fleet)
+        assert not bad.ok and "signs another manifest" in bad.message
+        assert current_release(d) == base.release
+        [good] = _deploy(signed, [d.alias], fleet)
+        assert good.ok and current_release(d) == good.release and (d.root / "current" / "signature.json").is_file()
+    finally:
+        d.trusted_keys.unlink()
+
+
+def test_operator_output_a_line_per_host_then_a_table(bundles, fleet, tmp_path):
+    from fleet import free_port
+
+    from edgeres.cli import main
+
+    v1, _, _ = bundles
+    config = tmp_path / "ssh_config"
+    config.write_text(fleet.config.read_text() + f"Host jetson-down\n  HostName localhost\n  Port {free_port()}\n")
+    args = ["deploy", str(v1), "--host", "jetson-down", "--host", fleet.devices[0].alias, "--canary", "1",
+            "--iterations", "3", *fleet.deploy_cli_args(), "--ssh-config", str(config)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("jetson-down: FAILED(connect)")
+    assert lines[1] == f"{fleet.devices[0].alias}: SKIPPED(skipped) not attempted: a canary host failed"
+    assert lines[2].startswith("host ") and lines[-1] == "0 ok, 1 failed, 1 skipped"
+    assert "1 of 2 hosts failed, 1 skipped" in r.stderr
+    r = CliRunner().invoke(main, [*args, "--json"])
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [e.get("outcome") for e in events[:2]] == ["failed", "skipped"]
+    assert events[-1] == {"event": "summary", "ok": 0, "failed": 1, "skipped": 1, "duplicate": 0}

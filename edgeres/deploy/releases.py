@@ -619,9 +619,9 @@ def prepare(root: Path, state: Path, objects: Path | None) -> tuple[dict, int]:
             os.unlink(tmp)
         except OSError as e:
             problems.append(f"{path}: cannot write as uid {os.getuid()} ({e.strerror or e})")
-    out = {"action": "prepare", "machine_id": machine_id(), "root": str(root.resolve() if root.exists() else root),
-           "uid": os.getuid(), "problems": problems, "have": sorted(_have(root, objects)) if not problems else [],
-           "current": _target(root, "current")}
+    out = {"action": "prepare", "machine_id": machine_id(), "root": os.path.realpath(root), "uid": os.getuid(),
+           "problems": problems, "have": [] if problems else sorted(_have(root, objects)),
+           "current": None if problems else _target(root, "current")}
     return out, EXIT_UNUSABLE if problems else EXIT_OK
 
 
