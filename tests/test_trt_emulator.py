@@ -18,6 +18,9 @@ import pytest
 from test_bundle import make_run  # tests/ is on sys.path (pytest rootdir insertion)
 from trt_emulator import VERSIONS, EmulatedDevice
 
+from edgeres.tensorrt.targets import TARGETS
+from edgeres.tensorrt.versions import capabilities
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.trt_emulator
 JETSON = {"8.5.2", "8.6", "10.3"}          # JetPack's TensorRT versions: a device with 2 DLA cores (Orin)
@@ -39,11 +42,19 @@ def bundle(tmp_path_factory) -> Path:
     run = make_run(tmp_path_factory.mktemp("run"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(targets, "device_plan", hooked)
-        return make_bundle(run, tmp_path_factory.mktemp("b") / "bundle", probe_size=16)
+        made = make_bundle(run, tmp_path_factory.mktemp("b") / "bundle", probe_size=16)
+    RUN_OF[Path(made)] = run
+    return made
+
+
+RUN_OF: dict[Path, Path] = {}   # bundle -> the run folder it was made from (the manifest names no local path)
 
 
 def device(root: Path, version: str, **kw) -> EmulatedDevice:
-    kw.setdefault("dla_cores", 2 if version in JETSON else 0)
+    """JetPack's versions run on an emulated Jetson AGX Orin (sm 8.7, 2 DLA cores, aarch64) unless told otherwise."""
+    if version in JETSON and "dla_cores" not in kw:
+        kw.setdefault("jetson", "orin")
+    kw.setdefault("dla_cores", 0)
     return EmulatedDevice(root / f"dev-{version}", version=version, **kw)
 
 
@@ -154,38 +165,48 @@ def test_int8_is_the_same_build_on_both_paths(bundle):
     """Symptom 2b: trtexec built int8 as --int8 --fp16 and the Python path as plain int8; one plan now."""
     m = json.loads((bundle / "manifest.json").read_text())
     for e in m["tensorrt_plan"]["entries"]:
-        if e["precision"] == "int8" and not e["refused"] and e["target"] != "11" and e["device"] == "gpu":
+        weak = capabilities(TARGETS[e["target"]][0]).weak_typing   # 11.x: no precision flags at all
+        if e["precision"] == "int8" and not e["refused"] and weak and e["device"] == "gpu":
             assert "--int8" in e["trtexec"] and "--fp16" not in e["trtexec"] and "--best" not in e["trtexec"]
             assert e["engine_build"]["precision"] == "int8"
 
 
 def test_dla_int8_allows_fp16_for_tensors_the_parser_names(bundle, tmp_path):
     """Symptom 7b: the ONNX parser names the tensor inside a Gemm itself, so a cache made from the ONNX's names has no
-    scale for it; DLA has no FP32 fallback, so INT8-only DLA fails (as the emulator, following TensorRT, refuses).
-    The plan builds implicit-INT8 DLA engines with FP16 allowed."""
+    scale for it; DLA has no FP32, so an INT8-only DLA build that keeps that layer on DLA fails. Second reading: the
+    MatrixMultiply is not a DLA layer at all (NVIDIA's DLA table), nor is GlobalAveragePool's average Reduce, so
+    without GPU fallback every DLA build of this ResNet fails; the plan lets exactly those layers fall back (and still
+    allows FP16 for implicit INT8)."""
     m = json.loads((bundle / "manifest.json").read_text())
     dla = [e for e in m["tensorrt_plan"]["entries"] if e["device"] == "dla" and e["precision"] == "int8"
            and not e["refused"]]
-    assert dla and all(e["engine_build"]["precision"] == "best" and "--fp16" in e["trtexec"] for e in dla)
+    implicit = [e for e in dla if e["calib_cache"]]   # 8.5 .. 10.7; 11.4.1+ takes the Q/DQ ONNX (strongly typed)
+    assert implicit and all(e["engine_build"]["precision"] == "best" and "--fp16" in e["trtexec"] for e in implicit)
+    assert all(e["engine_build"]["gpu_fallback"] and {g["op"] for g in e["gpu_fallback_layers"]} ==
+               {"GlobalAveragePool", "Flatten", "Gemm"} for e in dla)
+    assert [e["target"] for e in dla if not e["calib_cache"]] == ["11.4.1"]
     code = f"""
 import sys
 sys.path[:0] = [{str(REPO / "tests")!r}, {str(REPO / "edgeres" / "tensorrt")!r}]
 import engine_build
 from trt_emulator.emulator import build_module
 trt = build_module("8.5.2")
-for precision in ("int8", "best"):
-    try:
-        engine_build.build_engine({str(bundle / "model_fp32.onnx")!r}, {str(tmp_path / "e.plan")!r}, trt=trt,
-                                  precision=precision, dla_core=0, batch=(4, 4, 4),
-                                  calib_cache={str(bundle / "calib.cache")!r}, device={{"device": "emu"}})
-        print(precision, "built")
-    except engine_build.BuildError as e:
-        print(precision, "refused")
+for fallback in (False, True):
+    for precision in ("int8", "best"):
+        try:
+            engine_build.build_engine({str(bundle / "model_fp32.onnx")!r}, {str(tmp_path / "e.plan")!r}, trt=trt,
+                                      precision=precision, dla_core=0, batch=(4, 4, 4), gpu_fallback=fallback,
+                                      calib_cache={str(bundle / "calib.cache")!r}, device={{"device": "emu"}})
+            print(precision, "built")
+        except engine_build.BuildError as e:
+            print(precision, "refused")
 """
     p = subprocess.run([sys.executable, "-c", code], env=device(tmp_path, "8.5.2").env(), capture_output=True,
                        text=True)
-    assert p.stdout.split() == ["int8", "refused", "best", "built"], p.stdout + p.stderr[-1500:]
+    assert p.stdout.split() == ["int8", "refused", "best", "refused", "int8", "built", "best", "built"], \
+        p.stdout + p.stderr[-1500:]
     assert "Matrix Multiply]_output has no INT8 scale" in p.stderr
+    assert "GlobalAveragePool cannot run on DLA (DLA Reduce supports MAX only)" in p.stderr
 
 
 def test_dla_is_static_and_never_falls_back(tmp_path):
@@ -315,7 +336,7 @@ def test_run_folder_keeps_the_plan_and_trtexec_scripts_without_tensorrt(bundle, 
     a script runs as written against that version's trtexec and builds a loadable engine."""
     import shutil
 
-    run = Path(json.loads((bundle / "manifest.json").read_text())["run"]["path"])
+    run = RUN_OF[Path(bundle)]
     plan = json.loads((run / "tensorrt" / "plan.json").read_text())
     scripts = sorted(p.name for p in (run / "tensorrt").glob("trtexec-*.sh"))
     assert len(scripts) == sum(1 for e in plan["entries"] if not e["refused"]) >= 20
@@ -370,7 +391,7 @@ def test_compile_bench_verify_through_the_emulator(bundle, tmp_path):
     """`edgeres compile`, `edgeres bench --engine` and `edgeres compare` (verification against the ONNX) with the
     .plan, as a user runs them."""
     dev = device(tmp_path, "10.3")
-    run = Path(json.loads((bundle / "manifest.json").read_text())["run"]["path"])
+    run = RUN_OF[Path(bundle)]
     plan = tmp_path / "model.plan"
     edgeres = [sys.executable, "-m", "edgeres"]
     p = subprocess.run(edgeres + ["compile", "--onnx", str(run / "export" / "model_int8.onnx"), "--int8", "--out",

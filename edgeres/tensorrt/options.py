@@ -2,6 +2,12 @@
 
 `validate_options` refuses impossible combinations with a message that says what to do instead, and
 returns the warnings (deprecated but working paths, flags that will have no effect).
+
+Each rule reads a capability row (versions.capabilities; NVIDIA sources in versions.SOURCES). DLA-only rules cite
+"Working with DLA" / "DLA Supported Layers and Restrictions" (docs.nvidia.com/deeplearning/tensorrt/latest/
+inference-library/dla-layer-restrictions.html): DLA runs FP16 or INT8 ("DLA support is currently limited to networks
+running in FP16 or INT8 mode"), no dynamic dimensions ("the profile's min, max, and opt values must be equal"), and
+layers it cannot run fall back to the GPU only with GPU fallback (dla.py lists them for a plan).
 """
 from __future__ import annotations
 
