@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# NNCF's C++ kernels are compiled once, here, not during the first build (a fallback is said, never fatal)
+	$(BIN)/python -c 'from edgeres.nncf_kernels import prepare; prepare()'
 	touch $@
 
 demo: install
