@@ -136,6 +136,19 @@ def test_plan_without_the_fp32_weights_copy_refuses_8x_int8_gpu_in_one_line(tmp_
     assert entry(plan, "10.3", "int8", "gpu")["refused"] is None
 
 
+def test_compile_refuses_a_weight_form_the_version_does_not_document(tmp_path, inputs):
+    from edgeres.tensorrt import CompileOptions, Precision, plan_compile
+
+    opts = CompileOptions(precision=Precision.INT8, batch=(1, 2, 4))
+    for version in ("8.5.2", "8.6"):
+        with pytest.raises(ConfigError, match="does not document.*model_int8.fp32w.onnx"):
+            plan_compile(inputs.int8_onnx, tmp_path / "e.plan", opts, trt_version=version, is_jetson=True,
+                         dla_cores=2)
+        plan_compile(inputs.int8_fp32w_onnx, tmp_path / "e.plan", opts, trt_version=version, is_jetson=True,
+                     dla_cores=2)
+    plan_compile(inputs.int8_onnx, tmp_path / "e.plan", opts, trt_version="10.3", is_jetson=True, dla_cores=2)
+
+
 def test_fp32_weights_copy_is_bit_identical_and_owned(tmp_path, inputs):
     import onnxruntime as ort
 
@@ -330,3 +343,31 @@ print(r.engine._runtime_dla_core)
     dev86 = EmulatedDevice(tmp_path / "dev86", version="8.6", jetson="orin")
     p = subprocess.run([sys.executable, "-c", code], env=dev86.env(), capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == "1", p.stdout + p.stderr[-1500:]
+
+
+def test_compile_stage_builds_the_documented_form_on_8x(tmp_path, inputs):
+    """`edgeres build` on a JetPack 6.0 (TensorRT 8.6) device compiles the FP32-weights copy the plan wrote, not the
+    INT8-constant ONNX 8.6 does not document; on 10.3 the INT8 ONNX itself."""
+    from edgeres.tensorrt.compile import documented_form
+
+    plan_dir = tmp_path / "tensorrt"
+    plan_dir.mkdir()
+    for version, expect in (("8.6", "model_int8.fp32w.onnx"), ("10.3", "model_int8.onnx")):
+        code = f"""
+import sys
+sys.path.insert(0, {str(REPO / 'tests')!r})
+from pathlib import Path
+from edgeres.tensorrt.compile import CompileInputs, CompileSettings, run
+from edgeres.tensorrt.targets import PlanInputs
+fp32, int8 = Path({str(inputs.fp32_onnx)!r}), Path({str(inputs.int8_onnx)!r})
+plan = PlanInputs(fp32.name, int8.name, fp32, int8)
+res = run(CompileInputs(int8, plan, Path({str(plan_dir)!r}), Path({str(tmp_path / version / 'model.plan')!r}),
+                        relative_to=Path({str(tmp_path)!r})), CompileSettings(precision="int8"))
+print(res.record.status, Path(res.record.metrics["engine"]["onnx"]).name)
+"""
+        dev = EmulatedDevice(tmp_path / f"dev{version}", version=version)
+        p = subprocess.run([sys.executable, "-c", code], env=dev.env(), capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert p.stdout.split()[-1] == expect, p.stdout
+    with pytest.raises(ConfigError, match="is missing"):
+        documented_form(inputs.int8_onnx, "8.5.2", tmp_path / "elsewhere")

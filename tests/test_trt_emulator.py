@@ -30,7 +30,8 @@ JETSON = {"8.5.2", "8.6", "10.3"}          # JetPack's TensorRT versions: a devi
 def bundle(tmp_path_factory) -> Path:
     """The bundle with the FP32-weights INT8 copy for 8.5/8.6 (targets.with_fp32_weights_copy). bundle.py (another
     owner) does not call it yet: the one-line hook is simulated here until it does (harmless afterwards: the copy
-    is made once); test_plain_bundle_refuses_8x_int8_gpu_in_one_line shows the bundle as it is today."""
+    is made once); test_tensorrt_plan.py::test_plan_without_the_fp32_weights_copy_refuses_8x_int8_gpu_in_one_line
+    shows the plan a bundle gets today."""
     from edgeres.deploy.bundle import make_bundle
     from edgeres.tensorrt import targets
 

@@ -74,7 +74,8 @@ def plan_compile(onnx_path: str | Path, out_path: str | Path, options: CompileOp
     capabilities(trt_version)  # unsupported version -> ConfigError before anything else
     onnx = inspect_onnx(onnx_path)
     warnings = validate_options(options, trt_version, is_jetson=is_jetson, dla_cores=dla_cores,
-                                compute_capability=compute_capability, onnx_has_qdq=onnx.has_qdq)
+                                compute_capability=compute_capability, onnx_has_qdq=onnx.has_qdq,
+                                onnx_weight_form=onnx.weight_form)
     batch = _batch_for(onnx, options)
     argv = trtexec_command(onnx_path, out_path, options, trt_version, input_name=onnx.input_name,
                            input_chw=onnx.chw, dynamic_batch=onnx.dynamic_batch, batch=batch)
@@ -121,6 +122,21 @@ def compile_engine(onnx_path: str | Path, out_path: str | Path, options: Compile
     return info
 
 
+def documented_form(onnx: Path, trt_version: str, plan_dir: Path) -> Path:
+    """The ONNX in the INT8 weight form this TensorRT documents: `onnx` itself, or the FP32-weights copy the device
+    plan wrote beside plan.json (targets.with_fp32_weights_copy) for 8.5/8.6."""
+    from edgeres.tensorrt.targets import FP32W_SUFFIX
+
+    form = inspect_onnx(onnx).weight_form
+    if form is None or form in capabilities(trt_version).int8_weight_forms:
+        return Path(onnx)
+    name = Path(onnx).name
+    copy = Path(plan_dir) / ((name[:-len(".onnx")] if name.endswith(".onnx") else name) + FP32W_SUFFIX)
+    if not copy.is_file():
+        raise ConfigError(f"TensorRT {trt_version} does not document {form} weights and {copy} is missing")
+    return copy
+
+
 # ---------------------------------------------------------------------------------------------------- the stage
 
 @dataclass(frozen=True)
@@ -160,8 +176,8 @@ def run(inputs: CompileInputs, settings: CompileSettings = CompileSettings()):
                                   f"{inputs.plan_dir.name}/ (plan.json), or `edgeres bundle`.",
                           metrics={"tensorrt": None, "reason": status.reason, "device_plan": plan})
         return StageResult(rec, CompileOutput(None, plan))
-    info = compile_engine(inputs.onnx, inputs.out, CompileOptions(precision=Precision(settings.precision)),
-                          force=True)
+    onnx = documented_form(inputs.onnx, str(status.version), inputs.plan_dir)
+    info = compile_engine(onnx, inputs.out, CompileOptions(precision=Precision(settings.precision)), force=True)
     rec = StageRecord(stage="compile", metrics={"engine": info, "device_plan": plan})
     rec.set_artifact(inputs.out)
     return StageResult(rec, CompileOutput(Path(inputs.out), plan))

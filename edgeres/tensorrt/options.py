@@ -94,11 +94,18 @@ def resolved_strongly_typed(opts: CompileOptions, version: str | TrtVersion) -> 
 
 
 def validate_options(opts: CompileOptions, trt_version: str | TrtVersion, *, is_jetson: bool, dla_cores: int,
-                     compute_capability: str | None = None, onnx_has_qdq: bool | None = None) -> list[str]:
-    """Raise ConfigError for a combination this TensorRT/device cannot build; return warnings."""
+                     compute_capability: str | None = None, onnx_has_qdq: bool | None = None,
+                     onnx_weight_form: str | None = None) -> list[str]:
+    """Raise ConfigError for a combination this TensorRT/device cannot build; return warnings.
+    `onnx_weight_form`: check.int8_weight_form of the ONNX (None: no quantized weights, or not known)."""
     v = parse_version(trt_version)
     caps = capabilities(v)
     warnings: list[str] = []
+    if onnx_weight_form is not None and onnx_weight_form not in caps.int8_weight_forms:
+        raise ConfigError(f"this Q/DQ ONNX stores its weights as {onnx_weight_form}, which TensorRT {v} does not "
+                          f"document (it documents {' / '.join(caps.int8_weight_forms)}); compile the copy with FP32 "
+                          "weights behind QuantizeLinear that edgeres writes beside the plan "
+                          "(RUN/tensorrt/model_int8.fp32w.onnx)")
     if opts.batch is not None:
         check_batch(opts.batch)
     if opts.workspace_mb is not None and opts.workspace_mb < 1:

@@ -121,7 +121,7 @@ def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, 
                           calib_cache=inputs.calib_cache if use_cache else None)
     try:
         warnings = validate_options(opts, rules_version, is_jetson=dla, dla_cores=1 if dla else 0,
-                                    onnx_has_qdq=info.has_qdq)
+                                    onnx_has_qdq=info.has_qdq, onnx_weight_form=info.weight_form)
     except ConfigError as e:
         return _refused(target, precision, device, str(e))
     argv_opts = dataclasses.replace(opts, calib_cache=Path(CALIB) if use_cache else None)
