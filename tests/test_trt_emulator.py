@@ -343,11 +343,15 @@ def test_run_folder_keeps_the_plan_and_trtexec_scripts_without_tensorrt(bundle, 
     assert len(scripts) == sum(1 for e in plan["entries"] if not e["refused"]) >= 20
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    for name, version in (("trtexec-8.5-int8-dla.sh", "8.5.2"), ("trtexec-11-int8-gpu.sh", "11.0")):
+    # every DLA script of the plan whose TensorRT is emulated builds under the emulator's DLA rules, on an Orin
+    emulated = {"8.5": "8.5.2", "8.6": "8.6", "10.3": "10.3"}
+    dla = [(n, emulated[n.split("-")[1]]) for n in scripts if n.endswith("-dla.sh") and n.split("-")[1] in emulated]
+    assert len(dla) == 6
+    for name, version in dla + [("trtexec-11-int8-gpu.sh", "11.0"), ("trtexec-8.6-int8-gpu.sh", "8.6")]:
         dev = device(tmp_path, version, python_bindings=False)
         p = subprocess.run(["sh", str(copy / "tensorrt" / name)], env=dev.env(), capture_output=True, text=True)
-        assert p.returncode == 0, p.stdout[-1500:] + p.stderr[-1500:]
-        assert "&&&& PASSED" in p.stdout and "random data" not in p.stdout
+        assert p.returncode == 0, name + p.stdout[-1500:] + p.stderr[-1500:]
+        assert "&&&& PASSED" in p.stdout and "random data" not in p.stdout, name
 
 
 def test_cudart_versioned_name_only(tmp_path):

@@ -56,9 +56,9 @@ API = Path(__file__).resolve().parent / "api"
 VERSIONS = ("8.5.2", "8.6", "10.3", "10.16", "11.0")
 MAGIC = b"EDGERES-EMULATED-TENSORRT-ENGINE\n"
 EMULATOR_NAME = "edgeres TensorRT emulator (tests)"
-_DLA_OPS = {"Conv", "Relu", "Add", "MaxPool", "AveragePool", "GlobalAveragePool", "Gemm", "MatMul",
+_CNN_OPS = {"Conv", "Relu", "Add", "MaxPool", "AveragePool", "GlobalAveragePool", "Gemm", "MatMul",
             "Flatten", "Reshape", "BatchNormalization", "QuantizeLinear", "DequantizeLinear", "Constant"}
-_IMPORTERS = _DLA_OPS | {"Sigmoid", "Mul", "Sub", "Div", "Concat", "Transpose", "Softmax", "Identity", "Pad",
+_IMPORTERS = _CNN_OPS | {"Sigmoid", "Mul", "Sub", "Div", "Concat", "Transpose", "Softmax", "Identity", "Pad",
                          "ReduceMean", "Clip", "Shape", "Gather", "Unsqueeze", "Squeeze", "Cast", "LeakyRelu"}
 _LAYER_TYPES = {"Conv": "CONVOLUTION", "Relu": "ACTIVATION", "Clip": "ACTIVATION", "Sigmoid": "ACTIVATION",
                 "LeakyRelu": "ACTIVATION", "Add": "ELEMENTWISE", "Mul": "ELEMENTWISE", "Sub": "ELEMENTWISE",
@@ -619,8 +619,9 @@ def build_module(version: str | None = None) -> types.ModuleType:
             built, here = _vt(info["trt_version"]), _vt(state["version"])
             if built != here:
                 # Support Matrix 11.4.1, Engine Portability: version-compatible engines run on newer runtimes of the
-                # same major; across majors only TensorRT 8 -> 10 and 10 -> 11; the runtime must allow engine host code
-                ok = info["version_compatible"] and self._host_code and here > built and \
+                # same major; across majors only TensorRT 8 -> 10 and 10 -> 11; Version Compatibility page: built
+                # with 8.6 or later, and the runtime must allow engine host code (setEngineHostCodeAllowed)
+                ok = info["version_compatible"] and self._host_code and here > built and built[:2] >= (8, 6) and \
                     here[0] in _VC_RUNTIME_MAJORS.get(built[0], ())
                 if not ok:
                     self._logger.log("ERROR", "1: [stdArchiveReader.cpp] The engine plan file is not compatible "
