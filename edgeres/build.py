@@ -559,6 +559,21 @@ def _resolve_recipe(opts: BuildOptions):
                                                        "data.resize_size"))
 
 
+def _with_dataset_of_data_dir(opts: BuildOptions) -> BuildOptions:
+    """--data-dir without --dataset: the folder says which dataset it is (one line), or the build is refused."""
+    from dataclasses import replace
+
+    from edgeres.data.infer import dataset_for
+    from edgeres.recipe import load_recipe
+
+    dataset, note = dataset_for(opts.data_dir, opts.dataset, load_recipe(opts.recipe).data.dataset)
+    if note is None:
+        return opts
+    if not opts.quiet:
+        print(note, flush=True)
+    return replace(opts, dataset=dataset)
+
+
 def build(opts: BuildOptions) -> BuildResult:
     """Validate everything, then hold the run folder and run the plan. A build refused before its first stage
     (bad option, recipe or data, unwritable or busy folder) changes nothing in the folder."""
@@ -568,6 +583,7 @@ def build(opts: BuildOptions) -> BuildResult:
 
     if opts.max_drop is not None and opts.max_drop < 0:
         raise ConfigError(f"--max-drop must be >= 0, got {opts.max_drop}")
+    opts = _with_dataset_of_data_dir(opts)
     if opts.pretrained is not None and not Path(opts.pretrained).is_file():
         raise ConfigError(f"--pretrained checkpoint not found: {opts.pretrained}")
     recipe = _resolve_recipe(opts)
