@@ -236,6 +236,8 @@ def _train(ctx: BuildContext) -> StageResult:
 
     result = run(TrainInputs(ctx.data, ctx.run_dir / "train", ctx.opts.pretrained, device=ctx.device),
                  TrainSettings(ctx.recipe), quiet=ctx.opts.quiet)
+    if result.output.evaluation is not None:   # the FP32 reference every later stage compares with
+        ctx.evaluations.setdefault("train/torch", result.output.evaluation)
     atomic_write_json(ctx.run_dir / "meta.json", result.output.meta.to_dict())
     return result
 

@@ -104,6 +104,9 @@ class GatesCfg:
     min_int8_agreement: float = 99.0            # % of evaluation images where INT8 ONNX and fake-quant agree
     min_agreement_pct: float = 95.0             # % of evaluation images where an INT8 model's top-1 = FP32's
     probe_size: int = 64
+    fp32_over_chance_sigma: float = 3.0         # FP32 top-1 must beat chance (100/classes %) by this many binomial
+                                                # standard deviations of the evaluation split (0: not gated)
+    fp32_loss_must_fall: bool = True            # a trained run whose last training loss is not below its first fails
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.backbone_lr_scale": (0.0, 100.0),
     "quant.calib_size": (1, 1 << 24), "quant.qat_epochs": (0, 1000), "quant.qat_lr": (1e-12, 100.0),
     "quant.qat_batch_size": (1, 1 << 20), "quant.qat_temperature": (0.05, 100.0), "data.holdout": (0.0, 0.9),
-    "gates.min_agreement_pct": (0.0, 100.0),
+    "gates.min_agreement_pct": (0.0, 100.0), "gates.fp32_over_chance_sigma": (0.0, 100.0),
     "gates.fold_rel_tol": (0.0, 1.0), "gates.export_rel_tol": (0.0, 1.0), "gates.max_drop_ptq": (0.0, 100.0),
     "gates.max_drop_qat": (0.0, 100.0), "gates.min_int8_agreement": (0.0, 100.0), "gates.probe_size": (1, 1 << 20),
     "export.opset": (13, 23),

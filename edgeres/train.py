@@ -420,6 +420,7 @@ class TrainSettings:
 class TrainOutput:
     model: Any                      # the FP32 model (eval mode)
     meta: ModelMeta
+    evaluation: Any = None          # its EvalResult on the evaluation (test) split, when this build made it
 
     @classmethod
     def load(cls, path: str | Path) -> TrainOutput:
@@ -467,4 +468,33 @@ def run(inputs: TrainInputs, settings: TrainSettings, *, quiet: bool = False):
                        "holdout_size": len(inputs.data.holdout) if inputs.data.holdout is not None else 0}
         output = TrainOutput.load(dest)
     rec.set_artifact(dest)
-    return StageResult(rec, output)
+    from edgeres.evaluate import evaluate
+
+    ev = evaluate(output.model.to(inputs.device or "cpu"), inputs.data.test, batch_size=256)
+    fp32_sanity(rec, ev, recipe.gates, info.num_classes, rec.metrics.get("history") or [])
+    return StageResult(rec, TrainOutput(output.model, output.meta, ev))
+
+
+def fp32_sanity(rec, ev, gates, num_classes: int, history: list[dict[str, Any]]) -> None:
+    """Gates on the FP32 model itself (every other gate compares INT8 with it): top-1 clearly above chance for the
+    class count and the evaluation split's size, and a training loss that fell."""
+    from edgeres.records import Gate
+
+    n, chance = max(ev.n, 1), 100.0 / max(num_classes, 1)
+    sigma = 100.0 * math.sqrt((chance / 100.0) * (1 - chance / 100.0) / n)
+    rec.metrics.update(fp32_top1_pct=round(ev.top1, 4), chance_pct=round(chance, 4), n_eval=ev.n)
+    if gates.fp32_over_chance_sigma > 0:
+        need = round(chance + max(gates.fp32_over_chance_sigma * sigma, 100.0 / n), 4)
+        g = rec.add_gate(Gate("fp32_top1_pct", round(ev.top1, 4), need, ">="))
+        if not g.passed:
+            rec.message = (f"train: FP32 top-1 {ev.top1:.1f} % on {ev.n} images is not clearly above chance "
+                           f"({chance:.1f} % for {num_classes} classes; needs >= {need:.1f} %): the model did not "
+                           f"learn, so no INT8 comparison with it means anything")
+    losses = [r.get("train_loss") for r in history]
+    if gates.fp32_loss_must_fall and len(losses) >= 2:
+        first, last = losses[0], losses[-1]
+        ratio = last / first if first and math.isfinite(first) and math.isfinite(last) else float("inf")
+        g = rec.add_gate(Gate("train_loss_last_over_first", round(ratio, 4), 1.0, "<="))
+        if not g.passed and "did not learn" not in rec.message:
+            rec.message = (f"train: the training loss did not fall (epoch 1: {first:.4g}, last: {last:.4g}): "
+                           f"diverging or not learning; lower --lr")
