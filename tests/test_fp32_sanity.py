@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from edgeres.evaluate import metrics_from_logits
-from edgeres.records import StageRecord
 from edgeres.recipe import GatesCfg
+from edgeres.records import StageRecord
 from edgeres.train import fp32_sanity
 
 
