@@ -580,7 +580,7 @@ def build(opts: BuildOptions) -> BuildResult:
     """Validate everything, then hold the run folder and run the plan. A build refused before its first stage
     (bad option, recipe or data, unwritable or busy folder) changes nothing in the folder."""
     from edgeres.checkpoint import check_checkpoints
-    from edgeres.io import claim_dir
+    from edgeres.io import check_owned_dir, claim_dir
     from edgeres.records import run_lock
 
     if opts.max_drop is not None and opts.max_drop < 0:
@@ -598,11 +598,38 @@ def build(opts: BuildOptions) -> BuildResult:
     resolve_options(get_spec(recipe.model.arch), recipe.model.options)   # an unknown arch is refused here
     device = resolve_device(opts.device)   # decided once for every torch stage; an unusable --device is refused here
     check_checkpoints(opts.pretrained, recipe.train.init_from, arch=recipe.model.arch)   # read before any write
+    _check_dependencies(opts, recipe)   # what the planned stages need, before hours of training
+    check_owned_dir(opts.out, what="run folder", legacy=("stages.jsonl",))
+    from edgeres.data import get_data_for
+
+    data = get_data_for(recipe)   # load (and so validate) the data before the folder is touched
     run_dir = claim_dir(opts.out, what="run folder", kind="run", legacy=("stages.jsonl",))
     with run_lock(run_dir):
-        ctx = BuildContext(opts=opts, recipe=recipe, run_dir=run_dir, device=device)
-        ctx.data  # noqa: B018 -- load (and so validate) the data before anything is written
+        ctx = BuildContext(opts=opts, recipe=recipe, run_dir=run_dir, device=device, _data=data)
         return _run_plan(ctx)
+
+
+def _check_dependencies(opts: BuildOptions, recipe) -> None:
+    """Refuse up front what a planned stage would fail on later (NNCF for --int8); say once what will be skipped
+    for want of an optional package (OpenVINO: the CPU INT8 artifact; matplotlib: the report's figures)."""
+    import importlib.util
+
+    from edgeres.errors import BackendUnavailable
+
+    def have(name: str) -> bool:
+        return importlib.util.find_spec(name) is not None
+
+    if opts.int8 and not have("nncf"):
+        raise BackendUnavailable("--int8 needs NNCF for PTQ and QAT: pip install 'edgeres[quant]' (nothing was run)")
+    notes = []
+    if opts.int8 and recipe.export.cpu_int8 == "openvino" and not have("openvino"):
+        notes.append("OpenVINO is not installed: the CPU INT8 artifact (export_cpu) will be skipped "
+                     "(pip install 'edgeres[openvino]')")
+    if not have("matplotlib"):
+        notes.append("matplotlib is not installed: report.html will have no figures (pip install 'edgeres[report]')")
+    if not opts.quiet:
+        for n in notes:
+            print(f"note: {n}", flush=True)
 
 
 def _run_plan(ctx: BuildContext) -> BuildResult:
