@@ -22,29 +22,78 @@ def _cell(key: str, value: Any) -> str:
         return "-"
     if key == "delta_pp":
         return f"{value:+.2f}"
-    if key in ("top1", "agree_pct"):
+    if key in ("top1", "agree_pct", "p50_ms", "p99_ms"):
         return f"{value:.2f}"
+    if key == "img_s":
+        return f"{value:,.0f}"
+    if key == "size_mb":
+        return f"{value:.1f}"
+    if key == "speedup":
+        return f"{value:.2f}x"
     if isinstance(value, float):
         return f"{value:.3f}" if value < 100 else f"{value:,.0f}"
     return str(value)
 
 
-def table_rows(report: dict[str, Any]) -> list[list[str]]:
-    return [[_cell(k, r.get(k)) for k, _ in COLUMNS] for r in report.get("rows", [])]
+def table_rows(report: dict[str, Any], columns=COLUMNS) -> list[list[str]]:
+    rows = with_speedups(report.get("rows", []))
+    return [[_cell(k, r.get(k)) for k, _ in columns] for r in rows]
+
+
+# the terminal's table: the same rows in at most TERMINAL_WIDTH columns (short headers that carry the units, a
+# speed-up vs FP32 on the same backend, two-space gaps)
+TERMINAL_COLUMNS = [("stage", "stage"), ("backend", "backend"), ("precision", "precision"), ("top1", "top-1 %"),
+                    ("delta_pp", "Δ pp"), ("agree_pct", "agree %"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
+                    ("img_s", "img/s"), ("speedup", "×FP32"), ("size_mb", "MB"), ("int8_kernels", "INT8 ops")]
+TERMINAL_WIDTH = 120
+
+
+def with_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each timed row's speed-up (p50) over the FP32 row on its own backend (OpenVINO's CPU artifact: over ONNX
+    Runtime FP32, the CPU baseline); None where there is no such row."""
+    fp32: dict[str, float] = {}
+    for r in rows:   # the first FP32 row of each backend (torch: the trained model) is its baseline
+        if r.get("precision") == "fp32" and r.get("p50_ms"):
+            fp32.setdefault(r["backend"], r["p50_ms"])
+    fp32.setdefault("openvino", fp32.get("onnxruntime"))
+    out = []
+    for r in rows:
+        base = fp32.get(r.get("backend"))
+        speed = round(base / r["p50_ms"], 2) if base and r.get("p50_ms") else None
+        out.append({**r, "speedup": speed})
+    return out
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The one table the terminal shows: one row per stage and backend."""
-    header = [h for _, h in COLUMNS]
-    rows = table_rows(report)
+    """The one table the terminal shows: one row per stage and backend, notes wrapped to TERMINAL_WIDTH."""
+    import textwrap
+
+    header = [h for _, h in TERMINAL_COLUMNS]
+    rows = table_rows(report, TERMINAL_COLUMNS)
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(len(header))]
-    line = lambda cells: " | ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [line(header), "-+-".join("-" * w for w in widths)]
-    out += [line(r) for r in rows]
+    line = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [line(header).rstrip(), "  ".join("-" * w for w in widths)]
+    out += [line(r).rstrip() for r in rows]
     for note in report.get("notes", []):
-        out.append(f"note: {note}")
-    out.append(("PASSED: " if report["ok"] else "FAILED: ") + report["message"])
+        out.append(textwrap.fill(note, TERMINAL_WIDTH, initial_indent="note: ", subsequent_indent="      ",
+                                 break_on_hyphens=False, break_long_words=False))
+    verdict = ("PASSED: " if report["ok"] else "FAILED: ") + report["message"]
+    out.append(textwrap.fill(verdict, TERMINAL_WIDTH, subsequent_indent="  ", break_on_hyphens=False,
+                             break_long_words=False))
     return "\n".join(out)
+
+
+def _merged_latency_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """One note for every row whose latency varied too much (was: the same sentence once per row)."""
+    import re
+
+    flagged = [(r, re.search(r"CV ([\d.]+) %", r["latency_warning"])) for r in rows if r.get("latency_warning")]
+    if not flagged:
+        return []
+    where = ", ".join(f"{r['stage']}/{r['backend']} {m.group(1)} %" if m else f"{r['stage']}/{r['backend']}"
+                      for r, m in flagged)
+    return [f"latency varied (coefficient of variation > 10 %) on {where}: other load on the machine, throttling or "
+            f"too few runs; run longer (--bench-seconds) or on a quieter machine"]
 
 
 def gate_cells(g: dict[str, Any]) -> tuple[str, str]:
@@ -121,15 +170,15 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     if rows:
         labels = [f"{r['stage']}\n{r['backend']}" for r in rows]
         fig, ax = plt.subplots(figsize=(9, 3.2))
-        ax.bar(labels, [r["top1"] for r in rows], color="#4c72b0")
-        lo = min(r["top1"] for r in rows)
-        ax.set_ylim(max(0, lo - 5), 100.5), ax.set_ylabel("top-1 %"), ax.set_title("Top-1 per stage")
+        bars = ax.bar(labels, [r["top1"] for r in rows], color="#4c72b0")
+        ax.bar_label(bars, labels=[f"{r['top1']:.2f}" for r in rows], fontsize=8, padding=2)   # the differences
+        ax.set_ylim(0, 109), ax.set_ylabel("top-1 %"), ax.set_title("Top-1 per stage (axis from 0; values on bars)")
         ax.tick_params(axis="x", labelsize=8)
         figs.append(("Top-1 per stage", fig))
     lat = [r for r in rows if r.get("p50_ms") is not None]
     if lat:
         fig, ax = plt.subplots(figsize=(9, 3.2))
-        labels = [f"{r['stage']}\n{r['backend']} {r['precision']}" for r in lat]
+        labels = [f"{r['stage']}\n{r['backend']}\n{r['precision'].replace(' (fake-quant)', '')}" for r in lat]
         bars = ax.bar(labels, [r["p50_ms"] for r in lat], color="#55a868", label="p50")
         ax.scatter(labels, [r["p99_ms"] for r in lat], color="#c44e52", zorder=3, label="p99")
         ax.bar_label(bars, labels=[f"{r['p50_ms']:.3g}" for r in lat], fontsize=8, padding=2)
@@ -228,7 +277,7 @@ def build_report(run_dir: Path, records: list[StageRecord], *, ok: bool, message
     notes = [r.message for r in records if r.status == "skipped" and r.message]
     if verify is not None:
         rows = verify.metrics.get("rows", [])
-        notes += [f"{r['stage']} on {r['backend']}: {r['latency_warning']}" for r in rows if r.get("latency_warning")]
+        notes += _merged_latency_warnings(rows)
         notes += [f"{r['stage']} on {r['backend']}: {r['note']}" for r in rows if r.get("note") and r.get("top1")
                   is not None]
         b = verify.metrics.get("bench")

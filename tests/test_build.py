@@ -102,7 +102,7 @@ def test_report_files_and_table(built):
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "Per-class accuracy" in html
     assert "| stage | backend | precision | top-1 |" in (out / "report.md").read_text()
-    assert "agree w/ FP32" in result.output and "TensorRT engine not built" in result.output
+    assert "agree %" in result.output and "TensorRT engine not built" in result.output
 
 
 def test_unchanged_rerun_reuses_every_stage(built):
