@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_bundle import make_run  # noqa: E402 - the shared run-folder fixture builder
 
 UNIT = "etc/systemd/system/edgeres-verify.service"
+TIMER = "etc/systemd/system/edgeres-verify.timer"
 
 
 @pytest.fixture(scope="module")
@@ -60,38 +61,48 @@ def test_layout_and_permissions(bundle, tmp_path):
     for p in dest.iterdir():
         assert mode(p) == (0o755 if p.name in ("device_runtime.py", "edgeres-device", "releases.py") else 0o644), \
             p.name
-    assert mode(root / UNIT) == 0o644
+    assert mode(root / UNIT) == 0o644 and mode(root / TIMER) == 0o644
     if os.geteuid() == 0:   # files root runs at boot are root's in the image
         assert warnings == [] and dest.stat().st_uid == 0 and (root / UNIT).stat().st_uid == 0
     else:
         assert "installed as uid" in warnings[0]
-    link = root / "etc/systemd/system/multi-user.target.wants/edgeres-verify.service"
-    assert link.is_symlink() and os.readlink(link) == "/etc/systemd/system/edgeres-verify.service"
-    unit = (root / UNIT).read_text()
-    assert "Type=oneshot" in unit and "WantedBy=multi-user.target" in unit
-    # does not hold up the boot, runs after the power mode is set
-    assert "After=multi-user.target nvpmodel.service" in unit and "RemainAfterExit" not in unit
-    assert "--skip-if-current" in unit and "--out /var/lib/edgeres/result.json" in unit
-    assert "--bundle /opt/edgeres/current" in unit
+    # enabled through the timer, never through multi-user.target: the check is outside the boot transaction, so
+    # `systemctl is-system-running` reaches "running" without waiting for an engine build
+    link = root / "etc/systemd/system/timers.target.wants/edgeres-verify.timer"
+    assert link.is_symlink() and os.readlink(link) == "/etc/systemd/system/edgeres-verify.timer"
+    assert not (root / "etc/systemd/system/multi-user.target.wants").exists()
+    unit, timer = (root / UNIT).read_text(), (root / TIMER).read_text()
+    directives = "\n".join(ln for ln in unit.splitlines() if not ln.startswith("#"))
+    assert "[Install]" not in directives and "multi-user.target" not in directives and "Type=oneshot" in unit
+    assert "OnBootSec=30s" in timer and "WantedBy=timers.target" in timer
+    assert "After=nvpmodel.service" in unit   # the power mode is set before the benchmark
+    assert "ExecStart=/usr/bin/python3 /opt/edgeres/current/releases.py verify-current --root /opt/edgeres " \
+           "--state /var/lib/edgeres" in unit
     assert "@" not in unit.replace("file://", "")  # every placeholder filled
     assert "/var/lib/edgeres/result.json" in (root / "opt/edgeres/README.txt").read_text()
 
 
-def test_installed_bundle_runs_as_the_unit_would(bundle, tmp_path):
-    """Run the unit's ExecStart, mapped into the tree, twice: first verifies, second skips (same TensorRT)."""
+def test_a_flashed_release_is_pending_until_the_boot_check_passes(bundle, tmp_path):
+    """Run the unit's ExecStart, mapped into the tree, twice: status says pending before, passed after; the second
+    run finds the current result and does not verify again (same device, same TensorRT)."""
+    from edgeres.deploy import releases
     from edgeres.deploy.rootfs import install_rootfs
 
     root = fake_rootfs(tmp_path)
     install_rootfs(bundle, root)
+    opt, state = root / "opt/edgeres", root / "var/lib/edgeres"
+    before = releases.status(opt, state)
+    assert before["installed"] and before["pending"] and before["result"] is None
     line = next(ln for ln in (root / UNIT).read_text().splitlines() if ln.startswith("ExecStart="))
     argv = line[len("ExecStart="):].split()
     argv = [sys.executable] + [str(root) + a if a.startswith(("/opt/", "/var/")) else a for a in argv[1:]]
     first = subprocess.run(argv, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr + first.stdout
-    result = json.loads((root / "var/lib/edgeres/result.json").read_text())
-    assert result["status"] == "passed"
+    after = releases.status(opt, state)
+    assert not after["pending"] and after["result"]["status"] == "passed" and after["result_is_current"]
     second = subprocess.run(argv, capture_output=True, text=True)
-    assert second.returncode == 0 and "skipped" in json.loads(second.stdout.splitlines()[-1])
+    assert second.returncode == 0 and "skipped" in json.loads(second.stdout.splitlines()[-1])["result"]
+    assert len(list((state / "attempts").glob("*/*.json"))) == 2
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
@@ -103,8 +114,10 @@ def test_unit_passes_systemd_analyze_verify(bundle, tmp_path):
     unit = root / UNIT
     if not Path("/usr/bin/python3").exists():
         pytest.skip("systemd-analyze checks ExecStart's /usr/bin/python3, absent on this machine")
-    p = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True)
-    assert p.returncode == 0 and "edgeres-verify.service" not in p.stderr, p.stderr
+    timer = root / TIMER
+    p = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit), str(timer)], capture_output=True,
+                       text=True)
+    assert p.returncode == 0 and "edgeres-verify" not in p.stderr, p.stderr
     broken = tmp_path / "broken.service"  # the check has teeth: the same unit with one bad line fails
     broken.write_text(unit.read_text().replace("Type=oneshot", "Type=oneshot-typo"))
     p = subprocess.run(["systemd-analyze", "verify", "--man=no", str(broken)], capture_output=True, text=True)
@@ -144,7 +157,38 @@ def test_cli_bundle_rootfs(run_dir, tmp_path):
     root = fake_rootfs(tmp_path)
     r = CliRunner().invoke(main, ["bundle", str(run_dir), "--rootfs", str(root), "--probe-size", "4"])
     assert r.exit_code == 0, r.output
-    assert "edgeres-verify.service" in r.output and (root / UNIT).is_file()
+    assert "edgeres-verify.timer" in r.output and (root / UNIT).is_file()
     assert json.loads((root / "opt/edgeres/current/manifest.json").read_text())["probe"]["count"] == 4
     r = CliRunner().invoke(main, ["bundle", str(run_dir), "--rootfs", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "rootfs not found" in r.output
+
+
+def test_rootfs_command_installs_an_existing_bundle(bundle, tmp_path):
+    """`edgeres rootfs --bundle B`: an existing bundle (folder or .tar.gz) into an image, the release id an SSH
+    deploy gives it; with --trusted-keys only a bundle those keys signed, and the keys go into the image."""
+    from edgeres.cli import main
+    from edgeres.deploy.releases import folder_release_id
+    from edgeres.deploy.signing import sign_bundle
+
+    root = fake_rootfs(tmp_path)
+    r = CliRunner().invoke(main, ["rootfs", "--bundle", str(bundle), "--rootfs", str(root), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["release"] == folder_release_id(bundle)
+    key = tmp_path / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    trusted = tmp_path / "allowed_signers"
+    trusted.write_text("release " + key.with_suffix(".pub").read_text())
+    other = fake_rootfs(tmp_path / "2")
+    r = CliRunner().invoke(main, ["rootfs", "--bundle", str(bundle), "--rootfs", str(other), "--trusted-keys",
+                                  str(trusted)])
+    assert r.exit_code == 1 and "unsigned bundle refused" in r.output and not (other / "opt").exists()
+    signed = tmp_path / "signed"
+    shutil.copytree(bundle, signed)
+    sign_bundle(signed, key)
+    r = CliRunner().invoke(main, ["rootfs", "--bundle", str(signed), "--rootfs", str(other), "--trusted-keys",
+                                  str(trusted)])
+    assert r.exit_code == 0, r.output
+    assert (other / "etc/edgeres/allowed_signers").read_text() == trusted.read_text()
+    assert (other / "opt/edgeres/current/signature.json").is_file()
+    r = CliRunner().invoke(main, ["rootfs", "--bundle", str(tmp_path / "nothing"), "--rootfs", str(other)])
+    assert r.exit_code == 1 and "bundle not found" in r.output
