@@ -436,7 +436,7 @@ def quantize_qat(ptq_model, train_dataset, select_dataset=None, *, epochs: int, 
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     teach = None
-    if teacher is not None and loss != "ce":
+    if teacher is not None:   # distilled (kd, kd+ce) and, whatever the loss, what selection agrees with
         teach = copy.deepcopy(teacher).to(dev).eval()
         for p in teach.parameters():
             p.requires_grad_(False)
@@ -492,7 +492,7 @@ def quantize_qat(ptq_model, train_dataset, select_dataset=None, *, epochs: int, 
         done = sgd_steps(net, _bar(loader, f"qat epoch {epoch}/{epochs}", quiet or log is not None or not dist.main),
                          opt, criterion=criterion, lr_at=cosine, iteration=iteration, on_step=finite, device=dev,
                          channels_last=cuda, amp=amp_on, amp_dtype=torch.bfloat16 if amp_on else None,
-                         teacher=teach)
+                         teacher=teach if loss != "ce" else None)
         seconds = time.perf_counter() - t0
         iteration += done.steps
         loss_sum, seen = all_sum([float(done.loss_sum), float(done.seen)], dev)

@@ -146,6 +146,8 @@ def test_qat_keeps_the_epoch_that_agrees_best_with_fp32_on_the_holdout(setup, tm
     kept, ref = evaluate(res.model, holdout).logits, evaluate(teacher, holdout).logits
     assert agreement_pct(kept, ref) == pytest.approx(res.history[res.best_epoch]["holdout_agreement_pct"])
     assert _kl(kept, ref) == pytest.approx(res.history[res.best_epoch]["holdout_kl"], rel=1e-4, abs=1e-7)
+    ce = quantize_qat(model, small, holdout, teacher=teacher, loss="ce", epochs=1, lr=1e-3, batch_size=32, quiet=True)
+    assert "holdout_agreement_pct" in ce.history[1], "labels train it, agreement with FP32 still selects"
     last = quantize_qat(model, small, None, teacher=teacher, epochs=1, lr=1e-3, batch_size=32, quiet=True)
     assert last.best_epoch == 1, "without a holdout nothing is selected: the last epoch is kept"
     with pytest.raises(ConfigError, match="distils the FP32 model"):
