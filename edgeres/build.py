@@ -589,6 +589,11 @@ def build(opts: BuildOptions) -> BuildResult:
     if opts.pretrained is not None and not Path(opts.pretrained).is_file():
         raise ConfigError(f"--pretrained checkpoint not found: {opts.pretrained}")
     recipe = _resolve_recipe(opts)
+    if recipe.train.init_from:   # torchvision:<arch> -> the verified published file (fetched once), else a path
+        from edgeres import pretrained
+
+        say = None if opts.quiet else (lambda m: print(m, flush=True))
+        recipe = recipe.with_overrides({"train.init_from": pretrained.resolve(recipe.train.init_from, say=say)})
     if recipe.train.init_from and not Path(recipe.train.init_from).is_file():
         raise ConfigError(f"--init-from checkpoint not found: {recipe.train.init_from}")
     if recipe.train.init_from and opts.pretrained:

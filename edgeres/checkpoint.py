@@ -209,12 +209,29 @@ def num_outputs(model: Any) -> int:
     return int(head.out_features)
 
 
+def _check_backbone_fits(own: dict[str, Any], state: dict[str, Any], path) -> None:
+    """One line for the two common misfits of a fine-tuning checkpoint: another input channel count, another
+    architecture."""
+    stem = next((k for k in ("conv1.weight", "features.conv0.weight") if k in own), None)
+    if stem and stem in state and getattr(state[stem], "ndim", 0) == 4 and \
+            tuple(state[stem].shape[1:2]) != tuple(own[stem].shape[1:2]):
+        have, need = int(state[stem].shape[1]), int(own[stem].shape[1])
+        raise CheckpointError(f"--init-from {path}: its first convolution takes {have}-channel images, this model's "
+                              f"data has {need} channel(s); use weights made for {need}-channel input (or train from "
+                              f"scratch without --init-from)")
+    missing = [k for k in own if k not in state]
+    if len(missing) > len(own) // 2:
+        raise CheckpointError(f"--init-from {path}: {len(missing)} of this model's {len(own)} weights are not in it "
+                              f"(e.g. {missing[0]}): weights of another architecture; use ones for this --arch")
+
+
 def load_backbone(model: Any, path: str | Path) -> list[str]:
     """Fine-tuning: load every weight of `path` into `model` except a classifier whose class count differs, which
     keeps its fresh initialisation. Returns the names of the re-initialised tensors. Anything else that does not
     fit (another architecture, other input channels) is an error listing it."""
     state, _, _ = read_checkpoint(path)
     own = model.state_dict()
+    _check_backbone_fits(own, state, path)
     fresh = [k for k in CLASSIFIER_KEYS if k in own and k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     kept = {k: v for k, v in state.items() if k not in fresh}
     load_weights(model, {**kept, **{k: own[k] for k in fresh}}, source=str(path))

@@ -35,9 +35,9 @@ from edgeres.recipe import CALIB_METHODS
 @click.option("--fp16", is_flag=True, help="Also allow FP16 kernels when compiling a TensorRT engine.")
 @click.option("--pretrained", type=click.Path(dir_okay=False), default=None,
               help="A checkpoint for this dataset's classes: skip training.")
-@click.option("--init-from", type=click.Path(dir_okay=False), default=None,
-              help="Fine-tune: start training from this checkpoint (e.g. 1000-class torchvision weights); a "
-                   "classifier with another class count is re-initialised.")
+@click.option("--init-from", default=None,
+              help="Fine-tune: start training from this checkpoint, or torchvision:ARCH for the published ImageNet "
+                   "weights (fetched once, sha256-checked); a classifier with another class count is re-initialised.")
 @click.option("--backbone-lr-scale", type=click.FloatRange(0, 100), default=None,
               help="Fine-tuning: lr multiplier for every layer but the classifier (e.g. 0.1).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/ARCH-DATASET).")

@@ -1,6 +1,8 @@
 """Training and evaluation commands: `edgeres train`, `edgeres eval`."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from edgeres.cli._common import device_option, emit, floats, json_option, quiet_option
@@ -23,8 +25,9 @@ DATASETS = ["digits", "mnist", "cifar10", "imagefolder"]
 @click.option("--mean", default=None, help="Normalization mean, e.g. 0.485,0.456,0.406.")
 @click.option("--std", default=None, help="Normalization std, e.g. 0.229,0.224,0.225.")
 @click.option("--skip-bad-images", is_flag=True, default=None, help="Skip and count unreadable images.")
-@click.option("--init-from", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Fine-tune from this checkpoint; a classifier with another class count is re-initialised.")
+@click.option("--init-from", default=None,
+              help="Fine-tune from this checkpoint, or torchvision:ARCH for the published ImageNet weights (fetched "
+                   "once, sha256-checked); a classifier with another class count is re-initialised.")
 @click.option("--backbone-lr-scale", type=click.FloatRange(0, 100), default=None,
               help="Fine-tuning: lr multiplier for every layer but the classifier.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/train", show_default=True)
@@ -49,6 +52,13 @@ def train_cmd(recipe_name, arch, dataset, data_dir, epochs, batch_size, lr, seed
         "data.input_size": input_size, "data.mean": floats(mean, "--mean"), "data.std": floats(std, "--std"),
         "data.skip_bad_images": skip_bad_images, "train.init_from": init_from,
         "train.backbone_lr_scale": backbone_lr_scale, "data.holdout": holdout}
+    if init_from:
+        from edgeres import pretrained
+        from edgeres.errors import ConfigError
+
+        overrides["train.init_from"] = init_from = pretrained.resolve(init_from, say=lambda m: click.echo(m, err=True))
+        if not Path(init_from).is_file():
+            raise ConfigError(f"--init-from checkpoint not found: {init_from}")
     recipe = resume_recipe(out_dir, overrides) if resume else None   # a resumed run keeps its own recipe
     if recipe is None:
         from edgeres.data.infer import dataset_for
