@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from edgeres.errors import ArtifactError, ConfigError, DataError
+from edgeres.io import require_regular_file
 
 # split name -> DataBundle field: "train" is the train images with the eval transform (no augmentation)
 SPLITS = {"test": "test", "train": "calib"}
@@ -89,18 +90,47 @@ def compare(a: Any, b: Any, inputs: np.ndarray, labels: np.ndarray | None = None
             r.close()
 
 
+MAX_PROBE_BYTES = 1 << 30   # one probe array once loaded; a small .npz can declare (and inflate to) any size
+
+
+def _npz_sizes(path: Path) -> dict[str, int]:
+    """Bytes each array of an .npz will take once loaded, read from the .npy headers without inflating the data."""
+    sizes = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0(f))
+            sizes[info.filename[:-4]] = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    return sizes
+
+
 def load_probe(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """A probe .npz: x float32 [N,C,H,W], optional y int labels."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"probe file not found: {path}")
+    """A probe .npz: x float32 [N,C,H,W] (finite), optional y int labels (one per image)."""
+    path = require_regular_file(path, "probe file", DataError)
     try:
+        big = {k: v for k, v in _npz_sizes(path).items() if v > MAX_PROBE_BYTES}
+        if big:
+            name, size = next(iter(big.items()))
+            raise DataError(f"{path}: array {name!r} would take {size / 2**30:.1f} GiB; a probe holds at most "
+                            f"{MAX_PROBE_BYTES >> 30} GiB")
         with np.load(path, allow_pickle=False) as z:
             if "x" not in z.files:
                 raise DataError(f"{path} has no 'x' array (found: {', '.join(z.files) or 'nothing'})")
-            return z["x"].astype(np.float32), (z["y"] if "y" in z.files else None)
+            x, y = z["x"], (z["y"] if "y" in z.files else None)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path} is not a readable .npz probe ({e})") from None
+    if x.ndim != 4 or len(x) == 0 or x.dtype.kind not in "fiu":
+        raise DataError(f"{path}: 'x' must be a non-empty numeric NCHW array, found {x.dtype} {list(x.shape)}")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: 'x' holds NaN or infinite values")
+    if y is not None and (y.dtype.kind not in "iu" or y.shape != (len(x),)):
+        raise DataError(f"{path}: 'y' must be one integer label per image, found {y.dtype} {list(y.shape)}")
+    return x, y
 
 
 def artifact_preprocessing(path: str | Path) -> dict[str, Any]:

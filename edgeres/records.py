@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 from edgeres.env import environment
 from edgeres.errors import ArtifactError, EdgeresError
 from edgeres.io import atomic_write_json, read_small_bytes, require_regular_file, sha256_file, special_file
+from edgeres.recipe import load_recipe
 
 
 class Status(str, Enum):
@@ -148,12 +149,19 @@ RECIPE_FILE = "recipe.yaml"
 
 
 def write_plan(run_dir: str | Path, stages: list[str]) -> None:
-    """The stages this build means to run, so a verdict can require every one of them, and the sha256 of the
+    """The stages this build means to run, so a verdict can require every one of them, and the hash of the
     recipe.yaml it runs with (written just before), so a verdict can tell when the recipe on disk is another one.
     `finished` turns true (finish_plan) only when the build ran its plan to the end or to a failed gate."""
-    recipe = Path(run_dir) / RECIPE_FILE
     atomic_write_json(Path(run_dir) / PLAN_FILE, {"stages": stages, "finished": False,
-                                                   "recipe_sha256": sha256_file(recipe) if recipe.is_file() else None})
+                                                   "recipe_hash": _recipe_hash(Path(run_dir) / RECIPE_FILE)})
+
+
+def _recipe_hash(path: Path) -> str | None:
+    """Recipe.hash() of a recipe file (its settings, not its formatting), None when it is missing or invalid."""
+    try:
+        return load_recipe(path).hash()
+    except (EdgeresError, OSError):
+        return None
 
 
 def finish_plan(run_dir: str | Path) -> None:
@@ -188,17 +196,19 @@ def artifact_in_run(run_dir: str | Path, artifact: str) -> Path:
 
 def _recheck(run_dir: Path, chosen: list[StageRecord]) -> str | None:
     """The first reason the files on disk are not what the records say, or None."""
-    info = read_plan_info(run_dir) or {}
+    info = read_plan_info(run_dir)
+    if info is None and os.path.lexists(run_dir / PLAN_FILE):
+        return f"{PLAN_FILE} is unreadable or not a regular file: the planned stages are unknown; re-run the build"
+    info = info or {}
     if info.get("finished") is False:
         return "the last build did not finish (killed or crashed): its plan and recipe.yaml are newer than the " \
                "records; re-run the build"
-    want = info.get("recipe_sha256")
+    want = info.get("recipe_hash")
     if want:
-        recipe = run_dir / RECIPE_FILE
-        got = sha256_file(recipe) if recipe.is_file() else None
+        got = _recipe_hash(run_dir / RECIPE_FILE)
         if got != want:
-            return f"{RECIPE_FILE} is not the recipe the build ran with ({'changed' if got else 'missing'} since); " \
-                   f"re-run the build"
+            how = "changed since" if got else "missing or invalid now"
+            return f"{RECIPE_FILE} is not the recipe the build ran with ({how}); re-run the build"
     for r in chosen:
         if not r.artifact or not r.sha256:
             continue

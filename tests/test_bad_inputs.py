@@ -19,8 +19,21 @@ pytestmark = pytest.mark.slow
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink() and p.name != ".lock"}
+    """Every path under root and what it is: a file's sha256, a link's target, a FIFO, a folder (a folder or a
+    special file replaced or deleted shows as a change, not only a file's bytes)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.name == ".lock":
+            continue
+        if p.is_symlink():
+            out[str(p.relative_to(root))] = "link:" + os.readlink(p)
+        elif p.is_fifo():
+            out[str(p.relative_to(root))] = "fifo"
+        elif p.is_dir():
+            out[str(p.relative_to(root))] = "dir"
+        elif p.is_file():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +75,11 @@ def world(tmp_path_factory):
             Image.new("RGB", (40, 40), (i * 40, 10, 10)).save(one / split / "cat" / f"{i}.png")
     (root / "planned.plan.trtexec.sh").write_text("#!/bin/sh\necho keep me\n")
     ro = _read_only_dir(root)
+    _ownership_files(root)
+    _special_files(root)
+    _bombs(root)
+    _bad_numbers(root, run)
+    _bad_runner_models(root)
     yield {"root": root, "run": run, "ck": run / "train" / "best.pt", "folded": run / "fold" / "folded.pt",
            "ptq": run / "quant" / "ptq.pt", "onnx": run / "export" / "model_fp32.onnx",
            "onnx8": run / "export" / "model_int8.onnx", "probe": run / "probe.npz", "ro": ro,
@@ -69,6 +87,93 @@ def world(tmp_path_factory):
            "garbage_run": garbage_run, "oneclass": one}
     if ro.name == "readonly" and os.geteuid() == 0:   # our bind mount (Path.is_mount misses bind mounts)
         subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+def _ownership_files(root: Path) -> None:
+    """Folders and files edgeres did not make, which no --out (with or without --force) may replace or delete."""
+    (root / "user_folder").mkdir()
+    (root / "user_folder" / "recipe.yaml").write_text("my own notes\n")
+    (root / "user_train").mkdir()
+    (root / "user_train" / "best.pt").write_text("my own model\n")
+    (root / "user_train" / "metrics.csv").write_text("my,own,numbers\n")
+    (root / "link.pt").symlink_to(root / "a_file")
+
+
+def _special_files(root: Path) -> None:
+    """FIFOs where a regular file is expected: opening one for reading blocks until a writer comes (forever)."""
+    for name in ("fifo.onnx", "fifo.pt", "fifo.yaml", "fifo.png", "fifo.npz", "fifo_bundle.tar.gz"):
+        os.mkfifo(root / name)
+
+
+def _png_header(path: Path, width: int, height: int) -> None:
+    """A PNG that declares width x height pixels in a few bytes (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
+
+
+def _bombs(root: Path) -> None:
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    _png_header(root / "bomb.png", 30000, 30000)                    # past PIL's own limit: DecompressionBombError
+    _png_header(root / "big.png", 10000, 10000)                     # past edgeres's 64 Mpx (PIL only warns)
+    Image.new("L", (32, 32), 128).save(root / "img.png")
+    levels = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(9))
+    (root / "laughs.yaml").write_text(levels)                       # 10**10 nodes once expanded
+    (root / "deep.yaml").write_text("model:\n  options:\n    x: " + "[" * 5000 + "]" * 5000 + "\n")
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (100000, 3, 224, 224)})
+    with zipfile.ZipFile(root / "bomb.npz", "w") as zf:          # declares 56 GiB, holds none of it
+        zf.writestr("x.npy", header.getvalue())
+
+
+def _bad_numbers(root: Path, run: Path) -> None:
+    """Non-finite values and metadata of the wrong type or size, in files a user hands over."""
+    import torch
+
+    (root / "nan.yaml").write_text("train:\n  lr: .nan\n")
+    ck = torch.load(run / "train" / "best.pt", weights_only=True)
+    for name, key, value in (("big_input", "input_size", 50000), ("many_classes", "num_classes", 10**9),
+                             ("abc_size", "input_size", "abc"), ("two_means", "mean", [0.1, 0.2]),
+                             ("nan_std", "std", [float("nan")])):
+        torch.save({**ck, "meta": {**ck["meta"], key: value}}, root / f"{name}.pt")
+    torch.save({**ck, "state_dict": {**ck["state_dict"], 7: torch.zeros(1)}}, root / "intkeys.pt")
+
+
+def _bad_runner_models(root: Path) -> None:
+    """ONNX models ONNX Runtime loads but edgeres cannot use as classifiers, or that fail when run."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def save(name, nodes, inputs, outputs, inits=()):
+        graph = helper.make_graph(nodes, name, inputs, outputs, initializer=list(inits))
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(root / name))
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 32, 32])
+    save("argmax.onnx", [helper.make_node("Flatten", ["input"], ["f"]),
+                         helper.make_node("ArgMax", ["f"], ["logits"], axis=1, keepdims=0)],
+         [x], [helper.make_tensor_value_info("logits", TensorProto.INT64, ["N"])])
+    y = helper.make_tensor_value_info("other", TensorProto.FLOAT, ["N", 1, 32, 32])
+    save("two_inputs.onnx", [helper.make_node("Add", ["input", "other"], ["s"]),
+                             helper.make_node("Flatten", ["s"], ["logits"])],
+         [x, y], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1024])])
+    dyn = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", "C", "H", "W"])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 1, 3, 3], [0.1] * 36)
+    save("dynamic.onnx", [helper.make_node("Conv", ["input", "w"], ["c"]),
+                          helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+                          helper.make_node("Flatten", ["p"], ["logits"])],
+         [dyn], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], [w])
 
 
 def _read_only_dir(root: Path) -> Path:
@@ -174,6 +279,8 @@ CASES = [
     ("bundle-probe-too-large", ["bundle", "{run}", "--out", "{root}/dist", "--probe-size", "100000"]),
     ("bundle-readonly-out", ["bundle", "{run}", "--out", "{ro}/dist"]),
     ("bundle-out-exists", ["bundle", "{run}", "--out", "{root}/existing_dir"]),
+    ("rootfs-missing-bundle", ["rootfs", "--bundle", "{root}/nope", "--rootfs", "{root}/existing_dir"]),
+    ("rootfs-garbage-bundle", ["rootfs", "--bundle", "{garbage_run}", "--rootfs", "{root}/existing_dir"]),
     ("deploy-option-as-host", ["deploy", "{run}", "--host", "-oProxyCommand=touch /tmp/pwned"]),
     ("deploy-non-ascii-host", ["deploy", "{run}", "--host", "nvidia@jétson"]),
     ("deploy-non-utf8-hosts-file", ["deploy", "{run}", "--hosts-file", "{root}/hosts_latin1.txt"]),
@@ -195,6 +302,55 @@ CASES = [
     ("experiment-bad-depth", ["experiment", "degradation", "--depths", "7", "--out", "{root}/exp"]),
     ("experiment-readonly-out", ["experiment", "degradation", "--depths", "8", "--iterations", "2",
                                  "--out", "{ro}/exp"]),
+    # ownership: edgeres replaces or deletes only what it made, and only regular files, whatever --force says
+    ("bundle-force-over-user-folder", ["bundle", "{run}", "--out", "{root}/existing_dir", "--force"]),
+    ("bundle-force-over-the-run", ["bundle", "{run}", "--out", "{run}", "--force"]),
+    ("bundle-force-over-folder-of-runs", ["bundle", "{run}", "--out", "{root}", "--force"]),
+    ("bundle-tar-force-over-fifo", ["bundle", "{run}", "--out", "{root}/fifo_bundle", "--tar", "--force"]),
+    ("export-force-over-fifo", ["export", "--weights", "{folded}", "--out", "{root}/fifo.onnx", "--force"]),
+    ("fold-force-over-symlink", ["fold", "--weights", "{ck}", "--out", "{root}/link.pt", "--force"]),
+    ("calib-cache-force-over-folder", ["calib-cache", "--onnx", "{onnx}", "--images", "{probe}",
+                                       "--out", "{root}/existing_dir", "--force"]),
+    ("build-into-user-folder", ["build", "--out", "{root}/user_folder", "--epochs", "1"]),
+    ("build-out-is-fifo", ["build", "--out", "{root}/fifo.yaml", "--epochs", "1"]),
+    ("train-into-user-folder", ["train", "--out", "{root}/user_train", "--epochs", "1"]),
+    ("train-force-into-user-folder", ["train", "--out", "{root}/user_train", "--epochs", "1", "--force"]),
+    # a refused command changes nothing: inputs are read before the first write into a run
+    ("build-broken-pretrained-into-good-run", ["build", "--pretrained", "{root}/garbage.pt", "--out", "{run}"]),
+    ("build-nan-lr-into-good-run", ["build", "--lr", "nan", "--out", "{run}"]),
+    # special files where a regular file is expected (a FIFO would block forever)
+    ("build-recipe-is-fifo", ["build", "--recipe", "{root}/fifo.yaml", "--out", "{root}/b"]),
+    ("fold-weights-is-fifo", ["fold", "--weights", "{root}/fifo.pt", "--out", "{root}/f.pt"]),
+    ("bench-engine-is-fifo", ["bench", "--engine", "{root}/fifo.onnx", "--iterations", "1"]),
+    ("compare-probe-is-fifo", ["compare", "{onnx}", "{onnx8}", "--probe", "{root}/fifo.npz"]),
+    ("predict-image-is-fifo", ["predict", "{onnx}", "{root}/fifo.png"]),
+    # bombs: small files that declare (or expand to) more than any machine holds
+    ("predict-decompression-bomb", ["predict", "{onnx}", "{root}/bomb.png"]),
+    ("predict-oversized-image", ["predict", "{onnx}", "{root}/big.png"]),
+    ("build-billion-laughs-recipe", ["build", "--recipe", "{root}/laughs.yaml", "--out", "{run}"]),
+    ("build-5000-level-recipe", ["build", "--recipe", "{root}/deep.yaml", "--out", "{run}"]),
+    ("compare-probe-declares-56-gib", ["compare", "{onnx}", "{onnx8}", "--probe", "{root}/bomb.npz"]),
+    # non-finite numbers and metadata of the wrong type or size
+    ("build-recipe-nan-lr", ["build", "--recipe", "{root}/nan.yaml", "--out", "{run}"]),
+    ("bench-duration-nan", ["bench", "--engine", "{onnx}", "--duration", "nan"]),
+    ("bench-duration-inf", ["bench", "--engine", "{onnx}", "--duration", "inf"]),
+    ("bench-warmup-inf", ["bench", "--engine", "{onnx}", "--warmup", "inf", "--iterations", "1"]),
+    ("bench-threads-100000", ["bench", "--engine", "{onnx}", "--threads", "100000", "--iterations", "1"]),
+    ("bench-input-shape-zero", ["bench", "--engine", "{root}/dynamic.onnx", "--input-shape", "0,32,32",
+                                "--iterations", "1"]),
+    ("eval-std-nan", ["eval", "--weights", "{ck}", "--dataset", "digits", "--std", "nan"]),
+    ("predict-meta-input-size-50000", ["predict", "{root}/big_input.pt", "{root}/img.png"]),
+    ("predict-meta-num-classes-1e9", ["predict", "{root}/many_classes.pt", "{root}/img.png"]),
+    ("predict-meta-input-size-abc", ["predict", "{root}/abc_size.pt", "{root}/img.png"]),
+    ("predict-meta-two-means-one-channel", ["predict", "{root}/two_means.pt", "{root}/img.png"]),
+    ("predict-meta-nan-std", ["predict", "{root}/nan_std.pt", "{root}/img.png"]),
+    ("fold-non-string-state-dict-key", ["fold", "--weights", "{root}/intkeys.pt", "--out", "{root}/f.pt"]),
+    # runner errors: one line naming the model and what it expects
+    ("predict-class-index-onnx", ["predict", "{root}/argmax.onnx", "{root}/img.png"]),
+    ("bench-two-input-onnx", ["bench", "--engine", "{root}/two_inputs.onnx", "--iterations", "1"]),
+    ("compare-two-input-onnx", ["compare", "{onnx}", "{root}/two_inputs.onnx", "--probe", "{probe}"]),
+    ("bench-wrong-channel-count", ["bench", "--engine", "{root}/dynamic.onnx", "--input-shape", "3,32,32",
+                                   "--iterations", "1"]),
 ]
 
 
@@ -232,3 +388,180 @@ def test_a_refused_build_leaves_the_run_report_as_it_was(world):
     r = CliRunner().invoke(main, ["report", str(world["run"]), "--json"])
     assert r.exit_code == 0, r.output
     assert '"ok": true' in r.stdout
+
+
+# ---------------------------------------------------------------------------------------- verdicts re-check
+
+def _copy_run(world, name: str) -> Path:
+    import shutil
+
+    dest = world["root"] / name
+    shutil.copytree(world["run"], dest, ignore=shutil.ignore_patterns(".lock"))
+    return dest
+
+
+def _report(run: Path) -> dict:
+    import json
+
+    r = CliRunner().invoke(main, ["report", str(run), "--json"])
+    assert r.exit_code == 0 and r.exception is None, r.output
+    return json.loads(r.stdout)
+
+
+def _bundle(run: Path, out: Path, *extra: str):
+    return CliRunner().invoke(main, ["bundle", str(run), "--out", str(out), *extra])
+
+
+def test_verdict_rehashes_artifacts_and_bundle_ships_only_checked_files(world):
+    run = _copy_run(world, "run_swapped")
+    assert _report(run)["ok"] is True   # the copy itself passes: the control
+    (run / "export" / "model_int8.onnx").write_bytes((run / "export" / "model_fp32.onnx").read_bytes())
+    rep = _report(run)   # a valid ONNX, but not the one the INT8 export stage wrote and checked
+    assert rep["ok"] is False and "export_int8" in rep["message"] and "sha256" in rep["message"], rep["message"]
+    out = world["root"] / "dist_swapped"
+    r = _bundle(run, out)
+    assert r.exit_code == 1 and "sha256" in r.stderr and not out.exists(), r.output
+    r = _bundle(run, out, "--allow-failed")   # even a failed run ships only files whose hash matches their record
+    assert r.exit_code == 1 and "sha256" in r.stderr and not out.exists(), r.output
+
+
+def test_verdict_compares_the_recipe_on_disk_and_sees_an_unfinished_build(world):
+    import signal
+    import subprocess
+    import sys
+
+    run = _copy_run(world, "run_killed")
+    # re-build with other calibration settings and kill it once PTQ runs: recipe.yaml and plan.json are new, every
+    # record is still the earlier build's (passed)
+    proc = subprocess.Popen([sys.executable, "-m", "edgeres", "build", "--int8", "--arch", "mnist_resnet", "--epochs",
+                             "1", "--qat-epochs", "0", "--bench-seconds", "0", "--max-drop", "100", "--calib-size", "7",
+                             "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in proc.stdout:
+            if line.startswith("[ptq] running"):
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert "calib_size: 7" in (run / "recipe.yaml").read_text()
+    rep = _report(run)
+    assert rep["ok"] is False and "did not finish" in rep["message"], rep["message"]
+    r = _bundle(run, world["root"] / "dist_killed")
+    assert r.exit_code == 1 and "did not finish" in r.stderr, r.output
+
+    run = _copy_run(world, "run_edited")
+    text = (run / "recipe.yaml").read_text()
+    (run / "recipe.yaml").write_text(text + "\n# a comment changes no setting\n")
+    assert _report(run)["ok"] is True
+    (run / "recipe.yaml").write_text(text.replace("calib_method: percentile", "calib_method: minmax"))
+    rep = _report(run)
+    assert rep["ok"] is False and "recipe.yaml" in rep["message"], rep["message"]
+
+    run = _copy_run(world, "run_fifo_plan")
+    (run / "plan.json").unlink()
+    os.mkfifo(run / "plan.json")   # read, it would block forever
+    rep = _report(run)
+    assert rep["ok"] is False and "plan.json" in rep["message"], rep["message"]
+
+
+def test_bundle_force_replaces_its_own_bundle_and_nothing_else(world):
+    out = world["root"] / "dist_own"
+    assert _bundle(world["run"], out).exit_code == 0
+    r = _bundle(world["run"], out, "--force")
+    assert r.exit_code == 0, r.output   # a bundle edgeres made: replaced
+    (out / "notes.txt").write_text("mine\n")
+    r = _bundle(world["run"], out, "--force")
+    assert r.exit_code == 1 and "notes.txt" in r.stderr, r.output
+    assert (out / "notes.txt").read_text() == "mine\n" and (out / "manifest.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------- data edge cases
+
+def test_predict_skips_a_decompression_bomb_with_skip_bad_images(world):
+    import json
+
+    root = world["root"]
+    r = CliRunner().invoke(main, ["predict", str(world["onnx"]), str(root / "bomb.png"), str(root / "big.png"),
+                                  str(root / "img.png"), "--skip-bad-images", "--json"])
+    assert r.exit_code == 0, r.output
+    assert [Path(p["file"]).name for p in json.loads(r.stdout)] == ["img.png"]
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from edgeres.data.datasets import decode_image
+    from edgeres.errors import DataError
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)   # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    gray = decode_image(str(tmp_path / "g16.png"), 1).numpy()[0]
+    assert (gray == np.rint(ramp * (255 / 65535)).astype(np.uint8)).all()   # convert("L") made 99.6 % of it 255
+    rgb = decode_image(str(tmp_path / "g16.png"), 3).numpy()
+    assert rgb.shape == (3, 64, 64) and all((c == gray).all() for c in rgb)
+    Image.fromarray(np.full((4, 4), 0.5, np.float32), mode="F").save(tmp_path / "f.tiff")
+    with pytest.raises(DataError, match="floating-point"):
+        decode_image(str(tmp_path / "f.tiff"), 1)
+
+
+def test_mnist_labels_and_cifar_batches_are_checked(tmp_path):
+    import pickle
+    import warnings
+
+    import numpy as np
+
+    from edgeres.data.datasets import CIFAR_FILES, MNIST_FILES, load_cifar10, load_mnist
+    from edgeres.errors import DataError
+
+    def idx(arr):
+        return bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape) + arr.tobytes()
+
+    (tmp_path / "mnist").mkdir()
+    for key, (name, _, _) in MNIST_FILES.items():
+        arr = np.zeros((2, 28, 28), np.uint8) if key.endswith("images") else np.array([3, 42], np.uint8)
+        (tmp_path / "mnist" / name).write_bytes(idx(arr))
+    (tmp_path / "cifar").mkdir()
+    for name in CIFAR_FILES:
+        (tmp_path / "cifar" / name).write_bytes(pickle.dumps({b"data": np.zeros((0, 3072), np.uint8),
+                                                               b"labels": []}, protocol=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # md5s differ from the official files
+        with pytest.raises(DataError, match="label 42"):
+            load_mnist(str(tmp_path / "mnist"), download=False)
+        with pytest.raises(DataError, match="0 images"):
+            load_cifar10(str(tmp_path / "cifar"), download=False)
+
+
+def test_json_output_has_no_nan_or_infinity():
+    import json
+
+    import click
+
+    from edgeres.cli._common import emit
+
+    @click.command()
+    def cmd():
+        emit({"loss": float("nan"), "rows": [{"ips": float("inf")}, 1.5]}, True)
+
+    r = CliRunner().invoke(cmd)
+    assert json.loads(r.stdout) == {"loss": None, "rows": [{"ips": None}, 1.5]}
+
+
+@pytest.mark.parametrize("manifest", ['[1, 2]', '{"files": [1]}', '{"files": {"a.onnx": "x"}}',
+                                      '{"files": {}, "run": "str"}', '{"files": {}, "run": {"name": 5}}', '{"fi'],
+                         ids=["list", "files-list", "entry-not-object", "run-string", "name-number", "torn"])
+def test_device_releases_exit_2_for_a_malformed_manifest(tmp_path, capsys, manifest):
+    import json
+
+    from edgeres.deploy import releases
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "manifest.json").write_text(manifest)
+    code = releases.main(["install", "--from", str(tmp_path / "b"), "--root", str(tmp_path / "r"),
+                          "--state", str(tmp_path / "s")])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 2 and len(out) == 1 and "error" in json.loads(out[0]), out   # 1 would mean "the gate failed"
+    assert not (tmp_path / "r" / "current").exists()

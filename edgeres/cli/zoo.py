@@ -23,8 +23,9 @@ def archs(as_json: bool) -> None:
 @click.command()
 @click.option("--arch", required=True, help="Architecture name (see `edgeres archs`).")
 @click.option("--input-size", type=click.IntRange(8, 4096), default=None, help="Input side (default: the family's).")
-@click.option("--num-classes", type=click.IntRange(1), default=1000, show_default=True)
-@click.option("--in-channels", type=click.IntRange(1), default=None, help="Input channels (default: the family's).")
+@click.option("--num-classes", type=click.IntRange(1, 100_000), default=1000, show_default=True)   # the limits of
+@click.option("--in-channels", type=click.IntRange(1, 16), default=None,                   # checkpoint metadata
+              help="Input channels (default: the family's).")
 @click.option("--v1", "stride_in_1x1", is_flag=True, help="Bottleneck nets: the paper's v1 (stride on the first 1x1).")
 @click.option("--shortcut", type=click.Choice(["A", "B"]), default=None, help="CIFAR nets: shortcut option.")
 @json_option

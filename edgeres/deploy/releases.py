@@ -112,6 +112,9 @@ def _read_manifest(path: Path) -> dict:
     for name in files:
         if "/" in name or name.startswith(".") or name in (MANIFEST, SIGNATURE) or "\x00" in name:
             raise ReleaseError(f"{path}: malformed bundle manifest (unsafe file name {name!r})")
+    run = manifest.get("run")
+    if run is not None and not (isinstance(run, dict) and isinstance(run.get("name", ""), str)):
+        raise ReleaseError(f"{path}: malformed bundle manifest ('run' must be an object with a string name)")
     return manifest
 
 
@@ -707,6 +710,9 @@ def main(argv: list[str] | None = None) -> int:
             out = status(root, state)
     except (ReleaseError, OSError) as e:
         out, code = {"action": args.action, "error": str(e)}, EXIT_UNUSABLE
+    except (KeyError, TypeError, AttributeError, ValueError) as e:   # a manifest or state file of the wrong shape:
+        out, code = {"action": args.action, "error": f"malformed bundle or state ({type(e).__name__}: {e})"}, \
+            EXIT_UNUSABLE                                              # unusable (2), never "the gate failed" (1)
     print(json.dumps(out, sort_keys=True, default=str), flush=True)
     return code
 
