@@ -245,4 +245,49 @@ def rootfs(bundle_path, rootfs, allow_non_rootfs, trusted_keys, as_json) -> None
                     f"device); edgeres-verify.timer enabled"]))
 
 
-COMMANDS = [bundle, rootfs, deploy, status, rollback]
+@click.group()
+def fleet() -> None:
+    """Fleet engines operators already run: an Ansible project for the same transaction."""
+
+
+@fleet.command("ansible")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for ansible.cfg, inventory.ini, deploy.yml, the bundle and releases.py.")
+@click.option("--host", "hosts", multiple=True, metavar="[USER@]HOST[:PORT]", help="A device; repeat for a fleet.")
+@click.option("--hosts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="One [USER@]HOST[:PORT] per line; # comments.")
+@click.option("--ssh-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="ssh_config the inventory's hosts are resolved with (passed to Ansible's ssh as -F).")
+@click.option("--known-hosts", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="known_hosts file for Ansible's ssh (UserKnownHostsFile).")
+@click.option("--serial", default="1,25%,100%", show_default=True,
+              help="Batches: host counts or percentages, comma-separated (the first is the canary).")
+@click.option("--max-fail-percentage", type=click.IntRange(0, 100), default=0, show_default=True,
+              help="Stop the rollout when more than this share of a batch failed.")
+@click.option("--become", is_flag=True, help="Run the device side with Ansible's become (sudo).")
+@click.option("--remote-root", default="/opt/edgeres", show_default=True)
+@click.option("--state-dir", default="/var/lib/edgeres", show_default=True)
+@click.option("--remote-python", default="/usr/bin/python3", show_default=True)
+@click.option("--trusted-keys", default="/etc/edgeres/allowed_signers", show_default=True)
+@click.option("--units-dir", default="/etc/systemd/system", show_default=True)
+@click.option("--keep", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--host-timeout", type=click.IntRange(10), default=3600, show_default=True,
+              help="Seconds the device's install may take (its time limit; async for Ansible).")
+@click.option("--iterations", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), default="int8", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing project folder at --out.")
+@json_option
+def fleet_ansible(bundle_dir, out, hosts, hosts_file, serial, as_json, **kw) -> None:
+    """Write an Ansible project deploying BUNDLE_DIR: inventory, playbook (prepare, copy, install, activate)."""
+    from edgeres.deploy.ansible_playbook import write_project
+
+    targets = _read_hosts(hosts, hosts_file)
+    if not targets:
+        raise click.UsageError("give at least one --host or a --hosts-file")
+    done = write_project(bundle_dir, out, targets, serial=tuple(serial.split(",")), **kw)
+    emit(done, as_json, f"release {done['release']} for {len(done['hosts'])} host(s), batches {done['serial']}\n"
+                        f"run: cd {out} && ansible-playbook deploy.yml")
+
+
+COMMANDS = [bundle, rootfs, deploy, status, rollback, fleet]
