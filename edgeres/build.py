@@ -21,6 +21,7 @@ from edgeres.device import describe as describe_device
 from edgeres.device import resolve as resolve_device
 from edgeres.errors import ConfigError, EdgeresError, GateError
 from edgeres.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
+from edgeres.progress import heartbeat
 from edgeres.records import StageRecord, StageResult, Status, append_record, reusable
 
 
@@ -515,7 +516,8 @@ def run_stage(ctx: BuildContext, step: Step) -> StageRecord:
     ctx.say(f"[{name}] running")
     start = time.perf_counter()
     try:
-        result = step.call(ctx)
+        with heartbeat(f"[{name}]", enabled=not ctx.opts.quiet):
+            result = step.call(ctx)
         rec = result.record
         setattr(ctx.outputs, name, result.output)
     except GateError:
@@ -607,7 +609,8 @@ def build(opts: BuildOptions) -> BuildResult:
     check_owned_dir(opts.out, what="run folder", legacy=("stages.jsonl",))
     from edgeres.data import get_data_for
 
-    data = get_data_for(recipe)   # load (and so validate) the data before the folder is touched
+    with heartbeat("[data]", enabled=not opts.quiet):
+        data = get_data_for(recipe)   # load (and so validate) the data before the folder is touched
     run_dir = claim_dir(opts.out, what="run folder", kind="run", legacy=("stages.jsonl",))
     with run_lock(run_dir):
         ctx = BuildContext(opts=opts, recipe=recipe, run_dir=run_dir, device=device, _data=data)
@@ -652,6 +655,7 @@ def _run_plan(ctx: BuildContext) -> BuildResult:
     except GateError as e:
         ok, message = False, str(e)
     finish_plan(ctx.run_dir)
-    report = write_report(ctx.run_dir, list(ctx.records.values()), ok=ok, message=message,
-                          total_s=time.perf_counter() - start)
+    with heartbeat("[report]", enabled=not ctx.opts.quiet):
+        report = write_report(ctx.run_dir, list(ctx.records.values()), ok=ok, message=message,
+                              total_s=time.perf_counter() - start)
     return BuildResult(run_dir=ctx.run_dir, records=list(ctx.records.values()), ok=ok, message=message, report=report)

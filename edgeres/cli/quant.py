@@ -328,12 +328,19 @@ def export_cmd(weights, int8, out, arch, opset, simplify, recipe_hash, dataset, 
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--trt-version", default=None,
+              help="Check for this TensorRT version too (e.g. 8.6: INT8 weights must be FP32 behind QuantizeLinear).")
 @json_option
-def check(model, as_json) -> None:
-    """Check an ONNX model against TensorRT's INT8 Q/DQ rules; exit 1 on any violation."""
+def check(model, trt_version, as_json) -> None:
+    """Check an ONNX model against TensorRT's INT8 Q/DQ rules; exit 1 on any violation.
+
+    \b
+    Example:
+      edgeres check runs/demo/export/model_int8.onnx --trt-version 8.6
+    """
     from edgeres.check import check_onnx, count_qdq
 
-    violations = check_onnx(model)
+    violations = check_onnx(model, trt_version=trt_version)
     obj = {"model": model, "ok": not violations, **count_qdq(model),
            "violations": [v.to_dict() for v in violations]}
     quantized = obj["QuantizeLinear"] + obj["DequantizeLinear"] > 0

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from edgeres.cli._common import emit, json_option
+from edgeres.tensorrt.versions import dla_rule_text
 
 PLAN_TARGET_WITHOUT_TRT = "10.3"   # JetPack 6.1/6.2: the trtexec spelling printed when TensorRT is absent
 DEFAULT_CALIB_COUNT = 256
@@ -38,7 +39,8 @@ def _write_plan(out: str, plan: dict, force: bool) -> str | None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Engine file to write (model.plan).")
 @click.option("--fp16", is_flag=True, help="Allow FP16 kernels (TensorRT <= 10.x).")
 @click.option("--int8", is_flag=True, help="INT8: from the Q/DQ ONNX, or an FP32 ONNX with --calib-cache.")
-@click.option("--dla-core", type=click.IntRange(0), default=None, help="Run on this DLA core (Jetson, TensorRT < 11).")
+@click.option("--dla-core", type=click.IntRange(0), default=None,
+              help=f"Run on this DLA core (Jetson; {dla_rule_text()}).")
 @click.option("--gpu-fallback", is_flag=True, help="With --dla-core: layers DLA cannot run go to the GPU.")
 @click.option("--workspace", type=click.IntRange(1), default=None, help="Builder workspace limit in MiB.")
 @click.option("--batch", default=None, help="Optimization profile of the batch axis: min,opt,max (default 1,8,32).")

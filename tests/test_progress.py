@@ -1,0 +1,70 @@
+"""Never silent: `edgeres build` on a terminal prints something at least every few seconds (a pseudo-terminal
+records the gaps); the heartbeat itself is only on terminals."""
+from __future__ import annotations
+
+import io
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edgeres import progress
+
+
+def test_heartbeat_speaks_after_silence_only_on_a_terminal(monkeypatch):
+    monkeypatch.setattr(progress, "QUIET_S", 0.3)
+    monkeypatch.setattr(progress, "PERIOD_S", 0.05)
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    monkeypatch.setattr(sys, "stdout", tty)
+    with progress.heartbeat("[x]"):
+        time.sleep(1.0)
+    assert "[x] running (" in tty.getvalue()
+    log = io.StringIO()   # not a terminal: nothing added
+    monkeypatch.setattr(sys, "stdout", log)
+    with progress.heartbeat("[x]"):
+        time.sleep(0.5)
+    assert log.getvalue() == ""
+
+
+@pytest.mark.slow
+def test_build_in_a_pseudo_terminal_has_no_10_s_gap(tmp_path):
+    pytest.importorskip("nncf")
+    master, slave = pty.openpty()
+    cmd = [sys.executable, "-m", "edgeres", "build", "--arch", "resnet20", "--epochs", "1", "--int8",
+           "--input-size", "16", "--calib-size", "64", "--bench-seconds", "0.2", "--max-drop", "100",
+           "--min-agreement", "0", "--out", str(tmp_path / "run")]
+    p = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "NNCF_CI": "1"},
+                         close_fds=True)
+    os.close(slave)
+    last, worst, out, where = time.monotonic(), 0.0, b"", 0
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:   # the child closed the terminal
+                break
+            if not chunk:
+                break
+            now = time.monotonic()
+            if now - last > worst:
+                worst, where = now - last, len(out)
+            out += chunk
+            last = now
+        elif p.poll() is not None:
+            break
+    p.wait(timeout=60)
+    os.close(master)
+    assert p.returncode in (0, 1), out[-2000:]
+    assert b"[verify]" in out or b"FAILED" in out
+    assert worst < 10.0, f"{worst:.1f} s without output after: {out[max(0, where - 300):where]!r}"
