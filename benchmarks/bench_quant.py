@@ -112,7 +112,9 @@ def run_case(name, arch, data, *, epochs, lr, qat_epochs, qat_lr, calib, max_tra
         train = data.train
         if qat_max and len(train) > qat_max:
             train = torch.utils.data.Subset(train, list(range(0, len(train), len(train) // qat_max))[:qat_max])
-        qat = quantize_qat(qmodel, train, data.test, epochs=qat_epochs, lr=qat_lr, batch_size=64, quiet=True)
+        # distils the folded FP32 model, selects on held-out training images (the test split is only reported)
+        qat = quantize_qat(qmodel, train, data.holdout, teacher=fold.model, epochs=qat_epochs, lr=qat_lr,
+                           batch_size=64, quiet=True)
         qat_path = export_onnx(qat.model, work / f"{name}_qat.onnx", meta=meta, int8=True)
         row["qat_s"] = round(time.perf_counter() - t, 1)
         row["qat_history"] = qat.history
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from edgeres.data import get_data
+    from edgeres.data import get_data, split_holdout
     from edgeres.env import environment
     from edgeres.io import atomic_write_json
 
@@ -243,14 +245,15 @@ def main(argv=None) -> int:
         cases = []
         if "digits" in wanted:
             cases.append(("digits_resnet18", "resnet18",
-                          lambda: get_data(dataset="digits", input_size=32, in_channels=1),
+                          lambda: split_holdout(get_data(dataset="digits", input_size=32, in_channels=1), 0.1, seed=0),
                           dict(epochs=8 if quick else 15, lr=0.05, qat_epochs=1 if quick else 3, qat_lr=1e-3,
                                calib=512)))
         if "mnist" not in wanted:
             pass
         elif (SHARED / "mnist").is_dir():
             cases.append(("mnist_mnist_resnet", "mnist_resnet",
-                          lambda: get_data(dataset="mnist", data_dir=str(SHARED / "mnist"), download=False),
+                          lambda: split_holdout(get_data(dataset="mnist", data_dir=str(SHARED / "mnist"),
+                                                         download=False), 0.1, seed=0),
                           dict(epochs=1 if quick else 2, lr=0.05, qat_epochs=1, qat_lr=1e-4, calib=512,
                                max_train=10000 if quick else None, qat_max=2000 if quick else 20000)))
         else:
