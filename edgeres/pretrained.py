@@ -7,11 +7,11 @@ sha256 prefix; offline, one line says which file and URL to fetch and where to p
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from edgeres.errors import ConfigError
+from edgeres.io import sha256_file
 
 SCHEME = "torchvision:"
 BASE_URL = "https://download.pytorch.org/models/"
@@ -35,14 +35,6 @@ def _prefix(name: str) -> str:
     return name.rsplit("-", 1)[1].split(".")[0]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resolve(spec: str, *, timeout_s: float = 60.0, say=None) -> str:
     """`torchvision:<arch>` -> the path of the verified published file (fetched once into the cache); any other
     value is returned as it is (a path)."""
@@ -63,7 +55,7 @@ def resolve(spec: str, *, timeout_s: float = 60.0, say=None) -> str:
 
 
 def _verify(path: Path, name: str, url: str) -> None:
-    got = _sha256(path)
+    got = sha256_file(path)
     if not got.startswith(_prefix(name)):
         raise ConfigError(f"{path}: sha256 {got[:16]}... does not start with {_prefix(name)}, the hash {url} is "
                           f"published with: a different or damaged file; delete it and fetch it again")
