@@ -31,17 +31,26 @@ from edgeres.cli._common import emit, json_option
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="OpenSSH ed25519 private key: sign the manifest (signature.json); devices whose "
                    "/etc/edgeres/allowed_signers lists keys install only bundles signed by one of them.")
+@click.option("--mender", "mender_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a Mender artifact (OUT.mender, payload type edgeres, named by the release id) with "
+                   "mender-artifact, for devices with the edgeres Update Module.")
+@click.option("--device-type", "device_types", multiple=True, default=("jetson",), show_default=True,
+              help="With --mender: Mender device type(s) the artifact is compatible with.")
 @json_option
 def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, rootfs, force, allow_non_rootfs,
-           allow_failed, sign_key, as_json) -> None:
+           allow_failed, sign_key, mender_out, device_types, as_json) -> None:
     """Bundle a run for devices: ONNX, calibration cache, probe set with reference logits, device runtime."""
     import tempfile
 
     from edgeres.deploy.bundle import make_bundle, opened_bundle, verify_bundle
+    from edgeres.deploy.mender import check_artifact_out, write_artifact
+    from edgeres.deploy.releases import folder_release_id
     from edgeres.deploy.rootfs import install_rootfs
 
-    if out is None and rootfs is None:
-        raise click.UsageError("give --out DIR, --rootfs PATH, or both")
+    if out is None and rootfs is None and mender_out is None:
+        raise click.UsageError("give --out DIR, --rootfs PATH, --mender OUT.mender, or several")
+    if mender_out is not None:
+        check_artifact_out(mender_out, force=force)   # before the bundle is built
     opts = dict(probe_size=probe_size, min_top1_agreement_pct=min_agreement, max_accuracy_drop_pp=max_accuracy_drop,
                 allow_failed=allow_failed, sign_key=sign_key)
     with tempfile.TemporaryDirectory(prefix="edgeres-bundle-") as tmp:
@@ -49,15 +58,22 @@ def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, root
                            force=force, **opts)
         with opened_bundle(path) as folder:
             manifest = verify_bundle(folder)
+            release = folder_release_id(folder)
             installed, warnings = (install_rootfs(folder, rootfs, allow_non_rootfs=allow_non_rootfs)
                                    if rootfs is not None else (None, []))
+            artifact = (write_artifact(folder, mender_out, device_types=device_types, force=force)
+                        if mender_out is not None else None)
     result = {"bundle": str(path) if out is not None else None, "rootfs_install": str(installed) if installed else None,
               "files": len(manifest["files"]) + 1, "probe": manifest["probe"],
               "expected_accuracy": manifest["expected_accuracy"], "calibration_cache": manifest["calibration_cache"],
-              "warnings": warnings}
+              "warnings": warnings, "mender": str(artifact[0]) if artifact else None,
+              "release": release}
     lines = [f"warning: {w}" for w in warnings]
+    if artifact:
+        lines.append(f"mender: {artifact[0]} (artifact {artifact[1]}, payload type edgeres)")
     if out is not None:
-        lines.append(f"bundle: {path} ({result['files']} files, probe {manifest['probe']['count']} images)")
+        lines.append(f"bundle: {path} ({result['files']} files, probe {manifest['probe']['count']} images, "
+                     f"release {release})")
     if installed:
         lines.append(f"rootfs: release {installed.name} installed and current, pending until verified on the device; "
                      f"edgeres-verify.timer enabled (result: /var/lib/edgeres/result.json after the first boot)")
