@@ -169,7 +169,8 @@ def _run_batch(runner: Any, x: np.ndarray, *, min_iters: int, min_s: float, warm
                        warning=stability_warning(lat, iterations=len(host)), samples_ms=tuple(samples))
 
 
-MAX_INPUT_BYTES = 4 << 30   # one timed input batch; past this the machine swaps or dies before timing anything
+MAX_INPUT_BYTES = 1 << 30   # one timed input batch; past this the machine swaps (or, under a 4 GiB address-space
+                            # limit, dies with the runner's copies) before timing anything
 
 
 def _refuse_oversized(batch_sizes: Sequence[int], shape: tuple[int, ...]) -> None:

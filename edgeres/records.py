@@ -116,6 +116,8 @@ def add_drop_gate(rec: StageRecord, top1: float, reference_top1: float | None, l
 def append_record(run_dir: str | Path, record: StageRecord) -> None:
     path = Path(run_dir) / "stages.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
+    if special_file(path):   # opening a FIFO for writing blocks until a reader comes
+        raise ArtifactError(f"{path} is {special_file(path)}, not the records file edgeres writes; refused")
     with open(path, "a") as f:
         f.write(json.dumps(record.to_dict(), sort_keys=True, default=str) + "\n")
         f.flush()
@@ -128,6 +130,8 @@ def read_records(run_dir: str | Path) -> list[StageRecord]:
 def read_records_counted(run_dir: str | Path) -> tuple[list[StageRecord], int]:
     """The readable records and how many lines were not (a line torn by a kill mid-write, or garbage)."""
     path = Path(run_dir) / "stages.jsonl"
+    if special_file(path):
+        raise ArtifactError(f"{path} is {special_file(path)}, not the records file edgeres writes; refused")
     if not path.is_file():
         return [], 0
     out, bad = [], 0

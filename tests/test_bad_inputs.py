@@ -41,7 +41,7 @@ def world(tmp_path_factory):
     """A real small run plus the broken files a user might hand over."""
     root = tmp_path_factory.mktemp("bad")
     run = root / "run"
-    r = CliRunner().invoke(main, ["build", "--int8", "--arch", "mnist_resnet", "--epochs", "1", "--qat-epochs", "0",
+    r = CliRunner().invoke(main, ["build", "--int8", "--arch", "mnist_resnet", "--epochs", "3", "--qat-epochs", "0",
                                   "--bench-seconds", "0", "--max-drop", "100", "--quiet", "--out", str(run)])
     assert r.exit_code == 0, r.output
     (root / "garbage.pt").write_bytes(os.urandom(4096))
@@ -103,6 +103,8 @@ def _special_files(root: Path) -> None:
     """FIFOs where a regular file is expected: opening one for reading blocks until a writer comes (forever)."""
     for name in ("fifo.onnx", "fifo.pt", "fifo.yaml", "fifo.png", "fifo.npz", "fifo_bundle.tar.gz"):
         os.mkfifo(root / name)
+    (root / "fifo_run").mkdir()
+    os.mkfifo(root / "fifo_run" / "stages.jsonl")
 
 
 def _png_header(path: Path, width: int, height: int) -> None:
@@ -125,11 +127,12 @@ def _bombs(root: Path) -> None:
     from PIL import Image
 
     _png_header(root / "bomb.png", 30000, 30000)                    # past PIL's own limit: DecompressionBombError
-    _png_header(root / "big.png", 10000, 10000)                     # past edgeres's 64 Mpx (PIL only warns)
-    Image.new("L", (32, 32), 128).save(root / "img.png")
-    levels = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(9))
-    (root / "laughs.yaml").write_text(levels)                       # 10**10 nodes once expanded
+    Image.new("L", (8200, 8200)).save(root / "big.png")             # 67 Mpx, a valid image: past edgeres's 64 Mpx,
+    Image.new("L", (32, 32), 128).save(root / "img.png")            # under PIL's own warning (89 Mpx)
+    levels = "    a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"    {chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(9))
+    (root / "laughs.yaml").write_text("model:\n  options:\n" + levels)   # 10**10 nodes once expanded, in a place
+    # a recipe accepts (arch options are a free mapping)
     (root / "deep.yaml").write_text("model:\n  options:\n    x: " + "[" * 5000 + "]" * 5000 + "\n")
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
@@ -281,6 +284,8 @@ CASES = [
     ("bundle-out-exists", ["bundle", "{run}", "--out", "{root}/existing_dir"]),
     ("rootfs-missing-bundle", ["rootfs", "--bundle", "{root}/nope", "--rootfs", "{root}/existing_dir"]),
     ("rootfs-garbage-bundle", ["rootfs", "--bundle", "{garbage_run}", "--rootfs", "{root}/existing_dir"]),
+    ("fleet-ansible-missing-bundle", ["fleet", "ansible", "{root}/nope", "--out", "{root}/ansible",
+                                     "--host", "nvidia@jetson1"]),
     ("deploy-option-as-host", ["deploy", "{run}", "--host", "-oProxyCommand=touch /tmp/pwned"]),
     ("deploy-non-ascii-host", ["deploy", "{run}", "--host", "nvidia@jétson"]),
     ("deploy-non-utf8-hosts-file", ["deploy", "{run}", "--hosts-file", "{root}/hosts_latin1.txt"]),
@@ -324,6 +329,8 @@ CASES = [
     ("bench-engine-is-fifo", ["bench", "--engine", "{root}/fifo.onnx", "--iterations", "1"]),
     ("compare-probe-is-fifo", ["compare", "{onnx}", "{onnx8}", "--probe", "{root}/fifo.npz"]),
     ("predict-image-is-fifo", ["predict", "{onnx}", "{root}/fifo.png"]),
+    ("report-stages-is-fifo", ["report", "{root}/fifo_run"]),
+    ("build-into-run-with-fifo-stages", ["build", "--out", "{root}/fifo_run", "--epochs", "1"]),
     # bombs: small files that declare (or expand to) more than any machine holds
     ("predict-decompression-bomb", ["predict", "{onnx}", "{root}/bomb.png"]),
     ("predict-oversized-image", ["predict", "{onnx}", "{root}/big.png"]),
@@ -434,7 +441,7 @@ def test_verdict_compares_the_recipe_on_disk_and_sees_an_unfinished_build(world)
     # re-build with other calibration settings and kill it once PTQ runs: recipe.yaml and plan.json are new, every
     # record is still the earlier build's (passed)
     proc = subprocess.Popen([sys.executable, "-m", "edgeres", "build", "--int8", "--arch", "mnist_resnet", "--epochs",
-                             "1", "--qat-epochs", "0", "--bench-seconds", "0", "--max-drop", "100", "--calib-size", "7",
+                             "3", "--qat-epochs", "0", "--bench-seconds", "0", "--max-drop", "100", "--calib-size", "7",
                              "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
