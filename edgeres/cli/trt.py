@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from edgeres.cli._common import emit, json_option
+from edgeres.recipe import DataCfg
 from edgeres.tensorrt.versions import dla_rule_text
 
 PLAN_TARGET_WITHOUT_TRT = "10.3"   # JetPack 6.1/6.2: the trtexec spelling printed when TensorRT is absent
@@ -122,8 +123,12 @@ def compile_cmd(onnx_path, out, fp16, int8, dla_core, gpu_fallback, workspace, b
                    "calibrate on for the same count and seed).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Cache file, e.g. calibration/calib.cache")
 @click.option("--force", is_flag=True, help="Replace an existing cache.")
+@click.option("--holdout", type=click.FloatRange(0, 0.9), default=DataCfg.holdout, show_default=True,
+              help="With --dataset: the share of the training split held out (seeded by --seed) and so not "
+                   "calibrated on, as `build` does (data.holdout).")
 @json_option
-def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, seed, out, force, as_json) -> None:
+def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, seed, out, force, holdout,
+                    as_json) -> None:
     """Write a TensorRT calibration cache (EntropyCalibration2 text) from ONNX Runtime activation ranges."""
     from edgeres.errors import ConfigError
     from edgeres.tensorrt.calib_cache import CalibCacheInputs, CalibCacheSettings, npz_batches, run
@@ -148,7 +153,7 @@ def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, se
     if images is not None:
         batches = npz_batches(images, limit=count, default_limit=DEFAULT_CALIB_COUNT)
     else:
-        batches, indices = _dataset_batches(dataset, data_dir, count, seed, onnx_path)
+        batches, indices = _dataset_batches(dataset, data_dir, count, seed, onnx_path, holdout=holdout)
     res = run(CalibCacheInputs(Path(onnx_path), batches, Path(out), indices),
               CalibCacheSettings(version_tag=calib_version_tag(trt_version), force=force))
     m = res.record.metrics
@@ -163,12 +168,12 @@ def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, se
 
 
 def _dataset_batches(dataset: str, data_dir: str | None, count: int | None, seed: int, onnx_path=None,
-                     batch_size: int = 32):
+                     batch_size: int = 32, holdout: float = 0.0):
     """The calibration images PTQ would draw (quantize.calibration_indices: same count and seed, same images),
     preprocessed as the ONNX's own metadata says (input size, channels, mean/std), as `build` does."""
     import numpy as np
 
-    from edgeres.data import get_data
+    from edgeres.data import get_data, split_holdout
     from edgeres.errors import ConfigError
     from edgeres.quantize import calibration_indices
 
@@ -179,7 +184,9 @@ def _dataset_batches(dataset: str, data_dir: str | None, count: int | None, seed
 
         meta = parse_meta(read_metadata(onnx_path))
         pre = {k: meta[k] for k in ("input_size", "mean", "std", "resize_size", "in_channels") if meta.get(k)}
-    calib = get_data(dataset=dataset, data_dir=data_dir, download=False, **pre).calib
+    # the build's calibration split: the training images less the holdout (data.holdout, drawn with the same seed)
+    calib = split_holdout(get_data(dataset=dataset, data_dir=data_dir, download=False, **pre), holdout,
+                          seed=seed).calib
     if count is not None and count > len(calib):
         raise ConfigError(f"asked for {count} calibration images; {dataset} has {len(calib)}")
     n = count or min(DEFAULT_CALIB_COUNT, len(calib))
