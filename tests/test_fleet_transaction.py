@@ -77,7 +77,7 @@ def test_no_activation_after_host_timeout(setup):
             results.extend(deploy(v2, [d.alias], iterations=3, host_timeout=timeout,
                                   **fleet.deploy_kwargs(remote_python=str(slow_python(d.folder, DEVICE_DELAY_S)))))
 
-        threads = [threading.Thread(target=one, args=(d, rng.uniform(0.5, 6.0))) for d in fleet.devices]
+        threads = [threading.Thread(target=one, args=(d, rng.uniform(0.05, 6.0))) for d in fleet.devices]
         [t.start() for t in threads]
         [t.join(60) for t in threads]
         assert len(results) == DEVICES and not any(r.ok for r in results)
