@@ -61,7 +61,11 @@ def test_install_never_switches_only_activate_does(bundles, tmp_path):
     assert d.run("status")[1]["install_pending"] == out["release"]
     code, bad = d.run("activate", out["release"], "--attempt", "another")
     assert code == 2 and "not the install that last passed" in bad["error"] and d.current() is None
+    legacy = d.units / "multi-user.target.wants" / "edgeres-verify.service"   # enabled by an earlier edgeres
+    legacy.parent.mkdir()
+    legacy.symlink_to("/etc/systemd/system/edgeres-verify.service")
     code, done = d.run("activate", out["release"], "--attempt", "a1", "--units-dir", str(d.units))
+    assert not legacy.is_symlink()   # the unit no longer runs inside the boot transaction
     assert code == 0 and d.current() == out["release"] and done["units"]["installed"]
     assert json.loads((d.state / "result.json").read_text())["status"] == "passed"
     assert os.readlink(d.units / "timers.target.wants" / "edgeres-verify.timer") == str(d.units /

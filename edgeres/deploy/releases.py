@@ -564,6 +564,9 @@ def install_units(units_dir: Path, *, root: str, state: str, python: str, link_d
             f.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, units_dir / name)
+    legacy = units_dir / "multi-user.target.wants" / UNIT_NAME   # how earlier edgeres enabled the unit: in the boot
+    if legacy.is_symlink() and os.readlink(legacy).endswith("/" + UNIT_NAME):   # transaction; ours, so removed
+        legacy.unlink()
     wants = units_dir / "timers.target.wants"
     if not wants.is_dir():
         wants.mkdir(mode=0o755)
