@@ -65,3 +65,31 @@ def device_option(fn):
     from edgeres.device import DEVICE_HELP
 
     return click.option("--device", default=None, metavar="DEVICE", help=f"Torch device: {DEVICE_HELP}.")(fn)
+
+
+def _names(source):
+    def complete(ctx, param, incomplete: str):
+        return [n for n in source() if n.startswith(incomplete)]
+    return complete
+
+
+def _recipes():
+    from edgeres.recipe import list_recipes
+
+    return list_recipes()
+
+
+def _archs():
+    from edgeres.models.registry import list_archs
+
+    return list_archs()
+
+
+def _datasets():
+    from edgeres.recipe import DATASETS
+
+    return list(DATASETS)
+
+
+# shell completion (click's: `eval "$(_EDGERES_COMPLETE=bash_source edgeres)"`) for the names a user types most
+complete_recipe, complete_arch, complete_dataset = _names(_recipes), _names(_archs), _names(_datasets)

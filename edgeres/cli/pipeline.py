@@ -5,15 +5,26 @@ from pathlib import Path
 
 import click
 
-from edgeres.cli._common import device_option, emit, floats, json_option, quiet_option
+from edgeres.cli._common import (
+    complete_arch,
+    complete_dataset,
+    complete_recipe,
+    device_option,
+    emit,
+    floats,
+    json_option,
+    quiet_option,
+)
 from edgeres.recipe import CALIB_METHODS
 
 
 @click.command()
-@click.option("--arch", default=None, help="Architecture (default: the recipe's; see `edgeres archs`).")
-@click.option("--dataset", default=None, help="digits (embedded default) | mnist | cifar10 | imagefolder.")
+@click.option("--arch", default=None, shell_complete=complete_arch,
+              help="Architecture (default: the recipe's; see `edgeres archs`).")
+@click.option("--dataset", default=None, shell_complete=complete_dataset,
+              help="digits (embedded default) | mnist | cifar10 | imagefolder.")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Where the dataset lives.")
-@click.option("--recipe", default="demo", show_default=True,
+@click.option("--recipe", default="demo", show_default=True, shell_complete=complete_recipe,
               help="Built-in recipe name (edgeres/recipes/, see README) or a YAML path.")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="FP32 training epochs (overrides the recipe).")
 @click.option("--qat-epochs", type=click.IntRange(0), default=None, help="QAT epochs; 0 = PTQ only.")

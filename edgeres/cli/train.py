@@ -5,15 +5,15 @@ from pathlib import Path
 
 import click
 
-from edgeres.cli._common import device_option, emit, floats, json_option, quiet_option
+from edgeres.cli._common import complete_arch, complete_recipe, device_option, emit, floats, json_option, quiet_option
 
 DATASETS = ["digits", "mnist", "cifar10", "imagefolder"]
 
 
 @click.command("train")
-@click.option("--recipe", "recipe_name", default="demo", show_default=True,
+@click.option("--recipe", "recipe_name", default="demo", show_default=True, shell_complete=complete_recipe,
               help="Built-in recipe name (edgeres/recipes/<NAME>.yaml) or path to a YAML file.")
-@click.option("--arch", default=None, help="Override model.arch.")
+@click.option("--arch", default=None, shell_complete=complete_arch, help="Override model.arch.")
 @click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Override data.dataset.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Dataset folder.")
 @click.option("--epochs", type=click.IntRange(1), default=None)
