@@ -333,8 +333,10 @@ def _export_cpu(ctx: BuildContext) -> StageResult:
     onnx = ctx.records["export_fp32" if mode == "openvino" else "export_int8"].artifact
     images = [b[None] for batch in _calib_batches(ctx) for b in batch] if mode == "openvino" else None
     return run(CpuInputs(Path(onnx), ctx.data.test, ctx.path("export", "model_int8_cpu.xml"), calibration=images,
-                         reference_top1=_fp32_eval(ctx).top1, tensorrt_int8=_int8_as_written(ctx)),
-               CpuSettings(mode=mode, max_drop=limit, drop_source=source), quiet=ctx.opts.quiet)
+                         reference_top1=_fp32_eval(ctx).top1, tensorrt_int8=_int8_as_written(ctx),
+                         reference_logits=_fp32_eval(ctx).logits),
+               CpuSettings(mode=mode, max_drop=limit, drop_source=source,
+                           min_agreement_pct=ctx.recipe.gates.min_agreement_pct), quiet=ctx.opts.quiet)
 
 
 def _calib_cache(ctx: BuildContext) -> StageResult:
@@ -585,8 +587,10 @@ def build(opts: BuildOptions) -> BuildResult:
     from edgeres.io import check_owned_dir, claim_dir
     from edgeres.records import run_lock
 
-    if opts.max_drop is not None and opts.max_drop < 0:
+    if opts.max_drop is not None and not opts.max_drop >= 0:   # NaN too: every gate against it would fail
         raise ConfigError(f"--max-drop must be >= 0, got {opts.max_drop}")
+    if not 0 <= opts.bench_seconds <= 3600:   # NaN/inf would be refused only in the verify stage, after training
+        raise ConfigError(f"--bench-seconds must lie in [0, 3600], got {opts.bench_seconds}")
     opts = _with_dataset_of_data_dir(opts)
     if opts.pretrained is not None and not Path(opts.pretrained).is_file():
         raise ConfigError(f"--pretrained checkpoint not found: {opts.pretrained}")

@@ -85,6 +85,7 @@ class CpuInputs:
     calibration: Any = None    # "openvino": float32 [1, C, H, W] images, PTQ's calibration images
     reference_top1: float | None = None   # FP32 top-1 (%) on eval_data
     tensorrt_int8: Any = None  # EvalResult of the TensorRT INT8 ONNX (as written): agreement recorded, not gated
+    reference_logits: Any = None   # the FP32 model's logits on eval_data: its agreement with FP32 is gated
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class CpuSettings:
     mode: str = "openvino"     # recipe export.cpu_int8
     max_drop: float | None = None
     drop_source: str = "--max-drop"
+    min_agreement_pct: float | None = None   # top-1 agreement with FP32 (%): a drop gate alone passes a model that
+                                             # trades as many right answers as it loses
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,14 @@ def run(inputs: CpuInputs, settings: CpuSettings = CpuSettings(), *, quiet: bool
             metrics["n_compared"] = metrics.pop("n_probe")
         rec = StageRecord(stage="export_cpu", metrics=metrics)
         add_drop_gate(rec, ev.top1, inputs.reference_top1, settings.max_drop, settings.drop_source)
+        if inputs.reference_logits is not None:
+            from edgeres.quantize import agreement_pct
+            from edgeres.records import Gate
+
+            agree = round(agreement_pct(ev.logits, inputs.reference_logits), 4)
+            rec.metrics["fp32_top1_agreement_pct"] = agree
+            if settings.min_agreement_pct is not None:
+                rec.add_gate(Gate("fp32_top1_agreement_pct", agree, settings.min_agreement_pct, ">="))
         if not rec.passed:
             return StageResult(rec, CpuOutput(out, ev))
         os.replace(staged.with_suffix(".bin"), out.with_suffix(".bin"))
