@@ -138,7 +138,7 @@ def run(inputs: CpuInputs, settings: CpuSettings = CpuSettings(), *, quiet: bool
             metrics.update(compare_logits(inputs.tensorrt_int8.logits, ev.logits),
                            compared_with="TensorRT INT8 ONNX as written")
             metrics["n_compared"] = metrics.pop("n_probe")
-        rec = StageRecord(stage="export_cpu", metrics=metrics)
+        rec = StageRecord(stage="export_cpu", metrics={**metrics, "n_eval": ev.n})
         add_drop_gate(rec, ev.top1, inputs.reference_top1, settings.max_drop, settings.drop_source)
         if inputs.reference_logits is not None:
             from edgeres.quantize import agreement_pct

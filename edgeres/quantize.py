@@ -649,7 +649,7 @@ def _finish(stage: str, model, inputs: QuantInputs, max_drop, source, metrics, m
 
     if ev is None:
         ev = evaluate(model, inputs.eval_data, batch_size=256, progress=False if quiet else f"evaluating {stage}")
-    rec = StageRecord(stage=stage, metrics=metrics)
+    rec = StageRecord(stage=stage, metrics={**metrics, "n_eval": ev.n})
     add_drop_gate(rec, ev.top1, inputs.reference_top1, max_drop, source)
     if inputs.reference_logits is not None:
         agree = round(agreement_pct(ev.logits, inputs.reference_logits), 4)

@@ -77,7 +77,10 @@ def format_table(report: dict[str, Any]) -> str:
     for note in report.get("notes", []):
         out.append(textwrap.fill(note, TERMINAL_WIDTH, initial_indent="note: ", subsequent_indent="      ",
                                  break_on_hyphens=False, break_long_words=False))
-    verdict = ("PASSED: " if report["ok"] else "FAILED: ") + report["message"]
+    word = "FAILED: " if not report["ok"] else "NOT MEASURABLE: " if report.get("unmeasurable") else "PASSED: "
+    verdict = word + (report["message"] if word != "NOT MEASURABLE: " else
+                      f"every gate passed, but {len(report['unmeasurable'])} of them cannot be measured with these "
+                      f"images (see the note)")
     out.append(textwrap.fill(verdict, TERMINAL_WIDTH, subsequent_indent="  ", break_on_hyphens=False,
                              break_long_words=False))
     return "\n".join(out)
@@ -270,6 +273,22 @@ def _stage_rows(records: list[StageRecord]) -> list[dict[str, Any]]:
     return rows
 
 
+def unmeasurable_gates(records: list[StageRecord]) -> list[str]:
+    """Drop gates (pp) finer than one image of the split they were measured on: with N images top-1 moves in steps
+    of 100/N pp, so a limit below one step cannot tell a real loss from one image's luck."""
+    out = []
+    for r in records:
+        n = r.metrics.get("n_eval")
+        if not n:
+            continue
+        step = 100.0 / n
+        for g in r.gates:
+            if g["name"].endswith("_pp") and g["op"] == "<=" and 0 < g["limit"] < step:
+                out.append(f"{r.stage} {g['name']} <= {g['limit']:g} pp is finer than one image of {n} "
+                           f"({step:.2f} pp)")
+    return out
+
+
 def build_report(run_dir: Path, records: list[StageRecord], *, ok: bool, message: str,
                  total_s: float = 0.0) -> dict[str, Any]:
     stages = [r.to_dict() for r in records]
@@ -286,7 +305,12 @@ def build_report(run_dir: Path, records: list[StageRecord], *, ok: bool, message
                          f"row after warm-up, {b['timing']}; torch {b['torch_threads']} threads, ONNX Runtime and "
                          f"OpenVINO their default threads; INT8 kernels: convolution/FC layers the backend runs in "
                          f"INT8 / all")
+    unmeasurable = unmeasurable_gates(records)
+    if unmeasurable:
+        notes.append("not measurable: " + "; ".join(unmeasurable) + ": such a gate passes only when not one image "
+                     "changes, and fails on one; loosen it (e.g. --max-drop) or evaluate on more images")
     return {"run": str(run_dir), "ok": ok, "message": message, "total_s": round(total_s, 2),
+            "unmeasurable": unmeasurable,
             "rows": verify.metrics.get("rows", []) if verify else _stage_rows(records),
             "per_class": verify.metrics.get("per_class") if verify else None,
             "class_names": verify.metrics.get("class_names") if verify else None,

@@ -35,3 +35,15 @@ def test_table_fits_120_columns_and_merges_the_latency_notes():
     assert "1.50x" in cpu, "the CPU artifact's speed-up is over ONNX Runtime FP32 (0.3 / 0.2 ms)"
     assert "4,361" in cpu and "0.20" in cpu
     assert text.splitlines()[-1] == "PASSED: all gates passed"
+
+
+def test_a_gate_finer_than_one_image_is_not_measurable():
+    fine = StageRecord(stage="qat", metrics={"n_eval": 60, "top1": 90.0})
+    fine.gates.append({"name": "top1_drop_pp", "value": 0.0, "limit": 0.2, "op": "<=", "passed": True})
+    rep = build_report(Path("."), [fine], ok=True, message="all gates passed")
+    assert rep["unmeasurable"] == ["qat top1_drop_pp <= 0.2 pp is finer than one image of 60 (1.67 pp)"]
+    text = format_table(rep)
+    assert text.splitlines()[-1].startswith("NOT MEASURABLE: every gate passed, but 1 of them cannot be measured")
+    coarse = StageRecord(stage="qat", metrics={"n_eval": 359, "top1": 90.0})
+    coarse.gates.append({"name": "top1_drop_pp", "value": 0.0, "limit": 1.0, "op": "<=", "passed": True})
+    assert build_report(Path("."), [coarse], ok=True, message="all gates passed")["unmeasurable"] == []
