@@ -28,22 +28,13 @@ JETSON = {"8.5.2", "8.6", "10.3"}          # JetPack's TensorRT versions: a devi
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    """The bundle with the FP32-weights INT8 copy for 8.5/8.6 (targets.with_fp32_weights_copy). bundle.py (another
-    owner) does not call it yet: the one-line hook is simulated here until it does (harmless afterwards: the copy
-    is made once); test_tensorrt_plan.py::test_plan_without_the_fp32_weights_copy_refuses_8x_int8_gpu_in_one_line
-    shows the plan a bundle gets today."""
+    """The bundle: it carries the FP32-weights INT8 copy for 8.5/8.6 (bundle.py calls
+    targets.with_fp32_weights_copy before it plans)."""
     from edgeres.deploy.bundle import make_bundle
-    from edgeres.tensorrt import targets
-
-    plain = targets.device_plan
-
-    def hooked(inputs, **kw):
-        return plain(targets.with_fp32_weights_copy(inputs, Path(inputs.int8_onnx).parent), **kw)
 
     run = make_run(tmp_path_factory.mktemp("run"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(targets, "device_plan", hooked)
-        made = make_bundle(run, tmp_path_factory.mktemp("b") / "bundle", probe_size=16)
+    made = make_bundle(run, tmp_path_factory.mktemp("b") / "bundle", probe_size=16)
+    assert (Path(made) / "model_int8.fp32w.onnx").is_file()
     RUN_OF[Path(made)] = run
     return made
 

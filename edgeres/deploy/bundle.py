@@ -167,13 +167,16 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str
             shutil.copyfile(src, dest / name)
     (dest / "edgeres-device").write_text(LAUNCHER)
 
-    from edgeres.tensorrt.targets import TARGETS, PlanInputs, device_plan
+    from edgeres.tensorrt.targets import TARGETS, PlanInputs, device_plan, with_fp32_weights_copy
 
-    plan = device_plan(PlanInputs(fp32_name="model_fp32.onnx", int8_name="model_int8.onnx",
-                                  fp32_onnx=dest / "model_fp32.onnx", int8_onnx=dest / "model_int8.onnx",
-                                  calib_name="calib.cache" if files["calib.cache"] else None,
-                                  calib_cache=dest / "calib.cache" if files["calib.cache"] else None),
-                       batch=min(len(x), MAX_PLAN_BATCH))
+    # TensorRT 8.5/8.6 document FP32 weights behind QuantizeLinear: the bundle carries that copy for them
+    plan_inputs = with_fp32_weights_copy(PlanInputs(fp32_name="model_fp32.onnx", int8_name="model_int8.onnx",
+                                                    fp32_onnx=dest / "model_fp32.onnx",
+                                                    int8_onnx=dest / "model_int8.onnx",
+                                                    calib_name="calib.cache" if files["calib.cache"] else None,
+                                                    calib_cache=dest / "calib.cache" if files["calib.cache"] else None),
+                                         dest)
+    plan = device_plan(plan_inputs, batch=min(len(x), MAX_PLAN_BATCH))
     probe_acc = None if y is None else {"fp32": 100.0 * float((ref32.argmax(1) == y).mean()),
                                         "int8": 100.0 * float((ref8.argmax(1) == y).mean())}
     calib = "calib.cache" if files["calib.cache"] else None
