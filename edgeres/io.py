@@ -200,10 +200,10 @@ def claim_dir(path: str | os.PathLike, *, what: str = "output folder", kind: str
 
 
 def check_bundle_out(path: str | os.PathLike, force: bool, *, manifest: str = "manifest.json",
-                     fmt_prefix: str = "edgeres-bundle/") -> Path:
+                     fmt_prefix: str = "edgeres-bundle/", unlisted: tuple[str, ...] = ("signature.json",)) -> Path:
     """A bundle `--out`: absent, or (with `force`) a bundle edgeres made: a folder holding only the files its
-    manifest lists, or a regular .tar.gz file. Anything else (the user's folder, a run, a folder of runs) is
-    refused, so `--force` can never delete it."""
+    manifest lists (and `unlisted`: the signature beside the manifest), or a regular .tar.gz file. Anything else
+    (the user's folder, a run, a folder of runs) is refused, so `--force` can never delete it."""
     p = Path(path)
     if p.name.endswith(".tar.gz"):
         return check_replaceable(p, force)
@@ -222,7 +222,7 @@ def check_bundle_out(path: str | os.PathLike, force: bool, *, manifest: str = "m
     if not ok:
         raise ConfigError(f"--out {p} exists and is not a bundle edgeres made (no readable {manifest}); "
                           f"edgeres will not replace or delete it, even with --force")
-    extra = sorted(c.name for c in p.iterdir() if c.name not in data["files"] and c.name != manifest)
+    extra = sorted(c.name for c in p.iterdir() if c.name not in data["files"] and c.name not in (manifest, *unlisted))
     if extra:
         raise ConfigError(f"--out {p} holds files the bundle did not make ({', '.join(extra[:5])}); edgeres will "
                           f"not delete them: move them away or choose another --out")

@@ -323,6 +323,8 @@ CASES = [
     # a refused command changes nothing: inputs are read before the first write into a run
     ("build-broken-pretrained-into-good-run", ["build", "--pretrained", "{root}/garbage.pt", "--out", "{run}"]),
     ("build-nan-lr-into-good-run", ["build", "--lr", "nan", "--out", "{run}"]),
+    ("build-nan-max-drop-into-good-run", ["build", "--max-drop", "nan", "--out", "{run}"]),
+    ("build-inf-bench-seconds-into-good-run", ["build", "--bench-seconds", "inf", "--out", "{run}"]),
     # special files where a regular file is expected (a FIFO would block forever)
     ("build-recipe-is-fifo", ["build", "--recipe", "{root}/fifo.yaml", "--out", "{root}/b"]),
     ("fold-weights-is-fifo", ["fold", "--weights", "{root}/fifo.pt", "--out", "{root}/f.pt"]),
