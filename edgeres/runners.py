@@ -358,7 +358,9 @@ class OpenVinoRunner(Runner):
             if not path.with_suffix(".bin").is_file():
                 raise ArtifactError(f"{path}: its weights {path.with_suffix('.bin').name} are missing")
         core = ov.Core()
-        config = {"PERFORMANCE_HINT": "LATENCY"}
+        # f32: on CPUs with AVX-512 BF16 / AMX OpenVINO would otherwise run float layers in bf16 by default
+        # (logits off by ~1e-2): FP32 stays FP32, and INT8 layers still run OpenVINO's INT8 kernels
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
