@@ -613,6 +613,9 @@ def build(opts: BuildOptions) -> BuildResult:
     check_owned_dir(opts.out, what="run folder", legacy=("stages.jsonl",))
     from edgeres.data import get_data_for
 
+    if not opts.quiet:   # everything above was quick; the data load may not be
+        print(f"[build] {opts.out}: {recipe.model.arch} on {recipe.data.dataset}{' --int8' if opts.int8 else ''}, "
+              f"torch on {device}", flush=True)
     with heartbeat("[data]", enabled=not opts.quiet):
         data = get_data_for(recipe)   # load (and so validate) the data before the folder is touched
     run_dir = claim_dir(opts.out, what="run folder", kind="run", legacy=("stages.jsonl",))

@@ -27,7 +27,9 @@ def test_bad_data_leaves_no_folder_and_no_lock(tmp_path):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photos / split / "only" / "a.png")
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["build", "--dataset", "imagefolder", "--data-dir", str(photos), "--out", str(out)])
-    assert r.exit_code == 1 and "class folder" in r.output and r.output.count("\n") == 1
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and lines[-1].startswith("Error: ") and "class folder" in lines[-1]
+    assert sum(line.startswith("Error") for line in lines) == 1 and "Traceback" not in r.output
     assert not out.exists(), "refused before the run folder (or its .lock) was made"
     out.mkdir()
     (out / "keep.txt").write_text("mine")

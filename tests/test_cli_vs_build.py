@@ -94,7 +94,9 @@ def test_cli_qat_writes_what_build_writes(tmp_path):
 
     out = tmp_path / "run"
     res = build(BuildOptions(out=out, arch="mnist_resnet", epochs=2, qat_epochs=1, int8=True, bench_seconds=0,
-                             max_drop=100.0, quiet=True, overrides={"quant.calib_size": 64}))
+                             max_drop=100.0, quiet=True,
+                             # a 2-epoch model's CPU artifact agrees with it on ~88 %: not what is compared here
+                             overrides={"quant.calib_size": 64, "gates.min_agreement_pct": 0.0}))
     assert res.ok, res.message
     by = {r.stage: r for r in read_records(out)}
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())

@@ -58,4 +58,4 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
         assert abs(a["train_loss"] - b["train_loss"]) < 0.15 * a["train_loss"]
         assert abs(a["test_top1"] - b["test_top1"]) <= 15.0
     files = sorted(p.name for p in (tmp_path / "ddp").iterdir())
-    assert files == ["best.pt", "last.pt", "metrics.csv", "metrics.jsonl"]
+    assert files == [".edgeres", "best.pt", "last.pt", "metrics.csv", "metrics.jsonl"]   # + the ownership marker

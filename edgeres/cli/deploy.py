@@ -85,8 +85,10 @@ def _read_hosts(hosts: tuple[str, ...], hosts_file: Path | None) -> list[str]:
 
     out = list(hosts)
     if hosts_file is not None:
-        try:
-            text = hosts_file.read_text(encoding="utf-8")
+        from edgeres.io import read_small_bytes
+
+        try:   # a regular file of bounded size: a FIFO or a device would block or never end
+            text = read_small_bytes(hosts_file, "--hosts-file").decode("utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError(f"{hosts_file} is not UTF-8 text (byte {e.start}); one USER@HOST[:PORT] per line"
                               ) from None

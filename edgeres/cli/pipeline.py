@@ -76,8 +76,6 @@ def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, calib_method, inp
     from edgeres.report import format_table
 
     out = Path(out) if out else Path("runs") / f"{arch or recipe}-{dataset or 'default'}"
-    if not (quiet or as_json):   # at once, before torch and the data load
-        click.echo(f"[build] {out}: recipe {recipe}{' --int8' if int8 else ''}")
     opts = BuildOptions(out=out, recipe=recipe, arch=arch, dataset=dataset, data_dir=data_dir, epochs=epochs,
                         qat_epochs=qat_epochs, calib_method=calib_method, int8=int8, fp16=fp16,
                         pretrained=Path(pretrained) if pretrained else None, max_drop=max_drop, force=force,

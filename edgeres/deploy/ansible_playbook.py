@@ -102,10 +102,13 @@ def write_project(bundle_dir: str | Path, out: str | Path, hosts: list[str], *, 
 
     from edgeres.deploy.bundle import opened_bundle, verify_bundle
     from edgeres.deploy.ssh import unique_hosts
+    from edgeres.io import check_owned_dir, claim_dir
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ConfigError(f"{out} exists and is not empty; pass --force to replace the project there")
+    # the ownership rule (io.py): only a project folder edgeres wrote (its marker) is ever replaced; a user's
+    # folder is refused with or without --force
+    if check_owned_dir(out, what="--out") and not force:
+        raise ConfigError(f"{out} holds an Ansible project edgeres wrote; pass --force to replace it")
     if not hosts:
         raise ConfigError("no hosts given")
     if not 0 <= max_fail_percentage <= 100:
@@ -115,9 +118,9 @@ def write_project(bundle_dir: str | Path, out: str | Path, hosts: list[str], *, 
     with opened_bundle(bundle_dir) as bundle:
         verify_bundle(bundle)
         release = folder_release_id(bundle)
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
+        if out.exists() and any(out.iterdir()):
+            shutil.rmtree(out)   # edgeres's own project folder (checked above)
+        claim_dir(out, what="--out", kind="ansible")
         shutil.copytree(bundle, out / "bundle")
         shutil.copyfile(Path(__file__).resolve().parent / "releases.py", out / "releases.py")   # as `deploy` sends
         runtime_args = ["--precision", precision, "--iterations", str(iterations), "--quiet"]
