@@ -119,6 +119,8 @@ def report(run_dir, as_json) -> None:
             latest[r.stage] = r
     rep = write_report(Path(run_dir), list(latest.values()), ok=ok, message=message)
     emit(rep, as_json, lambda: format_table(rep))
+    if not ok:   # as `build`: a FAILED verdict is exit 1 (the report and its last line say why)
+        raise click.exceptions.Exit(1)
 
 
 COMMANDS = [build, report]
