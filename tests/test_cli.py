@@ -145,3 +145,30 @@ def test_archs_subprocess_as_a_user():
     r = sh(str(EXE), "summary", "--arch", "nope")
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_every_command_has_an_example_whose_options_exist():
+    """`--help` ends with an example on every command; each example names the command and only its own options."""
+    import shlex
+
+    import click
+
+    from edgeres.cli import main
+
+    def walk(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield path, cmd
+
+    for path, cmd in walk(main, []):
+        help_text = cmd.help or ""
+        assert "Example" in help_text, f"edgeres {' '.join(path)} --help has no example"
+        after = help_text.split("Example", 1)[1].lstrip("s:").splitlines()
+        example = next(line for line in after if line.strip().startswith("edgeres")).split("#", 1)[0]
+        words = shlex.split(example)
+        assert words[:1 + len(path)] == ["edgeres", *path], example
+        known = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+        unknown = [w for w in words if w.startswith("--") and w.split("=", 1)[0] not in known]
+        assert not unknown, f"edgeres {' '.join(path)} example uses unknown options {unknown}"

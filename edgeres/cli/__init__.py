@@ -11,6 +11,7 @@ import sys
 import click
 
 from edgeres import __version__
+from edgeres.cli.examples import attach
 from edgeres.errors import EdgeresError
 
 COMMAND_MODULES = ("zoo", "train", "quant", "pipeline", "bench", "predict", "trt", "deploy", "experiment")
@@ -38,7 +39,14 @@ def main() -> None:
     """edgeres: train, fold, quantize, export, compile, verify and deploy INT8 ResNets for Jetson and GPUs."""
 
 
+def _with_examples(cmd) -> None:
+    attach(cmd, cmd.name)
+    for sub in getattr(cmd, "commands", {}).values():
+        _with_examples(sub)
+
+
 for _name in COMMAND_MODULES:
     _mod = importlib.import_module(f"edgeres.cli.{_name}")
     for _cmd in getattr(_mod, "COMMANDS", ()):
+        _with_examples(_cmd)
         main.add_command(_cmd)
