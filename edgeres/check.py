@@ -67,7 +67,31 @@ def load_onnx(path: str | Path):
         raise ArtifactError(f"{path} is not an ONNX model ({type(e).__name__})") from None
     if not model.graph.node and not model.graph.output:
         raise ArtifactError(f"{path} is not an ONNX model (no graph)")
+    _load_external(model, path)
     return model
+
+
+def _load_external(model, path: Path) -> None:
+    """Weights stored beside the model (external data): each file must lie inside the model's folder and exist;
+    then they are read in, relative to that folder (never to the current directory)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    folder = path.resolve().parent
+    tensors = [t for t in model.graph.initializer if uses_external_data(t)]
+    for t in tensors:
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = (folder / loc).resolve()
+        if not loc or folder not in target.parents:
+            raise ArtifactError(f"{path}: tensor {t.name}'s external data {loc!r} lies outside the model's folder; "
+                                "edgeres reads weights only from beside the model")
+        if not target.is_file():
+            raise ArtifactError(f"{path}: tensor {t.name}'s external data {loc} is missing beside it")
+    if tensors:
+        try:
+            onnx.load_external_data_for_model(model, str(folder))
+        except Exception as e:  # truncated or unreadable data file
+            raise ArtifactError(f"{path}: its external data cannot be read ({type(e).__name__})") from None
 
 
 class GraphIndex:

@@ -172,3 +172,33 @@ def test_weight_form_accepted_only_where_nvidia_documents_it(tmp_path):
     assert form not in {v.rule for v in check_onnx(int8)}
     for v in ("8.5.2", "8.6", "10.3", "11.0"):
         assert form not in {x.rule for x in check_onnx(fp32w, trt_version=v)}
+
+
+def test_external_data_is_read_only_from_beside_the_model(tmp_path):
+    """Weights in an external file load relative to the model's folder; a location outside it is refused in one
+    line (it raised onnx's ValidationError with a traceback), and a missing file says so."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeres.check import load_onnx
+    from edgeres.errors import ArtifactError
+
+    (tmp_path / "m").mkdir()
+    w = numpy_helper.from_array(np.full((4, 4), 2.0, np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    path = tmp_path / "m" / "model.onnx"
+    onnx.save_model(helper.make_model(g), str(path), save_as_external_data=True, location="w.bin",
+                    size_threshold=0)
+    model = load_onnx(path)
+    assert numpy_helper.to_array(model.graph.initializer[0]).sum() == 32.0
+    m = onnx.load(str(path), load_external_data=False)
+    m.graph.initializer[0].external_data[0].value = "../w.bin"
+    onnx.save_model(m, str(tmp_path / "m" / "escape.onnx"))
+    with pytest.raises(ArtifactError, match="lies outside the model's folder"):
+        load_onnx(tmp_path / "m" / "escape.onnx")
+    (tmp_path / "m" / "w.bin").unlink()
+    with pytest.raises(ArtifactError, match="external data w.bin is missing"):
+        load_onnx(path)
