@@ -548,21 +548,30 @@ DATASET_AUGMENT = {"digits": ("pad_crop",), "mnist": ("pad_crop",), "cifar10": (
                    "imagefolder": ("random_resized_crop", "flip")}
 
 
-def _resolve_recipe(opts: BuildOptions):
-    from edgeres.recipe import DataCfg, load_recipe
+DATASET_OWN = ("data.input_size", "data.mean", "data.std", "data.resize_size")   # None: the dataset's own
 
-    recipe = load_recipe(opts.recipe)
-    overrides: dict[str, Any] = {}
-    if opts.dataset and opts.dataset != recipe.data.dataset:
-        # the recipe's data settings were chosen for its own dataset (the demo's 32 px digits): start from defaults
-        overrides.update({"data.input_size": None, "data.mean": None, "data.std": None, "data.resize_size": None,
-                          "data.pad": DataCfg.pad, "data.augment": DATASET_AUGMENT.get(opts.dataset, ())})
-    overrides.update({"model.arch": opts.arch, "data.dataset": opts.dataset, "data.data_dir": opts.data_dir,
-                      "train.epochs": opts.epochs, "quant.qat_epochs": opts.qat_epochs,
-                      "quant.calib_method": opts.calib_method})
-    overrides.update(opts.overrides)
-    return recipe.with_overrides(overrides, keep_none=("data.input_size", "data.mean", "data.std",
-                                                       "data.resize_size"))
+
+def for_dataset(recipe, dataset: str | None, overrides: dict[str, Any]):
+    """`recipe` with `overrides` (None values: not given). A `dataset` other than the recipe's starts the data
+    settings from that dataset's own defaults (the recipe's were chosen for its own dataset, e.g. the demo's 32 px
+    digits): input size, statistics, padding and augmentation, unless given too. `build` and `train` both use it."""
+    from edgeres.recipe import DataCfg
+
+    if not dataset or dataset == recipe.data.dataset:
+        return recipe.with_overrides(overrides)
+    reset = {**dict.fromkeys(DATASET_OWN), "data.pad": DataCfg.pad,
+             "data.augment": DATASET_AUGMENT.get(dataset, ()), "data.dataset": dataset}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return recipe.with_overrides({**reset, **given}, keep_none=DATASET_OWN)
+
+
+def _resolve_recipe(opts: BuildOptions):
+    from edgeres.recipe import load_recipe
+
+    overrides = {"model.arch": opts.arch, "data.dataset": opts.dataset, "data.data_dir": opts.data_dir,
+                 "train.epochs": opts.epochs, "quant.qat_epochs": opts.qat_epochs,
+                 "quant.calib_method": opts.calib_method, **opts.overrides}
+    return for_dataset(load_recipe(opts.recipe), opts.dataset, overrides)
 
 
 def _with_dataset_of_data_dir(opts: BuildOptions) -> BuildOptions:

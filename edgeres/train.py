@@ -38,6 +38,7 @@ class TrainResult:
     meta: ModelMeta
     history: list[dict[str, Any]]
     best_top1: float
+    test_eval: Any = None           # best.pt's EvalResult on the test split, when train read it at the end (rank 0)
 
 
 def _init_dist() -> Dist:
@@ -262,29 +263,31 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
         obj = [history]
         torch.distributed.broadcast_object_list(obj, src=0)
         history = obj[0]
-    best_top1 = _final_test(best_path, bundle.test, history, selects, dist_info, device)
-    return TrainResult(best=best_path, last=last_path, meta=meta, history=history, best_top1=best_top1)
+    best_top1, test_eval = _final_test(best_path, bundle.test, history, selects, dist_info, device)
+    return TrainResult(best=best_path, last=last_path, meta=meta, history=history, best_top1=best_top1,
+                       test_eval=test_eval)
 
 
 def _final_test(best_path: Path, test, history: list[dict[str, Any]], selects: bool, dist_info: Dist,
-                device) -> float:
-    """Top-1 (%) of best.pt on the test split: read here, once, after selection (rank 0; broadcast)."""
+                device) -> tuple[float, Any]:
+    """Top-1 (%) of best.pt on the test split, and its EvalResult (rank 0): read here, once, after selection."""
     if not history:
-        return 0.0
+        return 0.0, None
     if not selects:
-        return float(history[-1]["test_top1"])
-    value = [0.0]
+        return float(history[-1]["test_top1"]), None
+    value, ev = [0.0], None
     if dist_info.main:
         from edgeres.checkpoint import load_model
         from edgeres.evaluate import evaluate
 
         model, _ = load_model(best_path)
-        value = [evaluate(model.to(device), test, batch_size=256).top1]
+        ev = evaluate(model.to(device), test, batch_size=256)
+        value = [ev.top1]
     if dist_info.world > 1:
         import torch
 
         torch.distributed.broadcast_object_list(value, src=0)
-    return float(value[0])
+    return float(value[0]), ev
 
 
 def _check_run_folder(out: Path, *, resume: bool, force: bool, batch_size: int, world: int) -> None:
@@ -448,6 +451,7 @@ def run(inputs: TrainInputs, settings: TrainSettings, *, quiet: bool = False):
 
     recipe, info = settings.recipe, inputs.data.info
     rec = StageRecord(stage="train")
+    ev = None   # the FP32 model's test evaluation, when train already made it
     if inputs.pretrained:
         model, meta = load_model(inputs.pretrained, arch=recipe.model.arch)
         classes = (meta.num_classes if meta else None) or num_outputs(model)
@@ -463,14 +467,16 @@ def run(inputs: TrainInputs, settings: TrainSettings, *, quiet: bool = False):
         # the build only gets here when the training inputs changed (or --force): start that run afresh
         result = train(recipe, inputs.out_dir, data=inputs.data, quiet=quiet, force=True, device=inputs.device)
         dest, meta = result.best, result.meta
+        ev = result.test_eval
         rec.metrics = {"best_top1": result.best_top1, "epochs": len(result.history), "history": result.history,
                        "selection": "holdout top-1" if inputs.data.holdout is not None else "last epoch",
                        "holdout_size": len(inputs.data.holdout) if inputs.data.holdout is not None else 0}
         output = TrainOutput.load(dest)
     rec.set_artifact(dest)
-    from edgeres.evaluate import evaluate
+    if ev is None:   # taken as it is, or nothing selected (the last epoch): evaluate it here
+        from edgeres.evaluate import evaluate
 
-    ev = evaluate(output.model.to(inputs.device or "cpu"), inputs.data.test, batch_size=256)
+        ev = evaluate(output.model.to(inputs.device or "cpu"), inputs.data.test, batch_size=256)
     fp32_sanity(rec, ev, recipe.gates, info.num_classes, rec.metrics.get("history") or [])
     return StageResult(rec, TrainOutput(output.model, output.meta, ev))
 

@@ -252,11 +252,10 @@ def run(inputs: VerifyInputs, settings: VerifySettings = VerifySettings()):
     if final_int8 is not None:
         add_drop_gate(rec, final_int8.top1, ref.top1, settings.max_drop, settings.drop_source)
         if settings.min_agreement_pct is not None:
-            import numpy as np
-
+            from edgeres.quantize import agreement_pct
             from edgeres.records import Gate
 
-            agree = round(100.0 * float(np.mean(final_int8.logits.argmax(1) == ref.logits.argmax(1))), 4)
+            agree = round(agreement_pct(final_int8.logits, ref.logits), 4)
             rec.metrics["int8_top1_agreement_pct"] = agree
             rec.add_gate(Gate("int8_top1_agreement_pct", agree, settings.min_agreement_pct, ">="))
         if rec.message:

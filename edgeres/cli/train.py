@@ -64,19 +64,12 @@ def train_cmd(recipe_name, arch, dataset, data_dir, epochs, batch_size, lr, seed
         from edgeres.data.infer import dataset_for
 
         base = load_recipe(recipe_name)
+        from edgeres.build import for_dataset
+
         inferred, note = dataset_for(data_dir, dataset, base.data.dataset)
         if note:   # --data-dir without --dataset: the folder's dataset, with that dataset's own defaults
-            from edgeres.build import DATASET_AUGMENT
-            from edgeres.recipe import DataCfg
-
             click.echo(note, err=True)
-            overrides = {"data.input_size": None, "data.mean": None, "data.std": None, "data.resize_size": None,
-                         "data.pad": DataCfg.pad, "data.augment": DATASET_AUGMENT.get(inferred, ()),
-                         **{k: v for k, v in overrides.items() if v is not None}, "data.dataset": inferred}
-            recipe = base.with_overrides(overrides, keep_none=("data.input_size", "data.mean", "data.std",
-                                                               "data.resize_size"))
-        else:
-            recipe = base.with_overrides(overrides)
+        recipe = for_dataset(base, inferred if note else None, overrides)
     result = train(recipe, out_dir, resume=resume, quiet=quiet or as_json, force=force, device=device)
     last = result.history[-1] if result.history else {}
     summary = {"best": str(result.best), "last": str(result.last), "best_top1": result.best_top1,
