@@ -143,12 +143,9 @@ def check_replaceable(path: str | os.PathLike, force: bool = False, what: str = 
     """A file edgeres may write at `path`: absent, or (with `force`) a regular file. Never a folder, a link, a
     FIFO, a device or a socket, whatever `force` says."""
     p = Path(path)
-    try:
-        mode = os.lstat(p).st_mode
-    except FileNotFoundError:
+    mode = _lstat_mode(p, what)
+    if mode is None:
         return p
-    except OSError as e:
-        raise ConfigError(f"{what} {p}: {e.strerror or e}") from None
     if stat.S_ISDIR(mode):
         raise ConfigError(f"{what} {p} is a folder; give a file path")
     kind = _kind(mode)
@@ -159,6 +156,16 @@ def check_replaceable(path: str | os.PathLike, force: bool = False, what: str = 
     return p
 
 
+def _lstat_mode(p: Path, what: str) -> int | None:
+    """The path's own mode (links not followed), None when nothing is there; any other OSError is one line."""
+    try:
+        return os.lstat(p).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ConfigError(f"{what} {p}: {e.strerror or e}") from None
+
+
 def check_owned_dir(path: str | os.PathLike, *, what: str = "--out", legacy: tuple[str, ...] = (),
                     owner_parent: bool = False) -> bool:
     """May edgeres write into folder `path`? True when it exists as edgeres's own (it carries MARKER, or one of the
@@ -166,12 +173,9 @@ def check_owned_dir(path: str | os.PathLike, *, what: str = "--out", legacy: tup
     not exist or is empty (edgeres will create/claim it). Anything else is refused: a file, a link, a special file,
     or a folder with someone else's files. Writes nothing."""
     p = Path(path)
-    try:
-        mode = os.lstat(p).st_mode
-    except FileNotFoundError:
+    mode = _lstat_mode(p, what)
+    if mode is None:
         return False
-    except OSError as e:
-        raise ConfigError(f"{what} {p}: {e.strerror or e}") from None
     if not stat.S_ISDIR(mode):
         kind = _kind(mode) or "a file"
         raise ConfigError(f"{what} {p} is {kind}, not a folder edgeres made; choose a new folder")
