@@ -442,7 +442,7 @@ def quantize_qat(ptq_model, train_dataset, select_dataset=None, *, epochs: int, 
             p.requires_grad_(False)
     torch.manual_seed(seed)
     drop_last = len(train_dataset) > batch_size
-    per_rank = batch_size // max(1, dist.world) if batch_size % max(1, dist.world) == 0 else batch_size
+    per_rank = batch_size // dist.world   # a batch that does not divide is refused by shard_of_global_batches
 
     def loader_for(epoch: int):
         # order and augmentation from (seed, epoch) alone, whatever epoch the dataset was last used at (training);
