@@ -45,7 +45,7 @@ def export_openvino(onnx_path: str | Path, xml_path: str | Path, *, calibration=
         raise BackendUnavailable(why)
     import openvino as ov
 
-    from edgeres.export import read_metadata
+    from edgeres.onnx_info import read_metadata
 
     onnx_path, xml_path = Path(onnx_path), Path(xml_path)
     props = read_metadata(onnx_path)
@@ -54,10 +54,10 @@ def export_openvino(onnx_path: str | Path, xml_path: str | Path, *, calibration=
     if calibration is not None:
         import nncf
 
-        from edgeres.quantize import _silenced
+        from edgeres.progress import silenced
 
         items = list(calibration)
-        with _silenced(True):
+        with silenced(True):
             model = nncf.quantize(model, nncf.Dataset(items), subset_size=subset_size or len(items),
                                   preset=nncf.QuantizationPreset.PERFORMANCE)
         method = "NNCF OpenVINO PTQ"
@@ -118,7 +118,7 @@ def run(inputs: CpuInputs, settings: CpuSettings = CpuSettings(), *, quiet: bool
     """The CPU INT8 artifact stage: write the IR beside `out`, evaluate it with OpenVINO, gate its top-1 drop vs
     FP32, then move it into place. Skipped, with the reason, without OpenVINO. -> StageResult[CpuOutput | None]"""
     from edgeres.evaluate import evaluate
-    from edgeres.fold import compare_logits
+    from edgeres.metrics import compare_logits
     from edgeres.records import StageRecord, StageResult, add_drop_gate
     from edgeres.runners import OpenVinoRunner
 
@@ -141,7 +141,7 @@ def run(inputs: CpuInputs, settings: CpuSettings = CpuSettings(), *, quiet: bool
         rec = StageRecord(stage="export_cpu", metrics={**metrics, "n_eval": ev.n})
         add_drop_gate(rec, ev.top1, inputs.reference_top1, settings.max_drop, settings.drop_source)
         if inputs.reference_logits is not None:
-            from edgeres.quantize import agreement_pct
+            from edgeres.metrics import agreement_pct
             from edgeres.records import Gate
 
             agree = round(agreement_pct(ev.logits, inputs.reference_logits), 4)

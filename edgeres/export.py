@@ -16,7 +16,7 @@ from typing import Any
 
 from edgeres.errors import BackendUnavailable, ConfigError, GateError
 from edgeres.io import check_replaceable
-from edgeres.verify import FP32_MIN_AGREEMENT, FP32_REL_TOL, INT8_MIN_AGREEMENT
+from edgeres.metrics import FP32_MIN_AGREEMENT, FP32_REL_TOL, INT8_MIN_AGREEMENT, compare_logits
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13
@@ -47,12 +47,6 @@ def metadata_props(meta, *, int8: bool, recipe_hash: str = "") -> dict[str, str]
     }
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    from edgeres.check import load_onnx
-
-    return {p.key: p.value for p in load_onnx(path).metadata_props}
-
-
 def set_qdq_export_mode(model) -> int:
     """Switch every NNCF quantizer to emit ONNX QuantizeLinear/DequantizeLinear pairs."""
     from nncf.torch.quantization.layers import QuantizerExportMode
@@ -65,18 +59,6 @@ def set_qdq_export_mode(model) -> int:
         q.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
     return len(hooks)
 
-
-def is_quantized_model(model) -> bool:
-    """True for a model wrapped by NNCF with at least one quantizer (NNCF need not be imported otherwise)."""
-    import sys
-
-    if "nncf" not in sys.modules:
-        return False
-    from nncf.torch.function_hook.wrapper import is_wrapped
-
-    from edgeres.quantize import quantizer_hooks
-
-    return is_wrapped(model) and bool(quantizer_hooks(model))
 
 
 def _simplify(model):
@@ -117,6 +99,8 @@ def export_onnx(model, path: str | Path, *, meta, int8: bool, opset: int = DEFAU
             import onnxslim  # noqa: F401
         except ImportError:
             raise BackendUnavailable("--simplify needs onnxslim (pip install onnxslim)") from None
+    from edgeres.quantize import is_quantized_model
+
     is_nncf = is_quantized_model(model)
     if int8 and not is_nncf:
         raise ConfigError("INT8 export needs a quantized model (run `edgeres quantize` first)")
@@ -297,7 +281,6 @@ def run(inputs: ExportInputs, settings: ExportSettings = ExportSettings(), *, qu
 
     from edgeres.check import check_onnx
     from edgeres.evaluate import evaluate
-    from edgeres.fold import compare_logits
     from edgeres.records import Gate, StageRecord, StageResult
     from edgeres.runners import OrtRunner
 

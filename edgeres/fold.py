@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.errors import CheckpointError, EdgeresError
+from edgeres.metrics import FP32_REL_TOL, compare_logits
 
 FOLDED_FORMAT = "edgeres-folded-1"
-DEFAULT_REL_TOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -166,18 +166,6 @@ def has_batchnorm(model) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def compare_logits(ref, other) -> dict[str, float]:
-    """max|diff|, logit scale (max|ref|), their ratio and top-1 agreement (%) of two [N, C] arrays."""
-    import numpy as np
-
-    ref, other = np.asarray(ref, dtype=np.float64), np.asarray(other, dtype=np.float64)
-    max_abs = float(np.max(np.abs(ref - other))) if ref.size else 0.0
-    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    agree = 100.0 * float(np.mean(ref.argmax(1) == other.argmax(1))) if ref.size else 100.0
-    return {"max_abs_diff": max_abs, "logit_scale": scale, "rel_diff": max_abs / max(scale, 1e-12),
-            "top1_agreement_pct": agree, "n_probe": int(ref.shape[0])}
-
-
 def torch_logits(model, x, batch_size: int = 64):
     import numpy as np
     import torch
@@ -196,7 +184,7 @@ def torch_logits(model, x, batch_size: int = 64):
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
-def fold_gate(reference, folded, probe_x, *, rel_tol: float = DEFAULT_REL_TOL):
+def fold_gate(reference, folded, probe_x, *, rel_tol: float = FP32_REL_TOL):
     """Compare the folded model with the unfolded one on a probe batch. Returns (metrics, [Gate])."""
     from edgeres.records import Gate
 
@@ -244,7 +232,7 @@ class FoldInputs:
 
 @dataclass(frozen=True)
 class FoldSettings:
-    rel_tol: float = DEFAULT_REL_TOL
+    rel_tol: float = FP32_REL_TOL
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ printed for a few seconds (progress bars, NNCF's, the stage's own lines all coun
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -58,3 +59,14 @@ def heartbeat(label: str, *, enabled: bool = True, stream=None) -> Iterator[None
         stop.set()
         t.join()
         sys.stdout, sys.stderr = saved
+
+
+@contextlib.contextmanager
+def silenced(quiet: bool):
+    """Send NNCF's progress bars (rich, written to stdout/stderr whatever the log level) to /dev/null when quiet;
+    its INFO log lines are already off (see quantize._nncf)."""
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield

@@ -20,13 +20,14 @@ import math
 import os
 import random
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from edgeres.errors import BackendUnavailable, CheckpointError, ConfigError, DataError
+from edgeres.metrics import agreement_pct
+from edgeres.progress import silenced
 from edgeres.recipe import QuantCfg
 
 QUANT_FORMAT = "edgeres-nncf-int8-1"
@@ -87,18 +88,6 @@ def _nncf():
     prepare()   # its C++ kernels, built once under a lock with a progress line (or its pure-torch reference)
     return nncf
 
-
-@contextmanager
-def _silenced(quiet: bool):
-    """Send NNCF's progress bars (rich, written to stdout/stderr whatever the log level) to /dev/null when quiet;
-    its INFO log lines are already off (see _nncf)."""
-    if not quiet:
-        yield
-        return
-    import contextlib
-
-    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-        yield
 
 
 def _range_estimator(method: CalibMethod):
@@ -290,7 +279,7 @@ def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | 
     torch.manual_seed(seed)
     from edgeres.nncf_patches import fast_calibration
 
-    with _silenced(quiet), fast_calibration() if fast else contextlib.nullcontext():
+    with silenced(quiet), fast_calibration() if fast else contextlib.nullcontext():
         qmodel = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
                                preset=nncf.QuantizationPreset.PERFORMANCE, advanced_parameters=advanced)
     qmodel = qmodel.to(memory_format=torch.contiguous_format)   # checkpoints and exports as before
@@ -356,13 +345,15 @@ def qat_criterion(loss: str, temperature: float):
         return lambda logits, labels, target: kd(logits, target)
     return lambda logits, labels, target: 0.5 * kd(logits, target) + 0.5 * ce(logits, labels)
 
+def is_quantized_model(model) -> bool:
+    """True for a model wrapped by NNCF with at least one quantizer (NNCF need not be imported otherwise)."""
+    import sys
 
-def agreement_pct(a, b) -> float:
-    """Top-1 agreement (%) of two [N, C] logit arrays."""
-    import numpy as np
+    if "nncf" not in sys.modules:
+        return False
+    from nncf.torch.function_hook.wrapper import is_wrapped
 
-    a, b = np.asarray(a), np.asarray(b)
-    return 100.0 * float(np.mean(a.argmax(1) == b.argmax(1))) if len(a) else 100.0
+    return is_wrapped(model) and bool(quantizer_hooks(model))
 
 
 def _kl(student, teacher) -> float:

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FP32_REL_TOL = 1e-4
-FP32_MIN_AGREEMENT = 100.0   # %
-INT8_MIN_AGREEMENT = 99.0    # %
+from edgeres.metrics import agreement_pct
 
 
 def ort_session(path: str | Path, threads: int | None = None, *, optimize: bool = True):
@@ -252,7 +250,6 @@ def run(inputs: VerifyInputs, settings: VerifySettings = VerifySettings()):
     if final_int8 is not None:
         add_drop_gate(rec, final_int8.top1, ref.top1, settings.max_drop, settings.drop_source)
         if settings.min_agreement_pct is not None:
-            from edgeres.quantize import agreement_pct
             from edgeres.records import Gate
 
             agree = round(agreement_pct(final_int8.logits, ref.logits), 4)

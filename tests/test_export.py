@@ -19,10 +19,11 @@ from edgeres.check import check_onnx, count_qdq  # noqa: E402
 from edgeres.checkpoint import ModelMeta, save_checkpoint  # noqa: E402
 from edgeres.cli import main  # noqa: E402
 from edgeres.errors import BackendUnavailable, ConfigError  # noqa: E402
-from edgeres.export import ExportInputs, ExportSettings, export_onnx, read_metadata  # noqa: E402
+from edgeres.export import ExportInputs, ExportSettings, export_onnx  # noqa: E402
 from edgeres.export import run as export_stage  # noqa: E402
 from edgeres.fold import fold_batchnorm, save_folded  # noqa: E402
 from edgeres.models import create_model, list_archs  # noqa: E402
+from edgeres.onnx_info import read_metadata  # noqa: E402
 from edgeres.verify import ort_logits, ort_session  # noqa: E402
 
 
@@ -206,8 +207,8 @@ def test_cli_export_failing_check_keeps_the_old_file(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "w.pt", create_model("mnist_resnet", num_classes=10), _meta("mnist_resnet"))
     out = tmp_path / "m.onnx"
     out.write_bytes(b"the user's previous model")
-    real = edgeres.fold.compare_logits
-    monkeypatch.setattr(edgeres.fold, "compare_logits", lambda a, b: {**real(a, b), "top1_agreement_pct": 50.0})
+    real = edgeres.export.compare_logits
+    monkeypatch.setattr(edgeres.export, "compare_logits", lambda a, b: {**real(a, b), "top1_agreement_pct": 50.0})
     r = CliRunner().invoke(main, ["export", "--weights", str(tmp_path / "w.pt"), "--out", str(out), "--force"])
     assert r.exit_code == 1 and "onnx_fp32_top1_agreement_pct 50 < 100" in r.output and "not written" in r.output
     assert out.read_bytes() == b"the user's previous model"

@@ -95,7 +95,7 @@ def test_ptq_is_configured_for_tensorrt(setup):
     names = [n for n, _ in hooks]
     assert not any("conv2/conv2d/0__0" in n for n in names if n.startswith("post_hooks"))
     assert any("downsample" in n for n in names if n.startswith("post_hooks"))
-    from edgeres.export import is_quantized_model
+    from edgeres.quantize import is_quantized_model
 
     assert is_quantized_model(ptq.model) and not is_quantized_model(setup["folded"]), "caller's model untouched"
     assert top1(ptq.model, setup["ds"]) >= 80.0  # fake-quant agrees with the float model it came from
@@ -132,7 +132,8 @@ def test_qat_keeps_the_epoch_that_agrees_best_with_fp32_on_the_holdout(setup, tm
     """QAT distils the folded FP32 model and selects on held-out TRAINING images by agreement with it (then KL):
     the kept epoch is the recorded best, the returned model is that epoch's, and nothing else is read."""
     from edgeres.evaluate import evaluate
-    from edgeres.quantize import _kl, agreement_pct
+    from edgeres.metrics import agreement_pct
+    from edgeres.quantize import _kl
 
     save_quantized(tmp_path / "q.pt", setup["ptq"].model, META)
     model, _, _ = load_quantized(tmp_path / "q.pt")   # a copy: the module fixture stays as it was

@@ -3,7 +3,10 @@ import numpy as np
 import pytest
 from test_tensorrt_trtexec import tiny_onnx  # tests/ is on sys.path (pytest rootdir insertion)
 
-from edgeres.tensorrt import CompileOptions, Precision, check_sidecar, compile_engine, tensorrt_status
+from edgeres.tensorrt.compile import compile_engine
+from edgeres.tensorrt.options import CompileOptions, Precision
+from edgeres.tensorrt.sidecar import check_sidecar
+from edgeres.tensorrt.status import tensorrt_status
 
 STATUS = tensorrt_status()
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu,

@@ -137,7 +137,8 @@ def test_plan_without_the_fp32_weights_copy_refuses_8x_int8_gpu_in_one_line(tmp_
 
 
 def test_compile_refuses_a_weight_form_the_version_does_not_document(tmp_path, inputs):
-    from edgeres.tensorrt import CompileOptions, Precision, plan_compile
+    from edgeres.tensorrt.compile import plan_compile
+    from edgeres.tensorrt.options import CompileOptions, Precision
 
     opts = CompileOptions(precision=Precision.INT8, batch=(1, 2, 4))
     for version in ("8.5.2", "8.6"):

@@ -5,7 +5,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeres.errors import ConfigError
-from edgeres.tensorrt.compile import inspect_onnx, plan_compile, write_trtexec_script
+from edgeres.onnx_info import inspect_onnx
+from edgeres.tensorrt.compile import plan_compile, write_trtexec_script
 from edgeres.tensorrt.options import CompileOptions, Precision
 
 

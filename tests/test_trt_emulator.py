@@ -206,8 +206,9 @@ def test_dla_is_static_and_never_falls_back(tmp_path):
     from test_tensorrt_trtexec import tiny_onnx
 
     from edgeres.errors import ConfigError
-    from edgeres.tensorrt import CompileOptions, Precision, validate_options
-    from edgeres.tensorrt.compile import _batch_for, inspect_onnx
+    from edgeres.onnx_info import inspect_onnx
+    from edgeres.tensorrt.compile import _batch_for
+    from edgeres.tensorrt.options import CompileOptions, Precision, validate_options
 
     info = inspect_onnx(tiny_onnx(tmp_path / "m.onnx"))
     dla = CompileOptions(precision=Precision.FP16, dla_core=0)
@@ -262,7 +263,8 @@ try:
     print("nptype ok")
 except AttributeError:
     print("nptype raises")
-from edgeres.tensorrt import CompileOptions, compile_engine
+from edgeres.tensorrt.compile import compile_engine
+from edgeres.tensorrt.options import CompileOptions
 from edgeres.tensorrt.runner import TrtRunner
 compile_engine({str(onnx)!r}, {str(tmp_path / 'm.plan')!r}, CompileOptions(batch=(1, 4, 8)))
 x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)

@@ -179,7 +179,7 @@ def _dataset_batches(dataset: str, data_dir: str | None, count: int | None, seed
 
     pre = {}
     if onnx_path is not None:
-        from edgeres.export import read_metadata
+        from edgeres.onnx_info import read_metadata
         from edgeres.runners import parse_meta
 
         meta = parse_meta(read_metadata(onnx_path))

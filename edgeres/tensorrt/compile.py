@@ -10,52 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.errors import ArtifactError, BackendUnavailable, ConfigError
-from edgeres.io import atomic_write_text, refuse_overwrite, sha256_file
+from edgeres.io import atomic_write_text, refuse_overwrite
+from edgeres.onnx_info import OnnxInfo, inspect_onnx  # noqa: F401 - inspect_onnx re-exported
 from edgeres.tensorrt.options import DEFAULT_BATCH, DLA_DEFAULT_BATCH, CompileOptions, validate_options
 from edgeres.tensorrt.sidecar import sidecar_path, trtexec_script_path, write_sidecar
 from edgeres.tensorrt.status import TrtStatus, tensorrt_status  # noqa: F401 - re-exported
 from edgeres.tensorrt.trtexec import script_text, trtexec_command
 from edgeres.tensorrt.versions import capabilities, parse_version
-
-
-@dataclass(frozen=True)
-class OnnxInfo:
-    input_name: str
-    input_shape: tuple[int | None, ...]   # None for a symbolic dimension
-    has_qdq: bool
-    sha256: str
-    weight_form: str | None = None            # check.int8_weight_form: INT8 constants or FP32 behind QuantizeLinear
-    dla_gpu_layers: tuple = ()                # dla.gpu_layers: the nodes NVIDIA's DLA table excludes
-
-    @property
-    def dynamic_batch(self) -> bool:
-        return self.input_shape[0] is None
-
-    @property
-    def chw(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.input_shape[1:])  # type: ignore[arg-type]
-
-
-def inspect_onnx(path: str | Path) -> OnnxInfo:
-    """Input name and shape, and whether the graph carries Q/DQ nodes (explicit INT8)."""
-
-    from edgeres.check import int8_weight_form, load_onnx
-    from edgeres.tensorrt.dla import gpu_layers
-
-    path = Path(path)
-    model = load_onnx(path)
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise ArtifactError(f"{path} has {len(inputs)} inputs; edgeres engines take one image tensor")
-    dims = inputs[0].type.tensor_type.shape.dim
-    shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims)
-    if len(shape) != 4 or any(d is None for d in shape[1:]):
-        raise ArtifactError(f"{path} input {inputs[0].name} has shape {shape}; expected [N, C, H, W] with fixed "
-                            "C, H, W")
-    qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
-    return OnnxInfo(inputs[0].name, shape, qdq, sha256_file(path), int8_weight_form(model),
-                    tuple(gpu_layers(model)))
 
 
 def _batch_for(onnx: OnnxInfo, options: CompileOptions) -> tuple[int, int, int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.errors import ArtifactError, BackendUnavailable, ConfigError
-from edgeres.runners import Runner
+from edgeres.runner_base import Runner
 
 _CAPTURE_MODE_THREAD_LOCAL = 1  # cudaStreamCaptureModeThreadLocal
 NP_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64",

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.errors import ConfigError
+from edgeres.onnx_info import inspect_onnx
 from edgeres.tensorrt.options import CompileOptions, Precision, validate_options
 from edgeres.tensorrt.trtexec import trtexec_command
 from edgeres.tensorrt.versions import FP32_QUANTIZE, INT8_CONSTANTS, capabilities, dla_rule_text
@@ -77,7 +78,6 @@ def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, 
                inspected: dict | None = None) -> dict[str, Any]:
     """One decision: the build and run instructions for (target TensorRT, precision, gpu|dla), or a refusal.
     `inspected`: ONNX path -> inspect_onnx result, so a whole plan reads and hashes each file once."""
-    from edgeres.tensorrt.compile import inspect_onnx
 
     def info_of(path: Path):
         return inspected[path] if inspected and path in inspected else inspect_onnx(path)
@@ -148,7 +148,6 @@ def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, 
 
 def device_plan(inputs: PlanInputs, *, batch: int) -> dict[str, Any]:
     """Every (target, precision, device) entry."""
-    from edgeres.tensorrt.compile import inspect_onnx
 
     paths = {inputs.fp32_onnx, inputs.int8_onnx} | ({inputs.int8_fp32w_onnx} if inputs.int8_fp32w_onnx else set())
     inspected = {path: inspect_onnx(path) for path in paths}
