@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeres.env import environment
 from edgeres.errors import ConfigError
 
 DEFAULT_DURATION_S = 3.0        # trtexec --duration default
@@ -192,7 +193,6 @@ def benchmark(runner_or_path: Any, *, batch_sizes: Sequence[int] = (1,), iterati
     (trtexec); neither: trtexec's defaults (>= 10 calls and >= 3 s). Warm-up: at least `warmup_iterations`
     calls and `warmup_s` seconds, not recorded. `device` is for .pt checkpoints (torch: cpu, cuda:0).
     """
-    from edgeres.env import environment
     from edgeres.runners import input_shape as model_input_shape
     from edgeres.runners import open_runner
 

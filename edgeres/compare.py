@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeres.data import get_data
 from edgeres.errors import ArtifactError, ConfigError, DataError
 from edgeres.io import require_regular_file
 
@@ -155,8 +156,6 @@ def artifact_preprocessing(path: str | Path) -> dict[str, Any]:
 def load_dataset_inputs(artifact: str | Path, *, dataset: str, data_dir: str | Path | None, split: str,
                         limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and labels from a dataset, preprocessed the way the artifact expects."""
-    from edgeres.data import get_data
-
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}")
     if split not in SPLITS:

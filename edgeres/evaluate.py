@@ -6,6 +6,11 @@ from typing import Any
 
 import numpy as np
 
+from edgeres.checkpoint import load_model
+from edgeres.data import get_data, make_loader
+from edgeres.device import resolve
+from edgeres.errors import ConfigError
+
 
 @dataclass
 class EvalResult:
@@ -88,9 +93,6 @@ def evaluate(target, dataset, *, batch_size: int = 256, workers: int = 0, progre
     `progress`: a bar on stderr (a string labels it)."""
     import torch
 
-    from edgeres.data import make_loader
-    from edgeres.errors import ConfigError
-
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(target, torch.nn.Module):
@@ -115,10 +117,6 @@ def evaluate_checkpoint(weights, *, arch: str | None = None, dataset: str | None
                         batch_size: int = 256, workers: int = 0, progress: bool = False,
                         device: str | None = None) -> dict[str, Any]:
     """`edgeres eval`: load a checkpoint, rebuild its preprocessing (flags override), evaluate one split."""
-    from edgeres.checkpoint import load_model
-    from edgeres.data import get_data
-    from edgeres.errors import ConfigError
-
     model, meta = load_model(weights, arch=arch)
     if dataset is None and data_dir is None and meta is not None:
         data_dir = meta.data_dir   # the checkpoint knows where its data was
@@ -135,8 +133,6 @@ def evaluate_checkpoint(weights, *, arch: str | None = None, dataset: str | None
     fc = getattr(model, "fc", None)
     if fc is not None and fc.out_features != bundle.info.num_classes:
         raise ConfigError(f"{weights} predicts {fc.out_features} classes but {dataset} has {bundle.info.num_classes}")
-    from edgeres.device import resolve
-
     dev = resolve(device)
     res = evaluate(model.to(dev), bundle.test if split == "test" else bundle.calib, batch_size=batch_size,
                    workers=workers,

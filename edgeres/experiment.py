@@ -30,7 +30,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from edgeres.data import get_data, make_loader
+from edgeres.env import environment
 from edgeres.errors import ConfigError
+from edgeres.io import atomic_path, atomic_write_json, atomic_write_text, refuse_overwrite
+from edgeres.loop import Step, sgd_steps
 
 FILES = {"json": "curves.json", "csv": "curves.csv", "figure": "degradation.png", "figure_svg": "degradation.svg",
          "gradients": "gradients.png", "gradients_svg": "gradients.svg"}
@@ -175,9 +179,6 @@ def train_curve(model, data, x_test, y_test, cfg: DegradationConfig, *, label: s
     import torch
     import torch.nn.functional as F
 
-    from edgeres.data import make_loader
-    from edgeres.loop import Step, sgd_steps
-
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     curve: dict[str, list] = {k: [] for k in ("iteration", "lr", "train_error", "train_loss", "test_error")}
     window = {"wrong": 0, "seen": 0, "loss_sum": 0.0}
@@ -249,8 +250,6 @@ def run_degradation(cfg: DegradationConfig, *, out: str | Path, force: bool = Fa
     """
     cfg = validate(cfg)
     out = Path(out)
-    from edgeres.io import refuse_overwrite
-
     for name in FILES.values():
         refuse_overwrite(out / name, force)
     if threads is not None and threads < 1:
@@ -269,9 +268,6 @@ def run_degradation(cfg: DegradationConfig, *, out: str | Path, force: bool = Fa
 
 def _run(cfg: DegradationConfig, out: Path, device: str | None, log: Callable[[str], None] | None) -> dict[str, Any]:
     import torch
-
-    from edgeres.data import get_data, make_loader
-    from edgeres.env import environment
 
     data = get_data(dataset=cfg.dataset, data_dir=cfg.data_dir, input_size=cfg.input_size, seed=cfg.seed,
                     augment=PAPER_AUGMENT[cfg.dataset] if cfg.augment else (), workers=0)
@@ -334,7 +330,6 @@ def curves_csv(result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:
-    from edgeres.io import atomic_write_json, atomic_write_text
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / FILES["csv"], curves_csv(result))
     plot_curves(result, out / FILES["figure"], out / FILES["figure_svg"])
@@ -370,8 +365,6 @@ def _pyplot():
 
 
 def _save(fig, png: Path, svg: Path) -> None:
-    from edgeres.io import atomic_path
-
     for path, fmt in ((png, "png"), (svg, "svg")):
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")

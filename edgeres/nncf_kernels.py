@@ -24,6 +24,8 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from edgeres.errors import ConfigError
+
 MODE_ENV = "EDGERES_NNCF_KERNELS"            # auto (default) | reference
 TIMEOUT_ENV = "EDGERES_NNCF_BUILD_TIMEOUT"   # seconds for the one-off compile
 DEFAULT_TIMEOUT_S = 900
@@ -68,8 +70,6 @@ def _timeout_s() -> float:
     try:
         return float(raw)
     except ValueError:
-        from edgeres.errors import ConfigError
-
         raise ConfigError(f"{TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
 
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from edgeres.errors import ConfigError
-from edgeres.io import sha256_file
+from edgeres.io import atomic_path, sha256_file
 
 SCHEME = "torchvision:"
 BASE_URL = "https://download.pytorch.org/models/"
@@ -64,8 +64,6 @@ def _verify(path: Path, name: str, url: str) -> None:
 def _fetch(url: str, dest: Path, name: str, timeout_s: float, say) -> None:
     import urllib.error
     import urllib.request
-
-    from edgeres.io import atomic_path
 
     offline = (f"fetch {url} (its sha256 starts with {_prefix(name)}) on a machine with network access and put it "
                f"at {dest} (or set EDGERES_WEIGHTS to its folder), or pass --init-from PATH")

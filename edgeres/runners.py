@@ -15,9 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from edgeres.checkpoint import check_meta
-from edgeres.errors import ArtifactError, BackendUnavailable, CheckpointError, ConfigError
+from edgeres.checkpoint import check_meta, load_model, read_checkpoint
+from edgeres.errors import ArtifactError, BackendUnavailable, ConfigError
+from edgeres.fold import load_folded
 from edgeres.io import require_regular_file
+from edgeres.onnx_info import read_metadata
+from edgeres.quantize import is_quantized_checkpoint, is_quantized_model, load_quantized  # NNCF: only to load one
 from edgeres.runner_base import Runner
 
 MAX_THREADS = 512   # a thread pool larger than any machine edgeres targets is a typo; 100000 threads hang the process
@@ -72,8 +75,6 @@ class TorchRunner(Runner):
         dtypes = {p.dtype for p in self.model.parameters()}
         self.precision = "fp16" if torch.float16 in dtypes else ("int8" if torch.qint8 in dtypes else "fp32")
         if self.precision == "fp32":
-            from edgeres.quantize import is_quantized_model
-
             if is_quantized_model(self.model):
                 self.precision = "int8 (fake-quant)"
         self.input_shape = ((meta.in_channels, meta.input_size, meta.input_size) if meta is not None else None)
@@ -309,8 +310,6 @@ class OpenVinoRunner(Runner):
         self.precision = "int8" if self.kernel_report()["int8_kernels"] else "fp32"
         self.meta = {}
         if path.suffix.lower() == ".onnx":
-            from edgeres.onnx_info import read_metadata
-
             self.meta = parse_meta(read_metadata(path), str(path))
         elif model.has_rt_info("edgeres_meta"):
             self.meta = parse_meta(json.loads(model.get_rt_info("edgeres_meta").astype(str)), str(path))   # ONNX props
@@ -360,18 +359,11 @@ def _ort_providers(providers, available: list[str]) -> list[str]:
 def _load_torch(path: Path):
     """(model, meta): an INT8 checkpoint as its fake-quant model, a BN-folded one through fold's own loader,
     anything else through load_model."""
-    from edgeres.checkpoint import load_model, read_checkpoint
-    from edgeres.quantize import is_quantized_checkpoint, load_quantized  # NNCF is imported only to load one
-
     _, _, rest = read_checkpoint(path)
     if is_quantized_checkpoint(rest):   # an INT8 (NNCF fake-quant) checkpoint from edgeres.quantize
         model, meta, _ = load_quantized(path)
         return model, meta
     if isinstance(rest.get("fold"), dict):   # written by edgeres.fold.save_folded
-        try:
-            from edgeres.fold import load_folded
-        except ImportError as e:
-            raise CheckpointError(f"{path} is a BN-folded checkpoint but edgeres.fold cannot load it ({e})") from None
         loaded = load_folded(path)
         return loaded if isinstance(loaded, tuple) else (loaded, None)
     return load_model(path)

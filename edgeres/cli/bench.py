@@ -4,6 +4,9 @@ from __future__ import annotations
 import click
 
 from edgeres.cli._common import emit, ints, json_option
+from edgeres.errors import ConfigError
+from edgeres.quantize import load_quantized
+from edgeres.verify import format_layerwise, layerwise
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
 PROVIDERS = ("cpu", "cuda", "tensorrt")
@@ -64,7 +67,6 @@ def compare(a, b, dataset, data_dir, split, limit, probe, batch_size, threads, l
     """
     from edgeres.compare import compare as run_compare
     from edgeres.compare import find_probe, format_compare, load_dataset_inputs, load_probe
-    from edgeres.errors import ConfigError
 
     if probe and dataset:
         raise ConfigError("give either --probe or --dataset, not both")
@@ -78,9 +80,6 @@ def compare(a, b, dataset, data_dir, split, limit, probe, batch_size, threads, l
         if limit is not None:
             x, y = x[:limit], (y[:limit] if y is not None else None)
     if layers:
-        from edgeres.quantize import load_quantized
-        from edgeres.verify import format_layerwise, layerwise
-
         if not str(b).lower().endswith(".onnx"):
             raise ConfigError("--layers compares an INT8 checkpoint (A) with its INT8 ONNX (B); B is not .onnx")
         rows = layerwise(load_quantized(a)[0], b, x[:limit or 8])

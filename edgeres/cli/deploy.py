@@ -9,6 +9,17 @@ from pathlib import Path
 import click
 
 from edgeres.cli._common import emit, json_option
+from edgeres.deploy.ansible_playbook import write_project
+from edgeres.deploy.bundle import make_bundle, opened_bundle, verify_bundle
+from edgeres.deploy.fleet_output import OUTCOMES, format_status, format_table, host_line, summary
+from edgeres.deploy.mender import check_artifact_out, write_artifact
+from edgeres.deploy.releases import folder_release_id
+from edgeres.deploy.rootfs import install_rootfs
+from edgeres.deploy.ssh import deploy as run_deploy
+from edgeres.deploy.ssh import rollback as run_rollback
+from edgeres.deploy.ssh import status as run_status
+from edgeres.errors import ConfigError
+from edgeres.io import read_small_bytes
 
 
 @click.command()
@@ -41,11 +52,6 @@ def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, root
            allow_failed, sign_key, mender_out, device_types, as_json) -> None:
     """Bundle a run for devices: ONNX, calibration cache, probe set with reference logits, device runtime."""
     import tempfile
-
-    from edgeres.deploy.bundle import make_bundle, opened_bundle, verify_bundle
-    from edgeres.deploy.mender import check_artifact_out, write_artifact
-    from edgeres.deploy.releases import folder_release_id
-    from edgeres.deploy.rootfs import install_rootfs
 
     if out is None and rootfs is None and mender_out is None:
         raise click.UsageError("give --out DIR, --rootfs PATH, --mender OUT.mender, or several")
@@ -81,12 +87,8 @@ def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, root
 
 
 def _read_hosts(hosts: tuple[str, ...], hosts_file: Path | None) -> list[str]:
-    from edgeres.errors import ConfigError
-
     out = list(hosts)
     if hosts_file is not None:
-        from edgeres.io import read_small_bytes
-
         try:   # a regular file of bounded size: a FIFO or a device would block or never end
             text = read_small_bytes(hosts_file, "--hosts-file").decode("utf-8")
         except UnicodeDecodeError as e:
@@ -147,16 +149,12 @@ def _targets(kw: dict) -> list[str]:
 
 def _printer(as_json: bool, line=None):
     """Print each host's line the moment it finishes (a JSON line with --json)."""
-    from edgeres.deploy.fleet_output import host_line
-
     def on_done(res) -> None:
         click.echo(host_line(res, as_json=True) if as_json else (line or host_line)(res))
     return on_done
 
 
 def _finish(results, as_json: bool, text) -> None:
-    from edgeres.deploy.fleet_output import OUTCOMES
-
     counts = {o: sum(r.outcome == o for r in results) for o in OUTCOMES}
     if as_json:
         click.echo(json.dumps({"event": "summary", **counts}, sort_keys=True))
@@ -195,9 +193,6 @@ def deploy(bundle_dir, precision, iterations, require_backend, canary, max_failu
     """Copy a bundle to devices over SSH; each stages and verifies it, and only then does this command activate it.
 
     A host that fails, times out, or whose controller is killed or interrupted keeps its running release."""
-    from edgeres.deploy.fleet_output import format_table
-    from edgeres.deploy.ssh import deploy as run_deploy
-
     results = run_deploy(bundle_dir, _targets(kw), concurrency=kw["concurrency"], canary=canary,
                          max_failures=max_failures, host_timeout=host_timeout, precision=precision,
                          iterations=iterations, require_backend=require_backend, keep=keep,
@@ -211,9 +206,6 @@ def deploy(bundle_dir, precision, iterations, require_backend, canary, max_failu
 @json_option
 def status(as_json, **kw) -> None:
     """What each device runs: release, bundle sha, TensorRT, backend, engine, verdict, latency, when (reads only)."""
-    from edgeres.deploy.fleet_output import format_status
-    from edgeres.deploy.ssh import status as run_status
-
     results = run_status(_targets(kw), concurrency=kw["concurrency"], on_done=_printer(True) if as_json else None,
                          **_ssh_kwargs(kw))
     _finish(results, as_json, format_status)
@@ -230,9 +222,6 @@ def _rollback_line(r) -> str:
 @json_option
 def rollback(as_json, **kw) -> None:
     """Switch each device back to its previous release (and that release's last passed result)."""
-    from edgeres.deploy.fleet_output import summary
-    from edgeres.deploy.ssh import rollback as run_rollback
-
     results = run_rollback(_targets(kw), concurrency=kw["concurrency"], on_done=_printer(as_json, _rollback_line),
                            **_ssh_kwargs(kw))
     _finish(results, as_json, summary)
@@ -251,9 +240,6 @@ def rollback(as_json, **kw) -> None:
 def rootfs(bundle_path, rootfs, allow_non_rootfs, trusted_keys, as_json) -> None:
     """Install an existing bundle into a Jetson rootfs: the same release (id and layout) an SSH deploy writes,
     pending until the verify-on-boot timer's first check passes on the device."""
-    from edgeres.deploy.bundle import opened_bundle
-    from edgeres.deploy.rootfs import install_rootfs
-
     with opened_bundle(bundle_path) as folder:
         installed, warnings = install_rootfs(folder, rootfs, allow_non_rootfs=allow_non_rootfs,
                                              trusted_keys=trusted_keys)
@@ -298,8 +284,6 @@ def fleet() -> None:
 @json_option
 def fleet_ansible(bundle_dir, out, hosts, hosts_file, serial, as_json, **kw) -> None:
     """Write an Ansible project deploying BUNDLE_DIR: inventory, playbook (prepare, copy, install, activate)."""
-    from edgeres.deploy.ansible_playbook import write_project
-
     targets = _read_hosts(hosts, hosts_file)
     if not targets:
         raise click.UsageError("give at least one --host or a --hosts-file")

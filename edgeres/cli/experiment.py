@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from edgeres.cli._common import emit, floats, json_option, quiet_option
+from edgeres.experiment import DegradationConfig, format_result, parse_depths, run_degradation
 
 
 @click.group()
@@ -51,8 +52,6 @@ def degradation(depths, dataset, data_dir, input_size, iterations, eval_every, b
     training error, (b) the deeper ResNet has lower error. Also records per-layer gradient norms before
     the first update. Example: edgeres experiment degradation --depths 20,56 --data-dir ~/data/cifar10
     """
-    from edgeres.experiment import DegradationConfig, format_result, parse_depths, run_degradation
-
     cfg = DegradationConfig(depths=parse_depths(depths), dataset=dataset, data_dir=data_dir, input_size=input_size,
                             iterations=iterations, eval_every=eval_every, batch_size=batch_size, lr=lr,
                             milestones=floats(lr_steps, "--lr-steps"), momentum=momentum, weight_decay=weight_decay,

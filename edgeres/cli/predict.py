@@ -4,6 +4,9 @@ from __future__ import annotations
 import click
 
 from edgeres.cli._common import emit, json_option, quiet_option
+from edgeres.errors import ConfigError
+from edgeres.predict import format_predictions, predictions_csv
+from edgeres.predict import predict as run_predict
 
 
 @click.command()
@@ -21,10 +24,6 @@ def predict(model, images, top_k, batch_size, threads, skip_bad_images, as_csv, 
 
     Example: edgeres predict runs/demo/export/model_int8.onnx photos/ --top-k 3
     """
-    from edgeres.errors import ConfigError
-    from edgeres.predict import format_predictions, predictions_csv
-    from edgeres.predict import predict as run_predict
-
     if as_csv and as_json:
         raise ConfigError("choose one of --csv and --json")
     preds = run_predict(model, list(images), top_k=top_k, batch_size=batch_size, threads=threads,

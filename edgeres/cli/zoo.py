@@ -4,6 +4,8 @@ from __future__ import annotations
 import click
 
 from edgeres.cli._common import emit, json_option
+from edgeres.summary import format_summary
+from edgeres.summary import summary as run_summary
 
 
 @click.command()
@@ -31,9 +33,6 @@ def archs(as_json: bool) -> None:
 @json_option
 def summary(arch, input_size, num_classes, in_channels, stride_in_1x1, shortcut, as_json) -> None:
     """Per-stage output shape, parameters and multiply-accumulates, and the totals."""
-    from edgeres.summary import format_summary
-    from edgeres.summary import summary as run_summary
-
     options = {}
     if stride_in_1x1:
         options["stride_in_1x1"] = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from edgeres.data import gpu
 from edgeres.errors import ConfigError, DataError
 
 DATASET_NAMES = ("digits", "mnist", "cifar10", "imagefolder")
@@ -165,8 +166,6 @@ def make_loader(dataset, *, batch_size: int, shuffle: bool, workers: int = 0, se
         sampler.set_epoch(epoch)
     _set_epoch(dataset, epoch)
     if device is not None and str(device).startswith("cuda"):
-        from edgeres.data import gpu
-
         reason = gpu.why_not(dataset, device)
         if reason is None:
             gpu.say_once("on", f"data: decoding and augmenting on {device} (CPU workers only read files)")

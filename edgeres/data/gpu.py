@@ -19,6 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from edgeres.errors import DataError
+from edgeres.io import require_regular_file
+
 _said: set[str] = set()
 
 
@@ -72,9 +75,6 @@ class _Raw:
         if b.cache is not None or b.source.array is not None:
             return b.raw(i), label, i, None
         path = b.source.files[i]
-        from edgeres.errors import DataError
-        from edgeres.io import require_regular_file
-
         data = Path(require_regular_file(path, "image", DataError)).read_bytes()
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, i, path
 

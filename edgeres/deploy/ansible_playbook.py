@@ -18,9 +18,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from edgeres.deploy.bundle import opened_bundle, verify_bundle
 from edgeres.deploy.releases import MANIFEST, ROOT, SIGNATURE, STATE, TRUSTED_KEYS, UNITS_DIR, folder_release_id
+from edgeres.deploy.ssh import unique_hosts
 from edgeres.errors import ConfigError
-from edgeres.io import sha256_file
+from edgeres.io import check_owned_dir, claim_dir, sha256_file
 
 DEFAULT_SERIAL = ("1", "25%", "100%")   # one canary, then a quarter, then the rest
 
@@ -99,10 +101,6 @@ def write_project(bundle_dir: str | Path, out: str | Path, hosts: list[str], *, 
                   precision: str = "int8", force: bool = False) -> dict:
     """Write the Ansible project for `bundle_dir` into `out`. Returns {release, playbook, inventory, hosts}."""
     import yaml
-
-    from edgeres.deploy.bundle import opened_bundle, verify_bundle
-    from edgeres.deploy.ssh import unique_hosts
-    from edgeres.io import check_owned_dir, claim_dir
 
     out = Path(out)
     # the ownership rule (io.py): only a project folder edgeres wrote (its marker) is ever replaced; a user's

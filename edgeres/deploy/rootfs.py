@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from edgeres.deploy import releases
+from edgeres.deploy.bundle import verify_bundle
 from edgeres.errors import ArtifactError, ConfigError
 from edgeres.io import atomic_write_text
 
@@ -75,8 +76,6 @@ def install_rootfs(bundle_dir: str | Path, rootfs: str | Path, *, allow_non_root
                    trusted_keys: str | Path | None = None) -> tuple[Path, list[str]]:
     """Install a verified bundle as the current release under ROOTFS/opt/edgeres (pending until the device checks
     it) and enable the verify-on-boot timer. Returns (the release folder, warnings)."""
-    from edgeres.deploy.bundle import verify_bundle
-
     bundle_dir, rootfs = Path(bundle_dir), Path(rootfs)
     verify_bundle(bundle_dir)
     if not rootfs.is_dir():

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeres.deploy.bundle import opened_bundle, verify_bundle
 from edgeres.deploy.releases import MANIFEST, ROOT, SIGNATURE, STATE, TRUSTED_KEYS, UNITS_DIR
 from edgeres.errors import ConfigError
 from edgeres.io import sha256_file
@@ -478,8 +479,6 @@ def deploy(bundle_dir: str | Path, hosts: list[str], *, concurrency: int = 16, c
            on_done: Callable[[HostResult], None] | None = None, **ssh: Any) -> list[HostResult]:
     """Deploy, verify and activate on every host; one HostResult per host given (merged duplicates included),
     distinct hosts first, in the order given."""
-    from edgeres.deploy.bundle import opened_bundle, verify_bundle
-
     if concurrency < 1:
         raise ConfigError("concurrency must be >= 1")
     if precision not in ("int8", "fp16", "fp32"):

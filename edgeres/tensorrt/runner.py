@@ -13,6 +13,8 @@ from typing import Any
 
 from edgeres.errors import ArtifactError, BackendUnavailable, ConfigError
 from edgeres.runner_base import Runner
+from edgeres.tensorrt.sidecar import check_sidecar, read_sidecar
+from edgeres.tensorrt.status import tensorrt_status
 
 _CAPTURE_MODE_THREAD_LOCAL = 1  # cudaStreamCaptureModeThreadLocal
 NP_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64",
@@ -81,9 +83,6 @@ class TrtRunner(Runner):
 
     def __init__(self, engine_path: str | Path, *, cuda_graph: bool = False, check: bool = True,
                  runtime: dict[str, Any] | None = None):
-        from edgeres.tensorrt.sidecar import check_sidecar, read_sidecar
-        from edgeres.tensorrt.status import tensorrt_status
-
         status = tensorrt_status()
         if not status.available:
             raise BackendUnavailable(status.reason)

@@ -11,6 +11,8 @@ from typing import Any
 
 from edgeres.errors import ArtifactError, BackendUnavailable
 from edgeres.io import atomic_write_json, sha256_file
+from edgeres.tensorrt.engine_build import platform_info, sidecar_mismatch
+from edgeres.tensorrt.status import tensorrt_status
 
 
 def sidecar_path(engine_path: str | Path) -> Path:
@@ -48,8 +50,6 @@ def check_sidecar(engine_path: str | Path, runtime: dict[str, Any] | None = None
 
     `runtime` is engine_build.runtime_info() of the machine that will run the engine (queried when None).
     """
-    from edgeres.tensorrt.engine_build import sidecar_mismatch
-
     engine_path = Path(engine_path)
     if not engine_path.is_file():
         raise ArtifactError(f"engine {engine_path} does not exist")
@@ -66,9 +66,6 @@ def check_sidecar(engine_path: str | Path, runtime: dict[str, Any] | None = None
 
 
 def current_runtime() -> dict[str, Any]:
-    from edgeres.tensorrt.engine_build import platform_info
-    from edgeres.tensorrt.status import tensorrt_status
-
     status = tensorrt_status()
     if not status.available:
         raise BackendUnavailable(status.reason)

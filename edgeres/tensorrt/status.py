@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from edgeres.tensorrt import engine_build
+
 
 @dataclass(frozen=True)
 class TrtStatus:
@@ -21,8 +23,6 @@ class TrtStatus:
 
 def tensorrt_status() -> TrtStatus:
     """Is TensorRT importable and is there a CUDA GPU for it? Never raises."""
-    from edgeres.tensorrt import engine_build
-
     jetson = engine_build.is_jetson()
     try:
         import tensorrt as trt
