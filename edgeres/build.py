@@ -1,28 +1,35 @@
 """`edgeres build`: the plan (which stages run, in order, and what each consumes) and one loop over it.
 
-Every stage is one function in its own module, `run(inputs, settings) -> StageResult[Output]` (train.run, fold.run,
-quantize.run_ptq / run_qat, export.run, cpu.run, tensorrt.calib_cache.run, tensorrt.compile.run, verify.run): it
-checks its result, writes its artifact atomically only then, and returns its record and typed output. The CLI
-commands call the same functions. Here a row of `PLAN` names a stage, what it consumes, when it runs, the settings
-that enter its inputs hash, and a short adapter that assembles its typed inputs from earlier outputs.
-`run_stage` adds what every stage shares: the inputs hash (parent sha256 + the stage's settings), reuse of a
-finished stage whose inputs are unchanged and whose artifact is intact, timing, the append to stages.jsonl, and
-stopping at the first failed gate.
+Every stage is one function in its own module, `run(inputs, settings, *, quiet) -> StageResult[Output]` (train.run,
+fold.run, quantize.run_ptq / run_qat, export.run, cpu.run, tensorrt.calib_cache.run, tensorrt.compile.run,
+verify.run): it checks its result against its gates, writes its artifact atomically only when they pass (else keeps
+it beside the output as <name>.rejected.<ext>), and returns its record and typed output. Its Settings dataclass is
+its contract: read from the recipe by `Settings.from_recipe` (edgeres/settings.py), the same call the stage's CLI
+command makes. A row of `PLAN` names a stage, what it consumes, when it runs, how its settings and typed inputs are
+made, and the identity of inputs that are not its parent's artifact (the dataset's fingerprint, a checkpoint file).
+`run_stage` adds what every stage shares: the inputs hash (parent sha256 + exactly `asdict(settings)` + that
+identity), reuse of a finished stage whose inputs are unchanged and whose artifact is intact, timing, the append
+to stages.jsonl, and stopping at the first failed gate.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from edgeres import cpu, export, fold, quantize, train, verify
 from edgeres.device import describe as describe_device
 from edgeres.device import resolve as resolve_device
-from edgeres.errors import ConfigError, EdgeresError, GateError
-from edgeres.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
+from edgeres.errors import ConfigError, EdgeresError
+from edgeres.io import atomic_path, atomic_write_text, sha256_file, sha256_json
 from edgeres.progress import heartbeat
+from edgeres.recipe import Recipe, for_dataset
 from edgeres.records import StageRecord, StageResult, Status, append_record, reusable
+from edgeres.tensorrt import calib_cache, compile
+from edgeres.tensorrt.options import precision_from_flags
+from edgeres.tensorrt.targets import PlanInputs
 
 
 @dataclass(frozen=True)
@@ -38,8 +45,8 @@ class BuildOptions:
     int8: bool = False
     fp16: bool = False
     pretrained: Path | None = None
-    max_drop: float | None = None  # pp of top-1 vs FP32 allowed for the final INT8 model; None: the recipe's
-                                   # gates.max_drop_ptq (PTQ only) or gates.max_drop_qat (with QAT)
+    max_drop: float | None = None  # pp of top-1 vs FP32 allowed for the final INT8 model: sets the recipe's
+                                   # gates.max_drop_ptq and gates.max_drop_qat (None: the recipe's own)
     force: bool = False
     quiet: bool = False
     bench_seconds: float = 1.0     # per artifact latency measurement in the verify stage
@@ -52,26 +59,34 @@ class Outputs:
     """What the stages handed on, typed: one field per stage. A stage reused from an earlier build has no output
     until something asks for it; then its `load` (see PLAN) rebuilds it from the artifact."""
 
-    train: Any = None          # train.TrainOutput
-    fold: Any = None           # fold.FoldOutput
-    ptq: Any = None            # quantize.QuantOutput
-    qat: Any = None            # quantize.QuantOutput
-    export_fp32: Any = None    # export.ExportOutput
-    export_int8: Any = None    # export.ExportOutput
-    export_cpu: Any = None     # cpu.CpuOutput
-    calib_cache: Any = None    # tensorrt.calib_cache.CalibCacheOutput
-    compile: Any = None        # tensorrt.compile.CompileOutput
-    verify: Any = None         # the table's rows
+    train: train.TrainOutput | None = None
+    fold: fold.FoldOutput | None = None
+    ptq: quantize.QuantOutput | None = None
+    qat: quantize.QuantOutput | None = None
+    export_fp32: export.ExportOutput | None = None
+    export_int8: export.ExportOutput | None = None
+    export_cpu: cpu.CpuOutput | None = None
+    calib_cache: calib_cache.CalibCacheOutput | None = None
+    compile: compile.CompileOutput | None = None
+    verify: list[dict[str, Any]] | None = None   # the table's rows
+
+
+class EvalKey(NamedTuple):
+    """An evaluation on the evaluation split: which stage's artifact, on which backend, at which precision."""
+
+    stage: str
+    backend: str
+    precision: str
 
 
 @dataclass
 class BuildContext:
     opts: BuildOptions
-    recipe: Any                # recipe.Recipe (frozen, validated)
+    recipe: Recipe             # frozen, validated; --max-drop and every other flag already applied
     run_dir: Path
     records: dict[str, StageRecord] = field(default_factory=dict)
     outputs: Outputs = field(default_factory=Outputs)
-    evaluations: dict[str, Any] = field(default_factory=dict)   # "<stage>/<backend>" -> EvalResult, once per build
+    evaluations: dict[EvalKey, Any] = field(default_factory=dict)   # -> EvalResult, each made once per build
     device: Any = None         # the torch.device every torch stage runs on, decided once (build)
     _data: Any = None
     _probe: Any = None
@@ -103,16 +118,19 @@ class BuildContext:
             setattr(self.outputs, stage, value)
         return value
 
-    def evaluation(self, key: str, make: Callable[[], Any]):
-        """The evaluation (EvalResult on the evaluation split) under `key`, made by `make()` once per build."""
+    def evaluation(self, key: EvalKey, make: Callable[[], Any], known: Any = None):
+        """The evaluation under `key`: `known` (a stage already made it), else made by `make()` (a model or a
+        runner, evaluated here) once per build."""
         from edgeres.evaluate import evaluate
 
+        if key not in self.evaluations and known is not None:
+            self.evaluations[key] = known
         if key not in self.evaluations:
             target = make()
             if hasattr(target, "parameters") and hasattr(target, "to"):   # a torch model: on the build's device
                 target = target.to(self.device)
             self.evaluations[key] = evaluate(target, self.data.test, batch_size=256,
-                                             progress=False if self.opts.quiet else f"evaluating {key}")
+                                             progress=False if self.opts.quiet else f"evaluating {'/'.join(key)}")
         return self.evaluations[key]
 
     def probe(self):
@@ -127,8 +145,6 @@ class BuildContext:
             y = np.asarray(ys, dtype=np.int64)
             path = self.run_dir / "probe.npz"
             if not _same_probe(path, x, y):
-                from edgeres.io import atomic_path
-
                 with atomic_path(path) as tmp:
                     with open(tmp, "wb") as f:
                         np.savez(f, x=x, y=y)
@@ -157,34 +173,31 @@ class BuildResult:
 
 # ---------------------------------------------------------------------------------------------------- the plan
 
+def _none(ctx: BuildContext) -> dict[str, Any]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Step:
     """One row of the plan."""
 
     name: str
     consumes: str | None                                   # its parent stage; "a|b": the first of them that ran
-    call: Callable[[BuildContext], StageResult]            # assembles typed inputs, calls the stage's run()
-    settings: Callable[[BuildContext], dict[str, Any]]     # with the parent's sha256: the stage's inputs hash
+    settings: Callable[[BuildContext], Any]                # the stage's Settings (hashed, passed to run)
+    inputs: Callable[[BuildContext, Any], Any]             # its typed Inputs, from earlier outputs (and settings)
+    run: Callable[..., StageResult]                        # the stage's own run(inputs, settings, *, quiet)
+    identity: Callable[[BuildContext], dict[str, Any]] = _none   # inputs other than the parent's artifact
     when: Callable[[BuildContext], bool] = lambda ctx: True
     load: Callable[[StageRecord], Any] | None = None       # the output of a reused stage, from its artifact
+    skip: Callable[[], StageResult | None] | None = None   # a skipped result, before inputs are assembled
 
 
-def max_drop(opts: BuildOptions, recipe) -> tuple[float, str]:
-    """The allowed top-1 drop (pp) of the final INT8 model and where it comes from: --max-drop, else the recipe's
-    gates.max_drop_qat (QAT runs) or gates.max_drop_ptq (PTQ only)."""
-    if opts.max_drop is not None:
-        return opts.max_drop, "--max-drop"
-    if recipe.quant.qat_epochs > 0:
-        return recipe.gates.max_drop_qat, "gates.max_drop_qat"
-    return recipe.gates.max_drop_ptq, "gates.max_drop_ptq"
-
-
-def _calib_size(ctx: BuildContext) -> int:
-    """The recipe's calibration count, or every image of a smaller dataset (said once); an explicit
-    --calib-size larger than the dataset is an error."""
+def _calib_available(ctx: BuildContext) -> int | None:
+    """The calibration split's size when it is smaller than the recipe asks (all of it is used, said once); an
+    explicit --calib-size larger than the dataset is an error. None: the recipe's count fits."""
     asked, have = ctx.recipe.quant.calib_size, len(ctx.data.calib)
     if asked <= have:
-        return asked
+        return None
     if "quant.calib_size" in ctx.opts.overrides:
         raise ConfigError(f"--calib-size {asked}: the calibration split has {have} images")
     if not ctx._calib_note:
@@ -193,324 +206,254 @@ def _calib_size(ctx: BuildContext) -> int:
     return have
 
 
-def _calib_batches(ctx: BuildContext, bs: int = 64):
-    """The calibration images PTQ calibrated on (calibration_indices with the recipe's seed), as float32 batches:
-    chosen once, for PTQ, the calibration cache and the CPU artifact."""
+def _calib_batches(ctx: BuildContext, n: int, seed: int, bs: int = 64):
+    """The calibration images PTQ calibrated on (calibration_indices for `n` and `seed`), as float32 batches:
+    the same images for PTQ, the calibration cache and the CPU artifact."""
     import numpy as np
 
-    from edgeres.quantize import calibration_indices
-
-    n = _calib_size(ctx)
-    idx = calibration_indices(len(ctx.data.calib), n, seed=ctx.recipe.train.seed)
+    idx = quantize.calibration_indices(len(ctx.data.calib), n, seed=seed)
     for i in range(0, n, bs):
         yield np.stack([np.asarray(ctx.data.calib[int(j)][0], dtype=np.float32) for j in idx[i:i + bs]])
 
 
 def _final_quant(ctx: BuildContext) -> str:
-    return "qat" if ctx.recipe.quant.qat_epochs > 0 else "ptq"
+    return "ptq" if ctx.recipe.ptq_is_final else "qat"
 
 
 def _fp32_eval(ctx: BuildContext):
-    return ctx.evaluation("train/torch", lambda: ctx.output("train").model)
+    return ctx.evaluation(EvalKey("train", "torch", "fp32"), lambda: ctx.output("train").model)
 
 
 def _quant_eval(ctx: BuildContext, stage: str):
     out = ctx.output(stage)
-    if out.evaluation is not None:
-        ctx.evaluations.setdefault(f"{stage}/torch", out.evaluation)
-    return ctx.evaluation(f"{stage}/torch", lambda: out.model)
+    return ctx.evaluation(EvalKey(stage, "torch", "int8 (fake-quant)"), lambda: out.model, known=out.evaluation)
 
 
 def _int8_as_written(ctx: BuildContext):
     from edgeres.runners import OrtRunner
 
     out = ctx.output("export_int8")
-    if out.onnxruntime is not None:
-        ctx.evaluations.setdefault("export_int8/onnxruntime-as-written", out.onnxruntime)
-    return ctx.evaluation("export_int8/onnxruntime-as-written", lambda: OrtRunner(out.path, optimize=False))
+    return ctx.evaluation(EvalKey("export_int8", "onnxruntime", "int8 (as written)"),
+                          lambda: OrtRunner(out.path, optimize=False), known=out.onnxruntime)
 
 
-# ------------------------------------------------------------------------------ adapters: typed inputs -> run()
-
-def _train(ctx: BuildContext) -> StageResult:
-    from edgeres.train import TrainInputs, TrainSettings, run
-
-    result = run(TrainInputs(ctx.data, ctx.run_dir / "train", ctx.opts.pretrained, device=ctx.device),
-                 TrainSettings(ctx.recipe), quiet=ctx.opts.quiet)
-    if result.output.evaluation is not None:   # the FP32 reference every later stage compares with
-        ctx.evaluations.setdefault("train/torch", result.output.evaluation)
-    atomic_write_json(ctx.run_dir / "meta.json", result.output.meta.to_dict())
-    return result
+def _data_identity(ctx: BuildContext) -> dict[str, Any]:
+    return {"data": ctx.data.info.fingerprint}
 
 
-def _fold(ctx: BuildContext) -> StageResult:
-    from edgeres.fold import FoldInputs, FoldSettings, run
+# ------------------------------------------------------------------------------- each stage: settings, inputs
 
+def _train_identity(ctx: BuildContext) -> dict[str, Any]:
+    pre, init = ctx.opts.pretrained, ctx.recipe.train.init_from
+    return {**_data_identity(ctx), "pretrained": sha256_file(pre) if pre else None,
+            "init_from": sha256_file(init) if init else None}
+
+
+def _train_inputs(ctx: BuildContext, settings) -> train.TrainInputs:
+    return train.TrainInputs(ctx.data, ctx.run_dir / "train", ctx.opts.pretrained, device=ctx.device)
+
+
+def _fold_inputs(ctx: BuildContext, settings) -> fold.FoldInputs:
     trained = ctx.output("train")
-    return run(FoldInputs(trained.model.to(ctx.device), trained.meta, ctx.probe()[0], ctx.path("fold", "folded.pt")),
-               FoldSettings(rel_tol=ctx.recipe.gates.fold_rel_tol))
+    return fold.FoldInputs(trained.model.to(ctx.device), trained.meta, ctx.probe()[0],
+                           ctx.path("fold", "folded.pt"))
 
 
-def _quant_inputs(ctx: BuildContext, model, out: Path, **kw):
-    from edgeres.quantize import QuantInputs
-
+def _quant_inputs(ctx: BuildContext, model, out: Path, **kw) -> quantize.QuantInputs:
     fp32 = _fp32_eval(ctx)
-    return QuantInputs(model=model, meta=ctx.output("train").meta, eval_data=ctx.data.test, out=out,
-                       reference_top1=fp32.top1, reference_logits=fp32.logits, device=ctx.device, **kw)
+    return quantize.QuantInputs(model=model, meta=ctx.output("train").meta, eval_data=ctx.data.test, out=out,
+                                reference_top1=fp32.top1, reference_logits=fp32.logits, device=ctx.device, **kw)
 
 
-def _ptq(ctx: BuildContext) -> StageResult:
-    from edgeres.quantize import PtqSettings, run_ptq
-
-    q = ctx.recipe.quant
-    limit, source = max_drop(ctx.opts, ctx.recipe)
-    inputs = _quant_inputs(ctx, ctx.output("fold").model, ctx.path("quant", "ptq.pt"), calib=ctx.data.calib,
-                           dataset_fingerprint=ctx.data.info.fingerprint,
-                           manifest_path=ctx.path("calibration", "manifest.json"))
-    final = q.qat_epochs == 0   # PTQ is gated only when it is the final INT8 model
-    return run_ptq(inputs, PtqSettings(calib_size=_calib_size(ctx), method=q.calib_method, seed=ctx.recipe.train.seed,
-                                       max_drop=limit if final else None, drop_source=source,
-                                       min_agreement_pct=ctx.recipe.gates.min_agreement_pct if final else None),
-                   quiet=ctx.opts.quiet)
+def _ptq_inputs(ctx: BuildContext, settings) -> quantize.QuantInputs:
+    return _quant_inputs(ctx, ctx.output("fold").model, ctx.path("quant", "ptq.pt"), calib=ctx.data.calib,
+                         dataset_fingerprint=ctx.data.info.fingerprint,
+                         manifest_path=ctx.path("calibration", "manifest.json"))
 
 
-def _qat(ctx: BuildContext) -> StageResult:
-    from edgeres.quantize import QatSettings, run_qat
-
-    q = ctx.recipe.quant
-    limit, source = max_drop(ctx.opts, ctx.recipe)
+def _qat_inputs(ctx: BuildContext, settings) -> quantize.QuantInputs:
     ptq = ctx.output("ptq")
-    inputs = _quant_inputs(ctx, ptq.model, ctx.path("quant", "qat.pt"), train_data=ctx.data.train,
-                           manifest=ptq.manifest, evaluation=_quant_eval(ctx, "ptq"),
-                           teacher=ctx.output("fold").model, holdout=ctx.data.holdout)
-    return run_qat(inputs, QatSettings(epochs=q.qat_epochs, lr=q.qat_lr,
-                                       batch_size=q.qat_batch_size or ctx.recipe.data.batch_size,
-                                       seed=ctx.recipe.train.seed, max_drop=limit, drop_source=source,
-                                       loss=q.qat_loss, temperature=q.qat_temperature, amp=q.qat_amp,
-                                       min_agreement_pct=ctx.recipe.gates.min_agreement_pct),
-                   quiet=ctx.opts.quiet)
+    return _quant_inputs(ctx, ptq.model, ctx.path("quant", "qat.pt"), train_data=ctx.data.train,
+                         manifest=ptq.manifest, evaluation=_quant_eval(ctx, "ptq"),
+                         teacher=ctx.output("fold").model, holdout=ctx.data.holdout)
 
 
-def _export_settings(ctx: BuildContext, int8: bool):
-    from edgeres.export import ExportSettings
-
-    e, g = ctx.recipe.export, ctx.recipe.gates
-    return ExportSettings(int8=int8, opset=e.opset, simplify=e.simplify, recipe_hash=ctx.recipe.hash(),
-                          rel_tol=g.export_rel_tol, min_agreement_pct=g.min_int8_agreement, probe_size=g.probe_size)
-
-
-def _export_fp32(ctx: BuildContext) -> StageResult:
+def _export_fp32_inputs(ctx: BuildContext, settings) -> export.ExportInputs:
     """FP32 ONNX vs the folded model on the probe (exact)."""
-    from edgeres.export import ExportInputs, run
-
     folded = ctx.output("fold")
     x, y = ctx.probe()
     probe = [(x[i], int(y[i])) for i in range(len(x))]
-    return run(ExportInputs(folded.model, folded.meta, probe, ctx.path("export", "model_fp32.onnx")),
-               _export_settings(ctx, False), quiet=ctx.opts.quiet)
+    return export.ExportInputs(folded.model, folded.meta, probe, ctx.path("export", "model_fp32.onnx"))
 
 
-def _export_int8(ctx: BuildContext) -> StageResult:
+def _export_int8_inputs(ctx: BuildContext, settings) -> export.ExportInputs:
     """INT8 Q/DQ ONNX vs the fake-quant model over the whole evaluation split (a 99 % gate needs hundreds of images
     to mean anything: on a 64-image probe one disagreement is already 98.4 %)."""
-    from edgeres.export import ExportInputs, run
-
     source = _final_quant(ctx)
     quant = ctx.output(source)
-    return run(ExportInputs(quant.model, quant.meta, ctx.data.test, ctx.path("export", "model_int8.onnx"),
-                            reference=_quant_eval(ctx, source)),
-               _export_settings(ctx, True), quiet=ctx.opts.quiet)
+    return export.ExportInputs(quant.model, quant.meta, ctx.data.test, ctx.path("export", "model_int8.onnx"),
+                               reference=_quant_eval(ctx, source))
 
 
-def _export_cpu(ctx: BuildContext) -> StageResult:
-    from edgeres.cpu import CpuInputs, CpuSettings, run, skipped
-
-    mode = ctx.recipe.export.cpu_int8
-    limit, source = max_drop(ctx.opts, ctx.recipe)
-    skip = skipped()   # before drawing calibration images and evaluations it would not use
-    if skip is not None:
-        return skip
-    onnx = ctx.records["export_fp32" if mode == "openvino" else "export_int8"].artifact
-    images = [b[None] for batch in _calib_batches(ctx) for b in batch] if mode == "openvino" else None
-    return run(CpuInputs(Path(onnx), ctx.data.test, ctx.path("export", "model_int8_cpu.xml"), calibration=images,
-                         reference_top1=_fp32_eval(ctx).top1, tensorrt_int8=_int8_as_written(ctx),
-                         reference_logits=_fp32_eval(ctx).logits),
-               CpuSettings(mode=mode, max_drop=limit, drop_source=source,
-                           min_agreement_pct=ctx.recipe.gates.min_agreement_pct), quiet=ctx.opts.quiet)
+def _cpu_source(ctx: BuildContext) -> str:
+    return "export_fp32" if ctx.recipe.export.cpu_int8 == "openvino" else "export_int8"
 
 
-def _calib_cache(ctx: BuildContext) -> StageResult:
-    from edgeres.tensorrt.calib_cache import CalibCacheInputs, run
+def _cpu_inputs(ctx: BuildContext, settings) -> cpu.CpuInputs:
+    images = ([b[None] for batch in _calib_batches(ctx, settings.calib_size, settings.seed) for b in batch]
+              if settings.mode == "openvino" else None)
+    fp32 = _fp32_eval(ctx)
+    return cpu.CpuInputs(Path(ctx.records[_cpu_source(ctx)].artifact), ctx.data.test,
+                         ctx.path("export", "model_int8_cpu.xml"), calibration=images, reference_top1=fp32.top1,
+                         tensorrt_int8=_int8_as_written(ctx), reference_logits=fp32.logits)
 
-    return run(CalibCacheInputs(Path(ctx.records["export_fp32"].artifact), _calib_batches(ctx),
-                                ctx.path("calibration", "calib.cache")))
+
+def _calib_cache_inputs(ctx: BuildContext, settings) -> calib_cache.CalibCacheInputs:
+    return calib_cache.CalibCacheInputs(Path(ctx.records["export_fp32"].artifact),
+                                        _calib_batches(ctx, settings.count, settings.seed),
+                                        ctx.path("calibration", "calib.cache"))
 
 
-def _compile(ctx: BuildContext) -> StageResult:
-    from edgeres.tensorrt.compile import CompileInputs, CompileSettings, run
-    from edgeres.tensorrt.options import precision_from_flags
-    from edgeres.tensorrt.targets import PlanInputs
+def _compile_settings(ctx: BuildContext) -> compile.CompileSettings:
+    precision = precision_from_flags(fp16=ctx.opts.fp16, int8=ctx.opts.int8)   # --int8 --fp16: both kernels
+    return compile.CompileSettings.from_recipe(ctx.recipe, precision=precision.value)
 
+
+def _compile_inputs(ctx: BuildContext, settings) -> compile.CompileInputs:
     fp32 = Path(ctx.records["export_fp32"].artifact)
     int8 = Path(ctx.records["export_int8"].artifact) if "export_int8" in ctx.records else fp32
     calib = ctx.records.get("calib_cache")
     plan = PlanInputs(fp32_name=fp32.name, int8_name=int8.name, fp32_onnx=fp32, int8_onnx=int8,
                       calib_name=Path(calib.artifact).name if calib else None,
                       calib_cache=Path(calib.artifact) if calib else None)
-    precision = precision_from_flags(fp16=ctx.opts.fp16, int8=ctx.opts.int8)   # --int8 --fp16: both kernels
-    return run(CompileInputs(int8 if ctx.opts.int8 else fp32, plan, ctx.path("tensorrt", "plan.json").parent,
-                             ctx.path("engine", "model.plan"), relative_to=ctx.run_dir),
-               CompileSettings(precision=precision.value))
+    return compile.CompileInputs(int8 if ctx.opts.int8 else fp32, plan, ctx.path("tensorrt", "plan.json").parent,
+                                 ctx.path("engine", "model.plan"), relative_to=ctx.run_dir, eval_data=ctx.data.test,
+                                 reference=_fp32_eval(ctx))
 
 
-def _verify(ctx: BuildContext) -> StageResult:
+def _verify_settings(ctx: BuildContext) -> verify.VerifySettings:
+    return verify.VerifySettings.from_recipe(ctx.recipe, int8=ctx.opts.int8, bench_seconds=ctx.opts.bench_seconds,
+                                             torch_device=str(ctx.device))
+
+
+def _verify_identity(ctx: BuildContext) -> dict[str, Any]:
+    return {"artifacts": sorted((r.stage, r.sha256, r.status) for r in ctx.records.values())}
+
+
+def _verify_inputs(ctx: BuildContext, settings) -> verify.VerifyInputs:
     """Every artifact this build made, on every backend present."""
     from edgeres.runners import OpenVinoRunner, OrtRunner, TorchRunner
-    from edgeres.verify import Candidate, VerifyInputs, VerifySettings, run
 
-    rec = ctx.records
-    trained = ctx.output("train")
-    meta = trained.meta
-    dev = str(ctx.device)
+    Candidate, rec, dev = verify.Candidate, ctx.records, str(ctx.device)
+    trained, folded = ctx.output("train"), ctx.output("fold")
     cands = [Candidate("train", "torch", "fp32", _fp32_eval(ctx), TorchRunner(trained.model, device=dev),
-                       rec["train"].artifact)]
-    folded = ctx.output("fold")
-    cands.append(Candidate("fold", "torch", "fp32", ctx.evaluation("fold/torch", lambda: folded.model),
-                           TorchRunner(folded.model, device=dev), rec["fold"].artifact))
+                       rec["train"].artifact),
+             Candidate("fold", "torch", "fp32", ctx.evaluation(EvalKey("fold", "torch", "fp32"),
+                                                               lambda: folded.model),
+                       TorchRunner(folded.model, device=dev), rec["fold"].artifact)]
     for stage in ("ptq", "qat"):
         if stage in rec:
             cands.append(Candidate(stage, "torch", "int8 (fake-quant)", _quant_eval(ctx, stage), None,
                                    rec[stage].artifact))
-    fp32_runner = OrtRunner(rec["export_fp32"].artifact)
+    runner = OrtRunner(rec["export_fp32"].artifact)
     cands.append(Candidate("export_fp32", "onnxruntime", "fp32",
-                           ctx.evaluation("export_fp32/onnxruntime", lambda: fp32_runner), fp32_runner,
+                           ctx.evaluation(EvalKey("export_fp32", "onnxruntime", "fp32"), lambda: runner), runner,
                            rec["export_fp32"].artifact))
     if "export_int8" in rec:
         out = ctx.output("export_int8")
-        if out.onnxruntime_int8 is not None:
-            ctx.evaluations.setdefault("export_int8/onnxruntime", out.onnxruntime_int8)
         runner = OrtRunner(out.path)
         cands.append(Candidate("export_int8", "onnxruntime", "int8",
-                               ctx.evaluation("export_int8/onnxruntime", lambda: runner), runner, out.path))
-    cpu = rec.get("export_cpu")
-    if cpu is not None and cpu.passed and cpu.artifact:
+                               ctx.evaluation(EvalKey("export_int8", "onnxruntime", "int8"), lambda: runner,
+                                              known=out.onnxruntime_int8), runner, out.path))
+    rec_cpu = rec.get("export_cpu")
+    if rec_cpu is not None and rec_cpu.passed and rec_cpu.artifact:
         out = ctx.output("export_cpu")
-        if out.evaluation is not None:
-            ctx.evaluations.setdefault("export_cpu/openvino", out.evaluation)
-        runner = OpenVinoRunner(cpu.artifact)
+        runner = OpenVinoRunner(rec_cpu.artifact)
         k = runner.kernel_report()
-        cands.append(Candidate("export_cpu", "openvino", "int8", ctx.evaluation("export_cpu/openvino", lambda: runner),
-                               runner, Path(cpu.artifact),
+        cands.append(Candidate("export_cpu", "openvino", "int8",
+                               ctx.evaluation(EvalKey("export_cpu", "openvino", "int8"), lambda: runner,
+                                              known=out.evaluation), runner, Path(rec_cpu.artifact),
                                int8_kernels=f"{k['int8_kernels']}/{k['int8_kernels'] + k['float_convs']}"))
     comp = rec.get("compile")
     if comp is not None and comp.passed and comp.artifact:
         from edgeres.tensorrt.runner import TrtRunner
 
-        runner = TrtRunner(comp.artifact)
+        out, runner = ctx.output("compile"), TrtRunner(comp.artifact)
         precision = "int8" if ctx.opts.int8 else "fp16" if ctx.opts.fp16 else "fp32"
-        cands.append(Candidate("compile", "tensorrt", precision, ctx.evaluation("compile/tensorrt", lambda: runner),
-                               runner, Path(comp.artifact)))
+        cands.append(Candidate("compile", "tensorrt", precision,
+                               ctx.evaluation(EvalKey("compile", "tensorrt", precision), lambda: runner,
+                                              known=out.evaluation if out else None), runner, Path(comp.artifact)))
     elif comp is not None:
         cands.append(Candidate("compile", "tensorrt", "-", note=comp.message))
-    limit, source = max_drop(ctx.opts, ctx.recipe)
-    return run(VerifyInputs(_fp32_eval(ctx), cands, (meta.in_channels, meta.input_size, meta.input_size),
-                            list(meta.class_names)),
-               VerifySettings(bench_seconds=ctx.opts.bench_seconds, max_drop=limit if "export_int8" in rec else None,
-                              drop_source=source, torch_device=dev,
-                              min_agreement_pct=ctx.recipe.gates.min_agreement_pct if "export_int8" in rec else None))
+    meta = trained.meta
+    return verify.VerifyInputs(_fp32_eval(ctx), cands, (meta.in_channels, meta.input_size, meta.input_size),
+                               list(meta.class_names))
 
 
-def _load(kind: str) -> Callable[[StageRecord], Any]:
-    def load(rec: StageRecord):
-        if kind == "train":
-            from edgeres.train import TrainOutput
+def _load_cpu(rec: StageRecord):
+    return cpu.CpuOutput(Path(rec.artifact)) if rec.artifact else None
 
-            return TrainOutput.load(rec.artifact)
-        if kind == "fold":
-            from edgeres.fold import FoldOutput
 
-            return FoldOutput.load(rec.artifact)
-        if kind == "quant":
-            from edgeres.quantize import QuantOutput
-
-            return QuantOutput.load(rec.artifact)
-        if kind == "export":
-            from edgeres.export import ExportOutput
-
-            return ExportOutput(Path(rec.artifact))
-        from edgeres.cpu import CpuOutput
-
-        return CpuOutput(Path(rec.artifact)) if rec.artifact else None
-    return load
+def _load_compile(rec: StageRecord):
+    return compile.CompileOutput(Path(rec.artifact) if rec.artifact else None, rec.metrics.get("device_plan", {}))
 
 
 def _int8(ctx: BuildContext) -> bool:
     return ctx.opts.int8
 
 
-def _data_fp(ctx: BuildContext) -> dict[str, Any]:
-    return {"fingerprint": ctx.data.info.fingerprint}
-
-
-def _calib_settings(ctx: BuildContext) -> dict[str, Any]:
-    return {"calib_size": _calib_size(ctx), "calib_method": ctx.recipe.quant.calib_method,
-            "seed": ctx.recipe.train.seed, **_data_fp(ctx)}
-
-
-def _train_settings(ctx: BuildContext) -> dict[str, Any]:
-    d, opts, recipe = ctx.recipe.to_dict(), ctx.opts, ctx.recipe
-    return {**_data_fp(ctx), "pretrained": sha256_file(opts.pretrained) if opts.pretrained else None,
-            "init_from": sha256_file(recipe.train.init_from) if recipe.train.init_from else None,
-            "model": d["model"], "data": d["data"], "train": d["train"]}
-
-
-def _ptq_settings(ctx: BuildContext) -> dict[str, Any]:
-    final = ctx.recipe.quant.qat_epochs == 0
-    return {**_calib_settings(ctx), "max_drop": max_drop(ctx.opts, ctx.recipe)[0] if final else None,
-            "min_agreement_pct": ctx.recipe.gates.min_agreement_pct if final else None}
-
-
-def _export_keys(ctx: BuildContext) -> dict[str, Any]:
-    d = ctx.recipe.to_dict()
-    return {"export": d["export"], "gates": d["gates"]}
-
-
-def _verify_settings(ctx: BuildContext) -> dict[str, Any]:
-    return {"max_drop": max_drop(ctx.opts, ctx.recipe)[0], "bench_s": ctx.opts.bench_seconds,
-            "min_agreement_pct": ctx.recipe.gates.min_agreement_pct, "artifacts":
-            sorted((r.stage, r.sha256, r.status) for r in ctx.records.values())}
+def _calib(ctx: BuildContext) -> dict[str, Any]:
+    return {"calib_available": _calib_available(ctx)}
 
 
 PLAN: list[Step] = [
-    Step("train", None, _train, _train_settings, load=_load("train")),
-    Step("fold", "train", _fold,
-         lambda c: {"tol": c.recipe.gates.fold_rel_tol, "probe": c.recipe.gates.probe_size}, load=_load("fold")),
-    Step("ptq", "fold", _ptq, _ptq_settings, when=_int8, load=_load("quant")),
-    Step("qat", "ptq", _qat,
-         lambda c: {"quant": c.recipe.to_dict()["quant"], "max_drop": max_drop(c.opts, c.recipe)[0],
-                    "min_agreement_pct": c.recipe.gates.min_agreement_pct,
-                    "batch_size": c.recipe.data.batch_size, "seed": c.recipe.train.seed},
-         when=lambda c: c.opts.int8 and c.recipe.quant.qat_epochs > 0, load=_load("quant")),
-    Step("export_fp32", "fold", _export_fp32, _export_keys, load=_load("export")),
-    Step("export_int8", "qat|ptq", _export_int8, _export_keys, when=_int8, load=_load("export")),
-    Step("export_cpu", "export_fp32", _export_cpu,
-         lambda c: {**_export_keys(c), **_calib_settings(c),
-                    "from": c.records["export_int8"].sha256 if c.recipe.export.cpu_int8 == "qdq" else None},
-         when=_int8, load=_load("cpu")),
-    Step("calib_cache", "export_fp32", _calib_cache, _calib_settings, when=_int8),
-    Step("compile", "export_int8|export_fp32", _compile, lambda c: {"int8": c.opts.int8, "fp16": c.opts.fp16}),
-    Step("verify", "export_int8|export_fp32", _verify, _verify_settings),
+    Step("train", None, lambda c: train.TrainSettings.from_recipe(c.recipe), _train_inputs, train.run,
+         identity=_train_identity, load=lambda r: train.TrainOutput.load(r.artifact)),
+    Step("fold", "train", lambda c: fold.FoldSettings.from_recipe(c.recipe), _fold_inputs, fold.run,
+         load=lambda r: fold.FoldOutput.load(r.artifact)),
+    Step("ptq", "fold", lambda c: quantize.PtqSettings.from_recipe(c.recipe, **_calib(c)), _ptq_inputs,
+         quantize.run_ptq, identity=_data_identity, when=_int8, load=lambda r: quantize.QuantOutput.load(r.artifact)),
+    Step("qat", "ptq", lambda c: quantize.QatSettings.from_recipe(c.recipe), _qat_inputs, quantize.run_qat,
+         identity=_data_identity, when=lambda c: c.opts.int8 and not c.recipe.ptq_is_final,
+         load=lambda r: quantize.QuantOutput.load(r.artifact)),
+    Step("export_fp32", "fold", lambda c: export.ExportSettings.from_recipe(c.recipe, int8=False),
+         _export_fp32_inputs, export.run, load=lambda r: export.ExportOutput(Path(r.artifact))),
+    Step("export_int8", "qat|ptq", lambda c: export.ExportSettings.from_recipe(c.recipe, int8=True),
+         _export_int8_inputs, export.run, when=_int8, load=lambda r: export.ExportOutput(Path(r.artifact))),
+    Step("export_cpu", "export_fp32", lambda c: cpu.CpuSettings.from_recipe(c.recipe, **_calib(c)), _cpu_inputs,
+         cpu.run, identity=lambda c: {**_data_identity(c), "onnx": c.records[_cpu_source(c)].sha256},
+         when=_int8, load=_load_cpu, skip=cpu.skipped),
+    Step("calib_cache", "export_fp32", lambda c: calib_cache.CalibCacheSettings.from_recipe(c.recipe, **_calib(c)),
+         _calib_cache_inputs, calib_cache.run, identity=_data_identity, when=_int8),
+    Step("compile", "export_int8|export_fp32", _compile_settings, _compile_inputs, compile.run,
+         identity=lambda c: {**_data_identity(c), "calib_cache": (c.records.get("calib_cache") or
+                                                                  StageRecord("calib_cache")).sha256},
+         load=_load_compile),
+    Step("verify", "export_int8|export_fp32", _verify_settings, _verify_inputs, verify.run,
+         identity=_verify_identity),
 ]
+
+
+def inputs_hash(ctx: BuildContext, step: Step, settings: Any) -> str:
+    """What a stage's result is a function of: its parent's artifact (sha256, and that parent's own inputs hash),
+    exactly `asdict(settings)`, and the identity of its other inputs."""
+    parent = _parent(ctx, step)
+    return sha256_json({"stage": step.name, "parent": parent.sha256 if parent else None,
+                        "parent_inputs": parent.inputs_hash if parent else None, "settings": asdict(settings),
+                        "inputs": step.identity(ctx)})
+
+
+def _parent(ctx: BuildContext, step: Step) -> StageRecord | None:
+    return next((ctx.records[p] for p in (step.consumes or "").split("|") if p in ctx.records), None)
 
 
 def run_stage(ctx: BuildContext, step: Step) -> StageRecord:
     name = step.name
-    parent = next((ctx.records[p] for p in (step.consumes or "").split("|") if p in ctx.records), None)
+    parent = _parent(ctx, step)
     settings = step.settings(ctx)
-    inputs_hash = sha256_json({"stage": name, "parent": parent.sha256 if parent else None,
-                               "parent_inputs": parent.inputs_hash if parent else None, "settings": settings})
+    digest = inputs_hash(ctx, step, settings)
     if not ctx.opts.force:
-        prev = reusable(ctx.run_dir, name, inputs_hash)
+        prev = reusable(ctx.run_dir, name, digest)
         if prev is not None:
             ctx.say(f"[{name}] unchanged, reused ({prev.artifact or prev.status})")
             ctx.records[name] = prev
@@ -519,16 +462,16 @@ def run_stage(ctx: BuildContext, step: Step) -> StageRecord:
     start = time.perf_counter()
     try:
         with heartbeat(f"[{name}]", enabled=not ctx.opts.quiet):
-            result = step.call(ctx)
+            result = step.skip() if step.skip else None
+            if result is None:
+                result = step.run(step.inputs(ctx, settings), settings, quiet=ctx.opts.quiet)
         rec = result.record
         setattr(ctx.outputs, name, result.output)
-    except GateError:
-        raise
-    except EdgeresError as e:
+    except EdgeresError as e:   # a stage that could not run at all: a failed record, like a failed gate
         rec = StageRecord(stage=name, status=Status.FAILED.value, message=f"{name}: {e}")
     rec.stage = name
     rec.environment.update(describe_device(ctx.device))
-    rec.inputs_hash = inputs_hash
+    rec.inputs_hash = digest
     rec.parent_sha256 = parent.sha256 if parent else None
     rec.recipe_hash = ctx.recipe.hash()
     rec.duration_s = round(time.perf_counter() - start, 3)
@@ -537,40 +480,24 @@ def run_stage(ctx: BuildContext, step: Step) -> StageRecord:
     verdict = rec.status if rec.status != Status.PASSED.value else f"passed in {rec.duration_s:.1f}s"
     ctx.say(f"[{name}] {verdict}" + (f": {rec.message}" if rec.message and not rec.passed else ""))
     if rec.status == Status.FAILED.value:
-        raise GateError(rec.message or f"{name} failed")
+        raise StageFailed(rec.message or f"{name} failed")
     return rec
+
+
+class StageFailed(EdgeresError):
+    """A stage's record is failed (a gate, or an error it could not run past): the build stops there."""
 
 
 # ---------------------------------------------------------------------------------------------------- driver
 
-# a dataset given on the command line brings its own input size, statistics and augmentation, unless given too
-DATASET_AUGMENT = {"digits": ("pad_crop",), "mnist": ("pad_crop",), "cifar10": ("pad_crop", "flip"),
-                   "imagefolder": ("random_resized_crop", "flip")}
-
-
-DATASET_OWN = ("data.input_size", "data.mean", "data.std", "data.resize_size")   # None: the dataset's own
-
-
-def for_dataset(recipe, dataset: str | None, overrides: dict[str, Any]):
-    """`recipe` with `overrides` (None values: not given). A `dataset` other than the recipe's starts the data
-    settings from that dataset's own defaults (the recipe's were chosen for its own dataset, e.g. the demo's 32 px
-    digits): input size, statistics, padding and augmentation, unless given too. `build` and `train` both use it."""
-    from edgeres.recipe import DataCfg
-
-    if not dataset or dataset == recipe.data.dataset:
-        return recipe.with_overrides(overrides)
-    reset = {**dict.fromkeys(DATASET_OWN), "data.pad": DataCfg.pad,
-             "data.augment": DATASET_AUGMENT.get(dataset, ()), "data.dataset": dataset}
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return recipe.with_overrides({**reset, **given}, keep_none=DATASET_OWN)
-
-
 def _resolve_recipe(opts: BuildOptions):
+    """The recipe with every option applied: what recipe.yaml records is what the stages run with."""
     from edgeres.recipe import load_recipe
 
     overrides = {"model.arch": opts.arch, "data.dataset": opts.dataset, "data.data_dir": opts.data_dir,
                  "train.epochs": opts.epochs, "quant.qat_epochs": opts.qat_epochs,
-                 "quant.calib_method": opts.calib_method, **opts.overrides}
+                 "quant.calib_method": opts.calib_method,   # --max-drop: the final INT8 model's limit, either way
+                 "gates.max_drop_ptq": opts.max_drop, "gates.max_drop_qat": opts.max_drop, **opts.overrides}
     return for_dataset(load_recipe(opts.recipe), opts.dataset, overrides)
 
 
@@ -668,7 +595,7 @@ def _run_plan(ctx: BuildContext) -> BuildResult:
     try:
         for step in steps:
             run_stage(ctx, step)
-    except GateError as e:
+    except StageFailed as e:
         ok, message = False, str(e)
     finish_plan(ctx.run_dir)
     with heartbeat("[report]", enabled=not ctx.opts.quiet):

@@ -23,6 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.errors import BackendUnavailable
+from edgeres.io import rejected_path
+from edgeres.metrics import agreement_pct, compare_logits
+from edgeres.onnx_info import read_metadata
+from edgeres.progress import silenced
+from edgeres.records import Gate, StageRecord, StageResult, Status, add_drop_gate
+from edgeres.settings import read, setting
 
 
 def openvino_status() -> tuple[bool, str]:
@@ -45,16 +51,12 @@ def export_openvino(onnx_path: str | Path, xml_path: str | Path, *, calibration=
         raise BackendUnavailable(why)
     import openvino as ov
 
-    from edgeres.onnx_info import read_metadata
-
     onnx_path, xml_path = Path(onnx_path), Path(xml_path)
     props = read_metadata(onnx_path)
     model = ov.convert_model(str(onnx_path))
     method = "converted Q/DQ ONNX"
     if calibration is not None:
         import nncf
-
-        from edgeres.progress import silenced
 
         items = list(calibration)
         with silenced(True):
@@ -90,11 +92,22 @@ class CpuInputs:
 
 @dataclass(frozen=True)
 class CpuSettings:
-    mode: str = "openvino"     # recipe export.cpu_int8
+    mode: str = setting("export.cpu_int8", help="openvino: OpenVINO's PTQ of the FP32 ONNX; qdq: the TensorRT "
+                                                "INT8 ONNX converted.", flag="--cpu-int8")
+    calib_size: int = setting("quant.calib_size", help="Calibration images (openvino), as PTQ draws them.")
+    seed: int = setting("train.seed", help="Seed of the calibration subset.")
     max_drop: float | None = None
     drop_source: str = "--max-drop"
     min_agreement_pct: float | None = None   # top-1 agreement with FP32 (%): a drop gate alone passes a model that
                                              # trades as many right answers as it loses
+
+    @classmethod
+    def from_recipe(cls, recipe, *, calib_available: int | None = None) -> CpuSettings:
+        """The CPU artifact is a final INT8 model: gated like one (Recipe.max_drop, gates.min_agreement_pct)."""
+        limit, source = recipe.max_drop()
+        size = recipe.quant.calib_size if calib_available is None else min(recipe.quant.calib_size, calib_available)
+        return read(cls, recipe, calib_size=size, max_drop=limit, drop_source=source,
+                    min_agreement_pct=recipe.gates.min_agreement_pct)
 
 
 @dataclass(frozen=True)
@@ -105,8 +118,6 @@ class CpuOutput:
 
 def skipped():
     """The stage's result where OpenVINO is not installed (skipped, with the reason), else None."""
-    from edgeres.records import StageRecord, StageResult, Status
-
     ok, why = openvino_status()
     if ok:
         return None
@@ -118,8 +129,6 @@ def run(inputs: CpuInputs, settings: CpuSettings = CpuSettings(), *, quiet: bool
     """The CPU INT8 artifact stage: write the IR beside `out`, evaluate it with OpenVINO, gate its top-1 drop vs
     FP32, then move it into place. Skipped, with the reason, without OpenVINO. -> StageResult[CpuOutput | None]"""
     from edgeres.evaluate import evaluate
-    from edgeres.metrics import compare_logits
-    from edgeres.records import StageRecord, StageResult, add_drop_gate
     from edgeres.runners import OpenVinoRunner
 
     skip = skipped()
@@ -141,15 +150,17 @@ def run(inputs: CpuInputs, settings: CpuSettings = CpuSettings(), *, quiet: bool
         rec = StageRecord(stage="export_cpu", metrics={**metrics, "n_eval": ev.n})
         add_drop_gate(rec, ev.top1, inputs.reference_top1, settings.max_drop, settings.drop_source)
         if inputs.reference_logits is not None:
-            from edgeres.metrics import agreement_pct
-            from edgeres.records import Gate
-
             agree = round(agreement_pct(ev.logits, inputs.reference_logits), 4)
             rec.metrics["fp32_top1_agreement_pct"] = agree
             if settings.min_agreement_pct is not None:
                 rec.add_gate(Gate("fp32_top1_agreement_pct", agree, settings.min_agreement_pct, ">="))
-        if not rec.passed:
-            return StageResult(rec, CpuOutput(out, ev))
+        if not rec.passed:   # kept beside the output as model_int8_cpu.rejected.xml (+ .bin)
+            rejected = rejected_path(out)
+            os.replace(staged.with_suffix(".bin"), rejected.with_suffix(".bin"))
+            os.replace(staged, rejected)
+            rec.extra_artifacts["rejected"] = str(rejected)
+            rec.message += f"; {out.name} not written, the rejected model is {rejected}"
+            return StageResult(rec, CpuOutput(rejected, ev))
         os.replace(staged.with_suffix(".bin"), out.with_suffix(".bin"))
         os.replace(staged, out)
         rec.extra_artifacts["openvino_weights"] = str(out.with_suffix(".bin"))

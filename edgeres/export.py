@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.errors import BackendUnavailable, ConfigError, GateError
-from edgeres.io import check_replaceable
-from edgeres.metrics import FP32_MIN_AGREEMENT, FP32_REL_TOL, INT8_MIN_AGREEMENT, compare_logits
+from edgeres.io import check_replaceable, rejected_path
+from edgeres.metrics import FP32_MIN_AGREEMENT, compare_logits
+from edgeres.records import Gate, StageRecord, StageResult
+from edgeres.settings import read, setting
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13
@@ -80,9 +82,12 @@ def _max_opset() -> int:
 
 
 def export_onnx(model, path: str | Path, *, meta, int8: bool, opset: int = DEFAULT_OPSET, simplify: bool = False,
-                recipe_hash: str = "", check: bool = True, int8_weights: bool = True) -> Path:
+                recipe_hash: str = "", check: bool = True, int8_weights: bool = True,
+                problems: list[str] | None = None) -> Path:
     """Export `model` to ONNX at `path` (atomic). INT8 models must come from edgeres.quantize; their weights are
-    stored as INT8 constants feeding DequantizeLinear (`int8_weights=False`: FP32 weights behind QuantizeLinear)."""
+    stored as INT8 constants feeding DequantizeLinear (`int8_weights=False`: FP32 weights behind QuantizeLinear).
+    A graph that breaks TensorRT's rules (`check`) or lost Q/DQ nodes to --simplify raises GateError; with a
+    `problems` list the graph is written anyway and the problems appended, for the caller's gate to judge."""
     import onnx
     import torch
 
@@ -124,14 +129,14 @@ def export_onnx(model, path: str | Path, *, meta, int8: bool, opset: int = DEFAU
             proto = _simplify(proto)
             after = count_qdq(proto)
             if after != before:
-                raise GateError(f"simplification changed the Q/DQ nodes ({before} -> {after}); export without "
-                                "--simplify")
+                _problem(problems, f"simplification changed the Q/DQ nodes ({before} -> {after}); export without "
+                                   "--simplify")
         if int8 and int8_weights:
             store_int8_weights(proto)
         onnx.helper.set_model_props(proto, metadata_props(meta, int8=int8, recipe_hash=recipe_hash))
         proto.producer_name = "edgeres"
         onnx.checker.check_model(proto, full_check=True)
-        if int8 and check:
+        if int8 and check and problems is None:   # with `problems`, the caller checks the written graph itself
             violations = check_model(proto)
             if violations:
                 shown = "; ".join(str(v) for v in violations[:5])
@@ -139,6 +144,12 @@ def export_onnx(model, path: str | Path, *, meta, int8: bool, opset: int = DEFAU
                 raise GateError(f"INT8 ONNX breaks TensorRT rules: {shown}{more}")
         onnx.save(proto, str(tmp))
     return path
+
+
+def _problem(problems: list[str] | None, message: str) -> None:
+    if problems is None:
+        raise GateError(message)
+    problems.append(message)
 
 
 def store_int8_weights(proto) -> int:
@@ -254,13 +265,20 @@ class ExportInputs:
 @dataclass(frozen=True)
 class ExportSettings:
     int8: bool = False
-    opset: int = DEFAULT_OPSET
-    simplify: bool = False
-    recipe_hash: str = ""
-    rel_tol: float = FP32_REL_TOL      # FP32: max|diff| relative to the logit scale
-    min_agreement_pct: float = INT8_MIN_AGREEMENT   # INT8: top-1 agreement (%) with fake-quant (FP32: always 100)
+    opset: int = setting("export.opset", help="ONNX opset (>= 13: per-channel Q/DQ).")
+    simplify: bool = setting("export.simplify", help="Simplify with onnxslim (must keep every Q/DQ).")
+    recipe_hash: str = ""              # stored in the metadata; "" (build): the checkpoint's own (what trained it)
+    rel_tol: float = setting("gates.export_rel_tol", help="FP32: largest max|logit diff| vs torch, relative to the "
+                                                          "logit scale.")
+    min_agreement_pct: float = setting("gates.min_int8_agreement", flag="--min-agreement",
+                                       help="INT8: smallest top-1 agreement (%) with the fake-quant model.")
     gate_agreement: bool = True        # False: INT8 agreement recorded, not gated (random inputs mean little)
-    probe_size: int = 64               # INT8: max|diff| also reported on the first images (the build's probe)
+    probe_size: int = setting("gates.probe_size", help="FP32: the first evaluation images it is checked on "
+                                                       "(build's probe); INT8: max|diff| also reported on these.")
+
+    @classmethod
+    def from_recipe(cls, recipe, *, int8: bool) -> ExportSettings:
+        return read(cls, recipe, int8=int8)
 
 
 @dataclass(frozen=True)
@@ -281,7 +299,6 @@ def run(inputs: ExportInputs, settings: ExportSettings = ExportSettings(), *, qu
 
     from edgeres.check import check_onnx
     from edgeres.evaluate import evaluate
-    from edgeres.records import Gate, StageRecord, StageResult
     from edgeres.runners import OrtRunner
 
     out = check_replaceable(inputs.out, force=True)   # a regular file or nothing: never a device, link or FIFO
@@ -289,8 +306,9 @@ def run(inputs: ExportInputs, settings: ExportSettings = ExportSettings(), *, qu
     staged = out.with_name(f".{out.stem}.unverified.onnx")
     stage = "export_int8" if settings.int8 else "export_fp32"
     try:
+        problems: list[str] = []   # judged by this stage's gates below, never raised before them
         export_onnx(inputs.model, staged, meta=inputs.meta, int8=settings.int8, opset=settings.opset,
-                    simplify=settings.simplify, recipe_hash=settings.recipe_hash)
+                    simplify=settings.simplify, recipe_hash=settings.recipe_hash, problems=problems)
 
         def ev(target, label: str):
             return evaluate(target, inputs.images, batch_size=256, progress=False if quiet else label)
@@ -315,6 +333,10 @@ def run(inputs: ExportInputs, settings: ExportSettings = ExportSettings(), *, qu
             metrics.update(precision="fp32", onnxruntime_optimizations=True)
         metrics["n_compared"] = metrics.pop("n_probe")
         rec = StageRecord(stage=stage, metrics=metrics)
+        if problems:
+            rec.metrics["export_problems"] = problems
+            rec.add_gate(Gate("export_problems", len(problems), 0, "<="))
+            rec.message = f"{stage}: {problems[0]}"
         if settings.int8:
             rec.add_gate(Gate("tensorrt_rule_violations", len(violations), 0, "<="))
             if settings.gate_agreement:
@@ -328,7 +350,7 @@ def run(inputs: ExportInputs, settings: ExportSettings = ExportSettings(), *, qu
             os.replace(staged, out)
             rec.set_artifact(out)
             return StageResult(rec, ExportOutput(out, ort, optimized))
-        rejected = out.with_name(f"{out.stem}.rejected.onnx")
+        rejected = rejected_path(out)
         os.replace(staged, rejected)
         if violations:
             rec.message = f"{stage}: {len(violations)} TensorRT rule violation(s), first: {violations[0]}"

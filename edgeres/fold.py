@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.errors import CheckpointError, EdgeresError
+from edgeres.io import rejected_path
 from edgeres.metrics import FP32_REL_TOL, compare_logits
+from edgeres.settings import read, setting
 
 FOLDED_FORMAT = "edgeres-folded-1"
 
@@ -232,7 +234,13 @@ class FoldInputs:
 
 @dataclass(frozen=True)
 class FoldSettings:
-    rel_tol: float = FP32_REL_TOL
+    rel_tol: float = setting("gates.fold_rel_tol", help="Largest max|logit diff| allowed, relative to the "
+                                                            "logit scale.")
+    probe_size: int = setting("gates.probe_size", help="Images in the probe batch the fold is checked on.")
+
+    @classmethod
+    def from_recipe(cls, recipe) -> FoldSettings:
+        return read(cls, recipe)
 
 
 @dataclass(frozen=True)
@@ -247,7 +255,7 @@ class FoldOutput:
         return cls(model, meta)
 
 
-def run(inputs: FoldInputs, settings: FoldSettings = FoldSettings()):
+def run(inputs: FoldInputs, settings: FoldSettings = FoldSettings(), *, quiet: bool = True):
     """The fold stage: fold, check against the unfolded model on the probe, and only then write the checkpoint.
     -> StageResult[FoldOutput]"""
     import torch
@@ -263,4 +271,8 @@ def run(inputs: FoldInputs, settings: FoldSettings = FoldSettings()):
     if rec.passed:
         save_folded(inputs.out, result, inputs.meta)
         rec.set_artifact(inputs.out)
+    else:   # kept beside the output for inspection; the output path keeps what it had
+        rejected = save_folded(rejected_path(inputs.out), result, inputs.meta)
+        rec.extra_artifacts["rejected"] = str(rejected)
+        rec.message += f"; {Path(inputs.out).name} not written, the rejected model is {rejected}"
     return StageResult(rec, FoldOutput(result.model, inputs.meta, result))

@@ -233,3 +233,10 @@ def check_bundle_out(path: str | os.PathLike, force: bool, *, manifest: str = "m
     if not force:
         raise ConfigError(f"{p} already exists; pass --force to replace it")
     return p
+
+
+def rejected_path(path: str | os.PathLike) -> Path:
+    """Where a stage keeps the artifact its gate rejected: beside the output, <name>.rejected<suffix>
+    (model_int8.onnx -> model_int8.rejected.onnx), so the output path keeps what was there."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.rejected{path.suffix}")

@@ -25,10 +25,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from edgeres.device import describe as describe_device
 from edgeres.errors import BackendUnavailable, CheckpointError, ConfigError, DataError
+from edgeres.io import atomic_write_json, rejected_path
 from edgeres.metrics import agreement_pct
 from edgeres.progress import silenced
 from edgeres.recipe import QuantCfg
+from edgeres.records import Gate, StageRecord, StageResult, add_drop_gate
+from edgeres.settings import read, recipe_default, setting
 
 QUANT_FORMAT = "edgeres-nncf-int8-1"
 MANIFEST_FORMAT = "edgeres-calibration-1"
@@ -595,28 +599,58 @@ class QuantInputs:
     device: Any = None         # torch device of the statistics passes / QAT (None: the CPU)
 
 
+def _drop_limit(recipe, final: bool) -> tuple[float | None, str]:
+    """The stage's top-1 drop limit: the recipe's limit for the final INT8 model (Recipe.max_drop), None (recorded,
+    not gated) for a PTQ model that QAT replaces."""
+    limit, source = recipe.max_drop()
+    return (limit if final else None), source
+
+
 @dataclass(frozen=True)
 class PtqSettings:
-    calib_size: int = 512
-    method: str = DEFAULT_CALIB_METHOD.value
-    seed: int = 0
+    calib_size: int = setting("quant.calib_size", help="Calibration images (drawn from the training split, "
+                                                           "eval transform; all of them when fewer).")
+    method: str = setting("quant.calib_method", help="NNCF range estimator (histogram: MSE-style).",
+                              flag="--calib-method")
+    seed: int = setting("train.seed", help="Seed of the calibration subset and of QAT's order.")
     max_drop: float | None = None      # pp; None: the drop is recorded, not gated (PTQ before QAT)
-    drop_source: str = "--max-drop"    # where max_drop comes from, for the message
-    min_agreement_pct: float | None = None   # top-1 agreement with FP32 (%); None: recorded, not gated
+    drop_source: str = "gates.max_drop_ptq"   # the recipe key max_drop comes from, for the message
+    min_agreement_pct: float | None = None    # top-1 agreement with FP32 (%); None: recorded, not gated
+
+    @classmethod
+    def from_recipe(cls, recipe, *, calib_available: int | None = None) -> PtqSettings:
+        """PTQ as `build` runs it: gated (drop and agreement with FP32) only when it is the final INT8 model.
+        `calib_available`: the calibration split's size, when fewer images than asked (all of them are used)."""
+        final = recipe.ptq_is_final
+        limit, source = _drop_limit(recipe, final)
+        size = recipe.quant.calib_size if calib_available is None else min(recipe.quant.calib_size, calib_available)
+        return read(cls, recipe, calib_size=size, max_drop=limit, drop_source=source,
+                    min_agreement_pct=recipe.gates.min_agreement_pct if final else None)
 
 
 @dataclass(frozen=True)
 class QatSettings:
-    epochs: int = 3
-    lr: float = 1e-4
-    batch_size: int = 64
-    seed: int = 0
+    epochs: int = setting("quant.qat_epochs", help="QAT epochs.", flag="--epochs")
+    lr: float = setting("quant.qat_lr", help="QAT learning rate.", flag="--lr")
+    batch_size: int = setting("quant.qat_batch_size", flag="--batch-size", default=recipe_default("data.batch_size"),
+                              help="QAT's global batch (split across torchrun processes); the recipe's "
+                                   "quant.qat_batch_size, else data.batch_size.")
+    seed: int = setting("train.seed", help="Seed of the calibration subset and of QAT's order.")
     max_drop: float | None = None
-    drop_source: str = "--max-drop"
-    loss: str = QuantCfg.qat_loss
-    temperature: float = QuantCfg.qat_temperature
-    amp: bool = QuantCfg.qat_amp
+    drop_source: str = "gates.max_drop_qat"
+    loss: str = setting("quant.qat_loss", help="kd: distil the float model's logits (KL); kd+ce: half labels; "
+                                                   "ce: labels only.")
+    temperature: float = setting("quant.qat_temperature", help="Distillation temperature.",
+                                     flag="--temperature")
+    amp: bool = setting("quant.qat_amp", help="CUDA: bf16 autocast around the fake-quant model.")
     min_agreement_pct: float | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe) -> QatSettings:
+        """QAT as `build` runs it: the final INT8 model, gated on its drop and its agreement with FP32."""
+        limit, source = _drop_limit(recipe, True)
+        return read(cls, recipe, batch_size=recipe.quant.qat_batch_size or recipe.data.batch_size, max_drop=limit,
+                    drop_source=source, min_agreement_pct=recipe.gates.min_agreement_pct)
 
 
 @dataclass(frozen=True)
@@ -632,43 +666,48 @@ class QuantOutput:
         return cls(model, meta, manifest)
 
 
-def _finish(stage: str, model, inputs: QuantInputs, max_drop, source, metrics, manifest, quiet: bool, ev=None,
-            min_agreement: float | None = None):
+def _finish(stage: str, model, inputs: QuantInputs, settings, metrics, manifest, quiet: bool, ev=None):
+    """Evaluate, gate (drop and agreement with FP32), and only then write the checkpoint (and PTQ's calibration
+    manifest). A failed gate keeps the rejected model beside the output as <name>.rejected.pt."""
     from edgeres.dist import init_dist
     from edgeres.evaluate import evaluate
-    from edgeres.records import Gate, StageRecord, StageResult, add_drop_gate
 
     if ev is None:
         ev = evaluate(model, inputs.eval_data, batch_size=256, progress=False if quiet else f"evaluating {stage}")
     rec = StageRecord(stage=stage, metrics={**metrics, "n_eval": ev.n})
-    add_drop_gate(rec, ev.top1, inputs.reference_top1, max_drop, source)
+    add_drop_gate(rec, ev.top1, inputs.reference_top1, settings.max_drop, settings.drop_source)
     if inputs.reference_logits is not None:
         agree = round(agreement_pct(ev.logits, inputs.reference_logits), 4)
         rec.metrics["top1_agreement_pct"] = agree
-        if min_agreement is not None:
-            rec.add_gate(Gate("top1_agreement_pct", agree, min_agreement, ">="))
+        if settings.min_agreement_pct is not None:
+            rec.add_gate(Gate("top1_agreement_pct", agree, settings.min_agreement_pct, ">="))
     if inputs.device is not None:
-        from edgeres.device import describe
-
-        rec.environment.update(describe(inputs.device))
-    if rec.passed and init_dist().main:   # under torchrun only rank 0 writes
-        save_quantized(inputs.out, model, inputs.meta, mode=stage, manifest=manifest)
-        rec.set_artifact(inputs.out)
+        rec.environment.update(describe_device(inputs.device))
+    if not init_dist().main:   # under torchrun only rank 0 writes
+        return StageResult(rec, QuantOutput(model, inputs.meta, manifest, ev))
+    out = Path(inputs.out)
+    if rec.passed:
+        save_quantized(out, model, inputs.meta, mode=stage, manifest=manifest)
+        rec.set_artifact(out)
+        if stage == "ptq" and inputs.manifest_path is not None:
+            atomic_write_json(inputs.manifest_path, manifest)
+            rec.extra_artifacts["calibration_manifest"] = str(inputs.manifest_path)
+    else:
+        rejected = save_quantized(rejected_path(out), model, inputs.meta, mode=stage, manifest=manifest)
+        rec.extra_artifacts["rejected"] = str(rejected)
+        rec.message += f"; {out.name} not written, the rejected model is {rejected}"
     return StageResult(rec, QuantOutput(model, inputs.meta, manifest, ev))
 
 
 def run_ptq(inputs: QuantInputs, settings: PtqSettings = PtqSettings(), *, quiet: bool = False):
     """The PTQ stage: calibrate on `settings.calib_size` images drawn with `settings.seed` (`calibration_indices`),
-    evaluate, gate the drop when a limit is given, then write. -> StageResult[QuantOutput]"""
+    evaluate, gate when it is the final INT8 model, then write (checkpoint and manifest). -> StageResult[QuantOutput]"""
     res = quantize_ptq(inputs.model, inputs.calib, subset_size=settings.calib_size, method=settings.method,
-                       seed=settings.seed, manifest_path=inputs.manifest_path,
-                       dataset_fingerprint=inputs.dataset_fingerprint, quiet=quiet, device=inputs.device)
-    result = _finish("ptq", res.model, inputs, settings.max_drop, settings.drop_source,
-                     {"calib_size": settings.calib_size, "calib_method": CalibMethod.parse(settings.method).value},
-                     res.manifest, quiet, min_agreement=settings.min_agreement_pct)
-    if inputs.manifest_path is not None:
-        result.record.extra_artifacts["calibration_manifest"] = str(inputs.manifest_path)
-    return result
+                       seed=settings.seed, dataset_fingerprint=inputs.dataset_fingerprint, quiet=quiet,
+                       device=inputs.device)
+    return _finish("ptq", res.model, inputs, settings,
+                   {"calib_size": settings.calib_size, "calib_method": CalibMethod.parse(settings.method).value},
+                   res.manifest, quiet)
 
 
 def run_qat(inputs: QuantInputs, settings: QatSettings = QatSettings(), *, quiet: bool = False, log=None):
@@ -680,9 +719,8 @@ def run_qat(inputs: QuantInputs, settings: QatSettings = QatSettings(), *, quiet
                        temperature=settings.temperature, device=inputs.device, amp=settings.amp)
     # best_epoch 0: no QAT epoch beat the PTQ model on the holdout
     ev = inputs.evaluation if res.best_epoch == 0 and inputs.evaluation is not None else None
-    return _finish("qat", res.model, inputs, settings.max_drop, settings.drop_source,
+    return _finish("qat", res.model, inputs, settings,
                    {"epochs": settings.epochs, "history": res.history, "best_epoch": res.best_epoch,
-                    "loss": settings.loss,
-                    "temperature": settings.temperature,
+                    "loss": settings.loss, "temperature": settings.temperature,
                     "holdout_size": len(inputs.holdout) if inputs.holdout is not None else 0},
-                   inputs.manifest or {}, quiet, ev, min_agreement=settings.min_agreement_pct)
+                   inputs.manifest or {}, quiet, ev)

@@ -116,6 +116,7 @@ class ExportCfg:
     # the CPU INT8 artifact (edgeres/cpu.py): "openvino" = NNCF's OpenVINO PTQ of the FP32 ONNX on the same
     # calibration images (OpenVINO's own placement: fastest); "qdq" = the TensorRT INT8 ONNX converted as it is
     cpu_int8: str = "openvino"
+    plan_batch: int = 8                         # the device plan's batch (trtexec opt shape; DLA engines: static)
 
 
 SECTIONS = {"model": ModelCfg, "data": DataCfg, "train": TrainCfg, "quant": QuantCfg, "gates": GatesCfg,
@@ -135,7 +136,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "gates.min_agreement_pct": (0.0, 100.0), "gates.fp32_over_chance_sigma": (0.0, 100.0),
     "gates.fold_rel_tol": (0.0, 1.0), "gates.export_rel_tol": (0.0, 1.0), "gates.max_drop_ptq": (0.0, 100.0),
     "gates.max_drop_qat": (0.0, 100.0), "gates.min_int8_agreement": (0.0, 100.0), "gates.probe_size": (1, 1 << 20),
-    "export.opset": (13, 23),
+    "export.opset": (13, 23), "export.plan_batch": (1, 4096),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": DATASETS, "data.augment": AUGMENTS, "train.optimizer": OPTIMIZERS,
@@ -174,6 +175,22 @@ class Recipe:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def value(self, key: str) -> Any:
+        """The value at a dotted key ("quant.calib_size")."""
+        section, _, name = key.partition(".")
+        return getattr(getattr(self, section), name)
+
+    @property
+    def ptq_is_final(self) -> bool:
+        """PTQ is the final INT8 model (no QAT after it): then, and only then, its own gates apply."""
+        return self.quant.qat_epochs == 0
+
+    def max_drop(self) -> tuple[float, str]:
+        """The allowed top-1 drop (pp) of the final INT8 model and the key it comes from: gates.max_drop_qat when
+        QAT runs, gates.max_drop_ptq when PTQ is final. (`--max-drop` sets both.)"""
+        key = "gates.max_drop_ptq" if self.ptq_is_final else "gates.max_drop_qat"
+        return self.value(key), key
 
     def with_overrides(self, overrides: dict[str, Any], *, keep_none: tuple[str, ...] = ()) -> Recipe:
         """Apply dotted overrides ({"train.epochs": 3}); None values are ignored (an unset CLI flag), except for
@@ -385,6 +402,26 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     return recipe_from_dict(raw, source=str(path))
+
+
+# a dataset given on the command line brings its own input size, statistics and augmentation, unless given too
+DATASET_AUGMENT = {"digits": ("pad_crop",), "mnist": ("pad_crop",), "cifar10": ("pad_crop", "flip"),
+                   "imagefolder": ("random_resized_crop", "flip")}
+
+
+DATASET_OWN = ("data.input_size", "data.mean", "data.std", "data.resize_size")   # None: the dataset's own
+
+
+def for_dataset(recipe, dataset: str | None, overrides: dict[str, Any]):
+    """`recipe` with `overrides` (None values: not given). A `dataset` other than the recipe's starts the data
+    settings from that dataset's own defaults (the recipe's were chosen for its own dataset, e.g. the demo's 32 px
+    digits): input size, statistics, padding and augmentation, unless given too. `build` and `train` both use it."""
+    if not dataset or dataset == recipe.data.dataset:
+        return recipe.with_overrides(overrides)
+    reset = {**dict.fromkeys(DATASET_OWN), "data.pad": DataCfg.pad,
+             "data.augment": DATASET_AUGMENT.get(dataset, ()), "data.dataset": dataset}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return recipe.with_overrides({**reset, **given}, keep_none=DATASET_OWN)
 
 
 __all__ = ["Recipe", "ModelCfg", "DataCfg", "TrainCfg", "QuantCfg", "GatesCfg", "ExportCfg", "load_recipe",

@@ -16,16 +16,20 @@ import csv
 import io
 import json
 import math
+import os
 import time
 import warnings
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgeres.checkpoint import ModelMeta
 from edgeres.dist import Dist, init_dist
 from edgeres.errors import ConfigError, DataError
+from edgeres.io import rejected_path
+from edgeres.recipe import DataCfg, GatesCfg, ModelCfg, Recipe, TrainCfg
+from edgeres.settings import read, setting
 
 METRIC_FIELDS = ("epoch", "iteration", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "test_loss",
                  "test_top1", "test_top5", "lr", "images_per_s", "seconds")
@@ -144,6 +148,8 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
     Selection: best.pt is the epoch with the best top-1 on the holdout (data.holdout of the training split); the
     test split is read once, at the end, to report best.pt. Without a holdout, best.pt is the last epoch and the test
     split is evaluated every epoch for the curves only."""
+    recipe = TrainSettings.from_recipe(recipe).recipe   # what trains the model, and nothing else: its hash
+                                                        # is the checkpoint's recipe_hash, whoever trains it
     import torch
 
     from edgeres.data import get_data_for
@@ -416,7 +422,28 @@ class TrainInputs:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    recipe: Any                     # the frozen, validated Recipe (model, data, train)
+    """What the FP32 model is made from: the recipe's model, data and train sections and the FP32 sanity gates,
+    nothing else (editing a quantization gate never retrains)."""
+
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    fp32_over_chance_sigma: float = setting("gates.fp32_over_chance_sigma", flag="",
+                                            help="FP32 top-1 must beat chance by this many standard deviations.")
+    fp32_loss_must_fall: bool = setting("gates.fp32_loss_must_fall", flag="",
+                                        help="A training loss that does not fall fails the stage.")
+
+    @classmethod
+    def from_recipe(cls, recipe) -> TrainSettings:
+        return read(cls, recipe, model=recipe.model, data=recipe.data, train=recipe.train)
+
+    @property
+    def recipe(self) -> Recipe:
+        """The training recipe: these sections, every other at its default. Its hash is the checkpoint's
+        recipe_hash (what trained the model), the same whether `build` or `edgeres train` trains it."""
+        return Recipe(model=self.model, data=self.data, train=self.train,
+                      gates=GatesCfg(fp32_over_chance_sigma=self.fp32_over_chance_sigma,
+                                     fp32_loss_must_fall=self.fp32_loss_must_fall), source="train settings")
 
 
 @dataclass(frozen=True)
@@ -478,6 +505,12 @@ def run(inputs: TrainInputs, settings: TrainSettings, *, quiet: bool = False):
 
         ev = evaluate(output.model.to(inputs.device or "cpu"), inputs.data.test, batch_size=256)
     fp32_sanity(rec, ev, recipe.gates, info.num_classes, rec.metrics.get("history") or [])
+    if not rec.passed:   # training wrote best.pt as it went: the rejected model keeps another name
+        rejected = rejected_path(dest)
+        os.replace(dest, rejected)
+        rec.artifact, rec.sha256 = None, None
+        rec.extra_artifacts["rejected"] = str(rejected)
+        rec.message += f"; the rejected model is {rejected}"
     return StageResult(rec, TrainOutput(output.model, output.meta, ev))
 
 

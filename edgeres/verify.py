@@ -153,6 +153,13 @@ class VerifySettings:
     min_agreement_pct: float | None = None   # %, the INT8 ONNX's top-1 agreement with FP32
     torch_device: str = "cpu"      # where the torch rows ran (CUDA: timed with CUDA events)
 
+    @classmethod
+    def from_recipe(cls, recipe, *, int8: bool, bench_seconds: float, torch_device: str) -> VerifySettings:
+        """The INT8 ONNX is gated as the final INT8 model (Recipe.max_drop, gates.min_agreement_pct)."""
+        limit, source = recipe.max_drop()
+        return cls(bench_seconds=bench_seconds, max_drop=limit if int8 else None, drop_source=source,
+                   min_agreement_pct=recipe.gates.min_agreement_pct if int8 else None, torch_device=torch_device)
+
 
 def artifact_bytes(path) -> int:
     """On-disk size of an artifact; an OpenVINO IR counts its .xml and .bin."""
@@ -217,7 +224,7 @@ def explain_slow_int8(rows: list[dict[str, Any]], artifacts: dict[int, Path]) ->
                              "outweighs the INT8 kernels")
 
 
-def run(inputs: VerifyInputs, settings: VerifySettings = VerifySettings()):
+def run(inputs: VerifyInputs, settings: VerifySettings = VerifySettings(), *, quiet: bool = True):
     """The verify stage: every artifact on every backend present — top-1, its difference from FP32 (pp), agreement
     with FP32 (%), latency measured like `edgeres bench` — and the INT8 ONNX's drop gate. Closes every runner it
     was given. -> StageResult[list of rows]"""

@@ -49,47 +49,71 @@ def same_record(cli_obj: dict, build_rec) -> None:
         assert ours[key] == theirs[key], f"{build_rec.stage}: {key} differs: {ours[key]!r} vs {theirs[key]!r}"
 
 
-def test_cli_stages_write_what_build_writes(run, tmp_path):
-    """Each command runs the stage's own `run()` on the build's inputs with the build's settings: the artifact has
-    the build's sha256 and the record the build's metrics, gates and verdict."""
+def test_cli_stages_without_flags_write_what_build_writes(run, tmp_path):
+    """Each stage command given only its input artifact and an output path reads the settings of the run the input
+    comes from (its recipe.yaml, as `build` ran it): the build's artifact, byte for byte, and its record."""
     by = {r.stage: r for r in read_records(run)}
-    recipe_hash = json.loads((run / "meta.json").read_text())["recipe_hash"]
+
+    obj = cli("fold", "--weights", by["train"].artifact, "--out", str(tmp_path / "folded.pt"))
+    assert sha256_file(tmp_path / "folded.pt") == by["fold"].sha256
+    same_record(obj, by["fold"])
+
+    obj = cli("quantize", "--ptq", "--weights", by["fold"].artifact, "--out", str(tmp_path / "ptq.pt"), "--quiet")
+    assert sha256_file(tmp_path / "ptq.pt") == by["ptq"].sha256
+    same_record(obj, by["ptq"])
+    assert obj["record"]["metrics"]["drop_pp"] == by["ptq"].metrics["drop_pp"]   # against the same FP32 top-1
+
+    obj = cli("export", "--weights", by["fold"].artifact, "--out", str(tmp_path / "fp32.onnx"))
+    assert sha256_file(tmp_path / "fp32.onnx") == by["export_fp32"].sha256
+    same_record(obj, by["export_fp32"])
+
+    obj = cli("export", "--weights", by["ptq"].artifact, "--int8", "--out", str(tmp_path / "int8.onnx"))
+    assert sha256_file(tmp_path / "int8.onnx") == by["export_int8"].sha256
+    same_record(obj, by["export_int8"])
+
+    # the cache header names a TensorRT; none is installed here, so that one is required (the build's default)
+    obj = cli("calib-cache", "--onnx", by["export_fp32"].artifact, "--trt-version", "8.6.1",
+              "--out", str(tmp_path / "calib.cache"))
+    assert sha256_file(tmp_path / "calib.cache") == by["calib_cache"].sha256
+    same_record(obj, by["calib_cache"])
+
+
+def test_a_flag_overrides_the_recipe(run, tmp_path):
+    """A flag is a recipe override: another calibration count, another model (and the count is recorded)."""
+    by = {r.stage: r for r in read_records(run)}
+    obj = cli("quantize", "--ptq", "--weights", by["fold"].artifact, "--calib-size", "32", "--out",
+              str(tmp_path / "ptq.pt"), "--quiet")
+    assert obj["calib_size"] == 32 and sha256_file(tmp_path / "ptq.pt") != by["ptq"].sha256
+
+
+def test_train_without_flags_writes_what_build_trains(run, tmp_path):
+    """`edgeres train --recipe RUN/recipe.yaml` (the recipe is train's input) trains the build's model, byte for
+    byte: the checkpoint records the recipe that trained it (its model, data and train sections), not the gates."""
+    by = {r.stage: r for r in read_records(run)}
+    cli("train", "--recipe", str(run / "recipe.yaml"), "--out", str(tmp_path / "t"), "--quiet")
+    assert sha256_file(tmp_path / "t" / "best.pt") == by["train"].sha256
+
+
+def test_cli_stages_with_flags_write_what_build_writes(run, tmp_path):
+    """With every setting spelled out as a flag and another recipe (the demo's) underneath, the same bytes."""
+    by = {r.stage: r for r in read_records(run)}
     calib = by["ptq"].metrics
     n, seed, probe = calib["calib_size"], 0, "64"
-
     obj = cli("fold", "--weights", by["train"].artifact, "--out", str(tmp_path / "folded.pt"), "--dataset", "digits",
-              "--probe-size", probe)
+              "--probe-size", probe, "--recipe", "demo")
     assert sha256_file(tmp_path / "folded.pt") == by["fold"].sha256
     same_record(obj, by["fold"])
 
     obj = cli("quantize", "--ptq", "--weights", by["fold"].artifact, "--dataset", "digits", "--calib-size", str(n),
               "--seed", str(seed), "--max-drop", "100", "--min-agreement", "95", "--out", str(tmp_path / "ptq.pt"),
-              "--quiet")
+              "--recipe", "demo", "--quiet")
     assert sha256_file(tmp_path / "ptq.pt") == by["ptq"].sha256
     same_record(obj, by["ptq"])
-    assert obj["record"]["metrics"]["drop_pp"] == by["ptq"].metrics["drop_pp"]   # against the same FP32 top-1
-
-    obj = cli("export", "--weights", by["fold"].artifact, "--out", str(tmp_path / "fp32.onnx"), "--recipe-hash",
-              recipe_hash, "--dataset", "digits", "--limit", probe)
-    assert sha256_file(tmp_path / "fp32.onnx") == by["export_fp32"].sha256
-    same_record(obj, by["export_fp32"])
-
-    obj = cli("export", "--weights", by["ptq"].artifact, "--int8", "--out", str(tmp_path / "int8.onnx"),
-              "--recipe-hash", recipe_hash, "--dataset", "digits")
-    assert sha256_file(tmp_path / "int8.onnx") == by["export_int8"].sha256
-    same_record(obj, by["export_int8"])
-
-    obj = cli("calib-cache", "--onnx", by["export_fp32"].artifact, "--dataset", "digits", "--count", str(n),
-              "--seed", str(seed), "--trt-version", "8.6.1", "--out", str(tmp_path / "calib.cache"))
-    assert sha256_file(tmp_path / "calib.cache") == by["calib_cache"].sha256
-    same_record(obj, by["calib_cache"])
 
 
 def test_cli_qat_writes_what_build_writes(tmp_path):
-    """`edgeres quantize --qat --recipe RUN/recipe.yaml` from the folded model (PTQ, then QAT, trained with the
-    recipe's augmentation) on a build's inputs: the build's QAT checkpoint, byte for byte, and its record."""
-    import yaml
-
+    """`edgeres quantize --qat` from the folded model of a build with QAT, no flags: PTQ, then QAT trained with the
+    run's recipe (augmentation, epochs, loss, batch): the build's QAT checkpoint, byte for byte, and its record."""
     from edgeres.build import BuildOptions, build
 
     out = tmp_path / "run"
@@ -99,13 +123,7 @@ def test_cli_qat_writes_what_build_writes(tmp_path):
                              overrides={"quant.calib_size": 64, "gates.min_agreement_pct": 0.0}))
     assert res.ok, res.message
     by = {r.stage: r for r in read_records(out)}
-    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
-    q = recipe["quant"]
-    obj = cli("quantize", "--qat", "--weights", by["fold"].artifact, "--dataset", "digits", "--calib-size", "64",
-              "--seed", str(recipe["train"]["seed"]), "--epochs", str(q["qat_epochs"]), "--lr", str(q["qat_lr"]),
-              "--batch-size", str(q.get("qat_batch_size") or recipe["data"]["batch_size"]), "--max-drop", "100",
-              "--min-agreement", str(recipe["gates"]["min_agreement_pct"]), "--qat-loss", q["qat_loss"],
-              "--recipe", str(out / "recipe.yaml"), "--out", str(tmp_path / "qat.pt"), "--quiet")
+    obj = cli("quantize", "--qat", "--weights", by["fold"].artifact, "--out", str(tmp_path / "qat.pt"), "--quiet")
     assert sha256_file(tmp_path / "qat.pt") == by["qat"].sha256
     same_record(obj, by["qat"])
     assert not list(tmp_path.glob(".qat*"))   # the intermediate PTQ checkpoint is not left behind

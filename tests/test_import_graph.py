@@ -21,7 +21,7 @@ HEAVY = {"torch", "numpy", "onnx", "onnxruntime", "nncf", "openvino", "tensorrt"
 LAYERS = [
     ("foundation", ["errors", "io", "env", "metrics", "progress", "device", "dist", "runner_base", "__init__",
                     "tensorrt.versions", "tensorrt.dla"]),
-    ("formats", ["recipe", "records", "checkpoint", "models", "data", "check", "onnx_info", "pretrained",
+    ("formats", ["recipe", "settings", "records", "checkpoint", "models", "data", "check", "onnx_info", "pretrained",
                  "nncf_kernels", "nncf_patches", "tensorrt.options", "tensorrt.trtexec", "tensorrt.engine_build",
                  "tensorrt.status", "tensorrt.sidecar", "tensorrt.__init__"]),
     ("runtimes", ["evaluate", "loop", "tensorrt.runner"]),
@@ -165,7 +165,10 @@ def _heavy_closure(mods, edges, third) -> dict[str, bool]:
             return memo[m]
         if m in seen:
             return False
-        h = bool(third.get(m, set()) & HEAVY) or any(heavy(t, seen | {m}) for t, top, _ in edges.get(m, ()) if top)
+        parents = [".".join(m.split(".")[:i]) + ".__init__" for i in range(1, m.count(".") + 1)]
+        parents = [p for p in parents if p in mods and p != m]   # importing a.b.c runs a/__init__ and a/b/__init__
+        h = bool(third.get(m, set()) & HEAVY) or any(heavy(t, seen | {m}) for t, top, _ in edges.get(m, ()) if top) \
+            or any(heavy(p, seen | {m}) for p in parents)
         memo[m] = h
         return h
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -93,3 +94,41 @@ def _datasets():
 
 # shell completion (click's: `eval "$(_EDGERES_COMPLETE=bash_source edgeres)"`) for the names a user types most
 complete_recipe, complete_arch, complete_dataset = _names(_recipes), _names(_archs), _names(_datasets)
+
+
+def recipe_option(fn):
+    """--recipe of a stage command: where its settings' defaults come from (edgeres.settings)."""
+    return click.option(
+        "--recipe", "recipe_name", default=None, shell_complete=complete_recipe,
+        help="Recipe the stage's settings are read from, as `build` reads them (a built-in name or a YAML file) "
+             "[default: the recipe.yaml of the run the input comes from, else the built-in demo recipe]. Flags "
+             "override its values.")(fn)
+
+
+def run_of(artifact: str | None):
+    """The run folder an artifact was written in (RUN/<stage>/<file> beside RUN/recipe.yaml), else None."""
+    from pathlib import Path
+
+    if not artifact:
+        return None
+    run = Path(artifact).resolve().parent.parent
+    return run if (run / "recipe.yaml").is_file() and (run / "stages.jsonl").is_file() else None
+
+
+def stage_recipe(recipe_name: str | None, artifact: str | None, dataset: str | None, overrides: dict[str, Any],
+                 *, say: Callable[[str], None] | None = None):
+    """The recipe a stage command runs with -> (recipe, dataset, data_dir or None): --recipe, else the recipe.yaml
+    of the run `artifact` comes from (so the command without flags is that stage of the build), else the demo
+    recipe; adapted to `dataset` (recipe.for_dataset) and to the flags given (`overrides`). `dataset`: given, else
+    the run's own (None when there is no run: the command decides); --data-dir comes in `overrides`
+    ("data.data_dir")."""
+    from edgeres.recipe import for_dataset, load_recipe
+
+    run = run_of(artifact) if recipe_name is None else None
+    source = str(run / "recipe.yaml") if run is not None else (recipe_name or "demo")
+    recipe = for_dataset(load_recipe(source), dataset, overrides)
+    if say is not None and run is not None:
+        say(f"settings: {source} (the run {Path(artifact).name} comes from; --recipe to choose another)")
+    if dataset is None and run is None:
+        return recipe, None, None
+    return recipe, recipe.data.dataset, recipe.data.data_dir

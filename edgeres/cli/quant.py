@@ -7,8 +7,21 @@ from pathlib import Path
 
 import click
 
-from edgeres.cli._common import device_option, emit, json_option, quiet_option
-from edgeres.recipe import CALIB_METHODS, DataCfg, QuantCfg
+from edgeres import settings
+from edgeres.cli._common import (
+    complete_dataset,
+    device_option,
+    emit,
+    json_option,
+    quiet_option,
+    recipe_option,
+    stage_recipe,
+)
+from edgeres.errors import ConfigError, GateError
+from edgeres.export import ExportSettings
+from edgeres.fold import FoldSettings
+from edgeres.io import refuse_overwrite
+from edgeres.quantize import PtqSettings, QatSettings
 
 
 def _pct(percent: float) -> str:
@@ -63,7 +76,6 @@ def _first(split, limit: int | None):
 
 
 def _stage_failed(rec) -> None:
-    from edgeres.errors import GateError
 
     if not rec.passed:
         raise GateError(rec.message or f"{rec.stage} failed")
@@ -88,17 +100,15 @@ def load_float_or_folded(weights: str, arch: str | None = None):
 @click.option("--weights", required=True, type=click.Path(dir_okay=False), help="Trained FP32 checkpoint.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the folded checkpoint.")
 @click.option("--arch", default=None, help="Architecture, for a checkpoint without edgeres metadata.")
-@click.option("--probe-size", type=click.IntRange(1, 4096), default=32, show_default=True,
-              help="Images in the probe batch the fold is checked on.")
-@click.option("--dataset", default=None,
-              help="Check on this dataset's first --probe-size evaluation images (as `build` does) instead of "
-                   "random inputs.")
+@click.option("--dataset", default=None, shell_complete=complete_dataset,
+              help="Check on this dataset's first --probe-size evaluation images, as `build` does [default: the "
+                   "run's dataset when --weights comes from a run, else random inputs].")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where --dataset lives.")
-@click.option("--rel-tol", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True,
-              help="Largest max|logit diff| allowed, relative to the logit scale.")
+@settings.options(FoldSettings)
+@recipe_option
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @json_option
-def fold(weights, out, arch, probe_size, dataset, data_dir, rel_tol, force, as_json) -> None:
+def fold(weights, out, arch, dataset, data_dir, recipe_name, force, as_json, **given) -> None:
     """Fold BatchNorm into the preceding convs; check the result on a probe batch (the `fold` stage of `build`).
 
     BatchNorms that no conv precedes (pre-activation ResNets, DenseNet) are kept as a per-channel
@@ -107,15 +117,18 @@ def fold(weights, out, arch, probe_size, dataset, data_dir, rel_tol, force, as_j
     import numpy as np
 
     from edgeres.checkpoint import load_model
-    from edgeres.fold import FoldInputs, FoldSettings, run
-    from edgeres.io import refuse_overwrite
+    from edgeres.fold import FoldInputs, run
 
     refuse_overwrite(out, force)
+    recipe, dataset, data_dir = stage_recipe(recipe_name, weights, dataset,
+                                             {**settings.overrides(given), "data.data_dir": data_dir})
+    s = FoldSettings.from_recipe(recipe)
     model, meta = load_model(weights, arch=arch)
     meta = _meta_for(model, meta, arch or (meta.arch if meta else None))
-    pairs = _first(_data(meta, dataset, data_dir).test, probe_size) if dataset else _random_inputs(meta, probe_size)
+    pairs = (_first(_data(meta, dataset, data_dir, recipe).test, s.probe_size) if dataset
+             else _random_inputs(meta, s.probe_size))
     probe = np.stack([np.asarray(x, dtype=np.float32) for x, _ in pairs])
-    res = run(FoldInputs(model, meta, probe, Path(out)), FoldSettings(rel_tol=rel_tol))
+    res = run(FoldInputs(model, meta, probe, Path(out)), s)
     _stage_failed(res.record)
     result = res.output.result
     obj = {"out": out, "arch": meta.arch, "folded": result.folded, "kept_affine": result.kept_affine,
@@ -132,107 +145,88 @@ def _describe(gate: dict) -> str:
 
 
 @click.command()
-@click.option("--ptq", is_flag=True, help="Post-training quantization (calibration only).")
+@click.option("--ptq", is_flag=True, help="Post-training quantization (calibration only): the final INT8 model.")
 @click.option("--qat", is_flag=True, help="Quantization-aware fine-tuning (from a PTQ checkpoint, "
               "or PTQ first when given a float one).")
 @click.option("--weights", required=True, type=click.Path(dir_okay=False),
               help="Trained, folded (edgeres fold) or, for --qat, INT8 PTQ checkpoint.")
-@click.option("--dataset", required=True, help="digits | mnist | cifar10 | imagefolder.")
+@click.option("--dataset", default=None, shell_complete=complete_dataset,
+              help="digits | mnist | cifar10 | imagefolder [default: the run's, when --weights comes from a run].")
 @click.option("--data-dir", default=None, help="Dataset folder.")
 @click.option("--arch", default=None, help="Architecture, for a checkpoint without edgeres metadata.")
-@click.option("--calib-size", type=click.IntRange(1), default=512, show_default=True,
-              help="Calibration images (drawn from the training split with the eval transform).")
-@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default=QuantCfg.calib_method, show_default=True,
-              help="NNCF range estimator: minmax, mean_minmax, percentile, histogram (MSE-style).")
 @click.option("--manifest", default=None, type=click.Path(dir_okay=False),
               help="Calibration manifest path [default: <out dir>/calibration/<out name>.manifest.json].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--epochs", type=click.IntRange(1), default=3, show_default=True, help="QAT epochs.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True, help="QAT LR.")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the INT8 checkpoint.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--recipe", default=None,
-              help="A recipe (name, or a run's recipe.yaml): QAT trains with its data augmentation, as `build` does "
-                   "[default: no augmentation].")
+@settings.options(PtqSettings, QatSettings,
+                  keys=(("gates.min_agreement_pct", "--min-agreement", "Fail when the INT8 model's top-1 agrees "
+                                                                        "with the float model's on fewer than this % "
+                                                                        "of the test split."),
+                        ("data.holdout", "--holdout", "Fraction of the training split held out (seeded by --seed) "
+                                                      "to select QAT's epoch; never calibrated on.")))
 @click.option("--max-drop", type=click.FloatRange(0), default=None,
-              help="Fail (and write nothing) when top-1 drops more than this many percentage points below the "
-                   "float model's on the test split [default: the drop is reported, not gated].")
-@click.option("--min-agreement", type=click.FloatRange(0, 100), default=None,
-              help="Fail when the INT8 model's top-1 agrees with the float model's on fewer than this % of the test "
-                   "split [default: reported, not gated].")
-@click.option("--qat-loss", type=click.Choice(["kd", "kd+ce", "ce"]), default=QuantCfg.qat_loss, show_default=True,
-              help="kd: distil the float model's logits (KL); kd+ce: half labels; ce: labels only.")
-@click.option("--temperature", type=click.FloatRange(0.05, 100), default=QuantCfg.qat_temperature,
-              show_default=True, help="Distillation temperature.")
+              help="Fail (and write nothing but <out>.rejected.pt) when top-1 drops more than this many percentage "
+                   "points below the float model's [recipe gates.max_drop_ptq (--ptq) / gates.max_drop_qat].")
+@recipe_option
 @click.option("--teacher", type=click.Path(dir_okay=False), default=None,
               help="--qat from an INT8 checkpoint: the float (or folded) model to distil [default: the float model "
                    "--weights is, when it is one].")
-@click.option("--holdout", type=click.FloatRange(0, 0.9), default=DataCfg.holdout, show_default=True,
-              help="Fraction of the training split held out (seeded by --seed) to select QAT's epoch; not used for "
-                   "calibration. With --recipe, the recipe's data.holdout.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the INT8 checkpoint.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @device_option
 @quiet_option
 @json_option
-def quantize(ptq, qat, weights, dataset, data_dir, arch, calib_size, calib_method, manifest, seed, epochs, lr,
-             batch_size, out, recipe, max_drop, min_agreement, qat_loss, temperature, teacher, holdout, device, force,
-             quiet, as_json) -> None:
+def quantize(ptq, qat, weights, dataset, data_dir, arch, manifest, max_drop, recipe_name, teacher, out, force,
+             device, quiet, as_json, **given) -> None:
     """INT8 quantization with NNCF, configured for TensorRT (the `ptq` / `qat` stages of `build`).
 
-    QAT distils the float model and keeps the epoch that agrees with it best on held-out training images. Under
-    `torchrun --nproc-per-node N` QAT splits each global --batch-size across the processes (rank 0 writes).
+    Settings come from a recipe as in `build` (the run's own when --weights comes from a run): without flags this
+    command makes the build's model. QAT distils the float model and keeps the epoch that agrees with it best on
+    held-out training images. Under `torchrun --nproc-per-node N` QAT splits each global --batch-size across the
+    processes (rank 0 writes).
 
     \b
     Example:
       edgeres quantize --qat --weights runs/x/train/best.pt --dataset imagefolder --data-dir photos --out qat.pt
     """
     from edgeres.checkpoint import read_checkpoint
-    from edgeres.errors import ConfigError
+    from edgeres.device import resolve
+    from edgeres.dist import init_dist
     from edgeres.evaluate import evaluate
-    from edgeres.io import refuse_overwrite
-    from edgeres.quantize import (
-        PtqSettings,
-        QatSettings,
-        QuantInputs,
-        QuantOutput,
-        is_quantized_checkpoint,
-        run_ptq,
-        run_qat,
-    )
+    from edgeres.quantize import QuantInputs, QuantOutput, is_quantized_checkpoint, run_ptq, run_qat
 
     if ptq == qat:
         raise ConfigError("choose one of --ptq (calibration only) or --qat (from a float checkpoint: PTQ, "
                           "then QAT)" + (", not both" if ptq else ""))
     mode = "ptq" if ptq else "qat"
     refuse_overwrite(out, force)
+    quiet = quiet or as_json
+    log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    flags = {**settings.overrides(given), "data.data_dir": data_dir,
+             "gates.max_drop_ptq": max_drop, "gates.max_drop_qat": max_drop}
+    if mode == "ptq":
+        flags["quant.qat_epochs"] = 0   # --ptq: PTQ is the final INT8 model, gated as build gates one
+    recipe, dataset, data_dir = stage_recipe(recipe_name, weights, dataset, flags, say=log)
+    if dataset is None:
+        raise ConfigError("--dataset is needed: --weights does not come from a run whose recipe names one")
     out_path = Path(out)
     manifest = manifest or str(out_path.parent / "calibration" / f"{out_path.stem}.manifest.json")
     _, _, rest = read_checkpoint(weights)
     start_quantized = is_quantized_checkpoint(rest)
     if start_quantized and mode == "ptq":
         raise ConfigError(f"{weights} is already INT8; --ptq needs a float or folded checkpoint")
-    from edgeres.device import resolve
-
     dev = resolve(device)
     if start_quantized:
         start = QuantOutput.load(weights)
         model, meta, man = start.model, start.meta, start.manifest
         teacher_model = load_float_or_folded(teacher, arch)[0] if teacher else None
-        if teacher_model is None and mode == "qat" and qat_loss != "ce":
-            raise ConfigError(f"{weights} is INT8: --qat-loss {qat_loss} distils the float model; give it with "
-                              f"--teacher, or use --qat-loss ce")
+        if teacher_model is None and mode == "qat" and recipe.quant.qat_loss != "ce":
+            raise ConfigError(f"{weights} is INT8: --qat-loss {recipe.quant.qat_loss} distils the float model; "
+                              f"give it with --teacher, or use --qat-loss ce")
     else:
         model, meta, _ = load_float_or_folded(weights, arch)
         teacher_model = model
-    if recipe is not None:
-        from edgeres.recipe import load_recipe
-
-        recipe = load_recipe(recipe)
-    data = _data(meta, dataset, data_dir, recipe, holdout=holdout, seed=seed)
+    data = _data(meta, dataset, data_dir, recipe)
     if data.info.num_classes != meta.num_classes:
         raise ConfigError(f"{dataset} has {data.info.num_classes} classes, the model {meta.num_classes}")
-    quiet = quiet or as_json
-    log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     # the drop is measured against the float model (not known when starting from an INT8 checkpoint)
     reference = None if teacher_model is None else evaluate(teacher_model.to(dev), data.test, batch_size=256)
     inputs = QuantInputs(model=model, meta=meta, eval_data=data.test, out=out_path,
@@ -242,22 +236,22 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, calib_size, calib_metho
                          train_data=data.train, manifest=None if not start_quantized else man,
                          teacher=teacher_model, holdout=data.holdout, device=dev)
     if not start_quantized:
-        res = run_ptq(inputs if mode == "ptq" else replace(inputs, out=out_path.with_name(f".{out_path.stem}.ptq")),
-                      PtqSettings(calib_size=calib_size, method=calib_method, seed=seed,
-                                  max_drop=max_drop if mode == "ptq" else None,
-                                  min_agreement_pct=min_agreement if mode == "ptq" else None), quiet=quiet)
+        ptq_settings = PtqSettings.from_recipe(recipe, calib_available=len(data.calib))
+        res = run_ptq(inputs if mode == "ptq" else replace(inputs, out=out_path.with_name(f".{out_path.stem}.ptq"),
+                                                           manifest_path=None),
+                      ptq_settings, quiet=quiet)
         if mode == "qat" and res.record.artifact:
             Path(res.record.artifact).unlink(missing_ok=True)   # only the QAT model is the command's output
-        log(f"PTQ: {calib_size} calibration images ({calib_method}), manifest {manifest}")
+        log(f"PTQ: {ptq_settings.calib_size} calibration images ({ptq_settings.method})")
         inputs = replace(inputs, model=res.output.model, manifest=res.output.manifest,
                          evaluation=res.output.evaluation)
     if mode == "qat":
-        res = run_qat(inputs, QatSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, max_drop=max_drop,
-                                          loss=qat_loss, temperature=temperature, min_agreement_pct=min_agreement),
-                      quiet=quiet, log=log)
-    _stage_failed(res.record)
-    from edgeres.dist import init_dist
+        res = run_qat(inputs, QatSettings.from_recipe(recipe), quiet=quiet, log=log)
+        if not start_quantized and res.record.passed and init_dist().main:   # the manifest of what it calibrated on
+            from edgeres.io import atomic_write_json
 
+            atomic_write_json(manifest, res.output.manifest)
+    _stage_failed(res.record)
     if not init_dist().main:   # under torchrun: rank 0 wrote and reports
         return
     m = res.output.manifest
@@ -276,29 +270,33 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, calib_size, calib_metho
 @click.option("--int8", is_flag=True, help="Export the INT8 Q/DQ model (needs an `edgeres quantize` checkpoint).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
 @click.option("--arch", default=None, help="Architecture, for a checkpoint without edgeres metadata.")
-@click.option("--opset", type=click.IntRange(13), default=17, show_default=True)
-@click.option("--simplify", is_flag=True, help="Simplify with onnxslim (must keep every Q/DQ).")
-@click.option("--recipe-hash", default="", help="Recipe hash to store in the metadata.")
-@click.option("--dataset", default=None,
-              help="Verify on this dataset's evaluation images (gated, INT8 too) instead of 32 random inputs.")
+@settings.options(ExportSettings)
+@recipe_option
+@click.option("--recipe-hash", default="", help="Recipe hash to store in the metadata [default: the checkpoint's "
+                                                "own, the recipe that trained it].")
+@click.option("--dataset", default=None, shell_complete=complete_dataset,
+              help="Verify on this dataset's evaluation images (gated, INT8 too) [default: the run's, when "
+                   "--weights comes from a run, else 32 random inputs].")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where --dataset lives.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="At most this many --dataset images.")
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="At most this many --dataset images [default: FP32 the first --probe-size, INT8 all].")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @json_option
-def export_cmd(weights, int8, out, arch, opset, simplify, recipe_hash, dataset, data_dir, limit, force,
-               as_json) -> None:
-    """Export ONNX (input "input" [N,C,H,W], output "logits"), check TensorRT rules, verify on ONNX Runtime.
+def export_cmd(weights, int8, out, arch, recipe_name, recipe_hash, dataset, data_dir, limit, force, as_json,
+               **given) -> None:
+    """Export ONNX (input "input" [N,C,H,W], output "logits"), check TensorRT rules, verify on ONNX Runtime
+    (the `export_fp32` / `export_int8` stages of `build`).
 
     FP32 must match torch (max|diff| <= 1e-4 relative, 100 % top-1 agreement); INT8 must agree with its
-    fake-quant model on >= 99 % of --dataset images. A failed check leaves --out as it was and exits 1.
-    On random inputs (no --dataset) the INT8 agreement is reported, not gated: it means little there."""
+    fake-quant model on >= 99 % of --dataset images. A failed check leaves --out as it was, keeps the graph as
+    <out>.rejected.onnx and exits 1. On random inputs (no --dataset) the INT8 agreement is reported, not gated."""
     from edgeres.checkpoint import read_checkpoint
-    from edgeres.errors import ConfigError
-    from edgeres.export import ExportInputs, ExportSettings, export_summary, run
-    from edgeres.io import refuse_overwrite
+    from edgeres.export import ExportInputs, export_summary, run
     from edgeres.quantize import QuantOutput, is_quantized_checkpoint
 
     refuse_overwrite(out, force)
+    recipe, dataset, data_dir = stage_recipe(recipe_name, weights, dataset,
+                                             {**settings.overrides(given), "data.data_dir": data_dir})
     _, _, rest = read_checkpoint(weights)
     if is_quantized_checkpoint(rest):
         if not int8:
@@ -309,11 +307,15 @@ def export_cmd(weights, int8, out, arch, opset, simplify, recipe_hash, dataset, 
         if int8:
             raise ConfigError(f"--int8 needs an INT8 checkpoint from `edgeres quantize`; {weights} is FP32")
         model, meta, _ = load_float_or_folded(weights, arch)
-    images = _first(_data(meta, dataset, data_dir).test, limit) if dataset else _random_inputs(meta)
     # exported beside --out, verified, and only then moved into place: a failed check leaves what was there
-    settings = ExportSettings(int8=int8, opset=opset, simplify=simplify, recipe_hash=recipe_hash,
-                              gate_agreement=bool(dataset) or not int8)
-    res = run(ExportInputs(model, meta, images, Path(out)), settings, quiet=as_json)
+    settings_ = replace(ExportSettings.from_recipe(recipe, int8=int8), recipe_hash=recipe_hash,
+                        gate_agreement=bool(dataset) or not int8)
+    if dataset:
+        images = _first(_data(meta, dataset, data_dir, recipe).test,
+                        limit if limit is not None else None if int8 else settings_.probe_size)
+    else:
+        images = _random_inputs(meta)
+    res = run(ExportInputs(model, meta, images, Path(out)), settings_, quiet=as_json)
     _stage_failed(res.record)
     metrics = {**res.record.metrics, "inputs": f"{dataset} test split" if dataset else "random"}
     gates = [_describe(g) for g in res.record.gates]

@@ -64,7 +64,7 @@ def train_cmd(recipe_name, arch, dataset, data_dir, epochs, batch_size, lr, seed
         from edgeres.data.infer import dataset_for
 
         base = load_recipe(recipe_name)
-        from edgeres.build import for_dataset
+        from edgeres.recipe import for_dataset
 
         inferred, note = dataset_for(data_dir, dataset, base.data.dataset)
         if note:   # --data-dir without --dataset: the folder's dataset, with that dataset's own defaults

@@ -5,12 +5,15 @@ from pathlib import Path
 
 import click
 
-from edgeres.cli._common import emit, json_option
-from edgeres.recipe import DataCfg
+from edgeres import settings
+from edgeres.cli._common import complete_dataset, emit, json_option, recipe_option, stage_recipe
+from edgeres.errors import ConfigError
+from edgeres.io import refuse_overwrite
+from edgeres.onnx_info import read_metadata
+from edgeres.tensorrt.calib_cache import CalibCacheSettings
 from edgeres.tensorrt.versions import dla_rule_text
 
 PLAN_TARGET_WITHOUT_TRT = "10.3"   # JetPack 6.1/6.2: the trtexec spelling printed when TensorRT is absent
-DEFAULT_CALIB_COUNT = 256
 JETSON_DLA_CORES = 2               # Xavier / Orin AGX / Orin NX 16GB, for planning a DLA build off-device
 
 
@@ -111,34 +114,35 @@ def compile_cmd(onnx_path, out, fp16, int8, dla_core, gpu_fallback, workspace, b
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="The FP32 ONNX.")
 @click.option("--images", type=click.Path(dir_okay=False), default=None,
               help=".npz with preprocessed float32 images [N,C,H,W] under key 'x' (e.g. runs/<name>/probe.npz).")
-@click.option("--dataset", default=None, help="Or a dataset name (edgeres.data): its calibration split.")
+@click.option("--dataset", default=None, shell_complete=complete_dataset,
+              help="Or a dataset name (edgeres.data): its calibration split [default, without --images: the run's "
+                   "dataset when --onnx comes from a run].")
 @click.option("--data-dir", default=None, help="Dataset folder for --dataset.")
-@click.option("--count", type=click.IntRange(1), default=None,
-              help="Calibration images [default: 256, or all of them when there are fewer; more than there are is "
-                   "an error].")
+@settings.options(CalibCacheSettings, keys=(("data.holdout", "--holdout", "With --dataset: the share of the "
+                                                                          "training split held out (seeded by "
+                                                                          "--seed), never calibrated on."),))
+@recipe_option
 @click.option("--trt-version", default=None,
               help="TensorRT that will read the cache (its version is in the header); default: the installed one.")
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
-              help="With --dataset: the seed of the calibration draw (the same images `quantize --ptq` and `build` "
-                   "calibrate on for the same count and seed).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Cache file, e.g. calibration/calib.cache")
 @click.option("--force", is_flag=True, help="Replace an existing cache.")
-@click.option("--holdout", type=click.FloatRange(0, 0.9), default=DataCfg.holdout, show_default=True,
-              help="With --dataset: the share of the training split held out (seeded by --seed) and so not "
-                   "calibrated on, as `build` does (data.holdout).")
 @json_option
-def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, seed, out, force, holdout,
-                    as_json) -> None:
-    """Write a TensorRT calibration cache (EntropyCalibration2 text) from ONNX Runtime activation ranges."""
-    from edgeres.errors import ConfigError
-    from edgeres.tensorrt.calib_cache import CalibCacheInputs, CalibCacheSettings, npz_batches, run
+def calib_cache_cmd(onnx_path, images, dataset, data_dir, recipe_name, trt_version, out, force, as_json,
+                    **given) -> None:
+    """Write a TensorRT calibration cache (EntropyCalibration2 text) from ONNX Runtime activation ranges (the
+    `calib_cache` stage of `build`: without flags, on the images the run's PTQ calibrated on)."""
+    from edgeres.tensorrt.calib_cache import CalibCacheInputs, npz_batches, run
     from edgeres.tensorrt.status import tensorrt_status
     from edgeres.tensorrt.versions import calib_version_tag, capabilities
 
-    if (images is None) == (dataset is None):
+    if images is not None and dataset is not None:
         raise ConfigError("give exactly one of --images FILE.npz or --dataset NAME")
-    from edgeres.io import refuse_overwrite
-
+    flags = {**settings.overrides(given), "data.data_dir": data_dir}
+    recipe, dataset, data_dir = stage_recipe(recipe_name, onnx_path, dataset, flags)
+    if images is not None:
+        dataset = None   # the run's dataset is only the default source of images
+    elif dataset is None:
+        raise ConfigError("give --images FILE.npz or --dataset NAME (--onnx does not come from a run)")
     refuse_overwrite(out, force)   # before minutes of calibration, not after
     if trt_version is None:
         status = tensorrt_status()
@@ -150,12 +154,14 @@ def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, se
     if not caps.implicit_int8:
         raise ConfigError(f"TensorRT {trt_version} has no implicit INT8 calibration; use the Q/DQ INT8 ONNX")
     indices = None
+    count_given = "quant.calib_size" in flags
+    s = CalibCacheSettings.from_recipe(recipe, version_tag=calib_version_tag(trt_version), force=force)
     if images is not None:
-        batches = npz_batches(images, limit=count, default_limit=DEFAULT_CALIB_COUNT)
+        batches = npz_batches(images, limit=s.count if count_given else None, default_limit=s.count)
     else:
-        batches, indices = _dataset_batches(dataset, data_dir, count, seed, onnx_path, holdout=holdout)
-    res = run(CalibCacheInputs(Path(onnx_path), batches, Path(out), indices),
-              CalibCacheSettings(version_tag=calib_version_tag(trt_version), force=force))
+        batches, indices = _dataset_batches(dataset, data_dir, s.count if count_given else None, s.seed, onnx_path,
+                                            holdout=recipe.data.holdout, default_count=s.count)
+    res = run(CalibCacheInputs(Path(onnx_path), batches, Path(out), indices), s)
     m = res.record.metrics
     result = {"path": out, "tag": m["tag"], "tensors": m["tensors"] - len(m["skipped"]), "skipped": m["skipped"],
               "images": m["images"], "record": res.record.to_dict()}
@@ -168,20 +174,18 @@ def calib_cache_cmd(onnx_path, images, dataset, data_dir, count, trt_version, se
 
 
 def _dataset_batches(dataset: str, data_dir: str | None, count: int | None, seed: int, onnx_path=None,
-                     batch_size: int = 32, holdout: float = 0.0):
+                     batch_size: int = 32, holdout: float = 0.0, default_count: int = 512):
     """The calibration images PTQ would draw (quantize.calibration_indices: same count and seed, same images),
-    preprocessed as the ONNX's own metadata says (input size, channels, mean/std), as `build` does."""
+    preprocessed as the ONNX's own metadata says (input size, channels, mean/std), as `build` does. `count` None:
+    `default_count`, or all of them when there are fewer (more than there are is an error)."""
     import numpy as np
 
     from edgeres.data import get_data, split_holdout
-    from edgeres.errors import ConfigError
     from edgeres.quantize import calibration_indices
+    from edgeres.runners import parse_meta
 
     pre = {}
     if onnx_path is not None:
-        from edgeres.onnx_info import read_metadata
-        from edgeres.runners import parse_meta
-
         meta = parse_meta(read_metadata(onnx_path))
         pre = {k: meta[k] for k in ("input_size", "mean", "std", "resize_size", "in_channels") if meta.get(k)}
     # the build's calibration split: the training images less the holdout (data.holdout, drawn with the same seed)
@@ -189,7 +193,7 @@ def _dataset_batches(dataset: str, data_dir: str | None, count: int | None, seed
                           seed=seed).calib
     if count is not None and count > len(calib):
         raise ConfigError(f"asked for {count} calibration images; {dataset} has {len(calib)}")
-    n = count or min(DEFAULT_CALIB_COUNT, len(calib))
+    n = count or min(default_count, len(calib))
     indices = calibration_indices(len(calib), n, seed=seed)
     xs = np.stack([np.asarray(calib[i][0], dtype=np.float32) for i in indices])
     return [xs[i:i + batch_size] for i in range(0, n, batch_size)], indices

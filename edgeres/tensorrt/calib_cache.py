@@ -15,6 +15,7 @@ from typing import Any
 
 from edgeres.errors import ArtifactError, ConfigError, DataError
 from edgeres.io import atomic_write_text, refuse_overwrite
+from edgeres.settings import read, setting
 
 METHODS = ("minmax",)
 DEFAULT_TAG = "TRT-8601-EntropyCalibration2"
@@ -167,6 +168,15 @@ class CalibCacheInputs:
 class CalibCacheSettings:
     version_tag: str = DEFAULT_TAG     # the header names the TensorRT that reads it (re-tagged on the device)
     force: bool = True
+    count: int = setting("quant.calib_size", flag="--count",
+                         help="Calibration images (all of them when there are fewer), the ones PTQ calibrates on.")
+    seed: int = setting("train.seed", help="Seed of the calibration draw (the same images `quantize --ptq` and "
+                                           "`build` calibrate on for the same count and seed).")
+
+    @classmethod
+    def from_recipe(cls, recipe, *, calib_available: int | None = None, **given) -> CalibCacheSettings:
+        count = recipe.quant.calib_size if calib_available is None else min(recipe.quant.calib_size, calib_available)
+        return read(cls, recipe, count=count, **given)
 
 
 @dataclass(frozen=True)
@@ -175,7 +185,7 @@ class CalibCacheOutput:
     tensors: int
 
 
-def run(inputs: CalibCacheInputs, settings: CalibCacheSettings = CalibCacheSettings()):
+def run(inputs: CalibCacheInputs, settings: CalibCacheSettings = CalibCacheSettings(), *, quiet: bool = True):
     """The calibration-cache stage (implicit INT8 on TensorRT 8.x / DLA). -> StageResult[CalibCacheOutput]"""
     from edgeres.records import StageRecord, StageResult
 

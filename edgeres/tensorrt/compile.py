@@ -5,15 +5,19 @@ without TensorRT (to prepare a build for a Jetson). `compile_engine` builds for 
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeres.errors import ArtifactError, BackendUnavailable, ConfigError
-from edgeres.io import atomic_write_text, refuse_overwrite
+from edgeres.io import atomic_write_text, refuse_overwrite, rejected_path
+from edgeres.metrics import agreement_pct
 from edgeres.onnx_info import OnnxInfo, inspect_onnx  # noqa: F401 - inspect_onnx re-exported
+from edgeres.settings import read, setting
 from edgeres.tensorrt.options import DEFAULT_BATCH, DLA_DEFAULT_BATCH, CompileOptions, validate_options
-from edgeres.tensorrt.sidecar import sidecar_path, trtexec_script_path, write_sidecar
+from edgeres.tensorrt.sidecar import read_sidecar, sidecar_path, trtexec_script_path, write_sidecar
 from edgeres.tensorrt.status import TrtStatus, tensorrt_status  # noqa: F401 - re-exported
 from edgeres.tensorrt.trtexec import script_text, trtexec_command
 from edgeres.tensorrt.versions import capabilities, parse_version
@@ -107,24 +111,41 @@ class CompileInputs:
     plan_dir: Path             # RUN/tensorrt: plan.json + one trtexec script per target
     out: Path                  # engine/model.plan
     relative_to: Path | None = None
+    eval_data: Any = None      # the evaluation split: an engine built here is run on it and gated
+    reference: Any = None      # the FP32 model's EvalResult on eval_data
 
 
 @dataclass(frozen=True)
 class CompileSettings:
-    precision: str = "fp32"    # options.Precision value
-    plan_batch: int = 8
+    precision: str = "fp32"    # options.Precision value (build: --int8 / --fp16)
+    plan_batch: int = setting("export.plan_batch", help="The device plan's batch (trtexec opt; DLA: static).")
+    max_drop: float | None = None          # pp of top-1 vs FP32 allowed for an engine built and run here
+    drop_source: str = "gates.max_drop_ptq"
+    min_agreement_pct: float | None = None   # % top-1 agreement with FP32 required of that engine
+
+    @classmethod
+    def from_recipe(cls, recipe, *, precision: str) -> CompileSettings:
+        """An engine is a final model: gated like the final INT8 model (Recipe.max_drop, gates.min_agreement_pct)
+        whatever its precision (FP16/FP32 engines only pass more easily)."""
+        limit, source = recipe.max_drop()
+        return read(cls, recipe, precision=precision, max_drop=limit, drop_source=source,
+                    min_agreement_pct=recipe.gates.min_agreement_pct)
 
 
 @dataclass(frozen=True)
 class CompileOutput:
     engine: Path | None        # None where TensorRT is not installed here
     device_plan: dict[str, Any]
+    evaluation: Any = None     # the engine's EvalResult on eval_data, when it was built and run here
 
 
-def run(inputs: CompileInputs, settings: CompileSettings = CompileSettings()):
-    """The compile stage: the device plan (always: the host decides, the device runs it), then an engine where
-    TensorRT is installed; otherwise skipped with the reason. -> StageResult[CompileOutput]"""
-    from edgeres.records import StageRecord, StageResult, Status
+def run(inputs: CompileInputs, settings: CompileSettings = CompileSettings(), *, quiet: bool = True):
+    """The compile stage: the device plan (always: the host decides, the device runs it; bundle reuses it), then,
+    where TensorRT is installed, an engine built beside `out`, run on the evaluation split and gated against FP32
+    before it is moved into place (a failed gate keeps it as model.rejected.plan); otherwise skipped with the
+    reason. -> StageResult[CompileOutput]"""
+
+    from edgeres.records import Gate, StageRecord, StageResult, Status, add_drop_gate
     from edgeres.tensorrt.options import Precision
     from edgeres.tensorrt.targets import write_run_plan
 
@@ -136,9 +157,55 @@ def run(inputs: CompileInputs, settings: CompileSettings = CompileSettings()):
                                   f"to be built on the target: {plan['scripts']} trtexec scripts in "
                                   f"{inputs.plan_dir.name}/ (plan.json), or `edgeres bundle`.",
                           metrics={"tensorrt": None, "reason": status.reason, "device_plan": plan})
+        rec.extra_artifacts["device_plan"] = plan["plan"]
         return StageResult(rec, CompileOutput(None, plan))
     onnx = documented_form(inputs.onnx, str(status.version), inputs.plan_dir)
-    info = compile_engine(onnx, inputs.out, CompileOptions(precision=Precision(settings.precision)), force=True)
-    rec = StageRecord(stage="compile", metrics={"engine": info, "device_plan": plan})
-    rec.set_artifact(inputs.out)
-    return StageResult(rec, CompileOutput(Path(inputs.out), plan))
+    out = Path(inputs.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".unverified-", dir=out.parent))   # same file names, beside `out`
+    try:
+        staged = staging / out.name
+        info = compile_engine(onnx, staged, CompileOptions(precision=Precision(settings.precision)), force=True)
+        rec = StageRecord(stage="compile", metrics={"engine": info, "device_plan": plan})
+        rec.extra_artifacts["device_plan"] = plan["plan"]
+        ev = None
+        if inputs.eval_data is not None and inputs.reference is not None:
+            from edgeres.evaluate import evaluate
+            from edgeres.tensorrt.runner import TrtRunner
+
+            with TrtRunner(staged) as runner:
+                ev = evaluate(runner, inputs.eval_data, batch_size=settings.plan_batch,
+                              progress=False if quiet else "evaluating the TensorRT engine")
+            add_drop_gate(rec, ev.top1, inputs.reference.top1, settings.max_drop, settings.drop_source)
+            agree = round(agreement_pct(ev.logits, inputs.reference.logits), 4)
+            rec.metrics["fp32_top1_agreement_pct"] = agree
+            if settings.min_agreement_pct is not None:
+                rec.add_gate(Gate("fp32_top1_agreement_pct", agree, settings.min_agreement_pct, ">="))
+        dest = out if rec.passed else rejected_path(out)
+        _move_engine(staged, dest)
+        info.update(sidecar=str(sidecar_path(dest)), trtexec_script=str(trtexec_script_path(dest)))
+        if rec.passed:
+            rec.set_artifact(dest)
+        else:
+            rec.extra_artifacts["rejected"] = str(dest)
+            rec.message += f"; {out.name} not written, the rejected engine is {dest}"
+        return StageResult(rec, CompileOutput(dest if rec.passed else None, plan, ev))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_engine(staged: Path, dest: Path) -> None:
+    """The engine, its sidecar and its trtexec script from the staging folder to `dest` (the script and the
+    sidecar's trtexec line name the engine's path: rewritten for where it now lies); the engine last."""
+    import os
+
+    old, new = str(staged), str(dest)
+    side = read_sidecar(staged)
+    side["trtexec"] = [a.replace(old, new) for a in side.get("trtexec", [])]
+    side["engine"] = dest.name
+    write_sidecar(dest, side)
+    script = trtexec_script_path(staged)
+    if script.is_file():
+        atomic_write_text(trtexec_script_path(dest), script.read_text().replace(old, new))
+        trtexec_script_path(dest).chmod(0o755)
+    os.replace(staged, dest)
