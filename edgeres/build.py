@@ -19,14 +19,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from edgeres import cpu, export, fold, quantize, train, verify
+from edgeres import cpu, export, fold, pretrained, quantize, train, verify
+from edgeres.checkpoint import check_checkpoints
+from edgeres.data import get_data_for
+from edgeres.data.infer import dataset_for
 from edgeres.device import describe as describe_device
 from edgeres.device import resolve as resolve_device
-from edgeres.errors import ConfigError, EdgeresError
-from edgeres.io import atomic_path, atomic_write_text, sha256_file, sha256_json
+from edgeres.errors import BackendUnavailable, ConfigError, EdgeresError
+from edgeres.io import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    check_owned_dir,
+    claim_dir,
+    sha256_file,
+    sha256_json,
+)
 from edgeres.progress import heartbeat
-from edgeres.recipe import Recipe, for_dataset
-from edgeres.records import StageRecord, StageResult, Status, append_record, reusable
+from edgeres.recipe import Recipe, for_dataset, load_recipe
+from edgeres.records import StageRecord, StageResult, Status, append_record, finish_plan, reusable, run_lock, write_plan
+from edgeres.report import write_report
 from edgeres.tensorrt import calib_cache, compile
 from edgeres.tensorrt.options import precision_from_flags
 from edgeres.tensorrt.targets import PlanInputs
@@ -95,7 +107,6 @@ class BuildContext:
     @property
     def data(self):
         if self._data is None:
-            from edgeres.data import get_data_for
 
             self._data = get_data_for(self.recipe)
         return self._data
@@ -190,6 +201,7 @@ class Step:
     when: Callable[[BuildContext], bool] = lambda ctx: True
     load: Callable[[StageRecord], Any] | None = None       # the output of a reused stage, from its artifact
     skip: Callable[[], StageResult | None] | None = None   # a skipped result, before inputs are assembled
+    then: Callable[[BuildContext, StageResult], None] | None = None   # the run folder's own files, after it passed
 
 
 def _calib_available(ctx: BuildContext) -> int | None:
@@ -221,7 +233,14 @@ def _final_quant(ctx: BuildContext) -> str:
 
 
 def _fp32_eval(ctx: BuildContext):
-    return ctx.evaluation(EvalKey("train", "torch", "fp32"), lambda: ctx.output("train").model)
+    """The FP32 reference every later stage compares with (train's own evaluation when this build trained)."""
+    trained = ctx.output("train")
+    return ctx.evaluation(EvalKey("train", "torch", "fp32"), lambda: trained.model, known=trained.evaluation)
+
+
+def _write_meta(ctx: BuildContext, result: StageResult) -> None:
+    """RUN/meta.json: the trained model's metadata, which the bundle and the report read."""
+    atomic_write_json(ctx.run_dir / "meta.json", result.output.meta.to_dict())
 
 
 def _quant_eval(ctx: BuildContext, stage: str):
@@ -408,7 +427,7 @@ def _calib(ctx: BuildContext) -> dict[str, Any]:
 
 PLAN: list[Step] = [
     Step("train", None, lambda c: train.TrainSettings.from_recipe(c.recipe), _train_inputs, train.run,
-         identity=_train_identity, load=lambda r: train.TrainOutput.load(r.artifact)),
+         identity=_train_identity, load=lambda r: train.TrainOutput.load(r.artifact), then=_write_meta),
     Step("fold", "train", lambda c: fold.FoldSettings.from_recipe(c.recipe), _fold_inputs, fold.run,
          load=lambda r: fold.FoldOutput.load(r.artifact)),
     Step("ptq", "fold", lambda c: quantize.PtqSettings.from_recipe(c.recipe, **_calib(c)), _ptq_inputs,
@@ -467,6 +486,8 @@ def run_stage(ctx: BuildContext, step: Step) -> StageRecord:
                 result = step.run(step.inputs(ctx, settings), settings, quiet=ctx.opts.quiet)
         rec = result.record
         setattr(ctx.outputs, name, result.output)
+        if step.then is not None and rec.passed:
+            step.then(ctx, result)
     except EdgeresError as e:   # a stage that could not run at all: a failed record, like a failed gate
         rec = StageRecord(stage=name, status=Status.FAILED.value, message=f"{name}: {e}")
     rec.stage = name
@@ -492,7 +513,6 @@ class StageFailed(EdgeresError):
 
 def _resolve_recipe(opts: BuildOptions):
     """The recipe with every option applied: what recipe.yaml records is what the stages run with."""
-    from edgeres.recipe import load_recipe
 
     overrides = {"model.arch": opts.arch, "data.dataset": opts.dataset, "data.data_dir": opts.data_dir,
                  "train.epochs": opts.epochs, "quant.qat_epochs": opts.qat_epochs,
@@ -505,8 +525,6 @@ def _with_dataset_of_data_dir(opts: BuildOptions) -> BuildOptions:
     """--data-dir without --dataset: the folder says which dataset it is (one line), or the build is refused."""
     from dataclasses import replace
 
-    from edgeres.data.infer import dataset_for
-    from edgeres.recipe import load_recipe
 
     dataset, note = dataset_for(opts.data_dir, opts.dataset, load_recipe(opts.recipe).data.dataset)
     if note is None:
@@ -519,9 +537,6 @@ def _with_dataset_of_data_dir(opts: BuildOptions) -> BuildOptions:
 def build(opts: BuildOptions) -> BuildResult:
     """Validate everything, then hold the run folder and run the plan. A build refused before its first stage
     (bad option, recipe or data, unwritable or busy folder) changes nothing in the folder."""
-    from edgeres.checkpoint import check_checkpoints
-    from edgeres.io import check_owned_dir, claim_dir
-    from edgeres.records import run_lock
 
     if opts.max_drop is not None and not opts.max_drop >= 0:   # NaN too: every gate against it would fail
         raise ConfigError(f"--max-drop must be >= 0, got {opts.max_drop}")
@@ -532,7 +547,6 @@ def build(opts: BuildOptions) -> BuildResult:
         raise ConfigError(f"--pretrained checkpoint not found: {opts.pretrained}")
     recipe = _resolve_recipe(opts)
     if recipe.train.init_from:   # torchvision:<arch> -> the verified published file (fetched once), else a path
-        from edgeres import pretrained
 
         say = None if opts.quiet else (lambda m: print(m, flush=True))
         recipe = recipe.with_overrides({"train.init_from": pretrained.resolve(recipe.train.init_from, say=say)})
@@ -547,7 +561,6 @@ def build(opts: BuildOptions) -> BuildResult:
     check_checkpoints(opts.pretrained, recipe.train.init_from, arch=recipe.model.arch)   # read before any write
     _check_dependencies(opts, recipe)   # what the planned stages need, before hours of training
     check_owned_dir(opts.out, what="run folder", legacy=("stages.jsonl",))
-    from edgeres.data import get_data_for
 
     if not opts.quiet:   # everything above was quick; the data load may not be
         print(f"[build] {opts.out}: {recipe.model.arch} on {recipe.data.dataset}{' --int8' if opts.int8 else ''}, "
@@ -565,7 +578,6 @@ def _check_dependencies(opts: BuildOptions, recipe) -> None:
     for want of an optional package (OpenVINO: the CPU INT8 artifact; matplotlib: the report's figures)."""
     import importlib.util
 
-    from edgeres.errors import BackendUnavailable
 
     def have(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
@@ -584,8 +596,6 @@ def _check_dependencies(opts: BuildOptions, recipe) -> None:
 
 
 def _run_plan(ctx: BuildContext) -> BuildResult:
-    from edgeres.records import finish_plan, write_plan
-    from edgeres.report import write_report
 
     steps = [s for s in PLAN if s.when(ctx)]
     atomic_write_text(ctx.run_dir / "recipe.yaml", ctx.recipe.to_yaml())

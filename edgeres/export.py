@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeres.errors import BackendUnavailable, ConfigError, GateError
-from edgeres.io import check_replaceable, rejected_path
+from edgeres import __version__
+from edgeres.check import GraphIndex, check_model, check_onnx, count_qdq, load_onnx
+from edgeres.errors import ArtifactError, BackendUnavailable, ConfigError, GateError
+from edgeres.io import atomic_path, check_replaceable, rejected_path, sha256_file
 from edgeres.metrics import FP32_MIN_AGREEMENT, compare_logits
+from edgeres.quantize import force_signed, is_quantized_model, quantizer_hooks
 from edgeres.records import Gate, StageRecord, StageResult
 from edgeres.settings import read, setting
 
@@ -27,7 +30,6 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 def metadata_props(meta, *, int8: bool, recipe_hash: str = "") -> dict[str, str]:
     """Key -> string stored in the ONNX model's metadata_props."""
-    from edgeres import __version__
 
     return {
         "edgeres.version": __version__,
@@ -53,7 +55,6 @@ def set_qdq_export_mode(model) -> int:
     """Switch every NNCF quantizer to emit ONNX QuantizeLinear/DequantizeLinear pairs."""
     from nncf.torch.quantization.layers import QuantizerExportMode
 
-    from edgeres.quantize import force_signed, quantizer_hooks
 
     force_signed(model)
     hooks = quantizer_hooks(model)
@@ -91,8 +92,6 @@ def export_onnx(model, path: str | Path, *, meta, int8: bool, opset: int = DEFAU
     import onnx
     import torch
 
-    from edgeres.check import check_model, count_qdq
-    from edgeres.io import atomic_path
 
     if opset < MIN_OPSET:
         raise ConfigError(f"opset must be >= {MIN_OPSET} (per-channel Q/DQ), got {opset}")
@@ -104,7 +103,6 @@ def export_onnx(model, path: str | Path, *, meta, int8: bool, opset: int = DEFAU
             import onnxslim  # noqa: F401
         except ImportError:
             raise BackendUnavailable("--simplify needs onnxslim (pip install onnxslim)") from None
-    from edgeres.quantize import is_quantized_model
 
     is_nncf = is_quantized_model(model)
     if int8 and not is_nncf:
@@ -160,7 +158,6 @@ def store_int8_weights(proto) -> int:
     import numpy as np
     from onnx import TensorProto, numpy_helper
 
-    from edgeres.check import GraphIndex
 
     g = GraphIndex(proto)   # constants (initializers and Constant nodes: scales, zero-points) and consumers
     weights = {t.name for t in proto.graph.initializer}
@@ -200,8 +197,6 @@ def restore_fp32_weights(proto) -> int:
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgeres.check import GraphIndex
-    from edgeres.errors import ArtifactError
 
     g = GraphIndex(proto)
     before: dict[str, list] = {}   # name of a weight's first DequantizeLinear user -> QuantizeLinear nodes to insert
@@ -242,8 +237,6 @@ def restore_fp32_weights(proto) -> int:
     return restored
 
 def export_summary(path: str | Path) -> dict[str, Any]:
-    from edgeres.check import count_qdq, load_onnx
-    from edgeres.io import sha256_file
 
     proto = load_onnx(path)
     return {"path": str(path), "sha256": sha256_file(path), "bytes": Path(path).stat().st_size,
@@ -297,7 +290,6 @@ def run(inputs: ExportInputs, settings: ExportSettings = ExportSettings(), *, qu
 
     import numpy as np
 
-    from edgeres.check import check_onnx
     from edgeres.evaluate import evaluate
     from edgeres.runners import OrtRunner
 

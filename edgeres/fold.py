@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeres.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from edgeres.device import exact_math
 from edgeres.errors import CheckpointError, EdgeresError
 from edgeres.io import rejected_path
 from edgeres.metrics import FP32_REL_TOL, compare_logits
+from edgeres.records import Gate, StageRecord, StageResult
 from edgeres.settings import read, setting
 
 FOLDED_FORMAT = "edgeres-folded-1"
@@ -172,7 +175,6 @@ def torch_logits(model, x, batch_size: int = 64):
     import numpy as np
     import torch
 
-    from edgeres.device import exact_math
 
     x = torch.as_tensor(np.asarray(x, dtype=np.float32))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -188,7 +190,6 @@ def torch_logits(model, x, batch_size: int = 64):
 
 def fold_gate(reference, folded, probe_x, *, rel_tol: float = FP32_REL_TOL):
     """Compare the folded model with the unfolded one on a probe batch. Returns (metrics, [Gate])."""
-    from edgeres.records import Gate
 
     metrics = compare_logits(torch_logits(reference, probe_x), torch_logits(folded, probe_x))
     gates = [Gate("fold_max_abs_diff_rel", metrics["rel_diff"], rel_tol, "<="),
@@ -198,7 +199,6 @@ def fold_gate(reference, folded, probe_x, *, rel_tol: float = FP32_REL_TOL):
 
 def save_folded(path: str | Path, fold_result: FoldResult, meta) -> Path:
     """Write the folded weights + ModelMeta + which BNs were folded/kept (atomic)."""
-    from edgeres.checkpoint import save_checkpoint
 
     info = {"format": FOLDED_FORMAT, "folded": list(fold_result.folded), "kept_affine": list(fold_result.kept_affine)}
     return save_checkpoint(path, fold_result.model, meta, fold=info)
@@ -206,7 +206,6 @@ def save_folded(path: str | Path, fold_result: FoldResult, meta) -> Path:
 
 def load_folded(path: str | Path):
     """Rebuild the arch from the checkpoint's ModelMeta, apply the same fold, load the weights. -> (model, meta)."""
-    from edgeres.checkpoint import load_weights, read_checkpoint
 
     state, meta, rest = read_checkpoint(path)
     info = rest.get("fold")
@@ -260,7 +259,6 @@ def run(inputs: FoldInputs, settings: FoldSettings = FoldSettings(), *, quiet: b
     -> StageResult[FoldOutput]"""
     import torch
 
-    from edgeres.records import StageRecord, StageResult
 
     result = fold_batchnorm(inputs.model)
     metrics, gates = fold_gate(inputs.model, result.model, torch.as_tensor(inputs.probe), rel_tol=settings.rel_tol)

@@ -25,10 +25,18 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from edgeres.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from edgeres.data import make_loader
 from edgeres.device import describe as describe_device
+from edgeres.device import is_cuda, resolve
+from edgeres.dist import all_sum, init_dist, shard_of_global_batches
 from edgeres.errors import BackendUnavailable, CheckpointError, ConfigError, DataError
+from edgeres.fold import fold_batchnorm, has_batchnorm
 from edgeres.io import atomic_write_json, rejected_path
+from edgeres.loop import Step, sgd_steps
 from edgeres.metrics import agreement_pct
+from edgeres.nncf_kernels import prepare
+from edgeres.nncf_patches import fast_calibration
 from edgeres.progress import silenced
 from edgeres.recipe import QuantCfg
 from edgeres.records import Gate, StageRecord, StageResult, add_drop_gate
@@ -87,7 +95,6 @@ def _nncf():
 
     if logging.getLogger("nncf").level == logging.INFO:   # NNCF's default: its INFO chatter off (DEBUG is kept)
         nncf.set_log_level(logging.WARNING)
-    from edgeres.nncf_kernels import prepare
 
     prepare()   # its C++ kernels, built once under a lock with a progress line (or its pure-torch reference)
     return nncf
@@ -246,7 +253,8 @@ def place_for_tensorrt(model, example_input) -> list[str]:
     return changes
 
 
-def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | CalibMethod = DEFAULT_CALIB_METHOD,
+def quantize_ptq(model, calib_dataset, *, subset_size: int = QuantCfg.calib_size,
+                 method: str | CalibMethod = DEFAULT_CALIB_METHOD,
                  seed: int = 0, batch_size: int = 32, manifest_path: str | Path | None = None,
                  dataset_fingerprint: str = "", fast_bias_correction: bool = True, quiet: bool = False,
                  fast: bool = True, device=None) -> PTQResult:
@@ -266,7 +274,6 @@ def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | 
     import torch
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
-    from edgeres.device import resolve
 
     dev = resolve(device or "cpu") if not isinstance(device, torch.device) else device
     batches = [b.to(dev) for b in _batches(calib_dataset, indices, batch_size)]
@@ -281,7 +288,6 @@ def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | 
     )
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    from edgeres.nncf_patches import fast_calibration
 
     with silenced(quiet), fast_calibration() if fast else contextlib.nullcontext():
         qmodel = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
@@ -306,10 +312,8 @@ def quantize_ptq(model, calib_dataset, *, subset_size: int = 512, method: str | 
         "duration_s": round(time.perf_counter() - t0, 3),
         "device": str(dev),
     }
-    from edgeres.dist import init_dist
 
     if manifest_path is not None and init_dist().main:   # under torchrun every rank calibrates alike; rank 0 writes
-        from edgeres.io import atomic_write_json
 
         atomic_write_json(manifest_path, manifest)
     return PTQResult(model=qmodel.eval(), manifest=manifest, placement_changes=changes)
@@ -391,7 +395,7 @@ class _Selection:
         return agree, -kl, {"holdout_top1": ev.top1, "holdout_agreement_pct": agree, "holdout_kl": kl}
 
 
-def quantize_qat(ptq_model, train_dataset, select_dataset=None, *, epochs: int, lr: float = 1e-4,
+def quantize_qat(ptq_model, train_dataset, select_dataset=None, *, epochs: int, lr: float = QuantCfg.qat_lr,
                  batch_size: int = 64, seed: int = 0, weight_decay: float = 0.0, teacher=None, loss: str | None = None,
                  temperature: float = 1.0, device=None, amp: bool = False, quiet: bool = False, log=None,
                  **_unused: Any) -> QATResult:
@@ -408,10 +412,6 @@ def quantize_qat(ptq_model, train_dataset, select_dataset=None, *, epochs: int, 
 
     import torch
 
-    from edgeres.data import make_loader
-    from edgeres.device import is_cuda, resolve
-    from edgeres.dist import all_sum, init_dist, shard_of_global_batches
-    from edgeres.loop import Step, sgd_steps
 
     if epochs < 1:
         raise ConfigError(f"QAT needs epochs >= 1, got {epochs}")
@@ -529,7 +529,6 @@ def save_quantized(path: str | Path, model, meta, *, mode: str | None = None,
     _nncf()
     from nncf.torch import get_config
 
-    from edgeres.checkpoint import save_checkpoint
 
     config = json.dumps(get_config(model), default=str)
     stable = {k: v for k, v in (manifest or {}).items() if k not in VOLATILE_MANIFEST_KEYS}
@@ -540,7 +539,6 @@ def save_quantized(path: str | Path, model, meta, *, mode: str | None = None,
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The calibration manifest an INT8 checkpoint carries (without rebuilding the model)."""
-    from edgeres.checkpoint import read_checkpoint
 
     _, _, rest = read_checkpoint(path)
     return json.loads((rest.get("quant") or {}).get("manifest") or "{}")
@@ -557,8 +555,6 @@ def load_quantized(path: str | Path):
     _nncf()
     from nncf.torch import load_from_config
 
-    from edgeres.checkpoint import load_weights, read_checkpoint
-    from edgeres.fold import fold_batchnorm, has_batchnorm
 
     state, meta, rest = read_checkpoint(path)
     if not is_quantized_checkpoint(rest):
@@ -669,7 +665,6 @@ class QuantOutput:
 def _finish(stage: str, model, inputs: QuantInputs, settings, metrics, manifest, quiet: bool, ev=None):
     """Evaluate, gate (drop and agreement with FP32), and only then write the checkpoint (and PTQ's calibration
     manifest). A failed gate keeps the rejected model beside the output as <name>.rejected.pt."""
-    from edgeres.dist import init_dist
     from edgeres.evaluate import evaluate
 
     if ev is None:

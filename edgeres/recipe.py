@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.errors import ConfigError
-from edgeres.io import read_small_bytes, require_regular_file
+from edgeres.io import read_small_bytes, require_regular_file, sha256_json
+from edgeres.metrics import FP32_REL_TOL, INT8_MIN_AGREEMENT
 
 DATASETS = ("digits", "mnist", "cifar10", "imagefolder")
 AUGMENTS = ("pad_crop", "flip", "random_resized_crop")
@@ -97,11 +98,11 @@ class QuantCfg:
 
 @dataclass(frozen=True)
 class GatesCfg:
-    fold_rel_tol: float = 1e-4
-    export_rel_tol: float = 1e-4
+    fold_rel_tol: float = FP32_REL_TOL          # max|logit diff| / logit scale (edgeres/metrics.py)
+    export_rel_tol: float = FP32_REL_TOL
     max_drop_ptq: float = 0.5                   # percentage points of top-1 vs FP32
     max_drop_qat: float = 0.2
-    min_int8_agreement: float = 99.0            # % of evaluation images where INT8 ONNX and fake-quant agree
+    min_int8_agreement: float = INT8_MIN_AGREEMENT   # % of evaluation images where INT8 ONNX and fake-quant agree
     min_agreement_pct: float = 95.0             # % of evaluation images where an INT8 model's top-1 = FP32's
     probe_size: int = 64
     fp32_over_chance_sigma: float = 3.0         # FP32 top-1 must beat chance (100/classes %) by this many binomial
@@ -167,7 +168,6 @@ class Recipe:
         return {name: _to_plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
 
     def hash(self) -> str:
-        from edgeres.io import sha256_json
 
         return sha256_json(self.to_dict())
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from edgeres.env import environment
-from edgeres.errors import ArtifactError, EdgeresError
+from edgeres.errors import ArtifactError, ConfigError, EdgeresError
 from edgeres.io import atomic_write_json, read_small_bytes, require_regular_file, sha256_file, special_file
 from edgeres.recipe import load_recipe
 
@@ -290,7 +290,6 @@ def reusable(run_dir: str | Path, stage: str, inputs_hash: str) -> StageRecord |
 def run_lock(run_dir: str | Path) -> Iterator[None]:
     """Hold the run folder for one build. An flock is released by the kernel when its process dies, so a killed
     build never leaves the folder locked; a second build while one runs is refused, not interleaved."""
-    from edgeres.errors import ConfigError
 
     path = Path(run_dir) / ".lock"
     if special_file(path):

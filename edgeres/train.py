@@ -24,11 +24,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeres.checkpoint import ModelMeta
+from edgeres.checkpoint import (
+    CLASSIFIER_KEYS,
+    ModelMeta,
+    load_backbone,
+    load_model,
+    num_outputs,
+    read_checkpoint,
+    save_checkpoint,
+)
+from edgeres.data import get_data_for, make_loader
+from edgeres.device import resolve
 from edgeres.dist import Dist, init_dist
-from edgeres.errors import ConfigError, DataError
-from edgeres.io import rejected_path
-from edgeres.recipe import DataCfg, GatesCfg, ModelCfg, Recipe, TrainCfg
+from edgeres.errors import BackendUnavailable, ConfigError, DataError
+from edgeres.io import atomic_write_text, check_owned_dir, claim_dir, rejected_path
+from edgeres.loop import Step, sgd_steps
+from edgeres.recipe import DataCfg, GatesCfg, ModelCfg, Recipe, TrainCfg, recipe_from_dict
+from edgeres.records import Gate, StageRecord, StageResult
 from edgeres.settings import read, setting
 
 METRIC_FIELDS = ("epoch", "iteration", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "test_loss",
@@ -71,7 +83,6 @@ def lr_at(cfg, iteration: int, iters_per_epoch: int, total_iters: int, warming: 
 def _optimizer(model, cfg):
     import torch
 
-    from edgeres.checkpoint import CLASSIFIER_KEYS
 
     groups = []
     # fine-tuning: the backbone at lr * backbone_lr_scale, the classifier at lr (one split only when they differ)
@@ -96,7 +107,6 @@ def _optimizer(model, cfg):
 def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     import json
 
-    from edgeres.io import atomic_write_text
 
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
     buf = io.StringIO()
@@ -128,8 +138,6 @@ def _check_resumable(saved: dict[str, Any], recipe, last_path: Path) -> None:
 def resume_recipe(out_dir: str | Path, overrides: dict[str, Any]):
     """The recipe a run in `out_dir` was started with, plus the options given now (so `train --resume` after
     `--epochs 2` stops at 2, not at the named recipe's count). None for runs saved before this was recorded."""
-    from edgeres.checkpoint import read_checkpoint
-    from edgeres.recipe import recipe_from_dict
 
     last = Path(out_dir) / "last.pt"
     if not last.is_file():
@@ -152,8 +160,6 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
                                                         # is the checkpoint's recipe_hash, whoever trains it
     import torch
 
-    from edgeres.data import get_data_for
-    from edgeres.device import resolve
     from edgeres.models import create_model
 
     out = Path(out_dir)
@@ -175,7 +181,6 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
     model = create_model(recipe.model.arch, num_classes=info.num_classes, in_channels=info.in_channels,
                          options=recipe.model.options).to(device)
     if tcfg.init_from and not resume:
-        from edgeres.checkpoint import load_backbone
 
         fresh = load_backbone(model, tcfg.init_from)
         if dist_info.main and not quiet:
@@ -205,9 +210,7 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
     history: list[dict[str, Any]] = list(state["history"])
     selects = getattr(bundle, "holdout", None) is not None and len(bundle.holdout) > 0
 
-    from edgeres.data import make_loader
     from edgeres.evaluate import evaluate
-    from edgeres.loop import Step, sgd_steps
 
     try:
         for epoch in range(state["epoch"], tcfg.epochs):
@@ -283,7 +286,6 @@ def _final_test(best_path: Path, test, history: list[dict[str, Any]], selects: b
         return float(history[-1]["test_top1"]), None
     value, ev = [0.0], None
     if dist_info.main:
-        from edgeres.checkpoint import load_model
         from edgeres.evaluate import evaluate
 
         model, _ = load_model(best_path)
@@ -298,7 +300,6 @@ def _final_test(best_path: Path, test, history: list[dict[str, Any]], selects: b
 
 def _check_run_folder(out: Path, *, resume: bool, force: bool, batch_size: int, world: int) -> None:
     """Refuse, before anything is trained, what would fail or overwrite a run later."""
-    from edgeres.io import check_owned_dir, claim_dir
 
     last_path = out / "last.pt"
     check_owned_dir(out, what="training folder", legacy=("metrics.jsonl",), owner_parent=True)
@@ -318,7 +319,6 @@ def _restore(last_path: Path, recipe, model, opt, scaler) -> dict[str, Any]:
     """Load last.pt into model / optimizer / AMP scaler / torch RNG; returns the saved training state."""
     import torch
 
-    from edgeres.checkpoint import read_checkpoint
 
     weights, _, rest = read_checkpoint(last_path)
     if isinstance(rest.get("recipe"), str):
@@ -337,7 +337,6 @@ def _save_epoch(out: Path, recipe, model, meta, opt, scaler, state: dict[str, An
     last one is kept), last.pt (everything --resume needs), the metrics."""
     import torch
 
-    from edgeres.checkpoint import save_checkpoint
 
     if select is None or row[select] > state["best_top1"]:
         state["best_top1"] = row[select] if select else row["epoch"]
@@ -401,7 +400,6 @@ def _tensorboard(out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        from edgeres.errors import BackendUnavailable
 
         raise BackendUnavailable("train.tensorboard needs the tensorboard package (pip install tensorboard)") from None
     return SummaryWriter(str(out / "tensorboard"))
@@ -454,7 +452,6 @@ class TrainOutput:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainOutput:
-        from edgeres.checkpoint import load_model
 
         model, meta = load_model(path)
         return cls(model, meta)
@@ -473,8 +470,6 @@ def meta_for(recipe, info) -> ModelMeta:
 def run(inputs: TrainInputs, settings: TrainSettings, *, quiet: bool = False):
     """The train stage (in `build`): train afresh into out_dir, or take `pretrained` as it is (its classes must be
     the dataset's). -> StageResult[TrainOutput]"""
-    from edgeres.checkpoint import load_model, num_outputs, save_checkpoint
-    from edgeres.records import StageRecord, StageResult
 
     recipe, info = settings.recipe, inputs.data.info
     rec = StageRecord(stage="train")
@@ -517,7 +512,6 @@ def run(inputs: TrainInputs, settings: TrainSettings, *, quiet: bool = False):
 def fp32_sanity(rec, ev, gates, num_classes: int, history: list[dict[str, Any]]) -> None:
     """Gates on the FP32 model itself (every other gate compares INT8 with it): top-1 clearly above chance for the
     class count and the evaluation split's size, and a training loss that fell."""
-    from edgeres.records import Gate
 
     n, chance = max(ev.n, 1), 100.0 / max(num_classes, 1)
     sigma = 100.0 * math.sqrt((chance / 100.0) * (1 - chance / 100.0) / n)

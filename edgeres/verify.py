@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeres.check import load_onnx
 from edgeres.metrics import agreement_pct
+from edgeres.quantize import quantizer_hooks
+from edgeres.records import Gate, StageRecord, StageResult, add_drop_gate
 
 
 def ort_session(path: str | Path, threads: int | None = None, *, optimize: bool = True):
     """A CPU ONNX Runtime runner (edgeres.runners.OrtRunner), with a clear error for a missing or non-ONNX file.
     `optimize=False`: the graph as written (see the module docstring)."""
-    from edgeres.check import load_onnx
     from edgeres.runners import OrtRunner
 
     load_onnx(path)
@@ -61,8 +63,6 @@ def layerwise(model, onnx_path: str | Path, x) -> list[dict[str, Any]]:
     import onnxruntime as ort
     import torch
 
-    from edgeres.check import load_onnx
-    from edgeres.quantize import quantizer_hooks
 
     proto = load_onnx(onnx_path)
     weights = {i.name for i in proto.graph.initializer}
@@ -228,7 +228,6 @@ def run(inputs: VerifyInputs, settings: VerifySettings = VerifySettings(), *, qu
     """The verify stage: every artifact on every backend present — top-1, its difference from FP32 (pp), agreement
     with FP32 (%), latency measured like `edgeres bench` — and the INT8 ONNX's drop gate. Closes every runner it
     was given. -> StageResult[list of rows]"""
-    from edgeres.records import StageRecord, StageResult, add_drop_gate
 
     ref = inputs.reference
     rows: list[dict[str, Any]] = []
@@ -257,7 +256,6 @@ def run(inputs: VerifyInputs, settings: VerifySettings = VerifySettings(), *, qu
     if final_int8 is not None:
         add_drop_gate(rec, final_int8.top1, ref.top1, settings.max_drop, settings.drop_source)
         if settings.min_agreement_pct is not None:
-            from edgeres.records import Gate
 
             agree = round(agreement_pct(final_int8.logits, ref.logits), 4)
             rec.metrics["int8_top1_agreement_pct"] = agree

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -409,3 +410,61 @@ def test_compile_bench_verify_through_the_emulator(bundle, tmp_path):
     got = json.loads(p.stdout)
     assert got["b"]["backend"] == "tensorrt" and got["b"]["device"].startswith("edgeres emulated GPU")
     assert got["top1_agreement_pct"] == 100.0 and got["max_abs_diff"] < 1e-4 and got["samples"] > 0, got
+
+
+COMPILE_STAGE = r"""
+import dataclasses, json, sys
+from pathlib import Path
+from edgeres.build import PLAN, BuildContext, BuildOptions, StageFailed, run_stage
+from edgeres.data import get_data_for
+from edgeres.recipe import load_recipe
+from edgeres.records import read_records
+
+run = Path(sys.argv[1])
+recipe = load_recipe(run / "recipe.yaml")
+ctx = BuildContext(opts=BuildOptions(out=run, int8=True, quiet=True, bench_seconds=0), recipe=recipe, run_dir=run,
+                   device="cpu", _data=get_data_for(recipe))
+ctx.records = {r.stage: r for r in read_records(run)}
+step = next(s for s in PLAN if s.name == "compile")
+if sys.argv[2] == "fail":   # an impossible limit: the engine's gate must fail
+    forced = dataclasses.replace(step.settings(ctx), max_drop=-100.0)
+    step = dataclasses.replace(step, settings=lambda c: forced)
+try:
+    run_stage(ctx, step)
+except StageFailed as e:
+    print("FAILED", e, file=sys.stderr)
+print(json.dumps(ctx.records["compile"].to_dict()))
+"""
+
+
+def test_compile_stage_gates_the_engine_it_built(bundle, tmp_path):
+    """Where TensorRT is present (here: the emulator), the compile stage builds the engine beside its output, runs
+    it on the evaluation split and gates it against FP32 like the final INT8 model; a failed gate leaves no
+    engine/model.plan, keeps model.rejected.plan with its sidecar, and a failed record."""
+    dev = device(tmp_path, "10.3")
+    run = tmp_path / "run"
+    shutil.copytree(RUN_OF[Path(bundle)], run)
+    engine = run / "engine" / "model.plan"
+
+    def stage(mode: str) -> dict:
+        p = subprocess.run([sys.executable, "-c", COMPILE_STAGE, str(run), mode], env=dev.env(),
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    rec = stage("pass")
+    assert rec["status"] == "passed" and rec["artifact"] == str(engine) and engine.is_file(), rec
+    names = {g["name"] for g in rec["gates"]}
+    assert names == {"top1_drop_pp", "fp32_top1_agreement_pct"} and rec["metrics"]["fp32_top1_agreement_pct"] > 90
+    side = json.loads(Path(f"{engine}.json").read_text())
+    assert side["engine"] == "model.plan" and all(".unverified" not in a for a in side["trtexec"])
+    assert ".unverified" not in Path(f"{engine}.trtexec.sh").read_text()
+
+    for p in (engine, Path(f"{engine}.json"), Path(f"{engine}.trtexec.sh")):
+        p.unlink()
+    rec = stage("fail")
+    assert rec["status"] == "failed" and rec["artifact"] is None and not engine.exists(), rec
+    rejected = run / "engine" / "model.rejected.plan"
+    assert rejected.is_file() and Path(f"{rejected}.json").is_file()
+    assert rec["extra_artifacts"]["rejected"] == str(rejected) and "top-1 dropped" in rec["message"]
+    assert not list((run / "engine").glob(".unverified*"))

@@ -9,6 +9,9 @@ from typing import Any
 
 import click
 
+from edgeres.device import DEVICE_HELP
+from edgeres.recipe import DATASETS, for_dataset, list_recipes, load_recipe
+
 
 def emit(obj: Any, as_json: bool, text: str | Callable[[], str] | None = None) -> None:
     """Print `obj` as one JSON object (--json) or as human text. JSON has no NaN or Infinity: such a number is
@@ -63,7 +66,6 @@ def ints(value: str | None, name: str) -> tuple[int, ...] | None:
 
 def device_option(fn):
     """--device: where every torch stage runs (decided once per command, recorded in its records)."""
-    from edgeres.device import DEVICE_HELP
 
     return click.option("--device", default=None, metavar="DEVICE", help=f"Torch device: {DEVICE_HELP}.")(fn)
 
@@ -75,7 +77,6 @@ def _names(source):
 
 
 def _recipes():
-    from edgeres.recipe import list_recipes
 
     return list_recipes()
 
@@ -87,7 +88,6 @@ def _archs():
 
 
 def _datasets():
-    from edgeres.recipe import DATASETS
 
     return list(DATASETS)
 
@@ -122,7 +122,6 @@ def stage_recipe(recipe_name: str | None, artifact: str | None, dataset: str | N
     recipe; adapted to `dataset` (recipe.for_dataset) and to the flags given (`overrides`). `dataset`: given, else
     the run's own (None when there is no run: the command decides); --data-dir comes in `overrides`
     ("data.data_dir")."""
-    from edgeres.recipe import for_dataset, load_recipe
 
     run = run_of(artifact) if recipe_name is None else None
     source = str(run / "recipe.yaml") if run is not None else (recipe_name or "demo")

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from edgeres.build import BuildOptions
+from edgeres.build import build as run_build
 from edgeres.cli._common import (
     complete_arch,
     complete_dataset,
@@ -15,7 +17,10 @@ from edgeres.cli._common import (
     json_option,
     quiet_option,
 )
+from edgeres.errors import ArtifactError
 from edgeres.recipe import CALIB_METHODS
+from edgeres.records import read_plan, read_records_counted, verdict
+from edgeres.report import format_table, write_report
 
 
 @click.command()
@@ -71,9 +76,6 @@ def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, calib_method, inp
           mean, std, skip_bad_images, calib_size, qat_lr, int8, fp16, pretrained, init_from, backbone_lr_scale, out,
           max_drop, force, bench_seconds, holdout, qat_loss, min_agreement, device, quiet, as_json) -> None:
     """Data -> train -> fold -> PTQ -> QAT -> export -> compile -> verify -> report, each stage gated against FP32."""
-    from edgeres.build import BuildOptions
-    from edgeres.build import build as run_build
-    from edgeres.report import format_table
 
     out = Path(out) if out else Path("runs") / f"{arch or recipe}-{dataset or 'default'}"
     opts = BuildOptions(out=out, recipe=recipe, arch=arch, dataset=dataset, data_dir=data_dir, epochs=epochs,
@@ -104,9 +106,6 @@ def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, calib_method, inp
 @json_option
 def report(run_dir, as_json) -> None:
     """Re-render report.json/md/html of a run folder from its stages.jsonl and print the table."""
-    from edgeres.errors import ArtifactError
-    from edgeres.records import read_plan, read_records_counted, verdict
-    from edgeres.report import format_table, write_report
 
     records, torn = read_records_counted(run_dir)
     if not records:

@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 
 from edgeres import settings
+from edgeres.check import check_onnx, count_qdq
+from edgeres.checkpoint import ModelMeta, load_model, num_outputs, read_checkpoint
 from edgeres.cli._common import (
     complete_dataset,
     device_option,
@@ -17,11 +19,25 @@ from edgeres.cli._common import (
     recipe_option,
     stage_recipe,
 )
+from edgeres.data import get_data, get_data_for, split_holdout
+from edgeres.device import resolve
+from edgeres.dist import init_dist
 from edgeres.errors import ConfigError, GateError
-from edgeres.export import ExportSettings
-from edgeres.fold import FoldSettings
-from edgeres.io import refuse_overwrite
-from edgeres.quantize import PtqSettings, QatSettings
+from edgeres.export import ExportInputs, ExportSettings, export_summary
+from edgeres.export import run as run_export
+from edgeres.fold import FoldInputs, FoldSettings, fold_batchnorm, load_folded
+from edgeres.fold import run as run_fold
+from edgeres.io import atomic_write_json, refuse_overwrite
+from edgeres.quantize import (
+    PtqSettings,
+    QatSettings,
+    QuantInputs,
+    QuantOutput,
+    is_quantized_checkpoint,
+    run_ptq,
+    run_qat,
+)
+from edgeres.records import Gate
 
 
 def _pct(percent: float) -> str:
@@ -34,7 +50,6 @@ def _pct(percent: float) -> str:
 
 def _meta_for(model, meta, arch: str | None):
     """ModelMeta of a checkpoint, or one built from the registry for a foreign state_dict (--arch)."""
-    from edgeres.checkpoint import ModelMeta, num_outputs
     from edgeres.models import get_spec
 
     if meta is not None:
@@ -59,7 +74,6 @@ def _data(meta, dataset: str, data_dir: str | None, recipe=None, holdout: float 
     """`dataset` preprocessed as the model's own metadata says (input size, channels, mean/std); with a recipe, its
     training-data settings too (augmentation, padding, cache, holdout), as `build` trains with them. `holdout`:
     hold out that fraction of the training split (seeded by `seed`) as `build` does (None: none)."""
-    from edgeres.data import get_data, get_data_for, split_holdout
 
     own = dict(dataset=dataset, data_dir=data_dir, input_size=meta.input_size, mean=meta.mean, std=meta.std,
                resize_size=meta.resize_size)
@@ -83,8 +97,6 @@ def _stage_failed(rec) -> None:
 
 def load_float_or_folded(weights: str, arch: str | None = None):
     """A trained checkpoint (folded here) or an `edgeres fold` checkpoint -> (folded model, meta, FoldResult|None)."""
-    from edgeres.checkpoint import load_model, read_checkpoint
-    from edgeres.fold import fold_batchnorm, load_folded
 
     _, meta, rest = read_checkpoint(weights)
     if isinstance(rest.get("fold"), dict):
@@ -116,8 +128,6 @@ def fold(weights, out, arch, dataset, data_dir, recipe_name, force, as_json, **g
     """
     import numpy as np
 
-    from edgeres.checkpoint import load_model
-    from edgeres.fold import FoldInputs, run
 
     refuse_overwrite(out, force)
     recipe, dataset, data_dir = stage_recipe(recipe_name, weights, dataset,
@@ -128,7 +138,7 @@ def fold(weights, out, arch, dataset, data_dir, recipe_name, force, as_json, **g
     pairs = (_first(_data(meta, dataset, data_dir, recipe).test, s.probe_size) if dataset
              else _random_inputs(meta, s.probe_size))
     probe = np.stack([np.asarray(x, dtype=np.float32) for x, _ in pairs])
-    res = run(FoldInputs(model, meta, probe, Path(out)), s)
+    res = run_fold(FoldInputs(model, meta, probe, Path(out)), s)
     _stage_failed(res.record)
     result = res.output.result
     obj = {"out": out, "arch": meta.arch, "folded": result.folded, "kept_affine": result.kept_affine,
@@ -139,7 +149,6 @@ def fold(weights, out, arch, dataset, data_dir, recipe_name, force, as_json, **g
 
 
 def _describe(gate: dict) -> str:
-    from edgeres.records import Gate
 
     return Gate(gate["name"], gate["value"], gate["limit"], gate["op"]).describe()
 
@@ -187,11 +196,7 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, manifest, max_drop, rec
     Example:
       edgeres quantize --qat --weights runs/x/train/best.pt --dataset imagefolder --data-dir photos --out qat.pt
     """
-    from edgeres.checkpoint import read_checkpoint
-    from edgeres.device import resolve
-    from edgeres.dist import init_dist
     from edgeres.evaluate import evaluate
-    from edgeres.quantize import QuantInputs, QuantOutput, is_quantized_checkpoint, run_ptq, run_qat
 
     if ptq == qat:
         raise ConfigError("choose one of --ptq (calibration only) or --qat (from a float checkpoint: PTQ, "
@@ -236,7 +241,8 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, manifest, max_drop, rec
                          train_data=data.train, manifest=None if not start_quantized else man,
                          teacher=teacher_model, holdout=data.holdout, device=dev)
     if not start_quantized:
-        ptq_settings = PtqSettings.from_recipe(recipe, calib_available=len(data.calib))
+        given_size = "quant.calib_size" in flags   # given: more than there are is an error, as in build
+        ptq_settings = PtqSettings.from_recipe(recipe, calib_available=None if given_size else len(data.calib))
         res = run_ptq(inputs if mode == "ptq" else replace(inputs, out=out_path.with_name(f".{out_path.stem}.ptq"),
                                                            manifest_path=None),
                       ptq_settings, quiet=quiet)
@@ -248,7 +254,6 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, manifest, max_drop, rec
     if mode == "qat":
         res = run_qat(inputs, QatSettings.from_recipe(recipe), quiet=quiet, log=log)
         if not start_quantized and res.record.passed and init_dist().main:   # the manifest of what it calibrated on
-            from edgeres.io import atomic_write_json
 
             atomic_write_json(manifest, res.output.manifest)
     _stage_failed(res.record)
@@ -290,9 +295,6 @@ def export_cmd(weights, int8, out, arch, recipe_name, recipe_hash, dataset, data
     FP32 must match torch (max|diff| <= 1e-4 relative, 100 % top-1 agreement); INT8 must agree with its
     fake-quant model on >= 99 % of --dataset images. A failed check leaves --out as it was, keeps the graph as
     <out>.rejected.onnx and exits 1. On random inputs (no --dataset) the INT8 agreement is reported, not gated."""
-    from edgeres.checkpoint import read_checkpoint
-    from edgeres.export import ExportInputs, export_summary, run
-    from edgeres.quantize import QuantOutput, is_quantized_checkpoint
 
     refuse_overwrite(out, force)
     recipe, dataset, data_dir = stage_recipe(recipe_name, weights, dataset,
@@ -315,7 +317,7 @@ def export_cmd(weights, int8, out, arch, recipe_name, recipe_hash, dataset, data
                         limit if limit is not None else None if int8 else settings_.probe_size)
     else:
         images = _random_inputs(meta)
-    res = run(ExportInputs(model, meta, images, Path(out)), settings_, quiet=as_json)
+    res = run_export(ExportInputs(model, meta, images, Path(out)), settings_, quiet=as_json)
     _stage_failed(res.record)
     metrics = {**res.record.metrics, "inputs": f"{dataset} test split" if dataset else "random"}
     gates = [_describe(g) for g in res.record.gates]
@@ -340,7 +342,6 @@ def check(model, trt_version, as_json) -> None:
     Example:
       edgeres check runs/demo/export/model_int8.onnx --trt-version 8.6
     """
-    from edgeres.check import check_onnx, count_qdq
 
     violations = check_onnx(model, trt_version=trt_version)
     obj = {"model": model, "ok": not violations, **count_qdq(model),

@@ -5,7 +5,12 @@ from pathlib import Path
 
 import click
 
+from edgeres import pretrained
 from edgeres.cli._common import complete_arch, complete_recipe, device_option, emit, floats, json_option, quiet_option
+from edgeres.data.infer import dataset_for
+from edgeres.errors import ConfigError
+from edgeres.recipe import for_dataset, load_recipe
+from edgeres.train import resume_recipe, train
 
 DATASETS = ["digits", "mnist", "cifar10", "imagefolder"]
 
@@ -43,8 +48,6 @@ def train_cmd(recipe_name, arch, dataset, data_dir, epochs, batch_size, lr, seed
               skip_bad_images, init_from, backbone_lr_scale, out_dir, resume, force, holdout, device, quiet,
               as_json) -> None:
     """Train a model (FP32) from a recipe; flags override recipe values. Works under torchrun (DDP)."""
-    from edgeres.recipe import load_recipe
-    from edgeres.train import resume_recipe, train
 
     overrides = {
         "model.arch": arch, "data.dataset": dataset, "data.data_dir": data_dir, "train.epochs": epochs,
@@ -53,18 +56,14 @@ def train_cmd(recipe_name, arch, dataset, data_dir, epochs, batch_size, lr, seed
         "data.skip_bad_images": skip_bad_images, "train.init_from": init_from,
         "train.backbone_lr_scale": backbone_lr_scale, "data.holdout": holdout}
     if init_from:
-        from edgeres import pretrained
-        from edgeres.errors import ConfigError
 
         overrides["train.init_from"] = init_from = pretrained.resolve(init_from, say=lambda m: click.echo(m, err=True))
         if not Path(init_from).is_file():
             raise ConfigError(f"--init-from checkpoint not found: {init_from}")
     recipe = resume_recipe(out_dir, overrides) if resume else None   # a resumed run keeps its own recipe
     if recipe is None:
-        from edgeres.data.infer import dataset_for
 
         base = load_recipe(recipe_name)
-        from edgeres.recipe import for_dataset
 
         inferred, note = dataset_for(data_dir, dataset, base.data.dataset)
         if note:   # --data-dir without --dataset: the folder's dataset, with that dataset's own defaults

@@ -7,11 +7,19 @@ import click
 
 from edgeres import settings
 from edgeres.cli._common import complete_dataset, emit, json_option, recipe_option, stage_recipe
-from edgeres.errors import ConfigError
+from edgeres.data import get_data, split_holdout
+from edgeres.errors import BackendUnavailable, ConfigError
 from edgeres.io import refuse_overwrite
 from edgeres.onnx_info import read_metadata
-from edgeres.tensorrt.calib_cache import CalibCacheSettings
-from edgeres.tensorrt.versions import dla_rule_text
+from edgeres.quantize import calibration_indices
+from edgeres.recipe import QuantCfg
+from edgeres.tensorrt.calib_cache import CalibCacheInputs, CalibCacheSettings, npz_batches, run
+from edgeres.tensorrt.compile import compile_engine, plan_compile, write_trtexec_script
+from edgeres.tensorrt.options import CompileOptions, parse_batch, precision_from_flags
+from edgeres.tensorrt.sidecar import trtexec_script_path
+from edgeres.tensorrt.status import tensorrt_status
+from edgeres.tensorrt.trtexec import format_command
+from edgeres.tensorrt.versions import calib_version_tag, capabilities, dla_rule_text
 
 PLAN_TARGET_WITHOUT_TRT = "10.3"   # JetPack 6.1/6.2: the trtexec spelling printed when TensorRT is absent
 JETSON_DLA_CORES = 2               # Xavier / Orin AGX / Orin NX 16GB, for planning a DLA build off-device
@@ -19,7 +27,6 @@ JETSON_DLA_CORES = 2               # Xavier / Orin AGX / Orin NX 16GB, for plann
 
 def _options(fp16, int8, dla_core, gpu_fallback, workspace, batch, timing_cache, version_compatible,
              hardware_compatibility, sparsity, calib_cache, strongly_typed):
-    from edgeres.tensorrt.options import CompileOptions, parse_batch, precision_from_flags
 
     return CompileOptions(
         precision=precision_from_flags(fp16=fp16, int8=int8), dla_core=dla_core, gpu_fallback=gpu_fallback,
@@ -30,8 +37,6 @@ def _options(fp16, int8, dla_core, gpu_fallback, workspace, batch, timing_cache,
 
 
 def _write_plan(out: str, plan: dict, force: bool) -> str | None:
-    from edgeres.tensorrt.compile import write_trtexec_script
-    from edgeres.tensorrt.sidecar import trtexec_script_path
 
     if trtexec_script_path(out).exists() and not force:
         return None
@@ -68,16 +73,10 @@ def compile_cmd(onnx_path, out, fp16, int8, dla_core, gpu_fallback, workspace, b
                 version_compatible, hardware_compatibility, sparsity, calib_cache, strongly_typed, trt_version,
                 jetson, print_trtexec, force, as_json) -> None:
     """Compile an ONNX model into a TensorRT engine with a sidecar and the equivalent trtexec command."""
-    from edgeres.errors import BackendUnavailable, ConfigError
-    from edgeres.tensorrt.compile import compile_engine, plan_compile
-    from edgeres.tensorrt.status import tensorrt_status
-    from edgeres.tensorrt.trtexec import format_command
 
     opts = _options(fp16, int8, dla_core, gpu_fallback, workspace, batch, timing_cache, version_compatible,
                     hardware_compatibility, sparsity, calib_cache, strongly_typed)
     if trt_version:
-        from edgeres.io import refuse_overwrite
-        from edgeres.tensorrt.sidecar import trtexec_script_path
 
         refuse_overwrite(trtexec_script_path(out), force)   # before planning: exit 1, nothing written
         plan = plan_compile(onnx_path, out, opts, trt_version=trt_version, is_jetson=jetson,
@@ -131,9 +130,6 @@ def calib_cache_cmd(onnx_path, images, dataset, data_dir, recipe_name, trt_versi
                     **given) -> None:
     """Write a TensorRT calibration cache (EntropyCalibration2 text) from ONNX Runtime activation ranges (the
     `calib_cache` stage of `build`: without flags, on the images the run's PTQ calibrated on)."""
-    from edgeres.tensorrt.calib_cache import CalibCacheInputs, npz_batches, run
-    from edgeres.tensorrt.status import tensorrt_status
-    from edgeres.tensorrt.versions import calib_version_tag, capabilities
 
     if images is not None and dataset is not None:
         raise ConfigError("give exactly one of --images FILE.npz or --dataset NAME")
@@ -174,14 +170,12 @@ def calib_cache_cmd(onnx_path, images, dataset, data_dir, recipe_name, trt_versi
 
 
 def _dataset_batches(dataset: str, data_dir: str | None, count: int | None, seed: int, onnx_path=None,
-                     batch_size: int = 32, holdout: float = 0.0, default_count: int = 512):
+                     batch_size: int = 32, holdout: float = 0.0, default_count: int = QuantCfg.calib_size):
     """The calibration images PTQ would draw (quantize.calibration_indices: same count and seed, same images),
     preprocessed as the ONNX's own metadata says (input size, channels, mean/std), as `build` does. `count` None:
     `default_count`, or all of them when there are fewer (more than there are is an error)."""
     import numpy as np
 
-    from edgeres.data import get_data, split_holdout
-    from edgeres.quantize import calibration_indices
     from edgeres.runners import parse_meta
 
     pre = {}
@@ -203,7 +197,6 @@ def _dataset_batches(dataset: str, data_dir: str | None, count: int | None, seed
 @json_option
 def trt_status_cmd(as_json) -> None:
     """Is TensorRT usable here: version, GPU, compute capability, Jetson, DLA cores."""
-    from edgeres.tensorrt.status import tensorrt_status
 
     status = tensorrt_status()
     emit(status.describe(), as_json, status.reason)

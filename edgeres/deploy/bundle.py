@@ -19,10 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from edgeres.deploy import device_runtime as rt
+from edgeres.deploy.releases import EXECUTABLE  # one list for bundle, releases and deploy
 from edgeres.deploy.signing import check_key, sign_bundle
 from edgeres.errors import ArtifactError, ConfigError
 from edgeres.io import atomic_path, check_bundle_out, ensure_writable_dir, sha256_file
-from edgeres.records import verify_copies
+from edgeres.records import read_plan, read_records, read_records_counted, verdict, verify_copies
+from edgeres.report import build_report
+from edgeres.tensorrt.targets import TARGETS
+from edgeres.verify import ort_logits, ort_session
 
 FORMAT = "edgeres-bundle/1"
 MANIFEST = "manifest.json"
@@ -32,8 +37,6 @@ RUN_FILES = {  # bundle name -> (path in the run folder, required)
     "calib.cache": ("calibration/calib.cache", False),
 }
 DEFAULT_GATES = {"min_top1_agreement_pct": 90.0, "max_accuracy_drop_pp": 5.0}   # % and percentage points
-MAX_PLAN_BATCH = 32
-from edgeres.deploy.releases import EXECUTABLE  # noqa: E402 - one list for bundle, releases and deploy
 
 LAUNCHER = """#!/bin/sh
 # edgeres device runtime: verifies this bundle, builds and checks the engine for this device, benchmarks.
@@ -61,8 +64,6 @@ def _load_json(path: Path) -> Any:
 def expected_accuracy_from_run(run_dir: Path) -> dict[str, float]:
     """Top-1 (%) the build measured on the evaluation split, per "stage/backend" (the verify stage's rows; a build
     stopped earlier: what its quantize stages measured)."""
-    from edgeres.records import read_records
-    from edgeres.report import build_report
 
     records = read_records(run_dir)
     latest = {r.stage: r for r in records}
@@ -71,7 +72,6 @@ def expected_accuracy_from_run(run_dir: Path) -> dict[str, float]:
 
 
 def build_verdict(run_dir: Path) -> tuple[bool, str]:
-    from edgeres.records import read_plan, read_records_counted, verdict
 
     records, torn = read_records_counted(run_dir)
     if not records:
@@ -81,7 +81,6 @@ def build_verdict(run_dir: Path) -> tuple[bool, str]:
 
 def tensorrt_validated(run_dir: Path) -> list[str]:
     """TensorRT versions this run's engine was really built and checked with (compile stages that passed)."""
-    from edgeres.records import read_records
 
     versions = set()
     for rec in read_records(run_dir):
@@ -108,7 +107,6 @@ def write_npz(path: Path, arrays: dict[str, Any]) -> None:
 
 def _ort_logits(onnx_path: Path, x, batch: int = 32):
     """Host reference logits on ONNX Runtime, plus the model's input and output descriptions."""
-    from edgeres.verify import ort_logits, ort_session
 
     runner = ort_session(onnx_path)
     try:
@@ -134,6 +132,33 @@ def _collect(run_dir: Path) -> dict[str, Path | None]:
         raise ArtifactError(f"{run_dir} is missing {', '.join(missing)}: run the export stage "
                             f"(`edgeres build`) before bundling")
     return files
+
+
+def _run_plan(run_dir: Path, dest: Path) -> dict[str, Any]:
+    """The device plan the run's compile stage made (tensorrt/plan.json, vouched for by its record's sha256), with
+    the FP32-weights copy of the INT8 ONNX it names for TensorRT 8.5/8.6 copied into the bundle (its sha256 checked
+    against the plan). The host decides once; the bundle carries that decision."""
+
+    comp = next((r for r in reversed(read_records(run_dir)) if r.stage == "compile"), None)
+    info = (comp.metrics.get("device_plan") or {}) if comp is not None else {}
+    path = run_dir / "tensorrt" / "plan.json"
+    if not info.get("sha256") or not path.is_file():
+        raise ArtifactError(f"{run_dir} has no device plan from its compile stage (tensorrt/plan.json): re-run "
+                            f"`edgeres build` before bundling")
+    if sha256_file(path) != info["sha256"]:
+        raise ArtifactError(f"{path} is not the plan the compile stage wrote (sha256 differs from its record); "
+                            f"re-run `edgeres build`")
+    plan = _load_json(path)
+    for entry in plan.get("entries", []):
+        entry.pop("script", None)   # the run folder's trtexec scripts; the device runtime writes its own command
+        name = entry.get("onnx")
+        if name and not (dest / name).is_file():
+            src = run_dir / "tensorrt" / name
+            if not src.is_file() or sha256_file(src) != entry.get("onnx_sha256"):
+                raise ArtifactError(f"{src}: missing, or not the file the device plan names (sha256); re-run "
+                                    f"`edgeres build`")
+            shutil.copyfile(src, dest / name)
+    return plan
 
 
 def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str, float],
@@ -167,16 +192,7 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str
             shutil.copyfile(src, dest / name)
     (dest / "edgeres-device").write_text(LAUNCHER)
 
-    from edgeres.tensorrt.targets import TARGETS, PlanInputs, device_plan, with_fp32_weights_copy
-
-    # TensorRT 8.5/8.6 document FP32 weights behind QuantizeLinear: the bundle carries that copy for them
-    plan_inputs = with_fp32_weights_copy(PlanInputs(fp32_name="model_fp32.onnx", int8_name="model_int8.onnx",
-                                                    fp32_onnx=dest / "model_fp32.onnx",
-                                                    int8_onnx=dest / "model_int8.onnx",
-                                                    calib_name="calib.cache" if files["calib.cache"] else None,
-                                                    calib_cache=dest / "calib.cache" if files["calib.cache"] else None),
-                                         dest)
-    plan = device_plan(plan_inputs, batch=min(len(x), MAX_PLAN_BATCH))
+    plan = _run_plan(run_dir, dest)   # made once, by the build's compile stage: the same plan the run folder holds
     probe_acc = None if y is None else {"fp32": 100.0 * float((ref32.argmax(1) == y).mean()),
                                         "int8": 100.0 * float((ref8.argmax(1) == y).mean())}
     calib = "calib.cache" if files["calib.cache"] else None
@@ -319,7 +335,6 @@ def opened_bundle(path: str | Path) -> Iterator[Path]:
 
 def verify_bundle(bundle_dir: str | Path) -> dict[str, Any]:
     """The manifest of an intact bundle; ArtifactError naming every missing, altered or unsafe file."""
-    from edgeres.deploy import device_runtime as rt
 
     bundle_dir = Path(bundle_dir)
     try:

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeres.check import load_onnx
 from edgeres.errors import ArtifactError, ConfigError, DataError
 from edgeres.io import atomic_write_text, refuse_overwrite
+from edgeres.records import StageRecord, StageResult
 from edgeres.settings import read, setting
 
 METHODS = ("minmax",)
@@ -50,7 +52,6 @@ def activation_ranges(fp32_onnx: str | Path, calib_batches: Iterable[Any], *, me
 
     if method not in METHODS:
         raise ConfigError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
-    from edgeres.check import load_onnx
 
     fp32_onnx = Path(fp32_onnx)
     model = load_onnx(fp32_onnx)
@@ -187,7 +188,6 @@ class CalibCacheOutput:
 
 def run(inputs: CalibCacheInputs, settings: CalibCacheSettings = CalibCacheSettings(), *, quiet: bool = True):
     """The calibration-cache stage (implicit INT8 on TensorRT 8.x / DLA). -> StageResult[CalibCacheOutput]"""
-    from edgeres.records import StageRecord, StageResult
 
     batches = list(inputs.batches)
     ranges = activation_ranges(inputs.fp32_onnx, batches)

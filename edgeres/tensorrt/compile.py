@@ -15,10 +15,13 @@ from edgeres.errors import ArtifactError, BackendUnavailable, ConfigError
 from edgeres.io import atomic_write_text, refuse_overwrite, rejected_path
 from edgeres.metrics import agreement_pct
 from edgeres.onnx_info import OnnxInfo, inspect_onnx  # noqa: F401 - inspect_onnx re-exported
+from edgeres.records import Gate, StageRecord, StageResult, Status, add_drop_gate
 from edgeres.settings import read, setting
-from edgeres.tensorrt.options import DEFAULT_BATCH, DLA_DEFAULT_BATCH, CompileOptions, validate_options
+from edgeres.tensorrt import engine_build
+from edgeres.tensorrt.options import DEFAULT_BATCH, DLA_DEFAULT_BATCH, CompileOptions, Precision, validate_options
 from edgeres.tensorrt.sidecar import read_sidecar, sidecar_path, trtexec_script_path, write_sidecar
 from edgeres.tensorrt.status import TrtStatus, tensorrt_status  # noqa: F401 - re-exported
+from edgeres.tensorrt.targets import FP32W_SUFFIX, write_run_plan
 from edgeres.tensorrt.trtexec import script_text, trtexec_command
 from edgeres.tensorrt.versions import capabilities, parse_version
 
@@ -61,7 +64,6 @@ def write_trtexec_script(out_path: str | Path, plan: dict[str, Any], *, force: b
 def compile_engine(onnx_path: str | Path, out_path: str | Path, options: CompileOptions, *,
                    force: bool = False) -> dict[str, Any]:
     """Build the engine with the installed TensorRT; write engine, sidecar and trtexec script atomically."""
-    from edgeres.tensorrt import engine_build
 
     status = tensorrt_status()
     if not status.available:
@@ -90,7 +92,6 @@ def compile_engine(onnx_path: str | Path, out_path: str | Path, options: Compile
 def documented_form(onnx: Path, trt_version: str, plan_dir: Path) -> Path:
     """The ONNX in the INT8 weight form this TensorRT documents: `onnx` itself, or the FP32-weights copy the device
     plan wrote beside plan.json (targets.with_fp32_weights_copy) for 8.5/8.6."""
-    from edgeres.tensorrt.targets import FP32W_SUFFIX
 
     form = inspect_onnx(onnx).weight_form
     if form is None or form in capabilities(trt_version).int8_weight_forms:
@@ -145,9 +146,6 @@ def run(inputs: CompileInputs, settings: CompileSettings = CompileSettings(), *,
     before it is moved into place (a failed gate keeps it as model.rejected.plan); otherwise skipped with the
     reason. -> StageResult[CompileOutput]"""
 
-    from edgeres.records import Gate, StageRecord, StageResult, Status, add_drop_gate
-    from edgeres.tensorrt.options import Precision
-    from edgeres.tensorrt.targets import write_run_plan
 
     plan = write_run_plan(inputs.plan_dir, inputs.plan, batch=settings.plan_batch, relative_to=inputs.relative_to)
     status = tensorrt_status()

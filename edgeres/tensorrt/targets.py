@@ -31,10 +31,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from edgeres.check import INT8_WEIGHTS_PROP, int8_weight_form, load_onnx
 from edgeres.errors import ConfigError
+from edgeres.export import restore_fp32_weights
+from edgeres.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from edgeres.onnx_info import inspect_onnx
 from edgeres.tensorrt.options import CompileOptions, Precision, validate_options
-from edgeres.tensorrt.trtexec import trtexec_command
+from edgeres.tensorrt.trtexec import format_command, trtexec_command
 from edgeres.tensorrt.versions import FP32_QUANTIZE, INT8_CONSTANTS, capabilities, dla_rule_text
 
 PLAN_FORMAT = "edgeres-trt-plan/1"
@@ -165,7 +168,6 @@ def script_name(entry: dict[str, Any]) -> str:
 
 def script_for(entry: dict[str, Any], *, onnx: str, calib: str | None) -> str:
     """A stock trtexec build for one plan entry, runnable on the device from the folder holding the files."""
-    from edgeres.tensorrt.trtexec import format_command
 
     label = TARGETS[entry["target"]][2]
     argv = [a.replace(ONNX, onnx).replace(ENGINE, f"model-{entry['precision']}-{entry['device']}.plan")
@@ -191,7 +193,6 @@ def write_run_plan(folder: Path, inputs: PlanInputs, *, batch: int, relative_to:
     to FOLDER as seen from `relative_to` (the run folder): copy the run folder to a device and run a script."""
     import os
 
-    from edgeres.io import atomic_write_json, atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
     inputs = with_fp32_weights_copy(inputs, folder)
@@ -215,7 +216,8 @@ def write_run_plan(folder: Path, inputs: PlanInputs, *, batch: int, relative_to:
         scripts.append(path.name)
     atomic_write_json(folder / "plan.json", plan)
     return {"plan": str((folder / "plan.json").relative_to(relative_to)), "scripts": len(scripts),
-            "refused": sum(1 for e in plan["entries"] if e["refused"])}
+            "refused": sum(1 for e in plan["entries"] if e["refused"]), "batch": batch,
+            "sha256": sha256_file(folder / "plan.json")}
 
 
 FP32W_SUFFIX = ".fp32w.onnx"
@@ -225,9 +227,6 @@ def with_fp32_weights_copy(inputs: PlanInputs, folder: Path) -> PlanInputs:
     """When the INT8 ONNX stores INT8 constants (documented from TensorRT 10 only), write FOLDER/<name>.fp32w.onnx:
     the same graph with FP32 weights behind QuantizeLinear (export.restore_fp32_weights: bit-identical outputs), the
     form 8.5/8.6 document, and name it in the inputs. Replaces only a file of that name edgeres wrote itself."""
-    from edgeres.check import INT8_WEIGHTS_PROP, int8_weight_form, load_onnx
-    from edgeres.export import restore_fp32_weights
-    from edgeres.io import atomic_write_bytes
 
     if inputs.int8_fp32w_onnx is not None or inputs.int8_onnx == inputs.fp32_onnx:
         return inputs

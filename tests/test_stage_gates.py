@@ -1,0 +1,90 @@
+"""A failed gate, stage by stage: the build's own stage (its plan row: settings, inputs, run) with one gate made
+impossible to pass ends in a failed record that names its gates, the output path is not written, the rejected
+artifact is kept beside it as <name>.rejected.<ext>, and nothing else the stage writes on success (PTQ's
+calibration manifest) appears.
+
+One real small `edgeres build --int8` with QAT is the reference; each case runs in a copy of its folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edgeres.build import PLAN, BuildContext, BuildOptions, StageFailed, build, run_stage
+from edgeres.data import get_data_for
+from edgeres.recipe import load_recipe
+from edgeres.records import read_records
+
+pytestmark = pytest.mark.slow
+
+# stage -> the settings that no artifact can pass (limits outside what a recipe accepts), and the files the stage
+# writes on success (relative to the run folder) that must not appear when it fails
+IMPOSSIBLE = {
+    "train": ({"fp32_over_chance_sigma": 1000.0}, ["train/best.pt"]),
+    "fold": ({"rel_tol": -1.0}, ["fold/folded.pt"]),
+    "ptq": ({"max_drop": -100.0}, ["quant/ptq.pt", "calibration/manifest.json"]),
+    "qat": ({"min_agreement_pct": 101.0}, ["quant/qat.pt"]),
+    "export_fp32": ({"rel_tol": -1.0}, ["export/model_fp32.onnx"]),
+    "export_int8": ({"min_agreement_pct": 101.0}, ["export/model_int8.onnx"]),
+    "export_cpu": ({"max_drop": -100.0}, ["export/model_int8_cpu.xml", "export/model_int8_cpu.bin"]),
+    "verify": ({"max_drop": -100.0}, []),
+}
+REJECTED = {"train": "train/best.rejected.pt", "fold": "fold/folded.rejected.pt", "ptq": "quant/ptq.rejected.pt",
+            "qat": "quant/qat.rejected.pt", "export_fp32": "export/model_fp32.rejected.onnx",
+            "export_int8": "export/model_int8.rejected.onnx", "export_cpu": "export/model_int8_cpu.rejected.xml"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    res = build(BuildOptions(out=out, arch="mnist_resnet", epochs=3, qat_epochs=1, int8=True, bench_seconds=0,
+                             max_drop=100.0, quiet=True,
+                             overrides={"quant.calib_size": 64, "gates.min_agreement_pct": 0.0}))
+    assert res.ok, res.message
+    return out
+
+
+def _context(run: Path) -> BuildContext:
+    recipe = load_recipe(run / "recipe.yaml")
+    ctx = BuildContext(opts=BuildOptions(out=run, int8=True, quiet=True, bench_seconds=0), recipe=recipe,
+                       run_dir=run, device="cpu", _data=get_data_for(recipe))
+    ctx.records = {r.stage: r for r in read_records(run)}
+    return ctx
+
+
+def test_every_gated_stage_is_covered():
+    gated = {s.name for s in PLAN} - {"calib_cache", "compile"}   # compile: tests/test_trt_emulator.py
+    assert gated == set(IMPOSSIBLE)
+
+
+@pytest.mark.parametrize("stage", list(IMPOSSIBLE))
+def test_a_failed_gate_leaves_a_failed_record_and_the_rejected_artifact(reference, tmp_path, stage):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    forced, outputs = IMPOSSIBLE[stage]
+    for rel in outputs:   # what a passing stage writes: gone now, and it must stay gone
+        (run / rel).unlink()
+    ctx = _context(run)
+    before = len((run / "stages.jsonl").read_text().splitlines())
+    step = next(s for s in PLAN if s.name == stage)
+    settings = dataclasses.replace(step.settings(ctx), **forced)
+    with pytest.raises(StageFailed):
+        run_stage(ctx, dataclasses.replace(step, settings=lambda c: settings))
+    lines = (run / "stages.jsonl").read_text().splitlines()
+    assert len(lines) == before + 1, "one record appended, the failed one"
+    rec = json.loads(lines[-1])
+    assert rec["stage"] == stage and rec["status"] == "failed" and rec["artifact"] is None
+    assert rec["gates"] and not all(g["passed"] for g in rec["gates"]), rec["gates"]
+    assert rec["message"].startswith(stage.split("_")[0]), rec["message"]
+    for rel in outputs:
+        assert not (run / rel).exists(), f"{stage} wrote {rel} although its gate failed"
+    if stage in REJECTED:
+        rejected = run / REJECTED[stage]
+        assert rejected.is_file() and rec["extra_artifacts"]["rejected"].endswith(REJECTED[stage])
+        assert str(rejected.name) in rec["message"]
+    leftovers = [p.name for p in run.rglob(".*unverified*")]
+    assert not leftovers, leftovers
