@@ -5,6 +5,7 @@ evaluates what is reported and writes.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -32,7 +33,17 @@ def init_dist() -> Dist:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(_leave)
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _leave() -> None:
+    """Tear the process group down before the interpreter exits: a gloo group left to the C++ destructors can
+    abort the process at exit ("terminate called without an active exception", SIGABRT) after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard_of_global_batches(n: int, global_batch: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1,

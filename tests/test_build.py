@@ -223,12 +223,15 @@ def test_export_command_verifies_int8_on_real_images(built, tmp_path):
 
 
 def test_the_recipes_drop_limits_are_the_gate_unless_max_drop_is_given(tmp_path):
-    from edgeres.build import BuildOptions, _resolve_recipe, max_drop
+    """One rule (Recipe.max_drop): the final INT8 model's limit is gates.max_drop_qat with QAT, gates.max_drop_ptq
+    without; --max-drop is a recipe override of both, so recipe.yaml records the limit the build ran with."""
+    from edgeres.build import BuildOptions, _resolve_recipe
 
     strict = tmp_path / "strict.yaml"
     strict.write_text("gates:\n  max_drop_ptq: 0.4\n  max_drop_qat: 0.1\n")
     with_qat = _resolve_recipe(BuildOptions(out=tmp_path, recipe=str(strict)))
     ptq_only = _resolve_recipe(BuildOptions(out=tmp_path, recipe=str(strict), qat_epochs=0))
-    assert max_drop(BuildOptions(out=tmp_path), with_qat) == (0.1, "gates.max_drop_qat")
-    assert max_drop(BuildOptions(out=tmp_path), ptq_only) == (0.4, "gates.max_drop_ptq")
-    assert max_drop(BuildOptions(out=tmp_path, max_drop=2.0), with_qat) == (2.0, "--max-drop")
+    assert with_qat.max_drop() == (0.1, "gates.max_drop_qat")
+    assert ptq_only.max_drop() == (0.4, "gates.max_drop_ptq")
+    given = _resolve_recipe(BuildOptions(out=tmp_path, recipe=str(strict), max_drop=2.0))
+    assert given.max_drop() == (2.0, "gates.max_drop_qat") and given.gates.max_drop_ptq == 2.0

@@ -18,9 +18,10 @@ from edgeres.errors import ArtifactError, ConfigError, DataError
 from edgeres.io import atomic_write_text, refuse_overwrite
 from edgeres.records import StageRecord, StageResult
 from edgeres.settings import read, setting
+from edgeres.tensorrt.versions import calib_version_tag
 
 METHODS = ("minmax",)
-DEFAULT_TAG = "TRT-8601-EntropyCalibration2"
+DEFAULT_TAG = calib_version_tag("8.6.1")   # the header a build writes; the device runtime re-tags it for its own
 _SKIP_OPS = {"Constant", "Shape", "ConstantOfShape", "Size"}
 
 
