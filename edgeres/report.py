@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ def format_table(report: dict[str, Any]) -> str:
     word = "FAILED: " if not report["ok"] else "NOT MEASURABLE: " if report.get("unmeasurable") else "PASSED: "
     verdict = word + (report["message"] if word != "NOT MEASURABLE: " else
                       f"every gate passed, but {len(report['unmeasurable'])} of them cannot be measured with these "
-                      f"images (see the note)")
+                      f"images (see the note)") + _fp32_text(report.get("fp32"))
     out.append(textwrap.fill(verdict, TERMINAL_WIDTH, subsequent_indent="  ", break_on_hyphens=False,
                              break_long_words=False))
     return "\n".join(out)
@@ -273,20 +274,48 @@ def _stage_rows(records: list[StageRecord]) -> list[dict[str, Any]]:
     return rows
 
 
+AGREEMENT_KEYS = ("top1_agreement_pct", "fp32_top1_agreement_pct", "int8_top1_agreement_pct")   # vs FP32
+
+
 def unmeasurable_gates(records: list[StageRecord]) -> list[str]:
-    """Drop gates (pp) finer than one image of the split they were measured on: with N images top-1 moves in steps
-    of 100/N pp, so a limit below one step cannot tell a real loss from one image's luck."""
+    """Drop gates (pp) the evaluation split cannot resolve: finer than one image (with N images top-1 moves in
+    steps of 100/N pp), or finer than the drop's own sampling noise. Two models' top-1 on the same N images differ
+    only on the images where they disagree: with a share d of disagreements the drop's standard deviation is at most
+    100·sqrt(d/N) pp, so a limit below it passes or fails by which images were drawn, not by the model."""
     out = []
     for r in records:
         n = r.metrics.get("n_eval")
         if not n:
             continue
         step = 100.0 / n
+        agree = next((r.metrics[k] for k in AGREEMENT_KEYS if isinstance(r.metrics.get(k), (int, float))), None)
+        noise = 100.0 * math.sqrt((100.0 - agree) / 100.0 / n) if agree is not None else 0.0
         for g in r.gates:
-            if g["name"].endswith("_pp") and g["op"] == "<=" and 0 < g["limit"] < step:
+            if not (g["name"].endswith("_pp") and g["op"] == "<=" and g["limit"] > 0):
+                continue
+            if g["limit"] < step:
                 out.append(f"{r.stage} {g['name']} <= {g['limit']:g} pp is finer than one image of {n} "
                            f"({step:.2f} pp)")
+            elif g["limit"] < noise:
+                out.append(f"{r.stage} {g['name']} <= {g['limit']:g} pp is finer than the drop's sampling noise "
+                           f"(±{noise:.2f} pp: {100 - agree:.1f} % of {n} images disagree with FP32)")
     return out
+
+
+def fp32_quality(records: list[StageRecord]) -> dict[str, Any] | None:
+    """What the verdict stands on: the FP32 model's top-1, on how many images, against chance (train's record)."""
+    train = next((r for r in records if r.stage == "train"), None)
+    m = train.metrics if train is not None else {}
+    if not isinstance(m.get("fp32_top1_pct"), (int, float)) or not m.get("n_eval"):
+        return None
+    return {"top1_pct": m["fp32_top1_pct"], "n": m["n_eval"], "chance_pct": m.get("chance_pct")}
+
+
+def _fp32_text(q: dict[str, Any] | None) -> str:
+    if not q:
+        return ""
+    chance = f", chance {q['chance_pct']:.1f} %" if q.get("chance_pct") is not None else ""
+    return f" (FP32 top-1 {q['top1_pct']:.1f} % on {q['n']} images{chance})"
 
 
 def build_report(run_dir: Path, records: list[StageRecord], *, ok: bool, message: str,
@@ -310,7 +339,7 @@ def build_report(run_dir: Path, records: list[StageRecord], *, ok: bool, message
         notes.append("not measurable: " + "; ".join(unmeasurable) + ": such a gate passes only when not one image "
                      "changes, and fails on one; loosen it (e.g. --max-drop) or evaluate on more images")
     return {"run": str(run_dir), "ok": ok, "message": message, "total_s": round(total_s, 2),
-            "unmeasurable": unmeasurable,
+            "unmeasurable": unmeasurable, "fp32": fp32_quality(records),
             "rows": verify.metrics.get("rows", []) if verify else _stage_rows(records),
             "per_class": verify.metrics.get("per_class") if verify else None,
             "class_names": verify.metrics.get("class_names") if verify else None,

@@ -68,3 +68,21 @@ def test_build_in_a_pseudo_terminal_has_no_10_s_gap(tmp_path):
     assert p.returncode in (0, 1), out[-2000:]
     assert b"[verify]" in out or b"FAILED" in out
     assert worst < 10.0, f"{worst:.1f} s without output after: {out[max(0, where - 300):where]!r}"
+
+
+def test_device_runtime_ticks_while_it_builds_or_times(monkeypatch, capsys):
+    """The device runtime (a standalone script on the Jetson) says how long an engine build or the timing loop has
+    run every TICK_S; --quiet keeps stderr empty."""
+    import argparse
+    import time
+
+    from edgeres.deploy import device_runtime as rt
+
+    monkeypatch.setattr(rt, "TICK_S", 0.05)
+    with rt.ticking(argparse.Namespace(quiet=False), "timing 200 iterations"):
+        time.sleep(0.3)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 3 and all(line.startswith("edgeres-device: timing 200 iterations: ") for line in lines)
+    with rt.ticking(argparse.Namespace(quiet=True), "building the engine"):
+        time.sleep(0.15)
+    assert capsys.readouterr().err == ""

@@ -17,6 +17,7 @@ Exit codes: 0 passed, 1 a gate failed, 2 the bundle or the device cannot be used
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path, PurePosixPath
 
@@ -522,6 +524,30 @@ def say(args: argparse.Namespace, msg: str) -> None:
         print(f"edgeres-device: {msg}", file=sys.stderr, flush=True)
 
 
+TICK_S = 5.0   # never silent longer than this while building or timing
+
+
+@contextlib.contextmanager
+def ticking(args: argparse.Namespace, label: str):
+    """While the body runs (an engine build, a trtexec run, the timing loop): "<label>: 12 s" every TICK_S."""
+    stop = threading.Event()
+    start = time.monotonic()
+
+    def tick() -> None:
+        while not stop.wait(TICK_S):
+            say(args, f"{label}: {time.monotonic() - start:.0f} s")
+
+    thread = threading.Thread(target=tick, daemon=True)
+    if not getattr(args, "quiet", False):
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
+
+
 def _choose(info: dict, manifest: dict, args: argparse.Namespace):
     """The backend this device runs (refusing what --backend / --require-backend / --dla-core rule out), GPU or
     DLA, and the host's plan entry for this TensorRT, precision and device (None on a CPU backend)."""
@@ -585,12 +611,13 @@ def _engine_runner(backend: str, bundle: Path, onnx: Path, entry: dict, info: di
                   "on this device and TensorRT version; this can take minutes)")
         engine.parent.mkdir(parents=True, exist_ok=True)
         calib = local_calib_cache(bundle, entry, str(info["tensorrt"]), engine.parent / "calib.cache")
-        if backend == "tensorrt":
-            build = build_with_python_checked(bundle, onnx, engine, entry, calib=calib,
-                                              workspace_mb=args.workspace_mb, dla_core=args.dla_core)
-        else:
-            build = trtexec_build(info["trtexec"], entry, onnx=onnx, engine=engine, calib=calib,
-                                  dla_core=args.dla_core)
+        with ticking(args, "building the engine"):
+            if backend == "tensorrt":
+                build = build_with_python_checked(bundle, onnx, engine, entry, calib=calib,
+                                                  workspace_mb=args.workspace_mb, dla_core=args.dla_core)
+            else:
+                build = trtexec_build(info["trtexec"], entry, onnx=onnx, engine=engine, calib=calib,
+                                      dla_core=args.dla_core)
     result["engine"] = {"path": str(engine), "key": key, "cached": cached, "build": build}
     if backend == "tensorrt":
         return TensorRTRunner(engine, name_in, name_out, batch, dla_core=args.dla_core).infer
@@ -658,12 +685,13 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     result["verification"] = check_outputs(logits, ref, y, gates, expected)
     xb = x[:batch] if len(x) >= batch or not static else np.concatenate([x] * (batch // len(x) + 1))[:batch]
     say(args, f"timing {args.iterations} iterations at batch {len(xb)}")
-    if backend == "trtexec":
-        result["benchmark"] = trtexec_bench(info["trtexec"], result["engine"]["path"],
-                                            _run_args(entry, name_in, xb.shape, args.dla_core), xb.shape,
-                                            args.iterations)
-    else:
-        result["benchmark"] = benchmark(infer, xb, args.iterations)
+    with ticking(args, f"timing {args.iterations} iterations"):
+        if backend == "trtexec":
+            result["benchmark"] = trtexec_bench(info["trtexec"], result["engine"]["path"],
+                                                _run_args(entry, name_in, xb.shape, args.dla_core), xb.shape,
+                                                args.iterations)
+        else:
+            result["benchmark"] = benchmark(infer, xb, args.iterations)
     result["status"] = "passed" if result["verification"]["passed"] else "failed"
     result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return result, EXIT_OK if result["status"] == "passed" else EXIT_GATE
