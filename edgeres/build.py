@@ -445,8 +445,7 @@ PLAN: list[Step] = [
     Step("calib_cache", "export_fp32", lambda c: calib_cache.CalibCacheSettings.from_recipe(c.recipe, **_calib(c)),
          _calib_cache_inputs, calib_cache.run, identity=_data_identity, when=_int8),
     Step("compile", "export_int8|export_fp32", _compile_settings, _compile_inputs, compile.run,
-         identity=lambda c: {**_data_identity(c), "calib_cache": (c.records.get("calib_cache") or
-                                                                  StageRecord("calib_cache")).sha256},
+         identity=lambda c: {**_data_identity(c), "calib_cache": getattr(c.records.get("calib_cache"), "sha256", None)},
          load=_load_compile),
     Step("verify", "export_int8|export_fp32", _verify_settings, _verify_inputs, verify.run,
          identity=_verify_identity),

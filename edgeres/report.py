@@ -78,13 +78,19 @@ def format_table(report: dict[str, Any]) -> str:
     for note in report.get("notes", []):
         out.append(textwrap.fill(note, TERMINAL_WIDTH, initial_indent="note: ", subsequent_indent="      ",
                                  break_on_hyphens=False, break_long_words=False))
-    word = "FAILED: " if not report["ok"] else "NOT MEASURABLE: " if report.get("unmeasurable") else "PASSED: "
-    verdict = word + (report["message"] if word != "NOT MEASURABLE: " else
-                      f"every gate passed, but {len(report['unmeasurable'])} of them cannot be measured with these "
-                      f"images (see the note)") + _fp32_text(report.get("fp32"))
-    out.append(textwrap.fill(verdict, TERMINAL_WIDTH, subsequent_indent="  ", break_on_hyphens=False,
+    word, text = verdict_parts(report)
+    out.append(textwrap.fill(f"{word}: {text}", TERMINAL_WIDTH, subsequent_indent="  ", break_on_hyphens=False,
                              break_long_words=False))
     return "\n".join(out)
+
+
+def verdict_parts(report: dict[str, Any]) -> tuple[str, str]:
+    """("PASSED" | "NOT MEASURABLE" | "FAILED", the sentence): the last line of the table, the report's headline."""
+    word = "FAILED" if not report["ok"] else "NOT MEASURABLE" if report.get("unmeasurable") else "PASSED"
+    text = (report["message"] if word != "NOT MEASURABLE" else
+            f"every gate passed, but {len(report['unmeasurable'])} of them cannot be measured with these images "
+            f"(see the note)")
+    return word, text + _fp32_text(report.get("fp32"))
 
 
 def _merged_latency_warnings(rows: list[dict[str, Any]]) -> list[str]:
@@ -131,7 +137,7 @@ def env_rows(env: dict[str, Any]) -> list[tuple[str, str]]:
 def to_markdown(report: dict[str, Any]) -> str:
     header = [h for _, h in COLUMNS]
     md = [f"# edgeres report: {report['run']}", "",
-          f"**{'PASSED' if report['ok'] else 'FAILED'}**: {html.escape(report['message'])}", "",
+          "**{}**: {}".format(*verdict_parts(report)), "",
           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
     md += [""] + [f"- {n}" for n in report.get("notes", [])]
@@ -237,7 +243,7 @@ def to_html(report: dict[str, Any]) -> str:
     env = "".join(f"<tr><td>{html.escape(k)}</td><td class='path'>{html.escape(v)}</td></tr>"
                   for k, v in env_rows(report["environment"]))
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []))
-    status = "PASSED" if report["ok"] else "FAILED"
+    status, verdict = verdict_parts(report)
     title = html.escape(report["run"])
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgeres report {title}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
@@ -247,7 +253,7 @@ td:nth-child(-n+3),th{{text-align:left}}.ok{{background:#eef8ee}}.bad{{backgroun
 table{{max-width:100%}}.path{{text-align:left;word-break:break-all}}.sha{{font-family:monospace}}
 .scroll{{overflow-x:auto;max-width:100%}}</style>
 </head><body><h1>edgeres report: {html.escape(report['run'])}</h1>
-<p class="status">{status}: {html.escape(report['message'])}</p>
+<p class="status">{status}: {html.escape(verdict)}</p>
 <div class="scroll"><table><tr>{header}</tr>{body}</table></div><ul>{notes}</ul>
 <p>Units: top-1, Δ and agreement in % / percentage points (pp) of the evaluation split.</p>
 <h2>Gates</h2><table><tr><th>stage</th><th>gate</th><th>value</th><th>limit</th><th>result</th></tr>{gates}</table>
