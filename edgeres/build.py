@@ -524,7 +524,6 @@ def _with_dataset_of_data_dir(opts: BuildOptions) -> BuildOptions:
     """--data-dir without --dataset: the folder says which dataset it is (one line), or the build is refused."""
     from dataclasses import replace
 
-
     dataset, note = dataset_for(opts.data_dir, opts.dataset, load_recipe(opts.recipe).data.dataset)
     if note is None:
         return opts
@@ -576,7 +575,6 @@ def _check_dependencies(opts: BuildOptions, recipe) -> None:
     """Refuse up front what a planned stage would fail on later (NNCF for --int8); say once what will be skipped
     for want of an optional package (OpenVINO: the CPU INT8 artifact; matplotlib: the report's figures)."""
     import importlib.util
-
 
     def have(name: str) -> bool:
         return importlib.util.find_spec(name) is not None

@@ -55,7 +55,6 @@ def set_qdq_export_mode(model) -> int:
     """Switch every NNCF quantizer to emit ONNX QuantizeLinear/DequantizeLinear pairs."""
     from nncf.torch.quantization.layers import QuantizerExportMode
 
-
     force_signed(model)
     hooks = quantizer_hooks(model)
     for _, q in hooks:
@@ -91,7 +90,6 @@ def export_onnx(model, path: str | Path, *, meta, int8: bool, opset: int = DEFAU
     `problems` list the graph is written anyway and the problems appended, for the caller's gate to judge."""
     import onnx
     import torch
-
 
     if opset < MIN_OPSET:
         raise ConfigError(f"opset must be >= {MIN_OPSET} (per-channel Q/DQ), got {opset}")
@@ -158,7 +156,6 @@ def store_int8_weights(proto) -> int:
     import numpy as np
     from onnx import TensorProto, numpy_helper
 
-
     g = GraphIndex(proto)   # constants (initializers and Constant nodes: scales, zero-points) and consumers
     weights = {t.name for t in proto.graph.initializer}
     drop = []
@@ -196,7 +193,6 @@ def restore_fp32_weights(proto) -> int:
     QuantizeLinear gives back q exactly (checked), so outputs are bit-identical. Returns how many were restored."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
-
 
     g = GraphIndex(proto)
     before: dict[str, list] = {}   # name of a weight's first DequantizeLinear user -> QuantizeLinear nodes to insert

@@ -175,7 +175,6 @@ def torch_logits(model, x, batch_size: int = 64):
     import numpy as np
     import torch
 
-
     x = torch.as_tensor(np.asarray(x, dtype=np.float32))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     outs = []
@@ -258,7 +257,6 @@ def run(inputs: FoldInputs, settings: FoldSettings = FoldSettings(), *, quiet: b
     """The fold stage: fold, check against the unfolded model on the probe, and only then write the checkpoint.
     -> StageResult[FoldOutput]"""
     import torch
-
 
     result = fold_batchnorm(inputs.model)
     metrics, gates = fold_gate(inputs.model, result.model, torch.as_tensor(inputs.probe), rel_tol=settings.rel_tol)

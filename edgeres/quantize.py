@@ -274,7 +274,6 @@ def quantize_ptq(model, calib_dataset, *, subset_size: int = QuantCfg.calib_size
     import torch
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
-
     dev = resolve(device or "cpu") if not isinstance(device, torch.device) else device
     batches = [b.to(dev) for b in _batches(calib_dataset, indices, batch_size)]
     model = copy.deepcopy(model).eval().to(dev)   # NNCF wraps the model in place: keep the caller's model intact
@@ -412,7 +411,6 @@ def quantize_qat(ptq_model, train_dataset, select_dataset=None, *, epochs: int, 
 
     import torch
 
-
     if epochs < 1:
         raise ConfigError(f"QAT needs epochs >= 1, got {epochs}")
     if not (math.isfinite(lr) and lr > 0):
@@ -529,7 +527,6 @@ def save_quantized(path: str | Path, model, meta, *, mode: str | None = None,
     _nncf()
     from nncf.torch import get_config
 
-
     config = json.dumps(get_config(model), default=str)
     stable = {k: v for k, v in (manifest or {}).items() if k not in VOLATILE_MANIFEST_KEYS}
     info = {"format": QUANT_FORMAT, "nncf_config": config, "mode": mode,
@@ -554,7 +551,6 @@ def load_quantized(path: str | Path):
     Returns (model, meta, manifest dict)."""
     _nncf()
     from nncf.torch import load_from_config
-
 
     state, meta, rest = read_checkpoint(path)
     if not is_quantized_checkpoint(rest):

@@ -83,7 +83,6 @@ def lr_at(cfg, iteration: int, iters_per_epoch: int, total_iters: int, warming: 
 def _optimizer(model, cfg):
     import torch
 
-
     groups = []
     # fine-tuning: the backbone at lr * backbone_lr_scale, the classifier at lr (one split only when they differ)
     parts = (None,) if cfg.backbone_lr_scale == 1.0 else (False, True)
@@ -107,7 +106,6 @@ def _optimizer(model, cfg):
 def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     import json
 
-
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
@@ -129,7 +127,9 @@ def _changed_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def _check_resumable(saved: dict[str, Any], recipe, last_path: Path) -> None:
     """A resumed run keeps the recipe it was started with; only the epoch count may grow."""
-    changed = [k for k in _changed_keys(saved, recipe.to_dict()) if k != "train.epochs"]
+    changed = [k for k in _changed_keys(saved, recipe.to_dict()) if k != "train.epochs"
+               and k.split(".")[0] in ("model", "data", "train")]   # what trains the model (runs before this
+                                                                    # round saved every section)
     if changed:
         raise ConfigError(f"{last_path} was started with other settings ({', '.join(changed[:4])}); resume with "
                           f"the same options, or pass --force to start over")
@@ -319,7 +319,6 @@ def _restore(last_path: Path, recipe, model, opt, scaler) -> dict[str, Any]:
     """Load last.pt into model / optimizer / AMP scaler / torch RNG; returns the saved training state."""
     import torch
 
-
     weights, _, rest = read_checkpoint(last_path)
     if isinstance(rest.get("recipe"), str):
         _check_resumable(json.loads(rest["recipe"]), recipe, last_path)
@@ -336,7 +335,6 @@ def _save_epoch(out: Path, recipe, model, meta, opt, scaler, state: dict[str, An
     """best.pt when this epoch's holdout top-1 (`select`) is the best so far (without a holdout: every epoch, the
     last one is kept), last.pt (everything --resume needs), the metrics."""
     import torch
-
 
     if select is None or row[select] > state["best_top1"]:
         state["best_top1"] = row[select] if select else row["epoch"]

@@ -63,7 +63,6 @@ def layerwise(model, onnx_path: str | Path, x) -> list[dict[str, Any]]:
     import onnxruntime as ort
     import torch
 
-
     proto = load_onnx(onnx_path)
     weights = {i.name for i in proto.graph.initializer}
     consumers: dict[str, list] = {}

@@ -128,7 +128,6 @@ def fold(weights, out, arch, dataset, data_dir, recipe_name, force, as_json, **g
     """
     import numpy as np
 
-
     refuse_overwrite(out, force)
     recipe, dataset, data_dir = stage_recipe(recipe_name, weights, dataset,
                                              {**settings.overrides(given), "data.data_dir": data_dir})

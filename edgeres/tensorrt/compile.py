@@ -146,7 +146,6 @@ def run(inputs: CompileInputs, settings: CompileSettings = CompileSettings(), *,
     before it is moved into place (a failed gate keeps it as model.rejected.plan); otherwise skipped with the
     reason. -> StageResult[CompileOutput]"""
 
-
     plan = write_run_plan(inputs.plan_dir, inputs.plan, batch=settings.plan_batch, relative_to=inputs.relative_to)
     status = tensorrt_status()
     if not status.available:

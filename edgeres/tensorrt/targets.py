@@ -193,7 +193,6 @@ def write_run_plan(folder: Path, inputs: PlanInputs, *, batch: int, relative_to:
     to FOLDER as seen from `relative_to` (the run folder): copy the run folder to a device and run a script."""
     import os
 
-
     folder.mkdir(parents=True, exist_ok=True)
     inputs = with_fp32_weights_copy(inputs, folder)
     plan = device_plan(inputs, batch=batch)
