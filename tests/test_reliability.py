@@ -226,3 +226,19 @@ def test_compile_refuses_to_leave_an_existing_trtexec_script(tmp_path):
     assert r.exit_code == 1 and "already exists; pass --force" in r.stderr
     assert script.read_text() == "keep\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.plan.trtexec.sh"]
+
+
+def test_resume_compares_only_what_trains_the_model(tmp_path):
+    """A run's last.pt records the recipe it was started with; resuming compares the sections that train the model
+    (model, data, train; the epoch count may grow). Runs saved before this round recorded every section: a gate or a
+    quantization setting there is no reason to refuse."""
+    from edgeres.errors import ConfigError
+    from edgeres.recipe import load_recipe
+    from edgeres.train import _check_resumable
+
+    recipe = load_recipe("demo")
+    saved = recipe.with_overrides({"gates.max_drop_qat": 3.0, "quant.qat_epochs": 5}).to_dict()
+    _check_resumable(saved, recipe, tmp_path / "last.pt")   # not refused
+    saved["train"]["lr"] = 0.5
+    with pytest.raises(ConfigError, match=r"other settings \(train.lr\)"):
+        _check_resumable(saved, recipe, tmp_path / "last.pt")
