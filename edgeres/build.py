@@ -306,12 +306,13 @@ def _export_fp32_inputs(ctx: BuildContext, settings) -> export.ExportInputs:
 
 
 def _export_int8_inputs(ctx: BuildContext, settings) -> export.ExportInputs:
-    """INT8 Q/DQ ONNX vs the fake-quant model over the whole evaluation split (a 99 % gate needs hundreds of images
-    to mean anything: on a 64-image probe one disagreement is already 98.4 %)."""
+    """INT8 Q/DQ ONNX vs the fake-quant model over the whole evaluation split and, up to
+    gates.int8_agreement_images, training images (a 99 % gate needs thousands of images to mean anything: on 359,
+    four near ties that float rounding flips already fail it)."""
     source = _final_quant(ctx)
     quant = ctx.output(source)
     return export.ExportInputs(quant.model, quant.meta, ctx.data.test, ctx.path("export", "model_int8.onnx"),
-                               reference=_quant_eval(ctx, source))
+                               reference=_quant_eval(ctx, source), more_images=ctx.data.calib)
 
 
 def _cpu_source(ctx: BuildContext) -> str:

@@ -249,6 +249,8 @@ class ExportInputs:
     images: Any           # (image, label) pairs to check on: the probe (FP32), the evaluation split (INT8)
     out: Path             # the .onnx to write, only after the check passed
     reference: Any = None  # EvalResult of `model` on `images` when already computed (else computed here)
+    more_images: Any = None   # INT8: images beyond `images` (the training split, eval transform) that the
+                              # agreement with fake-quant is also measured on, up to settings.agreement_images
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,9 @@ class ExportSettings:
     gate_agreement: bool = True        # False: INT8 agreement recorded, not gated (random inputs mean little)
     probe_size: int = setting("gates.probe_size", help="FP32: the first evaluation images it is checked on "
                                                        "(build's probe); INT8: max|diff| also reported on these.")
+    agreement_images: int = setting("gates.int8_agreement_images",
+                                    help="INT8: agreement with fake-quant measured on at least this many images (the "
+                                         "evaluation split, then training images), where there are that many.")
 
     @classmethod
     def from_recipe(cls, recipe, *, int8: bool) -> ExportSettings:
@@ -275,6 +280,14 @@ class ExportOutput:
     path: Path
     onnxruntime: Any = None        # EvalResult on `images`: the graph as written (INT8) / the default session (FP32)
     onnxruntime_int8: Any = None   # INT8: ONNX Runtime's default session, its own fused INT8 kernels
+
+
+def _more_images(inputs: ExportInputs, settings: ExportSettings, have: int) -> list:
+    """The first training images (eval transform) that bring the INT8 comparison up to settings.agreement_images."""
+    if not settings.int8 or inputs.more_images is None or have >= settings.agreement_images:
+        return []
+    k = min(settings.agreement_images - have, len(inputs.more_images))
+    return [inputs.more_images[i] for i in range(k)]
 
 
 def run(inputs: ExportInputs, settings: ExportSettings = ExportSettings(), *, quiet: bool = True):
@@ -308,8 +321,17 @@ def run(inputs: ExportInputs, settings: ExportSettings = ExportSettings(), *, qu
             ort = ev(OrtRunner(staged, optimize=False), "verifying INT8 ONNX")
             optimized = ev(OrtRunner(staged), "INT8 ONNX on ONNX Runtime's INT8 kernels")
             n = min(settings.probe_size, ref.n)
-            metrics = compare_logits(ref.logits, ort.logits)
-            metrics.update(precision="int8", onnxruntime_optimizations=False,
+            more = _more_images(inputs, settings, ref.n)
+            if more:   # the agreement on enough images that a few near ties cannot decide it
+                ref_more = evaluate(inputs.model, more, batch_size=256, progress=False).logits
+                ort_more = evaluate(OrtRunner(staged, optimize=False), more, batch_size=256,
+                                    progress=False if quiet else "verifying INT8 ONNX on training images").logits
+                metrics = compare_logits(np.concatenate([ref.logits, ref_more]),
+                                         np.concatenate([ort.logits, ort_more]))
+            else:
+                metrics = compare_logits(ref.logits, ort.logits)
+            metrics.update(precision="int8", onnxruntime_optimizations=False, n_eval_split=ref.n,
+                           n_training_images=len(more),
                            probe=compare_logits(ref.logits[:n], ort.logits[:n]),
                            optimized_top1_agreement_pct=100.0 * float(np.mean(ref.logits.argmax(1)
                                                                                == optimized.logits.argmax(1))),

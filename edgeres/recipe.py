@@ -103,6 +103,9 @@ class GatesCfg:
     max_drop_ptq: float = 0.5                   # percentage points of top-1 vs FP32
     max_drop_qat: float = 0.2
     min_int8_agreement: float = INT8_MIN_AGREEMENT   # % of evaluation images where INT8 ONNX and fake-quant agree
+    int8_agreement_images: int = 2000           # ...measured on at least this many images: the evaluation split, then
+                                                # training images (eval transform), so float rounding's near ties
+                                                # (0.1-0.5 % of images) cannot decide a 99 % gate
     min_agreement_pct: float = 95.0             # % of evaluation images where an INT8 model's top-1 = FP32's
     probe_size: int = 64
     fp32_over_chance_sigma: float = 3.0         # FP32 top-1 must beat chance (100/classes %) by this many binomial
@@ -137,6 +140,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "gates.min_agreement_pct": (0.0, 100.0), "gates.fp32_over_chance_sigma": (0.0, 100.0),
     "gates.fold_rel_tol": (0.0, 1.0), "gates.export_rel_tol": (0.0, 1.0), "gates.max_drop_ptq": (0.0, 100.0),
     "gates.max_drop_qat": (0.0, 100.0), "gates.min_int8_agreement": (0.0, 100.0), "gates.probe_size": (1, 1 << 20),
+    "gates.int8_agreement_images": (1, 1 << 24),
     "export.opset": (13, 23), "export.plan_batch": (1, 4096),
 }
 CHOICES: dict[str, tuple[str, ...]] = {

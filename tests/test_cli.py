@@ -172,3 +172,27 @@ def test_every_command_has_an_example_whose_options_exist():
         known = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
         unknown = [w for w in words if w.startswith("--") and w.split("=", 1)[0] not in known]
         assert not unknown, f"edgeres {' '.join(path)} example uses unknown options {unknown}"
+
+
+def test_help_paragraphs_are_rewrapped_not_indented():
+    """The description in --help reads as paragraphs: a docstring's own indentation never shows up as runs of spaces
+    inside a wrapped line (the appended example once stopped click from dedenting it)."""
+    import re
+
+    import click
+
+    from edgeres.cli import main
+
+    def walk(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield path, cmd
+
+    for path, cmd in walk(main, []):
+        with click.Context(cmd, info_name=" ".join(["edgeres", *path])) as ctx:
+            text = cmd.get_help(ctx).split("Options:", 1)[0]
+        prose = [line for line in text.split("Example", 1)[0].splitlines()[1:] if line.strip()]
+        bad = [line for line in prose if re.search(r"\S {3,}\S", line) or line.startswith("      ")]
+        assert not bad, f"edgeres {' '.join(path)} --help: {bad[:2]}"

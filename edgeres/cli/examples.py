@@ -2,6 +2,8 @@
 Every line is a real invocation; tests/test_cli.py checks each command has one and that it names the command."""
 from __future__ import annotations
 
+import inspect
+
 EXAMPLES: dict[str, str] = {
     "archs": "edgeres archs --json",
     "summary": "edgeres summary --arch resnet50 --v1",
@@ -28,4 +30,5 @@ EXAMPLES: dict[str, str] = {
 def attach(cmd, name: str) -> None:
     """Append EXAMPLES[name] to the command's help, unless its docstring already shows one."""
     if name in EXAMPLES and "Example" not in (cmd.help or ""):
-        cmd.help = (cmd.help or "").rstrip() + "\n\n\b\nExample:\n  " + EXAMPLES[name]
+        # dedented first: click dedents the whole help by its smallest indent, which the example's would make 0
+        cmd.help = inspect.cleandoc(cmd.help or "") + "\n\n\b\nExample:\n  " + EXAMPLES[name]

@@ -292,7 +292,8 @@ def export_cmd(weights, int8, out, arch, recipe_name, recipe_hash, dataset, data
     (the `export_fp32` / `export_int8` stages of `build`).
 
     FP32 must match torch (max|diff| <= 1e-4 relative, 100 % top-1 agreement); INT8 must agree with its
-    fake-quant model on >= 99 % of --dataset images. A failed check leaves --out as it was, keeps the graph as
+    fake-quant model on >= 99 % of --dataset's evaluation images and, up to --int8-agreement-images, its training
+    images. A failed check leaves --out as it was, keeps the graph as
     <out>.rejected.onnx and exits 1. On random inputs (no --dataset) the INT8 agreement is reported, not gated."""
 
     refuse_overwrite(out, force)
@@ -311,14 +312,18 @@ def export_cmd(weights, int8, out, arch, recipe_name, recipe_hash, dataset, data
     # exported beside --out, verified, and only then moved into place: a failed check leaves what was there
     settings_ = replace(ExportSettings.from_recipe(recipe, int8=int8), recipe_hash=recipe_hash,
                         gate_agreement=bool(dataset) or not int8)
+    more = None
     if dataset:
-        images = _first(_data(meta, dataset, data_dir, recipe).test,
-                        limit if limit is not None else None if int8 else settings_.probe_size)
+        data = _data(meta, dataset, data_dir, recipe)
+        images = _first(data.test, limit if limit is not None else None if int8 else settings_.probe_size)
+        more = data.calib if int8 and limit is None else None   # as build: up to --int8-agreement-images
     else:
         images = _random_inputs(meta)
-    res = run_export(ExportInputs(model, meta, images, Path(out)), settings_, quiet=as_json)
+    res = run_export(ExportInputs(model, meta, images, Path(out), more_images=more), settings_, quiet=as_json)
     _stage_failed(res.record)
-    metrics = {**res.record.metrics, "inputs": f"{dataset} test split" if dataset else "random"}
+    extra = res.record.metrics.get("n_training_images")
+    metrics = {**res.record.metrics, "inputs": (f"{dataset} test split" + (f" + {extra} training" if extra else ""))
+               if dataset else "random"}
     gates = [_describe(g) for g in res.record.gates]
     obj = {**export_summary(out), "verify": metrics, "gates": gates, "record": res.record.to_dict()}
     emit(obj, as_json, lambda: "\n".join([
