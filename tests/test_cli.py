@@ -196,3 +196,17 @@ def test_help_paragraphs_are_rewrapped_not_indented():
         prose = [line for line in text.split("Example", 1)[0].splitlines()[1:] if line.strip()]
         bad = [line for line in prose if re.search(r"\S {3,}\S", line) or line.startswith("      ")]
         assert not bad, f"edgeres {' '.join(path)} --help: {bad[:2]}"
+
+
+@pytest.mark.parametrize("command", ["status", "rollback"])
+def test_ssh_commands_without_asyncssh_say_what_to_install(monkeypatch, command):
+    """asyncssh is optional (edgeres[deploy]): without it the fleet commands stop in one line, before any host."""
+    import sys
+
+    from edgeres.cli import main
+
+    monkeypatch.setitem(sys.modules, "asyncssh", None)   # `import asyncssh` raises ImportError
+    r = CliRunner().invoke(main, [command, "--host", "jetson1"])
+    assert r.exit_code == 1
+    assert r.stderr.strip() == ("Error: deploying over SSH needs asyncssh: pip install 'edgeres[deploy]' (nothing was "
+                                "sent to any device)")

@@ -37,7 +37,7 @@ from typing import Any
 
 from edgeres.deploy.bundle import opened_bundle, verify_bundle
 from edgeres.deploy.releases import MANIFEST, ROOT, SIGNATURE, STATE, TRUSTED_KEYS, UNITS_DIR
-from edgeres.errors import ConfigError
+from edgeres.errors import BackendUnavailable, ConfigError
 from edgeres.io import sha256_file
 
 OBJECTS = ".cache/edgeres/objects"   # content-addressed staging in the login's home: files by sha256
@@ -430,7 +430,17 @@ async def _fleet(specs: list[HostSpec], work, *, concurrency: int, host_timeout:
     return [results[s.label] for s in specs]
 
 
+def _require_asyncssh() -> None:
+    """Before any host is read or contacted: the SSH client is an optional dependency (edgeres[deploy])."""
+    try:
+        import asyncssh  # noqa: F401
+    except ImportError:
+        raise BackendUnavailable("deploying over SSH needs asyncssh: pip install 'edgeres[deploy]' (nothing was "
+                                 "sent to any device)") from None
+
+
 def _options(ssh: dict[str, Any]) -> SSHOptions:
+    _require_asyncssh()
     identity = ssh.get("identity")
     if identity is not None and not Path(identity).is_file():
         raise ConfigError(f"identity file not found: {identity}")
