@@ -151,18 +151,9 @@ def test_every_command_has_an_example_whose_options_exist():
     """`--help` ends with an example on every command; each example names the command and only its own options."""
     import shlex
 
-    import click
-
     from edgeres.cli import main
 
-    def walk(cmd, path):
-        if isinstance(cmd, click.Group):
-            for name, sub in cmd.commands.items():
-                yield from walk(sub, [*path, name])
-        else:
-            yield path, cmd
-
-    for path, cmd in walk(main, []):
+    for path, cmd in _commands(main):
         help_text = cmd.help or ""
         assert "Example" in help_text, f"edgeres {' '.join(path)} --help has no example"
         after = help_text.split("Example", 1)[1].lstrip("s:").splitlines()
@@ -183,14 +174,7 @@ def test_help_paragraphs_are_rewrapped_not_indented():
 
     from edgeres.cli import main
 
-    def walk(cmd, path):
-        if isinstance(cmd, click.Group):
-            for name, sub in cmd.commands.items():
-                yield from walk(sub, [*path, name])
-        else:
-            yield path, cmd
-
-    for path, cmd in walk(main, []):
+    for path, cmd in _commands(main):
         with click.Context(cmd, info_name=" ".join(["edgeres", *path])) as ctx:
             text = cmd.get_help(ctx).split("Options:", 1)[0]
         prose = [line for line in text.split("Example", 1)[0].splitlines()[1:] if line.strip()]
@@ -210,3 +194,14 @@ def test_ssh_commands_without_asyncssh_say_what_to_install(monkeypatch, command)
     assert r.exit_code == 1
     assert r.stderr.strip() == ("Error: deploying over SSH needs asyncssh: pip install 'edgeres[deploy]' (nothing was "
                                 "sent to any device)")
+
+
+def _commands(cmd, path=()):
+    """(path, command) for every command under a click group."""
+    import click
+
+    if isinstance(cmd, click.Group):
+        for name, sub in cmd.commands.items():
+            yield from _commands(sub, [*path, name])
+    else:
+        yield list(path), cmd
