@@ -107,7 +107,6 @@ class BuildContext:
     @property
     def data(self):
         if self._data is None:
-
             self._data = get_data_for(self.recipe)
         return self._data
 

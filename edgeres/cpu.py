@@ -97,17 +97,14 @@ class CpuSettings:
     calib_size: int = setting("quant.calib_size", help="Calibration images (openvino), as PTQ draws them.")
     seed: int = setting("train.seed", help="Seed of the calibration subset.")
     max_drop: float | None = None
-    drop_source: str = "--max-drop"
+    drop_source: str = "gates.max_drop_qat"
     min_agreement_pct: float | None = None   # top-1 agreement with FP32 (%): a drop gate alone passes a model that
                                              # trades as many right answers as it loses
 
     @classmethod
     def from_recipe(cls, recipe, *, calib_available: int | None = None) -> CpuSettings:
         """The CPU artifact is a final INT8 model: gated like one (Recipe.max_drop, gates.min_agreement_pct)."""
-        limit, source = recipe.max_drop()
-        size = recipe.quant.calib_size if calib_available is None else min(recipe.quant.calib_size, calib_available)
-        return read(cls, recipe, calib_size=size, max_drop=limit, drop_source=source,
-                    min_agreement_pct=recipe.gates.min_agreement_pct)
+        return read(cls, recipe, calib_size=recipe.calib_count(calib_available), **recipe.final_gates())
 
 
 @dataclass(frozen=True)

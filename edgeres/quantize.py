@@ -591,13 +591,6 @@ class QuantInputs:
     device: Any = None         # torch device of the statistics passes / QAT (None: the CPU)
 
 
-def _drop_limit(recipe, final: bool) -> tuple[float | None, str]:
-    """The stage's top-1 drop limit: the recipe's limit for the final INT8 model (Recipe.max_drop), None (recorded,
-    not gated) for a PTQ model that QAT replaces."""
-    limit, source = recipe.max_drop()
-    return (limit if final else None), source
-
-
 @dataclass(frozen=True)
 class PtqSettings:
     calib_size: int = setting("quant.calib_size", help="Calibration images (drawn from the training split, "
@@ -613,11 +606,8 @@ class PtqSettings:
     def from_recipe(cls, recipe, *, calib_available: int | None = None) -> PtqSettings:
         """PTQ as `build` runs it: gated (drop and agreement with FP32) only when it is the final INT8 model.
         `calib_available`: the calibration split's size, when fewer images than asked (all of them are used)."""
-        final = recipe.ptq_is_final
-        limit, source = _drop_limit(recipe, final)
-        size = recipe.quant.calib_size if calib_available is None else min(recipe.quant.calib_size, calib_available)
-        return read(cls, recipe, calib_size=size, max_drop=limit, drop_source=source,
-                    min_agreement_pct=recipe.gates.min_agreement_pct if final else None)
+        return read(cls, recipe, calib_size=recipe.calib_count(calib_available),
+                    **recipe.final_gates(gated=recipe.ptq_is_final))
 
 
 @dataclass(frozen=True)
@@ -640,9 +630,8 @@ class QatSettings:
     @classmethod
     def from_recipe(cls, recipe) -> QatSettings:
         """QAT as `build` runs it: the final INT8 model, gated on its drop and its agreement with FP32."""
-        limit, source = _drop_limit(recipe, True)
-        return read(cls, recipe, batch_size=recipe.quant.qat_batch_size or recipe.data.batch_size, max_drop=limit,
-                    drop_source=source, min_agreement_pct=recipe.gates.min_agreement_pct)
+        return read(cls, recipe, batch_size=recipe.quant.qat_batch_size or recipe.data.batch_size,
+                    **recipe.final_gates())
 
 
 @dataclass(frozen=True)

@@ -196,6 +196,17 @@ class Recipe:
         key = "gates.max_drop_ptq" if self.ptq_is_final else "gates.max_drop_qat"
         return self.value(key), key
 
+    def final_gates(self, gated: bool = True) -> dict[str, Any]:
+        """The gates of a final INT8 model (or an engine), as its Settings fields: max_drop and the key it comes from
+        (Recipe.max_drop), min_agreement_pct. `gated=False` (a PTQ model that QAT replaces): recorded, not gated."""
+        limit, source = self.max_drop()
+        return {"max_drop": limit if gated else None, "drop_source": source,
+                "min_agreement_pct": self.gates.min_agreement_pct if gated else None}
+
+    def calib_count(self, available: int | None = None) -> int:
+        """How many images calibrate: quant.calib_size, or all of a calibration split that holds fewer."""
+        return self.quant.calib_size if available is None else min(self.quant.calib_size, available)
+
     def with_overrides(self, overrides: dict[str, Any], *, keep_none: tuple[str, ...] = ()) -> Recipe:
         """Apply dotted overrides ({"train.epochs": 3}); None values are ignored (an unset CLI flag), except for
         the keys in `keep_none`, which None resets to "the dataset's own"."""

@@ -181,7 +181,6 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
     model = create_model(recipe.model.arch, num_classes=info.num_classes, in_channels=info.in_channels,
                          options=recipe.model.options).to(device)
     if tcfg.init_from and not resume:
-
         fresh = load_backbone(model, tcfg.init_from)
         if dist_info.main and not quiet:
             _say(f"initialised from {tcfg.init_from}" + (f"; classifier re-initialised for {info.num_classes} "

@@ -148,16 +148,14 @@ class VerifyInputs:
 class VerifySettings:
     bench_seconds: float = 1.0     # per row, after warm-up and at least BENCH_MIN_RUNS calls; 0: not timed
     max_drop: float | None = None  # pp, on the INT8 ONNX
-    drop_source: str = "--max-drop"
+    drop_source: str = "gates.max_drop_qat"
     min_agreement_pct: float | None = None   # %, the INT8 ONNX's top-1 agreement with FP32
     torch_device: str = "cpu"      # where the torch rows ran (CUDA: timed with CUDA events)
 
     @classmethod
     def from_recipe(cls, recipe, *, int8: bool, bench_seconds: float, torch_device: str) -> VerifySettings:
         """The INT8 ONNX is gated as the final INT8 model (Recipe.max_drop, gates.min_agreement_pct)."""
-        limit, source = recipe.max_drop()
-        return cls(bench_seconds=bench_seconds, max_drop=limit if int8 else None, drop_source=source,
-                   min_agreement_pct=recipe.gates.min_agreement_pct if int8 else None, torch_device=torch_device)
+        return cls(bench_seconds=bench_seconds, torch_device=torch_device, **recipe.final_gates(gated=int8))
 
 
 def artifact_bytes(path) -> int:
@@ -255,7 +253,6 @@ def run(inputs: VerifyInputs, settings: VerifySettings = VerifySettings(), *, qu
     if final_int8 is not None:
         add_drop_gate(rec, final_int8.top1, ref.top1, settings.max_drop, settings.drop_source)
         if settings.min_agreement_pct is not None:
-
             agree = round(agreement_pct(final_int8.logits, ref.logits), 4)
             rec.metrics["int8_top1_agreement_pct"] = agree
             rec.add_gate(Gate("int8_top1_agreement_pct", agree, settings.min_agreement_pct, ">="))

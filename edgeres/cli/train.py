@@ -56,13 +56,11 @@ def train_cmd(recipe_name, arch, dataset, data_dir, epochs, batch_size, lr, seed
         "data.skip_bad_images": skip_bad_images, "train.init_from": init_from,
         "train.backbone_lr_scale": backbone_lr_scale, "data.holdout": holdout}
     if init_from:
-
         overrides["train.init_from"] = init_from = pretrained.resolve(init_from, say=lambda m: click.echo(m, err=True))
         if not Path(init_from).is_file():
             raise ConfigError(f"--init-from checkpoint not found: {init_from}")
     recipe = resume_recipe(out_dir, overrides) if resume else None   # a resumed run keeps its own recipe
     if recipe is None:
-
         base = load_recipe(recipe_name)
 
         inferred, note = dataset_for(data_dir, dataset, base.data.dataset)

@@ -77,7 +77,6 @@ def compile_cmd(onnx_path, out, fp16, int8, dla_core, gpu_fallback, workspace, b
     opts = _options(fp16, int8, dla_core, gpu_fallback, workspace, batch, timing_cache, version_compatible,
                     hardware_compatibility, sparsity, calib_cache, strongly_typed)
     if trt_version:
-
         refuse_overwrite(trtexec_script_path(out), force)   # before planning: exit 1, nothing written
         plan = plan_compile(onnx_path, out, opts, trt_version=trt_version, is_jetson=jetson,
                             dla_cores=JETSON_DLA_CORES if jetson else 0)

@@ -177,8 +177,7 @@ class CalibCacheSettings:
 
     @classmethod
     def from_recipe(cls, recipe, *, calib_available: int | None = None, **given) -> CalibCacheSettings:
-        count = recipe.quant.calib_size if calib_available is None else min(recipe.quant.calib_size, calib_available)
-        return read(cls, recipe, count=count, **given)
+        return read(cls, recipe, count=recipe.calib_count(calib_available), **given)
 
 
 @dataclass(frozen=True)

@@ -128,9 +128,7 @@ class CompileSettings:
     def from_recipe(cls, recipe, *, precision: str) -> CompileSettings:
         """An engine is a final model: gated like the final INT8 model (Recipe.max_drop, gates.min_agreement_pct)
         whatever its precision (FP16/FP32 engines only pass more easily)."""
-        limit, source = recipe.max_drop()
-        return read(cls, recipe, precision=precision, max_drop=limit, drop_source=source,
-                    min_agreement_pct=recipe.gates.min_agreement_pct)
+        return read(cls, recipe, precision=precision, **recipe.final_gates())
 
 
 @dataclass(frozen=True)
