@@ -24,10 +24,10 @@ from typing import Any
 
 from edgeres.errors import BackendUnavailable
 from edgeres.io import rejected_path
-from edgeres.metrics import agreement_pct, compare_logits
+from edgeres.metrics import compare_logits
 from edgeres.onnx_info import read_metadata
 from edgeres.progress import silenced
-from edgeres.records import Gate, StageRecord, StageResult, Status, add_drop_gate
+from edgeres.records import StageRecord, StageResult, Status, add_fp32_gates
 from edgeres.settings import read, setting
 
 
@@ -145,12 +145,8 @@ def run(inputs: CpuInputs, settings: CpuSettings = CpuSettings(), *, quiet: bool
                            compared_with="TensorRT INT8 ONNX as written")
             metrics["n_compared"] = metrics.pop("n_probe")
         rec = StageRecord(stage="export_cpu", metrics={**metrics, "n_eval": ev.n})
-        add_drop_gate(rec, ev.top1, inputs.reference_top1, settings.max_drop, settings.drop_source)
-        if inputs.reference_logits is not None:
-            agree = round(agreement_pct(ev.logits, inputs.reference_logits), 4)
-            rec.metrics["fp32_top1_agreement_pct"] = agree
-            if settings.min_agreement_pct is not None:
-                rec.add_gate(Gate("fp32_top1_agreement_pct", agree, settings.min_agreement_pct, ">="))
+        add_fp32_gates(rec, ev, inputs.reference_top1, inputs.reference_logits, settings,
+                       key="fp32_top1_agreement_pct")
         if not rec.passed:   # kept beside the output as model_int8_cpu.rejected.xml (+ .bin)
             rejected = rejected_path(out)
             os.replace(staged.with_suffix(".bin"), rejected.with_suffix(".bin"))

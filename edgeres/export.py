@@ -318,13 +318,14 @@ def run(inputs: ExportInputs, settings: ExportSettings = ExportSettings(), *, qu
         optimized = None
         if settings.int8:
             violations = check_onnx(staged)
-            ort = ev(OrtRunner(staged, optimize=False), "verifying INT8 ONNX")
+            as_written = OrtRunner(staged, optimize=False)   # one session for every image it checks
+            ort = ev(as_written, "verifying INT8 ONNX")
             optimized = ev(OrtRunner(staged), "INT8 ONNX on ONNX Runtime's INT8 kernels")
             n = min(settings.probe_size, ref.n)
             more = _more_images(inputs, settings, ref.n)
             if more:   # the agreement on enough images that a few near ties cannot decide it
                 ref_more = evaluate(inputs.model, more, batch_size=256, progress=False).logits
-                ort_more = evaluate(OrtRunner(staged, optimize=False), more, batch_size=256,
+                ort_more = evaluate(as_written, more, batch_size=256,
                                     progress=False if quiet else "verifying INT8 ONNX on training images").logits
                 metrics = compare_logits(np.concatenate([ref.logits, ref_more]),
                                          np.concatenate([ort.logits, ort_more]))

@@ -39,7 +39,7 @@ from edgeres.nncf_kernels import prepare
 from edgeres.nncf_patches import fast_calibration
 from edgeres.progress import silenced
 from edgeres.recipe import QuantCfg
-from edgeres.records import Gate, StageRecord, StageResult, add_drop_gate
+from edgeres.records import StageRecord, StageResult, add_fp32_gates
 from edgeres.settings import read, recipe_default, setting
 
 QUANT_FORMAT = "edgeres-nncf-int8-1"
@@ -581,7 +581,7 @@ class QuantInputs:
     reference_top1: float | None = None   # FP32 top-1 (%) on eval_data; None: the drop is not measured
     calib: Any = None          # PTQ: the split the calibration subset is drawn from
     dataset_fingerprint: str = ""
-    manifest_path: Path | None = None     # PTQ: calibration/manifest.json
+    manifest_path: Path | None = None     # calibration/manifest.json, written with the model once its gates pass
     train_data: Any = None     # QAT: the training split
     manifest: dict[str, Any] | None = None   # QAT: the PTQ manifest, carried into the QAT checkpoint
     evaluation: Any = None     # the INT8 model's EvalResult on eval_data, when already computed (PTQ: reused)
@@ -655,12 +655,7 @@ def _finish(stage: str, model, inputs: QuantInputs, settings, metrics, manifest,
     if ev is None:
         ev = evaluate(model, inputs.eval_data, batch_size=256, progress=False if quiet else f"evaluating {stage}")
     rec = StageRecord(stage=stage, metrics={**metrics, "n_eval": ev.n})
-    add_drop_gate(rec, ev.top1, inputs.reference_top1, settings.max_drop, settings.drop_source)
-    if inputs.reference_logits is not None:
-        agree = round(agreement_pct(ev.logits, inputs.reference_logits), 4)
-        rec.metrics["top1_agreement_pct"] = agree
-        if settings.min_agreement_pct is not None:
-            rec.add_gate(Gate("top1_agreement_pct", agree, settings.min_agreement_pct, ">="))
+    add_fp32_gates(rec, ev, inputs.reference_top1, inputs.reference_logits, settings)
     if inputs.device is not None:
         rec.environment.update(describe_device(inputs.device))
     if not init_dist().main:   # under torchrun only rank 0 writes
@@ -669,7 +664,7 @@ def _finish(stage: str, model, inputs: QuantInputs, settings, metrics, manifest,
     if rec.passed:
         save_quantized(out, model, inputs.meta, mode=stage, manifest=manifest)
         rec.set_artifact(out)
-        if stage == "ptq" and inputs.manifest_path is not None:
+        if inputs.manifest_path is not None:   # the calibration manifest, beside the model it calibrated
             atomic_write_json(inputs.manifest_path, manifest)
             rec.extra_artifacts["calibration_manifest"] = str(inputs.manifest_path)
     else:

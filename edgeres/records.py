@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 from edgeres.env import environment
 from edgeres.errors import ArtifactError, ConfigError, EdgeresError
 from edgeres.io import atomic_write_json, read_small_bytes, require_regular_file, sha256_file, special_file
+from edgeres.metrics import agreement_pct
 from edgeres.recipe import load_recipe
 
 
@@ -111,6 +112,20 @@ def add_drop_gate(rec: StageRecord, top1: float, reference_top1: float | None, l
         g = rec.add_gate(Gate("top1_drop_pp", drop, limit, "<="))
         if not g.passed:
             rec.message = f"{rec.stage}: top-1 dropped {drop:.2f} pp > {source} {limit:g}"
+
+
+def add_fp32_gates(rec: StageRecord, evaluation, reference_top1: float | None, reference_logits, settings, *,
+                   key: str = "top1_agreement_pct") -> None:
+    """The gates of a model that replaces FP32 (the final INT8 model, the CPU artifact, an engine): its top-1 drop
+    (add_drop_gate) and its top-1 agreement (%) with the FP32 model, recorded under `key` when the reference logits
+    are known; each gated when its limit in `settings` (max_drop, drop_source, min_agreement_pct) is not None."""
+    add_drop_gate(rec, evaluation.top1, reference_top1, settings.max_drop, settings.drop_source)
+    if reference_logits is None:
+        return
+    agree = round(agreement_pct(evaluation.logits, reference_logits), 4)
+    rec.metrics[key] = agree
+    if settings.min_agreement_pct is not None:
+        rec.add_gate(Gate(key, agree, settings.min_agreement_pct, ">="))
 
 
 def append_record(run_dir: str | Path, record: StageRecord) -> None:

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeres.check import load_onnx
-from edgeres.metrics import agreement_pct
 from edgeres.quantize import quantizer_hooks
-from edgeres.records import Gate, StageRecord, StageResult, add_drop_gate
+from edgeres.records import StageRecord, StageResult, add_fp32_gates
 
 
 def ort_session(path: str | Path, threads: int | None = None, *, optimize: bool = True):
@@ -251,11 +250,7 @@ def run(inputs: VerifyInputs, settings: VerifySettings = VerifySettings(), *, qu
     rec = StageRecord(stage="verify", metrics={"rows": rows, "per_class": per_class, "bench": bench,
                                                "class_names": list(inputs.class_names), "n_eval": ref.n})
     if final_int8 is not None:
-        add_drop_gate(rec, final_int8.top1, ref.top1, settings.max_drop, settings.drop_source)
-        if settings.min_agreement_pct is not None:
-            agree = round(agreement_pct(final_int8.logits, ref.logits), 4)
-            rec.metrics["int8_top1_agreement_pct"] = agree
-            rec.add_gate(Gate("int8_top1_agreement_pct", agree, settings.min_agreement_pct, ">="))
+        add_fp32_gates(rec, final_int8, ref.top1, ref.logits, settings, key="int8_top1_agreement_pct")
         if rec.message:
             rec.message = rec.message.replace("verify:", "verify (INT8 ONNX on onnxruntime):")
     return StageResult(rec, rows)

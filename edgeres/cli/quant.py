@@ -27,7 +27,7 @@ from edgeres.export import ExportInputs, ExportSettings, export_summary
 from edgeres.export import run as run_export
 from edgeres.fold import FoldInputs, FoldSettings, fold_batchnorm, load_folded
 from edgeres.fold import run as run_fold
-from edgeres.io import atomic_write_json, refuse_overwrite
+from edgeres.io import refuse_overwrite
 from edgeres.quantize import (
     PtqSettings,
     QatSettings,
@@ -236,7 +236,8 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, manifest, max_drop, rec
     inputs = QuantInputs(model=model, meta=meta, eval_data=data.test, out=out_path,
                          reference_top1=reference.top1 if reference else None,
                          reference_logits=reference.logits if reference else None,
-                         calib=data.calib, dataset_fingerprint=data.info.fingerprint, manifest_path=Path(manifest),
+                         calib=data.calib, dataset_fingerprint=data.info.fingerprint,
+                         manifest_path=None if start_quantized else Path(manifest),   # written after the gate
                          train_data=data.train, manifest=None if not start_quantized else man,
                          teacher=teacher_model, holdout=data.holdout, device=dev)
     if not start_quantized:
@@ -252,9 +253,6 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, manifest, max_drop, rec
                          evaluation=res.output.evaluation)
     if mode == "qat":
         res = run_qat(inputs, QatSettings.from_recipe(recipe), quiet=quiet, log=log)
-        if not start_quantized and res.record.passed and init_dist().main:   # the manifest of what it calibrated on
-
-            atomic_write_json(manifest, res.output.manifest)
     _stage_failed(res.record)
     if not init_dist().main:   # under torchrun: rank 0 wrote and reports
         return

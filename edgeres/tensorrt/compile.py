@@ -13,9 +13,8 @@ from typing import Any
 
 from edgeres.errors import ArtifactError, BackendUnavailable, ConfigError
 from edgeres.io import atomic_write_text, refuse_overwrite, rejected_path
-from edgeres.metrics import agreement_pct
 from edgeres.onnx_info import OnnxInfo, inspect_onnx  # noqa: F401 - inspect_onnx re-exported
-from edgeres.records import Gate, StageRecord, StageResult, Status, add_drop_gate
+from edgeres.records import StageRecord, StageResult, Status, add_fp32_gates
 from edgeres.settings import read, setting
 from edgeres.tensorrt import engine_build
 from edgeres.tensorrt.options import DEFAULT_BATCH, DLA_DEFAULT_BATCH, CompileOptions, Precision, validate_options
@@ -171,11 +170,8 @@ def run(inputs: CompileInputs, settings: CompileSettings = CompileSettings(), *,
             with TrtRunner(staged) as runner:
                 ev = evaluate(runner, inputs.eval_data, batch_size=settings.plan_batch,
                               progress=False if quiet else "evaluating the TensorRT engine")
-            add_drop_gate(rec, ev.top1, inputs.reference.top1, settings.max_drop, settings.drop_source)
-            agree = round(agreement_pct(ev.logits, inputs.reference.logits), 4)
-            rec.metrics["fp32_top1_agreement_pct"] = agree
-            if settings.min_agreement_pct is not None:
-                rec.add_gate(Gate("fp32_top1_agreement_pct", agree, settings.min_agreement_pct, ">="))
+            add_fp32_gates(rec, ev, inputs.reference.top1, inputs.reference.logits, settings,
+                           key="fp32_top1_agreement_pct")
         dest = out if rec.passed else rejected_path(out)
         _move_engine(staged, dest)
         info.update(sidecar=str(sidecar_path(dest)), trtexec_script=str(trtexec_script_path(dest)))
