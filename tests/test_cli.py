@@ -205,3 +205,13 @@ def _commands(cmd, path=()):
             yield from _commands(sub, [*path, name])
     else:
         yield list(path), cmd
+
+
+def test_quantize_names_a_missing_checkpoint_before_anything_else(tmp_path):
+    """Without --dataset the run's recipe would name one; a --weights that does not exist is the error to report."""
+    from edgeres.cli import main
+
+    r = CliRunner().invoke(main, ["quantize", "--ptq", "--weights", str(tmp_path / "nope.pt"), "--out",
+                                  str(tmp_path / "q.pt")])
+    assert r.exit_code == 1 and r.stderr.strip() == f"Error: checkpoint not found: {tmp_path / 'nope.pt'}"
+    assert list(tmp_path.iterdir()) == []

@@ -202,6 +202,7 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, manifest, max_drop, rec
                           "then QAT)" + (", not both" if ptq else ""))
     mode = "ptq" if ptq else "qat"
     refuse_overwrite(out, force)
+    _, _, rest = read_checkpoint(weights)   # a missing or unreadable checkpoint says so first
     quiet = quiet or as_json
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     flags = {**settings.overrides(given), "data.data_dir": data_dir,
@@ -213,7 +214,6 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, manifest, max_drop, rec
         raise ConfigError("--dataset is needed: --weights does not come from a run whose recipe names one")
     out_path = Path(out)
     manifest = manifest or str(out_path.parent / "calibration" / f"{out_path.stem}.manifest.json")
-    _, _, rest = read_checkpoint(weights)
     start_quantized = is_quantized_checkpoint(rest)
     if start_quantized and mode == "ptq":
         raise ConfigError(f"{weights} is already INT8; --ptq needs a float or folded checkpoint")
