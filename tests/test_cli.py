@@ -215,3 +215,15 @@ def test_quantize_names_a_missing_checkpoint_before_anything_else(tmp_path):
                                   str(tmp_path / "q.pt")])
     assert r.exit_code == 1 and r.stderr.strip() == f"Error: checkpoint not found: {tmp_path / 'nope.pt'}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_users_file_named_like_the_rejected_output_is_not_replaced(tmp_path):
+    """A failed gate keeps <out>.rejected.<ext> beside --out: a file of that name already there is the user's, so the
+    command refuses up front (as for --out itself) unless --force."""
+    from edgeres.cli import main
+
+    mine = tmp_path / "f.rejected.pt"
+    mine.write_bytes(b"the user's own file")
+    r = CliRunner().invoke(main, ["fold", "--weights", str(tmp_path / "w.pt"), "--out", str(tmp_path / "f.pt")])
+    assert r.exit_code == 1 and str(mine) in r.stderr and "--force" in r.stderr, r.stderr
+    assert mine.read_bytes() == b"the user's own file" and sorted(p.name for p in tmp_path.iterdir()) == [mine.name]

@@ -27,7 +27,7 @@ from edgeres.export import ExportInputs, ExportSettings, export_summary
 from edgeres.export import run as run_export
 from edgeres.fold import FoldInputs, FoldSettings, fold_batchnorm, load_folded
 from edgeres.fold import run as run_fold
-from edgeres.io import refuse_overwrite
+from edgeres.io import refuse_overwrite, rejected_path
 from edgeres.quantize import (
     PtqSettings,
     QatSettings,
@@ -89,6 +89,13 @@ def _first(split, limit: int | None):
     return [split[i] for i in range(n)]
 
 
+def _refuse_overwrite(out: str, force: bool) -> None:
+    """Before any work: --out, and the <out>.rejected.<ext> a failed gate keeps beside it, are ours to write only
+    when absent or with --force (a file of the user's by that name is never replaced silently)."""
+    refuse_overwrite(out, force)
+    refuse_overwrite(rejected_path(out), force)
+
+
 def _stage_failed(rec) -> None:
 
     if not rec.passed:
@@ -128,7 +135,7 @@ def fold(weights, out, arch, dataset, data_dir, recipe_name, force, as_json, **g
     """
     import numpy as np
 
-    refuse_overwrite(out, force)
+    _refuse_overwrite(out, force)
     recipe, dataset, data_dir = stage_recipe(recipe_name, weights, dataset,
                                              {**settings.overrides(given), "data.data_dir": data_dir})
     s = FoldSettings.from_recipe(recipe)
@@ -201,7 +208,7 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, manifest, max_drop, rec
         raise ConfigError("choose one of --ptq (calibration only) or --qat (from a float checkpoint: PTQ, "
                           "then QAT)" + (", not both" if ptq else ""))
     mode = "ptq" if ptq else "qat"
-    refuse_overwrite(out, force)
+    _refuse_overwrite(out, force)
     _, _, rest = read_checkpoint(weights)   # a missing or unreadable checkpoint says so first
     quiet = quiet or as_json
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
@@ -294,7 +301,7 @@ def export_cmd(weights, int8, out, arch, recipe_name, recipe_hash, dataset, data
     images. A failed check leaves --out as it was, keeps the graph as
     <out>.rejected.onnx and exits 1. On random inputs (no --dataset) the INT8 agreement is reported, not gated."""
 
-    refuse_overwrite(out, force)
+    _refuse_overwrite(out, force)
     recipe, dataset, data_dir = stage_recipe(recipe_name, weights, dataset,
                                              {**settings.overrides(given), "data.data_dir": data_dir})
     _, _, rest = read_checkpoint(weights)
