@@ -13,6 +13,7 @@ from typing import Any
 
 from edgeres.errors import CheckpointError
 from edgeres.io import atomic_write_bytes, require_regular_file
+from edgeres.pretrained import published_arch
 
 
 @dataclass(frozen=True)
@@ -112,11 +113,19 @@ def _short(value: Any, n: int = 60) -> str:
 
 def check_checkpoints(pretrained: str | Path | None, init_from: str | Path | None, *, arch: str | None) -> None:
     """Read the checkpoints a build was handed (--pretrained, --init-from) before it writes anything into its run
-    folder: a broken file is refused with the run left as it was."""
+    folder: a broken file, or one made for another architecture than `arch`, is refused with the run left as it
+    was."""
     if pretrained:
         load_model(pretrained, arch=arch)
     if init_from:
-        read_checkpoint(init_from)
+        _, meta, _ = read_checkpoint(init_from)
+        _check_arch(init_from, meta.arch if meta else published_arch(init_from), arch)
+
+
+def _check_arch(path: str | Path, made_for: str | None, arch: str | None) -> None:
+    """One line when a checkpoint's own architecture (edgeres metadata, or a published file's name) is not `arch`."""
+    if arch and made_for and made_for != arch:
+        raise CheckpointError(f"checkpoint {path} is a {made_for}; pass --arch {made_for} or another checkpoint")
 
 
 def save_checkpoint(path: str | Path, model_or_state: Any, meta: ModelMeta | None, **extra: Any) -> Path:
@@ -248,6 +257,7 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
     from edgeres.models import create_model
 
     state, meta, _ = read_checkpoint(path)
+    _check_arch(path, meta.arch if meta else published_arch(path), arch)
     if meta is not None and (arch is None or arch == meta.arch):
         asked = {"num_classes": num_classes, "in_channels": in_channels}
         conflicts = [f"{k}={v} (checkpoint: {getattr(meta, k)})" for k, v in asked.items()
@@ -260,8 +270,6 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
     else:
         if arch is None:
             raise CheckpointError(f"{path} carries no edgeres metadata; pass --arch")
-        if arch and meta is not None and arch != meta.arch:
-            raise CheckpointError(f"{path} was trained as {meta.arch}, not {arch}")
         fc = state.get("fc.weight", state.get("classifier.weight"))
         conv = state.get("conv1.weight", state.get("features.conv0.weight"))
         nc = num_classes or (int(fc.shape[0]) if fc is not None else 1000)

@@ -8,7 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeres.data.infer import IMAGE_EXTS, archive_hint
 from edgeres.errors import ConfigError, DataError
+
+# the models of a run folder (edgeres build), in the order `predict RUNDIR` suggests them (INT8 ONNX runs on a CPU)
+RUN_MODELS = ("export/model_int8.onnx", "export/model_fp32.onnx", "quant/qat.pt", "train/best.pt", "engine/model.plan")
+MODEL_SUFFIXES = (".onnx", ".pt", ".pth", ".plan", ".engine", ".xml")
 
 
 @dataclass(frozen=True)
@@ -21,9 +26,8 @@ class Prediction:
 
 
 def find_images(inputs: list[str]) -> list[str]:
-    """Files as given, folders searched recursively, glob patterns expanded; sorted, de-duplicated."""
-    from edgeres.data.datasets import IMAGE_EXTS
-
+    """Files as given, folders searched recursively, glob patterns expanded; sorted, de-duplicated. An archive is
+    refused ("unpack it first"): its images are not files yet."""
     found: list[str] = []
     for item in inputs:
         paths = [Path(p) for p in sorted(glob.glob(item, recursive=True))] if glob.has_magic(item) else [Path(item)]
@@ -32,6 +36,8 @@ def find_images(inputs: list[str]) -> list[str]:
         for p in paths:
             if p.is_dir():
                 found += sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            elif p.is_file() and archive_hint(p):
+                raise DataError(archive_hint(p))
             elif p.is_file():
                 found.append(str(p))
             else:
@@ -40,6 +46,24 @@ def find_images(inputs: list[str]) -> list[str]:
     if not found:
         raise DataError(f"no images ({'/'.join(IMAGE_EXTS)}) in {', '.join(inputs)}")
     return found
+
+
+def model_file(artifact: str | Path) -> Path:
+    """The model file `artifact` names. A folder is refused with the file to give instead (a run folder's INT8 ONNX,
+    or the models found in it), an archive with "unpack it first"."""
+    p = Path(artifact)
+    if p.is_dir():
+        found = [p / rel for rel in RUN_MODELS if (p / rel).is_file()]
+        found = found or sorted(f for f in p.rglob("*") if f.suffix.lower() in MODEL_SUFFIXES and f.is_file())
+        if not found:
+            raise ConfigError(f"{artifact} is a folder with no model in it; give a model file "
+                              f"({', '.join(MODEL_SUFFIXES)})")
+        also = f" (or {', '.join(str(f) for f in found[1:3])})" if len(found) > 1 else ""
+        raise ConfigError(f"{artifact} is a folder; give one model file: edgeres predict {found[0]} IMAGES...{also}")
+    hint = archive_hint(p)
+    if hint:
+        raise ConfigError(hint)
+    return p
 
 
 def preprocessing(meta: dict[str, Any], artifact: str | Path) -> dict[str, Any]:
@@ -61,6 +85,7 @@ def predict(artifact: str | Path, inputs: list[str], *, top_k: int = 5, batch_si
 
     if top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
+    artifact = model_file(artifact)
     files = find_images(inputs)
     runner = open_runner(artifact, threads=threads)
     try:

@@ -54,6 +54,9 @@ class DataCfg:
     download: bool = True                       # mnist/cifar10: download (with checksums) when missing
     holdout: float = 0.1                        # fraction of the training split held out (seeded by train.seed)
                                                 # to select best.pt and QAT's epoch; the test split is only reported
+    val_split: float = 0.2                      # imagefolder given as class folders alone (DIR/<class>/*): the share
+                                                # of each class set aside as the evaluation split (fixed by file
+                                                # names; a train/ + val/ layout keeps its own split)
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.backbone_lr_scale": (0.0, 100.0),
     "quant.calib_size": (1, 1 << 24), "quant.qat_epochs": (0, 1000), "quant.qat_lr": (1e-12, 100.0),
     "quant.qat_batch_size": (1, 1 << 20), "quant.qat_temperature": (0.05, 100.0), "data.holdout": (0.0, 0.9),
+    "data.val_split": (0.01, 0.9),
     "gates.min_agreement_pct": (0.0, 100.0), "gates.fp32_over_chance_sigma": (0.0, 100.0),
     "gates.fold_rel_tol": (0.0, 1.0), "gates.export_rel_tol": (0.0, 1.0), "gates.max_drop_ptq": (0.0, 100.0),
     "gates.max_drop_qat": (0.0, 100.0), "gates.min_int8_agreement": (0.0, 100.0), "gates.probe_size": (1, 1 << 20),

@@ -76,3 +76,25 @@ def test_wrong_channels_or_arch_get_one_line(tmp_path):
     torch.save(create_model("densenet121", num_classes=10).state_dict(), dense)
     with pytest.raises(CheckpointError, match="weights of another architecture"):
         load_backbone(create_model("resnet18", num_classes=10), dense)
+
+
+def test_a_checkpoint_of_another_arch_is_refused_before_the_run_folder(tmp_path):
+    """--init-from / --pretrained: a checkpoint whose edgeres metadata (or published file name) names another
+    architecture than --arch is one line naming the --arch to pass, and no run folder is made."""
+    from edgeres.checkpoint import ModelMeta, check_checkpoints, save_checkpoint
+
+    ck = tmp_path / "mine.pt"
+    meta = ModelMeta(arch="resnet20", num_classes=2, in_channels=3, input_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    save_checkpoint(ck, create_model("resnet20", num_classes=2), meta)
+    with pytest.raises(CheckpointError) as e:
+        check_checkpoints(None, ck, arch="resnet18")
+    assert str(e.value) == f"checkpoint {ck} is a resnet20; pass --arch resnet20 or another checkpoint"
+    check_checkpoints(ck, ck, arch="resnet20")   # the same arch: accepted
+    for flag in ("--init-from", "--pretrained"):
+        r = CliRunner().invoke(main, ["build", flag, str(ck), "--arch", "resnet18", "--out", str(tmp_path / "run")])
+        assert r.exit_code == 1 and r.stderr.strip() == f"Error: {str(e.value)}", r.output
+        assert not (tmp_path / "run").exists()
+    published = tmp_path / "resnet50-0676ba61.pth"   # torchvision's file name says which arch it is
+    torch.save(create_model("resnet20", num_classes=2).state_dict(), published)
+    with pytest.raises(CheckpointError, match="is a resnet50; pass --arch resnet50 or another checkpoint"):
+        check_checkpoints(None, published, arch="resnet18")

@@ -14,7 +14,7 @@ from edgeres import __version__
 from edgeres.cli.examples import attach
 from edgeres.errors import EdgeresError
 
-COMMAND_MODULES = ("zoo", "train", "quant", "pipeline", "bench", "predict", "trt", "deploy", "experiment")
+COMMAND_MODULES = ("zoo", "train", "quant", "pipeline", "bench", "predict", "trt", "deploy", "experiment", "weights")
 
 
 class EdgeresGroup(click.Group):

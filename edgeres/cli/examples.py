@@ -24,6 +24,9 @@ EXAMPLES: dict[str, str] = {
     "status": "edgeres status --host jetson1 --json",
     "rollback": "edgeres rollback --host jetson1",
     "ansible": "edgeres fleet ansible dist/demo --out fleet/ --hosts-file hosts.txt --serial 1,25%,100%",
+    "list": "edgeres weights list --json",
+    "fetch": "edgeres weights fetch resnet18 --url http://mirror.lan/models/   # default: download.pytorch.org",
+    "import": "edgeres weights import --from ~/Downloads/resnet18-f37072fd.pth",
 }
 
 

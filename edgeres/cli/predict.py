@@ -5,12 +5,12 @@ import click
 
 from edgeres.cli._common import emit, json_option, quiet_option
 from edgeres.errors import ConfigError
-from edgeres.predict import format_predictions, predictions_csv
+from edgeres.predict import find_images, format_predictions, model_file, predictions_csv
 from edgeres.predict import predict as run_predict
 
 
 @click.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())   # a run folder or an archive is refused by predict.model_file, in words
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Classes to show per image.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
@@ -26,6 +26,8 @@ def predict(model, images, top_k, batch_size, threads, skip_bad_images, as_csv, 
     """
     if as_csv and as_json:
         raise ConfigError("choose one of --csv and --json")
+    model = str(model_file(model))   # a run folder or an archive: which file to give, before anything opens it
+    images = find_images(list(images))   # the images too (an archive: "unpack it first")
     preds = run_predict(model, list(images), top_k=top_k, batch_size=batch_size, threads=threads,
                         skip_bad_images=skip_bad_images, progress=not (quiet or as_json or as_csv))
     if as_csv:

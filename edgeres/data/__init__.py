@@ -1,16 +1,19 @@
 """Datasets for training and evaluation: `get_data(...) -> DataBundle(train, test, calib, info)`.
 
-`train` applies the recipe's augmentation; `test` the eval transform; `calib` is the TRAIN images with the
-EVAL transform (INT8 calibration must not see test images nor augmentation). Every sample is
-(float32 C x H x W normalized tensor, int label).
+`train` applies the recipe's augmentation; `test` (the evaluation split, infer.SPLITS) the eval transform; `calib`
+is the TRAIN images with the EVAL transform (INT8 calibration must not see test images nor augmentation). Every
+sample is (float32 C x H x W normalized tensor, int label).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from edgeres.data import gpu
+from edgeres.data.infer import SPLITS
 from edgeres.errors import ConfigError, DataError
+from edgeres.suggest import unknown_name
 
 DATASET_NAMES = ("digits", "mnist", "cifar10", "imagefolder")
 CACHE_MAX_SIDE = 256   # the uint8 cache is for small inputs: refuse it above this side
@@ -32,6 +35,9 @@ class DatasetInfo:
     skipped_images: int = 0     # unreadable files skipped with skip_bad_images
     holdout_size: int = 0       # training images held out for model selection (data.holdout)
     holdout_fraction: float = 0.0
+    root: str | None = None     # imagefolder: the folder the photos were read from (--data-dir or its sub-folder)
+    layout: str = ""            # imagefolder: what infer.find_layout found ("train/val", "class folders")
+    val_split: float | None = None   # class folders alone: the share of each class in the evaluation split
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -90,12 +96,14 @@ def _channels_tuple(values, channels: int, name: str) -> tuple[float, ...]:
 def get_data(*, dataset: str, data_dir: str | None = None, input_size: int | None = None, mean=None, std=None,
              resize_size: int | None = None, augment=(), pad: int = 4, cache: bool = False,
              skip_bad_images: bool = False, in_channels: int | None = None, download: bool = True,
-             workers: int = 2, seed: int = 0, **_ignored: Any) -> DataBundle:
-    """Load a dataset's train/test splits and wrap them in transforms. Extra DataCfg keywords are accepted."""
+             workers: int = 2, seed: int = 0, val_split: float = 0.2, **_ignored: Any) -> DataBundle:
+    """Load a dataset's train/test splits and wrap them in transforms. Extra DataCfg keywords are accepted.
+    `val_split`: photos given as class folders alone are split here (infer.split_class_files), with a fixed draw
+    (not `seed`: every run and `edgeres eval` evaluate the same images)."""
     from edgeres.data import datasets as D
 
     if dataset not in DATASET_NAMES:
-        raise ConfigError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASET_NAMES)}")
+        raise ConfigError(unknown_name("dataset", dataset, DATASET_NAMES))
     defaults = D.DEFAULTS[dataset]
     size = input_size or defaults["size"]
     channels = in_channels or defaults["channels"]
@@ -107,7 +115,7 @@ def get_data(*, dataset: str, data_dir: str | None = None, input_size: int | Non
     std_t = _channels_tuple(std if std is not None else defaults["std"], channels, "std")
     if any(s <= 0 for s in std_t):
         raise ConfigError(f"std values must be > 0, got {list(std_t)}")
-    skipped = 0
+    skipped, layout = 0, None
     if dataset == "digits":
         train_src, test_src, classes, fp = D.load_digits(size)
     elif dataset == "mnist":
@@ -115,8 +123,8 @@ def get_data(*, dataset: str, data_dir: str | None = None, input_size: int | Non
     elif dataset == "cifar10":
         train_src, test_src, classes, fp = D.load_cifar10(data_dir, download=download)
     else:
-        train_src, test_src, classes, fp, skipped = D.load_imagefolder(
-            data_dir, channels=channels, skip_bad_images=skip_bad_images, workers=workers)
+        train_src, test_src, classes, fp, skipped, layout = D.load_imagefolder(
+            data_dir, channels=channels, skip_bad_images=skip_bad_images, workers=workers, val_split=val_split)
     if dataset == "imagefolder":
         resize_size = resize_size or int(round(size / 0.875))
         if resize_size < size:
@@ -136,8 +144,27 @@ def get_data(*, dataset: str, data_dir: str | None = None, input_size: int | Non
         raise DataError(f"{dataset}: empty split (train {len(train)}, test {len(test)} images)")
     info = DatasetInfo(name=dataset, num_classes=len(classes), in_channels=channels, class_names=tuple(classes),
                        input_size=size, mean=mean_t, std=std_t, resize_size=resize_size, fingerprint=fp,
-                       train_size=len(train), test_size=len(test), skipped_images=skipped)
+                       train_size=len(train), test_size=len(test), skipped_images=skipped,
+                       root=str(layout.root) if layout else None, layout=layout.kind.value if layout else "",
+                       val_split=val_split if layout and layout.kind is D.Layout.CLASSES else None)
     return DataBundle(train=train, test=test, calib=calib, info=info)
+
+
+def split_files(bundle: DataBundle) -> dict[str, list[str]] | None:
+    """{"train": [...], "holdout": [...], "evaluation": [...]}: each split's files relative to the photos' folder
+    (info.root; "/" separators), for the run folder; None for a dataset that is no folder of files."""
+    out = {}
+    for name, split in zip(SPLITS, (bundle.train, bundle.holdout, bundle.test)):
+        if split is None:
+            out[name] = []
+            continue
+        base, idx = gpu.base_of(split)
+        files = getattr(base.source, "files", ())
+        if not files or bundle.info.root is None:
+            return None
+        chosen = files if idx is None else [files[i] for i in idx]
+        out[name] = [os.path.relpath(f, bundle.info.root).replace(os.sep, "/") for f in chosen]
+    return out
 
 
 def get_data_for(recipe, *, in_channels: int | None = None, **overrides) -> DataBundle:
@@ -195,4 +222,5 @@ def _fork_ok() -> bool:
     return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
 
-__all__ = ["DataBundle", "DatasetInfo", "DATASET_NAMES", "get_data", "get_data_for", "make_loader", "split_holdout"]
+__all__ = ["DataBundle", "DatasetInfo", "DATASET_NAMES", "SPLITS", "get_data", "get_data_for", "make_loader",
+           "split_files", "split_holdout"]

@@ -11,6 +11,7 @@ import io
 import math
 import os
 import pickle
+import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,10 +22,9 @@ import numpy as np
 import torch
 
 from edgeres.data import transforms as T
+from edgeres.data.infer import IMAGE_EXTS, MNIST_FILES, Layout, find_layout, find_mnist, not_a_folder, split_class_files
 from edgeres.errors import DataError
 from edgeres.io import require_regular_file
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 
 # Dataset defaults: native side, channels, mean, std.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -34,13 +34,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "imagefolder": {"size": 224, "channels": 3, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
 }
 
-# The official checksums (md5 of the DECOMPRESSED idx files; the .gz files vary with the compressor).
-MNIST_FILES = {
-    "train_images": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-    "train_labels": ("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624", "d53e105ee54ea40749a09fcbcd1e9432"),
-    "test_images": ("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea", "9fb629c4189551a2d022fa330f9573f3"),
-    "test_labels": ("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637", "ec29112dd5afa0611ce80d1b7f02629c"),
-}
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 CIFAR_FILES = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
                "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddbe9b4ba4ecd1fe8d22",
@@ -134,24 +127,11 @@ def _parse_idx(data: bytes, path: Path, ndim: int) -> np.ndarray:
     return body.reshape(dims)
 
 
-def _find_mnist(root: Path) -> dict[str, Path] | None:
-    for d in (root, root / "mnist", root / "MNIST" / "raw"):
-        found = {}
-        for key, (name, _, _) in MNIST_FILES.items():
-            for cand in (d / name, d / f"{name}.gz"):
-                if cand.is_file():
-                    found[key] = cand
-                    break
-        if len(found) == len(MNIST_FILES):
-            return found
-    return None
-
-
 def load_mnist(data_dir: str | None, *, download: bool = True) -> tuple[Source, Source, tuple[str, ...], str]:
     root = Path(data_dir).expanduser() if data_dir else default_root("mnist")
     if data_dir and not root.is_dir() and not download:
         raise DataError(f"MNIST data directory not found: {root}")
-    files = _find_mnist(root)
+    files = find_mnist(root)
     if files is None:
         need = ", ".join(f"{n}[.gz]" for n, _, _ in MNIST_FILES.values())
         if not download:
@@ -162,7 +142,7 @@ def load_mnist(data_dir: str | None, *, download: bool = True) -> tuple[Source, 
                     _download(MNIST_URL + f"{name}.gz", root / f"{name}.gz", gz_md5)
         except DataError as e:
             raise DataError(f"MNIST not found in {root} and {e}; {_offline_hint('MNIST', need)}") from None
-        files = _find_mnist(root)
+        files = find_mnist(root)
         if files is None:
             raise DataError(f"MNIST files still missing in {root} after the download")
     digest = hashlib.sha256()
@@ -253,7 +233,8 @@ def load_cifar10(data_dir: str | None, *, download: bool = True) -> tuple[Source
 # ---------------------------------------------------------------- ImageFolder
 def _scan_split(split_dir: Path) -> dict[str, list[Path]]:
     if not split_dir.is_dir():
-        raise DataError(f"missing directory {split_dir} (an imagefolder dataset needs train/<class>/ and val/<class>/)")
+        raise DataError(f"missing directory {split_dir} (photos go in class folders DIR/<class>/*.jpg, or in "
+                        f"train/<class>/ with val/<class>/)")
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{split_dir} has no class folders")
@@ -286,13 +267,33 @@ def decode_image(path: str, channels: int = 3, draft: int | None = None) -> torc
                                     f"--skip-bad-images to skip such files")
                 if draft and im.format == "JPEG":
                     im.draft("RGB" if channels == 3 else "L", (draft, draft))
-                arr = _to_uint8(im, channels, path)
+                arr = _to_uint8(upright(im), channels, path)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning, MemoryError) as e:
         raise DataError(f"corrupt or unreadable image {path} ({_first(e)}); "
                         "pass --skip-bad-images to skip such files") from None
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+EXIF_ORIENTATION = 0x0112   # the TIFF/EXIF tag a camera writes instead of rotating the pixels
+
+
+def upright(im):
+    """The image as the camera meant it: its EXIF orientation (a phone held upright writes 6) applied, as every
+    viewer does. The GPU path applies the same transposes to nvJPEG's output (gpu.orient)."""
+    from PIL import ImageOps
+
+    return im if exif_orientation(im) == 1 else ImageOps.exif_transpose(im)
+
+
+def exif_orientation(im) -> int:
+    """An opened image's EXIF orientation, 1..8; 1 (as stored) when it has none or an unreadable EXIF block."""
+    try:
+        value = im.getexif().get(EXIF_ORIENTATION, 1)
+    except (struct.error, ValueError, KeyError, IndexError, TypeError, OSError, SyntaxError):
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _first(e: BaseException) -> str:
@@ -325,35 +326,73 @@ def _readable(path: str, channels: int) -> bool:
         return False
 
 
-def load_imagefolder(data_dir: str | None, *, channels: int, skip_bad_images: bool, workers: int):
+def load_imagefolder(data_dir: str | None, *, channels: int, skip_bad_images: bool, workers: int,
+                     val_split: float = 0.2):
+    """(train Source, evaluation Source, class names, fingerprint, images skipped, FolderLayout) of a folder of
+    photos in any layout of `infer.find_layout`; class folders alone are split by `infer.split_class_files`."""
     if not data_dir:
-        raise DataError("dataset imagefolder needs --data-dir DIR holding train/<class>/* and val/<class>/*")
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise DataError(f"data directory not found: {root}")
-    val_name = "val" if (root / "val").is_dir() or not (root / "test").is_dir() else "test"
-    train, val = _scan_split(root / "train"), _scan_split(root / val_name)
-    if list(train) != list(val):
-        only_t, only_v = sorted(set(train) - set(val)), sorted(set(val) - set(train))
-        raise DataError(f"class folders differ between {root / 'train'} and {root / val_name}: "
-                        f"only in train: {only_t or 'none'}; only in {val_name}: {only_v or 'none'}")
+        raise DataError("dataset imagefolder needs --data-dir DIR holding class folders (DIR/<class>/*.jpg), or "
+                        "train/<class>/* with val/<class>/*")
+    problem = not_a_folder(data_dir)
+    if problem:
+        raise DataError(problem)
+    layout = find_layout(data_dir)
+    root = layout.root if layout else Path(data_dir).expanduser()
+    if layout is None and not (root / "train").is_dir():
+        raise DataError(_no_photos(root))
+    if layout is None or layout.kind is Layout.SPLIT:   # no layout but train/: its scan says what is missing
+        val_name = layout.eval_name if layout else "val"
+        train, val = _scan_split(root / "train"), _scan_split(root / val_name)
+        if list(train) != list(val):
+            only_t, only_v = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+            raise DataError(f"class folders differ between {root / 'train'} and {root / val_name}: "
+                            f"only in train: {only_t or 'none'}; only in {val_name}: {only_v or 'none'}")
+    else:
+        train, val = _scan_split(root), {}
     classes = tuple(train)
     if len(classes) < 2:
-        raise DataError(f"{root / 'train'} has {len(classes)} class folder ({classes[0]}); a classifier needs at "
+        where = root / "train" if layout is None or layout.kind is Layout.SPLIT else root
+        raise DataError(f"{where} has {len(classes)} class folder ({classes[0]}); a classifier needs at "
                         f"least 2 (one folder per class)")
+    skipped = 0
+    if skip_bad_images:
+        train, n_train = _readable_only(train, channels, workers)
+        val, n_val = _readable_only(val, channels, workers)
+        skipped = n_train + n_val
+    if layout is not None and layout.kind is Layout.CLASSES:
+        train, val, alone = split_class_files(train, root, val_split)
+        if alone:
+            warnings.warn(f"{root}: class folder(s) {', '.join(alone)} hold one image: it is kept for training, so "
+                          f"the evaluation split has no image of that class; add photos to evaluate it",
+                          stacklevel=3)
     digest = hashlib.sha256()
-    sources, skipped = [], 0
-    for split in (train, val):
-        files = [(str(p), i) for i, c in enumerate(classes) for p in split[c]]
-        if skip_bad_images:
-            with ThreadPoolExecutor(max(1, workers)) as ex:
-                ok = list(ex.map(lambda f: _readable(f[0], channels), files))
-            skipped += ok.count(False)
-            files = [f for f, good in zip(files, ok) if good]
+    sources = []
+    for name, split in (("train", train), ("evaluation", val)):
+        # a train/ + val/ folder: the file paths name the split (and the fingerprint is that of earlier versions)
+        tag = "" if layout is None or layout.kind is Layout.SPLIT else f"{name}\0"
+        files = [(str(p), i) for i, c in enumerate(classes) for p in split.get(c, ())]
         for path, label in files:
-            digest.update(f"{os.path.relpath(path, root)}\0{os.path.getsize(path)}\0{label}\n".encode())
+            digest.update(f"{tag}{os.path.relpath(path, root)}\0{os.path.getsize(path)}\0{label}\n".encode())
         sources.append(Source(np.array([lb for _, lb in files], dtype=np.int64), files=tuple(p for p, _ in files)))
-    return sources[0], sources[1], classes, digest.hexdigest(), skipped
+    return sources[0], sources[1], classes, digest.hexdigest(), skipped, layout
+
+
+def _no_photos(root: Path) -> str:
+    with_images = [d.name for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")
+                   and any(p.suffix.lower() in IMAGE_EXTS for p in d.rglob("*"))]
+    if len(with_images) == 1:
+        return (f"{root} has 1 class folder with images ({with_images[0]}); a classifier needs at least 2 (one "
+                f"folder per class)")
+    return (f"{root} holds no class folders of images ({'/'.join(IMAGE_EXTS)}): expected DIR/<class>/*.jpg, or "
+            f"DIR/train/<class>/ with DIR/val/<class>/")
+
+
+def _readable_only(by_class: dict[str, list[Path]], channels: int, workers: int) -> tuple[dict[str, list[Path]], int]:
+    """The files that decode (--skip-bad-images), and how many did not."""
+    files = [p for c in by_class for p in by_class[c]]
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        ok = dict(zip(files, ex.map(lambda p: _readable(str(p), channels), files)))
+    return {c: [p for p in ps if ok[p]] for c, ps in by_class.items()}, list(ok.values()).count(False)
 
 
 def build_cache(files: tuple[str, ...], *, channels: int, side: int, size: int, workers: int) -> torch.Tensor:

@@ -5,7 +5,8 @@ tenth of what it trains at. Here, on a CUDA device:
 - workers read each JPEG's bytes (or take the cached / in-memory uint8 image) - nothing else;
 - the main process decodes a whole batch of JPEGs at once with nvJPEG (`torchvision.io.decode_jpeg(...,
   device="cuda")`; other formats, and a batch nvJPEG refuses, are decoded on the CPU as before, with the same
-  errors);
+  errors); nvJPEG ignores a photo's EXIF orientation, so the worker reads it from the file's header and `orient`
+  turns the decoded image upright, as the CPU decoder (datasets.upright) does;
 - every image then goes through the dataset's own `transform` (edgeres.data.transforms: the same crop, flip, resize
   and normalization, the same per-sample random draws from (seed, epoch, index)) as tensor ops on the GPU.
 So both paths make the same decisions; only the JPEG decoder differs (nvJPEG vs libjpeg), within 1/255.
@@ -37,11 +38,61 @@ def base_of(dataset) -> tuple[Any, list[int] | None]:
 
 
 def _nvjpeg():
+    """decode(list of JPEG byte tensors, channels, device) -> uint8 C x H x W images on the device, as stored (no
+    EXIF orientation: torchvision's `apply_exif_orientation` defaults to False); None without the binding."""
     try:
-        from torchvision.io import decode_jpeg
+        from torchvision.io import ImageReadMode, decode_jpeg
     except Exception:  # torchvision absent, or built for another torch: the CPU pipeline stays
         return None
-    return decode_jpeg
+
+    def decode(datas: list, channels: int, dev) -> list:
+        return decode_jpeg(datas, mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY, device=dev)
+
+    return decode
+
+
+def _jpeg_decoder(dev):
+    """The batch JPEG decoder for `dev`: nvJPEG on a GPU, none elsewhere (tests put a stand-in here)."""
+    return _nvjpeg() if dev.type == "cuda" else None
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation (1..8) in a JPEG's header; 1 (as stored) when it has none or it cannot be read. Reads
+    only the header, as `datasets.upright` does."""
+    import io
+
+    from PIL import Image
+
+    from edgeres.data.datasets import exif_orientation
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return exif_orientation(im)
+    except (OSError, ValueError, SyntaxError):   # not a JPEG PIL can open: the decoder reports it, not this
+        return 1
+
+
+def orient(img, orientation: int):
+    """A uint8 C x H x W image (any device) turned as EXIF `orientation` says, the transposes of
+    PIL.ImageOps.exif_transpose: 2 mirror, 3 turn 180, 4 flip, 5 transpose, 6 turn 90 clockwise, 7 transverse,
+    8 turn 90 counter-clockwise."""
+    import torch
+
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(-1).flip(-2)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-1, -2).contiguous()
+    if orientation == 6:
+        return torch.rot90(img, -1, dims=(-2, -1)).contiguous()
+    if orientation == 7:
+        return img.transpose(-1, -2).flip(-1).flip(-2).contiguous()
+    if orientation == 8:
+        return torch.rot90(img, 1, dims=(-2, -1)).contiguous()
+    return img
 
 
 def why_not(dataset, device) -> str | None:
@@ -59,7 +110,8 @@ def why_not(dataset, device) -> str | None:
 
 
 class _Raw:
-    """What a CPU worker does on the GPU path: sample i's bytes (a file) or its uint8 image (cache / array)."""
+    """What a CPU worker does on the GPU path: sample i's bytes (a file) and its EXIF orientation, or its uint8
+    image (cache / array: upright already): (data, label, index, path or None, orientation)."""
 
     def __init__(self, base):
         self.base = base
@@ -73,10 +125,11 @@ class _Raw:
         b = self.base
         label = int(b.source.labels[i])
         if b.cache is not None or b.source.array is not None:
-            return b.raw(i), label, i, None
+            return b.raw(i), label, i, None, 1
         path = b.source.files[i]
         data = Path(require_regular_file(path, "image", DataError)).read_bytes()
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, i, path
+        orientation = jpeg_orientation(data) if _is_jpeg(data) else 1
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, i, path, orientation
 
 
 def device_batches(dataset, order: list[int], *, batch_size: int, device, workers: int = 0, epoch: int = 0,
@@ -93,8 +146,8 @@ def device_batches(dataset, order: list[int], *, batch_size: int, device, worker
     mean, std = base._mean.to(dev), base._std.to(dev)
     for items in loader:
         images = _decode(base, items, dev)
-        x = torch.stack([base.transform(img, i, mean, std) for img, (_, _, i, _) in zip(images, items)])
-        yield x, torch.tensor([label for _, label, _, _ in items], dtype=torch.long)
+        x = torch.stack([base.transform(img, item[2], mean, std) for img, item in zip(images, items)])
+        yield x, torch.tensor([item[1] for item in items], dtype=torch.long)
 
 
 def _decode(base, items, dev) -> list:
@@ -102,18 +155,15 @@ def _decode(base, items, dev) -> list:
     from edgeres.data.datasets import decode_image
 
     out: list = [None] * len(items)
-    jpeg = [k for k, (data, _, _, path) in enumerate(items) if path is not None and _is_jpeg(data)]
-    decode_jpeg = _nvjpeg() if jpeg and dev.type == "cuda" else None
-    if decode_jpeg is not None:
-        from torchvision.io import ImageReadMode
-
-        mode = ImageReadMode.RGB if base.spec.channels == 3 else ImageReadMode.GRAY
+    jpeg = [k for k, (data, _, _, path, _) in enumerate(items) if path is not None and _is_jpeg(data)]
+    decode = _jpeg_decoder(dev) if jpeg else None
+    if decode is not None:
         try:
-            for k, img in zip(jpeg, decode_jpeg([items[k][0] for k in jpeg], mode=mode, device=dev)):
-                out[k] = img
+            for k, img in zip(jpeg, decode([items[k][0] for k in jpeg], base.spec.channels, dev)):
+                out[k] = orient(img, items[k][4])
         except RuntimeError:   # a JPEG nvJPEG cannot take (CMYK, progressive in old versions): the CPU decodes
             out = [None] * len(items)
-    for k, (data, _, _, path) in enumerate(items):
+    for k, (data, _, _, path, _) in enumerate(items):
         if out[k] is None:
             img = data if path is None else decode_image(path, base.spec.channels,
                                                          draft=base.spec.resize_size or base.spec.size)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgeres.errors import ConfigError
+from edgeres.suggest import unknown_name
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ def get_spec(name: str) -> ArchSpec:
     try:
         return ARCHS[name]
     except KeyError:
-        raise ConfigError(f"unknown architecture {name!r}; valid: {', '.join(list_archs())}") from None
+        # the registry's own order (resnet18, resnet34, ...) for the few names shown when no name is close
+        raise ConfigError(unknown_name("architecture", name, ARCHS, list_all="`edgeres archs` lists them")) from None
 
 
 def resolve_options(spec: ArchSpec, options: dict[str, Any] | None) -> dict[str, Any]:
