@@ -7,15 +7,15 @@ it beside the output as <name>.rejected.<ext>), and returns its record and typed
 its contract: read from the recipe by `Settings.from_recipe` (edgeres/settings.py), the same call the stage's CLI
 command makes. A row of `PLAN` names a stage, what it consumes, when it runs, how its settings and typed inputs are
 made, and the identity of inputs that are not its parent's artifact (the dataset's fingerprint, a checkpoint file).
-`run_stage` adds what every stage shares: the inputs hash (parent sha256 + exactly `asdict(settings)` + that
-identity), reuse of a finished stage whose inputs are unchanged and whose artifact is intact, timing, the append
-to stages.jsonl, and stopping at the first failed gate.
+`run_stage` adds what every stage shares: the inputs hash (parent sha256 + `hashed(settings)`, asdict(settings)
+without where each limit came from, + that identity), reuse of a finished stage whose inputs are unchanged and
+whose artifact is intact, timing, the append to stages.jsonl, and stopping at the first failed gate.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,9 +36,10 @@ from edgeres.io import (
     sha256_json,
 )
 from edgeres.progress import heartbeat
-from edgeres.recipe import Recipe, for_dataset, load_recipe
+from edgeres.recipe import Recipe, for_dataset, gate_overrides, load_recipe, shipped_reference
 from edgeres.records import StageRecord, StageResult, Status, append_record, finish_plan, reusable, run_lock, write_plan
 from edgeres.report import write_report
+from edgeres.settings import hashed
 from edgeres.tensorrt import calib_cache, compile
 from edgeres.tensorrt.options import precision_from_flags
 from edgeres.tensorrt.targets import PlanInputs
@@ -64,6 +65,7 @@ class BuildOptions:
     bench_seconds: float = 1.0     # per artifact latency measurement in the verify stage
     device: str | None = None      # torch device for every torch stage (edgeres.device.resolve; None: GPU if any)
     overrides: dict[str, Any] = field(default_factory=dict)   # any other dotted recipe key: {"data.input_size": 64}
+    gates: tuple[str, ...] = ()    # --gate NAME=VALUE: any gates.* key (recipe.gate_overrides)
 
 
 @dataclass
@@ -406,7 +408,43 @@ def _verify_inputs(ctx: BuildContext, settings) -> verify.VerifyInputs:
         cands.append(Candidate("compile", "tensorrt", "-", note=comp.message))
     meta = trained.meta
     return verify.VerifyInputs(_fp32_eval(ctx), cands, (meta.in_channels, meta.input_size, meta.input_size),
-                               list(meta.class_names))
+                               list(meta.class_names), class_counts=class_counts(ctx.data, len(meta.class_names)))
+
+
+def _labels_of(split):
+    """The labels of a split without decoding an image (a dataset's own labels, through Subsets), or None."""
+    import numpy as np
+
+    if split is None:
+        return None
+    if hasattr(split, "labels"):
+        return np.asarray(split.labels)
+    if hasattr(split, "dataset") and hasattr(split, "indices"):
+        inner = _labels_of(split.dataset)
+        return None if inner is None else inner[np.asarray(split.indices, dtype=np.int64)]
+    return None
+
+
+def class_counts(data, num_classes: int) -> dict[str, list[int]]:
+    """Images per class in each split: train, holdout (selects epochs), evaluation (what the gates read)."""
+    import numpy as np
+
+    out = {}
+    for name, split in (("train", data.train), ("holdout", data.holdout), ("evaluation", data.test)):
+        labels = _labels_of(split)
+        if labels is not None:
+            out[name] = np.bincount(labels[(labels >= 0) & (labels < num_classes)], minlength=num_classes).tolist()
+    return out
+
+
+VERDICT_FILES = ("probe.npz", "meta.json")   # what the device checks and the class names: hashed into verify's record
+
+
+def _verify_then(ctx: BuildContext, result: StageResult) -> None:
+    """The files the verdict (and the bundle made from it) rests on besides the artifacts, hashed into the verify
+    record so that `report`, `bundle` and `records.verdict` refuse a run where one was altered."""
+    result.record.depends_on = {name: sha256_file(ctx.run_dir / name) for name in VERDICT_FILES
+                                if (ctx.run_dir / name).is_file()}
 
 
 def _load_cpu(rec: StageRecord):
@@ -448,16 +486,17 @@ PLAN: list[Step] = [
          identity=lambda c: {**_data_identity(c), "calib_cache": getattr(c.records.get("calib_cache"), "sha256", None)},
          load=_load_compile),
     Step("verify", "export_int8|export_fp32", _verify_settings, _verify_inputs, verify.run,
-         identity=_verify_identity),
+         identity=_verify_identity, then=_verify_then),
 ]
 
 
 def inputs_hash(ctx: BuildContext, step: Step, settings: Any) -> str:
     """What a stage's result is a function of: its parent's artifact (sha256, and that parent's own inputs hash),
-    exactly `asdict(settings)`, and the identity of its other inputs."""
+    exactly `hashed(settings)` (asdict(settings) without where each limit came from), and the identity of its
+    other inputs."""
     parent = _parent(ctx, step)
     return sha256_json({"stage": step.name, "parent": parent.sha256 if parent else None,
-                        "parent_inputs": parent.inputs_hash if parent else None, "settings": asdict(settings),
+                        "parent_inputs": parent.inputs_hash if parent else None, "settings": hashed(settings),
                         "inputs": step.identity(ctx)})
 
 
@@ -497,8 +536,10 @@ def run_stage(ctx: BuildContext, step: Step) -> StageRecord:
     rec.duration_s = round(time.perf_counter() - start, 3)
     append_record(ctx.run_dir, rec)
     ctx.records[name] = rec
-    verdict = rec.status if rec.status != Status.PASSED.value else f"passed in {rec.duration_s:.1f}s"
-    ctx.say(f"[{name}] {verdict}" + (f": {rec.message}" if rec.message and not rec.passed else ""))
+    # a failure is said once, on the verdict line under the table
+    verdict = "FAILED (the verdict below says why)" if rec.status == Status.FAILED.value else \
+        rec.status if rec.status != Status.PASSED.value else f"passed in {rec.duration_s:.1f}s"
+    ctx.say(f"[{name}] {verdict}")
     if rec.status == Status.FAILED.value:
         raise StageFailed(rec.message or f"{name} failed")
     return rec
@@ -517,7 +558,12 @@ def _resolve_recipe(opts: BuildOptions):
                  "train.epochs": opts.epochs, "quant.qat_epochs": opts.qat_epochs,
                  "quant.calib_method": opts.calib_method,   # --max-drop: the final INT8 model's limit, either way
                  "gates.max_drop_ptq": opts.max_drop, "gates.max_drop_qat": opts.max_drop, **opts.overrides}
-    return for_dataset(load_recipe(opts.recipe), opts.dataset, overrides)
+    origins = {k: f"--max-drop {opts.max_drop:g}" for k in ("gates.max_drop_ptq", "gates.max_drop_qat")} \
+        if opts.max_drop is not None else {}
+    if "gates.min_agreement_pct" in opts.overrides:
+        origins["gates.min_agreement_pct"] = f"--min-agreement {opts.overrides['gates.min_agreement_pct']:g}"
+    values, flagged = gate_overrides(opts.gates)   # --gate last: it names the key it sets
+    return for_dataset(load_recipe(opts.recipe), opts.dataset, {**overrides, **values}, origins={**origins, **flagged})
 
 
 def _with_dataset_of_data_dir(opts: BuildOptions) -> BuildOptions:
@@ -596,7 +642,11 @@ def _run_plan(ctx: BuildContext) -> BuildResult:
 
     steps = [s for s in PLAN if s.when(ctx)]
     atomic_write_text(ctx.run_dir / "recipe.yaml", ctx.recipe.to_yaml())
-    write_plan(ctx.run_dir, [s.name for s in steps])
+    # the limits of this build that are looser than the shipped recipe's: part of the verdict, the report and the
+    # bundle manifest
+    write_plan(ctx.run_dir, [s.name for s in steps],
+               limits={"loosened": ctx.recipe.loosened(shipped_reference(ctx.opts.recipe)),
+                       "confidence": ctx.recipe.gates.confidence})
     ok, message = True, "all gates passed"
     start = time.perf_counter()
     try:

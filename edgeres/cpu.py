@@ -28,7 +28,7 @@ from edgeres.metrics import compare_logits
 from edgeres.onnx_info import read_metadata
 from edgeres.progress import silenced
 from edgeres.records import StageRecord, StageResult, Status, add_fp32_gates
-from edgeres.settings import read, setting
+from edgeres.settings import level_field, origins_field, read, setting
 
 
 def openvino_status() -> tuple[bool, str]:
@@ -100,6 +100,8 @@ class CpuSettings:
     drop_source: str = "gates.max_drop_qat"
     min_agreement_pct: float | None = None   # top-1 agreement with FP32 (%): a drop gate alone passes a model that
                                              # trades as many right answers as it loses
+    level: float = level_field()
+    origins: dict = origins_field()
 
     @classmethod
     def from_recipe(cls, recipe, *, calib_available: int | None = None) -> CpuSettings:

@@ -18,10 +18,10 @@ from edgeres import __version__
 from edgeres.check import GraphIndex, check_model, check_onnx, count_qdq, load_onnx
 from edgeres.errors import ArtifactError, BackendUnavailable, ConfigError, GateError
 from edgeres.io import atomic_path, check_replaceable, rejected_path, sha256_file
-from edgeres.metrics import FP32_MIN_AGREEMENT, compare_logits
+from edgeres.metrics import FP32_MIN_AGREEMENT, NEAR_TIE_QUANTILE, compare_logits
 from edgeres.quantize import force_signed, is_quantized_model, quantizer_hooks
 from edgeres.records import Gate, StageRecord, StageResult
-from edgeres.settings import read, setting
+from edgeres.settings import origins_field, read, setting
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13
@@ -266,6 +266,10 @@ class ExportSettings:
     gate_agreement: bool = True        # False: INT8 agreement recorded, not gated (random inputs mean little)
     probe_size: int = setting("gates.probe_size", help="FP32: the first evaluation images it is checked on "
                                                        "(build's probe); INT8: max|diff| also reported on these.")
+    noise_rel_tol: float = setting("gates.int8_rel_tol", flag="",
+                                   help="INT8: numeric noise allowed vs fake-quant (99th percentile of the per-image "
+                                        "max|logit diff|, relative to the logit scale).")
+    origins: dict = origins_field()
     agreement_images: int = setting("gates.int8_agreement_images",
                                     help="INT8: agreement with fake-quant measured on at least this many images (the "
                                          "evaluation split, then training images), where there are that many.")
@@ -280,6 +284,35 @@ class ExportOutput:
     path: Path
     onnxruntime: Any = None        # EvalResult on `images`: the graph as written (INT8) / the default session (FP32)
     onnxruntime_int8: Any = None   # INT8: ONNX Runtime's default session, its own fused INT8 kernels
+
+
+def _gates(metrics: dict[str, Any], settings: ExportSettings, violations: int) -> list[Gate]:
+    """The export's gates: numerical-equivalence checks, exact (no sampling interval). FP32: max|logit diff| within
+    the tolerance and no decisive flip. INT8: TensorRT's rules, the numeric noise vs fake-quant within
+    gates.int8_rel_tol, and decisive agreement >= gates.min_int8_agreement (a flip where fake-quant's top-2 margin is
+    within twice the noise tolerance is a near tie, which float rounding decides; the raw flips are recorded)."""
+    n, origins = metrics["n_compared"], settings.origins
+
+    def src(key: str) -> str:
+        return origins.get(key, "built-in default")
+
+    if not settings.int8:
+        return [Gate("onnx_fp32_max_abs_diff_rel", metrics["rel_diff"], settings.rel_tol, "<=", n=n,
+                     key="gates.export_rel_tol", source=src("gates.export_rel_tol"),
+                     what="FP32 ONNX vs torch max|logit diff| / logit scale"),
+                Gate("onnx_fp32_decisive_flips", metrics["decisive_flips"], 100.0 - FP32_MIN_AGREEMENT, "<=", n=n,
+                     what=f"top-1 flips FP32 ONNX vs torch beyond near ties ({metrics['flips']} flips in all)")]
+    gates = [Gate("tensorrt_rule_violations", violations, 0, "<=", what="TensorRT Q/DQ rule violations")]
+    if settings.gate_agreement:
+        gates += [Gate("onnx_int8_noise_rel", metrics["noise_rel"], settings.noise_rel_tol, "<=", n=n,
+                       key="gates.int8_rel_tol", source=src("gates.int8_rel_tol"),
+                       what="INT8 ONNX vs fake-quant numeric noise (99th percentile max|logit diff| / logit scale)"),
+                  Gate("onnx_int8_decisive_agreement_pct", metrics["decisive_agreement_pct"],
+                       settings.min_agreement_pct, ">=", n=n, unit="%", key="gates.min_int8_agreement",
+                       source=src("gates.min_int8_agreement"),
+                       what=f"INT8 ONNX vs fake-quant top-1 agreement beyond near ties ({metrics['flips']} flips in "
+                            f"all, {metrics['near_tie_flips']} near ties)")]
+    return gates
 
 
 def _more_images(inputs: ExportInputs, settings: ExportSettings, have: int) -> list:
@@ -328,9 +361,10 @@ def run(inputs: ExportInputs, settings: ExportSettings = ExportSettings(), *, qu
                 ort_more = evaluate(as_written, more, batch_size=256,
                                     progress=False if quiet else "verifying INT8 ONNX on training images").logits
                 metrics = compare_logits(np.concatenate([ref.logits, ref_more]),
-                                         np.concatenate([ort.logits, ort_more]))
+                                         np.concatenate([ort.logits, ort_more]),
+                                         near_tie_quantile=NEAR_TIE_QUANTILE)
             else:
-                metrics = compare_logits(ref.logits, ort.logits)
+                metrics = compare_logits(ref.logits, ort.logits, near_tie_quantile=NEAR_TIE_QUANTILE)
             metrics.update(precision="int8", onnxruntime_optimizations=False, n_eval_split=ref.n,
                            n_training_images=len(more),
                            probe=compare_logits(ref.logits[:n], ort.logits[:n]),
@@ -340,7 +374,7 @@ def run(inputs: ExportInputs, settings: ExportSettings = ExportSettings(), *, qu
         else:
             violations = []
             ort = ev(OrtRunner(staged), "verifying FP32 ONNX")
-            metrics = compare_logits(ref.logits, ort.logits)
+            metrics = compare_logits(ref.logits, ort.logits, near_tie_rel=settings.rel_tol)
             metrics.update(precision="fp32", onnxruntime_optimizations=True)
         metrics["n_compared"] = metrics.pop("n_probe")
         rec = StageRecord(stage=stage, metrics=metrics)
@@ -348,15 +382,8 @@ def run(inputs: ExportInputs, settings: ExportSettings = ExportSettings(), *, qu
             rec.metrics["export_problems"] = problems
             rec.add_gate(Gate("export_problems", len(problems), 0, "<="))
             rec.message = f"{stage}: {problems[0]}"
-        if settings.int8:
-            rec.add_gate(Gate("tensorrt_rule_violations", len(violations), 0, "<="))
-            if settings.gate_agreement:
-                rec.add_gate(Gate("onnx_int8_top1_agreement_pct", metrics["top1_agreement_pct"],
-                                  settings.min_agreement_pct, ">="))
-        else:
-            rec.add_gate(Gate("onnx_fp32_max_abs_diff_rel", metrics["rel_diff"], settings.rel_tol, "<="))
-            rec.add_gate(Gate("onnx_fp32_top1_agreement_pct", metrics["top1_agreement_pct"], FP32_MIN_AGREEMENT,
-                              ">="))
+        for gate in _gates(metrics, settings, len(violations)):
+            rec.add_gate(gate)
         if rec.passed:
             os.replace(staged, out)
             rec.set_artifact(out)
@@ -365,8 +392,7 @@ def run(inputs: ExportInputs, settings: ExportSettings = ExportSettings(), *, qu
         os.replace(staged, rejected)
         if violations:
             rec.message = f"{stage}: {len(violations)} TensorRT rule violation(s), first: {violations[0]}"
-        rec.message += (f" (over {metrics['n_compared']} images); {out} not written, the rejected graph is "
-                        f"{rejected}")
+        rec.message += f"; {out} not written, the rejected graph is {rejected}"
         rec.extra_artifacts["rejected"] = str(rejected)
         return StageResult(rec, ExportOutput(rejected, ort, optimized))
     finally:

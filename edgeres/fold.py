@@ -23,7 +23,7 @@ from edgeres.errors import CheckpointError, EdgeresError
 from edgeres.io import rejected_path
 from edgeres.metrics import FP32_REL_TOL, compare_logits
 from edgeres.records import Gate, StageRecord, StageResult
-from edgeres.settings import read, setting
+from edgeres.settings import origins_field, read, setting
 
 FOLDED_FORMAT = "edgeres-folded-1"
 
@@ -187,12 +187,18 @@ def torch_logits(model, x, batch_size: int = 64):
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
-def fold_gate(reference, folded, probe_x, *, rel_tol: float = FP32_REL_TOL):
-    """Compare the folded model with the unfolded one on a probe batch. Returns (metrics, [Gate])."""
+def fold_gate(reference, folded, probe_x, *, rel_tol: float = FP32_REL_TOL, origins: dict | None = None):
+    """Compare the folded model with the unfolded one on a probe batch: the same function, so both gates are exact
+    (max|logit diff| relative to the logit scale; no decisive top-1 flip, a near tie within the tolerance aside).
+    Returns (metrics, [Gate])."""
 
-    metrics = compare_logits(torch_logits(reference, probe_x), torch_logits(folded, probe_x))
-    gates = [Gate("fold_max_abs_diff_rel", metrics["rel_diff"], rel_tol, "<="),
-             Gate("fold_top1_agreement_pct", metrics["top1_agreement_pct"], 100.0, ">=")]
+    metrics = compare_logits(torch_logits(reference, probe_x), torch_logits(folded, probe_x), near_tie_rel=rel_tol)
+    n = metrics["n_probe"]
+    source = (origins or {}).get("gates.fold_rel_tol", "built-in default")
+    gates = [Gate("fold_max_abs_diff_rel", metrics["rel_diff"], rel_tol, "<=", n=n, key="gates.fold_rel_tol",
+                  source=source, what="folded vs unfolded max|logit diff| / logit scale"),
+             Gate("fold_decisive_flips", metrics["decisive_flips"], 0, "<=", n=n,
+                  what=f"top-1 flips folded vs unfolded beyond near ties ({metrics['flips']} flips in all)")]
     return metrics, gates
 
 
@@ -235,6 +241,7 @@ class FoldSettings:
     rel_tol: float = setting("gates.fold_rel_tol", help="Largest max|logit diff| allowed, relative to the "
                                                             "logit scale.")
     probe_size: int = setting("gates.probe_size", help="Images in the probe batch the fold is checked on.")
+    origins: dict = origins_field()
 
     @classmethod
     def from_recipe(cls, recipe) -> FoldSettings:
@@ -259,7 +266,8 @@ def run(inputs: FoldInputs, settings: FoldSettings = FoldSettings(), *, quiet: b
     import torch
 
     result = fold_batchnorm(inputs.model)
-    metrics, gates = fold_gate(inputs.model, result.model, torch.as_tensor(inputs.probe), rel_tol=settings.rel_tol)
+    metrics, gates = fold_gate(inputs.model, result.model, torch.as_tensor(inputs.probe), rel_tol=settings.rel_tol,
+                               origins=settings.origins)
     rec = StageRecord(stage="fold", metrics={**metrics, "folded": len(result.folded),
                                              "kept_affine": list(result.kept_affine)})
     for g in gates:

@@ -40,7 +40,7 @@ from edgeres.nncf_patches import fast_calibration
 from edgeres.progress import silenced
 from edgeres.recipe import QuantCfg
 from edgeres.records import StageRecord, StageResult, add_fp32_gates
-from edgeres.settings import read, recipe_default, setting
+from edgeres.settings import level_field, origins_field, read, recipe_default, setting
 
 QUANT_FORMAT = "edgeres-nncf-int8-1"
 MANIFEST_FORMAT = "edgeres-calibration-1"
@@ -601,6 +601,8 @@ class PtqSettings:
     max_drop: float | None = None      # pp; None: the drop is recorded, not gated (PTQ before QAT)
     drop_source: str = "gates.max_drop_ptq"   # the recipe key max_drop comes from, for the message
     min_agreement_pct: float | None = None    # top-1 agreement with FP32 (%); None: recorded, not gated
+    level: float = level_field()
+    origins: dict = origins_field()
 
     @classmethod
     def from_recipe(cls, recipe, *, calib_available: int | None = None) -> PtqSettings:
@@ -626,6 +628,8 @@ class QatSettings:
                                      flag="--temperature")
     amp: bool = setting("quant.qat_amp", help="CUDA: bf16 autocast around the fake-quant model.")
     min_agreement_pct: float | None = None
+    level: float = level_field()
+    origins: dict = origins_field()
 
     @classmethod
     def from_recipe(cls, recipe) -> QatSettings:

@@ -111,9 +111,18 @@ class GatesCfg:
                                                 # (0.1-0.5 % of images) cannot decide a 99 % gate
     min_agreement_pct: float = 95.0             # % of evaluation images where an INT8 model's top-1 = FP32's
     probe_size: int = 64
-    fp32_over_chance_sigma: float = 3.0         # FP32 top-1 must beat chance (100/classes %) by this many binomial
-                                                # standard deviations of the evaluation split (0: not gated)
+    fp32_over_chance_sigma: float = 3.0         # 0: the FP32 model is not gated against chance; any other value:
+                                                # its top-1 must be above chance (100/classes %) by its confidence
+                                                # interval (the name is kept so older recipes load)
     fp32_loss_must_fall: bool = True            # a trained run whose last training loss is not below its first fails
+    confidence: float = 0.95                    # the level of every gate's confidence interval (edgeres/stats.py)
+    int8_rel_tol: float = 0.05                  # INT8 ONNX vs fake-quant: numeric noise (99th percentile of the
+                                                # per-image max|logit diff|) relative to the logit scale (a correct
+                                                # export: well under 1 %; a wrong scale: tens of %)
+    max_class_drop_pp: float = 10.0             # a class whose INT8 top-1 falls by more (interval beyond it) is
+                                                # named in the verdict
+    min_class_images: int = 10                  # a class with fewer evaluation images is named: its top-1 moves
+                                                # by more than 10 pp per image
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,24 @@ class ExportCfg:
     # calibration images (OpenVINO's own placement: fastest); "qdq" = the TensorRT INT8 ONNX converted as it is
     cpu_int8: str = "openvino"
     plan_batch: int = 8                         # the device plan's batch (trtexec opt shape; DLA engines: static)
+
+
+# every limit a gate holds a value to: the direction in which it is strict (a "<=" limit is looser when larger, a
+# ">=" limit when smaller) and what it limits, in words. `--gate NAME=VALUE` sets any gates.* key.
+GATE_LIMITS: dict[str, tuple[str, str]] = {
+    "gates.fold_rel_tol": ("<=", "folded vs unfolded max|logit diff| (relative)"),
+    "gates.export_rel_tol": ("<=", "FP32 ONNX vs torch max|logit diff| (relative)"),
+    "gates.max_drop_ptq": ("<=", "PTQ top-1 drop vs FP32 (pp)"),
+    "gates.max_drop_qat": ("<=", "final INT8 top-1 drop vs FP32 (pp)"),
+    "gates.min_int8_agreement": (">=", "INT8 ONNX vs fake-quant decisions beyond numeric noise (%)"),
+    "gates.int8_rel_tol": ("<=", "INT8 ONNX vs fake-quant numeric noise (relative)"),
+    "gates.min_agreement_pct": (">=", "INT8 top-1 agreement with FP32 (%)"),
+    "gates.fp32_over_chance_sigma": (">=", "FP32 above chance (0 = not gated)"),
+    "gates.fp32_loss_must_fall": (">=", "training loss must fall"),
+    "gates.confidence": (">=", "confidence level of every interval"),
+    "gates.max_class_drop_pp": ("<=", "per-class INT8 top-1 drop (pp)"),
+    "gates.min_class_images": (">=", "evaluation images per class"),
+}
 
 
 SECTIONS = {"model": ModelCfg, "data": DataCfg, "train": TrainCfg, "quant": QuantCfg, "gates": GatesCfg,
@@ -144,7 +171,8 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "gates.min_agreement_pct": (0.0, 100.0), "gates.fp32_over_chance_sigma": (0.0, 100.0),
     "gates.fold_rel_tol": (0.0, 1.0), "gates.export_rel_tol": (0.0, 1.0), "gates.max_drop_ptq": (0.0, 100.0),
     "gates.max_drop_qat": (0.0, 100.0), "gates.min_int8_agreement": (0.0, 100.0), "gates.probe_size": (1, 1 << 20),
-    "gates.int8_agreement_images": (1, 1 << 24),
+    "gates.int8_agreement_images": (1, 1 << 24), "gates.confidence": (0.5, 0.9999),
+    "gates.int8_rel_tol": (0.0, 1.0), "gates.max_class_drop_pp": (0.0, 100.0), "gates.min_class_images": (0, 1 << 20),
     "export.opset": (13, 23), "export.plan_batch": (1, 4096),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -171,6 +199,9 @@ class Recipe:
     gates: GatesCfg = field(default_factory=GatesCfg)
     export: ExportCfg = field(default_factory=ExportCfg)
     source: str = field(default="<dict>", compare=False)   # where it was loaded from (not part of the hash)
+    # where each gates.* key that is not the built-in default was set: "recipe demo", "recipe file x.yaml",
+    # "--gate max_drop_qat=2" (not part of the hash: the same limit from another place is the same recipe)
+    origins: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: _to_plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
@@ -211,10 +242,13 @@ class Recipe:
         """How many images calibrate: quant.calib_size, or all of a calibration split that holds fewer."""
         return self.quant.calib_size if available is None else min(self.quant.calib_size, available)
 
-    def with_overrides(self, overrides: dict[str, Any], *, keep_none: tuple[str, ...] = ()) -> Recipe:
+    def with_overrides(self, overrides: dict[str, Any], *, keep_none: tuple[str, ...] = (),
+                       origins: dict[str, str] | None = None) -> Recipe:
         """Apply dotted overrides ({"train.epochs": 3}); None values are ignored (an unset CLI flag), except for
-        the keys in `keep_none`, which None resets to "the dataset's own"."""
+        the keys in `keep_none`, which None resets to "the dataset's own". `origins`: where each override came
+        from (a flag, for the gate messages); a gates.* key without one is said to come from the command line."""
         d = self.to_dict()
+        where = dict(self.origins)
         for key, value in overrides.items():
             if value is None and key not in keep_none:
                 continue
@@ -222,7 +256,24 @@ class Recipe:
             if section not in SECTIONS or not name:
                 raise ConfigError(f"override {key!r}: expected <section>.<key> with section in {', '.join(SECTIONS)}")
             d[section][name] = _to_plain(value)
-        return recipe_from_dict(d, source=f"{self.source} + overrides")
+            if key in GATE_LIMITS:
+                where[key] = (origins or {}).get(key, "the command line")
+        return dataclasses.replace(recipe_from_dict(d, source=f"{self.source} + overrides"), origins=where)
+
+    def origin(self, key: str) -> str:
+        """Where the value of a gates.* key came from, in words."""
+        return self.origins.get(key, "built-in default")
+
+    def loosened(self, reference: Recipe) -> list[dict[str, Any]]:
+        """The limits looser than `reference`'s (the shipped recipe the build started from, or the built-in
+        defaults): [{key, value, shipped, origin}], for the verdict line, the report and the bundle manifest."""
+        out = []
+        for key, (op, what) in GATE_LIMITS.items():
+            value, ref = self.value(key), reference.value(key)
+            looser = value > ref if op == "<=" else value < ref
+            if looser:
+                out.append({"key": key, "what": what, "value": value, "shipped": ref, "origin": self.origin(key)})
+        return out
 
 
 def _short(value: Any, n: int = 80) -> str:
@@ -420,7 +471,47 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         raise ConfigError(f"{path}: not a YAML text file (byte {e.start} is not UTF-8)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return recipe_from_dict(raw, source=str(path))
+    recipe = recipe_from_dict(raw, source=str(path))
+    where = f"recipe {text}" if path.parent == recipes_dir() and path.stem == text else f"recipe file {path}"
+    gates = raw.get("gates") if isinstance(raw, dict) else None
+    return dataclasses.replace(recipe, origins={f"gates.{k}": where for k in (gates or {})})
+
+
+def shipped_reference(name_or_path: str | Path) -> Recipe:
+    """What a build's limits are compared with to call them loosened: the built-in recipe of that name, or the
+    built-in defaults for a recipe file of the user's."""
+    text = str(name_or_path)
+    if text in list_recipes() and not Path(text).exists():
+        return load_recipe(text)
+    return Recipe()
+
+
+def gate_overrides(pairs: tuple[str, ...] | list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """`--gate NAME=VALUE` pairs -> ({"gates.NAME": value}, {"gates.NAME": "--gate NAME=VALUE"}). VALUE is read as
+    a YAML scalar (a number, true/false); its type and range are checked with the recipe's own rules."""
+    import yaml
+
+    names = list(GatesCfg.__dataclass_fields__)
+    values, origins = {}, {}
+    for pair in pairs:
+        name, eq, raw = pair.partition("=")
+        name = name.strip().removeprefix("gates.")
+        if not eq or not name or not raw.strip():
+            raise ConfigError(f"--gate {pair!r}: expected NAME=VALUE, e.g. --gate max_drop_qat=0.5")
+        if name not in names:
+            import difflib
+
+            guess = difflib.get_close_matches(name, names, n=1)
+            hint = f"did you mean {guess[0]}? " if guess else ""
+            raise ConfigError(f"--gate {pair!r}: no gate named {name!r}; {hint}gates: {', '.join(names)}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        key = f"gates.{name}"
+        values[key] = value
+        origins[key] = f"--gate {name}={raw.strip()}"
+    return values, origins
 
 
 # a dataset given on the command line brings its own input size, statistics and augmentation, unless given too
@@ -431,16 +522,16 @@ DATASET_AUGMENT = {"digits": ("pad_crop",), "mnist": ("pad_crop",), "cifar10": (
 DATASET_OWN = ("data.input_size", "data.mean", "data.std", "data.resize_size")   # None: the dataset's own
 
 
-def for_dataset(recipe, dataset: str | None, overrides: dict[str, Any]):
+def for_dataset(recipe, dataset: str | None, overrides: dict[str, Any], origins: dict[str, str] | None = None):
     """`recipe` with `overrides` (None values: not given). A `dataset` other than the recipe's starts the data
     settings from that dataset's own defaults (the recipe's were chosen for its own dataset, e.g. the demo's 32 px
     digits): input size, statistics, padding and augmentation, unless given too. `build` and `train` both use it."""
     if not dataset or dataset == recipe.data.dataset:
-        return recipe.with_overrides(overrides)
+        return recipe.with_overrides(overrides, origins=origins)
     reset = {**dict.fromkeys(DATASET_OWN), "data.pad": DataCfg.pad,
              "data.augment": DATASET_AUGMENT.get(dataset, ()), "data.dataset": dataset}
     given = {k: v for k, v in overrides.items() if v is not None}
-    return recipe.with_overrides({**reset, **given}, keep_none=DATASET_OWN)
+    return recipe.with_overrides({**reset, **given}, keep_none=DATASET_OWN, origins=origins)
 
 
 __all__ = ["Recipe", "ModelCfg", "DataCfg", "TrainCfg", "QuantCfg", "GatesCfg", "ExportCfg", "load_recipe",

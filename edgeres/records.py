@@ -12,10 +12,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from edgeres import stats
 from edgeres.env import environment
 from edgeres.errors import ArtifactError, ConfigError, EdgeresError
 from edgeres.io import atomic_write_json, read_small_bytes, require_regular_file, sha256_file, special_file
-from edgeres.metrics import agreement_pct
 from edgeres.recipe import load_recipe
 
 
@@ -27,20 +27,95 @@ class Status(str, Enum):
 
 @dataclass
 class Gate:
-    """A check of a stage against its parent: `value` must be `op` (<= or >=) `limit`."""
+    """A check of a stage against its parent: `value` must be `op` (<= or >=) `limit`, decided by the one rule in
+    edgeres/stats.py: from the value's confidence interval [lo, hi] (a sampled measurement: N images at `level`)
+    or from the value alone (an exact check: lo = hi = None). `outcome` is passed / failed / not measurable;
+    `passed` is False only when the build must stop: a FAILED gate, or a `required` gate (a precondition, the
+    FP32 model beating chance) that is not shown to pass."""
 
-    name: str
+    name: str                      # the machine name in records ("top1_drop_pp")
     value: float
     limit: float
     op: str = "<="
+    lo: float | None = None        # the confidence interval of `value` (None: exact)
+    hi: float | None = None
+    n: int | None = None           # images it was measured on
+    level: float | None = None     # confidence level of [lo, hi]
+    what: str = ""                 # in words: "top-1 drop vs FP32"
+    unit: str = ""                 # "pp", "%" or "" (a ratio, a count)
+    key: str = ""                  # the recipe key of the limit ("gates.max_drop_qat"); "" when fixed
+    source: str = ""               # where the limit came from ("built-in default", "recipe demo", "--gate ...")
+    required: bool = False
+    resolve_n: int | None = None   # NOT MEASURABLE: images that would decide it at the observed rates
+    counts: dict[str, Any] | None = None   # what the value was computed from (paired decisions, flips)
+    outcome: str = field(init=False)
     passed: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.passed = bool(self.value <= self.limit if self.op == "<=" else self.value >= self.limit)
+        lo = self.value if self.lo is None else self.lo
+        hi = self.value if self.hi is None else self.hi
+        self.outcome = stats.decide(lo, hi, self.op, self.limit)
+        self.passed = self.outcome == stats.PASSED or (self.outcome == stats.NOT_MEASURABLE and not self.required)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Gate:
+        """A gate from a record (older records carry only name, value, limit, op and passed)."""
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k not in ("outcome", "passed")})
+
+    def _num(self, x: float) -> str:
+        text = f"{x:.2f}" if self.unit in ("pp", "%") else f"{x:.4g}"
+        return f"{text} {self.unit}" if self.unit else text
+
+    def flag(self) -> str:
+        """The command-line setting that changes this gate's limit."""
+        return f"--gate {self.key.removeprefix('gates.')}=VALUE" if self.key.startswith("gates.") else ""
+
+    def measured(self) -> str:
+        """What was measured, on how many images, with its interval: "top-1 drop vs FP32 1.11 pp (95 % interval
+        -0.49 to 2.76 pp, 359 images)"."""
+        what = self.what or self.name
+        parts = []
+        if self.lo is not None and self.hi is not None:
+            parts.append(f"{100 * (self.level or stats.DEFAULT_LEVEL):g} % interval {self._num(self.lo)} to "
+                         f"{self._num(self.hi)}")
+        if self.n:
+            parts.append(f"{self.n:,} images")
+        return f"{what} {self._num(self.value)}" + (f" ({', '.join(parts)})" if parts else "")
+
+    def limit_text(self) -> str:
+        """The limit, where it came from and how to change it."""
+        where = [w for w in (f"{self.key} from {self.source or 'built-in default'}" if self.key else "",
+                             f"change it with {self.flag()}" if self.flag() else "") if w]
+        return self._num(self.limit) + (f" ({'; '.join(where)})" if where else "")
 
     def describe(self) -> str:
-        return f"{self.name} {self.value:.4g} {'>' if self.op == '<=' else '<'} {self.limit:.4g}" if not self.passed \
-            else f"{self.name} {self.value:.4g} {self.op} {self.limit:.4g}"
+        """The gate in words, for messages: what was measured, on how many images, the outcome and the limit."""
+        side = "at most" if self.op == "<=" else "at least"
+        if self.outcome == stats.PASSED:
+            return f"{self.measured()}: within the limit, {side} {self.limit_text()}"
+        if self.outcome == stats.FAILED:
+            beyond = "above" if self.op == "<=" else "below"
+            whole = "the whole interval lies " if self.lo is not None else ""
+            return f"{self.measured()}: {whole}{beyond} the limit of {self.limit_text()}"
+        more = (f"; about {self.resolve_n:,} images would decide it at these rates" if self.resolve_n
+                else "; the value sits on the limit, so more images at these rates would not decide it")
+        return f"{self.measured()}: cannot be told from the limit of {self.limit_text()}{more}"
+
+
+def drop_gate(p: stats.Paired, limit: float, *, level: float, key: str = "", source: str = "",
+              what: str = "top-1 drop vs FP32") -> Gate:
+    """A top-1 drop (pp) gate decided from paired decisions on the same images (stats.paired_drop_interval)."""
+    g = stats.drop_gate_numbers(p, limit, level)
+    return Gate("top1_drop_pp", g["value"], limit, "<=", lo=g["lo"], hi=g["hi"], n=p.n, level=level, what=what,
+                unit="pp", key=key, source=source, resolve_n=g["resolve_n"], counts=p.to_dict())
+
+
+def proportion_gate(name: str, k: int, n: int, limit: float, *, op: str = ">=", level: float, key: str = "",
+                    source: str = "", what: str = "", required: bool = False) -> Gate:
+    """A proportion (%) gate, k of n images (Wilson interval): an agreement, a top-1."""
+    g = stats.proportion_gate_numbers(k, n, op, limit, level)
+    return Gate(name, g["value"], limit, op, lo=g["lo"], hi=g["hi"], n=n, level=level, what=what, unit="%",
+                key=key, source=source, required=required, resolve_n=g["resolve_n"], counts={"k": int(k), "n": n})
 
 
 @dataclass
@@ -55,6 +130,7 @@ class StageRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     gates: list[dict[str, Any]] = field(default_factory=list)
     extra_artifacts: dict[str, str] = field(default_factory=dict)
+    depends_on: dict[str, str] = field(default_factory=dict)   # run-folder files its verdict rests on -> sha256
     message: str = ""
     environment: dict[str, Any] = field(default_factory=environment)
     duration_s: float = 0.0
@@ -99,33 +175,34 @@ class StageResult(Generic[Out]):
         return self.record.passed
 
 
-def add_drop_gate(rec: StageRecord, top1: float, reference_top1: float | None, limit: float | None,
-                  source: str = "--max-drop") -> None:
-    """Record top-1, the FP32 reference's top-1 and the drop (all in %, the drop in percentage points), and gate the
-    drop when a limit is given (`source` names where the limit came from, for the message)."""
-    rec.metrics["top1"] = top1
-    if reference_top1 is None:
-        return
-    drop = round(reference_top1 - top1, 4)
-    rec.metrics.update(fp32_top1=reference_top1, drop_pp=drop)
-    if limit is not None:
-        g = rec.add_gate(Gate("top1_drop_pp", drop, limit, "<="))
-        if not g.passed:
-            rec.message = f"{rec.stage}: top-1 dropped {drop:.2f} pp > {source} {limit:g}"
-
-
 def add_fp32_gates(rec: StageRecord, evaluation, reference_top1: float | None, reference_logits, settings, *,
                    key: str = "top1_agreement_pct") -> None:
-    """The gates of a model that replaces FP32 (the final INT8 model, the CPU artifact, an engine): its top-1 drop
-    (add_drop_gate) and its top-1 agreement (%) with the FP32 model, recorded under `key` when the reference logits
-    are known; each gated when its limit in `settings` (max_drop, drop_source, min_agreement_pct) is not None."""
-    add_drop_gate(rec, evaluation.top1, reference_top1, settings.max_drop, settings.drop_source)
-    if reference_logits is None:
+    """The gates of a model that replaces FP32 (the final INT8 model, the CPU artifact, an engine), decided from
+    paired decisions on the same evaluation images: its top-1 drop (pp; Newcombe's paired interval) and its top-1
+    agreement (%) with FP32 (Wilson), recorded under `key`; each gated when its limit in `settings` (max_drop,
+    drop_source, min_agreement_pct; level and origins) is not None. Without the reference logits only top-1 is
+    recorded."""
+    import numpy as np
+
+    rec.metrics["top1"] = evaluation.top1
+    if reference_top1 is None or reference_logits is None:
         return
-    agree = round(agreement_pct(evaluation.logits, reference_logits), 4)
+    labels = np.asarray(evaluation.labels)
+    pred, ref_pred = np.asarray(evaluation.logits).argmax(1), np.asarray(reference_logits).argmax(1)
+    p = stats.paired(ref_pred.tolist(), pred.tolist(), labels.tolist())
+    level = getattr(settings, "level", stats.DEFAULT_LEVEL)
+    origins = getattr(settings, "origins", {}) or {}
+    agree = round(100.0 * p.agree / p.n, 4) if p.n else 100.0
+    rec.metrics.update(fp32_top1=reference_top1, drop_pp=round(reference_top1 - evaluation.top1, 4),
+                       paired=p.to_dict(), n_eval=p.n)
     rec.metrics[key] = agree
+    if settings.max_drop is not None:
+        rec.add_gate(drop_gate(p, settings.max_drop, level=level, key=settings.drop_source,
+                               source=origins.get(settings.drop_source, "built-in default")))
     if settings.min_agreement_pct is not None:
-        rec.add_gate(Gate(key, agree, settings.min_agreement_pct, ">="))
+        rec.add_gate(proportion_gate(key, p.agree, p.n, settings.min_agreement_pct, level=level,
+                                     key="gates.min_agreement_pct", what="top-1 agreement with FP32",
+                                     source=origins.get("gates.min_agreement_pct", "built-in default")))
 
 
 def append_record(run_dir: str | Path, record: StageRecord) -> None:
@@ -167,12 +244,14 @@ PLAN_FILE = "plan.json"
 RECIPE_FILE = "recipe.yaml"
 
 
-def write_plan(run_dir: str | Path, stages: list[str]) -> None:
+def write_plan(run_dir: str | Path, stages: list[str], *, limits: dict[str, Any] | None = None) -> None:
     """The stages this build means to run, so a verdict can require every one of them, and the hash of the
     recipe.yaml it runs with (written just before), so a verdict can tell when the recipe on disk is another one.
-    `finished` turns true (finish_plan) only when the build ran its plan to the end or to a failed gate."""
+    `finished` turns true (finish_plan) only when the build ran its plan to the end or to a failed gate.
+    `limits`: {"loosened": [...], "confidence": level}, what the verdict says of the limits it was decided with."""
     atomic_write_json(Path(run_dir) / PLAN_FILE, {"stages": stages, "finished": False,
-                                                   "recipe_hash": _recipe_hash(Path(run_dir) / RECIPE_FILE)})
+                                                   "recipe_hash": _recipe_hash(Path(run_dir) / RECIPE_FILE),
+                                                   "limits": limits or {}})
 
 
 def _recipe_hash(path: Path) -> str | None:
@@ -229,6 +308,14 @@ def _recheck(run_dir: Path, chosen: list[StageRecord]) -> str | None:
             how = "changed since" if got else "missing or invalid now"
             return f"{RECIPE_FILE} is not the recipe the build ran with ({how}); re-run the build"
     for r in chosen:
+        for name, want in (r.depends_on or {}).items():
+            try:
+                got = sha256_file(require_regular_file(run_dir / name, "file", ArtifactError))
+            except (EdgeresError, OSError) as e:
+                return f"{r.stage}: {name}, which its verdict rests on, is gone or unreadable ({e}); re-run the build"
+            if got != want:
+                return (f"{r.stage}: {run_dir / name} is not the file its verdict rests on (sha256 differs since the "
+                        f"build); re-run the build")
         if not r.artifact or not r.sha256:
             continue
         path = artifact_in_run(run_dir, r.artifact)

@@ -4,14 +4,14 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 from edgeres.env import environment
 from edgeres.io import atomic_write_json, atomic_write_text
-from edgeres.records import StageRecord
+from edgeres.records import Gate, StageRecord, read_plan_info
+from edgeres.stats import DEFAULT_LEVEL, NOT_MEASURABLE
 
 COLUMNS = [("stage", "stage"), ("backend", "backend"), ("precision", "precision"), ("top1", "top-1"),
            ("delta_pp", "Δ vs FP32"), ("agree_pct", "agree w/ FP32"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
@@ -78,18 +78,47 @@ def format_table(report: dict[str, Any]) -> str:
     for note in report.get("notes", []):
         out.append(textwrap.fill(note, TERMINAL_WIDTH, initial_indent="note: ", subsequent_indent="      ",
                                  break_on_hyphens=False, break_long_words=False))
+    worst = worst_classes(report)
+    if worst:
+        out.append(textwrap.fill(worst, TERMINAL_WIDTH, subsequent_indent="  ", break_on_hyphens=False,
+                                 break_long_words=False))
     word, text = verdict_parts(report)
     out.append(textwrap.fill(f"{word}: {text}", TERMINAL_WIDTH, subsequent_indent="  ", break_on_hyphens=False,
                              break_long_words=False))
     return "\n".join(out)
 
 
+VERDICTS = ("PASSED", "PASSED WITH WARNINGS", "NOT MEASURABLE", "FAILED")
+
+
+def verdict_word(report: dict[str, Any]) -> str:
+    """FAILED: a gate failed (or the run is incomplete or altered); NOT MEASURABLE: no gate failed but at least one
+    cannot be decided with these images; PASSED WITH WARNINGS: every gate passed but a class needs a look (FP32
+    never right on it, its INT8 top-1 falls past gates.max_class_drop_pp, or too few images); else PASSED."""
+    if not report["ok"]:
+        return "FAILED"
+    if report.get("not_measurable"):
+        return "NOT MEASURABLE"
+    return "PASSED WITH WARNINGS" if report.get("class_findings") else "PASSED"
+
+
 def verdict_parts(report: dict[str, Any]) -> tuple[str, str]:
-    """("PASSED" | "NOT MEASURABLE" | "FAILED", the sentence): the last line of the table, the report's headline."""
-    word = "FAILED" if not report["ok"] else "NOT MEASURABLE" if report.get("unmeasurable") else "PASSED"
-    text = (report["message"] if word != "NOT MEASURABLE" else
-            f"every gate passed, but {len(report['unmeasurable'])} of them cannot be measured with these images "
-            f"(see the note)")
+    """(one of VERDICTS, the sentence): the last line of the table, the report's headline."""
+    word = verdict_word(report)
+    if word == "NOT MEASURABLE":
+        nm = report["not_measurable"]
+        text = (f"no gate failed, but {len(nm)} cannot be decided with these images: "
+                + "; ".join(n["short"] for n in nm))
+    elif word == "PASSED WITH WARNINGS":
+        found = report["class_findings"]
+        text = "every gate passed, but " + "; ".join(f["text"] for f in found[:3]) + \
+            (f"; and {len(found) - 3} more (see the report)" if len(found) > 3 else "")
+    else:
+        text = report["message"]
+    loose = report.get("limits_loosened") or []
+    if loose:
+        text += "; limits loosened: " + ", ".join(
+            f"{x['key']} {x['value']:g} (shipped {x['shipped']:g}, from {x['origin']})" for x in loose)
     return word, text + _fp32_text(report.get("fp32"))
 
 
@@ -106,22 +135,29 @@ def _merged_latency_warnings(rows: list[dict[str, Any]]) -> list[str]:
             f"too few runs; run longer (--bench-seconds) or on a quieter machine"]
 
 
-def gate_cells(g: dict[str, Any]) -> tuple[str, str]:
-    """(value, "op limit") in the unit the table uses: agreements in %, drops in pp (percentage points)."""
-    if "agreement" in g["name"] and g["limit"] <= 1.0 and g["value"] <= 1.0:
-        return f"{100 * g['value']:.2f} %", f"{g['op']} {100 * g['limit']:.2f} %"
-    if g["name"].endswith("_pp"):
-        return f"{g['value']:.2f} pp", f"{g['op']} {g['limit']:.2f} pp"
-    return f"{g['value']:.6g}", f"{g['op']} {g['limit']:.6g}"
+def gate_cells(g: dict[str, Any]) -> tuple[str, str, str, str]:
+    """(what was measured, value with its interval and image count, "op limit (where from)", outcome) in the unit
+    the table uses: agreements in %, drops in pp (percentage points)."""
+    gate = Gate.from_dict(g)
+    value = gate._num(gate.value)
+    if gate.lo is not None and gate.hi is not None:
+        value += f" [{gate._num(gate.lo)}, {gate._num(gate.hi)}]"
+    if gate.n:
+        value += f" on {gate.n:,}"
+    limit = f"{gate.op} {gate._num(gate.limit)}" + (f" ({gate.key}, {gate.source or 'built-in default'})"
+                                                    if gate.key else "")
+    outcome = {"passed": "pass", "failed": "FAIL"}.get(gate.outcome, "NOT MEASURABLE")
+    if gate.outcome == "not measurable" and not gate.passed:
+        outcome = "NOT MEASURABLE (stops)"
+    return gate.what or gate.name, value, limit, outcome
 
 
 def _gate_lines(records: list[dict[str, Any]]) -> list[str]:
     lines = []
     for r in records:
         for g in r.get("gates", []):
-            mark = "pass" if g["passed"] else "FAIL"
-            value, limit = gate_cells(g)
-            lines.append(f"| {r['stage']} | {g['name']} | {value} | {limit} | {mark} |")
+            cells = [c.replace("|", "\\|") for c in gate_cells(g)]   # max|diff| must not split a cell
+            lines.append(f"| {r['stage']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -141,8 +177,15 @@ def to_markdown(report: dict[str, Any]) -> str:
           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
     md += [""] + [f"- {n}" for n in report.get("notes", [])]
-    md += ["", "## Gates", "", "| stage | gate | value | limit | result |", "|---|---|---|---|---|"]
+    md += ["", "## Gates", "", f"Each value with its {_level_text(report)} confidence interval and the images it was "
+           "measured on (exact checks have no interval): PASSED when the whole interval is within the limit, FAILED "
+           "when beyond it, NOT MEASURABLE when it straddles it.", "",
+           "| stage | gate | value [interval] on images | limit | result |", "|---|---|---|---|---|"]
     md += _gate_lines(report["stages"])
+    table = per_class_table(report)
+    if table:
+        md += ["", "## Per class", "", "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+        md += ["| " + " | ".join(r) + " |" for r in table[1:]]
     md += ["", "## Stages", "", "| stage | status | duration s | artifact | sha256 |", "|---|---|---|---|---|"]
     for r in report["stages"]:
         md.append(f"| {r['stage']} | {r['status']} | {r['duration_s']:.1f} | {r.get('artifact') or '-'} | "
@@ -224,6 +267,10 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def _status_color(report: dict[str, Any]) -> str:
+    return {"PASSED": "#2a7", "FAILED": "#c33"}.get(verdict_word(report), "#b80")
+
+
 def to_html(report: dict[str, Any]) -> str:
     header = "".join(f"<th>{html.escape(h)}</th>" for _, h in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table_rows(report))
@@ -231,9 +278,9 @@ def to_html(report: dict[str, Any]) -> str:
     plot_html = "".join(f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='data:image/png;base64,{b}'>"
                         for t, b in plots) or "<p>(plots need matplotlib: pip install 'edgeres[report]')</p>"
     gates = "".join(
-        f"<tr class='{'ok' if g['passed'] else 'bad'}'><td>{html.escape(r['stage'])}</td><td>{html.escape(g['name'])}"
-        f"</td><td>{html.escape(gate_cells(g)[0])}</td><td>{html.escape(gate_cells(g)[1])}</td>"
-        f"<td>{'pass' if g['passed'] else 'FAIL'}</td></tr>" for r in report["stages"] for g in r.get("gates", []))
+        f"<tr class='{_gate_class(g)}'><td>{html.escape(r['stage'])}</td>"
+        + "".join(f"<td>{html.escape(c)}</td>" for c in gate_cells(g)) + "</tr>"
+        for r in report["stages"] for g in r.get("gates", []))
     stages = "".join(
         f"<tr class='{'bad' if r['status'] == 'failed' else 'ok'}'><td>{html.escape(r['stage'])}</td>"
         f"<td>{html.escape(r['status'])}</td><td>{r['duration_s']:.1f}</td>"
@@ -249,14 +296,20 @@ def to_html(report: dict[str, Any]) -> str:
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 td:nth-child(-n+3),th{{text-align:left}}.ok{{background:#eef8ee}}.bad{{background:#fbeaea}}
-.status{{font-size:1.2em;font-weight:bold;color:{'#2a7' if report['ok'] else '#c33'}}}img{{max-width:100%}}
+.warn{{background:#fff6dd}}
+.status{{font-size:1.2em;font-weight:bold;color:{_status_color(report)}}}img{{max-width:100%}}
 table{{max-width:100%}}.path{{text-align:left;word-break:break-all}}.sha{{font-family:monospace}}
 .scroll{{overflow-x:auto;max-width:100%}}</style>
 </head><body><h1>edgeres report: {html.escape(report['run'])}</h1>
 <p class="status">{status}: {html.escape(verdict)}</p>
 <div class="scroll"><table><tr>{header}</tr>{body}</table></div><ul>{notes}</ul>
 <p>Units: top-1, Δ and agreement in % / percentage points (pp) of the evaluation split.</p>
-<h2>Gates</h2><table><tr><th>stage</th><th>gate</th><th>value</th><th>limit</th><th>result</th></tr>{gates}</table>
+<h2>Gates</h2><p>Each value with its {_level_text(report)} confidence interval and the images it was measured on
+(exact checks have no interval): PASSED when the whole interval is within the limit, FAILED when beyond it, NOT
+MEASURABLE when it straddles it.</p>
+<table><tr><th>stage</th><th>gate</th><th>value [interval] on images</th><th>limit</th><th>result</th></tr>{gates}
+</table>
+{_per_class_html(report)}
 {plot_html}
 <h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>seconds</th><th>artifact</th><th>sha256</th></tr>
 {stages}</table>
@@ -265,8 +318,56 @@ table{{max-width:100%}}.path{{text-align:left;word-break:break-all}}.sha{{font-f
 """
 
 
+def _gate_class(g: dict[str, Any]) -> str:
+    gate = Gate.from_dict(g)
+    return "ok" if gate.outcome == "passed" else "bad" if not gate.passed else "warn"
+
+
+def _html_table(rows: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<div class='scroll'><table class='{cls}'><tr>{head}</tr>{body}</table></div>"
+
+
+CONFUSION_HTML_MAX = 30   # classes: above this the report lists the most frequent confusions instead
+
+
+def _confusion_html(title: str, conf: dict[str, Any] | None, names: list[str]) -> str:
+    if not conf:
+        return ""
+    if conf.get("matrix") is not None and len(conf["matrix"]) <= CONFUSION_HTML_MAX:
+        m = conf["matrix"]
+        rows = [["true \\ predicted", *names[:len(m)]]]
+        rows += [[names[i], *(str(v) for v in row)] for i, row in enumerate(m)]
+        return f"<h3>{html.escape(title)}</h3>" + _html_table(rows, "confusion")
+    pairs = conf.get("top")
+    if pairs is None:   # a matrix too large to show: its largest off-diagonal cells
+        m = conf["matrix"]
+        pairs = sorted(({"true": i, "pred": j, "count": v} for i, row in enumerate(m) for j, v in enumerate(row)
+                        if i != j and v), key=lambda p: -p["count"])[:20]
+    rows = [["true class", "predicted as", "images"]]
+    rows += [[names[p["true"]], names[p["pred"]], str(p["count"])] for p in pairs]
+    return f"<h3>{html.escape(title)} (most frequent confusions)</h3>" + _html_table(rows)
+
+
+def _per_class_html(report: dict[str, Any]) -> str:
+    """Per-class truth as text: the findings the verdict names, the per-class table, the confusion matrices."""
+    table = per_class_table(report)
+    if not table:
+        return ""
+    names = [r[0] for r in table[1:]]
+    findings = "".join(f"<li>{html.escape(f['text'])}</li>" for f in report.get("class_findings") or [])
+    conf = report.get("confusion") or {}
+    return ("<h2>Per class</h2>" + (f"<ul class='findings'>{findings}</ul>" if findings else "")
+            + "<p>Absolute top-1 per class on the evaluation split, for FP32 and every INT8 artifact.</p>"
+            + _html_table(table, "perclass")
+            + _confusion_html("Confusion matrix, FP32", conf.get("fp32"), names)
+            + _confusion_html("Confusion matrix, final INT8 (ONNX Runtime)", conf.get("int8"), names))
+
+
 def _stage_rows(records: list[StageRecord]) -> list[dict[str, Any]]:
-    """Without a verify stage (the build stopped at a gate): the accuracies the quantize stages measured on the way."""
+    """Without a verify stage (the build stopped at a gate): the accuracies the quantize stages measured on the way,
+    with their agreement with FP32 (the failing value of the gate that stopped it among them)."""
     rows: list[dict[str, Any]] = []
     for r in records:
         m = r.metrics
@@ -274,38 +375,76 @@ def _stage_rows(records: list[StageRecord]) -> list[dict[str, Any]]:
             continue
         if not rows:
             rows.append({"stage": "train", "backend": "torch", "precision": "fp32", "top1": m["fp32_top1"],
-                         "delta_pp": 0.0})
+                         "delta_pp": 0.0, "agree_pct": 100.0})
         rows.append({"stage": r.stage, "backend": "torch", "precision": "int8 (fake-quant)", "top1": m["top1"],
-                     "delta_pp": -m["drop_pp"]})
+                     "delta_pp": -m["drop_pp"], "agree_pct": m.get("top1_agreement_pct")})
     return rows
 
 
-AGREEMENT_KEYS = ("top1_agreement_pct", "fp32_top1_agreement_pct", "int8_top1_agreement_pct")   # vs FP32
-
-
-def unmeasurable_gates(records: list[StageRecord]) -> list[str]:
-    """Drop gates (pp) the evaluation split cannot resolve: finer than one image (with N images top-1 moves in
-    steps of 100/N pp), or finer than the drop's own sampling noise. Two models' top-1 on the same N images differ
-    only on the images where they disagree: with a share d of disagreements the drop's standard deviation is at most
-    100·sqrt(d/N) pp, so a limit below it passes or fails by which images were drawn, not by the model."""
+def not_measurable_gates(records: list[StageRecord]) -> list[dict[str, str]]:
+    """Every gate whose interval straddles its limit: [{"stage", "gate", "text" (in words, with the images that
+    would decide it), "short"}]."""
     out = []
     for r in records:
-        n = r.metrics.get("n_eval")
-        if not n:
-            continue
-        step = 100.0 / n
-        agree = next((r.metrics[k] for k in AGREEMENT_KEYS if isinstance(r.metrics.get(k), (int, float))), None)
-        noise = 100.0 * math.sqrt((100.0 - agree) / 100.0 / n) if agree is not None else 0.0
         for g in r.gates:
-            if not (g["name"].endswith("_pp") and g["op"] == "<=" and g["limit"] > 0):
-                continue
-            if g["limit"] < step:
-                out.append(f"{r.stage} {g['name']} <= {g['limit']:g} pp is finer than one image of {n} "
-                           f"({step:.2f} pp)")
-            elif g["limit"] < noise:
-                out.append(f"{r.stage} {g['name']} <= {g['limit']:g} pp is finer than the drop's sampling noise "
-                           f"(±{noise:.2f} pp: {100 - agree:.1f} % of {n} images disagree with FP32)")
+            gate = Gate.from_dict(g)
+            if gate.outcome == NOT_MEASURABLE:
+                need = f", ~{gate.resolve_n:,} images would decide it" if gate.resolve_n else ""
+                out.append({"stage": r.stage, "gate": gate.name, "text": f"{r.stage}: {gate.describe()}",
+                            "short": f"{r.stage} {gate.what or gate.name} {gate._num(gate.value)} vs {gate.op} "
+                                     f"{gate._num(gate.limit)} ({_interval(gate)} on {gate.n:,} images{need})"})
     return out
+
+
+def _interval(gate: Gate) -> str:
+    return f"interval {gate._num(gate.lo)} to {gate._num(gate.hi)}" if gate.lo is not None else "exact"
+
+
+def _level_text(report: dict[str, Any]) -> str:
+    return f"{100 * float(report.get('confidence') or DEFAULT_LEVEL):g} %"
+
+
+def per_class_table(report: dict[str, Any]) -> list[list[str]]:
+    """Header + one row per class: images per split, absolute top-1 of FP32 and of every INT8 artifact, and the
+    final INT8 model's change. Empty without per-class numbers."""
+    pc = report.get("per_class") or {}
+    if not pc.get("fp32"):
+        return []
+    n = len(pc["fp32"])
+    names = report.get("class_names") or [str(i) for i in range(n)]
+    counts = report.get("class_counts") or {}
+    splits = [s for s in ("train", "holdout", "evaluation") if counts.get(s)]
+    rows = {k: v for k, v in (pc.get("rows") or {}).items() if not k.startswith(("train/", "fold/"))}
+    header = ["class", *(f"{s} images" for s in splits), "FP32 top-1 %", *(f"{k} %" for k in rows), "Δ INT8 pp"]
+    out = [header]
+
+    def pct(v):
+        return "-" if v is None or v != v else f"{v:.1f}"
+
+    for i in range(n):
+        fp32, int8 = pc["fp32"][i], (pc.get("int8") or [None] * n)[i]
+        delta = "-" if fp32 is None or int8 is None or fp32 != fp32 or int8 != int8 else f"{int8 - fp32:+.1f}"
+        out.append([str(names[i]), *(str(counts[s][i]) for s in splits), pct(fp32),
+                    *(pct(v[i]) for v in rows.values()), delta])
+    return out
+
+
+def worst_classes(report: dict[str, Any], k: int = 3) -> str | None:
+    """One line naming the k classes with the lowest final-model top-1 (INT8 when there is one), for the terminal."""
+    pc = report.get("per_class") or {}
+    base = pc.get("int8") or pc.get("fp32")
+    if not base or len(base) < 2:
+        return None
+    names = report.get("class_names") or [str(i) for i in range(len(base))]
+    evals = (report.get("class_counts") or {}).get("evaluation") or [None] * len(base)
+    order = sorted((i for i in range(len(base)) if base[i] is not None and base[i] == base[i]), key=lambda i: base[i])
+    label = "INT8" if pc.get("int8") else "FP32"
+    parts = []
+    for i in order[:k]:
+        extra = f", FP32 {pc['fp32'][i]:.0f} %" if pc.get("int8") and pc["fp32"][i] is not None else ""
+        imgs = f", {evals[i]} images" if evals[i] is not None else ""
+        parts.append(f"'{names[i]}' {base[i]:.0f} %{extra}{imgs}")
+    return f"lowest {label} top-1 per class: " + "; ".join(parts)
 
 
 def fp32_quality(records: list[StageRecord]) -> dict[str, Any] | None:
@@ -340,17 +479,21 @@ def build_report(run_dir: Path, records: list[StageRecord], *, ok: bool, message
                          f"row after warm-up, {b['timing']}; torch {b['torch_threads']} threads, ONNX Runtime and "
                          f"OpenVINO their default threads; INT8 kernels: convolution/FC layers the backend runs in "
                          f"INT8 / all")
-    unmeasurable = unmeasurable_gates(records)
-    if unmeasurable:
-        notes.append("not measurable: " + "; ".join(unmeasurable) + ": such a gate passes only when not one image "
-                     "changes, and fails on one; loosen it (e.g. --max-drop) or evaluate on more images")
-    return {"run": str(run_dir), "ok": ok, "message": message, "total_s": round(total_s, 2),
-            "unmeasurable": unmeasurable, "fp32": fp32_quality(records),
-            "rows": verify.metrics.get("rows", []) if verify else _stage_rows(records),
-            "per_class": verify.metrics.get("per_class") if verify else None,
-            "class_names": verify.metrics.get("class_names") if verify else None,
-            "notes": notes, "stages": stages, "environment": environment(),
-            "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    not_measurable = not_measurable_gates(records)
+    notes += [f"not measurable: {n['text']}" for n in not_measurable]
+    vm = verify.metrics if verify else {}
+    limits = (read_plan_info(run_dir) or {}).get("limits") or {}
+    report = {"run": str(run_dir), "ok": ok, "message": message, "total_s": round(total_s, 2),
+              "not_measurable": not_measurable, "fp32": fp32_quality(records),
+              "class_findings": vm.get("class_findings") or [],
+              "limits_loosened": limits.get("loosened") or [], "confidence": limits.get("confidence"),
+              "rows": vm.get("rows", []) if verify else _stage_rows(records),
+              "per_class": vm.get("per_class"), "class_names": vm.get("class_names"),
+              "class_counts": vm.get("class_counts"), "confusion": vm.get("confusion"),
+              "notes": notes, "stages": stages, "environment": environment(),
+              "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    report["verdict"] = verdict_word(report)
+    return report
 
 
 def write_report(run_dir: Path, records: list[StageRecord], *, ok: bool, message: str,

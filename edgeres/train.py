@@ -40,8 +40,8 @@ from edgeres.errors import BackendUnavailable, ConfigError, DataError
 from edgeres.io import atomic_write_text, check_owned_dir, claim_dir, rejected_path
 from edgeres.loop import Step, sgd_steps
 from edgeres.recipe import DataCfg, GatesCfg, ModelCfg, Recipe, TrainCfg, recipe_from_dict
-from edgeres.records import Gate, StageRecord, StageResult
-from edgeres.settings import read, setting
+from edgeres.records import Gate, StageRecord, StageResult, proportion_gate
+from edgeres.settings import level_field, origins_field, read, setting
 
 METRIC_FIELDS = ("epoch", "iteration", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "test_loss",
                  "test_top1", "test_top5", "lr", "images_per_s", "seconds")
@@ -427,6 +427,8 @@ class TrainSettings:
                                             help="FP32 top-1 must beat chance by this many standard deviations.")
     fp32_loss_must_fall: bool = setting("gates.fp32_loss_must_fall", flag="",
                                         help="A training loss that does not fall fails the stage.")
+    level: float = level_field(hashed=False)
+    origins: dict = origins_field()
 
     @classmethod
     def from_recipe(cls, recipe) -> TrainSettings:
@@ -496,7 +498,7 @@ def run(inputs: TrainInputs, settings: TrainSettings, *, quiet: bool = False):
         from edgeres.evaluate import evaluate
 
         ev = evaluate(output.model.to(inputs.device or "cpu"), inputs.data.test, batch_size=256)
-    fp32_sanity(rec, ev, recipe.gates, info.num_classes, rec.metrics.get("history") or [])
+    fp32_sanity(rec, ev, settings, info.num_classes, rec.metrics.get("history") or [])
     if not rec.passed:   # training wrote best.pt as it went: the rejected model keeps another name
         rejected = rejected_path(dest)
         os.replace(dest, rejected)
@@ -506,25 +508,36 @@ def run(inputs: TrainInputs, settings: TrainSettings, *, quiet: bool = False):
     return StageResult(rec, TrainOutput(output.model, output.meta, ev))
 
 
-def fp32_sanity(rec, ev, gates, num_classes: int, history: list[dict[str, Any]]) -> None:
-    """Gates on the FP32 model itself (every other gate compares INT8 with it): top-1 clearly above chance for the
-    class count and the evaluation split's size, and a training loss that fell."""
+def fp32_sanity(rec, ev, settings, num_classes: int, history: list[dict[str, Any]]) -> None:
+    """Gates on the FP32 model itself (every other gate compares INT8 with it): its top-1 above chance for the
+    class count, decided by the interval rule on the evaluation split (a precondition: it must be shown, so NOT
+    MEASURABLE stops the build too), and a training loss that fell. A failure names the next step."""
+    import numpy as np
 
     n, chance = max(ev.n, 1), 100.0 / max(num_classes, 1)
-    sigma = 100.0 * math.sqrt((chance / 100.0) * (1 - chance / 100.0) / n)
     rec.metrics.update(fp32_top1_pct=round(ev.top1, 4), chance_pct=round(chance, 4), n_eval=ev.n)
-    if gates.fp32_over_chance_sigma > 0:
-        need = round(chance + max(gates.fp32_over_chance_sigma * sigma, 100.0 / n), 4)
-        g = rec.add_gate(Gate("fp32_top1_pct", round(ev.top1, 4), need, ">="))
+    if settings.fp32_over_chance_sigma > 0:
+        right = int(np.sum(np.asarray(ev.logits).argmax(1) == np.asarray(ev.labels))) if ev.n else 0
+        g = rec.add_gate(proportion_gate(
+            "fp32_top1_pct", right, n, round(chance, 4), level=settings.level, required=True,
+            key="gates.fp32_over_chance_sigma", what="FP32 top-1",
+            source=settings.origins.get("gates.fp32_over_chance_sigma", "built-in default")))
         if not g.passed:
-            rec.message = (f"train: FP32 top-1 {ev.top1:.1f} % on {ev.n} images is not clearly above chance "
-                           f"({chance:.1f} % for {num_classes} classes; needs >= {need:.1f} %): the model did not "
-                           f"learn, so no INT8 comparison with it means anything")
+            verdict = "is not above chance" if g.outcome == "failed" else "cannot be told from chance"
+            more = f"; about {g.resolve_n:,} evaluation images would tell" if g.resolve_n else ""
+            rec.message = (f"train: FP32 top-1 {ev.top1:.1f} % on {ev.n} images ({100 * settings.level:g} % "
+                           f"interval {g.lo:.1f} to {g.hi:.1f} %) {verdict} ({chance:.1f} % for {num_classes} "
+                           f"classes){more}: the model did not learn enough for any INT8 comparison with it to mean "
+                           f"anything. Next: more epochs (--epochs), or fine-tune published weights (--recipe "
+                           f"finetune_imagefolder --init-from torchvision:resnet18 for photos); --gate "
+                           f"fp32_over_chance_sigma=0 skips this check")
     losses = [r.get("train_loss") for r in history]
-    if gates.fp32_loss_must_fall and len(losses) >= 2:
+    if settings.fp32_loss_must_fall and len(losses) >= 2:
         first, last = losses[0], losses[-1]
         ratio = last / first if first and math.isfinite(first) and math.isfinite(last) else float("inf")
-        g = rec.add_gate(Gate("train_loss_last_over_first", round(ratio, 4), 1.0, "<="))
+        g = rec.add_gate(Gate("train_loss_last_over_first", round(ratio, 4), 1.0, "<=", key="gates.fp32_loss_must_fall",
+                              what="last over first training loss",
+                              source=settings.origins.get("gates.fp32_loss_must_fall", "built-in default")))
         if not g.passed and "did not learn" not in rec.message:
             rec.message = (f"train: the training loss did not fall (epoch 1: {first:.4g}, last: {last:.4g}): "
                            f"diverging or not learning; lower --lr")

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeres import stats
 from edgeres.check import load_onnx
 from edgeres.quantize import quantizer_hooks
 from edgeres.records import StageRecord, StageResult, add_fp32_gates
+from edgeres.settings import level_field, origins_field, read, setting
 
 
 def ort_session(path: str | Path, threads: int | None = None, *, optimize: bool = True):
@@ -141,6 +143,7 @@ class VerifyInputs:
     candidates: list[Candidate]
     input_shape: tuple[int, int, int]
     class_names: list[str]
+    class_counts: dict[str, list[int]] | None = None   # images per class in each split (train, holdout, evaluation)
 
 
 @dataclass(frozen=True)
@@ -150,11 +153,18 @@ class VerifySettings:
     drop_source: str = "gates.max_drop_qat"
     min_agreement_pct: float | None = None   # %, the INT8 ONNX's top-1 agreement with FP32
     torch_device: str = "cpu"      # where the torch rows ran (CUDA: timed with CUDA events)
+    max_class_drop_pp: float = setting("gates.max_class_drop_pp", flag="",
+                                       help="A class whose INT8 top-1 falls by more is named in the verdict.")
+    min_class_images: int = setting("gates.min_class_images", flag="",
+                                    help="A class with fewer evaluation images is named in the verdict.")
+    level: float = level_field()
+    origins: dict = origins_field()
 
     @classmethod
     def from_recipe(cls, recipe, *, int8: bool, bench_seconds: float, torch_device: str) -> VerifySettings:
         """The INT8 ONNX is gated as the final INT8 model (Recipe.max_drop, gates.min_agreement_pct)."""
-        return cls(bench_seconds=bench_seconds, torch_device=torch_device, **recipe.final_gates(gated=int8))
+        return read(cls, recipe, bench_seconds=bench_seconds, torch_device=torch_device,
+                    **recipe.final_gates(gated=int8))
 
 
 def artifact_bytes(path) -> int:
@@ -220,6 +230,62 @@ def explain_slow_int8(rows: list[dict[str, Any]], artifacts: dict[int, Path]) ->
                              "outweighs the INT8 kernels")
 
 
+CONFUSION_MAX_CLASSES = 100   # above this, the most frequent confusions instead of the whole matrix
+
+
+def confusion(ev, num_classes: int) -> dict[str, Any]:
+    """Rows = true class, columns = predicted class (counts), or the 20 most frequent confusions when the class
+    count is large."""
+    import numpy as np
+
+    pred, y = np.asarray(ev.logits).argmax(1), np.asarray(ev.labels)
+    m = np.zeros((num_classes, num_classes), dtype=np.int64)
+    ok = (y >= 0) & (y < num_classes) & (pred < num_classes)
+    np.add.at(m, (y[ok], pred[ok]), 1)
+    if num_classes <= CONFUSION_MAX_CLASSES:
+        return {"matrix": m.tolist()}
+    off = m.copy()
+    np.fill_diagonal(off, 0)
+    top = np.argsort(off, axis=None)[::-1][:20]
+    return {"top": [{"true": int(i // num_classes), "pred": int(i % num_classes), "count": int(off.flat[i])}
+                    for i in top if off.flat[i] > 0]}
+
+
+def class_findings(ref, final, class_names: list[str], settings: VerifySettings) -> list[dict[str, Any]]:
+    """What a verdict must name per class: a class the FP32 model never gets right, a class whose INT8 top-1 falls
+    by more than gates.max_class_drop_pp (its paired interval wholly beyond the limit), and a class with fewer
+    evaluation images than gates.min_class_images (its top-1 moves by more than 100/N pp per image)."""
+    import numpy as np
+
+    y, rp = np.asarray(ref.labels), np.asarray(ref.logits).argmax(1)
+    fp = np.asarray(final.logits).argmax(1) if final is not None else None
+    out = []
+    for c, name in enumerate(class_names):
+        mask = y == c
+        n = int(mask.sum())
+        if n == 0:
+            continue
+        right = int((rp[mask] == c).sum())
+        if right == 0:
+            out.append({"class": name, "kind": "fp32_never_right", "n": n,
+                        "text": f"class {name!r}: FP32 never right (0 of {n} evaluation images)"})
+        if fp is not None:
+            p = stats.paired(rp[mask].tolist(), fp[mask].tolist(), y[mask].tolist())
+            g = stats.drop_gate_numbers(p, settings.max_class_drop_pp, settings.level)
+            if g["outcome"] == stats.FAILED:
+                out.append({"class": name, "kind": "int8_class_drop", "n": n, "drop_pp": g["value"],
+                            "lo": g["lo"], "hi": g["hi"],
+                            "text": f"class {name!r}: INT8 top-1 falls {g['value']:.1f} pp ({100 * settings.level:g} % "
+                                    f"interval {g['lo']:.1f} to {g['hi']:.1f}, {n} images), more than "
+                                    f"gates.max_class_drop_pp {settings.max_class_drop_pp:g}"})
+        if n < settings.min_class_images:
+            out.append({"class": name, "kind": "few_images", "n": n,
+                        "text": f"class {name!r}: {n} evaluation image{'s' if n != 1 else ''} (fewer than "
+                                f"gates.min_class_images {settings.min_class_images}: one image moves its top-1 by "
+                                f"{100 / n:.0f} pp)"})
+    return out
+
+
 def run(inputs: VerifyInputs, settings: VerifySettings = VerifySettings(), *, quiet: bool = True):
     """The verify stage: every artifact on every backend present — top-1, its difference from FP32 (pp), agreement
     with FP32 (%), latency measured like `edgeres bench` — and the INT8 ONNX's drop gate. Closes every runner it
@@ -227,12 +293,16 @@ def run(inputs: VerifyInputs, settings: VerifySettings = VerifySettings(), *, qu
 
     ref = inputs.reference
     rows: list[dict[str, Any]] = []
-    per_class: dict[str, list[float]] = {"fp32": list(ref.per_class)}
+    # absolute top-1 (%) per class: "fp32" (the trained model), "int8" (the final INT8 ONNX), and every row by
+    # "stage/backend"
+    per_class: dict[str, Any] = {"fp32": list(ref.per_class), "rows": {}}
     ort_int8: dict[int, Path] = {}
     final_int8 = None
     try:
         for c in inputs.candidates:
             rows.append(_row(c, ref, inputs.input_shape, settings.bench_seconds))
+            if c.evaluation is not None:
+                per_class["rows"][f"{c.stage}/{c.backend}"] = list(c.evaluation.per_class)
             if c.backend == "onnxruntime" and c.precision == "int8" and c.evaluation is not None:
                 ort_int8[len(rows) - 1] = Path(c.artifact)
                 final_int8 = c.evaluation
@@ -247,8 +317,15 @@ def run(inputs: VerifyInputs, settings: VerifySettings = VerifySettings(), *, qu
              "timing": "host wall time per call, after warm-up" + (
                  f"; torch on {settings.torch_device}: CUDA events (H2D + compute + D2H)"
                  if settings.torch_device.startswith("cuda") else "")}
+    k = len(inputs.class_names) or len(ref.per_class)
+    names = list(inputs.class_names) or [str(i) for i in range(k)]
+    confusions = {"fp32": confusion(ref, k)}
+    if final_int8 is not None:
+        confusions["int8"] = confusion(final_int8, k)
     rec = StageRecord(stage="verify", metrics={"rows": rows, "per_class": per_class, "bench": bench,
-                                               "class_names": list(inputs.class_names), "n_eval": ref.n})
+                                               "class_names": list(inputs.class_names), "n_eval": ref.n,
+                                               "class_counts": inputs.class_counts, "confusion": confusions,
+                                               "class_findings": class_findings(ref, final_int8, names, settings)})
     if final_int8 is not None:
         add_fp32_gates(rec, final_int8, ref.top1, ref.logits, settings, key="int8_top1_agreement_pct")
         if rec.message:

@@ -86,7 +86,7 @@ def test_bundle_layout_and_manifest(bundle, run_dir):
     from edgeres.io import sha256_file
 
     m = json.loads((bundle / "manifest.json").read_text())
-    for name in ("model_fp32.onnx", "model_int8.onnx", "calib.cache", "probe.npz", "device_runtime.py",
+    for name in ("model_fp32.onnx", "model_int8.onnx", "calib.cache", "probe.npz", "device_runtime.py", "edgeres_stats.py",
                  "edgeres-device"):
         assert (bundle / name).is_file(), name
         assert m["files"][name]["sha256"] == sha256_file(bundle / name)
@@ -100,7 +100,12 @@ def test_bundle_layout_and_manifest(bundle, run_dir):
     assert m["expected_accuracy"]["run_top1_pct"] == {f"{r['stage']}/{r['backend']}": r["top1"]
                                                       for r in report["rows"] if r.get("top1") is not None}
     assert set(m["expected_accuracy"]["run_top1_pct"]) >= {"train/torch", "ptq/torch", "export_int8/onnxruntime"}
-    assert m["build"] == {"ok": True, "message": "all gates passed", "allow_failed": False}
+    b = m["build"]
+    assert b["ok"] and b["verdict"] == "PASSED" and not b["allow_failed"] and b["not_measurable"] == []
+    # the run was built with --max-drop 100: named as loosened, in the manifest and on its verdict line
+    assert {x["key"] for x in b["limits_loosened"]} == {"gates.max_drop_ptq", "gates.max_drop_qat"}
+    assert b["message"].startswith("PASSED: all gates passed; limits loosened: gates.max_drop_ptq 100 (shipped 1, "
+                                   "from --max-drop 100)")
     assert m["tensorrt"]["validated"] == [] and m["tensorrt"]["targets"]
     assert m["calibration_cache"] == "calib.cache" and m["probe"]["count"] == 16
     assert (m["runtime"]["engine_build"] == "engine_build.py") == (REPO / "edgeres/tensorrt/engine_build.py").is_file()
@@ -123,6 +128,10 @@ def test_device_runtime_passes_with_onnxruntime_and_imports_no_edgeres(bundle, t
     assert "ONNX Runtime" in saved["note"]
     v = saved["verification"]
     assert v["top1_agreement_pct"] == 100.0 and v["max_abs_diff"] < 1e-4
+    # the device decides by the host's rule (edgeres_stats.py in the bundle): 16 of 16 images cannot show >= 90 %
+    assert v["verdict"] == "not measurable" and v["gates"][0]["outcome"] == "not measurable" and v["passed"]
+    assert v["gates"][0]["lo"] < 90.0 < v["gates"][0]["hi"] and v["gates"][0]["resolve_n"] > 16
+    assert [x["key"] for x in saved["host_verdict"]["limits_loosened"]] == ["gates.max_drop_ptq", "gates.max_drop_qat"]
     m = json.loads((bundle / "manifest.json").read_text())
     assert v["accuracy_pct"] == pytest.approx(m["expected_accuracy"]["probe_pct"]["int8"])
     assert m["gates"] == {"min_top1_agreement_pct": 90.0, "max_accuracy_drop_pp": 5.0}
@@ -207,14 +216,16 @@ def test_missing_run_files_named(tmp_path, run_dir):
     import shutil
 
     from edgeres.deploy.bundle import make_bundle
-    from edgeres.errors import ArtifactError
+    from edgeres.errors import ArtifactError, ConfigError
 
     partial = tmp_path / "partial"
     shutil.copytree(run_dir, partial)
     (partial / "export" / "model_int8.onnx").unlink()
     (partial / "probe.npz").unlink()
+    with pytest.raises(ConfigError, match=r"probe.npz, which its verdict rests on, is gone"):
+        make_bundle(partial, tmp_path / "out")   # the verdict itself rests on probe.npz
     with pytest.raises(ArtifactError, match=r"missing export/model_int8.onnx, probe.npz"):
-        make_bundle(partial, tmp_path / "out")
+        make_bundle(partial, tmp_path / "out", allow_failed=True)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
@@ -365,3 +376,28 @@ def test_device_runtime_on_openvino(bundle, tmp_path):
     p = run_device(bundle, "--out", str(tmp_path / "x.json"), "--backend", "openvino", "--require-backend",
                    "tensorrt")
     assert p.returncode == 2 and "TensorRT is required" in p.stdout
+
+
+def test_an_altered_probe_is_refused_by_report_and_bundle(tmp_path, run_dir):
+    """The verdict rests on probe.npz (what the device checks) and meta.json (class names): both are hashed into the
+    verify record, so labels altered after a PASSED build make `report` FAILED and `bundle` refuse."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edgeres.cli import main
+    from edgeres.deploy.bundle import make_bundle
+    from edgeres.errors import ConfigError
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert CliRunner().invoke(main, ["report", str(run)]).exit_code == 0
+    with np.load(run / "probe.npz") as z:
+        x, y = z["x"], z["y"]
+    with open(run / "probe.npz", "wb") as f:
+        np.savez(f, x=x, y=(y + 1) % 10)   # labels changed, images kept
+    r = CliRunner().invoke(main, ["report", str(run)])
+    assert r.exit_code == 1 and "probe.npz is not the file its verdict rests on" in " ".join(r.output.split())
+    with pytest.raises(ConfigError, match="probe.npz is not the file its verdict rests on"):
+        make_bundle(run, tmp_path / "b")
+    assert not (tmp_path / "b").exists()

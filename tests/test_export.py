@@ -76,7 +76,7 @@ def test_fp32_export(tmp_path):
     staged = _export(res.model, tmp_path / "staged.onnx", _meta("mnist_resnet"), torch.randn(16, 1, 28, 28))
     metrics = staged.record.metrics
     assert staged.record.passed and metrics["rel_diff"] < 1e-4 and metrics["onnxruntime_optimizations"]
-    assert [g["name"] for g in staged.record.gates] == ["onnx_fp32_max_abs_diff_rel", "onnx_fp32_top1_agreement_pct"]
+    assert [g["name"] for g in staged.record.gates] == ["onnx_fp32_max_abs_diff_rel", "onnx_fp32_decisive_flips"]
     assert staged.output.path == tmp_path / "staged.onnx" and staged.output.path.exists()
     assert check_onnx(path) == []
 
@@ -116,7 +116,10 @@ def test_int8_export_meets_tensorrt_rules(tmp_path, arch, cin, side):
     adds = [n for n in proto.graph.node if n.op_type == "Add" and "Add" in n.name and "layer" in n.name]
     assert adds, "residual adds are in the graph"
     metrics = result.record.metrics
-    assert [g["name"] for g in result.record.gates] == ["tensorrt_rule_violations", "onnx_int8_top1_agreement_pct"]
+    assert [g["name"] for g in result.record.gates] == ["tensorrt_rule_violations", "onnx_int8_noise_rel",
+                                                        "onnx_int8_decisive_agreement_pct"]
+    assert all(g["outcome"] == "passed" for g in result.record.gates)
+    assert metrics["flips"] >= metrics["decisive_flips"] and metrics["noise_rel"] < 0.05
     assert metrics["onnxruntime_optimizations"] is False and metrics["n_compared"] == len(x)
     assert metrics["rel_diff"] < 0.1 and metrics["top1_agreement_pct"] >= 90.0
     # the INT8 check runs the graph as written: no fused QLinearConv
@@ -184,7 +187,8 @@ def test_cli_export_and_check(tmp_path):
     out = tmp_path / "m.onnx"
     r = runner.invoke(main, ["export", "--weights", str(tmp_path / "w.pt"), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert "gate onnx_fp32_max_abs_diff_rel" in r.output and out.is_file()
+    assert "gate: FP32 ONNX vs torch max|logit diff| / logit scale" in r.output and "within the limit" in r.output
+    assert out.is_file()
     r = runner.invoke(main, ["export", "--weights", str(tmp_path / "w.pt"), "--out", str(out)])
     assert r.exit_code == 1 and "already exists" in r.output
     r = runner.invoke(main, ["export", "--weights", str(tmp_path / "w.pt"), "--int8", "--out",
@@ -208,9 +212,12 @@ def test_cli_export_failing_check_keeps_the_old_file(tmp_path, monkeypatch):
     out = tmp_path / "m.onnx"
     out.write_bytes(b"the user's previous model")
     real = edgeres.export.compare_logits
-    monkeypatch.setattr(edgeres.export, "compare_logits", lambda a, b: {**real(a, b), "top1_agreement_pct": 50.0})
+    monkeypatch.setattr(edgeres.export, "compare_logits",
+                        lambda a, b, **kw: {**real(a, b, **kw), "decisive_flips": 3, "flips": 3})
     r = CliRunner().invoke(main, ["export", "--weights", str(tmp_path / "w.pt"), "--out", str(out), "--force"])
-    assert r.exit_code == 1 and "onnx_fp32_top1_agreement_pct 50 < 100" in r.output and "not written" in r.output
+    assert r.exit_code == 1 and "not written" in r.output
+    assert "top-1 flips FP32 ONNX vs torch beyond near ties (3 flips in all) 3" in r.output
+    assert "above the limit of 0" in r.output
     assert out.read_bytes() == b"the user's previous model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.rejected.onnx", "w.pt"]
 

@@ -37,33 +37,6 @@ def test_table_fits_120_columns_and_merges_the_latency_notes():
     assert text.splitlines()[-1] == "PASSED: all gates passed"   # no train record: nothing said about FP32
 
 
-def test_a_gate_finer_than_one_image_is_not_measurable():
-    fine = StageRecord(stage="qat", metrics={"n_eval": 60, "top1": 90.0})
-    fine.gates.append({"name": "top1_drop_pp", "value": 0.0, "limit": 0.2, "op": "<=", "passed": True})
-    rep = build_report(Path("."), [fine], ok=True, message="all gates passed")
-    assert rep["unmeasurable"] == ["qat top1_drop_pp <= 0.2 pp is finer than one image of 60 (1.67 pp)"]
-    text = format_table(rep)
-    assert text.splitlines()[-1].startswith("NOT MEASURABLE: every gate passed, but 1 of them cannot be measured")
-    coarse = StageRecord(stage="qat", metrics={"n_eval": 359, "top1": 90.0})
-    coarse.gates.append({"name": "top1_drop_pp", "value": 0.0, "limit": 1.0, "op": "<=", "passed": True})
-    assert build_report(Path("."), [coarse], ok=True, message="all gates passed")["unmeasurable"] == []
-
-
-def test_a_drop_gate_finer_than_its_sampling_noise_is_not_measurable():
-    """500 images with 3 % disagreeing with FP32: the drop's noise is up to 100*sqrt(0.03/500) = 0.77 pp, so a
-    0.2 pp limit measures luck; with 0.4 % disagreeing (0.28 pp) a 1.0 pp limit is measurable, and with none
-    disagreeing there is no noise at all."""
-    def rec(agree: float, limit: float) -> StageRecord:
-        r = StageRecord(stage="qat", metrics={"n_eval": 500, "top1": 70.0, "top1_agreement_pct": agree})
-        r.gates.append({"name": "top1_drop_pp", "value": 0.0, "limit": limit, "op": "<=", "passed": True})
-        return r
-
-    noisy = build_report(Path("."), [rec(97.0, 0.2)], ok=True, message="all gates passed")["unmeasurable"]
-    assert len(noisy) == 1 and "sampling noise (±0.77 pp: 3.0 % of 500 images disagree" in noisy[0]
-    assert build_report(Path("."), [rec(99.6, 1.0)], ok=True, message="all gates passed")["unmeasurable"] == []
-    assert build_report(Path("."), [rec(100.0, 0.2)], ok=True, message="all gates passed")["unmeasurable"] == []
-
-
 def test_the_verdict_states_what_fp32_scored():
     train = StageRecord(stage="train", metrics={"fp32_top1_pct": 40.0, "n_eval": 60, "chance_pct": 33.3333})
     rep = build_report(Path("."), [train], ok=False, message="train: FP32 top-1 40.0 % is not clearly above chance")

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from edgeres.device import DEVICE_HELP
-from edgeres.recipe import DATASETS, for_dataset, list_recipes, load_recipe
+from edgeres.recipe import DATASETS, GATE_LIMITS, GatesCfg, for_dataset, gate_overrides, list_recipes, load_recipe
 
 
 def emit(obj: Any, as_json: bool, text: str | Callable[[], str] | None = None) -> None:
@@ -96,6 +96,18 @@ def _datasets():
 complete_recipe, complete_arch, complete_dataset = _names(_recipes), _names(_archs), _names(_datasets)
 
 
+def _gate_help() -> str:
+    names = ", ".join(f"{n} ({GATE_LIMITS[f'gates.{n}'][1]})" if f"gates.{n}" in GATE_LIMITS else n
+                      for n in GatesCfg.__dataclass_fields__)
+    return (f"Set any gate's limit, e.g. --gate max_drop_qat=0.5 --gate confidence=0.9 (repeatable; a recipe "
+            f"gates.NAME override, named in the verdict when looser than the shipped recipe's). NAME: {names}.")
+
+
+def gate_option(fn):
+    """--gate NAME=VALUE (repeatable): any gates.* key of the recipe, from the command line (recipe.gate_overrides)."""
+    return click.option("--gate", "gates", multiple=True, metavar="NAME=VALUE", help=_gate_help())(fn)
+
+
 def recipe_option(fn):
     """--recipe of a stage command: where its settings' defaults come from (edgeres.settings)."""
     return click.option(
@@ -116,16 +128,18 @@ def run_of(artifact: str | None):
 
 
 def stage_recipe(recipe_name: str | None, artifact: str | None, dataset: str | None, overrides: dict[str, Any],
-                 *, say: Callable[[str], None] | None = None):
+                 *, say: Callable[[str], None] | None = None, gates: tuple[str, ...] = (),
+                 origins: dict[str, str] | None = None):
     """The recipe a stage command runs with -> (recipe, dataset, data_dir or None): --recipe, else the recipe.yaml
     of the run `artifact` comes from (so the command without flags is that stage of the build), else the demo
     recipe; adapted to `dataset` (recipe.for_dataset) and to the flags given (`overrides`). `dataset`: given, else
     the run's own (None when there is no run: the command decides); --data-dir comes in `overrides`
-    ("data.data_dir")."""
+    ("data.data_dir"); `gates`: --gate NAME=VALUE pairs; `origins`: the flag each other gates.* override came from."""
 
     run = run_of(artifact) if recipe_name is None else None
     source = str(run / "recipe.yaml") if run is not None else (recipe_name or "demo")
-    recipe = for_dataset(load_recipe(source), dataset, overrides)
+    values, origins_ = gate_overrides(gates)
+    recipe = for_dataset(load_recipe(source), dataset, {**overrides, **values}, origins={**(origins or {}), **origins_})
     if say is not None and run is not None:
         say(f"settings: {source} (the run {Path(artifact).name} comes from; --recipe to choose another)")
     if dataset is None and run is None:

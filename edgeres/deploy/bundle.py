@@ -25,7 +25,7 @@ from edgeres.deploy.signing import check_key, sign_bundle
 from edgeres.errors import ArtifactError, ConfigError
 from edgeres.io import atomic_path, check_bundle_out, ensure_writable_dir, sha256_file
 from edgeres.records import read_plan, read_records, read_records_counted, verdict, verify_copies
-from edgeres.report import build_report
+from edgeres.report import build_report, verdict_parts, verdict_word
 from edgeres.tensorrt.targets import TARGETS
 from edgeres.verify import ort_logits, ort_session
 
@@ -37,6 +37,7 @@ RUN_FILES = {  # bundle name -> (path in the run folder, required)
     "calib.cache": ("calibration/calib.cache", False),
 }
 DEFAULT_GATES = {"min_top1_agreement_pct": 90.0, "max_accuracy_drop_pp": 5.0}   # % and percentage points
+DEFAULT_PROBE = 64   # probe images the device checks: 32 could not show 90 % agreement (its interval reaches 89.3 %)
 
 LAUNCHER = """#!/bin/sh
 # edgeres device runtime: verifies this bundle, builds and checks the engine for this device, benchmarks.
@@ -51,6 +52,7 @@ def _runtime_sources() -> dict[str, Path | None]:
     engine_build = pkg / "tensorrt" / "engine_build.py"
     return {"device_runtime.py": pkg / "deploy" / "device_runtime.py",
             "releases.py": pkg / "deploy" / "releases.py",
+            "edgeres_stats.py": pkg / "stats.py",   # the gate rule the device decides with
             "engine_build.py": engine_build if engine_build.is_file() else None}
 
 
@@ -77,6 +79,19 @@ def build_verdict(run_dir: Path) -> tuple[bool, str]:
     if not records:
         return False, "no stage records (stages.jsonl)"
     return verdict(records, read_plan(run_dir), torn=torn, run_dir=run_dir)
+
+
+def verdict_summary(run_dir: Path, ok: bool, message: str) -> dict[str, Any]:
+    """What the manifest says of the build, as the report says it: the verdict word (PASSED, PASSED WITH WARNINGS,
+    NOT MEASURABLE, FAILED), the gates that could not be decided, the classes the verdict names and the limits
+    looser than the shipped recipe's."""
+    planned = read_plan(run_dir)
+    latest = {r.stage: r for r in read_records(run_dir) if planned is None or r.stage in planned}
+    rep = build_report(run_dir, list(latest.values()), ok=ok, message=message)
+    return {"verdict": verdict_word(rep), "message": ": ".join(verdict_parts(rep)),
+            "not_measurable": [n["text"] for n in rep["not_measurable"]],
+            "class_findings": [f["text"] for f in rep["class_findings"]],
+            "limits_loosened": rep["limits_loosened"], "confidence": rep["confidence"]}
 
 
 def tensorrt_validated(run_dir: Path) -> list[str]:
@@ -161,7 +176,7 @@ def _run_plan(run_dir: Path, dest: Path) -> dict[str, Any]:
     return plan
 
 
-def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str, float],
+def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int | None, gates: dict[str, float],
                   build: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
@@ -170,6 +185,7 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str
     files = _collect(run_dir)
     meta = _load_json(run_dir / "meta.json")
     x, y = load_probe(run_dir / "probe.npz")
+    probe_size = min(DEFAULT_PROBE, len(x)) if probe_size is None else probe_size
     if probe_size > len(x):
         raise ConfigError(f"--probe-size {probe_size}: the run's probe.npz holds {len(x)} images")
     x = np.ascontiguousarray(x[:probe_size], dtype=np.float32)
@@ -237,14 +253,14 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int, gates: dict[str
     return manifest
 
 
-def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int = 32, tar: bool = False,
+def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int | None = None, tar: bool = False,
                 force: bool = False, min_top1_agreement_pct: float = DEFAULT_GATES["min_top1_agreement_pct"],
                 max_accuracy_drop_pp: float = DEFAULT_GATES["max_accuracy_drop_pp"],
                 allow_failed: bool = False, sign_key: str | Path | None = None) -> Path:
     """Write the bundle folder `out_dir` (or `out_dir`.tar.gz with tar=True) atomically. Returns its path.
     A run whose build did not pass every planned stage is refused unless `allow_failed` (then recorded).
     `sign_key`: an OpenSSH ed25519 private key that signs the manifest (signature.json, edgeres/deploy/signing.py)."""
-    if probe_size < 1:
+    if probe_size is not None and probe_size < 1:
         raise ConfigError(f"--probe-size must be >= 1, got {probe_size}")
     if not 0.0 <= min_top1_agreement_pct <= 100.0 or not 0.0 <= max_accuracy_drop_pp <= 100.0:
         raise ConfigError("gates are in % (agreement) and percentage points (drop): each must lie in [0, 100]")
@@ -258,7 +274,7 @@ def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int = 3
     if not ok and not allow_failed:
         raise ConfigError(f"{run_dir}: the build did not pass ({message}); fix it, or pass --allow-failed to "
                           f"bundle it anyway")
-    build = {"ok": ok, "message": message, "allow_failed": allow_failed}
+    build = {"ok": ok, "allow_failed": allow_failed, **verdict_summary(run_dir, ok, message)}
     if sign_key is not None:
         check_key(sign_key)   # a bad key is refused before the bundle is built
     ensure_writable_dir(out.parent)

@@ -486,22 +486,54 @@ def benchmark(infer, x, iterations: int, warmup: int = 10) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- verify
-def check_outputs(logits, ref, y, gates: dict, expected_accuracy: float | None) -> dict:
+def gate_rule():
+    """The gate rule (edgeres/stats.py), shipped beside this file as edgeres_stats.py so the device decides its gates
+    exactly as the host does (run from the edgeres package: the package's own file). Loaded by path: this script
+    imports nothing of edgeres."""
+    import importlib.util
+
+    if "edgeres_stats" not in sys.modules:
+        here = Path(__file__).resolve().parent
+        copy = next((p for p in (here / "edgeres_stats.py", here.parent / "stats.py") if p.is_file()), None)
+        if copy is None:
+            raise BundleError("the bundle has no edgeres_stats.py (the gate rule); make it again with edgeres bundle")
+        spec = importlib.util.spec_from_file_location("edgeres_stats", copy)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["edgeres_stats"] = module   # dataclasses look their module up while it executes
+        spec.loader.exec_module(module)
+    return sys.modules["edgeres_stats"]
+
+
+def check_outputs(logits, ref, y, gates: dict, expected_accuracy: float | None, *, level: float = 0.95) -> dict:
+    """The device's gates, decided by the same interval rule as the host's: its top-1 agreement with the host's
+    reference logits (Wilson interval) and, with labels, its top-1 drop vs the host's on the same probe images
+    (paired interval). A gate fails only when its whole interval is beyond the limit; an interval that straddles
+    it is "not measurable" (named in the result; the engine is still installed)."""
     import numpy as np
 
+    stats = gate_rule()
     pred, ref_pred = logits.argmax(1), ref.argmax(1)
-    agreement = 100.0 * float((pred == ref_pred).mean())               # %, like every edgeres figure
+    n = int(len(pred))
+    agree_k = int((pred == ref_pred).sum())
+    agreement = 100.0 * agree_k / n if n else 100.0                  # %, like every edgeres figure
     accuracy = 100.0 * float((pred == y).mean()) if y is not None else None
+    a = stats.proportion_gate_numbers(agree_k, n, ">=", gates["min_top1_agreement_pct"], level)
     checks = [{"name": "top1_agreement_pct", "value": agreement, "limit": gates["min_top1_agreement_pct"],
-               "op": ">="}]
-    if accuracy is not None and expected_accuracy is not None:
-        checks.append({"name": "probe_accuracy_pct", "value": accuracy,
-                       "limit": round(expected_accuracy - gates["max_accuracy_drop_pp"], 6), "op": ">="})
+               "op": ">=", "lo": a["lo"], "hi": a["hi"], "n": n, "level": level, "outcome": a["outcome"],
+               "resolve_n": a["resolve_n"]}]
+    if y is not None:
+        p = stats.paired(ref_pred.tolist(), pred.tolist(), y.tolist())
+        d = stats.drop_gate_numbers(p, gates["max_accuracy_drop_pp"], level)
+        checks.append({"name": "top1_drop_pp", "value": d["value"], "limit": gates["max_accuracy_drop_pp"], "op": "<=",
+                       "lo": d["lo"], "hi": d["hi"], "n": n, "level": level, "outcome": d["outcome"],
+                       "resolve_n": d["resolve_n"], "counts": p.to_dict()})
     for c in checks:
-        c["passed"] = c["value"] >= c["limit"]
+        c["passed"] = c["outcome"] != stats.FAILED
+    verdict = (stats.FAILED if any(c["outcome"] == stats.FAILED for c in checks) else
+               stats.NOT_MEASURABLE if any(c["outcome"] == stats.NOT_MEASURABLE for c in checks) else stats.PASSED)
     return {"top1_agreement_pct": agreement, "accuracy_pct": accuracy, "expected_accuracy_pct": expected_accuracy,
-            "max_abs_diff": float(np.abs(logits - ref).max()), "gates": checks,
-            "passed": all(c["passed"] for c in checks)}
+            "max_abs_diff": float(np.abs(logits - ref).max()), "gates": checks, "verdict": verdict,
+            "passed": verdict != stats.FAILED}
 
 
 def previous_result_current(out: Path, manifest_sha: str, info: dict, precision: str,
@@ -682,7 +714,11 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     static = bool(entry and entry.get("static_batch"))
     logits = np.concatenate([infer_padded(infer, x[i:i + batch], batch if static else None)
                              for i in range(0, len(x), batch)])
-    result["verification"] = check_outputs(logits, ref, y, gates, expected)
+    build = manifest.get("build") or {}
+    result["verification"] = check_outputs(logits, ref, y, gates, expected,
+                                           level=float(build.get("confidence") or 0.95))
+    # what the host's verdict said of its own limits travels with the device's result
+    result["host_verdict"] = {k: build.get(k) for k in ("verdict", "limits_loosened", "not_measurable")}
     xb = x[:batch] if len(x) >= batch or not static else np.concatenate([x] * (batch // len(x) + 1))[:batch]
     say(args, f"timing {args.iterations} iterations at batch {len(xb)}")
     with ticking(args, f"timing {args.iterations} iterations"):
