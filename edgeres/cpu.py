@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,26 +42,32 @@ def openvino_status() -> tuple[bool, str]:
 
 
 def export_openvino(onnx_path: str | Path, xml_path: str | Path, *, calibration=None,
-                    subset_size: int | None = None) -> dict[str, Any]:
+                    subset_size: int | None = None, quiet: bool = True,
+                    say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The ONNX as an OpenVINO IR at xml_path (+ .bin), written atomically: both files are made in a temporary
     folder beside the destination and moved in, .bin first. With `calibration` (an iterable of float32 NCHW
     batches) the FP32 model is quantized by NNCF's OpenVINO PTQ on exactly those images; without, the ONNX (the
-    TensorRT INT8 Q/DQ ONNX) is converted as it is."""
+    TensorRT INT8 Q/DQ ONNX) is converted as it is. Unless `quiet`, each step is said (`say`, default print) and
+    NNCF's own progress bars (statistics collection, bias correction) are shown."""
     ok, why = openvino_status()
     if not ok:
         raise BackendUnavailable(why)
     import openvino as ov
 
+    say = say or (lambda line: None if quiet else print(line, flush=True))
     onnx_path, xml_path = Path(onnx_path), Path(xml_path)
     props = read_metadata(onnx_path)
+    say(f"export_cpu: converting {onnx_path.name} to OpenVINO {ov.get_version().split('-')[0]}")
     model = ov.convert_model(str(onnx_path))
     method = "converted Q/DQ ONNX"
     if calibration is not None:
         import nncf
 
         items = list(calibration)
-        with silenced(True):
-            model = nncf.quantize(model, nncf.Dataset(items), subset_size=subset_size or len(items),
+        n = subset_size or len(items)
+        say(f"export_cpu: INT8 by NNCF's PTQ: statistics on {n} images, then bias correction")
+        with silenced(quiet):
+            model = nncf.quantize(model, nncf.Dataset(items), subset_size=n,
                                   preset=nncf.QuantizationPreset.PERFORMANCE)
         method = "NNCF OpenVINO PTQ"
         props["precision"] = "int8"
@@ -137,7 +144,7 @@ def run(inputs: CpuInputs, settings: CpuSettings = CpuSettings(), *, quiet: bool
     staged = out.with_name(f".{out.stem}.unverified.xml")
     try:
         info = export_openvino(inputs.onnx, staged,
-                               calibration=inputs.calibration if settings.mode == "openvino" else None)
+                               calibration=inputs.calibration if settings.mode == "openvino" else None, quiet=quiet)
         runner = OpenVinoRunner(staged)
         ev = evaluate(runner, inputs.eval_data, batch_size=256, progress=False if quiet else "evaluating CPU INT8")
         metrics: dict[str, Any] = {**info, "xml": str(out), "int8_kernels": runner.kernel_report()}

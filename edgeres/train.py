@@ -222,9 +222,9 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
             window: deque = deque(maxlen=20)
             steps = min(len(loader), total - state["iteration"])   # max_iterations may end this epoch early
             bar = _bar(steps, f"epoch {epoch + 1}/{tcfg.epochs}", quiet or not dist_info.main)
-            seen, lr = 0, tcfg.lr
+            seen, lr, shown = 0, tcfg.lr, [-math.inf]
 
-            def after(step: Step, window=window, bar=bar, t0=t0) -> None:   # bound now: called in this epoch
+            def after(step: Step, window=window, bar=bar, t0=t0, shown=shown) -> None:   # bound now: this epoch
                 nonlocal seen, lr
                 state["iteration"], lr = step.iteration, step.lr
                 seen += int(step.labels.shape[0])
@@ -233,10 +233,7 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
                     if step.index % 10 == 9 and _window_error(window, dist_info) < tcfg.warmup_until_error:
                         state["warming"] = False
                 if bar is not None:
-                    bar.update(1)
-                    if step.index % 10 == 0:
-                        rate = seen * dist_info.world / (time.perf_counter() - t0)
-                        bar.set_postfix(loss=f"{step.loss.item():.3f}", img_s=f"{rate:.0f}", lr=f"{step.lr:.3g}")
+                    _bar_step(bar, step, shown, rate=seen * dist_info.world / max(time.perf_counter() - t0, 1e-9))
 
             done = sgd_steps(net, loader, opt, criterion=criterion, iteration=state["iteration"], max_steps=steps,
                              lr_at=lambda it: lr_at(tcfg, it, ipe, total, state["warming"]), device=device,
@@ -259,7 +256,7 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
                 state["history"] = history
                 _save_epoch(out, recipe, model, meta, opt, scaler if use_amp else None, state, row,
                             "val_top1" if selects else None)
-                _log_epoch(row, writer, quiet)
+                _log_epoch(row, writer, quiet, num_classes=info.num_classes)
             if dist_info.world > 1:
                 torch.distributed.barrier()
     except DataError as e:
@@ -346,15 +343,35 @@ def _save_epoch(out: Path, recipe, model, meta, opt, scaler, state: dict[str, An
     _write_metrics(out, state["history"])
 
 
-def _log_epoch(row: dict[str, Any], writer, quiet: bool) -> None:
+def _log_epoch(row: dict[str, Any], writer, quiet: bool, *, num_classes: int | None = None) -> None:
     if writer is not None:
         for key in METRIC_FIELDS[2:]:
             writer.add_scalar(key, row[key], row["epoch"])
     if not quiet:
-        split = "val" if "val_top1" in row else "test"
-        _say(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f}% | "
-             f"{split} loss {row[split + '_loss']:.4f} top1 {row[split + '_top1']:.2f}% top5 "
-             f"{row[split + '_top5']:.2f}% | {row['images_per_s']:.0f} img/s")
+        _say(epoch_line(row, num_classes))
+
+
+TOP5_FROM = 6   # top-5 is said from 6 classes: with 5 or fewer every label is among the top 5 (always 100 %)
+
+
+def epoch_line(row: dict[str, Any], num_classes: int | None = None) -> str:
+    """The line said after each epoch; top-5 only where it can be below 100 % (more than 5 classes)."""
+    split = "val" if "val_top1" in row else "test"
+    top5 = f" top5 {row[split + '_top5']:.2f}%" if num_classes is None or num_classes >= TOP5_FROM else ""
+    return (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f}% | "
+            f"{split} loss {row[split + '_loss']:.4f} top1 {row[split + '_top1']:.2f}%{top5} | "
+            f"{row['images_per_s']:.0f} img/s")
+
+
+def _bar_step(bar, step: Step, shown: list[float], *, rate: float) -> None:
+    """One batch on the bar: its loss, the speed and the lr whenever the bar may redraw (every batch that is not
+    within tqdm's mininterval of the last: `.item()` waits for the GPU, so not on every one of thousands of
+    fast batches), then the step itself."""
+    now = time.monotonic()
+    if now - shown[0] >= bar.mininterval or bar.n + 1 >= (bar.total or 0):
+        shown[0] = now
+        bar.set_postfix(loss=f"{step.loss.item():.3f}", img_s=f"{rate:.0f}", lr=f"{step.lr:.3g}", refresh=False)
+    bar.update(1)
 
 
 def _window_error(window, dist_info: Dist) -> float:
