@@ -10,7 +10,15 @@ import click
 
 from edgeres.cli._common import emit, json_option
 from edgeres.deploy.ansible_playbook import write_project
-from edgeres.deploy.bundle import make_bundle, opened_bundle, verify_bundle
+from edgeres.deploy.bundle import (
+    DEVICE_NEEDS,
+    bundle_bytes,
+    human_bytes,
+    make_bundle,
+    next_steps,
+    opened_bundle,
+    verify_bundle,
+)
 from edgeres.deploy.fleet_output import OUTCOMES, format_status, format_table, host_line, summary
 from edgeres.deploy.mender import check_artifact_out, write_artifact
 from edgeres.deploy.releases import folder_release_id
@@ -47,9 +55,12 @@ from edgeres.io import read_small_bytes
                    "mender-artifact, for devices with the edgeres Update Module.")
 @click.option("--device-type", "device_types", multiple=True, default=("jetson",), show_default=True,
               help="With --mender: Mender device type(s) the artifact is compatible with.")
+@click.option("--target", default=None, metavar="NAME",
+              help="Only what one TensorRT of the run's device plan needs: a plan key (8.5, 8.6, 10.3, 10, 11, "
+                   "11.4.1), tensorrt<version> or jetpack<release> (jetpack6.1) [default: every target].")
 @json_option
 def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, rootfs, force, allow_non_rootfs,
-           allow_failed, sign_key, mender_out, device_types, as_json) -> None:
+           allow_failed, sign_key, mender_out, device_types, target, as_json) -> None:
     """Bundle a run for devices: ONNX, calibration cache, probe set with reference logits, device runtime."""
     import tempfile
 
@@ -58,7 +69,7 @@ def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, root
     if mender_out is not None:
         check_artifact_out(mender_out, force=force)   # before the bundle is built
     opts = dict(probe_size=probe_size, min_top1_agreement_pct=min_agreement, max_accuracy_drop_pp=max_accuracy_drop,
-                allow_failed=allow_failed, sign_key=sign_key)
+                allow_failed=allow_failed, sign_key=sign_key, target=target)
     with tempfile.TemporaryDirectory(prefix="edgeres-bundle-") as tmp:
         path = make_bundle(run_dir, out if out is not None else Path(tmp) / "bundle", tar=tar and out is not None,
                            force=force, **opts)
@@ -69,17 +80,23 @@ def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, root
                                    if rootfs is not None else (None, []))
             artifact = (write_artifact(folder, mender_out, device_types=device_types, force=force)
                         if mender_out is not None else None)
+        size = bundle_bytes(path)
+    steps = next_steps(path, tar=tar) if out is not None else []
     result = {"bundle": str(path) if out is not None else None, "rootfs_install": str(installed) if installed else None,
               "files": len(manifest["files"]) + 1, "probe": manifest["probe"],
               "expected_accuracy": manifest["expected_accuracy"], "calibration_cache": manifest["calibration_cache"],
               "warnings": warnings, "mender": str(artifact[0]) if artifact else None,
-              "release": release}
+              "release": release, "bytes": size, "target": manifest.get("target"), "next": steps,
+              "device_needs": DEVICE_NEEDS}
     lines = [f"warning: {w}" for w in warnings]
     if artifact:
         lines.append(f"mender: {artifact[0]} (artifact {artifact[1]}, payload type edgeres)")
     if out is not None:
-        lines.append(f"bundle: {path} ({result['files']} files, probe {manifest['probe']['count']} images, "
-                     f"release {release})")
+        made_for = f"for {manifest['target']['label']}" if manifest.get("target") else "for every TensorRT target"
+        lines += [f"bundle: {path} ({result['files']} files, {human_bytes(size)}, release {release})",
+                  f"  {made_for}; probe {manifest['probe']['count']} images; {manifest['readme']} says how to run it",
+                  "next, copy it to the device and run it there:", *(f"  {c}" for c in steps),
+                  f"the device needs {DEVICE_NEEDS}"]
     if installed:
         lines.append(f"rootfs: release {installed.name} installed and current, pending until verified on the device; "
                      f"edgeres-verify.timer enabled (result: /var/lib/edgeres/result.json after the first boot)")

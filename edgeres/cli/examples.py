@@ -18,7 +18,7 @@ EXAMPLES: dict[str, str] = {
     "compile": "edgeres compile --onnx runs/demo/export/model_int8.onnx --int8 --out model.plan",
     "calib-cache": "edgeres calib-cache --onnx model_fp32.onnx --dataset digits --trt-version 8.6.2 --out calib.cache",
     "trt-status": "edgeres trt-status --json",
-    "bundle": "edgeres bundle runs/demo --out dist/demo --sign ~/.ssh/id_ed25519",
+    "bundle": "edgeres bundle runs/demo --out dist/demo --target jetpack6.1 --sign ~/.ssh/id_ed25519",
     "rootfs": "edgeres rootfs --bundle dist/demo --rootfs /mnt/jetson-rootfs",
     "deploy": "edgeres deploy dist/demo --host jetson1 --host jetson2 --canary 1",
     "status": "edgeres status --host jetson1 --json",

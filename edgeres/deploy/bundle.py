@@ -5,16 +5,23 @@ Engines do not move between devices or TensorRT versions, so the bundle never ca
 Layout (flat, every file listed in manifest.json with its sha256):
 
     manifest.json  model_fp32.onnx  model_int8.onnx  calib.cache  probe.npz
-    device_runtime.py  engine_build.py  edgeres-device
+    device_runtime.py  engine_build.py  edgeres-device  README.txt
+
+`target` (--target): a bundle for one TensorRT of the run's device plan (a plan key, tensorrt10.3, jetpack6.1...)
+carries that target's plan entries and only the files they name (no FP32-weights copy where that TensorRT reads
+INT8 weights, no calibration cache where no entry uses one); its manifest says which target it was made for.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -26,6 +33,7 @@ from edgeres.errors import ArtifactError, ConfigError
 from edgeres.io import atomic_path, check_bundle_out, ensure_writable_dir, sha256_file
 from edgeres.records import read_plan, read_records, read_records_counted, verdict, verify_copies
 from edgeres.report import build_report, verdict_parts, verdict_word
+from edgeres.suggest import did_you_mean
 from edgeres.tensorrt.targets import TARGETS
 from edgeres.verify import ort_logits, ort_session
 
@@ -38,6 +46,8 @@ RUN_FILES = {  # bundle name -> (path in the run folder, required)
 }
 DEFAULT_GATES = {"min_top1_agreement_pct": 90.0, "max_accuracy_drop_pp": 5.0}   # % and percentage points
 DEFAULT_PROBE = 64   # probe images the device checks: 32 could not show 90 % agreement (its interval reaches 89.3 %)
+README = "README.txt"
+DEVICE_NEEDS = "python3 + numpy, and TensorRT (JetPack) or onnxruntime"   # what `edgeres bundle` says
 
 LAUNCHER = """#!/bin/sh
 # edgeres device runtime: verifies this bundle, builds and checks the engine for this device, benchmarks.
@@ -149,10 +159,11 @@ def _collect(run_dir: Path) -> dict[str, Path | None]:
     return files
 
 
-def _run_plan(run_dir: Path, dest: Path) -> dict[str, Any]:
+def _run_plan(run_dir: Path, dest: Path, target: str | None = None) -> dict[str, Any]:
     """The device plan the run's compile stage made (tensorrt/plan.json, vouched for by its record's sha256), with
     the FP32-weights copy of the INT8 ONNX it names for TensorRT 8.5/8.6 copied into the bundle (its sha256 checked
-    against the plan). The host decides once; the bundle carries that decision."""
+    against the plan). The host decides once; the bundle carries that decision. With `target` (a plan key): that
+    target's entries only, and only the files they name."""
 
     comp = next((r for r in reversed(read_records(run_dir)) if r.stage == "compile"), None)
     info = (comp.metrics.get("device_plan") or {}) if comp is not None else {}
@@ -164,6 +175,9 @@ def _run_plan(run_dir: Path, dest: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is not the plan the compile stage wrote (sha256 differs from its record); "
                             f"re-run `edgeres build`")
     plan = _load_json(path)
+    if target is not None:
+        plan["targets"] = {target: plan["targets"][target]}
+        plan["entries"] = [e for e in plan.get("entries", []) if e.get("target") == target]
     for entry in plan.get("entries", []):
         entry.pop("script", None)   # the run folder's trtexec scripts; the device runtime writes its own command
         name = entry.get("onnx")
@@ -177,7 +191,7 @@ def _run_plan(run_dir: Path, dest: Path) -> dict[str, Any]:
 
 
 def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int | None, gates: dict[str, float],
-                  build: dict[str, Any]) -> dict[str, Any]:
+                  build: dict[str, Any], target: dict[str, str] | None = None) -> dict[str, Any]:
     import numpy as np
 
     from edgeres.compare import load_probe
@@ -208,19 +222,27 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int | None, gates: d
             shutil.copyfile(src, dest / name)
     (dest / "edgeres-device").write_text(LAUNCHER)
 
-    plan = _run_plan(run_dir, dest)   # made once, by the build's compile stage: the same plan the run folder holds
+    # made once, by the build's compile stage: the same plan the run folder holds (one target's part with --target)
+    plan = _run_plan(run_dir, dest, target["name"] if target else None)
+    if target and files["calib.cache"] and not any(e.get("calib_cache") and not e.get("refused")
+                                                   for e in plan["entries"]):
+        (dest / "calib.cache").unlink()   # no entry of this target reads it
+        files["calib.cache"] = None
     probe_acc = None if y is None else {"fp32": 100.0 * float((ref32.argmax(1) == y).mean()),
                                         "int8": 100.0 * float((ref8.argmax(1) == y).mean())}
     calib = "calib.cache" if files["calib.cache"] else None
+    no_calib = ("the run has no calibration/calib.cache: the INT8 ONNX carries Q/DQ scales (explicit quantization), "
+                "so TensorRT does not need one; implicit-quantization (calibrated) builds are unavailable")
+    if target and run_dir.joinpath(RUN_FILES["calib.cache"][0]).is_file():
+        no_calib = (f"not carried: no plan entry of {target['label']} uses it (the INT8 ONNX carries Q/DQ scales; "
+                    f"only DLA on TensorRT 8.5 to 10.7 builds from the cache)")
     manifest = {
         "format": FORMAT,
         "run": {"name": run_dir.resolve().name},   # no time stamp, no local path: the same run gives the same id
         "arch": meta.get("arch"), "dataset": meta.get("dataset"), "recipe_hash": meta.get("recipe_hash"),
         "models": {"fp32": "model_fp32.onnx", "int8": "model_int8.onnx"},
         "calibration_cache": calib,
-        "calibration_note": None if calib else
-        "the run has no calibration/calib.cache: the INT8 ONNX carries Q/DQ scales (explicit quantization), "
-        "so TensorRT does not need one; implicit-quantization (calibrated) builds are unavailable",
+        "calibration_note": None if calib else no_calib,
         "input": {"name": inp.name, "shape": ["N", *map(int, x.shape[1:])], "dtype": "float32", "layout": "NCHW"},
         "output": {"name": out.name, "shape": ["N", int(ref32.shape[1])], "dtype": "float32"},
         "preprocessing": {"input_size": meta.get("input_size"), "resize_size": meta.get("resize_size"),
@@ -235,14 +257,20 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int | None, gates: d
         "gates": gates,
         "probe": {"file": "probe.npz", "count": int(len(x)), "labels": y is not None,
                   "arrays": sorted(arrays), "reference": "ONNX Runtime (CPU) on the bundled ONNX files"},
-        "tensorrt": {"validated": tensorrt_validated(run_dir), "targets": [v[2] for v in TARGETS.values()],
+        "tensorrt": {"validated": tensorrt_validated(run_dir),
+                     "targets": [t["label"] for t in plan["targets"].values()] if target else
+                     [v[2] for v in TARGETS.values()],
                      "note": "validated: versions this run's engine was built and checked with on real TensorRT; "
                              "targets: versions the plan covers (checked against a TensorRT emulator built from "
                              "each version's API, not on hardware)"},
         "tensorrt_plan": plan,
         "runtime": {"entry": "device_runtime.py", "launcher": "edgeres-device",
                     "engine_build": "engine_build.py" if sources["engine_build.py"] else None},
+        "target": target,   # None: every target of the plan
+        "readme": README,
     }
+    (dest / README).write_text(readme_text(manifest, sorted([*(p.name for p in dest.iterdir() if p.is_file()),
+                                                              README, MANIFEST])))
     listed = sorted(p.name for p in dest.iterdir() if p.is_file())
     manifest["files"] = {name: {"sha256": sha256_file(dest / name), "size": (dest / name).stat().st_size}
                          for name in listed}
@@ -256,15 +284,17 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int | None, gates: d
 def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int | None = None, tar: bool = False,
                 force: bool = False, min_top1_agreement_pct: float = DEFAULT_GATES["min_top1_agreement_pct"],
                 max_accuracy_drop_pp: float = DEFAULT_GATES["max_accuracy_drop_pp"],
-                allow_failed: bool = False, sign_key: str | Path | None = None) -> Path:
+                allow_failed: bool = False, sign_key: str | Path | None = None, target: str | None = None) -> Path:
     """Write the bundle folder `out_dir` (or `out_dir`.tar.gz with tar=True) atomically. Returns its path.
     A run whose build did not pass every planned stage is refused unless `allow_failed` (then recorded).
-    `sign_key`: an OpenSSH ed25519 private key that signs the manifest (signature.json, edgeres/deploy/signing.py)."""
+    `sign_key`: an OpenSSH ed25519 private key that signs the manifest (signature.json, edgeres/deploy/signing.py).
+    `target`: a name of one target of the run's device plan (`target_names`): only what it needs is carried."""
     if probe_size is not None and probe_size < 1:
         raise ConfigError(f"--probe-size must be >= 1, got {probe_size}")
     if not 0.0 <= min_top1_agreement_pct <= 100.0 or not 0.0 <= max_accuracy_drop_pp <= 100.0:
         raise ConfigError("gates are in % (agreement) and percentage points (drop): each must lie in [0, 100]")
     run_dir, out = Path(run_dir), Path(out_dir)
+    chosen = resolve_target(run_dir, target) if target is not None else None   # a typo costs nothing
     if tar and not out.name.endswith(".tar.gz"):
         out = out.with_name(out.name + ".tar.gz")
     check_bundle_out(out, force)   # only a bundle edgeres made is ever replaced (io.py: the ownership rule)
@@ -282,7 +312,7 @@ def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int | N
     top = out.name[: -len(".tar.gz")] if tar else out.name
     tmp = Path(tempfile.mkdtemp(prefix=f".{top}.", suffix=".tmp", dir=out.parent))
     try:
-        _write_bundle(run_dir, tmp, probe_size=probe_size, gates=gates, build=build)
+        _write_bundle(run_dir, tmp, probe_size=probe_size, gates=gates, build=build, target=chosen)
         if sign_key is not None:
             sign_bundle(tmp, sign_key)
         if tar:
@@ -301,6 +331,146 @@ def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int | N
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------- targets
+
+def _plain(name: str) -> str:
+    return re.sub(r"[-_. ]", "", name.lower())
+
+
+def target_names(targets: dict[str, Any]) -> dict[str, str]:
+    """name -> plan key for the targets of a device plan (plan.json "targets": key -> {"label", "rules", ...}): the
+    key ("10.3"), tensorrt<key>, tensorrt<version whose rules apply> and jetpack<release> for each JetPack release
+    its label names ("JetPack 6.1/6.2" -> jetpack6.1, jetpack6.2). A name two targets would share is left out."""
+    names: dict[str, set[str]] = {}
+    for key, spec in targets.items():
+        label, rules = str(spec.get("label", "")), str(spec.get("rules", ""))
+        cands = [key, f"tensorrt{key}"] + ([f"tensorrt{rules}"] if rules and rules != key else [])
+        for group in re.findall(r"JetPack ([0-9][0-9./x+]*)", label):
+            cands += [f"jetpack{v.removesuffix('+').removesuffix('.x')}" for v in group.split("/") if v]
+        for c in cands:
+            names.setdefault(c, set()).add(key)
+    return {n: next(iter(keys)) for n, keys in names.items() if len(keys) == 1}
+
+
+def resolve_target(run_dir: Path, name: str) -> dict[str, str]:
+    """{"name": plan key, "label"} for a --target name (case, '-', '_', '.' and spaces ignored) among the
+    targets of the run's device plan; ConfigError with the valid names (and a guess) otherwise."""
+    path = Path(run_dir) / "tensorrt" / "plan.json"
+    if not path.is_file():
+        raise ArtifactError(f"{run_dir} has no device plan from its compile stage (tensorrt/plan.json): re-run "
+                            f"`edgeres build` before bundling")
+    targets = (_load_json(path) or {}).get("targets") or {}
+    names = target_names(targets)
+    by_plain = {_plain(n): key for n, key in names.items()}
+    key = by_plain.get(_plain(name))
+    if key is None:
+        def version(n: str) -> tuple[int, ...]:
+            return tuple(int(p) for p in re.findall(r"\d+", n))
+
+        shown = sorted(targets, key=version) + sorted((n for n in names if n.startswith("jetpack")), key=version)
+        raise ConfigError(f"unknown --target {name!r}: valid names are {', '.join(shown)} (or tensorrt<version>)"
+                          f"{did_you_mean(name, names)}")
+    return {"name": key, "label": str(targets[key].get("label", key))}   # not the name asked: same bundle, same id
+
+
+# ---------------------------------------------------------------------------------------------------- what to say
+
+def _runtime_help() -> str:
+    """The device runtime's own --help (its real options), at a fixed width: the same README for the same run."""
+    from unittest import mock
+
+    buf = io.StringIO()
+    with mock.patch.dict(os.environ, {"COLUMNS": "100", "NO_COLOR": "1"}), contextlib.redirect_stdout(buf), \
+            contextlib.suppress(SystemExit):
+        rt.parse_args(["--help"])
+    return buf.getvalue().replace(str(Path(rt.__file__).resolve().parent), "<this folder>").rstrip()
+
+
+FILE_ROLES = {
+    "manifest.json": "every file below with its sha256 and size; the model's input, classes, gates, TensorRT plan",
+    "model_fp32.onnx": "the FP32 model (BatchNorm folded): FP32/FP16 engines, DLA INT8 with the calibration cache",
+    "model_int8.onnx": "the INT8 model (Q/DQ ONNX, the scales PTQ/QAT chose)",
+    "calib.cache": "INT8 calibration cache (DLA on TensorRT 8.5 to 10.7)",
+    "probe.npz": "preprocessed evaluation images with the host's reference logits",
+    "device_runtime.py": "the device runtime (python3 + numpy; no torch, no edgeres)",
+    "edgeres-device": "its launcher (PYTHON=... picks another interpreter)",
+    "engine_build.py": "TensorRT engine build, as the host's plan says",
+    "releases.py": "release folders for `edgeres deploy` (current / previous)",
+    "edgeres_stats.py": "the interval rule the device's gates are decided with",
+    "signature.json": "the manifest's ed25519 signature",
+    README: "this file",
+}
+
+
+def readme_text(manifest: dict[str, Any], files: list[str]) -> str:
+    """README.txt: what is inside, what the device needs, how to run it, what its result and exit codes mean."""
+    run, build, gates = manifest.get("run", {}).get("name"), manifest.get("build") or {}, manifest.get("gates", {})
+    target = manifest.get("target")
+    made_for = f"for {target['label']} only" if target else "for every TensorRT target of the plan: " + \
+        "; ".join(manifest.get("tensorrt", {}).get("targets", []))
+    probe = manifest.get("probe", {})
+    roles = {**FILE_ROLES, **{e["onnx"]: "the INT8 model with FP32 weights behind QuantizeLinear (the form TensorRT "
+                                         "8.5/8.6 document)"
+                              for e in (manifest.get("tensorrt_plan") or {}).get("entries", [])
+                              if e.get("onnx") and e["onnx"] not in FILE_ROLES}}
+    width = max(len(f) for f in files) + 2
+    lines = [f"edgeres deploy bundle: run {run}, {manifest.get('arch')} on {manifest.get('dataset')}, "
+             f"{manifest.get('num_classes')} classes",
+             f"Made by `edgeres bundle` {made_for}."]
+    lines += textwrap.wrap(f"Host verdict: {build.get('message') or build.get('verdict') or 'unknown'}", width=100,
+                           subsequent_indent="  ")
+    lines += ["", "WHAT IS INSIDE"]
+    lines += [f"  {f.ljust(width)}{roles.get(f, '')}".rstrip() for f in files]
+    lines += ["", "WHAT THE DEVICE NEEDS",
+              "  python3 (3.8 or newer) with numpy (JetPack: sudo apt-get install python3-numpy), and",
+              "  TensorRT: JetPack's Python bindings (python3-libnvinfer) or trtexec (/usr/src/tensorrt/bin);",
+              "  without TensorRT it checks the model with onnxruntime on the CPU (pip3 install onnxruntime).",
+              "", "HOW TO RUN (in this folder, on the device)",
+              "  ./edgeres-device                 check every file, build the engine for this device as planned",
+              "                                   (first run: minutes; cached in engines/), verify it on the probe",
+              "                                   images, time it",
+              "  ./edgeres-device --precision fp16 --iterations 500",
+              "  ./edgeres-device --dla-core 0    on DLA core 0 (Jetson Xavier / Orin)",
+              "", "  All options (./edgeres-device --help):"]
+    lines += [f"    {ln}".rstrip() for ln in _runtime_help().splitlines()]
+    lines += ["", "WHAT THE RESULT MEANS",
+              "  One JSON result is printed and written to result.json (--out):",
+              "  status        passed, failed (a gate) or error (the bundle or the device cannot be used);",
+              f"  verification  top-1 agreement with the host's reference logits on the {probe.get('count')} probe "
+              f"images", f"                (gate: at least {gates.get('min_top1_agreement_pct')} %) and the probe "
+              f"accuracy (gate: at most {gates.get('max_accuracy_drop_pp')} pp",
+              "                below the host's), decided with the interval rule (edgeres_stats.py);",
+              "  benchmark     latency (median and tail, ms) and throughput at the planned batch;",
+              "  engine        the engine built for this device and TensorRT, and where it is cached.",
+              "", "EXIT CODES",
+              f"  {rt.EXIT_OK}  passed",
+              f"  {rt.EXIT_GATE}  a gate failed: the engine runs here but does not give the host's answers",
+              f"  {rt.EXIT_UNUSABLE}  the bundle or the device cannot be used (an altered file, no plan entry for this",
+              "     TensorRT, numpy missing...): the error is the last line on stderr", ""]
+    return "\n".join(lines)
+
+
+def bundle_bytes(path: str | Path) -> int:
+    """The size of a bundle: a .tar.gz's own, or the sum of a folder's files."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def human_bytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+def next_steps(path: str | Path, *, tar: bool) -> list[str]:
+    """The two commands that take a bundle to a device and run it there (USER@DEVICE to fill in)."""
+    path = Path(path)
+    if tar:
+        top = path.name[: -len(".tar.gz")]
+        return [f"scp {path} USER@DEVICE:", f"ssh USER@DEVICE 'tar -xzf {path.name} && ./{top}/edgeres-device'"]
+    return [f"scp -r {path} USER@DEVICE:", f"ssh USER@DEVICE ./{path.name}/edgeres-device"]
 
 
 def check_member_name(name: str) -> str:
