@@ -17,6 +17,7 @@ import numpy as np
 
 from edgeres.env import environment
 from edgeres.errors import ConfigError
+from edgeres.memory import check_artifact, require
 
 DEFAULT_DURATION_S = 3.0        # trtexec --duration default
 DEFAULT_MIN_ITERATIONS = 10     # trtexec --iterations default
@@ -170,16 +171,12 @@ def _run_batch(runner: Any, x: np.ndarray, *, min_iters: int, min_s: float, warm
                        warning=stability_warning(lat, iterations=len(host)), samples_ms=tuple(samples))
 
 
-MAX_INPUT_BYTES = 1 << 30   # one timed input batch; past this the machine swaps (or, under a 4 GiB address-space
-                            # limit, dies with the runner's copies) before timing anything
-
-
-def _refuse_oversized(batch_sizes: Sequence[int], shape: tuple[int, ...]) -> None:
-    per_image = 4 * int(np.prod(shape))
-    big = [int(b) for b in batch_sizes if int(b) * per_image > MAX_INPUT_BYTES]
-    if big:
-        raise ConfigError(f"batch {big[0]} of {list(shape)} float32 inputs needs {big[0] * per_image / 2**30:.1f} "
-                          f"GiB per input; the largest batch here is {MAX_INPUT_BYTES // per_image}")
+def _refuse_oversized(batch_sizes: Sequence[int], shape: tuple[int, ...], device: str) -> None:
+    """For a model whose architecture edgeres cannot tell (a foreign ONNX, an engine): at least its input batch
+    must fit, with the runner's copy of it."""
+    b = max(int(b) for b in batch_sizes)
+    require(2 * 4 * b * int(np.prod(shape)), f"batch {b} of {list(shape)} float32 inputs", device=device,
+            lower="--batch")
 
 
 def benchmark(runner_or_path: Any, *, batch_sizes: Sequence[int] = (1,), iterations: int | None = None,
@@ -205,6 +202,9 @@ def benchmark(runner_or_path: Any, *, batch_sizes: Sequence[int] = (1,), iterati
     min_iters, min_s = _limits(iterations, duration_s)
     exact = iterations is not None and duration_s is None
     owned = isinstance(runner_or_path, (str, Path))
+    known = owned and check_artifact(runner_or_path, batch=max(int(b) for b in batch_sizes),   # before it is built
+                                     input_size=input_shape[1] if input_shape is not None else None,
+                                     device=device, lower="--batch") is not None
     runner = (open_runner(runner_or_path, backend=backend, threads=threads, providers=providers,
                           device=device)
               if owned else runner_or_path)
@@ -218,7 +218,8 @@ def benchmark(runner_or_path: Any, *, batch_sizes: Sequence[int] = (1,), iterati
             raise ConfigError(f"{getattr(runner, 'path', 'the model')} has a fixed batch of {fixed}; "
                               f"cannot time batch sizes {list(batch_sizes)}")
         timed_gpu = str(runner.device) != "cpu" and hasattr(runner, "infer_timed")
-        _refuse_oversized(batch_sizes, shape)
+        if not known:
+            _refuse_oversized(batch_sizes, shape, device)
         rng = np.random.default_rng(seed)
         results = []
         for b in batch_sizes:

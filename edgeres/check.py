@@ -94,15 +94,25 @@ def _load_external(model, path: Path) -> None:
             raise ArtifactError(f"{path}: its external data cannot be read ({type(e).__name__})") from None
 
 
+def tensor_array(tensor, source: str = "model"):
+    """A TensorProto's values as a numpy array; one ArtifactError naming the tensor when its data does not fill the
+    shape it declares (a hand-edited or truncated model), not numpy's reshape error."""
+    from onnx import numpy_helper
+
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError) as e:
+        raise ArtifactError(f"{source}: tensor {tensor.name!r} declares shape {list(tensor.dims)} but its data does "
+                            f"not fit it ({str(e).splitlines()[0][:120]})") from None
+
+
 class GraphIndex:
     """Constant values, producers and consumers of a graph's tensors."""
 
-    def __init__(self, model):
-        from onnx import numpy_helper
-
+    def __init__(self, model, source: str = "model"):
         g = model.graph
         self.nodes = list(g.node)
-        self.const: dict[str, Any] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        self.const: dict[str, Any] = {t.name: tensor_array(t, source) for t in g.initializer}
         self.const_dtype: dict[str, int] = {t.name: t.data_type for t in g.initializer}
         self.producer: dict[str, Any] = {}
         self.consumers: dict[str, list] = {}
@@ -114,7 +124,7 @@ class GraphIndex:
             if node.op_type == "Constant":
                 for attr in node.attribute:
                     if attr.name == "value":
-                        self.const[node.output[0]] = numpy_helper.to_array(attr.t)
+                        self.const[node.output[0]] = tensor_array(attr.t, source)
                         self.const_dtype[node.output[0]] = attr.t.data_type
 
     def is_const(self, name: str) -> bool:
@@ -258,13 +268,14 @@ def _check_weight_form(model, trt_version, out: list[Violation]) -> None:
                              "the device plan)"))
 
 
-def check_model(model, *, trt_version: str | None = None) -> list[Violation]:
-    """All rule violations of a loaded onnx.ModelProto (empty list: TensorRT-ready), for `trt_version` when given."""
+def check_model(model, *, trt_version: str | None = None, source: str = "model") -> list[Violation]:
+    """All rule violations of a loaded onnx.ModelProto (empty list: TensorRT-ready), for `trt_version` when given.
+    `source`: the model's name in an error."""
     out: list[Violation] = []
     opset = max((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), default=0)
     if opset < MIN_OPSET:
         out.append(Violation(Rule.OPSET.value, "model", f"opset {opset} < {MIN_OPSET} (per-channel Q/DQ needs 13)"))
-    g = GraphIndex(model)
+    g = GraphIndex(model, source)
     has_qdq = False
     for node in g.nodes:
         if node.domain not in STANDARD_DOMAINS:
@@ -283,7 +294,7 @@ def check_model(model, *, trt_version: str | None = None) -> list[Violation]:
 def check_onnx(path: str | Path, *, trt_version: str | None = None) -> list[Violation]:
     """Check an ONNX file against TensorRT's Q/DQ rules (for `trt_version` when given). Not ONNX -> ArtifactError;
     a TensorRT version edgeres does not target -> ConfigError."""
-    return check_model(load_onnx(path), trt_version=trt_version)
+    return check_model(load_onnx(path), trt_version=trt_version, source=str(path))
 
 
 def count_qdq(path_or_model) -> dict[str, int]:

@@ -100,6 +100,9 @@ def check_meta(d: dict[str, Any], source: str = "checkpoint") -> dict[str, Any]:
         if not isinstance(v, (list, tuple)) or len(v) > META_INT_RANGES["num_classes"][1] or \
                 not all(isinstance(x, str) for x in v):
             raise bad("class_names", "must be a list of strings, one per class")
+        classes = d.get("num_classes")
+        if v and isinstance(classes, int) and len(v) != classes:   # a prediction would print another class's name
+            raise bad("class_names", f"must name each of the {classes} classes (num_classes), {len(v)} names")
         out["class_names"] = tuple(v)
     if "arch_options" in d and not isinstance(d["arch_options"], dict):
         raise bad("arch_options", "must be a mapping")
@@ -188,6 +191,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], ModelMeta | None,
     state = {_modern_key(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
     if not state or not all(hasattr(v, "shape") for v in state.values()):
         raise CheckpointError(f"{path}: no tensors found where the state_dict should be")
+    broken = next((k for k, v in state.items()   # a model with them predicts NaN: refused, never run
+                   if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken is not None:
+        raise CheckpointError(f"{path}: tensor {broken} holds NaN or infinite values; refused")
     return state, meta, rest
 
 

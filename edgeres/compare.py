@@ -10,6 +10,7 @@ import numpy as np
 from edgeres.data import get_data
 from edgeres.errors import ArtifactError, ConfigError, DataError
 from edgeres.io import require_regular_file
+from edgeres.memory import check_artifact
 
 # split name -> DataBundle field: "train" is the train images with the eval transform (no augmentation)
 SPLITS = {"test": "test", "train": "calib"}
@@ -49,11 +50,13 @@ def compare(a: Any, b: Any, inputs: np.ndarray, labels: np.ndarray | None = None
         labels = np.asarray(labels).astype(np.int64).reshape(-1)
         if len(labels) != len(inputs):
             raise DataError(f"{len(labels)} labels for {len(inputs)} inputs")
+        _check_labels(labels, None)
     opened = []
     try:
         runners = []
         for item in (a, b):
             if isinstance(item, (str, Path)):
+                check_artifact(item, batch=min(batch_size, len(inputs)))   # before the model is built
                 item = open_runner(item, threads=threads)
                 opened.append(item)
             runners.append(item)
@@ -72,6 +75,8 @@ def compare(a: Any, b: Any, inputs: np.ndarray, labels: np.ndarray | None = None
         if la.shape != lb.shape:
             raise ArtifactError(f"the artifacts give different outputs: A {list(la.shape[1:])} classes, "
                                 f"B {list(lb.shape[1:])}")
+        if labels is not None:
+            _check_labels(labels, la.shape[1])
         diff = np.abs(la.astype(np.float64) - lb.astype(np.float64))
         na, nb = np.linalg.norm(la, axis=1), np.linalg.norm(lb, axis=1)
         cos = np.sum(la.astype(np.float64) * lb, axis=1) / np.maximum(na * nb, 1e-12)
@@ -89,6 +94,15 @@ def compare(a: Any, b: Any, inputs: np.ndarray, labels: np.ndarray | None = None
     finally:
         for r in opened:
             r.close()
+
+
+def _check_labels(labels: np.ndarray, classes: int | None) -> None:
+    """Labels are class indices in [0, classes): anything else would be scored as a miss, silently."""
+    bad = labels[(labels < 0) | (labels >= classes if classes is not None else False)]
+    if bad.size:
+        span = f"[0, {classes})" if classes is not None else "[0, classes)"
+        raise DataError(f"label {int(bad[0])} lies outside {span}: labels are class indices of the models "
+                        f"({bad.size} of {labels.size} outside)")
 
 
 MAX_PROBE_BYTES = 1 << 30   # one probe array once loaded; a small .npz can declare (and inflate to) any size

@@ -10,6 +10,7 @@ from edgeres.checkpoint import load_model
 from edgeres.data import get_data, make_loader
 from edgeres.device import resolve
 from edgeres.errors import ConfigError
+from edgeres.memory import check_artifact
 
 
 @dataclass
@@ -117,6 +118,9 @@ def evaluate_checkpoint(weights, *, arch: str | None = None, dataset: str | None
                         batch_size: int = 256, workers: int = 0, progress: bool = False,
                         device: str | None = None) -> dict[str, Any]:
     """`edgeres eval`: load a checkpoint, rebuild its preprocessing (flags override), evaluate one split."""
+    dev = resolve(device)
+    check_artifact(weights, batch=batch_size, input_size=input_size, device=str(dev),
+                   lower="--batch-size or --input-size")   # before the model is built
     model, meta = load_model(weights, arch=arch)
     if dataset is None and data_dir is None and meta is not None:
         data_dir = meta.data_dir   # the checkpoint knows where its data was
@@ -133,7 +137,6 @@ def evaluate_checkpoint(weights, *, arch: str | None = None, dataset: str | None
     fc = getattr(model, "fc", None)
     if fc is not None and fc.out_features != bundle.info.num_classes:
         raise ConfigError(f"{weights} predicts {fc.out_features} classes but {dataset} has {bundle.info.num_classes}")
-    dev = resolve(device)
     res = evaluate(model.to(dev), bundle.test if split == "test" else bundle.calib, batch_size=batch_size,
                    workers=workers,
                    progress=progress, num_classes=bundle.info.num_classes)

@@ -203,6 +203,62 @@ def claim_dir(path: str | os.PathLike, *, what: str = "output folder", kind: str
     return p
 
 
+# A folder edgeres made records, in its MARKER, the files it wrote there with their sha256 (pip's RECORD): only those,
+# unchanged since, are ever replaced or deleted; a file the user added or edited there is theirs.
+
+def _marker(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(read_small_bytes(folder / MARKER, "edgeres marker"))
+    except (EdgeresError, ValueError, OSError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def recorded_files(folder: str | os.PathLike) -> dict[str, str] | None:
+    """The files edgeres recorded writing into `folder` (relative path -> sha256), None when its marker records none
+    (a folder an older edgeres made, or none at all)."""
+    files = _marker(Path(folder)).get("files")
+    if not isinstance(files, dict):
+        return None
+    return {str(k): str(v) for k, v in files.items()}
+
+
+def record_files(folder: str | os.PathLike, names: list[str] | tuple[str, ...], *, kind: str = "run",
+                 forget: tuple[str, ...] = ()) -> None:
+    """After edgeres wrote `names` (paths relative to `folder`): record each with its sha256 in the folder's MARKER
+    (created if needed), dropping `forget` (files it deleted)."""
+    folder = Path(folder)
+    data = _marker(folder) or {"created_by": "edgeres", "kind": kind}
+    files = {k: v for k, v in (recorded_files(folder) or {}).items() if k not in forget}
+    files.update({name: sha256_file(folder / name) for name in names})
+    atomic_write_json(folder / MARKER, {**data, "files": dict(sorted(files.items()))})
+
+
+def check_own_files(folder: str | os.PathLike, names: list[str] | tuple[str, ...], *, force: bool,
+                    fallback: tuple[str, ...] = (), what: str = "--out") -> list[str]:
+    """Before edgeres writes (or deletes) `names` in its folder: the ones that exist, each checked to be a regular
+    file edgeres wrote and nobody changed since: recorded in the folder's MARKER with the same sha256, or, in a
+    folder that records nothing, one of `fallback` (what an older edgeres wrote). A user's file (unrecorded or
+    edited) is refused whatever `force` says, so is a link, a folder or a FIFO; any other existing file without
+    `force`."""
+    folder = Path(folder)
+    record = recorded_files(folder)
+    held = []
+    for name in names:
+        path = folder / name
+        if _lstat_mode(path, what) is None:
+            continue
+        check_replaceable(path, True, what=f"{what} file")   # a regular file, never a link, folder or FIFO
+        ours = name in fallback if record is None else record.get(name) == sha256_file(path)
+        if not ours:
+            raise ConfigError(f"{path} is not a file edgeres wrote (or it was changed since); edgeres will not "
+                              f"replace or delete it, even with --force: move it away or choose another {what}")
+        held.append(name)
+    if held and not force:
+        raise ConfigError(f"{folder / held[0]} already exists; pass --force to replace it")
+    return held
+
+
 def check_bundle_out(path: str | os.PathLike, force: bool, *, manifest: str = "manifest.json",
                      fmt_prefix: str = "edgeres-bundle/", unlisted: tuple[str, ...] = ("signature.json",)) -> Path:
     """A bundle `--out`: absent, or (with `force`) a bundle edgeres made: a folder holding only the files its

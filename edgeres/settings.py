@@ -65,8 +65,10 @@ def _click_type(key: str):
     lo, hi = RANGES.get(key, (None, None))
     if base is int:
         return click.IntRange(lo, hi)
-    if base is float:
-        return click.FloatRange(lo, hi)
+    if base is float:   # finite, in range (click's FloatRange lets nan and inf through); imported here: the
+        from edgeres.cli.types import FiniteFloat  # edgeres.cli package imports the commands, which import this module
+
+        return FiniteFloat(lo, hi)
     return {bool: bool, str: str}.get(base, str)
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgeres.memory import check as check_memory
+
 
 def _stage_of(name: str) -> str:
     parts = name.split(".")
@@ -71,6 +73,8 @@ def summary(arch: str, *, input_size: int | None = None, num_classes: int = 1000
     spec = get_spec(arch)
     size = input_size or spec.input_size
     cin = in_channels or spec.in_channels
+    check_memory(arch, input_size=size, num_classes=num_classes, in_channels=cin, options=options,
+                 lower="--input-size or --num-classes")   # before the model is built: refused, not swapped
     model = create_model(arch, num_classes=num_classes, in_channels=cin, options=options)
     return {"arch": arch, "input_size": size, "in_channels": cin, "num_classes": num_classes,
             **summarize(model, size, cin)}

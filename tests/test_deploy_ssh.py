@@ -119,9 +119,9 @@ def test_rollback_and_status_for_the_fleet(bundles, fleet):
         json.loads((d.state / "results" / f"{first.release}.json").read_text())["manifest_sha256"]
     r = CliRunner().invoke(main, ["status", *sum((["--host", h] for h in hosts), []), *fleet.cli_args(), "--json"])
     assert r.exit_code == 0, r.output
-    lines = [json.loads(line) for line in r.stdout.splitlines()]   # one JSON line per host, then the counts
-    assert lines[-1] == {"event": "summary", "ok": len(hosts), "failed": 0, "skipped": 0, "duplicate": 0}
-    rows = {row["host"]: row for row in lines[:-1]}
+    doc = json.loads(r.stdout)   # one document: every host, then the counts
+    assert doc["summary"] == {"ok": len(hosts), "failed": 0, "skipped": 0, "duplicate": 0}
+    rows = {row["host"]: row for row in doc["hosts"]}
     assert set(rows) == set(hosts)
     assert rows[d.alias]["result"]["current"] == first.release
     assert rows[d.alias]["result"]["result"]["backend"] == "onnxruntime"
@@ -357,7 +357,11 @@ def test_operator_output_a_line_per_host_then_a_table(bundles, fleet, tmp_path):
     assert lines[1] == f"{fleet.devices[0].alias}: SKIPPED(skipped) not attempted: a canary host failed"
     assert lines[2].startswith("host ") and lines[-1] == "0 ok, 1 failed, 1 skipped"
     assert "1 of 2 hosts failed, 1 skipped" in r.stderr
-    r = CliRunner().invoke(main, [*args, "--json"])
+    r = CliRunner().invoke(main, [*args, "--jsonl"])   # the streaming form: a line per host, then the counts
     events = [json.loads(line) for line in r.stdout.splitlines()]
     assert [e.get("outcome") for e in events[:2]] == ["failed", "skipped"]
     assert events[-1] == {"event": "summary", "ok": 0, "failed": 1, "skipped": 1, "duplicate": 0}
+    r = CliRunner().invoke(main, [*args, "--json"])   # one document
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 1 and [h["outcome"] for h in doc["hosts"]] == ["failed", "skipped"]
+    assert doc["summary"] == {"ok": 0, "failed": 1, "skipped": 1, "duplicate": 0}

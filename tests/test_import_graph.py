@@ -23,6 +23,7 @@ LAYERS = [
                     "__init__",
                     "tensorrt.versions", "tensorrt.dla"]),
     ("formats", ["recipe", "settings", "records", "checkpoint", "models", "data", "check", "onnx_info", "pretrained",
+                 "memory",
                  "nncf_kernels", "nncf_patches", "tensorrt.options", "tensorrt.trtexec", "tensorrt.engine_build",
                  "tensorrt.status", "tensorrt.sidecar", "tensorrt.__init__"]),
     ("runtimes", ["evaluate", "loop", "tensorrt.runner"]),

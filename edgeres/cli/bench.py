@@ -4,7 +4,9 @@ from __future__ import annotations
 import click
 
 from edgeres.cli._common import emit, ints, json_option
+from edgeres.cli.types import FiniteFloat
 from edgeres.errors import ConfigError
+from edgeres.memory import check_artifact
 from edgeres.quantize import load_quantized
 from edgeres.verify import format_layerwise, layerwise
 
@@ -18,9 +20,9 @@ PROVIDERS = ("cpu", "cuda", "tensorrt")
 @click.option("--batch", default="1", show_default=True, help="Batch size(s), comma-separated: 1,8,32.")
 @click.option("--iterations", type=click.IntRange(1), default=None,
               help="Timed iterations (alone: exactly N; with --duration: at least N).")
-@click.option("--duration", type=click.FloatRange(0, min_open=True), default=None,
+@click.option("--duration", type=FiniteFloat(0, min_open=True), default=None,
               help="Seconds to time each batch size for, at least (default 3 s and 10 iterations, like trtexec).")
-@click.option("--warmup", type=click.FloatRange(0), default=0.2, show_default=True,
+@click.option("--warmup", type=FiniteFloat(0), default=0.2, show_default=True,
               help="Warm-up seconds before timing (not recorded).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (ONNX Runtime / torch).")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
@@ -82,6 +84,7 @@ def compare(a, b, dataset, data_dir, split, limit, probe, batch_size, threads, l
     if layers:
         if not str(b).lower().endswith(".onnx"):
             raise ConfigError("--layers compares an INT8 checkpoint (A) with its INT8 ONNX (B); B is not .onnx")
+        check_artifact(a, batch=len(x[:limit or 8]))   # before the model is built
         rows = layerwise(load_quantized(a)[0], b, x[:limit or 8])
         if not rows:
             raise ConfigError(f"no activation quantizer of {a} matches a Q/DQ node of {b}: not its export?")

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from edgeres.cli._common import emit, json_option
+from edgeres.cli.types import FiniteFloat
 from edgeres.deploy.ansible_playbook import write_project
 from edgeres.deploy.bundle import (
     DEVICE_NEEDS,
@@ -23,6 +24,7 @@ from edgeres.deploy.fleet_output import OUTCOMES, format_status, format_table, h
 from edgeres.deploy.mender import check_artifact_out, write_artifact
 from edgeres.deploy.releases import folder_release_id
 from edgeres.deploy.rootfs import install_rootfs
+from edgeres.deploy.ssh import MAX_CONNECT_TIMEOUT_S, MAX_HOST_TIMEOUT_S
 from edgeres.deploy.ssh import deploy as run_deploy
 from edgeres.deploy.ssh import rollback as run_rollback
 from edgeres.deploy.ssh import status as run_status
@@ -37,9 +39,9 @@ from edgeres.io import read_small_bytes
 @click.option("--tar", is_flag=True, help="Write a .tar.gz instead of a folder.")
 @click.option("--probe-size", type=click.IntRange(1), default=32, show_default=True,
               help="Preprocessed validation images carried with their reference logits.")
-@click.option("--min-agreement", type=click.FloatRange(0, 100), default=90.0, show_default=True,
+@click.option("--min-agreement", type=FiniteFloat(0, 100), default=90.0, show_default=True,
               help="Device gate: top-1 agreement (%) with the host's reference logits.")
-@click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=5.0, show_default=True,
+@click.option("--max-accuracy-drop", type=FiniteFloat(0, 100), default=5.0, show_default=True,
               help="Device gate: probe accuracy may fall this many percentage points below the host's.")
 @click.option("--rootfs", type=click.Path(path_type=Path), default=None,
               help="Also install under ROOTFS/opt/edgeres with a first-boot unit (e.g. Linux_for_Tegra/rootfs).")
@@ -140,8 +142,8 @@ def ssh_options(fn):
         click.option("--sudo", is_flag=True, help="Run the device side with `sudo -n` (a non-root login)."),
         click.option("--remote-python", default="python3", show_default=True,
                      help="Python on the device (may hold arguments: '/usr/bin/python3 -X utf8')."),
-        click.option("--timeout", "connect_timeout", type=click.FloatRange(1), default=30.0, show_default=True,
-                     help="SSH connect timeout (s)."),
+        click.option("--timeout", "connect_timeout", type=FiniteFloat(1, MAX_CONNECT_TIMEOUT_S), default=30.0,
+                     show_default=True, help="SSH connect timeout (s)."),
         click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True,
                      help="Retries after a connection error (not after a failed verification)."),
         click.option("--concurrency", type=click.IntRange(1, 256), default=16, show_default=True),
@@ -164,16 +166,32 @@ def _targets(kw: dict) -> list[str]:
     return targets
 
 
-def _printer(as_json: bool, line=None):
-    """Print each host's line the moment it finishes (a JSON line with --json)."""
+def jsonl_option(fn):
+    """--jsonl: the streaming form of --json (which prints one document at the end)."""
+    return click.option("--jsonl", "as_jsonl", is_flag=True,
+                        help="Stream: one JSON line per host as it finishes, then a summary line.")(fn)
+
+
+def _form(as_json: bool, as_jsonl: bool) -> str:
+    if as_json and as_jsonl:
+        raise click.UsageError("choose one of --json (one document) and --jsonl (a line per host)")
+    return "json" if as_json else "jsonl" if as_jsonl else "text"
+
+
+def _printer(form: str, line=None):
+    """Print each host's line the moment it finishes (a JSON line with --jsonl; nothing with --json, whose one
+    document comes at the end)."""
     def on_done(res) -> None:
-        click.echo(host_line(res, as_json=True) if as_json else (line or host_line)(res))
+        if form != "json":
+            click.echo(host_line(res, as_json=True) if form == "jsonl" else (line or host_line)(res))
     return on_done
 
 
-def _finish(results, as_json: bool, text) -> None:
+def _finish(results, form: str, text) -> None:
     counts = {o: sum(r.outcome == o for r in results) for o in OUTCOMES}
-    if as_json:
+    if form == "json":
+        emit({"hosts": [r.to_dict() for r in results], "summary": counts}, True)
+    elif form == "jsonl":
         click.echo(json.dumps({"event": "summary", **counts}, sort_keys=True))
     else:
         click.echo(text(results))
@@ -195,7 +213,7 @@ def _finish(results, as_json: bool, text) -> None:
               help="Deploy to the first N hosts first; stop if any of them fails.")
 @click.option("--max-failures", type=click.IntRange(0), default=None,
               help="Start no new host once more than K hosts failed.")
-@click.option("--host-timeout", type=click.FloatRange(10), default=3600.0, show_default=True,
+@click.option("--host-timeout", type=FiniteFloat(10, MAX_HOST_TIMEOUT_S), default=3600.0, show_default=True,
               help="Seconds one host may take (copy, engine build, verification); the device aborts its install "
                    "at the same limit and nothing is switched.")
 @click.option("--keep", type=click.IntRange(1), default=3, show_default=True,
@@ -205,27 +223,32 @@ def _finish(results, as_json: bool, text) -> None:
 @click.option("--units-dir", default="/etc/systemd/system", show_default=True,
               help="Where the device gets the verify-on-boot units (skipped, and said, where it does not exist).")
 @json_option
+@jsonl_option
 def deploy(bundle_dir, precision, iterations, require_backend, canary, max_failures, host_timeout, keep,
-           trusted_keys, units_dir, as_json, **kw) -> None:
+           trusted_keys, units_dir, as_json, as_jsonl, **kw) -> None:
     """Copy a bundle to devices over SSH; each stages and verifies it, and only then does this command activate it.
 
     A host that fails, times out, or whose controller is killed or interrupted keeps its running release."""
+    form = _form(as_json, as_jsonl)
     results = run_deploy(bundle_dir, _targets(kw), concurrency=kw["concurrency"], canary=canary,
                          max_failures=max_failures, host_timeout=host_timeout, precision=precision,
                          iterations=iterations, require_backend=require_backend, keep=keep,
-                         trusted_keys=trusted_keys, units_dir=units_dir, on_done=_printer(as_json),
+                         trusted_keys=trusted_keys, units_dir=units_dir, on_done=_printer(form),
                          **_ssh_kwargs(kw))
-    _finish(results, as_json, format_table)
+    _finish(results, form, format_table)
 
 
 @click.command()
 @ssh_options
 @json_option
-def status(as_json, **kw) -> None:
+@jsonl_option
+def status(as_json, as_jsonl, **kw) -> None:
     """What each device runs: release, bundle sha, TensorRT, backend, engine, verdict, latency, when (reads only)."""
-    results = run_status(_targets(kw), concurrency=kw["concurrency"], on_done=_printer(True) if as_json else None,
+    form = _form(as_json, as_jsonl)
+    results = run_status(_targets(kw), concurrency=kw["concurrency"],
+                         on_done=_printer(form) if form == "jsonl" else None,
                          **_ssh_kwargs(kw))
-    _finish(results, as_json, format_status)
+    _finish(results, form, format_status)
 
 
 def _rollback_line(r) -> str:
@@ -237,11 +260,13 @@ def _rollback_line(r) -> str:
 @click.command()
 @ssh_options
 @json_option
-def rollback(as_json, **kw) -> None:
+@jsonl_option
+def rollback(as_json, as_jsonl, **kw) -> None:
     """Switch each device back to its previous release (and that release's last passed result)."""
-    results = run_rollback(_targets(kw), concurrency=kw["concurrency"], on_done=_printer(as_json, _rollback_line),
+    form = _form(as_json, as_jsonl)
+    results = run_rollback(_targets(kw), concurrency=kw["concurrency"], on_done=_printer(form, _rollback_line),
                            **_ssh_kwargs(kw))
-    _finish(results, as_json, summary)
+    _finish(results, form, summary)
 
 
 @click.command()

@@ -4,7 +4,9 @@ from __future__ import annotations
 import click
 
 from edgeres.cli._common import emit, floats, json_option, quiet_option
-from edgeres.experiment import DegradationConfig, format_result, parse_depths, run_degradation
+from edgeres.cli.types import FiniteFloat
+from edgeres.experiment import FILES, DegradationConfig, format_result, parse_depths, run_degradation
+from edgeres.io import check_own_files, check_owned_dir, claim_dir, record_files
 
 
 @click.group()
@@ -24,11 +26,11 @@ def experiment() -> None:
 @click.option("--eval-every", type=click.IntRange(1), default=500, show_default=True,
               help="Record running training error and test error every K iterations.")
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True)
+@click.option("--lr", type=FiniteFloat(0, 100, min_open=True), default=0.1, show_default=True)
 @click.option("--lr-steps", default="0.5,0.75", show_default=True,
               help="Fractions of the run where lr is divided by 10 (the paper: 32k and 48k of 64k); '' for none.")
-@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(0), default=1e-4, show_default=True)
+@click.option("--momentum", type=FiniteFloat(0, 1, max_open=True), default=0.9, show_default=True)
+@click.option("--weight-decay", type=FiniteFloat(0, 1), default=1e-4, show_default=True)
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Pad-and-crop (+ horizontal flip on CIFAR-10) as in the paper.")
 @click.option("--test-images", type=click.IntRange(1), default=None, help="Evaluate on the first N test images.")
@@ -57,7 +59,15 @@ def degradation(depths, dataset, data_dir, input_size, iterations, eval_every, b
                             milestones=floats(lr_steps, "--lr-steps"), momentum=momentum, weight_decay=weight_decay,
                             augment=augment, test_images=test_images, grad_batches=grad_batches, seed=seed)
     log = None if (quiet or as_json) else (lambda line: click.echo(line, err=True))
+    # the ownership rule (io.py), before any training: a folder edgeres did not make is refused; in its own folder
+    # edgeres replaces only the files it recorded writing there, unchanged since (never a file the user put there)
+    names = tuple(FILES.values())
+    legacy = (FILES["json"],)   # an experiment folder written before folders carried the marker
+    check_owned_dir(out, what="--out", legacy=legacy)
+    check_own_files(out, names, force=force, fallback=names)
+    claim_dir(out, what="--out", kind="experiment", legacy=legacy)
     result = run_degradation(cfg, out=out, force=force, device=device, threads=threads, log=log)
+    record_files(out, names, kind="experiment")
     emit({k: result[k] for k in ("orderings", "config", "device", "threads", "seconds", "files")}
          | {"out": str(out), "final": [{k: r[k] for k in ("arch", "variant", "depth", "params", "final")}
                                        for r in result["runs"]]},

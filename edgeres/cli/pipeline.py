@@ -17,6 +17,7 @@ from edgeres.cli._common import (
     json_option,
     quiet_option,
 )
+from edgeres.cli.types import FiniteFloat
 from edgeres.errors import ArtifactError
 from edgeres.recipe import CALIB_METHODS
 from edgeres.records import read_plan, read_records_counted, verdict
@@ -38,7 +39,7 @@ from edgeres.report import format_table, write_report
 @click.option("--input-size", type=click.IntRange(8, 4096), default=None,
               help="Input side in pixels (default: the recipe's, or the dataset's own when --dataset changes it).")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Training batch size.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None, help="Training learning rate.")
+@click.option("--lr", type=FiniteFloat(0, 100, min_open=True), default=None, help="Training learning rate.")
 @click.option("--seed", type=click.IntRange(0), default=None, help="Seed for training, calibration subset, QAT.")
 @click.option("--workers", type=click.IntRange(0), default=None, help="Data loader worker processes.")
 @click.option("--mean", default=None, help="Normalization mean, e.g. 0.485,0.456,0.406 (default: the dataset's).")
@@ -46,7 +47,7 @@ from edgeres.report import format_table, write_report
 @click.option("--skip-bad-images", is_flag=True, default=None, help="Skip and count unreadable images.")
 @click.option("--calib-size", type=click.IntRange(1), default=None,
               help="PTQ calibration images (default: the recipe's; all of them when the dataset has fewer).")
-@click.option("--qat-lr", type=click.FloatRange(0, min_open=True), default=None, help="QAT learning rate.")
+@click.option("--qat-lr", type=FiniteFloat(0, 100, min_open=True), default=None, help="QAT learning rate.")
 @click.option("--int8", is_flag=True, help="Quantize (PTQ, then QAT) and export an INT8 Q/DQ ONNX.")
 @click.option("--fp16", is_flag=True, help="Also allow FP16 kernels when compiling a TensorRT engine.")
 @click.option("--pretrained", type=click.Path(dir_okay=False), default=None,
@@ -54,20 +55,20 @@ from edgeres.report import format_table, write_report
 @click.option("--init-from", default=None,
               help="Fine-tune: start training from this checkpoint, or torchvision:ARCH for the published ImageNet "
                    "weights (fetched once, sha256-checked); a classifier with another class count is re-initialised.")
-@click.option("--backbone-lr-scale", type=click.FloatRange(0, 100), default=None,
+@click.option("--backbone-lr-scale", type=FiniteFloat(0, 100), default=None,
               help="Fine-tuning: lr multiplier for every layer but the classifier (e.g. 0.1).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/ARCH-DATASET).")
-@click.option("--max-drop", type=float, default=None,
+@click.option("--max-drop", type=FiniteFloat(0, 100), default=None,
               help="Largest top-1 drop (pp) of the INT8 model vs FP32 before the build fails [default: the "
                    "recipe's gates.max_drop_qat, or gates.max_drop_ptq with --qat-epochs 0].")
 @click.option("--force", is_flag=True, help="Re-run every stage instead of reusing finished ones.")
-@click.option("--bench-seconds", type=click.FloatRange(0), default=1.0, show_default=True,
+@click.option("--bench-seconds", type=FiniteFloat(0, 3600), default=1.0, show_default=True,
               help="Latency measurement time per artifact in the verify stage (0 = skip timing).")
-@click.option("--holdout", type=click.FloatRange(0, 0.9), default=None,
+@click.option("--holdout", type=FiniteFloat(0, 0.9), default=None,
               help="Fraction of the training split held out to select best.pt and QAT's epoch (data.holdout).")
 @click.option("--qat-loss", type=click.Choice(["kd", "kd+ce", "ce"]), default=None,
               help="QAT loss: kd distils the FP32 model (default), ce trains on labels (quant.qat_loss).")
-@click.option("--min-agreement", type=click.FloatRange(0, 100), default=None,
+@click.option("--min-agreement", type=FiniteFloat(0, 100), default=None,
               help="Smallest top-1 agreement (%) of the INT8 models with FP32 (gates.min_agreement_pct).")
 @device_option
 @quiet_option

@@ -5,6 +5,7 @@ import click
 
 from edgeres.cli._common import emit, json_option, quiet_option
 from edgeres.errors import ConfigError
+from edgeres.memory import check_artifact
 from edgeres.predict import find_images, format_predictions, model_file, predictions_csv
 from edgeres.predict import predict as run_predict
 
@@ -28,6 +29,7 @@ def predict(model, images, top_k, batch_size, threads, skip_bad_images, as_csv, 
         raise ConfigError("choose one of --csv and --json")
     model = str(model_file(model))   # a run folder or an archive: which file to give, before anything opens it
     images = find_images(list(images))   # the images too (an archive: "unpack it first")
+    check_artifact(model, batch=batch_size)   # before the model is built
     preds = run_predict(model, list(images), top_k=top_k, batch_size=batch_size, threads=threads,
                         skip_bad_images=skip_bad_images, progress=not (quiet or as_json or as_csv))
     if as_csv:

@@ -19,6 +19,7 @@ from edgeres.cli._common import (
     recipe_option,
     stage_recipe,
 )
+from edgeres.cli.types import FiniteFloat
 from edgeres.data import get_data, get_data_for, split_holdout
 from edgeres.device import resolve
 from edgeres.dist import init_dist
@@ -177,7 +178,7 @@ def _describe(gate: dict) -> str:
                                                                         "of the test split."),
                         ("data.holdout", "--holdout", "Fraction of the training split held out (seeded by --seed) "
                                                       "to select QAT's epoch; never calibrated on.")))
-@click.option("--max-drop", type=click.FloatRange(0), default=None,
+@click.option("--max-drop", type=FiniteFloat(0, 100), default=None,
               help="Fail (and write nothing but <out>.rejected.pt) when top-1 drops more than this many percentage "
                    "points below the float model's [recipe gates.max_drop_ptq (--ptq) / gates.max_drop_qat].")
 @recipe_option

@@ -7,6 +7,7 @@ import click
 
 from edgeres import pretrained
 from edgeres.cli._common import complete_arch, complete_recipe, device_option, emit, floats, json_option, quiet_option
+from edgeres.cli.types import FiniteFloat
 from edgeres.data.infer import dataset_for
 from edgeres.errors import ConfigError
 from edgeres.recipe import for_dataset, load_recipe
@@ -23,7 +24,7 @@ DATASETS = ["digits", "mnist", "cifar10", "imagefolder"]
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Dataset folder.")
 @click.option("--epochs", type=click.IntRange(1), default=None)
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Global batch size.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None)
+@click.option("--lr", type=FiniteFloat(0, 100, min_open=True), default=None)
 @click.option("--seed", type=click.IntRange(0), default=None)
 @click.option("--workers", type=click.IntRange(0), default=None, help="Data loader worker processes.")
 @click.option("--input-size", type=click.IntRange(8, 4096), default=None)
@@ -33,12 +34,12 @@ DATASETS = ["digits", "mnist", "cifar10", "imagefolder"]
 @click.option("--init-from", default=None,
               help="Fine-tune from this checkpoint, or torchvision:ARCH for the published ImageNet weights (fetched "
                    "once, sha256-checked); a classifier with another class count is re-initialised.")
-@click.option("--backbone-lr-scale", type=click.FloatRange(0, 100), default=None,
+@click.option("--backbone-lr-scale", type=FiniteFloat(0, 100), default=None,
               help="Fine-tuning: lr multiplier for every layer but the classifier.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/train", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--force", is_flag=True, help="Replace an existing run in --out.")
-@click.option("--holdout", type=click.FloatRange(0, 0.9), default=None,
+@click.option("--holdout", type=FiniteFloat(0, 0.9), default=None,
               help="Fraction of the training split held out to select best.pt (data.holdout; 0: keep the last "
                    "epoch). The test split is read once, at the end.")
 @device_option

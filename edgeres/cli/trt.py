@@ -14,7 +14,7 @@ from edgeres.onnx_info import read_metadata
 from edgeres.quantize import calibration_indices
 from edgeres.recipe import QuantCfg
 from edgeres.tensorrt.calib_cache import CalibCacheInputs, CalibCacheSettings, npz_batches, run
-from edgeres.tensorrt.compile import compile_engine, plan_compile, write_trtexec_script
+from edgeres.tensorrt.compile import check_engine_out, compile_engine, plan_compile, write_trtexec_script
 from edgeres.tensorrt.options import CompileOptions, parse_batch, precision_from_flags
 from edgeres.tensorrt.sidecar import trtexec_script_path
 from edgeres.tensorrt.status import tensorrt_status
@@ -74,6 +74,7 @@ def compile_cmd(onnx_path, out, fp16, int8, dla_core, gpu_fallback, workspace, b
                 jetson, print_trtexec, force, as_json) -> None:
     """Compile an ONNX model into a TensorRT engine with a sidecar and the equivalent trtexec command."""
 
+    check_engine_out(out)
     opts = _options(fp16, int8, dla_core, gpu_fallback, workspace, batch, timing_cache, version_compatible,
                     hardware_compatibility, sparsity, calib_cache, strongly_typed)
     if trt_version:
@@ -95,7 +96,7 @@ def compile_cmd(onnx_path, out, fp16, int8, dla_core, gpu_fallback, workspace, b
             raise BackendUnavailable(
                 f"{status.reason}; and the options are not valid for TensorRT {target}: {e}") from None
         written = _write_plan(out, plan, force)
-        click.echo(format_command(plan["trtexec"]))
+        emit({**plan, "trtexec_script": written}, as_json, lambda: format_command(plan["trtexec"]))   # one document
         where = f"written to {written}" if written else "printed above"
         raise BackendUnavailable(f"{status.reason}. The trtexec command for TensorRT {target} (JetPack 6.1/6.2) is "
                                  f"{where}; run it on the device, or plan another version with --trt-version")

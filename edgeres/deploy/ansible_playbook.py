@@ -7,6 +7,8 @@ Ansible already runs (inventory groups, `serial` batches, `max_fail_percentage`,
     OUT/deploy.yml         the play: prepare -> copy the missing files -> install (async) -> activate
     OUT/bundle/            a copy of the bundle (the playbook ships from here)
     OUT/releases.py        the device side: this edgeres's copy, the one `edgeres deploy` sends
+    OUT/.edgeres           the marker: the files above with their sha256; `--force` replaces or deletes only those
+                           (unchanged since), never a file the user or Ansible added (group_vars/, retry/...)
 
 The device side is releases.py, so the transaction is the same: install stages and verifies under the device's lock
 and time limit and never switches; the play's `activate` task, which runs only after the host's install passed,
@@ -22,9 +24,10 @@ from edgeres.deploy.bundle import opened_bundle, verify_bundle
 from edgeres.deploy.releases import MANIFEST, ROOT, SIGNATURE, STATE, TRUSTED_KEYS, UNITS_DIR, folder_release_id
 from edgeres.deploy.ssh import unique_hosts
 from edgeres.errors import ConfigError
-from edgeres.io import check_owned_dir, claim_dir, sha256_file
+from edgeres.io import check_own_files, check_owned_dir, claim_dir, record_files, recorded_files, sha256_file
 
 DEFAULT_SERIAL = ("1", "25%", "100%")   # one canary, then a quarter, then the rest
+PROJECT_FILES = ("ansible.cfg", "inventory.ini", "deploy.yml", "releases.py")   # and bundle/<each bundle file>
 
 
 def _serial(items: tuple[str, ...]) -> list[Any]:
@@ -116,10 +119,13 @@ def write_project(bundle_dir: str | Path, out: str | Path, hosts: list[str], *, 
     with opened_bundle(bundle_dir) as bundle:
         verify_bundle(bundle)
         release = folder_release_id(bundle)
-        if out.exists() and any(out.iterdir()):
-            shutil.rmtree(out)   # edgeres's own project folder (checked above)
+        shipped = [p.name for p in sorted(bundle.iterdir()) if p.is_file()]
+        planned = [*PROJECT_FILES, *(f"bundle/{name}" for name in shipped)]
+        stale = _clear_own_files(out, planned)   # before any write: a user's file in the way is refused
         claim_dir(out, what="--out", kind="ansible")
-        shutil.copytree(bundle, out / "bundle")
+        (out / "bundle").mkdir(exist_ok=True)
+        for name in shipped:
+            shutil.copyfile(bundle / name, out / "bundle" / name)
         shutil.copyfile(Path(__file__).resolve().parent / "releases.py", out / "releases.py")   # as `deploy` sends
         runtime_args = ["--precision", precision, "--iterations", str(iterations), "--quiet"]
         play = playbook(out / "bundle", release=release, serial=batches, max_fail_percentage=max_fail_percentage,
@@ -142,5 +148,31 @@ def write_project(bundle_dir: str | Path, out: str | Path, hosts: list[str], *, 
     (out / "ansible.cfg").write_text("[defaults]\ninventory = inventory.ini\nhost_key_checking = True\n"
                                      "retry_files_enabled = True\nretry_files_save_path = retry\n"
                                      "interpreter_python = auto_silent\n\n[ssh_connection]\npipelining = True\n")
+    record_files(out, planned, kind="ansible", forget=tuple(stale))
     return {"release": release, "playbook": str(out / "deploy.yml"), "inventory": str(out / "inventory.ini"),
             "hosts": [s.label for s in specs], "serial": batches}
+
+
+def _clear_own_files(out: Path, planned: list[str]) -> list[str]:
+    """Make way for a project in `out` (absent, empty, or edgeres's own project): every file to be written must be
+    absent or one edgeres wrote there and nobody changed since (io.check_own_files), else refused before anything is
+    written. The files an earlier project recorded that this one does not write are deleted when unchanged, left
+    (the user's now) when edited. Anything else in the folder stays. Returns the files deleted."""
+    if not out.is_dir():
+        return []
+    sub = out / "bundle"
+    if sub.is_symlink() or (sub.exists() and not sub.is_dir()):
+        raise ConfigError(f"{sub} is not the bundle folder edgeres wrote; edgeres will not write through it")
+    # a project an older edgeres wrote records no files: those it always wrote are its own
+    legacy = (*PROJECT_FILES, *(f"bundle/{p.name}" for p in sorted((out / "bundle").glob("*")) if p.is_file()))
+    check_own_files(out, planned, force=True, fallback=legacy)
+    stale = [name for name in (recorded_files(out) or dict.fromkeys(legacy)) if name not in planned]
+    deleted = []
+    for name in stale:
+        try:
+            check_own_files(out, [name], force=True, fallback=legacy)
+        except ConfigError:
+            continue   # changed since edgeres wrote it: the user's now
+        (out / name).unlink(missing_ok=True)
+        deleted.append(name)
+    return deleted

@@ -1,6 +1,6 @@
 """What an operator sees during and after a fleet command: one line per host as it finishes (or one JSON line with
---json), then a table and the counts (ok, failed, skipped, duplicate): a host never attempted is skipped, not
-failed."""
+--jsonl), then a table and the counts (ok, failed, skipped, duplicate): a host never attempted is skipped, not
+failed. --json prints one document at the end instead: {"hosts": [...], "summary": {...}}."""
 from __future__ import annotations
 
 import json

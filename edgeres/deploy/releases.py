@@ -36,6 +36,7 @@ import argparse
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -648,6 +649,14 @@ def status(root: Path, state: Path) -> dict:
             "checked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+def _seconds(text: str) -> float:
+    """argparse type of a time limit: a finite number of seconds in [0, 1e7] (nan or inf would wait forever)."""
+    value = float(text)   # not a number: argparse's own "invalid _seconds value"
+    if not (math.isfinite(value) and 0 <= value <= 1e7):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds in [0, 1e7]")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="releases.py", description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=("prepare", "install", "activate", "rollback", "status", "verify-current",
@@ -661,8 +670,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--signature", default=None, help="install --objects: the signature file's sha256")
     p.add_argument("--attempt", default=None, help="install: a name for this attempt; activate: must match it")
     p.add_argument("--python", default=sys.executable, help="the python that runs the device runtime")
-    p.add_argument("--time-limit", type=float, default=3600.0, help="install/verify-current: seconds (killed after)")
-    p.add_argument("--lock-wait", type=float, default=30.0, help="seconds to wait for another transaction")
+    p.add_argument("--time-limit", type=_seconds, default=3600.0, help="install/verify-current: seconds (killed after)")
+    p.add_argument("--lock-wait", type=_seconds, default=30.0, help="seconds to wait for another transaction")
     p.add_argument("--trusted-keys", default=TRUSTED_KEYS, help="allowed_signers file; present: signatures required")
     p.add_argument("--abort-on-stdin-eof", action="store_true",
                    help="install: abort (nothing verified, nothing pending) when stdin closes (the controller left)")

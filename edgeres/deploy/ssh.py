@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import math
 import re
 import shlex
 import shutil
@@ -42,6 +43,8 @@ from edgeres.io import sha256_file
 
 OBJECTS = ".cache/edgeres/objects"   # content-addressed staging in the login's home: files by sha256
 ACTIVATE_MARGIN_S = 5.0              # activate is sent only with at least this much of --host-timeout left
+MAX_CONNECT_TIMEOUT_S = 3600.0       # --timeout: an hour for an SSH handshake is already a fault
+MAX_HOST_TIMEOUT_S = 7 * 86400.0     # --host-timeout: a week for one device's copy, engine build and verification
 _HOST = re.compile(r"(?:([A-Za-z0-9._][A-Za-z0-9._-]*)@)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*)"
                    r"(?::(\d{1,5}))?")
 
@@ -135,6 +138,18 @@ class HostResult:
         return {**asdict(self), "outcome": self.outcome}
 
 
+def seconds(value: Any, what: str, low: float, high: float) -> float:
+    """A timeout: a finite number of seconds in [low, high]. NaN or infinity would wait forever on a port that
+    accepts TCP but never speaks SSH (asyncio never fires such a deadline), so none reaches a connection."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number of seconds, got {value!r}") from None
+    if not (math.isfinite(number) and low <= number <= high):
+        raise ConfigError(f"{what} must be a finite number of seconds in [{low:g}, {high:g}], got {value!r}")
+    return number
+
+
 @dataclass(frozen=True)
 class SSHOptions:
     known_hosts: Path = Path("~/.ssh/known_hosts").expanduser()
@@ -149,6 +164,10 @@ class SSHOptions:
     remote_python: tuple[str, ...] = ("python3",)
     connect_timeout: float = 30.0
     retries: int = 2                 # connection errors only, with 1 s, 2 s ... between tries
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "connect_timeout", seconds(self.connect_timeout, "--timeout", 1.0,
+                                                            MAX_CONNECT_TIMEOUT_S))
 
     def wrap(self, args: list[str]) -> str:
         """A remote command line: every word quoted; `sudo -n` in front when asked (never prompts)."""
@@ -209,8 +228,11 @@ async def _connect(spec: HostSpec, opts: SSHOptions, res: HostResult):
             raise ConfigError(f"host key of {spec.label} is not trusted by {opts.known_hosts}: unknown (add it with "
                               f"ssh-keyscan, or pass --accept-new-host-keys) or changed (possible man-in-the-middle; "
                               f"if the device was reflashed, remove its old entry with ssh-keygen -R)") from None
-        except (OSError, asyncio.TimeoutError):   # connection errors only: retried
+        except (OSError, asyncio.TimeoutError) as e:   # connection errors only: retried
             if attempt == opts.retries:
+                if isinstance(e, asyncio.TimeoutError):   # not --host-timeout's: say which limit it was
+                    raise _Failure(f"connect: no SSH answer within --timeout {opts.connect_timeout:g} s "
+                                   f"({attempt + 1} tries)") from None
                 raise
             await asyncio.sleep(1.0 * (attempt + 1))
     raise AssertionError("unreachable")
@@ -388,6 +410,7 @@ async def _fleet(specs: list[HostSpec], work, *, concurrency: int, host_timeout:
     """Run `work(spec, res, deadline)` on every host: canaries first (any failure stops the rest), then the others
     with bounded concurrency, starting no new host once more than max_failures failed. `on_done` sees each host's
     result as it finishes. One host's bug never hides the others' results."""
+    host_timeout = seconds(host_timeout, "--host-timeout", 1.0, MAX_HOST_TIMEOUT_S)   # before any connection
     results = {s.label: HostResult(s.label, resolved=(resolved or {}).get(s.label)) for s in specs}
     sem = asyncio.Semaphore(concurrency)
     failures = 0

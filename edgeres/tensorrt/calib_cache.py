@@ -7,6 +7,8 @@ FP32 ONNX + this cache builds an INT8 engine on an old JetPack or DLA without ca
 """
 from __future__ import annotations
 
+import math
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from typing import Any
 
 from edgeres.check import load_onnx
 from edgeres.errors import ArtifactError, ConfigError, DataError
-from edgeres.io import atomic_write_text, refuse_overwrite
+from edgeres.io import atomic_write_text, read_small_bytes, refuse_overwrite
 from edgeres.records import StageRecord, StageResult
 from edgeres.settings import read, setting
 from edgeres.tensorrt.versions import calib_version_tag
@@ -116,25 +118,38 @@ def write_calibration_cache(ranges: dict[str, float], path: str | Path, *, versi
     return {"path": str(path), "tag": version_tag, "tensors": len(lines) - 1, "skipped": skipped}
 
 
+HEADER = re.compile(r"TRT-\d+-EntropyCalibration2")   # what TensorRT's IInt8EntropyCalibrator2 reads back
+
+
 def read_calibration_cache(path: str | Path) -> tuple[str, dict[str, float]]:
-    """(header tag, {tensor name: scale}) of a TensorRT calibration cache."""
+    """(header tag, {tensor name: scale}) of a TensorRT calibration cache: a TRT-<version>-EntropyCalibration2 header,
+    then `name: <8 hex digits>` lines of finite positive scales. Anything else (random bytes, another file) is one
+    ArtifactError, before TensorRT or trtexec is handed it."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ArtifactError(f"calibration cache {path} does not exist")
-    lines = path.read_text().splitlines()
-    if not lines or not lines[0].startswith("TRT-"):
-        raise ArtifactError(f"{path} is not a TensorRT calibration cache (no TRT-... header)")
+    data = read_small_bytes(path, "calibration cache", error=ArtifactError)
+    try:
+        lines = data.decode("ascii").splitlines()
+    except UnicodeDecodeError:
+        lines = []
+    if not lines or not HEADER.fullmatch(lines[0].strip()):
+        raise ArtifactError(f"{path} is not a TensorRT calibration cache (no TRT-... header: expected "
+                            f"TRT-<version>-EntropyCalibration2, then `name: <8 hex digits>` lines)")
     scales: dict[str, float] = {}
     for n, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
         name, sep, hexval = line.rpartition(": ")
-        if not sep or len(hexval.strip()) != 8:
-            raise ArtifactError(f"{path} line {n} is not `name: <8 hex digits>`: {line!r}")
+        if not sep or not name or len(hexval.strip()) != 8:
+            raise ArtifactError(f"{path} line {n} is not `name: <8 hex digits>`: {line[:80]!r}")
         try:
-            scales[name] = struct.unpack(">f", bytes.fromhex(hexval.strip()))[0]
+            scale = struct.unpack(">f", bytes.fromhex(hexval.strip()))[0]
         except ValueError:
-            raise ArtifactError(f"{path} line {n} has a bad hex scale: {line!r}") from None
+            raise ArtifactError(f"{path} line {n} has a bad hex scale: {line[:80]!r}") from None
+        if not (math.isfinite(scale) and scale > 0):
+            raise ArtifactError(f"{path} line {n}: the scale of {name} is {scale}, not a finite positive number")
+        scales[name] = scale
     return lines[0].strip(), scales
 
 

@@ -17,6 +17,7 @@ from edgeres.onnx_info import OnnxInfo, inspect_onnx  # noqa: F401 - inspect_onn
 from edgeres.records import StageRecord, StageResult, Status, add_fp32_gates
 from edgeres.settings import read, setting
 from edgeres.tensorrt import engine_build
+from edgeres.tensorrt.calib_cache import read_calibration_cache
 from edgeres.tensorrt.options import DEFAULT_BATCH, DLA_DEFAULT_BATCH, CompileOptions, Precision, validate_options
 from edgeres.tensorrt.sidecar import read_sidecar, sidecar_path, trtexec_script_path, write_sidecar
 from edgeres.tensorrt.status import TrtStatus, tensorrt_status  # noqa: F401 - re-exported
@@ -35,14 +36,26 @@ def _batch_for(onnx: OnnxInfo, options: CompileOptions) -> tuple[int, int, int]:
     return (fixed, fixed, fixed)
 
 
+def check_engine_out(out_path: str | Path) -> Path:
+    """An engine's --out is a file path (model.plan): its sidecar and trtexec script are written beside it, so ''
+    would write a hidden ./.trtexec.sh and '.' or 'dir/' would name a folder."""
+    text = str(out_path)
+    if not text.strip() or text.endswith("/") or Path(text).name in ("", ".", ".."):
+        raise ConfigError(f"--out {text!r} is not an engine file path; give one such as model.plan")
+    return Path(text)
+
+
 def plan_compile(onnx_path: str | Path, out_path: str | Path, options: CompileOptions, *, trt_version: str,
                  is_jetson: bool, dla_cores: int, compute_capability: str | None = None) -> dict[str, Any]:
     """Validate for a TensorRT version/device; return warnings and the trtexec command. Writes nothing."""
+    check_engine_out(out_path)
     capabilities(trt_version)  # unsupported version -> ConfigError before anything else
     onnx = inspect_onnx(onnx_path)
     warnings = validate_options(options, trt_version, is_jetson=is_jetson, dla_cores=dla_cores,
                                 compute_capability=compute_capability, onnx_has_qdq=onnx.has_qdq,
                                 onnx_weight_form=onnx.weight_form)
+    if options.calib_cache is not None:
+        read_calibration_cache(options.calib_cache)   # its format, before TensorRT or trtexec is handed it
     batch = _batch_for(onnx, options)
     argv = trtexec_command(onnx_path, out_path, options, trt_version, input_name=onnx.input_name,
                            input_chw=onnx.chw, dynamic_batch=onnx.dynamic_batch, batch=batch)
