@@ -13,6 +13,7 @@ whose artifact is intact, timing, the append to stages.jsonl, and stopping at th
 """
 from __future__ import annotations
 
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any, NamedTuple
 
 from edgeres import cpu, export, fold, pretrained, quantize, train, verify
 from edgeres.checkpoint import check_checkpoints
-from edgeres.data import get_data_for
+from edgeres.data import get_data_for, split_files
 from edgeres.data.infer import dataset_for
 from edgeres.device import describe as describe_device
 from edgeres.device import resolve as resolve_device
@@ -32,9 +33,11 @@ from edgeres.io import (
     atomic_write_text,
     check_owned_dir,
     claim_dir,
+    rejected_path,
     sha256_file,
     sha256_json,
 )
+from edgeres.memory import check as check_memory
 from edgeres.progress import heartbeat
 from edgeres.recipe import Recipe, for_dataset, gate_overrides, load_recipe, shipped_reference
 from edgeres.records import StageRecord, StageResult, Status, append_record, finish_plan, reusable, run_lock, write_plan
@@ -47,8 +50,9 @@ from edgeres.tensorrt.targets import PlanInputs
 
 @dataclass(frozen=True)
 class BuildOptions:
-    out: Path
-    recipe: str = "demo"
+    out: Path | None = None        # None: runs/ARCH-DATASETNAME (the photos' folder name for an ImageFolder)
+    recipe: str | None = None      # None: chosen by the data (choose_recipe): demo, or for photos a fine-tune of
+                                   # published weights when they are on this machine
     arch: str | None = None
     dataset: str | None = None
     data_dir: str | None = None
@@ -105,6 +109,7 @@ class BuildContext:
     _data: Any = None
     _probe: Any = None
     _calib_note: bool = False
+    data_report: dict[str, Any] | None = None   # the up-front scan of the data (edgeres.data.scan)
 
     @property
     def data(self):
@@ -437,6 +442,7 @@ def class_counts(data, num_classes: int) -> dict[str, list[int]]:
     return out
 
 
+DATA_REPORT = "data_report.json"   # the scan of the data the build ran on (report.json's "data")
 VERDICT_FILES = ("probe.npz", "meta.json")   # what the device checks and the class names: hashed into verify's record
 
 
@@ -529,6 +535,8 @@ def run_stage(ctx: BuildContext, step: Step) -> StageRecord:
     except EdgeresError as e:   # a stage that could not run at all: a failed record, like a failed gate
         rec = StageRecord(stage=name, status=Status.FAILED.value, message=f"{name}: {e}")
     rec.stage = name
+    if name == "train" and ctx.data_report is not None:   # what the model was trained on, in stages.jsonl
+        rec.metrics.setdefault("data_report", ctx.data_report)
     rec.environment.update(describe_device(ctx.device))
     rec.inputs_hash = digest
     rec.parent_sha256 = parent.sha256 if parent else None
@@ -570,12 +578,50 @@ def _with_dataset_of_data_dir(opts: BuildOptions) -> BuildOptions:
     """--data-dir without --dataset: the folder says which dataset it is (one line), or the build is refused."""
     from dataclasses import replace
 
-    dataset, note = dataset_for(opts.data_dir, opts.dataset, load_recipe(opts.recipe).data.dataset)
+    dataset, note = dataset_for(opts.data_dir, opts.dataset, load_recipe(opts.recipe or "demo").data.dataset)
     if note is None:
         return opts
     if not opts.quiet:
         print(note, flush=True)
     return replace(opts, dataset=dataset)
+
+
+SCRATCH_RECIPE = "imagenette_resnet18"   # photos without published weights: a recipe that learns from scratch
+
+
+def choose_recipe(opts: BuildOptions) -> tuple[BuildOptions, str | None]:
+    """The recipe when none was named, and one line saying why. Photos (an ImageFolder) are fine-tuned from the
+    published ImageNet weights of the architecture when they are on this machine (edgeres weights: the cache,
+    EDGERES_WEIGHTS or torchvision's cache): `finetune_imagefolder`, which learns from a few hundred photos; without
+    them, the line says how to get them, and the build trains from scratch with a recipe that can (SCRATCH_RECIPE).
+    Everything else: the demo recipe."""
+    from dataclasses import replace
+
+    if opts.recipe is not None:
+        return opts, None
+    if opts.dataset != "imagefolder":
+        return replace(opts, recipe="demo"), None
+    arch = opts.arch or "resnet18"
+    if opts.pretrained or "train.init_from" in opts.overrides:
+        return replace(opts, recipe="finetune_imagefolder"), None
+    found = pretrained.available_offline(arch)
+    if found is not None:
+        note = (f"weights: fine-tuning the published ImageNet {arch} ({found}); recipe finetune_imagefolder "
+                f"(--recipe to choose another)")
+        return replace(opts, recipe="finetune_imagefolder",
+                       overrides={**opts.overrides, "train.init_from": str(found)}), note
+    how = (f"`edgeres weights fetch {arch}` (or `edgeres weights import --from FILE`) gets them"
+           if arch in pretrained.PUBLISHED else f"{arch} has no published ImageNet weights")
+    note = (f"weights: no published ImageNet {arch} weights on this machine ({how}); training from scratch with "
+            f"recipe {SCRATCH_RECIPE} ({load_recipe(SCRATCH_RECIPE).train.epochs} epochs), which needs more photos "
+            f"and time to learn than a fine-tune")
+    return replace(opts, recipe=SCRATCH_RECIPE), note
+
+
+def default_out(opts: BuildOptions, recipe: Recipe) -> Path:
+    """runs/ARCH-DATASETNAME: the photos' folder name for an ImageFolder, else the dataset's name."""
+    name = Path(opts.data_dir).expanduser().resolve().name if opts.data_dir else recipe.data.dataset
+    return Path("runs") / f"{recipe.model.arch}-{name}"
 
 
 def build(opts: BuildOptions) -> BuildResult:
@@ -589,7 +635,14 @@ def build(opts: BuildOptions) -> BuildResult:
     opts = _with_dataset_of_data_dir(opts)
     if opts.pretrained is not None and not Path(opts.pretrained).is_file():
         raise ConfigError(f"--pretrained checkpoint not found: {opts.pretrained}")
+    opts, why = choose_recipe(opts)
+    if why and not opts.quiet:
+        print(why, flush=True)
     recipe = _resolve_recipe(opts)
+    if opts.out is None:
+        from dataclasses import replace
+
+        opts = replace(opts, out=default_out(opts, recipe))
     if recipe.train.init_from:   # torchvision:<arch> -> the verified published file (fetched once), else a path
 
         say = None if opts.quiet else (lambda m: print(m, flush=True))
@@ -609,12 +662,58 @@ def build(opts: BuildOptions) -> BuildResult:
     if not opts.quiet:   # everything above was quick; the data load may not be
         print(f"[build] {opts.out}: {recipe.model.arch} on {recipe.data.dataset}{' --int8' if opts.int8 else ''}, "
               f"torch on {device}", flush=True)
+    from edgeres.data import scan as data_scan  # loads torch (decode_image): here, not when the CLI starts
+
     with heartbeat("[data]", enabled=not opts.quiet):
         data = get_data_for(recipe)   # load (and so validate) the data before the folder is touched
+        # every file looked at before any is trained on: all the unreadable ones named at once, duplicates, counts
+        data_report = data_scan.scan_bundle(data, workers=max(1, recipe.data.workers),
+                                            min_images=recipe.gates.min_class_images,
+                                            progress=None if opts.quiet else data_scan.progress_printer("[data] scan"))
+    data_scan.check_readable(data_report, skip_bad_images=recipe.data.skip_bad_images)
+    check_memory(recipe.model.arch, input_size=data.info.input_size, batch=recipe.data.batch_size,
+                 num_classes=data.info.num_classes, in_channels=data.info.in_channels, options=recipe.model.options,
+                 device=str(device), lower="--input-size or --batch-size")
+    if not opts.quiet:
+        for line in summary_lines(opts, recipe, data) + data_scan.format_report(data_report):
+            print(line, flush=True)
     run_dir = claim_dir(opts.out, what="run folder", kind="run", legacy=("stages.jsonl",))
     with run_lock(run_dir):
-        ctx = BuildContext(opts=opts, recipe=recipe, run_dir=run_dir, device=device, _data=data)
+        files = split_files(data)
+        if files is not None:   # which photo is in which split: the same on every rebuild
+            atomic_write_json(run_dir / "data_split.json", files)
+        atomic_write_json(run_dir / DATA_REPORT, data_report)
+        ctx = BuildContext(opts=opts, recipe=recipe, run_dir=run_dir, device=device, _data=data,
+                           data_report=data_report)
         return _run_plan(ctx)
+
+
+def summary_lines(opts: BuildOptions, recipe: Recipe, data) -> list[str]:
+    """What the build is about to do, before it trains: the data (where, which layout, images per split and per
+    class), the input size, batch, epochs and recipe, and the stages it plans."""
+    info, d, t = data.info, recipe.data, recipe.train
+    where = f"{info.root} ({info.layout})" if info.root else info.name
+    if info.val_split:
+        where += f", split {100 * (1 - info.val_split):.0f}/{100 * info.val_split:.0f} train/evaluation per class"
+    counts = class_counts(data, info.num_classes)
+    splits = ", ".join(f"{name} {sum(c)}" for name, c in counts.items())
+    lines = [f"data: {where}: {info.num_classes} classes; {splits or f'train {info.train_size}'} images"
+             + (f"; {info.skipped_images} unreadable skipped" if info.skipped_images else "")]
+    if counts and info.num_classes <= 12:
+        per = [f"{n} {'/'.join(str(c[i]) for c in counts.values())}" for i, n in enumerate(info.class_names)]
+        lines.append(f"      per class ({'/'.join(counts)}): " + ", ".join(per))
+    small = [n for n, c in zip(info.class_names, counts.get("evaluation", [])) if c < recipe.gates.min_class_images]
+    if small:
+        lines.append(f"note: {len(small)} class(es) with fewer than {recipe.gates.min_class_images} evaluation images "
+                     f"({', '.join(small[:5])}): their per-class numbers mean little")
+    resize = f", resize {info.resize_size}" if info.resize_size else ""
+    steps = -(-info.train_size // d.batch_size) * t.epochs
+    train = "no training (--pretrained)" if opts.pretrained else (
+        f"{t.epochs} epoch(s), {steps} optimizer steps" + (f", from {Path(t.init_from).name}" if t.init_from else
+                                                           ", from scratch"))
+    lines.append(f"input {info.input_size} px{resize}, batch {d.batch_size}; {train}; recipe {opts.recipe}")
+    return [w for line in lines for w in textwrap.wrap(line, 80, subsequent_indent="      ", break_on_hyphens=False,
+                                                        break_long_words=False)]
 
 
 def _check_dependencies(opts: BuildOptions, recipe) -> None:
@@ -638,6 +737,32 @@ def _check_dependencies(opts: BuildOptions, recipe) -> None:
             print(f"note: {n}", flush=True)
 
 
+def prune(ctx: BuildContext) -> list[str]:
+    """After a build that ran its plan to the end: remove the files of ours it no longer needs - train/last.pt
+    (the resume checkpoint of a training that finished: weights and optimizer state, 3x best.pt with Adam) and the
+    models earlier failed gates kept as <name>.rejected.<ext> for a stage that has passed since. Only regular files
+    at the names edgeres writes; what a record's verdict rests on is never touched. -> ["train/last.pt (131 MB)"]"""
+    import os
+    import stat
+
+    candidates = [ctx.run_dir / "train" / "last.pt"] if ctx.records.get("train") and ctx.records["train"].passed \
+        and not ctx.opts.pretrained else []
+    for rec in ctx.records.values():
+        if rec.passed and rec.artifact:
+            rejected = rejected_path(ctx.run_dir / Path(rec.artifact).parent.name / Path(rec.artifact).name)
+            candidates += [rejected, rejected.with_suffix(".bin")] if rejected.suffix == ".xml" else [rejected]
+    freed = []
+    for path in candidates:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):   # never a link, a folder or a device of the user's at that name
+            path.unlink()
+            freed.append(f"{path.relative_to(ctx.run_dir)} ({st.st_size / 1e6:.0f} MB)")
+    return freed
+
+
 def _run_plan(ctx: BuildContext) -> BuildResult:
 
     steps = [s for s in PLAN if s.when(ctx)]
@@ -655,6 +780,10 @@ def _run_plan(ctx: BuildContext) -> BuildResult:
     except StageFailed as e:
         ok, message = False, str(e)
     finish_plan(ctx.run_dir)
+    if ok:
+        freed = prune(ctx)
+        if freed:
+            ctx.say(f"[build] removed what the finished build no longer needs: {', '.join(freed)}")
     with heartbeat("[report]", enabled=not ctx.opts.quiet):
         report = write_report(ctx.run_dir, list(ctx.records.values()), ok=ok, message=message,
                               total_s=time.perf_counter() - start)

@@ -30,6 +30,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from edgeres import stats
 from edgeres.data import get_data, make_loader
 from edgeres.env import environment
 from edgeres.errors import ConfigError
@@ -180,7 +181,8 @@ def train_curve(model, data, x_test, y_test, cfg: DegradationConfig, *, label: s
     import torch.nn.functional as F
 
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    curve: dict[str, list] = {k: [] for k in ("iteration", "lr", "train_error", "train_loss", "test_error")}
+    curve: dict[str, list] = {k: [] for k in ("iteration", "lr", "train_error", "train_loss", "test_error",
+                                              "train_seen")}
     window = {"wrong": 0, "seen": 0, "loss_sum": 0.0}
     diverged = False
     it = epoch = 0
@@ -198,7 +200,7 @@ def train_curve(model, data, x_test, y_test, cfg: DegradationConfig, *, label: s
             for key, v in (("iteration", step.iteration), ("lr", step.lr),
                            ("train_error", window["wrong"] / window["seen"]),
                            ("train_loss", _finite(window["loss_sum"] / window["seen"])),
-                           ("test_error", error_rate(model, x_test, y_test))):
+                           ("test_error", error_rate(model, x_test, y_test)), ("train_seen", window["seen"])):
                 curve[key].append(v)
             window.update(wrong=0, seen=0, loss_sum=0.0)
             if log:
@@ -217,18 +219,39 @@ def train_curve(model, data, x_test, y_test, cfg: DegradationConfig, *, label: s
     return {**curve, "diverged": diverged, "seconds": round(time.perf_counter() - start, 2)}
 
 
+HELD, NOT_HELD, NOT_SHOWN = "held", "not held", "not shown"
+
+
+def finding(deep: float, n_deep: int, shallow: float, n_shallow: int, *, deeper_higher: bool,
+            level: float = stats.DEFAULT_LEVEL) -> dict[str, Any]:
+    """One ordering between two error rates measured on n images each, by the gates' interval rule: HELD when the
+    whole interval of (deep - shallow) lies on the stated side of 0, NOT HELD when it lies on the other, NOT SHOWN
+    when it straddles 0 (the difference is within noise: a few images either way)."""
+    lo, hi = stats.difference_interval(deep * n_deep, n_deep, shallow * n_shallow, n_shallow, level)
+    above, below = lo > 0, hi < 0   # deep - shallow: wholly above 0, wholly below it
+    outcome = (HELD if (above if deeper_higher else below) else
+               NOT_HELD if (below if deeper_higher else above) else NOT_SHOWN)
+    return {"outcome": outcome, "held": outcome == HELD, "diff_pp": round(100 * (deep - shallow), 4),
+            "interval_pp": [round(lo, 4), round(hi, 4)], "level": level}
+
+
 def orderings(runs: list[dict[str, Any]], depths: tuple[int, ...]) -> dict[str, Any]:
-    """Did the paper's orderings hold on the final window? Each adjacent depth pair is checked."""
+    """Did the paper's orderings hold on the final window? Each adjacent depth pair is checked, with the interval
+    of the difference (training error: on the images of the last window; test error: on the test images)."""
     final = {(r["variant"], r["depth"]): r["final"] for r in runs}
 
     def check(variant: str, metric: str, deeper_higher: bool, statement: str) -> dict[str, Any]:
         pairs = []
+        n_key = "train_images" if metric == "train_error" else "test_images"
         for shallow, deep in zip(depths, depths[1:]):
-            s, d = final[(variant, shallow)][metric], final[(variant, deep)][metric]
+            fs, fd = final[(variant, shallow)], final[(variant, deep)]
+            s, d = fs[metric], fd[metric]
             pairs.append({"shallow": shallow, "deep": deep, "shallow_value": s, "deep_value": d,
-                          "held": (d > s) if deeper_higher else (d < s)})
-        return {"statement": statement, "variant": variant, "metric": metric,
-                "held": all(p["held"] for p in pairs), "pairs": pairs}
+                          **finding(d, fd.get(n_key) or 1, s, fs.get(n_key) or 1, deeper_higher=deeper_higher)})
+        outcomes = {p["outcome"] for p in pairs}
+        outcome = NOT_HELD if NOT_HELD in outcomes else NOT_SHOWN if NOT_SHOWN in outcomes else HELD
+        return {"statement": statement, "variant": variant, "metric": metric, "outcome": outcome,
+                "held": outcome == HELD, "pairs": pairs}
 
     return {
         "plain_deeper_higher_train_error": check(
@@ -298,7 +321,8 @@ def _run(cfg: DegradationConfig, out: Path, device: str | None, log: Callable[[s
                          "params": sum(p.numel() for p in model.parameters()),
                          "layers": len(weight_layers(model)), **curve,
                          "final": {"iteration": curve["iteration"][-1], "train_error": curve["train_error"][-1],
-                                   "test_error": curve["test_error"][-1]}})
+                                   "test_error": curve["test_error"][-1], "train_images": curve["train_seen"][-1],
+                                   "test_images": n_test}})
     result = {
         "experiment": "degradation",
         "config": asdict(cfg),
@@ -348,9 +372,13 @@ def format_result(result: dict[str, Any]) -> str:
         lines.append(f"{r['arch']:<18}{r['params']:>10,}{r['final']['train_error']:>11.2%}"
                      f"{r['final']['test_error']:>10.2%}  {ratio}" + ("  DIVERGED" if r["diverged"] else ""))
     for o in result["orderings"].values():
-        pairs = ", ".join(f"{p['shallow']}: {p['shallow_value']:.2%} vs {p['deep']}: {p['deep_value']:.2%}"
-                          for p in o["pairs"])
-        lines.append(f"{'held    ' if o['held'] else 'NOT held'}  {o['statement']}  ({o['metric']}: {pairs})")
+        pairs = ", ".join(
+            f"{p['shallow']}: {p['shallow_value']:.2%} vs {p['deep']}: {p['deep_value']:.2%}"
+            + (f", deep - shallow {p['diff_pp']:+.2f} pp, {100 * p['level']:g} % interval "
+               f"{p['interval_pp'][0]:+.2f} to {p['interval_pp'][1]:+.2f}" if "interval_pp" in p else "")
+            for p in o["pairs"])
+        word = o.get("outcome", HELD if o["held"] else NOT_HELD).upper()
+        lines.append(f"{word:<9} {o['statement']}  ({o['metric']}: {pairs})")
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from edgeres.errors import ConfigError
 from edgeres.io import read_small_bytes, require_regular_file, sha256_json
 from edgeres.metrics import FP32_REL_TOL, INT8_MIN_AGREEMENT
+from edgeres.suggest import did_you_mean, unknown_name
 
 DATASETS = ("digits", "mnist", "cifar10", "imagefolder")
 AUGMENTS = ("pad_crop", "flip", "random_resized_crop")
@@ -337,7 +338,8 @@ def _check_range(key: str, value: Any, source: str) -> None:
     if key in CHOICES and value is not None:
         for v in (value if isinstance(value, tuple) else (value,)):
             if v not in CHOICES[key]:
-                raise ConfigError(f"{source}: {key}={_short(v)} is not one of {', '.join(CHOICES[key])}")
+                raise ConfigError(f"{source}: {key}={_short(v)} is not one of {', '.join(CHOICES[key])}"
+                                  + did_you_mean(str(v), CHOICES[key]))
 
 
 def _build_section(name: str, cls: type, raw: Any, source: str) -> Any:
@@ -463,7 +465,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if not (path.suffix in (".yaml", ".yml") or "/" in text or path.exists()):
         path = recipes_dir() / f"{text}.yaml"
         if not path.is_file():
-            raise ConfigError(f"unknown recipe {text!r}; built-in recipes: {', '.join(list_recipes()) or 'none'}")
+            raise ConfigError(unknown_name("recipe", text, list_recipes(), shown=20))
     require_regular_file(path, "recipe file")
     try:
         raw = parse_yaml(read_small_bytes(path, "recipe", limit=MAX_RECIPE_BYTES).decode("utf-8"), str(path))
@@ -499,11 +501,7 @@ def gate_overrides(pairs: tuple[str, ...] | list[str]) -> tuple[dict[str, Any], 
         if not eq or not name or not raw.strip():
             raise ConfigError(f"--gate {pair!r}: expected NAME=VALUE, e.g. --gate max_drop_qat=0.5")
         if name not in names:
-            import difflib
-
-            guess = difflib.get_close_matches(name, names, n=1)
-            hint = f"did you mean {guess[0]}? " if guess else ""
-            raise ConfigError(f"--gate {pair!r}: no gate named {name!r}; {hint}gates: {', '.join(names)}")
+            raise ConfigError(f"--gate {pair!r}: " + unknown_name("gate", name, names, shown=len(names)))
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:

@@ -65,26 +65,54 @@ def with_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """The one table the terminal shows: one row per stage and backend, notes wrapped to TERMINAL_WIDTH."""
+# what the terminal leaves out first when the table is wider than the terminal (report.md/html keep every column)
+DROP_FIRST = ("int8_kernels", "p99_ms", "size_mb", "img_s", "speedup")
+SHORT = {"int8 (fake-quant)": "int8 fakeq", "onnxruntime": "ort"}   # terminal only; the report says it in full
+
+
+def terminal_width() -> int:
+    """The terminal's width, between 80 and TERMINAL_WIDTH columns (80 when it cannot be told, e.g. a pipe)."""
+    import shutil
+
+    return max(80, min(TERMINAL_WIDTH, shutil.get_terminal_size((80, 24)).columns))
+
+
+def format_table(report: dict[str, Any], width: int | None = None) -> str:
+    """The one table the terminal shows, within `width` columns (default: the terminal's, at least 80): one row
+    per stage and backend; columns that do not fit are left out (in DROP_FIRST order, said in one line), notes and
+    the verdict wrapped."""
     import textwrap
 
+    width = width or terminal_width()
+    keys = [k for k, _ in TERMINAL_COLUMNS]
+    cells = [[SHORT.get(c, c) for c in r] for r in table_rows(report, TERMINAL_COLUMNS)]
     header = [h for _, h in TERMINAL_COLUMNS]
-    rows = table_rows(report, TERMINAL_COLUMNS)
-    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [line(header).rstrip(), "  ".join("-" * w for w in widths)]
-    out += [line(r).rstrip() for r in rows]
+
+    def render(cols: list[int]) -> list[str]:
+        widths = [max(len(header[i]), *(len(r[i]) for r in cells)) if cells else len(header[i]) for i in cols]
+        line = lambda row: "  ".join(row[i].ljust(w) if i < 3 else row[i].rjust(w)   # noqa: E731
+                                     for i, w in zip(cols, widths)).rstrip()
+        return [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in cells]
+
+    cols = list(range(len(keys)))
+    dropped = []
+    for key in DROP_FIRST:
+        if max(len(x) for x in render(cols)) <= width:
+            break
+        cols.remove(keys.index(key))
+        dropped.append(dict(TERMINAL_COLUMNS)[key])
+    out = render(cols) if cells else []   # a build stopped before any model was measured: no empty table
+    fill = dict(width=width, break_on_hyphens=False, break_long_words=False)
+    if dropped and cells:
+        out.append(textwrap.fill(f"(left out at {width} columns: {', '.join(dropped)}; report.html has them)",
+                                 **fill))
     for note in report.get("notes", []):
-        out.append(textwrap.fill(note, TERMINAL_WIDTH, initial_indent="note: ", subsequent_indent="      ",
-                                 break_on_hyphens=False, break_long_words=False))
+        out.append(textwrap.fill(note, initial_indent="note: ", subsequent_indent="      ", **fill))
     worst = worst_classes(report)
     if worst:
-        out.append(textwrap.fill(worst, TERMINAL_WIDTH, subsequent_indent="  ", break_on_hyphens=False,
-                                 break_long_words=False))
+        out.append(textwrap.fill(worst, subsequent_indent="  ", **fill))
     word, text = verdict_parts(report)
-    out.append(textwrap.fill(f"{word}: {text}", TERMINAL_WIDTH, subsequent_indent="  ", break_on_hyphens=False,
-                             break_long_words=False))
+    out.append(textwrap.fill(f"{word}: {text}", subsequent_indent="  ", **fill))
     return "\n".join(out)
 
 
@@ -105,16 +133,21 @@ def verdict_word(report: dict[str, Any]) -> str:
 def verdict_parts(report: dict[str, Any]) -> tuple[str, str]:
     """(one of VERDICTS, the sentence): the last line of the table, the report's headline."""
     word = verdict_word(report)
+    found = report.get("class_findings") or []
     if word == "NOT MEASURABLE":
         nm = report["not_measurable"]
+        groups: dict[str, list[str]] = {}
+        for n in nm:   # the same gate at several stages, said once
+            groups.setdefault(n["short"], []).append(n["stage"])
         text = (f"no gate failed, but {len(nm)} cannot be decided with these images: "
-                + "; ".join(n["short"] for n in nm))
+                + "; ".join(f"{short.format(stages=', '.join(stages))}" for short, stages in groups.items()))
     elif word == "PASSED WITH WARNINGS":
-        found = report["class_findings"]
-        text = "every gate passed, but " + "; ".join(f["text"] for f in found[:3]) + \
-            (f"; and {len(found) - 3} more (see the report)" if len(found) > 3 else "")
+        text = "every gate passed"
     else:
         text = report["message"]
+    if found and word != "FAILED":   # a class the verdict must name, whatever else it says
+        text += "; but " + "; ".join(f["text"] for f in found[:3]) + \
+            (f"; and {len(found) - 3} more (see the report)" if len(found) > 3 else "")
     loose = report.get("limits_loosened") or []
     if loose:
         text += "; limits loosened: " + ", ".join(
@@ -182,10 +215,16 @@ def to_markdown(report: dict[str, Any]) -> str:
            "when beyond it, NOT MEASURABLE when it straddles it.", "",
            "| stage | gate | value [interval] on images | limit | result |", "|---|---|---|---|---|"]
     md += _gate_lines(report["stages"])
+    if report.get("not_measurable"):
+        md += ["", "### Not measurable", ""] + [f"- {n['text']}" for n in report["not_measurable"]]
     table = per_class_table(report)
     if table:
         md += ["", "## Per class", "", "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
         md += ["| " + " | ".join(r) + " |" for r in table[1:]]
+    if report.get("data"):
+        from edgeres.data.scan import format_report
+
+        md += ["", "## Data", "", "```", *format_report(report["data"]), "```"]
     md += ["", "## Stages", "", "| stage | status | duration s | artifact | sha256 |", "|---|---|---|---|---|"]
     for r in report["stages"]:
         md.append(f"| {r['stage']} | {r['status']} | {r['duration_s']:.1f} | {r.get('artifact') or '-'} | "
@@ -296,7 +335,7 @@ def to_html(report: dict[str, Any]) -> str:
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 td:nth-child(-n+3),th{{text-align:left}}.ok{{background:#eef8ee}}.bad{{background:#fbeaea}}
-.warn{{background:#fff6dd}}
+.warn{{background:#fff6dd}}.perclass td:nth-child(n+2),.confusion td:nth-child(n+2){{text-align:right}}
 .status{{font-size:1.2em;font-weight:bold;color:{_status_color(report)}}}img{{max-width:100%}}
 table{{max-width:100%}}.path{{text-align:left;word-break:break-all}}.sha{{font-family:monospace}}
 .scroll{{overflow-x:auto;max-width:100%}}</style>
@@ -308,14 +347,27 @@ table{{max-width:100%}}.path{{text-align:left;word-break:break-all}}.sha{{font-f
 (exact checks have no interval): PASSED when the whole interval is within the limit, FAILED when beyond it, NOT
 MEASURABLE when it straddles it.</p>
 <table><tr><th>stage</th><th>gate</th><th>value [interval] on images</th><th>limit</th><th>result</th></tr>{gates}
-</table>
-{_per_class_html(report)}
+</table>{_not_measurable_html(report)}
+{_per_class_html(report)}{_data_html(report)}
 {plot_html}
 <h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>seconds</th><th>artifact</th><th>sha256</th></tr>
 {stages}</table>
 <h2>Environment</h2><table>{env}</table>
 <p>generated {html.escape(report['generated_at'])}</p></body></html>
 """
+
+
+def _data_html(report: dict[str, Any]) -> str:
+    if not report.get("data"):
+        return ""
+    from edgeres.data.scan import format_report
+
+    return "<h2>Data</h2><pre>" + html.escape("\n".join(format_report(report["data"]))) + "</pre>"
+
+
+def _not_measurable_html(report: dict[str, Any]) -> str:
+    items = "".join(f"<li>{html.escape(n['text'])}</li>" for n in report.get("not_measurable") or [])
+    return f"<h3>Not measurable</h3><ul>{items}</ul>" if items else ""
 
 
 def _gate_class(g: dict[str, Any]) -> str:
@@ -388,10 +440,10 @@ def not_measurable_gates(records: list[StageRecord]) -> list[dict[str, str]]:
     for r in records:
         for g in r.gates:
             gate = Gate.from_dict(g)
-            if gate.outcome == NOT_MEASURABLE:
+            if gate.outcome == NOT_MEASURABLE and gate.passed:   # a required one that stops is the failure itself
                 need = f", ~{gate.resolve_n:,} images would decide it" if gate.resolve_n else ""
                 out.append({"stage": r.stage, "gate": gate.name, "text": f"{r.stage}: {gate.describe()}",
-                            "short": f"{r.stage} {gate.what or gate.name} {gate._num(gate.value)} vs {gate.op} "
+                            "short": f"{{stages}} {gate.what or gate.name} {gate._num(gate.value)} vs {gate.op} "
                                      f"{gate._num(gate.limit)} ({_interval(gate)} on {gate.n:,} images{need})"})
     return out
 
@@ -404,6 +456,10 @@ def _level_text(report: dict[str, Any]) -> str:
     return f"{100 * float(report.get('confidence') or DEFAULT_LEVEL):g} %"
 
 
+# the INT8 artifacts a per-class table shows, by stage (the FP32 rows all equal the trained model's)
+INT8_COLUMNS = {"ptq": "PTQ", "qat": "QAT", "export_int8": "INT8 ONNX", "export_cpu": "CPU INT8", "compile": "engine"}
+
+
 def per_class_table(report: dict[str, Any]) -> list[list[str]]:
     """Header + one row per class: images per split, absolute top-1 of FP32 and of every INT8 artifact, and the
     final INT8 model's change. Empty without per-class numbers."""
@@ -414,8 +470,11 @@ def per_class_table(report: dict[str, Any]) -> list[list[str]]:
     names = report.get("class_names") or [str(i) for i in range(n)]
     counts = report.get("class_counts") or {}
     splits = [s for s in ("train", "holdout", "evaluation") if counts.get(s)]
-    rows = {k: v for k, v in (pc.get("rows") or {}).items() if not k.startswith(("train/", "fold/"))}
-    header = ["class", *(f"{s} images" for s in splits), "FP32 top-1 %", *(f"{k} %" for k in rows), "Δ INT8 pp"]
+    order = list(INT8_COLUMNS)   # pipeline order (report.json's keys come back sorted)
+    rows = dict(sorted(((k, v) for k, v in (pc.get("rows") or {}).items() if k.split("/")[0] in INT8_COLUMNS),
+                       key=lambda kv: order.index(kv[0].split("/")[0])))
+    header = ["class", *(f"{s} images" for s in splits), "FP32 top-1 %",
+              *(f"{INT8_COLUMNS[k.split('/')[0]]} %" for k in rows), "Δ INT8 pp"]
     out = [header]
 
     def pct(v):
@@ -479,8 +538,7 @@ def build_report(run_dir: Path, records: list[StageRecord], *, ok: bool, message
                          f"row after warm-up, {b['timing']}; torch {b['torch_threads']} threads, ONNX Runtime and "
                          f"OpenVINO their default threads; INT8 kernels: convolution/FC layers the backend runs in "
                          f"INT8 / all")
-    not_measurable = not_measurable_gates(records)
-    notes += [f"not measurable: {n['text']}" for n in not_measurable]
+    not_measurable = not_measurable_gates(records)   # named on the verdict line; in full in report.md/html
     vm = verify.metrics if verify else {}
     limits = (read_plan_info(run_dir) or {}).get("limits") or {}
     report = {"run": str(run_dir), "ok": ok, "message": message, "total_s": round(total_s, 2),
@@ -492,8 +550,20 @@ def build_report(run_dir: Path, records: list[StageRecord], *, ok: bool, message
               "class_counts": vm.get("class_counts"), "confusion": vm.get("confusion"),
               "notes": notes, "stages": stages, "environment": environment(),
               "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    report["data"] = _data_report(run_dir, records)
     report["verdict"] = verdict_word(report)
     return report
+
+
+def _data_report(run_dir: Path, records: list[StageRecord]) -> dict[str, Any] | None:
+    """The up-front scan of the data (RUN/data_report.json, else the train record's copy)."""
+    import json
+
+    try:
+        return json.loads((Path(run_dir) / "data_report.json").read_text())
+    except (OSError, ValueError):
+        train = next((r for r in records if r.stage == "train"), None)
+        return (train.metrics.get("data_report") if train else None) or None
 
 
 def write_report(run_dir: Path, records: list[StageRecord], *, ok: bool, message: str,

@@ -10,10 +10,12 @@ So `edgeres quantize` without flags reads the same recipe the same way as the pt
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Callable
 from typing import Any
 
+from edgeres.numbers import FiniteFloat
 from edgeres.recipe import CHOICES, RANGES, SECTIONS, Recipe
 
 PREFIX = "recipe__"   # the click parameter names of generated options: recipe__quant__calib_size
@@ -45,6 +47,27 @@ def setting(key: str, *, help: str, flag: str | None = None, default: Any = data
     return dataclasses.field(default=default, metadata={"recipe": key, "help": help, "flag": flag})
 
 
+def origins_field() -> Any:
+    """A Settings field holding where each gates.* limit came from (Recipe.origins), for the gate messages. It is
+    not hashed: the same limit set in another place computes the same result."""
+    return dataclasses.field(default_factory=dict, compare=False, metadata={"unhashed": True})
+
+
+def level_field(*, hashed: bool = True) -> Any:
+    """The confidence level of the stage's gates (gates.confidence): hashed, since it decides outcomes (the train
+    stage excepted: another level never retrains a model; its record keeps the level its gate was decided at)."""
+    f = setting("gates.confidence", flag="", help="Confidence level of every gate's interval.")
+    if not hashed:
+        f.metadata = types.MappingProxyType({**f.metadata, "unhashed": True})
+    return f
+
+
+def hashed(settings) -> dict[str, Any]:
+    """asdict(settings) without the unhashed fields: what decides whether a finished stage is reused."""
+    unhashed = {f.name for f in dataclasses.fields(settings) if f.metadata.get("unhashed")}
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in unhashed}
+
+
 def recipe_fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "recipe" in f.metadata]
 
@@ -52,6 +75,8 @@ def recipe_fields(cls) -> list[dataclasses.Field]:
 def read(cls, recipe: Recipe, **given: Any):
     """`cls` with every recipe-backed field read from `recipe`, the others from `given` (or their defaults)."""
     values = {f.name: recipe.value(f.metadata["recipe"]) for f in recipe_fields(cls) if f.name not in given}
+    if "origins" in {f.name for f in dataclasses.fields(cls)} and "origins" not in given:
+        values["origins"] = dict(recipe.origins)
     return cls(**values, **given)
 
 
@@ -65,9 +90,7 @@ def _click_type(key: str):
     lo, hi = RANGES.get(key, (None, None))
     if base is int:
         return click.IntRange(lo, hi)
-    if base is float:   # finite, in range (click's FloatRange lets nan and inf through); imported here: the
-        from edgeres.cli.types import FiniteFloat  # edgeres.cli package imports the commands, which import this module
-
+    if base is float:   # finite, in range: click's FloatRange would let nan and inf through
         return FiniteFloat(lo, hi)
     return {bool: bool, str: str}.get(base, str)
 

@@ -111,6 +111,21 @@ def paired_drop_interval(p: Paired, level: float = DEFAULT_LEVEL) -> tuple[float
     return 100.0 * max(-1.0, d - delta), 100.0 * min(1.0, d + eps)
 
 
+def difference_interval(k1: float, n1: float, k2: float, n2: float,
+                        level: float = DEFAULT_LEVEL) -> tuple[float, float]:
+    """Newcombe's hybrid score interval (method 10, independent samples) of k1/n1 - k2/n2, in pp: for two models
+    measured on different images, or where the pairing is not kept."""
+    if n1 <= 0 or n2 <= 0:
+        return -100.0, 100.0
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson(k1, n1, level)
+    l2, u2 = wilson(k2, n2, level)
+    d = p1 - p2
+    lo = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    hi = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return 100.0 * max(-1.0, lo), 100.0 * min(1.0, hi)
+
+
 def proportion_interval(k: float, n: float, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
     """Wilson interval of k of n, in %."""
     lo, hi = wilson(k, n, level)

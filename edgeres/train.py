@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from collections import deque
@@ -27,6 +28,7 @@ from typing import Any
 from edgeres.checkpoint import (
     CLASSIFIER_KEYS,
     ModelMeta,
+    check_checkpoints,
     load_backbone,
     load_model,
     num_outputs,
@@ -37,8 +39,8 @@ from edgeres.data import get_data_for, make_loader
 from edgeres.device import resolve
 from edgeres.dist import Dist, init_dist
 from edgeres.errors import BackendUnavailable, ConfigError, DataError
-from edgeres.io import atomic_write_text, check_owned_dir, claim_dir, rejected_path
-from edgeres.loop import Step, sgd_steps
+from edgeres.io import atomic_write_text, check_owned_dir, check_replaceable, claim_dir, rejected_path
+from edgeres.loop import PRECISE_BN_BELOW, Step, refresh_bn_stats, sgd_steps, stale_bn_share
 from edgeres.recipe import DataCfg, GatesCfg, ModelCfg, Recipe, TrainCfg, recipe_from_dict
 from edgeres.records import Gate, StageRecord, StageResult, proportion_gate
 from edgeres.settings import level_field, origins_field, read, setting
@@ -166,6 +168,8 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
     dist_info = _init_dist()
     tcfg, dcfg = recipe.train, recipe.data
     last_path, best_path = out / "last.pt", out / "best.pt"
+    if tcfg.init_from and not resume:   # a checkpoint of another architecture: one line, before the folder is claimed
+        check_checkpoints(None, tcfg.init_from, arch=recipe.model.arch)
     _check_run_folder(out, resume=resume, force=force, batch_size=dcfg.batch_size, world=dist_info.world)
     device = resolve(device)
     use_amp = bool(tcfg.amp and device.type == "cuda")
@@ -242,6 +246,12 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
             if bar is not None:
                 bar.close()
             train_s = time.perf_counter() - t0
+            if stale_bn_share(done.steps) > PRECISE_BN_BELOW:
+                # few steps an epoch (a few hundred photos): BatchNorm's running statistics are still mostly their
+                # starting values while the weights have moved, and the holdout (and the saved model) would be judged
+                # with them - recompute them on the training images (eval transform; every rank: buffers stay equal)
+                refresh_bn_stats(model, make_loader(bundle.calib, batch_size=per_rank, shuffle=False,
+                                                    workers=dcfg.workers, device=device), device=device)
             loss_sum, correct, seen_t = _reduce(dist_info, loss_sum, correct, seen, device)
             row = {"epoch": epoch + 1, "iteration": state["iteration"], "train_loss": loss_sum / max(1, seen_t),
                    "train_top1": 100.0 * correct / max(1, seen_t), "lr": lr,
@@ -301,7 +311,9 @@ def _check_run_folder(out: Path, *, resume: bool, force: bool, batch_size: int, 
     check_owned_dir(out, what="training folder", legacy=("metrics.jsonl",), owner_parent=True)
     if resume and not last_path.is_file():
         raise ConfigError(f"nothing to resume: {last_path} does not exist")
-    held = [n for n in ("best.pt", "last.pt", "metrics.jsonl", "metrics.csv") if (out / n).exists()]
+    held = [n for n in ("best.pt", "last.pt", "metrics.jsonl", "metrics.csv") if os.path.lexists(out / n)]
+    for name in held:   # a link, folder or FIFO is never replaced, whatever --force says
+        check_replaceable(out / name, True, what="training file")
     if not resume and not force and held:
         raise ConfigError(f"{out} already holds a training run ({', '.join(held)}); pass --resume to continue it or "
                           f"--force to replace it")
@@ -483,13 +495,20 @@ def meta_for(recipe, info) -> ModelMeta:
                      if recipe.data.data_dir else None)
 
 
+TRAINED_FILES = ("best.pt", "last.pt", "metrics.jsonl", "metrics.csv", "tensorboard")
+
+
 def run(inputs: TrainInputs, settings: TrainSettings, *, quiet: bool = False):
-    """The train stage (in `build`): train afresh into out_dir, or take `pretrained` as it is (its classes must be
-    the dataset's). -> StageResult[TrainOutput]"""
+    """The train stage (in `build`): train afresh, or take `pretrained` as it is (its classes must be the
+    dataset's). Training runs in a staging folder beside out_dir (.train.staging) and moves in only after the FP32
+    gates pass: a rebuild that fails them leaves the model an earlier build made in out_dir as it was (the
+    rejected one is kept as best.rejected.pt). -> StageResult[TrainOutput]"""
 
     recipe, info = settings.recipe, inputs.data.info
+    out = Path(inputs.out_dir)
     rec = StageRecord(stage="train")
     ev = None   # the FP32 model's test evaluation, when train already made it
+    staging = out.with_name(f".{out.name}.staging")
     if inputs.pretrained:
         model, meta = load_model(inputs.pretrained, arch=recipe.model.arch)
         classes = (meta.num_classes if meta else None) or num_outputs(model)
@@ -497,31 +516,38 @@ def run(inputs: TrainInputs, settings: TrainSettings, *, quiet: bool = False):
             raise ConfigError(f"--pretrained {inputs.pretrained} predicts {classes} classes, the dataset has "
                               f"{info.num_classes}: fine-tune it instead with --init-from")
         meta = meta or meta_for(recipe, info)
-        dest = Path(inputs.out_dir) / "best.pt"
-        save_checkpoint(dest, model, meta)
+        claim_dir(staging, what="training staging folder", kind="train", owner_parent=True)
+        save_checkpoint(staging / "best.pt", model, meta)
         rec.metrics = {"pretrained": str(inputs.pretrained)}
         output = TrainOutput(model.eval(), meta)
     else:
         # the build only gets here when the training inputs changed (or --force): start that run afresh
-        result = train(recipe, inputs.out_dir, data=inputs.data, quiet=quiet, force=True, device=inputs.device)
-        dest, meta = result.best, result.meta
+        result = train(recipe, staging, data=inputs.data, quiet=quiet, force=True, device=inputs.device)
         ev = result.test_eval
         rec.metrics = {"best_top1": result.best_top1, "epochs": len(result.history), "history": result.history,
                        "selection": "holdout top-1" if inputs.data.holdout is not None else "last epoch",
                        "holdout_size": len(inputs.data.holdout) if inputs.data.holdout is not None else 0}
-        output = TrainOutput.load(dest)
-    rec.set_artifact(dest)
+        output = TrainOutput.load(result.best)
     if ev is None:   # taken as it is, or nothing selected (the last epoch): evaluate it here
         from edgeres.evaluate import evaluate
 
         ev = evaluate(output.model.to(inputs.device or "cpu"), inputs.data.test, batch_size=256)
     fp32_sanity(rec, ev, settings, info.num_classes, rec.metrics.get("history") or [])
-    if not rec.passed:   # training wrote best.pt as it went: the rejected model keeps another name
-        rejected = rejected_path(dest)
-        os.replace(dest, rejected)
-        rec.artifact, rec.sha256 = None, None
+    claim_dir(out, what="training folder", kind="train", owner_parent=True)
+    if rec.passed:   # the gates passed: this training replaces what out_dir held
+        for name in TRAINED_FILES:
+            if os.path.lexists(staging / name):
+                if (out / name).is_dir() and not (out / name).is_symlink():
+                    shutil.rmtree(out / name)
+                os.replace(staging / name, out / name)
+        rec.set_artifact(out / "best.pt")
+    else:   # what out_dir held stays; the rejected model keeps another name beside it
+        rejected = rejected_path(out / "best.pt")
+        os.replace(staging / "best.pt", rejected)
         rec.extra_artifacts["rejected"] = str(rejected)
-        rec.message += f"; the rejected model is {rejected}"
+        kept = f" ({out / 'best.pt'}, an earlier build's, is left as it was)" if (out / "best.pt").is_file() else ""
+        rec.message += f"; the rejected model is {rejected}{kept}"
+    shutil.rmtree(staging, ignore_errors=True)
     return StageResult(rec, TrainOutput(output.model, output.meta, ev))
 
 

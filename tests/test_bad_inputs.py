@@ -233,6 +233,9 @@ TINY_EXPERIMENT = ["experiment", "degradation", "--dataset", "digits", "--depths
 
 # (id, argv with {placeholders}) -- every case must be refused
 CASES = [
+    # weights
+    ("weights-import-garbage", ["weights", "import", "--from", "{root}/garbage.pt"]),
+    ("weights-fetch-unknown-arch", ["weights", "fetch", "resnet-18"]),
     # fold
     ("fold-missing-weights", ["fold", "--weights", "{root}/nope.pt", "--out", "{root}/f.pt"]),
     ("fold-garbage-weights", ["fold", "--weights", "{root}/garbage.pt", "--out", "{root}/f.pt"]),
@@ -866,7 +869,6 @@ class TestOwnership:
         assert r.exit_code == 1 and "deploy.yml is not a file edgeres wrote" in r.stderr, r.output
         assert (out / "deploy.yml").read_text() == "# my edits\n"
 
-    @pytest.mark.xfail(strict=True, reason="needs the wiring in edgeres/train.py _check_run_folder (issue 34 report)")
     def test_train_force_never_replaces_a_symlinked_best_pt(self, world):
         link = world["root"] / "train_link" / "best.pt"
         r = CliRunner().invoke(main, ["train", "--out", str(link.parent), "--epochs", "1", "--force"])

@@ -86,8 +86,8 @@ def test_bundle_layout_and_manifest(bundle, run_dir):
     from edgeres.io import sha256_file
 
     m = json.loads((bundle / "manifest.json").read_text())
-    for name in ("model_fp32.onnx", "model_int8.onnx", "calib.cache", "probe.npz", "device_runtime.py", "edgeres_stats.py",
-                 "edgeres-device"):
+    for name in ("model_fp32.onnx", "model_int8.onnx", "calib.cache", "probe.npz", "device_runtime.py",
+                 "edgeres_stats.py", "edgeres-device"):
         assert (bundle / name).is_file(), name
         assert m["files"][name]["sha256"] == sha256_file(bundle / name)
     assert set(m["files"]) == {p.name for p in bundle.iterdir() if p.name != "manifest.json"}
@@ -104,7 +104,7 @@ def test_bundle_layout_and_manifest(bundle, run_dir):
     assert b["ok"] and b["verdict"] == "PASSED" and not b["allow_failed"] and b["not_measurable"] == []
     # the run was built with --max-drop 100: named as loosened, in the manifest and on its verdict line
     assert {x["key"] for x in b["limits_loosened"]} == {"gates.max_drop_ptq", "gates.max_drop_qat"}
-    assert b["message"].startswith("PASSED: all gates passed; limits loosened: gates.max_drop_ptq 100 (shipped 1, "
+    assert b["message"].startswith("PASSED: all gates passed; limits loosened: gates.max_drop_ptq 100 (shipped 3, "
                                    "from --max-drop 100)")
     assert m["tensorrt"]["validated"] == [] and m["tensorrt"]["targets"]
     assert m["calibration_cache"] == "calib.cache" and m["probe"]["count"] == 16

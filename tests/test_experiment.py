@@ -95,20 +95,29 @@ def test_gradient_norms_leave_the_model_unchanged():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_orderings_logic():
-    def run(variant, depth, train, test):
-        return {"variant": variant, "depth": depth, "final": {"train_error": train, "test_error": test}}
+def test_orderings_are_decided_with_intervals():
+    """A finding is HELD only when the whole interval of the difference lies on its side of 0, NOT HELD when it lies
+    on the other side, NOT SHOWN when a few images either way could reverse it."""
+    def run(variant, depth, train, test, n_train=3200, n_test=359):
+        return {"variant": variant, "depth": depth,
+                "final": {"train_error": train, "test_error": test, "train_images": n_train, "test_images": n_test}}
 
-    runs = [run("plain", 8, 0.10, 0.12), run("plain", 14, 0.20, 0.15), run("plain", 20, 0.15, 0.2),
-            run("residual", 8, 0.10, 0.12), run("residual", 14, 0.08, 0.11), run("residual", 20, 0.05, 0.10)]
+    runs = [run("plain", 8, 0.0056, 0.012), run("plain", 14, 0.0228, 0.015), run("plain", 20, 0.0056, 0.02),
+            run("residual", 8, 0.0056, 5 / 359), run("residual", 14, 0.004, 2 / 359),
+            run("residual", 20, 0.0001, 0.001)]
     o = orderings(runs, (8, 14, 20))
-    a = o["plain_deeper_higher_train_error"]
-    assert [p["held"] for p in a["pairs"]] == [True, False] and a["held"] is False
-    assert o["residual_deeper_lower_test_error"]["held"] is True
-    assert o["residual_deeper_lower_train_error"]["held"] is True
-    runs[1]["final"]["train_error"] = 0.10   # a tie is not "higher"
-    runs[2]["final"]["train_error"] = 0.30
-    assert orderings(runs, (8, 14, 20))["plain_deeper_higher_train_error"]["held"] is False
+    a = o["plain_deeper_higher_train_error"]   # 73 vs 18 of 3,200 images: held; then 18 vs 73: not held
+    assert [p["outcome"] for p in a["pairs"]] == ["held", "not held"] and a["outcome"] == "not held"
+    assert a["pairs"][0]["interval_pp"][0] > 0 and not a["held"]
+    b = o["residual_deeper_lower_test_error"]   # 5 vs 2 of 359 test images: within noise
+    assert b["pairs"][0]["outcome"] == "not shown" and b["outcome"] == "not shown" and b["held"] is False
+    lo, hi = b["pairs"][0]["interval_pp"]
+    assert lo < 0 < hi and b["pairs"][0]["diff_pp"] == pytest.approx(100 * (2 - 5) / 359, abs=1e-3)
+    many = [run("plain", 8, 0.10, 0.1), run("plain", 14, 0.10, 0.1),   # a tie: not shown, never "held"
+            run("residual", 8, 0.0056, 0.05, n_test=10000), run("residual", 14, 0.004, 0.02, n_test=10000)]
+    o = orderings(many, (8, 14))
+    assert o["residual_deeper_lower_test_error"]["outcome"] == "held"
+    assert o["plain_deeper_higher_train_error"]["outcome"] == "not shown"
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +147,8 @@ def test_cli_tiny_run_writes_documented_files(tiny_run):
         assert r["iteration"] == [3, 6]
         assert len(r["train_error"]) == len(r["test_error"]) == len(r["lr"]) == 2
         assert all(0 <= e <= 1 for e in r["train_error"] + r["test_error"])
-        assert r["final"] == {"iteration": 6, "train_error": r["train_error"][-1], "test_error": r["test_error"][-1]}
+        assert r["final"] == {"iteration": 6, "train_error": r["train_error"][-1], "test_error": r["test_error"][-1],
+                              "train_images": r["train_seen"][-1], "test_images": 60}
         assert r["layers"] == r["depth"]
     assert result["test_images"] == 60
 
@@ -148,11 +158,14 @@ def test_orderings_are_computed_from_the_curves(tiny_run):
     result = json.loads((out / FILES["json"]).read_text())
     final = {(r["variant"], r["depth"]): r for r in result["runs"]}
     a = result["orderings"]["plain_deeper_higher_train_error"]
-    assert a["held"] == (final["plain", 14]["train_error"][-1] > final["plain", 8]["train_error"][-1])
     assert a["pairs"][0]["deep_value"] == final["plain", 14]["train_error"][-1]
+    diff = final["plain", 14]["train_error"][-1] - final["plain", 8]["train_error"][-1]
+    assert a["pairs"][0]["diff_pp"] == pytest.approx(100 * diff, abs=1e-3)
+    lo, hi = a["pairs"][0]["interval_pp"]
+    assert lo <= 100 * diff <= hi
+    assert a["outcome"] == ("held" if lo > 0 else "not held" if hi < 0 else "not shown")
     b = result["orderings"]["residual_deeper_lower_test_error"]
-    assert b["held"] == (final["residual", 14]["test_error"][-1] < final["residual", 8]["test_error"][-1])
-    assert isinstance(a["held"], bool) and isinstance(b["held"], bool)
+    assert b["outcome"] in ("held", "not held", "not shown") and isinstance(b["held"], bool)
 
 
 def test_csv_matches_json(tiny_run):

@@ -19,8 +19,8 @@ HEAVY = {"torch", "numpy", "onnx", "onnxruntime", "nncf", "openvino", "tensorrt"
 
 # lowest first; a module may import its own layer (acyclically) and the layers below, never one above
 LAYERS = [
-    ("foundation", ["errors", "io", "env", "metrics", "stats", "suggest", "progress", "device", "dist", "runner_base",
-                    "__init__",
+    ("foundation", ["errors", "io", "env", "metrics", "stats", "suggest", "numbers", "progress", "device", "dist",
+                    "runner_base", "__init__",
                     "tensorrt.versions", "tensorrt.dla"]),
     ("formats", ["recipe", "settings", "records", "checkpoint", "models", "data", "check", "onnx_info", "pretrained",
                  "memory",

@@ -26,8 +26,11 @@ def test_table_fits_120_columns_and_merges_the_latency_notes():
     long = "x " * 150
     skipped = StageRecord(stage="compile", status="skipped", message=f"TensorRT engine not built: {long}")
     rep = build_report(Path("."), [skipped, verify], ok=True, message="all gates passed")
-    text = format_table(rep)
-    assert max(len(line) for line in text.splitlines()) <= 120
+    text = format_table(rep, width=120)
+    assert max(len(line) for line in text.splitlines()) <= 120 and "left out" not in text
+    narrow = format_table(rep, width=80)   # an 80-column terminal: the least needed columns go, said once
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    assert "(left out at 80 columns: INT8 ops, p99 ms" in narrow and "top-1 %" in narrow.splitlines()[0]
     assert text.count("latency varied") == 1 and "train/torch 27.2 %" in text and "export_cpu/openvino 98.5 %" in text
     header = text.splitlines()[0]
     assert "×FP32" in header and "agree %" in header
@@ -41,5 +44,5 @@ def test_the_verdict_states_what_fp32_scored():
     train = StageRecord(stage="train", metrics={"fp32_top1_pct": 40.0, "n_eval": 60, "chance_pct": 33.3333})
     rep = build_report(Path("."), [train], ok=False, message="train: FP32 top-1 40.0 % is not clearly above chance")
     assert rep["fp32"] == {"top1_pct": 40.0, "n": 60, "chance_pct": 33.3333}
-    last = format_table(rep).splitlines()[-1]
+    last = format_table(rep, width=120).splitlines()[-1]
     assert last.startswith("FAILED: train:") and last.endswith("(FP32 top-1 40.0 % on 60 images, chance 33.3 %)")

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.slow
 # stage -> the settings that no artifact can pass (limits outside what a recipe accepts), and the files the stage
 # writes on success (relative to the run folder) that must not appear when it fails
 IMPOSSIBLE = {
-    # train: a learning rate no model survives (its loss explodes, its top-1 cannot be told from chance)
-    "train": ({"train": TrainCfg(epochs=2, optimizer="adam", lr=1e6)}, ["train/best.pt"]),
+    # train: a learning rate at which nothing is learnt (its top-1 cannot be shown above chance)
+    "train": ({"train": TrainCfg(epochs=2, optimizer="sgd", lr=1e-12)}, ["train/best.pt"]),
     "fold": ({"rel_tol": -1.0}, ["fold/folded.pt"]),
     "ptq": ({"max_drop": -100.0}, ["quant/ptq.pt", "calibration/manifest.json"]),
     "qat": ({"min_agreement_pct": 101.0}, ["quant/qat.pt"]),
@@ -89,3 +89,18 @@ def test_a_failed_gate_leaves_a_failed_record_and_the_rejected_artifact(referenc
         assert str(rejected.name) in rec["message"]
     leftovers = [p.name for p in run.rglob(".*unverified*")]
     assert not leftovers, leftovers
+
+
+def test_a_failed_retraining_leaves_the_model_an_earlier_build_made(reference, tmp_path):
+    """Training runs in a staging folder and moves in only after its gates pass: a rebuild whose FP32 model fails
+    them leaves train/best.pt (and its metrics) as the earlier, passing build wrote them."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = {name: (run / "train" / name).read_bytes() for name in ("best.pt", "metrics.jsonl")}
+    ctx = _context(run)
+    step = next(s for s in PLAN if s.name == "train")
+    settings = dataclasses.replace(step.settings(ctx), **IMPOSSIBLE["train"][0])
+    with pytest.raises(StageFailed):
+        run_stage(ctx, dataclasses.replace(step, settings=lambda c: settings))
+    assert {name: (run / "train" / name).read_bytes() for name in before} == before
+    assert (run / "train" / "best.rejected.pt").is_file() and not (run / "train").with_name(".train.staging").exists()

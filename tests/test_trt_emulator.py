@@ -466,5 +466,6 @@ def test_compile_stage_gates_the_engine_it_built(bundle, tmp_path):
     assert rec["status"] == "failed" and rec["artifact"] is None and not engine.exists(), rec
     rejected = run / "engine" / "model.rejected.plan"
     assert rejected.is_file() and Path(f"{rejected}.json").is_file()
-    assert rec["extra_artifacts"]["rejected"] == str(rejected) and "top-1 dropped" in rec["message"]
+    assert rec["extra_artifacts"]["rejected"] == str(rejected)
+    assert "top-1 drop vs FP32" in rec["message"] and "above the limit of" in rec["message"]
     assert not list((run / "engine").glob(".unverified*"))

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from edgeres.data.infer import not_a_folder
 from edgeres.device import DEVICE_HELP
 from edgeres.recipe import DATASETS, GATE_LIMITS, GatesCfg, for_dataset, gate_overrides, list_recipes, load_recipe
 
@@ -101,6 +102,23 @@ def _gate_help() -> str:
                       for n in GatesCfg.__dataclass_fields__)
     return (f"Set any gate's limit, e.g. --gate max_drop_qat=0.5 --gate confidence=0.9 (repeatable; a recipe "
             f"gates.NAME override, named in the verdict when looser than the shipped recipe's). NAME: {names}.")
+
+
+class DataDir(click.ParamType):
+    """--data-dir: a folder. A file or an archive given instead is one line saying what to do (a file: `edgeres
+    predict` classifies it; an archive: unpack it first); a folder that does not exist yet passes (a download
+    target, or the dataset loader says it is missing)."""
+
+    name = "folder"
+
+    def convert(self, value, param, ctx):
+        problem = not_a_folder(value)
+        if problem and Path(value).expanduser().exists():
+            self.fail(problem.removeprefix("--data-dir "), param, ctx)
+        return value
+
+
+DATA_DIR = DataDir()
 
 
 def gate_option(fn):

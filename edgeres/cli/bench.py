@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from edgeres.cli._common import emit, ints, json_option
+from edgeres.cli._common import DATA_DIR, emit, ints, json_option
 from edgeres.cli.types import FiniteFloat
 from edgeres.errors import ConfigError
 from edgeres.memory import check_artifact
@@ -51,7 +51,7 @@ def bench(path, batch, iterations, duration, warmup, threads, backend, providers
 @click.argument("a", type=click.Path(dir_okay=False))
 @click.argument("b", type=click.Path(dir_okay=False))
 @click.option("--dataset", default=None, help="Dataset to draw inputs from (preprocessed as artifact A says).")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where the dataset lives.")
+@click.option("--data-dir", type=DATA_DIR, default=None, help="Where the dataset lives.")
 @click.option("--split", default="test", show_default=True, help="Dataset split.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="At most this many samples.")
 @click.option("--probe", type=click.Path(dir_okay=False), default=None,

@@ -37,8 +37,9 @@ from edgeres.io import read_small_bytes
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Bundle folder to write (with --tar: OUT.tar.gz). Optional with --rootfs.")
 @click.option("--tar", is_flag=True, help="Write a .tar.gz instead of a folder.")
-@click.option("--probe-size", type=click.IntRange(1), default=32, show_default=True,
-              help="Preprocessed validation images carried with their reference logits.")
+@click.option("--probe-size", type=click.IntRange(1), default=None,
+              help="Preprocessed evaluation images carried with their reference logits [default: 64, or all the "
+                   "run's probe.npz holds when fewer].")
 @click.option("--min-agreement", type=FiniteFloat(0, 100), default=90.0, show_default=True,
               help="Device gate: top-1 agreement (%) with the host's reference logits.")
 @click.option("--max-accuracy-drop", type=FiniteFloat(0, 100), default=5.0, show_default=True,

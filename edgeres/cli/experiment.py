@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from edgeres.cli._common import emit, floats, json_option, quiet_option
+from edgeres.cli._common import DATA_DIR, emit, floats, json_option, quiet_option
 from edgeres.cli.types import FiniteFloat
 from edgeres.experiment import FILES, DegradationConfig, format_result, parse_depths, run_degradation
 from edgeres.io import check_own_files, check_owned_dir, claim_dir, record_files
@@ -19,7 +19,7 @@ def experiment() -> None:
               help="Comma-separated depths 6n+2 (8, 14, 20, 32, 44, 56, 110...); each trained plain and residual.")
 @click.option("--dataset", type=click.Choice(["cifar10", "mnist", "digits", "imagefolder"]), default="cifar10",
               show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where the dataset lives.")
+@click.option("--data-dir", type=DATA_DIR, default=None, help="Where the dataset lives.")
 @click.option("--input-size", type=click.IntRange(8, 512), default=None, help="Input side (default: the dataset's).")
 @click.option("--iterations", type=click.IntRange(1), default=64000, show_default=True,
               help="Training iterations per net (the paper: 64k; lr / 10 at 50% and 75%).")

@@ -8,12 +8,14 @@ import click
 from edgeres.build import BuildOptions
 from edgeres.build import build as run_build
 from edgeres.cli._common import (
+    DATA_DIR,
     complete_arch,
     complete_dataset,
     complete_recipe,
     device_option,
     emit,
     floats,
+    gate_option,
     json_option,
     quiet_option,
 )
@@ -29,9 +31,11 @@ from edgeres.report import format_table, write_report
               help="Architecture (default: the recipe's; see `edgeres archs`).")
 @click.option("--dataset", default=None, shell_complete=complete_dataset,
               help="digits (embedded default) | mnist | cifar10 | imagefolder.")
-@click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Where the dataset lives.")
-@click.option("--recipe", default="demo", show_default=True, shell_complete=complete_recipe,
-              help="Built-in recipe name (edgeres/recipes/, see README) or a YAML path.")
+@click.option("--data-dir", type=DATA_DIR, default=None, help="Where the dataset lives.")
+@click.option("--recipe", default=None, shell_complete=complete_recipe,
+              help="Built-in recipe name (edgeres/recipes/, see README) or a YAML path [default: demo; for photos, "
+                   "finetune_imagefolder from the published ImageNet weights when they are on this machine "
+                   "(`edgeres weights`), else imagenette_resnet18 from scratch].")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="FP32 training epochs (overrides the recipe).")
 @click.option("--qat-epochs", type=click.IntRange(0), default=None, help="QAT epochs; 0 = PTQ only.")
 @click.option("--calib-method", type=click.Choice(CALIB_METHODS), default=None,
@@ -57,7 +61,8 @@ from edgeres.report import format_table, write_report
                    "weights (fetched once, sha256-checked); a classifier with another class count is re-initialised.")
 @click.option("--backbone-lr-scale", type=FiniteFloat(0, 100), default=None,
               help="Fine-tuning: lr multiplier for every layer but the classifier (e.g. 0.1).")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/ARCH-DATASET).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run folder [default: runs/ARCH-DATASETNAME, e.g. runs/resnet18-photos or runs/resnet18-digits].")
 @click.option("--max-drop", type=FiniteFloat(0, 100), default=None,
               help="Largest top-1 drop (pp) of the INT8 model vs FP32 before the build fails [default: the "
                    "recipe's gates.max_drop_qat, or gates.max_drop_ptq with --qat-epochs 0].")
@@ -70,19 +75,20 @@ from edgeres.report import format_table, write_report
               help="QAT loss: kd distils the FP32 model (default), ce trains on labels (quant.qat_loss).")
 @click.option("--min-agreement", type=FiniteFloat(0, 100), default=None,
               help="Smallest top-1 agreement (%) of the INT8 models with FP32 (gates.min_agreement_pct).")
+@gate_option
 @device_option
 @quiet_option
 @json_option
 def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, calib_method, input_size, batch_size, lr, seed, workers,
           mean, std, skip_bad_images, calib_size, qat_lr, int8, fp16, pretrained, init_from, backbone_lr_scale, out,
-          max_drop, force, bench_seconds, holdout, qat_loss, min_agreement, device, quiet, as_json) -> None:
+          max_drop, force, bench_seconds, holdout, qat_loss, min_agreement, gates, device, quiet, as_json) -> None:
     """Data -> train -> fold -> PTQ -> QAT -> export -> compile -> verify -> report, each stage gated against FP32."""
 
-    out = Path(out) if out else Path("runs") / f"{arch or recipe}-{dataset or 'default'}"
-    opts = BuildOptions(out=out, recipe=recipe, arch=arch, dataset=dataset, data_dir=data_dir, epochs=epochs,
+    opts = BuildOptions(out=Path(out) if out else None, recipe=recipe, arch=arch, dataset=dataset, data_dir=data_dir,
+                        epochs=epochs,
                         qat_epochs=qat_epochs, calib_method=calib_method, int8=int8, fp16=fp16,
                         pretrained=Path(pretrained) if pretrained else None, max_drop=max_drop, force=force,
-                        quiet=quiet or as_json, bench_seconds=bench_seconds, device=device,
+                        quiet=quiet or as_json, bench_seconds=bench_seconds, device=device, gates=gates,
                         overrides={k: v for k, v in {
                             "data.input_size": input_size, "data.batch_size": batch_size, "train.lr": lr,
                             "train.seed": seed, "data.workers": workers, "data.mean": floats(mean, "--mean"),
@@ -95,11 +101,10 @@ def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, calib_method, inp
     if as_json:
         emit(result.report, True)
     else:
-        click.echo("")
-        click.echo(format_table(result.report))
-        click.echo(f"report: {result.run_dir / 'report.html'}")
-    if not result.ok:
-        raise click.exceptions.Exit(1) if as_json else click.ClickException(result.message)
+        click.echo(f"\nreport: {result.run_dir / 'report.html'}")
+        click.echo(format_table(result.report))   # the verdict is the last thing a build prints
+    if not result.ok:   # the verdict line above said why (once)
+        raise click.exceptions.Exit(1)
 
 
 @click.command()

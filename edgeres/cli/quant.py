@@ -11,9 +11,11 @@ from edgeres import settings
 from edgeres.check import check_onnx, count_qdq
 from edgeres.checkpoint import ModelMeta, load_model, num_outputs, read_checkpoint
 from edgeres.cli._common import (
+    DATA_DIR,
     complete_dataset,
     device_option,
     emit,
+    gate_option,
     json_option,
     quiet_option,
     recipe_option,
@@ -123,12 +125,13 @@ def load_float_or_folded(weights: str, arch: str | None = None):
 @click.option("--dataset", default=None, shell_complete=complete_dataset,
               help="Check on this dataset's first --probe-size evaluation images, as `build` does [default: the "
                    "run's dataset when --weights comes from a run, else random inputs].")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where --dataset lives.")
+@click.option("--data-dir", type=DATA_DIR, default=None, help="Where --dataset lives.")
 @settings.options(FoldSettings)
 @recipe_option
+@gate_option
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @json_option
-def fold(weights, out, arch, dataset, data_dir, recipe_name, force, as_json, **given) -> None:
+def fold(weights, out, arch, dataset, data_dir, recipe_name, gates, force, as_json, **given) -> None:
     """Fold BatchNorm into the preceding convs; check the result on a probe batch (the `fold` stage of `build`).
 
     BatchNorms that no conv precedes (pre-activation ResNets, DenseNet) are kept as a per-channel
@@ -138,7 +141,7 @@ def fold(weights, out, arch, dataset, data_dir, recipe_name, force, as_json, **g
 
     _refuse_overwrite(out, force)
     recipe, dataset, data_dir = stage_recipe(recipe_name, weights, dataset,
-                                             {**settings.overrides(given), "data.data_dir": data_dir})
+                                             {**settings.overrides(given), "data.data_dir": data_dir}, gates=gates)
     s = FoldSettings.from_recipe(recipe)
     model, meta = load_model(weights, arch=arch)
     meta = _meta_for(model, meta, arch or (meta.arch if meta else None))
@@ -151,13 +154,13 @@ def fold(weights, out, arch, dataset, data_dir, recipe_name, force, as_json, **g
     obj = {"out": out, "arch": meta.arch, "folded": result.folded, "kept_affine": result.kept_affine,
            "kept_reasons": result.reasons, "metrics": res.record.metrics, "record": res.record.to_dict(),
            "gates": [_describe(g) for g in res.record.gates]}
-    emit(obj, as_json, lambda: "\n".join([result.describe(), *(f"gate {d}: ok" for d in obj["gates"]),
+    emit(obj, as_json, lambda: "\n".join([result.describe(), *(f"gate: {d}" for d in obj["gates"]),
                                           f"wrote {out}"]))
 
 
 def _describe(gate: dict) -> str:
 
-    return Gate(gate["name"], gate["value"], gate["limit"], gate["op"]).describe()
+    return Gate.from_dict(gate).describe()
 
 
 @click.command()
@@ -168,7 +171,7 @@ def _describe(gate: dict) -> str:
               help="Trained, folded (edgeres fold) or, for --qat, INT8 PTQ checkpoint.")
 @click.option("--dataset", default=None, shell_complete=complete_dataset,
               help="digits | mnist | cifar10 | imagefolder [default: the run's, when --weights comes from a run].")
-@click.option("--data-dir", default=None, help="Dataset folder.")
+@click.option("--data-dir", type=DATA_DIR, default=None, help="Dataset folder.")
 @click.option("--arch", default=None, help="Architecture, for a checkpoint without edgeres metadata.")
 @click.option("--manifest", default=None, type=click.Path(dir_okay=False),
               help="Calibration manifest path [default: <out dir>/calibration/<out name>.manifest.json].")
@@ -182,6 +185,7 @@ def _describe(gate: dict) -> str:
               help="Fail (and write nothing but <out>.rejected.pt) when top-1 drops more than this many percentage "
                    "points below the float model's [recipe gates.max_drop_ptq (--ptq) / gates.max_drop_qat].")
 @recipe_option
+@gate_option
 @click.option("--teacher", type=click.Path(dir_okay=False), default=None,
               help="--qat from an INT8 checkpoint: the float (or folded) model to distil [default: the float model "
                    "--weights is, when it is one].")
@@ -190,7 +194,7 @@ def _describe(gate: dict) -> str:
 @device_option
 @quiet_option
 @json_option
-def quantize(ptq, qat, weights, dataset, data_dir, arch, manifest, max_drop, recipe_name, teacher, out, force,
+def quantize(ptq, qat, weights, dataset, data_dir, arch, manifest, max_drop, recipe_name, gates, teacher, out, force,
              device, quiet, as_json, **given) -> None:
     """INT8 quantization with NNCF, configured for TensorRT (the `ptq` / `qat` stages of `build`).
 
@@ -217,7 +221,10 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, manifest, max_drop, rec
              "gates.max_drop_ptq": max_drop, "gates.max_drop_qat": max_drop}
     if mode == "ptq":
         flags["quant.qat_epochs"] = 0   # --ptq: PTQ is the final INT8 model, gated as build gates one
-    recipe, dataset, data_dir = stage_recipe(recipe_name, weights, dataset, flags, say=log)
+    origins = {k: f"--max-drop {max_drop:g}" for k in ("gates.max_drop_ptq", "gates.max_drop_qat")} \
+        if max_drop is not None else {}
+    recipe, dataset, data_dir = stage_recipe(recipe_name, weights, dataset, flags, say=log, gates=gates,
+                                             origins=origins)
     if dataset is None:
         raise ConfigError("--dataset is needed: --weights does not come from a run whose recipe names one")
     out_path = Path(out)
@@ -270,8 +277,9 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, manifest, max_drop, rec
            "calib_size": m.get("subset_size"), "calib_method": m.get("method"),
            "qat_history": res.record.metrics.get("history", []), "record": res.record.to_dict()}
     drop = (f", {res.record.metrics['drop_pp']:.2f} pp below float" if "drop_pp" in res.record.metrics else "")
+    gates_text = "".join(f"gate: {_describe(g)}\n" for g in res.record.gates)
     emit(obj, as_json, lambda: f"{mode.upper()} INT8 (fake-quant) top-1 {acc:.2f}% on {dataset} test{drop}\n"
-                               f"wrote {out}")
+                               f"{gates_text}wrote {out}")
 
 
 @click.command(name="export")
@@ -287,24 +295,29 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, manifest, max_drop, rec
 @click.option("--dataset", default=None, shell_complete=complete_dataset,
               help="Verify on this dataset's evaluation images (gated, INT8 too) [default: the run's, when "
                    "--weights comes from a run, else 32 random inputs].")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where --dataset lives.")
+@click.option("--data-dir", type=DATA_DIR, default=None, help="Where --dataset lives.")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="At most this many --dataset images [default: FP32 the first --probe-size, INT8 all].")
+@gate_option
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @json_option
-def export_cmd(weights, int8, out, arch, recipe_name, recipe_hash, dataset, data_dir, limit, force, as_json,
+def export_cmd(weights, int8, out, arch, recipe_name, recipe_hash, dataset, data_dir, limit, gates, force, as_json,
                **given) -> None:
     """Export ONNX (input "input" [N,C,H,W], output "logits"), check TensorRT rules, verify on ONNX Runtime
     (the `export_fp32` / `export_int8` stages of `build`).
 
-    FP32 must match torch (max|diff| <= 1e-4 relative, 100 % top-1 agreement); INT8 must agree with its
-    fake-quant model on >= 99 % of --dataset's evaluation images and, up to --int8-agreement-images, its training
-    images. A failed check leaves --out as it was, keeps the graph as
-    <out>.rejected.onnx and exits 1. On random inputs (no --dataset) the INT8 agreement is reported, not gated."""
+    Both are numerical-equivalence checks, decided exactly on logits. FP32 must match torch (max|diff| <= 1e-4
+    relative, no top-1 flip beyond near ties); INT8 must match its fake-quant model within the numeric noise
+    tolerance (gates.int8_rel_tol) and agree with it, near ties aside, on >= 99 % of --dataset's evaluation images
+    and, up to --int8-agreement-images, its training images. A failed check leaves --out as it was, keeps the graph
+    as <out>.rejected.onnx and exits 1. On random inputs (no --dataset) the INT8 agreement is reported, not gated."""
 
     _refuse_overwrite(out, force)
-    recipe, dataset, data_dir = stage_recipe(recipe_name, weights, dataset,
-                                             {**settings.overrides(given), "data.data_dir": data_dir})
+    flags = settings.overrides(given)
+    given_min = flags.get("gates.min_int8_agreement")
+    recipe, dataset, data_dir = stage_recipe(recipe_name, weights, dataset, {**flags, "data.data_dir": data_dir},
+                                             gates=gates, origins={"gates.min_int8_agreement": f"--min-agreement "
+                                                                   f"{given_min:g}"} if given_min is not None else {})
     _, _, rest = read_checkpoint(weights)
     if is_quantized_checkpoint(rest):
         if not int8:
@@ -337,7 +350,7 @@ def export_cmd(weights, int8, out, arch, recipe_name, recipe_hash, dataset, data
         f"{obj['DequantizeLinear']} DQ)",
         f"ONNX Runtime vs torch on {metrics['n_compared']} {metrics['inputs']} inputs: max|diff| "
         f"{metrics['max_abs_diff']:.3g} (rel {metrics['rel_diff']:.3g}), top-1 agreement "
-        f"{_pct(metrics['top1_agreement_pct'])}", *(f"gate {g}: ok" for g in gates)]))
+        f"{_pct(metrics['top1_agreement_pct'])}", *(f"gate: {g}" for g in gates)]))
 
 
 @click.command()

@@ -6,7 +6,16 @@ from pathlib import Path
 import click
 
 from edgeres import pretrained
-from edgeres.cli._common import complete_arch, complete_recipe, device_option, emit, floats, json_option, quiet_option
+from edgeres.cli._common import (
+    DATA_DIR,
+    complete_arch,
+    complete_recipe,
+    device_option,
+    emit,
+    floats,
+    json_option,
+    quiet_option,
+)
 from edgeres.cli.types import FiniteFloat
 from edgeres.data.infer import dataset_for
 from edgeres.errors import ConfigError
@@ -21,7 +30,7 @@ DATASETS = ["digits", "mnist", "cifar10", "imagefolder"]
               help="Built-in recipe name (edgeres/recipes/<NAME>.yaml) or path to a YAML file.")
 @click.option("--arch", default=None, shell_complete=complete_arch, help="Override model.arch.")
 @click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Override data.dataset.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Dataset folder.")
+@click.option("--data-dir", type=DATA_DIR, default=None, help="Dataset folder.")
 @click.option("--epochs", type=click.IntRange(1), default=None)
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Global batch size.")
 @click.option("--lr", type=FiniteFloat(0, 100, min_open=True), default=None)
@@ -79,7 +88,7 @@ def train_cmd(recipe_name, arch, dataset, data_dir, epochs, batch_size, lr, seed
 @click.option("--weights", type=click.Path(dir_okay=False), required=True, help="Checkpoint (.pt/.pth).")
 @click.option("--arch", default=None, help="Architecture (needed only for checkpoints without edgeres metadata).")
 @click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Default: the checkpoint's dataset.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--data-dir", type=DATA_DIR, default=None)
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--input-size", type=click.IntRange(8, 4096), default=None)
 @click.option("--mean", default=None, help="Normalization mean (default: the checkpoint's).")

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from edgeres import settings
-from edgeres.cli._common import complete_dataset, emit, json_option, recipe_option, stage_recipe
+from edgeres.cli._common import DATA_DIR, complete_dataset, emit, json_option, recipe_option, stage_recipe
 from edgeres.data import get_data, split_holdout
 from edgeres.errors import BackendUnavailable, ConfigError
 from edgeres.io import refuse_overwrite
@@ -116,7 +116,7 @@ def compile_cmd(onnx_path, out, fp16, int8, dla_core, gpu_fallback, workspace, b
 @click.option("--dataset", default=None, shell_complete=complete_dataset,
               help="Or a dataset name (edgeres.data): its calibration split [default, without --images: the run's "
                    "dataset when --onnx comes from a run].")
-@click.option("--data-dir", default=None, help="Dataset folder for --dataset.")
+@click.option("--data-dir", type=DATA_DIR, default=None, help="Dataset folder for --dataset.")
 @settings.options(CalibCacheSettings, keys=(("data.holdout", "--holdout", "With --dataset: the share of the "
                                                                           "training split held out (seeded by "
                                                                           "--seed), never calibrated on."),))

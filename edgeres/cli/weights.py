@@ -6,6 +6,7 @@ import click
 
 from edgeres import pretrained
 from edgeres.cli._common import emit, json_option, quiet_option
+from edgeres.cli.types import FiniteFloat
 
 
 @click.group()
@@ -29,7 +30,7 @@ def list_weights(as_json: bool) -> None:
 @click.argument("arch")
 @click.option("--url", default=None, help="A mirror folder holding the published files under their names, or the "
               "file's own URL (default: $EDGERES_WEIGHTS_URL, else download.pytorch.org/models/).")
-@click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+@click.option("--timeout", type=FiniteFloat(1, 3600), default=60.0, show_default=True,
               help="Seconds to wait for the server.")
 @quiet_option
 @json_option

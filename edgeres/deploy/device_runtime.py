@@ -500,7 +500,11 @@ def gate_rule():
         spec = importlib.util.spec_from_file_location("edgeres_stats", copy)
         module = importlib.util.module_from_spec(spec)
         sys.modules["edgeres_stats"] = module   # dataclasses look their module up while it executes
-        spec.loader.exec_module(module)
+        saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True   # no __pycache__ in a verified release
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.dont_write_bytecode = saved
     return sys.modules["edgeres_stats"]
 
 

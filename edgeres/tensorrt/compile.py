@@ -15,7 +15,7 @@ from edgeres.errors import ArtifactError, BackendUnavailable, ConfigError
 from edgeres.io import atomic_write_text, refuse_overwrite, rejected_path
 from edgeres.onnx_info import OnnxInfo, inspect_onnx  # noqa: F401 - inspect_onnx re-exported
 from edgeres.records import StageRecord, StageResult, Status, add_fp32_gates
-from edgeres.settings import read, setting
+from edgeres.settings import level_field, origins_field, read, setting
 from edgeres.tensorrt import engine_build
 from edgeres.tensorrt.calib_cache import read_calibration_cache
 from edgeres.tensorrt.options import DEFAULT_BATCH, DLA_DEFAULT_BATCH, CompileOptions, Precision, validate_options
@@ -135,6 +135,8 @@ class CompileSettings:
     max_drop: float | None = None          # pp of top-1 vs FP32 allowed for an engine built and run here
     drop_source: str = "gates.max_drop_ptq"
     min_agreement_pct: float | None = None   # % top-1 agreement with FP32 required of that engine
+    level: float = level_field()
+    origins: dict = origins_field()
 
     @classmethod
     def from_recipe(cls, recipe, *, precision: str) -> CompileSettings:
