@@ -571,7 +571,8 @@ def _resolve_recipe(opts: BuildOptions):
     if "gates.min_agreement_pct" in opts.overrides:
         origins["gates.min_agreement_pct"] = f"--min-agreement {opts.overrides['gates.min_agreement_pct']:g}"
     values, flagged = gate_overrides(opts.gates)   # --gate last: it names the key it sets
-    return for_dataset(load_recipe(opts.recipe), opts.dataset, {**overrides, **values}, origins={**origins, **flagged})
+    return for_dataset(load_recipe(opts.recipe or "demo"), opts.dataset, {**overrides, **values},
+                       origins={**origins, **flagged})
 
 
 def _with_dataset_of_data_dir(opts: BuildOptions) -> BuildOptions:

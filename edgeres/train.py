@@ -249,9 +249,11 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
             if stale_bn_share(done.steps) > PRECISE_BN_BELOW:
                 # few steps an epoch (a few hundred photos): BatchNorm's running statistics are still mostly their
                 # starting values while the weights have moved, and the holdout (and the saved model) would be judged
-                # with them - recompute them on the training images (eval transform; every rank: buffers stay equal)
-                refresh_bn_stats(model, make_loader(bundle.calib, batch_size=per_rank, shuffle=False,
-                                                    workers=dcfg.workers, device=device), device=device)
+                # with them - recompute them on the training images (eval transform; every rank: buffers stay equal),
+                # in a seeded shuffled order: batches of one class each (the folder order) would average away the
+                # variance between classes and blow the activations up in eval mode
+                refresh_bn_stats(model, make_loader(bundle.calib, batch_size=per_rank, shuffle=True, seed=tcfg.seed,
+                                                    epoch=epoch, workers=dcfg.workers, device=device), device=device)
             loss_sum, correct, seen_t = _reduce(dist_info, loss_sum, correct, seen, device)
             row = {"epoch": epoch + 1, "iteration": state["iteration"], "train_loss": loss_sum / max(1, seen_t),
                    "train_top1": 100.0 * correct / max(1, seen_t), "lr": lr,
@@ -340,12 +342,17 @@ def _restore(last_path: Path, recipe, model, opt, scaler) -> dict[str, Any]:
 
 def _save_epoch(out: Path, recipe, model, meta, opt, scaler, state: dict[str, Any], row: dict[str, Any],
                 select: str | None) -> None:
-    """best.pt when this epoch's holdout top-1 (`select`) is the best so far (without a holdout: every epoch, the
-    last one is kept), last.pt (everything --resume needs), the metrics."""
+    """best.pt when this epoch's holdout top-1 (`select`) is the best so far - on a tie (common on a holdout of a
+    few dozen photos), the lower holdout loss decides - (without a holdout: every epoch, the last one is kept),
+    last.pt (everything --resume needs), the metrics."""
     import torch
 
-    if select is None or row[select] > state["best_top1"]:
+    loss = row.get(select.replace("top1", "loss")) if select else None
+    loss = loss if isinstance(loss, float) and math.isfinite(loss) else float("inf")
+    tie_better = select is not None and row[select] == state["best_top1"] and loss < state.get("best_loss", math.inf)
+    if select is None or row[select] > state["best_top1"] or tie_better:
         state["best_top1"] = row[select] if select else row["epoch"]
+        state["best_loss"] = loss
         extra = {f"{select}": row[select]} if select else {}
         save_checkpoint(out / "best.pt", model, meta, epoch=row["epoch"], **extra)
     save_checkpoint(out / "last.pt", model, meta, optimizer=opt.state_dict(), train_state=dict(state),

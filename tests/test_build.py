@@ -165,7 +165,7 @@ def test_a_build_stopped_late_still_reports_what_it_measured(tmp_path):
     assert [r["stage"] for r in rep["rows"]] == ["train", "ptq", "qat"]
     qat = by["qat"].metrics
     assert rep["rows"][2]["top1"] == qat["top1"] and rep["rows"][0]["top1"] == qat["fp32_top1"]
-    assert "int8 (fake-quant)" in result.output   # the terminal table shows them too
+    assert "int8 fakeq" in result.output   # the terminal table shows them too (in short)
 
 
 def test_bad_options_are_one_line_errors(tmp_path):

@@ -35,9 +35,11 @@ SAME = ("stage", "status", "sha256", "metrics", "gates", "message")
 
 
 def _untimed(value):
-    """A record's metrics without its throughput figures (img/s of a QAT epoch): wall time is never the same."""
+    """A record's metrics without its throughput figures (img/s of a QAT epoch): wall time is never the same; and
+    gates without where their limit was read from (the build: its recipe; the command: the run's recipe.yaml; the
+    limits themselves are compared)."""
     if isinstance(value, dict):
-        return {k: _untimed(v) for k, v in value.items() if k != "images_per_s"}
+        return {k: _untimed(v) for k, v in value.items() if k not in ("images_per_s", "source")}
     if isinstance(value, list):
         return [_untimed(v) for v in value]
     return value

@@ -410,7 +410,7 @@ async def _fleet(specs: list[HostSpec], work, *, concurrency: int, host_timeout:
     """Run `work(spec, res, deadline)` on every host: canaries first (any failure stops the rest), then the others
     with bounded concurrency, starting no new host once more than max_failures failed. `on_done` sees each host's
     result as it finishes. One host's bug never hides the others' results."""
-    host_timeout = seconds(host_timeout, "--host-timeout", 1.0, MAX_HOST_TIMEOUT_S)   # before any connection
+    host_timeout = seconds(host_timeout, "--host-timeout", 0.001, MAX_HOST_TIMEOUT_S)   # before any connection
     results = {s.label: HostResult(s.label, resolved=(resolved or {}).get(s.label)) for s in specs}
     sem = asyncio.Semaphore(concurrency)
     failures = 0
