@@ -666,17 +666,18 @@ def build(opts: BuildOptions) -> BuildResult:
     from edgeres.data import scan as data_scan  # loads torch (decode_image): here, not when the CLI starts
 
     with heartbeat("[data]", enabled=not opts.quiet):
-        data = get_data_for(recipe)   # load (and so validate) the data before the folder is touched
+        data = _load_data(recipe, data_scan)   # load (and so validate) the data before the folder is touched
         # every file looked at before any is trained on: all the unreadable ones named at once, duplicates, counts
         data_report = data_scan.scan_bundle(data, workers=max(1, recipe.data.workers),
                                             min_images=recipe.gates.min_class_images,
                                             progress=None if opts.quiet else data_scan.progress_printer("[data] scan"))
     data_scan.check_readable(data_report, skip_bad_images=recipe.data.skip_bad_images)
+    recipe, batch_note = fit_batch(recipe, len(data.train), given="data.batch_size" in opts.overrides)
     check_memory(recipe.model.arch, input_size=data.info.input_size, batch=recipe.data.batch_size,
                  num_classes=data.info.num_classes, in_channels=data.info.in_channels, options=recipe.model.options,
                  device=str(device), lower="--input-size or --batch-size")
     if not opts.quiet:
-        for line in summary_lines(opts, recipe, data) + data_scan.format_report(data_report):
+        for line in summary_lines(opts, recipe, data) + data_scan.format_report(data_report) + batch_note:
             print(line, flush=True)
     run_dir = claim_dir(opts.out, what="run folder", kind="run", legacy=("stages.jsonl",))
     with run_lock(run_dir):
@@ -687,6 +688,38 @@ def build(opts: BuildOptions) -> BuildResult:
         ctx = BuildContext(opts=opts, recipe=recipe, run_dir=run_dir, device=device, _data=data,
                            data_report=data_report)
         return _run_plan(ctx)
+
+
+def fit_batch(recipe: Recipe, train_images: int, *, given: bool) -> tuple[Recipe, list[str]]:
+    """A recipe's batch larger than half the training split (a few dozen photos) would leave at most one full batch
+    an epoch (none when larger than the split): the recipe's own batch becomes the largest power of two that gives at
+    least two steps an epoch (QAT's too), said in one line. A batch given with --batch-size is the user's: never
+    changed (one that is too large is refused in one line)."""
+    batch = recipe.data.batch_size
+    if given or train_images >= 2 * batch or train_images < 2:
+        return recipe, []
+    fitted = 1 << max(0, (train_images // 2).bit_length() - 1)
+    if fitted >= batch:
+        return recipe, []
+    return recipe.with_overrides({"data.batch_size": fitted}), [
+        f"note: batch {fitted} instead of the recipe's {batch}: the training split has {train_images} images "
+        f"(--batch-size to choose)"]
+
+
+def _load_data(recipe: Recipe, data_scan):
+    """get_data_for(recipe); where building the decoded-image cache stops at the first unreadable file, the scan
+    of the uncached listing names every unreadable file at once instead (one run, not one per bad file)."""
+    from edgeres.errors import DataError
+
+    try:
+        return get_data_for(recipe)
+    except DataError:
+        if not recipe.data.cache or recipe.data.skip_bad_images:
+            raise
+        listing = get_data_for(recipe.with_overrides({"data.cache": False}))
+        data_scan.check_readable(data_scan.scan_bundle(listing, workers=max(1, recipe.data.workers)),
+                                 skip_bad_images=False)
+        raise
 
 
 def summary_lines(opts: BuildOptions, recipe: Recipe, data) -> list[str]:

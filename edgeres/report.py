@@ -144,7 +144,7 @@ def verdict_parts(report: dict[str, Any]) -> tuple[str, str]:
     elif word == "PASSED WITH WARNINGS":
         text = "every gate passed"
     else:
-        text = report["message"]
+        text = report["message"] + _weak_fp32_hint(report)
     if found and word != "FAILED":   # a class the verdict must name, whatever else it says
         text += "; but " + "; ".join(f["text"] for f in found[:3]) + \
             (f"; and {len(found) - 3} more (see the report)" if len(found) > 3 else "")
@@ -513,6 +513,23 @@ def fp32_quality(records: list[StageRecord]) -> dict[str, Any] | None:
     if not isinstance(m.get("fp32_top1_pct"), (int, float)) or not m.get("n_eval"):
         return None
     return {"top1_pct": m["fp32_top1_pct"], "n": m["n_eval"], "chance_pct": m.get("chance_pct")}
+
+
+INT8_VS_FP32_STAGES = ("ptq", "qat", "export_cpu", "compile", "verify")
+
+
+def _weak_fp32_hint(report: dict[str, Any]) -> str:
+    """A failed INT8-vs-FP32 gate on an FP32 model far from sure of itself: the next step is a better FP32 model."""
+    q = report.get("fp32")
+    stage = report.get("message", "").split(":", 1)[0].split(" ")[0]
+    if report.get("ok") or not q or stage not in INT8_VS_FP32_STAGES or q.get("chance_pct") is None:
+        return ""
+    chance = q["chance_pct"]
+    if q["top1_pct"] >= chance + (100.0 - chance) / 2:
+        return ""
+    return (f". The FP32 model is weak ({q['top1_pct']:.1f} %, chance {chance:.1f} %): most of its decisions are near "
+            f"ties that INT8 rounding flips. A better FP32 model is the fix: more epochs, more photos, or fine-tuning "
+            f"published weights (`edgeres weights fetch resnet18`, then build again)")
 
 
 def _fp32_text(q: dict[str, Any] | None) -> str:

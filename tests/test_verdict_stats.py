@@ -154,3 +154,14 @@ def test_a_class_finding_is_never_a_plain_passed_and_loosened_limits_are_named(t
     assert word == "PASSED WITH WARNINGS" and "class 'tench': FP32 never right" in text
     assert "limits loosened: gates.max_drop_qat 3 (shipped 1, from --gate max_drop_qat=3)" in text
     assert rep["limits_loosened"][0]["key"] == "gates.max_drop_qat"
+
+
+def test_a_failed_int8_gate_on_a_weak_fp32_model_names_the_next_step():
+    train = StageRecord(stage="train", metrics={"fp32_top1_pct": 34.8, "n_eval": 66, "chance_pct": 20.0})
+    rep = build_report(Path("."), [train], ok=False, message="qat: top-1 agreement with FP32 71.21 % ...")
+    word, text = verdict_parts(rep)
+    assert word == "FAILED" and "The FP32 model is weak (34.8 %, chance 20.0 %)" in text
+    assert "edgeres weights fetch resnet18" in text
+    strong = StageRecord(stage="train", metrics={"fp32_top1_pct": 92.0, "n_eval": 66, "chance_pct": 20.0})
+    assert "weak" not in verdict_parts(build_report(Path("."), [strong], ok=False, message="qat: x"))[1]
+    assert "weak" not in verdict_parts(build_report(Path("."), [train], ok=False, message="fold: x"))[1]

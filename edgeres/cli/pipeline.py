@@ -69,6 +69,9 @@ from edgeres.report import format_table, write_report
 @click.option("--force", is_flag=True, help="Re-run every stage instead of reusing finished ones.")
 @click.option("--bench-seconds", type=FiniteFloat(0, 3600), default=1.0, show_default=True,
               help="Latency measurement time per artifact in the verify stage (0 = skip timing).")
+@click.option("--val-split", type=FiniteFloat(0.01, 0.9), default=None,
+              help="Photos given as class folders alone: the share of each class set aside as the evaluation split, "
+                   "the same files on every rebuild (data.val_split; 0.2).")
 @click.option("--holdout", type=FiniteFloat(0, 0.9), default=None,
               help="Fraction of the training split held out to select best.pt and QAT's epoch (data.holdout).")
 @click.option("--qat-loss", type=click.Choice(["kd", "kd+ce", "ce"]), default=None,
@@ -81,7 +84,8 @@ from edgeres.report import format_table, write_report
 @json_option
 def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, calib_method, input_size, batch_size, lr, seed, workers,
           mean, std, skip_bad_images, calib_size, qat_lr, int8, fp16, pretrained, init_from, backbone_lr_scale, out,
-          max_drop, force, bench_seconds, holdout, qat_loss, min_agreement, gates, device, quiet, as_json) -> None:
+          max_drop, force, bench_seconds, val_split, holdout, qat_loss, min_agreement, gates, device, quiet,
+          as_json) -> None:
     """Data -> train -> fold -> PTQ -> QAT -> export -> compile -> verify -> report, each stage gated against FP32."""
 
     opts = BuildOptions(out=Path(out) if out else None, recipe=recipe, arch=arch, dataset=dataset, data_dir=data_dir,
@@ -95,7 +99,8 @@ def build(arch, dataset, data_dir, recipe, epochs, qat_epochs, calib_method, inp
                             "data.std": floats(std, "--std"), "data.skip_bad_images": skip_bad_images,
                             "quant.calib_size": calib_size, "quant.qat_lr": qat_lr, "train.init_from": init_from,
                             "train.backbone_lr_scale": backbone_lr_scale, "data.holdout": holdout,
-                            "quant.qat_loss": qat_loss, "gates.min_agreement_pct": min_agreement}.items()
+                            "data.val_split": val_split, "quant.qat_loss": qat_loss,
+                            "gates.min_agreement_pct": min_agreement}.items()
                             if v is not None})
     result = run_build(opts)
     if as_json:
