@@ -275,7 +275,40 @@ def _train_identity(ctx: BuildContext) -> dict[str, Any]:
 
 
 def _train_inputs(ctx: BuildContext, settings) -> train.TrainInputs:
-    return train.TrainInputs(ctx.data, ctx.run_dir / "train", ctx.opts.pretrained, device=ctx.device)
+    return train.TrainInputs(ctx.data, ctx.run_dir / "train", ctx.opts.pretrained, device=ctx.device,
+                             on_epoch=lambda row: _say_eta(ctx, row))
+
+
+ETA_FIXED_S = {"fp32": 3.0, "int8": 12.0}   # exports, OpenVINO's conversion, sessions: measured on the demo, 2 cores
+ETA_TIMED_ROWS = {"fp32": 3, "int8": 6}      # rows the verify stage times for --bench-seconds each
+
+
+def build_eta_s(epoch_s: float, recipe: Recipe, *, done_epochs: int, int8: bool, train_images: int,
+                eval_images: int, bench_seconds: float) -> float:
+    """The whole build's remaining time, from the first training epoch's: the other training epochs; QAT's epochs at
+    about twice a training epoch (fake-quant forward and backward, its holdout passes); PTQ's statistics and the
+    evaluations and exports at about one forward pass over their images each (a third of a training image); the
+    verify stage's timings; a fixed part for exports and conversions."""
+    per_image = epoch_s / max(1, train_images)
+    kind = "int8" if int8 else "fp32"
+    left = (recipe.train.epochs - done_epochs) * epoch_s + ETA_FIXED_S[kind] + ETA_TIMED_ROWS[kind] * bench_seconds
+    if int8:
+        calib = min(recipe.quant.calib_size, train_images)
+        agree = min(recipe.gates.int8_agreement_images, train_images + eval_images)
+        left += 2.0 * epoch_s * recipe.quant.qat_epochs + per_image / 3 * (calib + 6 * eval_images + agree)
+    return left + per_image / 3 * 3 * eval_images
+
+
+def _say_eta(ctx: BuildContext, row: dict[str, Any]) -> None:
+    if row.get("epoch") != 1 or not row.get("seconds"):
+        return
+    left = build_eta_s(row["seconds"], ctx.recipe, done_epochs=1, int8=ctx.opts.int8,
+                       train_images=len(ctx.data.train), eval_images=len(ctx.data.test),
+                       bench_seconds=ctx.opts.bench_seconds)
+    when = time.strftime("%H:%M", time.localtime(time.time() + left))
+    more = f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min"
+    ctx.say(f"[build] epoch 1 took {row['seconds']:.0f} s: the whole build needs about {more} more (done around "
+            f"{when})")
 
 
 def _fold_inputs(ctx: BuildContext, settings) -> fold.FoldInputs:

@@ -21,6 +21,7 @@ import shutil
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,8 @@ def resume_recipe(out_dir: str | Path, overrides: dict[str, Any]):
 
 
 def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = False, data=None,
-          force: bool = False, device: str | None = None) -> TrainResult:
+          force: bool = False, device: str | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train recipe.model on recipe.data; see the module docstring for what is written. `device`: see
     edgeres.device.resolve (default: the first GPU torch sees, else the CPU; under torchrun the process's own).
 
@@ -269,6 +271,8 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
                 _save_epoch(out, recipe, model, meta, opt, scaler if use_amp else None, state, row,
                             "val_top1" if selects else None)
                 _log_epoch(row, writer, quiet, num_classes=info.num_classes)
+                if on_epoch is not None and not quiet:   # e.g. the build's whole-build estimate after epoch 1
+                    on_epoch(row)
             if dist_info.world > 1:
                 torch.distributed.barrier()
     except DataError as e:
@@ -449,6 +453,7 @@ class TrainInputs:
     out_dir: Path                   # RUN/train: best.pt, last.pt, metrics
     pretrained: Path | None = None  # a finished checkpoint to take as it is (no training)
     device: Any = None              # torch device (edgeres.device.resolve; None: the GPU if any)
+    on_epoch: Any = None            # called with each epoch's row (the build's whole-build estimate)
 
 
 @dataclass(frozen=True)
@@ -529,7 +534,8 @@ def run(inputs: TrainInputs, settings: TrainSettings, *, quiet: bool = False):
         output = TrainOutput(model.eval(), meta)
     else:
         # the build only gets here when the training inputs changed (or --force): start that run afresh
-        result = train(recipe, staging, data=inputs.data, quiet=quiet, force=True, device=inputs.device)
+        result = train(recipe, staging, data=inputs.data, quiet=quiet, force=True, device=inputs.device,
+                       on_epoch=inputs.on_epoch)
         ev = result.test_eval
         rec.metrics = {"best_top1": result.best_top1, "epochs": len(result.history), "history": result.history,
                        "selection": "holdout top-1" if inputs.data.holdout is not None else "last epoch",
