@@ -26,7 +26,7 @@ from edgeres.data import get_data_for, split_files
 from edgeres.data.infer import dataset_for
 from edgeres.device import describe as describe_device
 from edgeres.device import resolve as resolve_device
-from edgeres.errors import BackendUnavailable, ConfigError, EdgeresError
+from edgeres.errors import BackendUnavailable, ConfigError, DataError, EdgeresError
 from edgeres.io import (
     atomic_path,
     atomic_write_json,
@@ -742,8 +742,6 @@ def fit_batch(recipe: Recipe, train_images: int, *, given: bool) -> tuple[Recipe
 def _load_data(recipe: Recipe, data_scan):
     """get_data_for(recipe); where building the decoded-image cache stops at the first unreadable file, the scan
     of the uncached listing names every unreadable file at once instead (one run, not one per bad file)."""
-    from edgeres.errors import DataError
-
     try:
         return get_data_for(recipe)
     except DataError:
