@@ -286,6 +286,16 @@ def check_bundle_out(path: str | os.PathLike, force: bool, *, manifest: str = "m
     if extra:
         raise ConfigError(f"--out {p} holds files the bundle did not make ({', '.join(extra[:5])}); edgeres will "
                           f"not delete them: move them away or choose another --out")
+    for name, entry in sorted(data["files"].items()):   # what sits at a listed name must be the file the bundle wrote
+        member = p / name
+        mode = _lstat_mode(member, "bundle member")
+        if mode is None:
+            continue
+        want = entry.get("sha256") if isinstance(entry, dict) else None
+        if not stat.S_ISREG(mode) or (want and sha256_file(member) != want):
+            what = _kind(mode) or ("a folder" if stat.S_ISDIR(mode) else "changed since the bundle wrote it")
+            raise ConfigError(f"--out {p}: {name} is {what}, not the file the bundle wrote; edgeres will not "
+                              f"delete it, even with --force: move it away or choose another --out")
     if not force:
         raise ConfigError(f"{p} already exists; pass --force to replace it")
     return p

@@ -388,6 +388,21 @@ def reusable(run_dir: str | Path, stage: str, inputs_hash: str) -> StageRecord |
     return None
 
 
+def held_by(run_dir: str | Path) -> str | None:
+    """The pid of the build holding `run_dir` (its RUN/.lock flock), None when no build holds it (or no lock file).
+    Only tries the lock: never creates or writes the lock file."""
+    path = Path(run_dir) / ".lock"
+    if special_file(path) or not path.is_file():
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "?"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str | Path) -> Iterator[None]:
     """Hold the run folder for one build. An flock is released by the kernel when its process dies, so a killed

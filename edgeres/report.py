@@ -144,7 +144,7 @@ def verdict_parts(report: dict[str, Any]) -> tuple[str, str]:
     elif word == "PASSED WITH WARNINGS":
         text = "every gate passed"
     else:
-        text = report["message"] + _weak_fp32_hint(report)
+        text = report["message"] + _trade_hint(report) + _weak_fp32_hint(report)
     if found and word != "FAILED":   # a class the verdict must name, whatever else it says
         text += "; but " + "; ".join(f["text"] for f in found[:3]) + \
             (f"; and {len(found) - 3} more (see the report)" if len(found) > 3 else "")
@@ -516,6 +516,18 @@ def fp32_quality(records: list[StageRecord]) -> dict[str, Any] | None:
 
 
 INT8_VS_FP32_STAGES = ("ptq", "qat", "export_cpu", "compile", "verify")
+
+
+def _trade_hint(report: dict[str, Any]) -> str:
+    """"Higher accuracy but FAILED", explained where it happens: an agreement gate failed while top-1 rose."""
+    for r in report.get("stages", []):
+        m = r.get("metrics") or {}
+        failed = [g for g in r.get("gates", []) if not g.get("passed", True) and "agreement" in g.get("name", "")]
+        if r.get("status") == "failed" and failed and isinstance(m.get("drop_pp"), (int, float)) and m["drop_pp"] < 0:
+            changed = 100 - failed[0]["value"]
+            return (f". Its top-1 is {-m['drop_pp']:.2f} pp above FP32's, yet it changes {changed:.1f} % of FP32's "
+                    f"decisions: it trades right answers for others, which the agreement gate refuses")
+    return ""
 
 
 def _weak_fp32_hint(report: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -868,6 +869,50 @@ class TestOwnership:
         r = CliRunner().invoke(main, [*argv, "--force"])
         assert r.exit_code == 1 and "deploy.yml is not a file edgeres wrote" in r.stderr, r.output
         assert (out / "deploy.yml").read_text() == "# my edits\n"
+
+    def test_quantize_never_replaces_a_users_file_at_the_manifest_path(self, world, tmp_path):
+        mine = tmp_path / "my.json"
+        mine.write_text("mine\n")
+        weights = str(world["run"] / "train" / "best.pt")
+        for argv in (["--manifest", str(mine)], []):   # given, and the default beside --out
+            out = tmp_path / "q" / "q.pt"
+            default = out.parent / "calibration" / "q.manifest.json"
+            if not argv:
+                default.parent.mkdir(parents=True, exist_ok=True)
+                default.write_text("mine\n")
+            r = CliRunner().invoke(main, ["quantize", "--ptq", "--weights", weights, "--out", str(out), *argv])
+            assert r.exit_code == 1 and "already exists; pass --force to replace it" in r.output, r.output
+            assert (mine if argv else default).read_text() == "mine\n" and not out.exists()
+
+    def test_bundle_force_never_deletes_a_users_folder_or_edit_at_a_member_name(self, world, tmp_path):
+        out = tmp_path / "b"
+        assert CliRunner().invoke(main, ["bundle", str(world["run"]), "--out", str(out)]).exit_code == 0
+        (out / "probe.npz").unlink()
+        (out / "probe.npz").mkdir()   # the user's folder where a bundle file was
+        (out / "probe.npz" / "keep.txt").write_text("mine\n")
+        r = CliRunner().invoke(main, ["bundle", str(world["run"]), "--out", str(out), "--force"])
+        assert r.exit_code == 1 and "probe.npz is a folder, not the file the bundle wrote" in r.output, r.output
+        assert (out / "probe.npz" / "keep.txt").read_text() == "mine\n"
+        shutil.rmtree(out / "probe.npz")
+        (out / "README.txt").write_text("my notes\n")   # a bundle file the user edited is theirs now
+        r = CliRunner().invoke(main, ["bundle", str(world["run"]), "--out", str(out), "--force"])
+        assert r.exit_code == 1 and "README.txt is changed since the bundle wrote it" in r.output, r.output
+        assert (out / "README.txt").read_text() == "my notes\n"
+
+    def test_train_into_a_run_a_build_holds_is_refused(self, world):
+        import fcntl
+
+        run = world["run"]
+        with open(run / ".lock", "a+") as f:   # a build running in that folder holds this flock
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f.seek(0)
+            f.truncate()
+            f.write("4242")
+            f.flush()
+            r = CliRunner().invoke(main, ["train", "--out", str(run / "train"), "--epochs", "1", "--force"])
+            fcntl.flock(f, fcntl.LOCK_UN)
+        assert r.exit_code == 1 and "is in use by a build (pid 4242)" in r.output, r.output
+        assert (run / "train" / "best.pt").is_file()
 
     def test_train_force_never_replaces_a_symlinked_best_pt(self, world):
         link = world["root"] / "train_link" / "best.pt"

@@ -165,3 +165,11 @@ def test_a_failed_int8_gate_on_a_weak_fp32_model_names_the_next_step():
     strong = StageRecord(stage="train", metrics={"fp32_top1_pct": 92.0, "n_eval": 66, "chance_pct": 20.0})
     assert "weak" not in verdict_parts(build_report(Path("."), [strong], ok=False, message="qat: x"))[1]
     assert "weak" not in verdict_parts(build_report(Path("."), [train], ok=False, message="fold: x"))[1]
+
+
+def test_higher_accuracy_but_failed_is_explained_on_the_verdict_line():
+    rec = _record(200, 10, 16, 74, min_agreement_pct=95.0)   # INT8 +2 pp, but 26 of 300 decisions changed
+    assert not rec.passed and rec.metrics["drop_pp"] < 0
+    word, text = verdict_parts(build_report(Path("."), [rec], ok=False, message=rec.message))
+    assert word == "FAILED" and "Its top-1 is 2.00 pp above FP32's, yet it changes" in text
+    assert "it trades right answers for others" in text

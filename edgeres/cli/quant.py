@@ -30,7 +30,7 @@ from edgeres.export import ExportInputs, ExportSettings, export_summary
 from edgeres.export import run as run_export
 from edgeres.fold import FoldInputs, FoldSettings, fold_batchnorm, load_folded
 from edgeres.fold import run as run_fold
-from edgeres.io import refuse_overwrite, rejected_path
+from edgeres.io import check_replaceable, refuse_overwrite, rejected_path
 from edgeres.quantize import (
     PtqSettings,
     QatSettings,
@@ -230,6 +230,8 @@ def quantize(ptq, qat, weights, dataset, data_dir, arch, manifest, max_drop, rec
     out_path = Path(out)
     manifest = manifest or str(out_path.parent / "calibration" / f"{out_path.stem}.manifest.json")
     start_quantized = is_quantized_checkpoint(rest)
+    if not start_quantized:   # the manifest is written too: a file of the user's there is replaced only with --force
+        check_replaceable(manifest, force, what="--manifest")
     if start_quantized and mode == "ptq":
         raise ConfigError(f"{weights} is already INT8; --ptq needs a float or folded checkpoint")
     dev = resolve(device)

@@ -20,6 +20,7 @@ from edgeres.cli.types import FiniteFloat
 from edgeres.data.infer import dataset_for
 from edgeres.errors import ConfigError
 from edgeres.recipe import for_dataset, load_recipe
+from edgeres.records import held_by
 from edgeres.train import resume_recipe, train
 
 DATASETS = ["digits", "mnist", "cifar10", "imagefolder"]
@@ -59,6 +60,10 @@ def train_cmd(recipe_name, arch, dataset, data_dir, epochs, batch_size, lr, seed
               as_json) -> None:
     """Train a model (FP32) from a recipe; flags override recipe values. Works under torchrun (DDP)."""
 
+    holder = held_by(Path(out_dir).parent)   # RUN/train of a build that is running: its folder, not ours now
+    if holder is not None:
+        raise ConfigError(f"{Path(out_dir).parent} is in use by a build (pid {holder}); wait for it or choose another "
+                          f"--out")
     overrides = {
         "model.arch": arch, "data.dataset": dataset, "data.data_dir": data_dir, "train.epochs": epochs,
         "data.batch_size": batch_size, "train.lr": lr, "train.seed": seed, "data.workers": workers,
