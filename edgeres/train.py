@@ -172,7 +172,10 @@ def train(recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = Fa
     last_path, best_path = out / "last.pt", out / "best.pt"
     if tcfg.init_from and not resume:   # a checkpoint of another architecture: one line, before the folder is claimed
         check_checkpoints(None, tcfg.init_from, arch=recipe.model.arch)
-    _check_run_folder(out, resume=resume, force=force, batch_size=dcfg.batch_size, world=dist_info.world)
+    if dist_info.main:   # one process checks and claims the folder; the others wait for it (no race on the marker)
+        _check_run_folder(out, resume=resume, force=force, batch_size=dcfg.batch_size, world=dist_info.world)
+    if dist_info.world > 1:
+        torch.distributed.barrier()
     device = resolve(device)
     use_amp = bool(tcfg.amp and device.type == "cuda")
     if tcfg.amp and not use_amp and dist_info.main and not quiet:

@@ -2,12 +2,15 @@
 records the gaps); the heartbeat itself is only on terminals."""
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import pty
 import select
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
@@ -39,6 +42,7 @@ def test_heartbeat_speaks_after_silence_only_on_a_terminal(monkeypatch):
 def test_build_in_a_pseudo_terminal_has_no_10_s_gap(tmp_path):
     pytest.importorskip("nncf")
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))   # an 80-column terminal
     cmd = [sys.executable, "-m", "edgeres", "build", "--arch", "resnet20", "--epochs", "1", "--int8",
            "--input-size", "16", "--calib-size", "64", "--bench-seconds", "0.2", "--max-drop", "100",
            "--min-agreement", "0", "--out", str(tmp_path / "run")]
@@ -68,6 +72,11 @@ def test_build_in_a_pseudo_terminal_has_no_10_s_gap(tmp_path):
     assert p.returncode in (0, 1), out[-2000:]
     assert b"[verify]" in out or b"FAILED" in out
     assert worst < 10.0, f"{worst:.1f} s without output after: {out[max(0, where - 300):where]!r}"
+    text = out.decode("utf-8", "replace").replace("\r\n", "\n")
+    table = text[text.rindex("report: "):].splitlines()[1:]   # the table, its notes and the verdict, printed last
+    wide = [line for line in (raw.split("\r")[-1] for raw in table) if len(line) > 80
+            and " " in line.strip()]   # a path longer than the terminal is printed whole, on its own line
+    assert table and not wide, wide
 
 
 def test_device_runtime_ticks_while_it_builds_or_times(monkeypatch, capsys):

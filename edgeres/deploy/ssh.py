@@ -338,9 +338,42 @@ def deploy_job(bundle: Path, manifest: dict, runtime_args: list[str], keep: int)
     return DeployJob(bundle, objects, manifest_sha, signature_sha, tuple(runtime_args), keep)
 
 
+class _Interrupt:
+    """Ctrl-C during a deploy, made impossible to lose: asyncio's own SIGINT handling only cancels the main task,
+    and a cancellation that lands inside the SSH library can be swallowed, leaving the controller going on to
+    install and activate. This handler records the interrupt, drops every open connection (the device sees EOF and
+    aborts its install) and cancels every task; each host checks it again before install and before activate."""
+
+    def __init__(self) -> None:
+        self.fired = False
+        self.conns: set[Any] = set()
+
+    def fire(self) -> None:
+        self.fired = True
+        for conn in list(self.conns):
+            conn.abort()
+        for task in asyncio.all_tasks():
+            task.cancel()
+
+    def check(self) -> None:
+        if self.fired:
+            raise asyncio.CancelledError()
+
+    def install(self) -> None:
+        import signal
+
+        try:   # only the main thread of a process can own SIGINT (deploy() called from a thread keeps Python's)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self.fire)
+        except (ValueError, RuntimeError, NotImplementedError):
+            pass
+
+
 async def _deploy_host(spec: HostSpec, job: DeployJob, opts: SSHOptions, res: HostResult, *, deadline: float,
-                       claim: Callable[[str, HostResult], str | None]) -> None:
+                       claim: Callable[[str, HostResult], str | None], stop: _Interrupt | None = None) -> None:
+    stop = stop or _Interrupt()
+    stop.check()
     conn = await _connect(spec, opts, res)
+    stop.conns.add(conn)
     async with conn:
         home = await _home(conn)
         objdir = f"{home}/{OBJECTS}"
@@ -375,6 +408,7 @@ async def _deploy_host(spec: HostSpec, job: DeployJob, opts: SSHOptions, res: Ho
                 res.sent.append(sha)
                 res.bytes_sent += path.stat().st_size
         res.stage = "install"
+        stop.check()
         left = deadline - time.monotonic()
         cmd = _command(opts, home, "install", "--objects", objdir, "--manifest", job.manifest_sha,
                        *(["--signature", job.signature_sha] if job.signature_sha else []), "--attempt", attempt,
@@ -392,6 +426,7 @@ async def _deploy_host(spec: HostSpec, job: DeployJob, opts: SSHOptions, res: Ho
             res.message = "verified, but too little of --host-timeout was left to activate; nothing switched"
             return
         res.stage = "activate"
+        stop.check()   # a Ctrl-C the SSH library swallowed still stops here: nothing is switched
         status, out = await _releases(conn, opts, "activate", res.release, "--attempt", attempt, "--keep",
                                       str(job.keep), "--units-dir", _under(home, opts.units_dir),
                                       timeout=ACTIVATE_MARGIN_S * 6, home=home)
@@ -535,11 +570,25 @@ def deploy(bundle_dir: str | Path, hosts: list[str], *, concurrency: int = 16, c
             owner = claimed.setdefault(identity, res.host)
             return None if owner == res.host else owner
 
-        async def work(spec: HostSpec, res: HostResult, deadline: float) -> None:
-            await _deploy_host(spec, job, opts, res, deadline=deadline, claim=claim)
+        stop = _Interrupt()
 
-        return asyncio.run(_fleet(specs, work, concurrency=concurrency, host_timeout=host_timeout, canary=canary,
-                                  max_failures=max_failures, on_done=on_done, resolved=resolved)) + dups
+        async def work(spec: HostSpec, res: HostResult, deadline: float) -> None:
+            await _deploy_host(spec, job, opts, res, deadline=deadline, claim=claim, stop=stop)
+
+        async def main() -> list[HostResult]:
+            stop.install()
+            return await _fleet(specs, work, concurrency=concurrency, host_timeout=host_timeout, canary=canary,
+                                max_failures=max_failures, on_done=on_done, resolved=resolved)
+
+        try:
+            out = asyncio.run(main())
+        except asyncio.CancelledError:
+            if stop.fired:
+                raise KeyboardInterrupt from None
+            raise
+        if stop.fired:   # every host ended on its own before the interrupt was seen: still an interrupted run
+            raise KeyboardInterrupt
+        return out + dups
 
 
 def _on_each(hosts: list[str], action: str, *, concurrency: int, host_timeout: float,
