@@ -9,10 +9,11 @@ export PYTHONUNBUFFERED := 1
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt tools/install.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# `pip install -c constraints.txt -e '.[dev]'`, done by uv with pip's own settings (seconds, not a minute); pip
+	# when uv cannot (EDGERES_INSTALLER=pip asks for pip)
+	$(PY) tools/install.py $(VENV)
 	# NNCF's C++ kernels are compiled once, here, not during the first build (a fallback is said, never fatal)
 	$(BIN)/python -c 'from edgeres.nncf_kernels import prepare; prepare()'
 	touch $@
