@@ -22,8 +22,14 @@ TARGET = "-e .[dev]"
 
 
 def pip_config(python: str) -> dict[str, list[str]]:
-    """pip's effective settings, file and environment (`:env:` lines win, as they do for pip), as lists of values."""
-    out = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    """pip's effective settings, file and environment, as `pip config list` prints them."""
+    return parse_pip_config(subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True,
+                                           text=True).stdout)
+
+
+def parse_pip_config(out: str) -> dict[str, list[str]]:
+    """`pip config list` lines (`global.find-links='/opt/wheels'`, `:env:.find-links='...'`) as lists of values per
+    setting; an `:env:` line (a PIP_* variable) replaces the files' values, as it does for pip."""
     found: dict[str, list[str]] = {}
     env_keys: set[str] = set()
     for line in out.splitlines():
