@@ -919,3 +919,125 @@ class TestOwnership:
         r = CliRunner().invoke(main, ["train", "--out", str(link.parent), "--epochs", "1", "--force"])
         assert r.exit_code == 1 and "symbolic link" in r.stderr, r.output
         assert link.is_symlink() and (world["root"] / "a_file").read_text() == "I am a file\n"
+
+
+# ------------------------------------------------------------------------------------- ownership matrix (issue 34)
+# Every path option of every command, read from the command table itself: each is an output edgeres writes (a file
+# or a folder), a folder it writes only its own paths into, or an input it only reads. A new command or option that
+# is not in one of these tables fails test_every_path_option_is_classified, so none can skip the matrix below.
+
+BUNDLE_OF_RUN = "{root}/matrix_bundle"
+OUTPUTS = {   # (command, option name): (kind, argv that reaches the write, with {path} where the output goes)
+    ("build", "out"): ("folder", ["build", "--arch", "mnist_resnet", "--epochs", "1", "--quiet", "--out", "{path}"]),
+    ("train", "out_dir"): ("folder", ["train", "--arch", "mnist_resnet", "--epochs", "1", "--out", "{path}"]),
+    ("experiment degradation", "out"): ("folder", [*TINY_EXPERIMENT, "--out", "{path}"]),
+    ("bundle", "out"): ("folder", ["bundle", "{run}", "--out", "{path}"]),
+    ("bundle", "mender_out"): ("file", ["bundle", "{run}", "--out", "{case}/new_bundle", "--mender", "{path}"]),
+    ("fleet ansible", "out"): ("folder", ["fleet", "ansible", BUNDLE_OF_RUN, "--out", "{path}",
+                                          "--host", "nvidia@jetson1"]),
+    ("calib-cache", "out"): ("file", ["calib-cache", "--onnx", "{onnx}", "--out", "{path}"]),
+    ("compile", "out"): ("file", ["compile", "--onnx", "{onnx8}", "--out", "{path}", "--int8"]),
+    ("export", "out"): ("file", ["export", "--weights", "{folded}", "--out", "{path}"]),
+    ("fold", "out"): ("file", ["fold", "--weights", "{ck}", "--out", "{path}"]),
+    ("quantize", "out"): ("file", ["quantize", "--ptq", "--weights", "{folded}", "--out", "{path}"]),
+    ("quantize", "manifest"): ("file", ["quantize", "--ptq", "--weights", "{folded}", "--out", "{case}/new.pt",
+                                        "--manifest", "{path}"]),
+}
+INTO = {   # folders that are the user's by nature (an image's root file system): edgeres writes only its own paths
+    ("bundle", "rootfs"), ("rootfs", "rootfs"),   # there, tested in tests/test_rootfs.py
+}
+READ_ONLY = {   # inputs: read, never written
+    ("bench", "path"), ("build", "data_dir"), ("build", "pretrained"), ("bundle", "run_dir"), ("bundle", "sign_key"),
+    ("calib-cache", "onnx_path"), ("calib-cache", "images"), ("calib-cache", "data_dir"), ("check", "model"),
+    ("compare", "a"), ("compare", "b"), ("compare", "data_dir"), ("compare", "probe"), ("compile", "onnx_path"),
+    ("compile", "calib_cache"), ("deploy", "bundle_dir"), ("deploy", "hosts_file"), ("deploy", "identity"),
+    ("deploy", "known_hosts"), ("deploy", "ssh_config"), ("eval", "weights"), ("eval", "data_dir"),
+    ("experiment degradation", "data_dir"), ("export", "weights"), ("export", "data_dir"),
+    ("fleet ansible", "bundle_dir"), ("fleet ansible", "hosts_file"), ("fleet ansible", "ssh_config"),
+    ("fleet ansible", "known_hosts"), ("fold", "weights"), ("fold", "data_dir"), ("predict", "model"),
+    ("quantize", "weights"), ("quantize", "data_dir"), ("quantize", "teacher"), ("report", "run_dir"),
+    ("rollback", "hosts_file"), ("rollback", "identity"), ("rollback", "known_hosts"), ("rollback", "ssh_config"),
+    ("rootfs", "bundle_path"), ("rootfs", "trusted_keys"), ("status", "hosts_file"), ("status", "identity"),
+    ("status", "known_hosts"), ("status", "ssh_config"), ("train", "data_dir"), ("weights import", "src"),
+    # read, and updated in place by TensorRT on the machine that builds the engine (never here): the user names it
+    # for exactly that
+    ("compile", "timing_cache"),
+}
+
+
+def _path_options():
+    import click
+
+    def walk(group, prefix=()):
+        for name, cmd in sorted(group.commands.items()):
+            if isinstance(cmd, click.Group):
+                yield from walk(cmd, (*prefix, name))
+            else:
+                yield " ".join((*prefix, name)), cmd
+
+    for name, cmd in walk(main):
+        for p in cmd.params:
+            if isinstance(p.type, click.Path) or type(p.type).__name__ == "DataDir":
+                yield name, p.name
+
+
+def test_every_path_option_is_classified():
+    found = set(_path_options())
+    unknown = found - set(OUTPUTS) - INTO - READ_ONLY
+    assert not unknown, f"path options in no ownership table (add them to OUTPUTS, INTO or READ_ONLY): {unknown}"
+    stale = (set(OUTPUTS) | INTO | READ_ONLY) - found
+    assert not stale, f"options in the tables that no command has: {stale}"
+
+
+def _obstacle(case: Path, what: str) -> Path:
+    """What the user already has at the output path: their file, their folder with a file in it, or a link."""
+    case.mkdir(parents=True)
+    (case / "theirs.txt").write_text("the user's own file\n")
+    (case / "their_folder").mkdir()
+    (case / "their_folder" / "notes.txt").write_text("the user's own notes\n")
+    path = case / "out_here"
+    if what == "file":
+        path.write_text("the user's own file at the output name\n")
+    elif what == "folder":
+        path.mkdir()
+        (path / "keep.txt").write_text("the user's own file in their folder\n")
+    elif what == "link-to-file":
+        path.symlink_to(case / "theirs.txt")
+    elif what == "link-to-folder":
+        path.symlink_to(case / "their_folder")
+    return path
+
+
+# what stands at the output path, and whether --force is passed: every one must be refused
+OBSTACLES = {
+    "file": [("file", False), ("folder", True), ("link-to-file", True)],
+    "folder": [("folder", False), ("folder", True), ("file", True), ("link-to-folder", True)],
+}
+MATRIX = [(cmd, opt, what, force) for (cmd, opt), (kind, _) in sorted(OUTPUTS.items())
+          for what, force in OBSTACLES[kind]]
+
+
+@pytest.fixture(scope="module")
+def matrix_world(world):
+    bundle = Path(BUNDLE_OF_RUN.format(**world))
+    if not bundle.exists():
+        r = CliRunner().invoke(main, ["bundle", str(world["run"]), "--out", str(bundle)])
+        assert r.exit_code == 0, r.output
+    return world
+
+
+@pytest.mark.parametrize("cmd,opt,what,force", MATRIX,
+                         ids=[f"{c.replace(' ', '-')}-{o}-over-{w}{'-force' if f else ''}" for c, o, w, f in MATRIX])
+def test_no_output_path_replaces_what_the_user_has(matrix_world, cmd, opt, what, force):
+    case = matrix_world["root"] / "matrix" / f"{cmd.replace(' ', '-')}-{opt}-{what}-{int(force)}"
+    path = _obstacle(case, what)
+    argv = [a.format(**matrix_world, path=path, case=case) for a in OUTPUTS[(cmd, opt)][1]]
+    argv += ["--force"] if force else []
+    before, names_before = _snapshot(case), {p.name for p in case.iterdir()}
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code != 0, f"{' '.join(argv)} accepted: {result.output[-1500:]}"
+    assert isinstance(result.exception, SystemExit), f"traceback: {result.exception!r}\n{result.output[-1500:]}"
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "out_here" in errors[0], result.stderr   # refused for the obstacle, not else
+    assert _snapshot(case) == before, "the user's file, folder or link target changed"
+    assert {p.name for p in case.iterdir()} == names_before, "something was written beside the refused output"

@@ -9,7 +9,7 @@ from edgeres import settings
 from edgeres.cli._common import DATA_DIR, complete_dataset, emit, json_option, recipe_option, stage_recipe
 from edgeres.data import get_data, split_holdout
 from edgeres.errors import BackendUnavailable, ConfigError
-from edgeres.io import refuse_overwrite
+from edgeres.io import check_replaceable, refuse_overwrite
 from edgeres.onnx_info import read_metadata
 from edgeres.quantize import calibration_indices
 from edgeres.recipe import QuantCfg
@@ -75,6 +75,9 @@ def compile_cmd(onnx_path, out, fp16, int8, dla_core, gpu_fallback, workspace, b
     """Compile an ONNX model into a TensorRT engine with a sidecar and the equivalent trtexec command."""
 
     check_engine_out(out)
+    # the engine's path, in every mode (built here, or planned for the device with its script beside it): a file of
+    # the user's there is refused without --force, a folder, link or FIFO always; nothing is written before this
+    check_replaceable(out, force, what="--out")
     opts = _options(fp16, int8, dla_core, gpu_fallback, workspace, batch, timing_cache, version_compatible,
                     hardware_compatibility, sparsity, calib_cache, strongly_typed)
     if trt_version:
