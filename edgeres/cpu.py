@@ -28,7 +28,7 @@ from edgeres.io import rejected_path
 from edgeres.metrics import compare_logits
 from edgeres.onnx_info import read_metadata
 from edgeres.progress import silenced
-from edgeres.records import StageRecord, StageResult, Status, add_fp32_gates
+from edgeres.records import StageRecord, StageResult, Status, add_fp32_gates, proportion_gate
 from edgeres.settings import level_field, origins_field, read, setting
 
 
@@ -93,7 +93,8 @@ class CpuInputs:
     out: Path                  # export/model_int8_cpu.xml (+ .bin), written only after its check passed
     calibration: Any = None    # "openvino": float32 [1, C, H, W] images, PTQ's calibration images
     reference_top1: float | None = None   # FP32 top-1 (%) on eval_data
-    tensorrt_int8: Any = None  # EvalResult of the TensorRT INT8 ONNX (as written): agreement recorded, not gated
+    tensorrt_int8: Any = None  # EvalResult of the TensorRT INT8 ONNX (as written): the two INT8 artifacts' agreement
+                               # is recorded and gated (add_artifacts_gate)
     reference_logits: Any = None   # the FP32 model's logits on eval_data: its agreement with FP32 is gated
 
 
@@ -120,6 +121,23 @@ class CpuSettings:
 class CpuOutput:
     path: Path
     evaluation: Any = None
+
+
+def add_artifacts_gate(rec: StageRecord, int8_onnx_logits, cpu_logits, settings: CpuSettings) -> None:
+    """The two INT8 artifacts of one build (the INT8 ONNX TensorRT builds for the Jetson, and this CPU model) make
+    the same decisions: their top-1 agreement on the evaluation images, `int8_artifacts_agreement_pct`, gated like
+    agreement with FP32 (gates.min_agreement_pct, Wilson interval). A user who ships both ships one model."""
+    import numpy as np
+
+    a, b = np.asarray(int8_onnx_logits).argmax(1), np.asarray(cpu_logits).argmax(1)
+    n, k = int(a.shape[0]), int((a == b).sum())
+    rec.metrics["int8_artifacts_agreement_pct"] = round(100.0 * k / n, 4) if n else 100.0
+    if settings.min_agreement_pct is not None and n:
+        rec.add_gate(proportion_gate("int8_artifacts_agreement_pct", k, n, settings.min_agreement_pct,
+                                     level=settings.level, key="gates.min_agreement_pct",
+                                     what="top-1 agreement with the INT8 ONNX (the model TensorRT builds)",
+                                     source=(settings.origins or {}).get("gates.min_agreement_pct",
+                                                                          "built-in default")))
 
 
 def skipped():
@@ -156,6 +174,8 @@ def run(inputs: CpuInputs, settings: CpuSettings = CpuSettings(), *, quiet: bool
         rec = StageRecord(stage="export_cpu", metrics={**metrics, "n_eval": ev.n})
         add_fp32_gates(rec, ev, inputs.reference_top1, inputs.reference_logits, settings,
                        key="fp32_top1_agreement_pct")
+        if inputs.tensorrt_int8 is not None:
+            add_artifacts_gate(rec, inputs.tensorrt_int8.logits, ev.logits, settings)
         if not rec.passed:   # kept beside the output as model_int8_cpu.rejected.xml (+ .bin)
             rejected = rejected_path(out)
             os.replace(staged.with_suffix(".bin"), rejected.with_suffix(".bin"))

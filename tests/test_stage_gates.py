@@ -104,3 +104,37 @@ def test_a_failed_retraining_leaves_the_model_an_earlier_build_made(reference, t
         run_stage(ctx, dataclasses.replace(step, settings=lambda c: settings))
     assert {name: (run / "train" / name).read_bytes() for name in before} == before
     assert (run / "train" / "best.rejected.pt").is_file() and not (run / "train").with_name(".train.staging").exists()
+
+
+def test_export_cpu_records_and_gates_the_two_int8_artifacts_agreement(reference):
+    """Issue 38: the CPU model and the INT8 ONNX (the Jetson's) are compared on the evaluation images, decision by
+    decision, and that agreement is a gate like agreement with FP32."""
+    rec = next(r for r in read_records(reference) if r.stage == "export_cpu")
+    assert rec.passed, rec.message
+    pct = rec.metrics["int8_artifacts_agreement_pct"]
+    gate = next(g for g in rec.gates if g["name"] == "int8_artifacts_agreement_pct")
+    assert gate["n"] == rec.metrics["n_eval"] > 0 and gate["counts"]["n"] == gate["n"]
+    assert gate["value"] == pytest.approx(pct) == pytest.approx(100.0 * gate["counts"]["k"] / gate["n"])
+    assert gate["lo"] <= gate["value"] <= gate["hi"] and gate["key"] == "gates.min_agreement_pct"
+    assert "INT8 ONNX" in gate["what"]
+
+
+@pytest.mark.parametrize("agree,limit,outcome", [(97, 90.0, "passed"), (97, 95.0, "not measurable"),
+                                                 (97, 99.5, "failed"), (100, 95.0, "passed")])
+def test_the_two_int8_artifacts_gate_decides_from_its_interval(agree, limit, outcome):
+    import numpy as np
+
+    from edgeres.cpu import CpuSettings, add_artifacts_gate
+    from edgeres.records import StageRecord
+
+    rng = np.random.default_rng(0)
+    onnx = rng.normal(size=(100, 10))
+    cpu = onnx.copy()
+    cpu[agree:] = np.roll(cpu[agree:], 1, axis=1)   # the last 100 - agree images decide another class
+    assert int((onnx.argmax(1) == cpu.argmax(1)).sum()) == agree
+    rec = StageRecord(stage="export_cpu")
+    add_artifacts_gate(rec, onnx, cpu, CpuSettings(mode="openvino", calib_size=8, seed=0, min_agreement_pct=limit))
+    (gate,) = rec.gates
+    assert rec.metrics["int8_artifacts_agreement_pct"] == agree
+    assert gate["outcome"] == outcome, (gate["lo"], gate["hi"])
+    assert rec.passed == (outcome != "failed")
