@@ -9,7 +9,8 @@ weight on every call — slower than FP32 (benchmarks/RESULTS.md). Two ways, mea
   TensorRT PTQ — OpenVINO's own quantizer placement (residual adds in INT8), the fastest on the CPU. It does not
   carry QAT's fine-tuning (it starts from the FP32 model);
 - "qdq": the TensorRT INT8 ONNX itself, converted (same scales and placement, QAT included), ~1.2x slower.
-Either way the IR keeps INT8 weights on disk and is gated on its top-1 drop against FP32.
+Either way the IR keeps INT8 weights on disk and is gated on its top-1 drop against FP32, its agreement with FP32,
+and its agreement with the INT8 ONNX (the two INT8 artifacts of one build make the same decisions).
 OpenVINO is optional (`pip install 'edgeres[openvino]'`) and imported here only.
 """
 from __future__ import annotations
