@@ -130,9 +130,11 @@ class GatesCfg:
 class ExportCfg:
     opset: int = 17
     simplify: bool = False
-    # the CPU INT8 artifact (edgeres/cpu.py): "openvino" = NNCF's OpenVINO PTQ of the FP32 ONNX on the same
-    # calibration images (OpenVINO's own placement: fastest); "qdq" = the TensorRT INT8 ONNX converted as it is
-    cpu_int8: str = "openvino"
+    # the CPU INT8 artifact (edgeres/cpu.py): "qat" = the final INT8 model (the INT8 ONNX TensorRT builds), its
+    # post-ReLU activations re-expressed unsigned with the same scales for the CPU's INT8 kernels; "qdq" = that ONNX
+    # converted as it is (signed: slower); "openvino" = NNCF's OpenVINO PTQ of the FP32 ONNX (its own model: it does
+    # not carry QAT and makes other decisions than the Jetson's model)
+    cpu_int8: str = "qat"
     plan_batch: int = 8                         # the device plan's batch (trtexec opt shape; DLA engines: static)
 
 
@@ -179,7 +181,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": DATASETS, "data.augment": AUGMENTS, "train.optimizer": OPTIMIZERS,
     "train.schedule": SCHEDULES, "train.milestone_unit": MILESTONE_UNITS, "quant.calib_method": CALIB_METHODS,
-    "export.cpu_int8": ("openvino", "qdq"), "quant.qat_loss": ("kd", "kd+ce", "ce"),
+    "export.cpu_int8": ("qat", "openvino", "qdq"), "quant.qat_loss": ("kd", "kd+ce", "ce"),
 }
 
 

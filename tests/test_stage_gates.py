@@ -138,3 +138,38 @@ def test_the_two_int8_artifacts_gate_decides_from_its_interval(agree, limit, out
     assert rec.metrics["int8_artifacts_agreement_pct"] == agree
     assert gate["outcome"] == outcome, (gate["lo"], gate["hi"])
     assert rec.passed == (outcome != "failed")
+
+
+def test_the_cpu_artifact_is_the_jetson_model_with_unsigned_activations(reference, tmp_path):
+    """Issue 38: the default CPU artifact is the INT8 ONNX itself, its post-ReLU activation quantizers re-expressed
+    as unsigned INT8 at the same scales: every such quantizer changed, and the model computes what the INT8 ONNX
+    computes (ONNX Runtime, both forms, on the probe images)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from edgeres.cpu import unsigned_after_relu
+
+    src = reference / "export" / "model_int8.onnx"
+    model = onnx.load(str(src))
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    after_relu = [n for n in model.graph.node if n.op_type == "QuantizeLinear"
+                  and made_by.get(n.input[0]) is not None and made_by[n.input[0]].op_type == "Relu"]
+    assert unsigned_after_relu(model) == len(after_relu) > 0
+    zp = {i.name: i for i in model.graph.initializer}[after_relu[0].input[2]]
+    assert zp.data_type == onnx.TensorProto.UINT8
+    onnx.checker.check_model(model)
+    edited = tmp_path / "unsigned.onnx"
+    onnx.save(model, str(edited))
+    x = np.load(reference / "probe.npz")["x"]
+
+    def logits(path):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+    a, b = logits(src), logits(edited)
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.98
+    assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()   # the same values, but for ones the signed form clipped
+    rec = next(r for r in read_records(reference) if r.stage == "export_cpu")
+    assert rec.metrics["method"] == "the INT8 ONNX, post-ReLU activations unsigned"
+    assert rec.metrics["unsigned_activations"] == len(after_relu)
