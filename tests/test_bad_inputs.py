@@ -630,21 +630,20 @@ def test_device_releases_exit_2_for_a_malformed_manifest(tmp_path, capsys, manif
 
 # ---------------------------------------------------------------------------------------- issue 34, round 3
 
+def _command_tree(cmd=main, path=()):
+    """(command path, command) for every command and group, walked from the command table: a new command or option
+    is in every test generated from it the day it is added."""
+    for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+        yield from _command_tree(sub, (*path, name))
+    yield path, cmd
+
+
 def _float_options():
-    """(command path, option) for every float option of every command, walked from the command tree: a new option
-    is tested the day it is added."""
+    """(command path, option) for every float option of every command."""
     import click
 
-    found = []
-
-    def walk(cmd, path):
-        for name, sub in sorted(getattr(cmd, "commands", {}).items()):
-            walk(sub, [*path, name])
-        for p in cmd.params:
-            if isinstance(p, click.Option) and isinstance(p.type, click.types.FloatParamType):
-                found.append((tuple(path), p.opts[0]))
-    walk(main, [])
-    return found
+    return [(path, p.opts[0]) for path, cmd in _command_tree() for p in cmd.params
+            if isinstance(p, click.Option) and isinstance(p.type, click.types.FloatParamType)]
 
 
 class TestFiniteNumbers:
@@ -968,17 +967,10 @@ READ_ONLY = {   # inputs: read, never written
 def _path_options():
     import click
 
-    def walk(group, prefix=()):
-        for name, cmd in sorted(group.commands.items()):
-            if isinstance(cmd, click.Group):
-                yield from walk(cmd, (*prefix, name))
-            else:
-                yield " ".join((*prefix, name)), cmd
-
-    for name, cmd in walk(main):
+    for path, cmd in _command_tree():
         for p in cmd.params:
             if isinstance(p.type, click.Path) or type(p.type).__name__ == "DataDir":
-                yield name, p.name
+                yield " ".join(path), p.name
 
 
 def test_every_path_option_is_classified():

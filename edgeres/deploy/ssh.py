@@ -369,8 +369,7 @@ class _Interrupt:
 
 
 async def _deploy_host(spec: HostSpec, job: DeployJob, opts: SSHOptions, res: HostResult, *, deadline: float,
-                       claim: Callable[[str, HostResult], str | None], stop: _Interrupt | None = None) -> None:
-    stop = stop or _Interrupt()
+                       claim: Callable[[str, HostResult], str | None], stop: _Interrupt) -> None:
     stop.check()
     conn = await _connect(spec, opts, res)
     stop.conns.add(conn)
