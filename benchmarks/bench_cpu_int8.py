@@ -6,7 +6,9 @@ Artifacts (all from the same BN-folded FP32 model and the same calibration image
 - ONNX Runtime FP32 (`model_fp32.onnx`);
 - ONNX Runtime running edgeres's TensorRT INT8 Q/DQ ONNX (`model_int8.onnx`, INT8 weights on disk);
 - ONNX Runtime `quantize_static` INT8 from the FP32 ONNX (QDQ, per-channel, its own placement);
-- edgeres's CPU INT8 artifact (`model_int8_cpu.xml`, recipe export.cpu_int8 = openvino, the default): NNCF's
+- edgeres's CPU INT8 artifact (recipe export.cpu_int8 = qat, the default): the TensorRT INT8 ONNX with its
+  post-ReLU activations unsigned at the same scales (edgeres.cpu.unsigned_after_relu), converted;
+- `model_int8_cpu.xml` (recipe export.cpu_int8 = openvino, the default before 2026-12-07): NNCF's
   OpenVINO PTQ of the FP32 ONNX on the same calibration images, through edgeres.cpu.export_openvino;
 - the TensorRT INT8 ONNX converted to an OpenVINO IR as it is (export.cpu_int8 = qdq);
 - OpenVINO INT8 made by NNCF's native OpenVINO path from the FP32 ONNX (the issue's reference).
@@ -170,8 +172,9 @@ def main() -> int:
     int8_onnx = export_onnx(ptq.model, tmp / "model_int8.onnx", meta=meta, int8=True)
     t0 = time.perf_counter()
     export_openvino(int8_onnx, tmp / "model_int8_qdq.xml")   # recipe export.cpu_int8: qdq
+    export_openvino(int8_onnx, tmp / "model_int8_qat.xml", unsigned_activations=True)   # export.cpu_int8: qat
     t_qdq_export = time.perf_counter() - t0
-    t0 = time.perf_counter()   # recipe export.cpu_int8: openvino (the default), same calibration images
+    t0 = time.perf_counter()   # recipe export.cpu_int8: openvino, same calibration images
     export_openvino(fp32_onnx, tmp / "model_int8_cpu.xml", calibration=[x[i:i + 1] for i in range(len(x))])
     t_cpu_export = time.perf_counter() - t0
 
@@ -199,7 +202,9 @@ def main() -> int:
         "ORT FP32 (model_fp32.onnx)": OrtRunner(fp32_onnx, threads=THREADS),
         "ORT, edgeres TensorRT INT8 ONNX (model_int8.onnx)": OrtRunner(int8_onnx, threads=THREADS),
         "ORT quantize_static INT8": OrtRunner(tmp / "ort_qs.onnx", threads=THREADS),
-        "OpenVINO, edgeres CPU INT8 artifact (model_int8_cpu.xml, default)": OpenVinoRunner(
+        "OpenVINO, edgeres CPU INT8 artifact (export.cpu_int8: qat, default)": OpenVinoRunner(
+            tmp / "model_int8_qat.xml", threads=THREADS),
+        "OpenVINO, edgeres OpenVINO PTQ of FP32 (export.cpu_int8: openvino)": OpenVinoRunner(
             tmp / "model_int8_cpu.xml", threads=THREADS),
         "OpenVINO, edgeres TensorRT Q/DQ ONNX converted (export.cpu_int8: qdq)": OpenVinoRunner(
             tmp / "model_int8_qdq.xml", threads=THREADS),
@@ -221,6 +226,7 @@ def main() -> int:
     sizes = {"model_fp32.onnx": fp32_onnx.stat().st_size, "model_int8.onnx": int8_onnx.stat().st_size,
              "model_int8_cpu.bin": (tmp / "model_int8_cpu.bin").stat().st_size,
              "model_int8_qdq.bin": (tmp / "model_int8_qdq.bin").stat().st_size,
+             "model_int8_qat.bin": (tmp / "model_int8_qat.bin").stat().st_size,
              "nncf_ov.bin": (tmp / "nncf_ov.bin").stat().st_size,
              "ort_qs.onnx": (tmp / "ort_qs.onnx").stat().st_size}
     acc = {}
