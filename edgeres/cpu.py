@@ -7,8 +7,8 @@ weight on every call — slower than FP32 (benchmarks/RESULTS.md). Three ways, m
 (recipe `export.cpu_int8`):
 - "qat" (default): the final INT8 model itself - the INT8 ONNX TensorRT builds, QAT included - with its post-ReLU
   activation quantizers re-expressed as unsigned INT8 at the same scales (`unsigned_after_relu`: the same quantized
-  values, in the form CPUs' u8 x s8 kernels take). It makes the Jetson model's decisions at about OpenVINO's own
-  PTQ speed (1.0-1.08x on resnet18 at 128 px);
+  values, in the form CPUs' u8 x s8 kernels take). It makes the Jetson model's decisions at 1.0-1.16x OpenVINO's
+  own PTQ latency (resnet18: 1.005x at batch 8, 1.16x at batch 1, 224 px);
 - "qdq": the INT8 ONNX converted as it is (signed activations): the same decisions, 1.15-1.25x slower;
 - "openvino": NNCF's OpenVINO PTQ of the BN-folded FP32 ONNX on the PTQ calibration images - OpenVINO's own model
   (its placement, no QAT): on a weak model it changed 13.6 % of the Jetson model's decisions.
