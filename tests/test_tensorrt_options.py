@@ -62,6 +62,25 @@ def test_dla_refused_on_trt11_and_desktop():
     assert validate_options(opts, "8.5.2", **JETSON) == []
 
 
+def test_dla_only_where_nvidia_ships_it():
+    """Issue 36: DLA rows per (version, platform, module): none 10.8 .. 11.4.0 or from 11.5; 11.4.1 on AGX Orin only
+    (the module must be named); nothing from 11.5 on a Jetson at all."""
+    fp16 = CompileOptions(precision=Precision.FP16, dla_core=0, batch=(1, 1, 1))
+    for v in ("10.8", "10.16", "11.0", "11.3.1", "11.4.0", "11.5", "11.6.2"):
+        with pytest.raises(ConfigError, match="no DLA support"):
+            validate_options(fp16, v, **JETSON, jetson_module="agx-orin")
+    int8 = CompileOptions(precision=Precision.INT8, dla_core=0, batch=(1, 1, 1))
+    assert validate_options(int8, "11.4.1", **JETSON, jetson_module="agx-orin", onnx_has_qdq=True)
+    with pytest.raises(ConfigError, match="AGX Orin only.*not on Jetson Orin NX"):
+        validate_options(int8, "11.4.1", **JETSON, jetson_module="orin-nx", onnx_has_qdq=True)
+    with pytest.raises(ConfigError, match="name the module: --jetson-module agx-orin"):
+        validate_options(int8, "11.4.1", **JETSON, onnx_has_qdq=True)
+    assert validate_options(fp16, "10.3", **JETSON, jetson_module="orin-nx") == []
+    with pytest.raises(ConfigError, match="is not for Jetson"):
+        validate_options(CompileOptions(), "11.5", **JETSON)
+    validate_options(CompileOptions(), "11.5", **DESKTOP)
+
+
 def test_dla_rules():
     with pytest.raises(ConfigError, match="FP16 or INT8 only"):
         validate_options(CompileOptions(dla_core=0), "8.6", **JETSON)
@@ -113,8 +132,13 @@ def test_int8_paths_per_version(tmp_path):
 def test_strongly_typed_rules():
     with pytest.raises(ConfigError, match="needs TensorRT 10"):
         validate_options(CompileOptions(strongly_typed=True), "8.6", **DESKTOP)
-    with pytest.raises(ConfigError, match="drop\n?.*--fp16/--int8"):
+    with pytest.raises(ConfigError, match="drop\n?.*--fp16"):
         validate_options(CompileOptions(strongly_typed=True, precision=Precision.FP16), "10.3", **DESKTOP)
+    with pytest.raises(ConfigError, match="compile the Q/DQ INT8 ONNX"):
+        validate_options(CompileOptions(strongly_typed=True, precision=Precision.INT8), "10.3", **DESKTOP,
+                         onnx_has_qdq=False)
+    warn = validate_options(CompileOptions(precision=Precision.INT8), "10.3", **DESKTOP, onnx_has_qdq=True)
+    assert warn and "strongly typed" in warn[0]
     with pytest.raises(ConfigError, match="always strongly typed"):
         validate_options(CompileOptions(strongly_typed=False), "11.0", **DESKTOP)
     assert validate_options(CompileOptions(strongly_typed=True), "10.3", **DESKTOP) == []

@@ -63,7 +63,8 @@ def test_inspect_onnx(fp32, qdq, tmp_path):
 def test_fp16_dla_on_trt85_jetson(fp32):
     argv = plan(fp32, "8.5.2", jetson=True, precision=Precision.FP16, dla_core=1, gpu_fallback=True,
                 batch=(2, 2, 2), workspace_mb=256)["trtexec"]
-    assert argv == ["trtexec", f"--onnx={fp32}", f"--saveEngine={fp32.with_suffix('.plan')}", "--explicitBatch",
+    # no --explicitBatch: trtexec 8.x marks it deprecated (it has no effect: ONNX is always explicit batch)
+    assert argv == ["trtexec", f"--onnx={fp32}", f"--saveEngine={fp32.with_suffix('.plan')}",
                     "--minShapes=input:2x3x16x16", "--optShapes=input:2x3x16x16", "--maxShapes=input:2x3x16x16",
                     "--fp16", "--memPoolSize=workspace:256", "--useDLACore=1", "--allowGPUFallback", "--buildOnly"]
 
@@ -73,7 +74,7 @@ def test_int8_calib_on_trt86(fp32, tmp_path):
     cache.write_text("TRT-8602-EntropyCalibration2\n")
     argv = plan(fp32, "8.6.2", precision=Precision.INT8, calib_cache=cache, timing_cache=tmp_path / "t.cache",
                 version_compatible=True, hardware_compatibility="ampere+", sparsity=True)["trtexec"]
-    assert argv[3] == "--explicitBatch" and argv[-1] == "--skipInference"
+    assert "--explicitBatch" not in argv and argv[-1] == "--skipInference"
     for flag in ("--int8", f"--calib={cache}", f"--timingCacheFile={tmp_path / 't.cache'}", "--versionCompatible",
                  "--hardwareCompatibilityLevel=ampere+", "--sparsity=enable"):
         assert flag in argv
@@ -88,6 +89,16 @@ def test_trt103_default_profile_and_strong_typing(fp32, qdq):
     assert argv.count("--fp16") == 1 and argv[-1] == "--skipInference"
     q = plan(qdq, "10.3", strongly_typed=True)["trtexec"]
     assert "--stronglyTyped" in q and "--int8" not in q and "--fp16" not in q
+    # issue 36: INT8 from the Q/DQ ONNX on 10.x is strongly typed without asking, with no precision flag
+    q = plan(qdq, "10.3", precision=Precision.INT8)
+    assert "--stronglyTyped" in q["trtexec"] and "--int8" not in q["trtexec"] and q["options"]["strongly_typed"]
+    with pytest.raises(ConfigError, match="drop --no-strongly-typed"):
+        plan(qdq, "10.3", precision=Precision.INT8, strongly_typed=False)
+    # 8.6 has no strong typing: the weakly typed --int8 stays there
+    assert "--int8" in plan(qdq, "8.6", precision=Precision.INT8)["trtexec"]
+    # 10.16: --fp16 still works but is deprecated since 10.12, and the plan says so
+    p = plan(fp32, "10.16", precision=Precision.FP16)
+    assert "--fp16" in p["trtexec"] and any("deprecated since 10.12" in w for w in p["warnings"])
 
 
 def test_best_precision_needs_ranges_on_fp32_onnx(fp32, qdq):

@@ -251,6 +251,32 @@ def plan_entry(manifest: dict, trt_version: str, precision: str, device: str) ->
                       f"{trt_version}")
 
 
+def on_jetson(info: dict) -> bool:
+    return bool(info.get("l4t")) or "jetson" in str(info.get("model") or "").lower()
+
+
+def check_platform(info: dict, entry: dict, manifest: dict, device: str) -> None:
+    """Where the host's plan says the entry may run (versions.DLA_ROWS, written into the plan): a desktop-only target
+    on a Jetson, a DLA entry on a Jetson module the row does not name, or a JetPack older than its minimum (when this
+    device's L4T release is in JETPACK) is refused. Nothing is decided here that the plan does not say."""
+    target = (manifest.get("tensorrt_plan") or {}).get("targets", {}).get(entry["target"], {})
+    if on_jetson(info) and "jetson" not in entry.get("platforms", ["jetson"]):
+        raise BundleError(f"TensorRT {info.get('tensorrt')} on a Jetson: the bundle's plan serves it as "
+                          f"{target.get('label', entry['target'])}; NVIDIA ships no JetPack release of it (11.4.1 is "
+                          "the last TensorRT for JetPack)")
+    if device != "dla":
+        return
+    modules = entry.get("dla_modules") or []
+    model = str(info.get("model") or "")
+    if modules and model and not any(m.lower() in model.lower() for m in modules):
+        raise BundleError(f"DLA with TensorRT {info.get('tensorrt')} is for Jetson {' or '.join(modules)} only "
+                          f"(the bundle's plan); this device is {model}: run on the GPU (drop --dla-core)")
+    low, here = entry.get("jetpack_min"), info.get("jetpack")
+    if low and here and _version_key(here) < _version_key(low):
+        raise BundleError(f"DLA with TensorRT {info.get('tensorrt')} needs JetPack {low} or later (the bundle's "
+                          f"plan); this device runs JetPack {here}")
+
+
 def local_calib_cache(bundle: Path, entry: dict, trt_version: str, dest: Path):
     """The planned calibration cache with its header naming THIS TensorRT (TensorRT ignores a cache from another
     version, and trtexec then calibrates on random data without an error)."""
@@ -265,8 +291,9 @@ def local_calib_cache(bundle: Path, entry: dict, trt_version: str, dest: Path):
     return dest
 
 
-def build_with_python(bundle: Path, onnx: Path, engine: Path, entry: dict, *, calib, workspace_mb: int,
-                      dla_core) -> dict:
+def build_with_python(bundle: Path, onnx: Path, engine: Path, entry: dict, *, calib, workspace_mb, dla_core) -> dict:
+    """engine_build.build_engine with the plan entry's own arguments (workspace, optimization level, profile, typing,
+    DLA fallback list), this device's paths and timing cache (build_paths), and --workspace-mb where given."""
     if not (bundle / "engine_build.py").is_file():
         raise BundleError("TensorRT Python bindings found but the bundle has no engine_build.py")
     sys.path.insert(0, str(bundle))
@@ -276,9 +303,35 @@ def build_with_python(bundle: Path, onnx: Path, engine: Path, entry: dict, *, ca
     kwargs["batch"] = tuple(kwargs["batch"])
     if kwargs.get("dla_core") is not None:
         kwargs["dla_core"] = dla_core
-    return engine_build.build_engine(str(onnx), str(engine), workspace_mb=workspace_mb,
-                                     timing_cache=str(engine.with_suffix(".timing")),
+    if workspace_mb is not None or "workspace_mb" not in kwargs:   # plans from before build_config: 1 GiB
+        kwargs["workspace_mb"] = workspace_mb or 1024
+    info = engine_build.build_engine(str(onnx), str(engine), timing_cache=str(build_paths(engine)["timing"]),
                                      calib_cache=str(calib) if calib else None, **kwargs)
+    write_json(Path(f"{engine}.json"), info)   # the sidecar: checked before a cached engine is used again
+    return info
+
+
+def sidecar_problem(bundle: Path, engine: Path, info: dict) -> str | None:
+    """engine_build.sidecar_mismatch of a cached engine's sidecar (written by build_with_python) against this device:
+    platform (CPU architecture, OS, Jetson or not), TensorRT version; None without a sidecar or engine_build.py."""
+    side = Path(f"{engine}.json")
+    if not side.is_file() or not (bundle / "engine_build.py").is_file():
+        return None
+    sys.path.insert(0, str(bundle))
+    import engine_build
+
+    try:
+        sidecar = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return "its sidecar is unreadable"
+    here = {"trt_version": info.get("tensorrt"), "machine": info.get("machine"), "system": platform.system(),
+            "is_jetson": on_jetson(info)}
+    return engine_build.sidecar_mismatch(sidecar, here)
+
+
+def build_paths(engine: Path) -> dict:
+    """This device's files for one build, the same for both paths: the timing cache beside the cached engine."""
+    return {"timing": engine.parent / "timing.cache"}
 
 
 def build_with_python_checked(bundle: Path, onnx: Path, engine: Path, entry: dict, **kw) -> dict:
@@ -414,12 +467,19 @@ def trtexec_error(text: str) -> str:
     return (" | ".join(errors) if errors else (lines[-1] if lines else "no output"))[-400:]
 
 
-def trtexec_build(exe: str, entry: dict, *, onnx: Path, engine: Path, calib, dla_core) -> dict:
-    """The host's trtexec argv for this entry, with this device's paths (and DLA core index) filled in."""
-    cmd = [exe] + [a.replace("{onnx}", str(onnx)).replace("{engine}", str(engine))
+def trtexec_build(exe: str, entry: dict, *, onnx: Path, engine: Path, calib, dla_core, workspace_mb=None) -> dict:
+    """The host's trtexec argv for this entry, with this device's paths (engine, calibration cache, timing cache), its
+    DLA core index and --workspace-mb where given filled in: the build configuration of build_with_python."""
+    timing = str(build_paths(engine)["timing"])
+    cmd = [exe] + [a.replace("{onnx}", str(onnx)).replace("{engine}", str(engine)).replace("{timing}", timing)
                    .replace("{calib}", str(calib) if calib else "{calib}") for a in entry["trtexec"][1:]]
     if dla_core is not None:
         cmd = [f"--useDLACore={dla_core}" if a.startswith("--useDLACore=") else a for a in cmd]
+    if workspace_mb is not None or not any(a.startswith("--memPoolSize=") for a in cmd):
+        cmd = [a for a in cmd if not a.startswith("--memPoolSize=")]
+        cmd.append(f"--memPoolSize=workspace:{workspace_mb or 1024}")
+    if not any(a.startswith("--timingCacheFile=") for a in cmd):   # plans from before build_config
+        cmd.append(f"--timingCacheFile={timing}")
     if any("{calib}" in a for a in cmd):
         raise BundleError("the plan's trtexec command needs a calibration cache the bundle does not have")
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -607,6 +667,7 @@ def _choose(info: dict, manifest: dict, args: argparse.Namespace):
     entry = None
     if backend in ("tensorrt", "trtexec"):   # the host's decision for this TensorRT, precision and device
         entry = plan_entry(manifest, str(info["tensorrt"]), args.precision, device)
+        check_platform(info, entry, manifest, device)
         cores = info.get("dla_cores")
         if device == "dla" and cores is not None and not 0 <= args.dla_core < cores:
             raise BundleError(f"--dla-core {args.dla_core}: this device has {cores} DLA cores"
@@ -640,6 +701,11 @@ def _engine_runner(backend: str, bundle: Path, onnx: Path, entry: dict, info: di
     key = engine_key(info, entry, args.dla_core)
     engine = cache / key / "model.plan"
     cached = engine.is_file()
+    stale = cached and sidecar_problem(bundle, engine, info)
+    if stale:   # an engine cache copied from another machine: its sidecar says where it was built
+        say(args, f"the cached engine cannot run here ({stale}); building it again")
+        engine.unlink()
+        cached = False
     build = None
     if not cached:
         say(args, f"building the {args.precision} engine for the {device.upper()} with {backend} as planned "
@@ -653,7 +719,7 @@ def _engine_runner(backend: str, bundle: Path, onnx: Path, entry: dict, info: di
                                                   workspace_mb=args.workspace_mb, dla_core=args.dla_core)
             else:
                 build = trtexec_build(info["trtexec"], entry, onnx=onnx, engine=engine, calib=calib,
-                                      dla_core=args.dla_core)
+                                      dla_core=args.dla_core, workspace_mb=args.workspace_mb)
     result["engine"] = {"path": str(engine), "key": key, "cached": cached, "build": build}
     if backend == "tensorrt":
         return TensorRTRunner(engine, name_in, name_out, batch, dla_core=args.dla_core).infer
@@ -769,9 +835,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="force a backend (default: tensorrt, else trtexec, else onnxruntime; openvino: the CPU with "
                         "OpenVINO's INT8 kernels, when installed)")
     p.add_argument("--cache-dir", default=None, help="engine cache (default: BUNDLE/engines)")
-    p.add_argument("--workspace-mb", type=int, default=1024)
+    p.add_argument("--workspace-mb", type=int, default=None,
+                   help="builder workspace in MiB for both build paths (default: the plan's, 1024)")
     p.add_argument("--dla-core", type=int, default=None,
-                   help="run on this DLA core (the host's DLA plan: static batch, no GPU fallback)")
+                   help="run on this DLA core (the host's DLA plan: static batch; the layers NVIDIA's DLA table "
+                        "excludes, listed in the plan, fall back to the GPU, every other layer runs on DLA)")
     p.add_argument("--skip-if-current", action="store_true",
                    help="do nothing when --out already holds a passed result for this bundle and TensorRT version")
     p.add_argument("--expect-manifest-sha256", default=None, help="refuse unless manifest.json has this sha256")

@@ -18,7 +18,14 @@ from edgeres.records import StageRecord, StageResult, Status, add_fp32_gates
 from edgeres.settings import level_field, origins_field, read, setting
 from edgeres.tensorrt import engine_build
 from edgeres.tensorrt.calib_cache import read_calibration_cache
-from edgeres.tensorrt.options import DEFAULT_BATCH, DLA_DEFAULT_BATCH, CompileOptions, Precision, validate_options
+from edgeres.tensorrt.options import (
+    DEFAULT_BATCH,
+    DLA_DEFAULT_BATCH,
+    CompileOptions,
+    Precision,
+    resolve,
+    validate_options,
+)
 from edgeres.tensorrt.sidecar import read_sidecar, sidecar_path, trtexec_script_path, write_sidecar
 from edgeres.tensorrt.status import TrtStatus, tensorrt_status  # noqa: F401 - re-exported
 from edgeres.tensorrt.targets import FP32W_SUFFIX, write_run_plan
@@ -46,14 +53,17 @@ def check_engine_out(out_path: str | Path) -> Path:
 
 
 def plan_compile(onnx_path: str | Path, out_path: str | Path, options: CompileOptions, *, trt_version: str,
-                 is_jetson: bool, dla_cores: int, compute_capability: str | None = None) -> dict[str, Any]:
-    """Validate for a TensorRT version/device; return warnings and the trtexec command. Writes nothing."""
+                 is_jetson: bool, dla_cores: int, compute_capability: str | None = None,
+                 jetson_module: str | None = None) -> dict[str, Any]:
+    """Validate for a TensorRT version/device; return warnings and the trtexec command (from the options as built:
+    strong typing resolved once: "options" is what is built). Writes nothing."""
     check_engine_out(out_path)
     capabilities(trt_version)  # unsupported version -> ConfigError before anything else
     onnx = inspect_onnx(onnx_path)
     warnings = validate_options(options, trt_version, is_jetson=is_jetson, dla_cores=dla_cores,
                                 compute_capability=compute_capability, onnx_has_qdq=onnx.has_qdq,
-                                onnx_weight_form=onnx.weight_form)
+                                onnx_weight_form=onnx.weight_form, jetson_module=jetson_module)
+    options = resolve(options, trt_version, onnx_has_qdq=onnx.has_qdq)
     if options.calib_cache is not None:
         read_calibration_cache(options.calib_cache)   # its format, before TensorRT or trtexec is handed it
     batch = _batch_for(onnx, options)
@@ -83,14 +93,16 @@ def compile_engine(onnx_path: str | Path, out_path: str | Path, options: Compile
     out_path = Path(out_path)
     refuse_overwrite(out_path, force)
     plan = plan_compile(onnx_path, out_path, options, trt_version=str(status.version), is_jetson=status.is_jetson,
-                        dla_cores=status.dla_cores, compute_capability=status.compute_capability)
+                        dla_cores=status.dla_cores, compute_capability=status.compute_capability,
+                        jetson_module=status.module)
     try:
         info = engine_build.build_engine(
             onnx_path, out_path, precision=options.precision.value, dla_core=options.dla_core,
             gpu_fallback=options.gpu_fallback, workspace_mb=options.workspace_mb, batch=tuple(plan["batch"]),
             timing_cache=options.timing_cache, calib_cache=options.calib_cache,
             version_compatible=options.version_compatible, hardware_compatibility=options.hardware_compatibility,
-            sparsity=options.sparsity, strongly_typed=options.strongly_typed)
+            sparsity=options.sparsity, strongly_typed=plan["options"]["strongly_typed"],
+            builder_optimization_level=options.builder_optimization_level)
     except engine_build.BuildError as e:
         raise ArtifactError(str(e)) from None
     info.update({"trtexec": plan["trtexec"], "warnings": plan["warnings"], "options": options.describe()})

@@ -72,5 +72,33 @@ def gpu_layers(model: Any, *, explicit_quantization: bool = True) -> list[dict[s
     for i, node in enumerate(model.graph.node):
         why = dla_refusal(node, explicit_quantization=explicit)
         if why:
-            out.append({"node": node.name or f"{node.op_type}_{i}", "op": node.op_type, "why": why})
+            out.append({"node": node.name or f"{node.op_type}_{i}", "op": node.op_type, "why": why, "index": i})
+    return out
+
+
+# layers TensorRT keeps in INT8 after a quantized producer (fused into it or taking its INT8 output)
+INT8_FOLLOWERS = ACTIVATIONS | POOLING | {"Add"}
+
+
+def fp32_nodes(model: Any, gpu_nodes: set[str]) -> list[str]:
+    """In a strongly typed Q/DQ network (11.4.1 DLA), the nodes that would run in FP32 on DLA, which DLA cannot do:
+    a compute node is INT8 when one of its activation inputs comes out of a DequantizeLinear, or when it follows an
+    INT8 node as an activation / pooling / residual Add (fused or fed INT8); every other compute node not in
+    `gpu_nodes` (the plan's GPU fallback) is listed. Reading of NVIDIA's explicit-quantization rules (Q/DQ placement
+    and fusion) applied to the ONNX; the device checks again with TensorRT's own capability report."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    int8: set[str] = set()
+    out: list[str] = []
+    for i, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        if node.op_type in QDQ or node.op_type == "Constant":
+            continue
+        srcs = [producer.get(x) for x in node.input if x and x not in inits]
+        fed_dq = any(s is not None and s.op_type == "DequantizeLinear" for s in srcs)
+        fed_int8 = any(s is not None and (s.name or "") in int8 for s in srcs)
+        if fed_dq or (node.op_type in INT8_FOLLOWERS and fed_int8):
+            int8.add(node.name or "")
+        elif name not in gpu_nodes:
+            out.append(name)
     return out

@@ -9,7 +9,13 @@ API used per version (checked against NVIDIA's documentation; not all run on rea
   asked) and on 11.x (always strongly typed).
 - config.set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes); BuilderFlag.FP16/INT8 only <= 10.x;
   implicit INT8 through an IInt8EntropyCalibrator2 whose read_calibration_cache returns our cache.
-- DLA: config.default_device_type = DeviceType.DLA, config.DLA_core, BuilderFlag.GPU_FALLBACK.
+- DLA: config.default_device_type = DeviceType.DLA, config.DLA_core, BuilderFlag.GPU_FALLBACK; before building,
+  each layer's DLA capability: the parser's report where it has one (10.16+: OnnxParserFlag.REPORT_CAPABILITY_DLA,
+  OnnxParser.set_builder_config, supports_model_v2 / num_subgraphs / is_subgraph_supported / get_subgraph_nodes),
+  else config.can_run_on_DLA(layer) (every version); layers outside the plan's fallback list are refused.
+- strongly typed INT8 (10.x: the STRONGLY_TYPED bit, no INT8 flag; 11.x: always): precision from the Q/DQ nodes.
+- config.builder_optimization_level (8.6+); a timing cache from another TensorRT or GPU is not used (set_timing_cache
+  with ignore_mismatch False refuses it): the build starts from an empty one and the sidecar says so.
 - BuilderFlag.VERSION_COMPATIBLE, config.hardware_compatibility_level = AMPERE_PLUS (8.6+),
   BuilderFlag.SPARSE_WEIGHTS, config.create_timing_cache / set_timing_cache / get_timing_cache().serialize().
 - builder.build_serialized_network(network, config).
@@ -56,16 +62,23 @@ def trt_version(trt: Any = None) -> str:
 
 
 def _has_dla(version: str) -> bool:
-    """DLA windows (NVIDIA, Working with DLA 11.4.1): 8.5 .. 10.7, none in 10.8 .. 11.4.0, back in 11.4.1 (AGX Orin,
-    JetPack 7.2.2+). Equal to versions.has_dla (a test checks)."""
+    """DLA windows (NVIDIA, Working with DLA 11.4.1 / 11.5.0): 8.5 .. 10.7, none in 10.8 .. 11.4.0, 11.4.1 (AGX Orin,
+    JetPack 7.2.2+), none from 11.5 (no JetPack). Equal to versions.has_dla (a test checks)."""
     v = (_version_tuple(version) + (0, 0, 0))[:3]
-    return v[:2] <= (10, 7) or v >= (11, 4, 1)
+    return v[:2] <= (10, 7) or v == (11, 4, 1)
 
 
 def platform_info() -> dict[str, Any]:
     """The platform an engine is tied to ('Serialized engines are not portable across platforms', NVIDIA Support
-    Matrix): CPU architecture, OS, and whether this is a Jetson (JetPack) or a desktop/server GPU."""
-    return {"machine": platform.machine(), "system": platform.system(), "is_jetson": is_jetson()}
+    Matrix): CPU architecture, OS, whether this is a Jetson (JetPack) or a desktop/server GPU, and the Jetson's
+    device-tree model (which module: DLA differs between them)."""
+    model = None
+    if is_jetson():
+        try:
+            model = Path("/proc/device-tree/model").read_text(errors="replace").replace("\x00", "").strip() or None
+        except OSError:
+            model = None
+    return {"machine": platform.machine(), "system": platform.system(), "is_jetson": is_jetson(), "model": model}
 
 
 def is_jetson() -> bool:
@@ -256,11 +269,14 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
                  batch: tuple[int, int, int] | None = None, timing_cache: str | os.PathLike | None = None,
                  calib_cache: str | os.PathLike | None = None, version_compatible: bool = False,
                  hardware_compatibility: str | None = None, sparsity: bool = False,
-                 strongly_typed: bool | None = None, log_level: str = "warning", trt: Any = None,
+                 strongly_typed: bool | None = None, builder_optimization_level: int | None = None,
+                 dla_gpu_layers: list[dict] | None = None, log_level: str = "warning", trt: Any = None,
                  device: dict | None = None) -> dict[str, Any]:
     """Parse the ONNX, build, write the engine atomically; return the engine info (the sidecar's content).
 
-    precision: fp32 | fp16 | int8 | best (int8+fp16). `batch` is (min, opt, max) for a dynamic batch axis.
+    precision: fp32 | fp16 | int8 | best (int8+fp16); with strongly_typed, int8 means "from the Q/DQ nodes" (no
+    flag). `batch` is (min, opt, max) for a dynamic batch axis. `dla_gpu_layers`: the ONNX nodes ({"node", "index"})
+    the plan lets fall back to the GPU (a DLA build with another layer DLA cannot run is refused before building).
     `trt` and `device` exist so tests can pass a test double; leave them None on a real device.
     """
     trt = trt or _import_trt()
@@ -287,8 +303,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         raise BuildError("a calibration cache cannot be used with a Q/DQ ONNX (explicit quantization)")
     if use_int8 and not has_qdq and calib_cache is None and major < 11:
         raise BuildError("INT8 with an FP32 ONNX needs a calibration cache (or use the Q/DQ ONNX)")
-    if major >= 11 and use_int8 and not has_qdq:
-        raise BuildError(f"TensorRT {version}: INT8 needs the Q/DQ ONNX")
+    if typed and use_int8 and not has_qdq:
+        raise BuildError(f"TensorRT {version}: strongly typed INT8 needs the Q/DQ ONNX")
 
     config = builder.create_builder_config()
     builder_flags: list[str] = []
@@ -310,11 +326,25 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     if calib_cache is not None:
         cache_sha, header_text = _attach_calib_cache(trt, config, profile, Path(calib_cache), version)
 
+    if builder_optimization_level is not None:
+        config.builder_optimization_level = int(builder_optimization_level)
+    dla_report = None
     if dla_core is not None:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = int(dla_core)
         if gpu_fallback:
             set_flag("GPU_FALLBACK")
+        planned = list(dla_gpu_layers or [])
+        dla_report = _dla_capability(trt, network, config, logger, onnx_path, planned)
+        allowed = {g["node"] for g in planned}
+        if dla_gpu_layers is not None:
+            extra = [n for n in dla_report["gpu_layers"] if not _planned(n, allowed)]
+            if extra:
+                raise BuildError(f"TensorRT {version} reports that DLA cannot run {', '.join(extra[:5])} "
+                                 f"({dla_report['method']}), which the plan does not let fall back to the GPU "
+                                 f"(planned: {', '.join(sorted(allowed)) or 'none'}); "
+                                 + ("INT8 layers DLA cannot run stay in FP32 there" if use_int8 or typed else
+                                    "rebuild the plan on the host"))
     if version_compatible:
         set_flag("VERSION_COMPATIBLE")
     if hardware_compatibility == "ampere+":
@@ -324,11 +354,16 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     if sparsity:
         set_flag("SPARSE_WEIGHTS")
 
-    timing = None
+    timing, timing_state = None, None
     if timing_cache is not None:
         tpath = Path(timing_cache)
-        timing = config.create_timing_cache(tpath.read_bytes() if tpath.is_file() else b"")
-        config.set_timing_cache(timing, False)
+        timing_state = "loaded" if tpath.is_file() and tpath.stat().st_size else "new"
+        timing = config.create_timing_cache(tpath.read_bytes() if timing_state == "loaded" else b"")
+        if timing is None or not config.set_timing_cache(timing, False):
+            # another TensorRT's or GPU's cache: TensorRT refuses it (ignore_mismatch False); start from an empty one
+            timing_state = "replaced: the file was from another TensorRT version or device"
+            timing = config.create_timing_cache(b"")
+            config.set_timing_cache(timing, False)
 
     dev = device or cuda_device()
     start = time.perf_counter()
@@ -367,6 +402,9 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         "calib_cache_sha256": cache_sha,
         "calib_cache_header": header_text if calib_cache is not None else None,
         "timing_cache": str(timing_cache) if timing_cache is not None else None,
+        "timing_cache_state": timing_state,
+        "builder_optimization_level": builder_optimization_level,
+        "dla_capability": dla_report,
         "build_seconds": round(seconds, 3),
     }
 
@@ -379,8 +417,9 @@ def _check_request(version: str, precision: str, typed: bool, dla_core, calib_ca
     use_fp16, use_int8 = precision in ("fp16", "best"), precision in ("int8", "best")
     if major >= 11 and use_fp16:
         raise BuildError(f"TensorRT {version} has no FP16 builder flag; cast the ONNX to FP16 instead")
-    if typed and major < 11 and (use_fp16 or use_int8):
-        raise BuildError("a strongly typed network takes precision from the ONNX; use precision fp32")
+    if typed and major < 11 and use_fp16:
+        raise BuildError("a strongly typed network takes precision from the ONNX (no FP16 flag); use precision "
+                         "fp32, or int8 with the Q/DQ ONNX")
     if dla_core is not None and not _has_dla(version):
         raise BuildError(f"TensorRT {version} has no DLA support (DLA: 8.5 to 10.7, and 11.4.1+ on AGX Orin)")
     if calib_cache is not None and major >= 11:
@@ -388,6 +427,40 @@ def _check_request(version: str, precision: str, typed: bool, dla_core, calib_ca
     if not onnx_path.is_file():
         raise BuildError(f"ONNX file {onnx_path} does not exist")
     return use_fp16, use_int8
+
+
+def _planned(layer: str, planned: set[str]) -> bool:
+    """Is this TensorRT layer one of the ONNX nodes the plan lets fall back? TensorRT names a layer after its node
+    (suffixed when one node makes several layers); an unnamed node i of op X is planned as "X_i"."""
+    m = re.fullmatch(r"\(Unnamed Layer\* (\d+)\) \[(.+)\]", layer)
+    if m:
+        layer = f"{m.group(2)}_{m.group(1)}"
+    return layer in planned or any(layer.startswith(p + s) for p in planned for s in ("/", "_", " ", ":"))
+
+
+def _dla_capability(trt: Any, network: Any, config: Any, logger: Any, onnx_path: Path,
+                    planned: list[dict]) -> dict[str, Any]:
+    """Which layers DLA cannot run, asked of TensorRT before building: the ONNX parser's DLA capability report where
+    the parser has one (10.16+: REPORT_CAPABILITY_DLA with the builder config set before parsing; ONNX node indices,
+    named from the plan where it lists them), else config.can_run_on_DLA per network layer (layer names).
+    -> {"method", "gpu_layers"}"""
+    flags = getattr(trt, "OnnxParserFlag", None)
+    if flags is not None and "REPORT_CAPABILITY_DLA" in getattr(flags, "__members__", {}):
+        probe = trt.Builder(logger).create_network(0)
+        parser = trt.OnnxParser(probe, logger)
+        if hasattr(parser, "set_builder_config"):
+            parser.set_flag(flags.REPORT_CAPABILITY_DLA)
+            parser.set_builder_config(config)
+            parser.supports_model_v2(onnx_path.read_bytes())
+            names = {g.get("index"): g["node"] for g in planned}
+            gpu = []
+            for i in range(parser.num_subgraphs):
+                if not parser.is_subgraph_supported(i):
+                    gpu += [names.get(j, f"ONNX node {j}") for j in parser.get_subgraph_nodes(i)]
+            return {"method": "parser capability report (REPORT_CAPABILITY_DLA)", "gpu_layers": gpu}
+    gpu = [network.get_layer(i).name for i in range(network.num_layers)
+           if not config.can_run_on_DLA(network.get_layer(i))]
+    return {"method": "IBuilderConfig.can_run_on_DLA", "gpu_layers": gpu}
 
 
 def _batch_profile(builder, config, inp, batch):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeres.errors import ConfigError
-from edgeres.tensorrt.versions import TrtVersion, capabilities, dla_rule_text, parse_version
+from edgeres.tensorrt.versions import JETSON_MODULES, TrtVersion, capabilities, dla_rule_text, parse_version
 
 DEFAULT_BATCH = (1, 8, 32)
 DLA_DEFAULT_BATCH = (1, 1, 1)   # DLA runs static shapes only
@@ -50,7 +50,8 @@ class CompileOptions:
     hardware_compatibility: str | None = None   # "ampere+"
     sparsity: bool = False
     calib_cache: Path | None = None
-    strongly_typed: bool | None = None         # None: only where TensorRT requires it (11.x)
+    strongly_typed: bool | None = None         # None: where TensorRT requires it (11.x) or INT8 comes from Q/DQ (10.x)
+    builder_optimization_level: int | None = None   # 0..5 (8.6+); None: TensorRT's default
 
     def describe(self) -> dict:
         return {"precision": self.precision.value, "dla_core": self.dla_core, "gpu_fallback": self.gpu_fallback,
@@ -59,7 +60,8 @@ class CompileOptions:
                 "version_compatible": self.version_compatible,
                 "hardware_compatibility": self.hardware_compatibility, "sparsity": self.sparsity,
                 "calib_cache": str(self.calib_cache) if self.calib_cache else None,
-                "strongly_typed": self.strongly_typed}
+                "strongly_typed": self.strongly_typed,
+                "builder_optimization_level": self.builder_optimization_level}
 
 
 def precision_from_flags(*, fp16: bool, int8: bool) -> Precision:
@@ -88,16 +90,32 @@ def check_batch(batch: tuple[int, ...]) -> None:
         raise ConfigError(f"--batch needs 1 <= min <= opt <= max, got {lo},{opt},{hi}")
 
 
-def resolved_strongly_typed(opts: CompileOptions, version: str | TrtVersion) -> bool:
+def resolved_strongly_typed(opts: CompileOptions, version: str | TrtVersion, *,
+                            onnx_has_qdq: bool | None = None) -> bool:
+    """Strongly typed: always on 11.x; on 10.x when asked, and for INT8 from a Q/DQ ONNX (NVIDIA's explicit
+    quantization: strong typing, no precision flags; versions.SOURCES["strongly_typed_int8"]) unless the calibration
+    cache path (implicit INT8, weakly typed) or FP16 is asked for."""
     caps = capabilities(version)
-    return True if caps.always_strongly_typed else bool(opts.strongly_typed)
+    if caps.always_strongly_typed:
+        return True
+    if opts.strongly_typed is not None:
+        return bool(opts.strongly_typed)
+    return bool(caps.strongly_typed and onnx_has_qdq and opts.precision is Precision.INT8 and opts.calib_cache is None)
+
+
+def resolve(opts: CompileOptions, version: str | TrtVersion, *, onnx_has_qdq: bool | None) -> CompileOptions:
+    """The options as built: strongly_typed decided (resolved_strongly_typed), once, for both build paths."""
+    import dataclasses
+
+    return dataclasses.replace(opts, strongly_typed=resolved_strongly_typed(opts, version, onnx_has_qdq=onnx_has_qdq))
 
 
 def validate_options(opts: CompileOptions, trt_version: str | TrtVersion, *, is_jetson: bool, dla_cores: int,
                      compute_capability: str | None = None, onnx_has_qdq: bool | None = None,
-                     onnx_weight_form: str | None = None) -> list[str]:
+                     onnx_weight_form: str | None = None, jetson_module: str | None = None) -> list[str]:
     """Raise ConfigError for a combination this TensorRT/device cannot build; return warnings.
-    `onnx_weight_form`: check.int8_weight_form of the ONNX (None: no quantized weights, or not known)."""
+    `onnx_weight_form`: check.int8_weight_form of the ONNX (None: no quantized weights, or not known).
+    `jetson_module`: a versions.JETSON_MODULES key (None: not known)."""
     v = parse_version(trt_version)
     caps = capabilities(v)
     warnings: list[str] = []
@@ -110,7 +128,16 @@ def validate_options(opts: CompileOptions, trt_version: str | TrtVersion, *, is_
         check_batch(opts.batch)
     if opts.workspace_mb is not None and opts.workspace_mb < 1:
         raise ConfigError(f"--workspace must be >= 1 MiB, got {opts.workspace_mb}")
-    _check_dla(opts, v, caps, is_jetson=is_jetson, dla_cores=dla_cores, onnx_has_qdq=onnx_has_qdq)
+    if opts.builder_optimization_level is not None:
+        if not caps.builder_optimization_level:
+            raise ConfigError(f"--builder-optimization-level needs TensorRT 8.6 or newer; this is TensorRT {v}")
+        if not 0 <= opts.builder_optimization_level <= 5:
+            raise ConfigError(f"--builder-optimization-level is 0..5, got {opts.builder_optimization_level}")
+    _check_dla(opts, v, caps, is_jetson=is_jetson, dla_cores=dla_cores, onnx_has_qdq=onnx_has_qdq,
+               module=jetson_module)
+    if is_jetson and not caps.jetson:
+        raise ConfigError(f"TensorRT {v} is not for Jetson: NVIDIA ships no JetPack release of it (11.4.1 is the "
+                          "last TensorRT for JetPack 7.2.2+; JetPack 5.1/6.x keep their own 8.5/8.6/10.3)")
     _check_precision(opts, v, caps, onnx_has_qdq=onnx_has_qdq, warnings=warnings)
     _check_portability(opts, v, caps, is_jetson=is_jetson, compute_capability=compute_capability,
                        warnings=warnings)
@@ -118,8 +145,8 @@ def validate_options(opts: CompileOptions, trt_version: str | TrtVersion, *, is_
 
 
 def _check_dla(opts: CompileOptions, v: TrtVersion, caps, *, is_jetson: bool, dla_cores: int,
-               onnx_has_qdq: bool | None) -> None:
-    """DLA: a Jetson with DLA cores, a TensorRT that has DLA, FP16/INT8, a fixed batch."""
+               onnx_has_qdq: bool | None, module: str | None) -> None:
+    """DLA: a Jetson module that has DLA with this TensorRT (versions.DLA_ROWS), FP16/INT8, a fixed batch."""
     p = opts.precision
     if opts.dla_core is not None:
         if not caps.dla:
@@ -127,6 +154,14 @@ def _check_dla(opts: CompileOptions, v: TrtVersion, caps, *, is_jetson: bool, dl
         if not is_jetson or dla_cores < 1:
             raise ConfigError("--dla-core needs a Jetson with DLA cores (Xavier, Orin); this device has none. "
                               "Drop --dla-core to build for the GPU")
+        where = " or ".join(f"Jetson {JETSON_MODULES[m]}" for m in caps.dla_modules)
+        if module is not None and module not in caps.dla_modules:
+            raise ConfigError(f"--dla-core: TensorRT {v} has DLA on {where} only (JetPack {caps.dla_jetpack_min}+), "
+                              f"not on Jetson {JETSON_MODULES.get(module, module)}; drop --dla-core to build for "
+                              "the GPU")
+        if module is None and caps.dla_module_required:
+            raise ConfigError(f"--dla-core: TensorRT {v} has DLA on {where} only (JetPack {caps.dla_jetpack_min}+); "
+                              f"name the module: --jetson-module {caps.dla_modules[0]}")
         if not 0 <= opts.dla_core < dla_cores:
             raise ConfigError(f"--dla-core {opts.dla_core} does not exist; this Jetson has DLA cores "
                               f"0..{dla_cores - 1}")
@@ -167,12 +202,25 @@ def _check_precision(opts: CompileOptions, v: TrtVersion, caps, *, onnx_has_qdq:
         if p.uses_int8:
             warnings.append(f"TensorRT {v}: INT8 comes from the ONNX's Q/DQ nodes; no precision flag is set")
     else:
-        if opts.strongly_typed:
-            if not caps.strongly_typed:
-                raise ConfigError(f"--strongly-typed needs TensorRT 10 or newer; TensorRT {v} is weakly typed")
-            if p is not Precision.FP32:
-                raise ConfigError("--strongly-typed takes precision from the ONNX (casts, Q/DQ nodes); drop "
-                                  "--fp16/--int8, or drop --strongly-typed")
+        typed = resolved_strongly_typed(opts, v, onnx_has_qdq=onnx_has_qdq)
+        if opts.strongly_typed and not caps.strongly_typed:
+            raise ConfigError(f"--strongly-typed needs TensorRT 10 or newer; TensorRT {v} is weakly typed")
+        if typed and p.uses_fp16:
+            raise ConfigError("--strongly-typed takes precision from the ONNX (casts, Q/DQ nodes); drop "
+                              "--fp16, or drop --strongly-typed")
+        if typed and p.uses_int8 and not onnx_has_qdq:
+            raise ConfigError("--strongly-typed takes precision from the ONNX (casts, Q/DQ nodes); drop "
+                              "--int8, or compile the Q/DQ INT8 ONNX")
+        if typed and p.uses_int8:
+            warnings.append(f"TensorRT {v}: strongly typed; INT8 comes from the ONNX's Q/DQ nodes, no precision "
+                            "flag is set")
+        if opts.strongly_typed is False and p.uses_int8 and onnx_has_qdq and caps.strongly_typed:
+            raise ConfigError(f"--no-strongly-typed with the Q/DQ ONNX: TensorRT {v} builds explicit quantization "
+                              "strongly typed (the weakly typed INT8 flag is deprecated; NVIDIA: precision flags "
+                              "should not be specified); drop --no-strongly-typed")
+        if caps.precision_flags_deprecated and not typed and p is not Precision.FP32:
+            warnings.append(f"TensorRT {v}: the --fp16/--int8 precision flags are deprecated since 10.12 (weak "
+                            "typing); they still work here and are gone in 11")
         if p.uses_int8 and onnx_has_qdq is False and opts.calib_cache is None:
             raise ConfigError(
                 "--int8 with an FP32 ONNX needs per-tensor ranges: pass --calib-cache FILE (see `edgeres "

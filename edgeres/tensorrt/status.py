@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edgeres.tensorrt import engine_build
+from edgeres.tensorrt.versions import module_key
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class TrtStatus:
     compute_capability: str | None = None
     is_jetson: bool = False
     dla_cores: int = 0
+    module: str | None = None      # versions.JETSON_MODULES key read from the device tree (None: not a known Jetson)
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
@@ -37,4 +39,5 @@ def tensorrt_status() -> TrtStatus:
         return TrtStatus(False, version, f"TensorRT {version} is installed but no CUDA GPU is usable: {e}",
                          is_jetson=jetson)
     return TrtStatus(True, version, f"TensorRT {version} on {info['device']}", info["device"],
-                     info["compute_capability"], bool(info["is_jetson"]), int(info["dla_cores"]))
+                     info["compute_capability"], bool(info["is_jetson"]), int(info["dla_cores"]),
+                     module_key(info.get("model")))

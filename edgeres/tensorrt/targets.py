@@ -8,9 +8,11 @@ ones `edgeres compile` applies (options.validate_options over versions.capabilit
 re-decided on the device: the bundle's device runtime looks up its entry and executes it.
 
 Choices (and why; each version fact is a row of versions.capabilities, with its NVIDIA source in SOURCES):
-- INT8 on the GPU: the Q/DQ ONNX (explicit quantization: the scales QAT/PTQ chose), BuilderFlag.INT8 only —
-  the same on the Python and trtexec paths — and on 11.x no flag (strongly typed). Never a calibration cache
-  with the Q/DQ ONNX (TensorRT ignores it). The Q/DQ ONNX is taken in the INT8 weight form the target documents
+- INT8 on the GPU: the Q/DQ ONNX (explicit quantization: the scales QAT/PTQ chose), strongly typed with no
+  precision flag where TensorRT has strong typing (10.x: STRONGLY_TYPED / --stronglyTyped; 11.x: always), the
+  weakly typed BuilderFlag.INT8 / --int8 only on 8.5/8.6 — the same on the Python and trtexec paths. Never a
+  calibration cache with the Q/DQ ONNX (TensorRT ignores it). The Q/DQ ONNX is taken in the INT8 weight form the
+  target documents
   (`int8_weight_forms`): 8.5/8.6 get the copy with FP32 weights behind QuantizeLinear (`int8_fp32w`), 10.x+ the
   INT8 constants; a target whose form the inputs lack is refused with that reason.
 - INT8 on DLA: the FP32 ONNX + the calibration cache (implicit INT8) where TensorRT has calibration caches (8.5 to
@@ -19,10 +21,16 @@ Choices (and why; each version fact is a row of versions.capabilities, with its 
   the cache. 11.4.1+ (strongly typed, no caches): the Q/DQ ONNX. The cache header is re-tagged on the device to that
   TensorRT's NV_TENSORRT_VERSION (a cache from another version is ignored by TensorRT, and trtexec then calibrates
   on random data without an error).
-- DLA: only where the version has DLA (8.5 .. 10.7, 11.4.1+), a static batch (min = opt = max), FP16 or INT8, and
-  GPU fallback for exactly the layers NVIDIA's DLA layer table excludes (dla.py: the average Reduce of
-  GlobalAveragePool, the MatrixMultiply of Gemm, the Flatten to 2D), listed in the entry (`gpu_fallback_layers`).
-  Everything else must run on DLA; the device records what TensorRT placed.
+- DLA: only where NVIDIA ships it (versions.DLA_ROWS: 8.5 .. 10.7 on JetPack 5.1/6.x, 11.4.1 on Jetson AGX Orin with
+  JetPack 7.2.2+; the entry names the modules and JetPack, the device checks them), a static batch (min = opt = max),
+  FP16 or INT8, and GPU fallback for exactly the layers NVIDIA's DLA layer table excludes (dla.py: the average Reduce
+  of GlobalAveragePool, the MatrixMultiply of Gemm, the Flatten to 2D), listed in the entry (`gpu_fallback_layers`).
+  Everything else must run on DLA: the device asks TensorRT before building and refuses otherwise; a strongly typed
+  (11.4.1) INT8 model that would leave another layer in FP32 is refused here (dla.fp32_nodes).
+- One build configuration on both device paths (`build_config`): workspace, timing cache, builder optimization level
+  and profile go into the build_engine arguments and the trtexec argv alike.
+- Platforms: 11.x other than 11.4.1 is for desktops only (no JetPack release; none from 11.5): the device refuses it
+  on a Jetson.
 - FP16 on 11.x: refused (no FP16 flag; it needs an FP16 ONNX, which a bundle does not carry).
 """
 from __future__ import annotations
@@ -36,26 +44,31 @@ from edgeres.errors import ConfigError
 from edgeres.export import restore_fp32_weights
 from edgeres.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from edgeres.onnx_info import inspect_onnx
-from edgeres.tensorrt.options import CompileOptions, Precision, validate_options
+from edgeres.tensorrt.dla import fp32_nodes
+from edgeres.tensorrt.options import CompileOptions, Precision, resolve, validate_options
 from edgeres.tensorrt.trtexec import format_command, trtexec_command
-from edgeres.tensorrt.versions import FP32_QUANTIZE, INT8_CONSTANTS, capabilities, dla_rule_text
+from edgeres.tensorrt.versions import FP32_QUANTIZE, INT8_CONSTANTS, JETSON_MODULES, capabilities, dla_rule_text
 
 PLAN_FORMAT = "edgeres-trt-plan/1"
-# key -> (the version whose rules apply, version prefixes it serves, label, lowest version it serves or None).
-# The device runtime picks, among the targets whose prefix matches and whose lowest version it reaches, the longest
-# prefix, then the highest lowest version: 11.4.1+ -> "11.4.1" (DLA back), 11.0 .. 11.4.0 -> "11".
-TARGETS: dict[str, tuple[str, tuple[str, ...], str, str | None]] = {
-    "8.5": ("8.5.2", ("8.5",), "TensorRT 8.5.2 (JetPack 5.1.x)", None),
-    "8.6": ("8.6.2", ("8.6",), "TensorRT 8.6 (JetPack 6.0)", None),
-    "10.3": ("10.3.0", ("10.3",), "TensorRT 10.3 (JetPack 6.1/6.2)", None),
-    "10": ("10.16.0", ("10",), "TensorRT 10.x (desktop GPUs)", None),
-    "11": ("11.0.0", ("11",), "TensorRT 11.0 to 11.4.0 (desktop GPUs)", None),
-    "11.4.1": ("11.4.1", ("11",), "TensorRT 11.4.1+ (JetPack 7.2.2+ on Jetson AGX Orin, desktop GPUs)", "11.4.1"),
+# key -> (the version whose rules apply, version prefixes it serves, label, lowest version it serves or None,
+# platforms). The device runtime picks the longest matching prefix: 11.4.1 -> "11.4.1" (JetPack 7.2.2+, DLA on AGX
+# Orin), every other 11.x -> "11" (desktops only: no JetPack release before 11.4.1, none from 11.5).
+TARGETS: dict[str, tuple[str, tuple[str, ...], str, str | None, tuple[str, ...]]] = {
+    "8.5": ("8.5.2", ("8.5",), "TensorRT 8.5.2 (JetPack 5.1.x)", None, ("jetson", "desktop")),
+    "8.6": ("8.6.2", ("8.6",), "TensorRT 8.6 (JetPack 6.0)", None, ("jetson", "desktop")),
+    "10.3": ("10.3.0", ("10.3",), "TensorRT 10.3 (JetPack 6.1/6.2)", None, ("jetson", "desktop")),
+    "10": ("10.16.0", ("10",), "TensorRT 10.x (desktop GPUs)", None, ("jetson", "desktop")),
+    "11": ("11.0.0", ("11",), "TensorRT 11.x other than 11.4.1 (desktop GPUs only)", None, ("desktop",)),
+    "11.4.1": ("11.4.1", ("11.4.1",), "TensorRT 11.4.1 (JetPack 7.2.2+, DLA on Jetson AGX Orin only; desktop GPUs)",
+               None, ("jetson", "desktop")),
 }
+# the build configuration both device paths use (engine_build arguments and trtexec argv): a 1 GiB workspace, a
+# timing cache beside the engine, TensorRT's default optimization level (3) written out where it exists (8.6+)
+WORKSPACE_MB, OPTIMIZATION_LEVEL = 1024, 3
 PRECISIONS = ("int8", "fp16", "fp32")
 DEVICES = ("gpu", "dla")
 # placeholders the device substitutes with its own paths (it decides nothing else)
-ONNX, ENGINE, CALIB = "{onnx}", "{engine}", "{calib}"
+ONNX, ENGINE, CALIB, TIMING = "{onnx}", "{engine}", "{calib}", "{timing}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +98,7 @@ def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, 
     def info_of(path: Path):
         return inspected[path] if inspected and path in inspected else inspect_onnx(path)
 
-    rules_version, _, label, _ = TARGETS[target]
+    rules_version, _, label, _, platforms = TARGETS[target]
     caps = capabilities(rules_version)
     dla = device == "dla"
     if dla and not caps.dla:
@@ -116,17 +129,27 @@ def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, 
     if not info.dynamic_batch and batch != int(info.input_shape[0]):   # type: ignore[arg-type]
         shapes = (int(info.input_shape[0]),) * 3   # type: ignore[arg-type]
     fallback = list(info.dla_gpu_layers) if dla else []
+    if dla and precision == "int8" and explicit and caps.always_strongly_typed:
+        left = fp32_nodes(load_onnx(onnx_path), {g["node"] for g in fallback})
+        if left:
+            return _refused(target, precision, device,
+                            f"strongly typed INT8 on DLA: {onnx_name} would leave {', '.join(left[:4])} in FP32 "
+                            "(no Q/DQ around it), which DLA cannot run and the plan does not let fall back")
     # implicit INT8 on DLA also allows FP16: tensors the ONNX parser names itself (the MatrixMultiply inside a Gemm)
     # have no scale in a cache made from the ONNX's names, and DLA runs no FP32, so those layers run in FP16
     build_precision = Precision.BEST if use_cache else Precision(precision)
+    level = OPTIMIZATION_LEVEL if caps.builder_optimization_level else None
     opts = CompileOptions(precision=build_precision, dla_core=0 if dla else None, gpu_fallback=bool(fallback),
                           batch=shapes if info.dynamic_batch else None,
-                          calib_cache=inputs.calib_cache if use_cache else None)
+                          calib_cache=inputs.calib_cache if use_cache else None, workspace_mb=WORKSPACE_MB,
+                          timing_cache=Path(TIMING), builder_optimization_level=level)
     try:
         warnings = validate_options(opts, rules_version, is_jetson=dla, dla_cores=1 if dla else 0,
-                                    onnx_has_qdq=info.has_qdq, onnx_weight_form=info.weight_form)
+                                    onnx_has_qdq=info.has_qdq, onnx_weight_form=info.weight_form,
+                                    jetson_module=caps.dla_modules[0] if dla else None)
     except ConfigError as e:
         return _refused(target, precision, device, str(e))
+    opts = resolve(opts, rules_version, onnx_has_qdq=info.has_qdq)
     argv_opts = dataclasses.replace(opts, calib_cache=Path(CALIB) if use_cache else None)
     argv = trtexec_command(ONNX, ENGINE, argv_opts, rules_version, input_name=info.input_name,
                            input_chw=info.chw, dynamic_batch=info.dynamic_batch, batch=shapes)
@@ -140,10 +163,21 @@ def plan_entry(target: str, precision: str, device: str, inputs: PlanInputs, *, 
         "dynamic_input": info.dynamic_batch,   # run with explicit shapes (trtexec --shapes) even when static_batch
         # DLA: the layers NVIDIA's DLA table excludes run on the GPU (dla.py); every other layer runs on DLA
         "gpu_fallback_layers": fallback if dla else None,
-        # keyword arguments of engine_build.build_engine (the device adds paths and its DLA core index)
+        # where it may run (the device refuses a Jetson for a desktop-only target, a DLA entry on another module or an
+        # older JetPack it can read): versions.DLA_ROWS, written here so the device decides nothing
+        "platforms": list(platforms),
+        "dla_modules": [JETSON_MODULES[m] for m in caps.dla_modules] if dla else None,
+        "jetpack_min": caps.dla_jetpack_min if dla else None,
+        # one build configuration for both device paths: the engine_build arguments below and the trtexec argv
+        "build_config": {"workspace_mb": WORKSPACE_MB, "timing_cache": True, "builder_optimization_level": level,
+                         "strongly_typed": bool(opts.strongly_typed), "profile": list(shapes)},
+        # keyword arguments of engine_build.build_engine (the device adds paths, its timing cache and DLA core index)
         "engine_build": {"precision": build_precision.value, "dla_core": 0 if dla else None,
                          "gpu_fallback": bool(fallback), "batch": list(shapes),
-                         "strongly_typed": caps.always_strongly_typed or None},
+                         "strongly_typed": bool(opts.strongly_typed), "workspace_mb": WORKSPACE_MB,
+                         "builder_optimization_level": level,
+                         "dla_gpu_layers": [{"node": g["node"], "index": g.get("index")} for g in fallback]
+                         if dla else None},
         "trtexec": argv,
         "warnings": warnings,
     }
@@ -157,7 +191,7 @@ def device_plan(inputs: PlanInputs, *, batch: int) -> dict[str, Any]:
     entries = [plan_entry(t, p, d, inputs, batch=batch, inspected=inspected)
                for t in TARGETS for p in PRECISIONS for d in DEVICES]
     return {"format": PLAN_FORMAT, "batch": batch,
-            "targets": {k: {"rules": v[0], "match": list(v[1]), "label": v[2], "from": v[3]}
+            "targets": {k: {"rules": v[0], "match": list(v[1]), "label": v[2], "from": v[3], "platforms": list(v[4])}
                         for k, v in TARGETS.items()},
             "entries": entries}
 
@@ -171,7 +205,8 @@ def script_for(entry: dict[str, Any], *, onnx: str, calib: str | None) -> str:
 
     label = TARGETS[entry["target"]][2]
     argv = [a.replace(ONNX, onnx).replace(ENGINE, f"model-{entry['precision']}-{entry['device']}.plan")
-            .replace(CALIB, "calib.local.cache") for a in entry["trtexec"]]
+            .replace(CALIB, "calib.local.cache")
+            .replace(TIMING, f"model-{entry['precision']}-{entry['device']}.timing.cache") for a in entry["trtexec"]]
     lines = ["#!/bin/sh", f"# {label}: {entry['precision']} on the {entry['device'].upper()}, written by edgeres "
              "(the host's plan; see plan.json).", "# Run it on the target device next to the files it names "
              "(trtexec is in /usr/src/tensorrt/bin on JetPack).", 'cd "$(dirname "$0")"', "set -e",

@@ -1,10 +1,11 @@
 """The stock `trtexec` command line equivalent to a build, spelled for the target TensorRT version.
 
-Flag spellings by version (trtexec --help of each release and NVIDIA's 8.x->10.x / 10.x->11.x guides):
---explicitBatch only on 8.x; --workspace is replaced by --memPoolSize=workspace:<MiB> (8.4+, --workspace
-removed in 10); --buildOnly (8.5) became --skipInference (8.6+); --versionCompatible and
---hardwareCompatibilityLevel=ampere+ need 8.6+; --stronglyTyped exists on 10.x and is implied on 11.x;
-11.x has no --fp16/--int8/--best/--calib.
+Flag spellings by version (trt-api <ver>/trtexec_options.txt, NVIDIA's 8.x->10.x / 10.x->11.x guides):
+--explicitBatch is never written (8.x: deprecated, no effect; 10.x: gone); --workspace is replaced by
+--memPoolSize=workspace:<MiB> (8.4+, --workspace removed in 10); --buildOnly (8.5) became --skipInference
+(8.6+); --versionCompatible, --hardwareCompatibilityLevel=ampere+ and --builderOptimizationLevel need 8.6+;
+--stronglyTyped on 10.x (the Q/DQ ONNX is built with it and no precision flag), implied (and deprecated) on 11.x;
+11.x has no --fp16/--int8/--best/--calib; 10.12+ deprecates --fp16/--int8 (they still work).
 """
 from __future__ import annotations
 
@@ -26,19 +27,18 @@ def trtexec_command(onnx_path: str | Path, engine_path: str | Path, options: Com
     caps = capabilities(trt_version)
     p = options.precision
     argv = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
-    if caps.trtexec_explicit_batch:
-        argv.append("--explicitBatch")
     if dynamic_batch:
         for flag, b in zip(("--minShapes", "--optShapes", "--maxShapes"), batch):
             argv.append(f"{flag}={_shape(input_name, b, input_chw)}")
-    if caps.weak_typing and not resolved_strongly_typed(options, caps.version):
+    typed = resolved_strongly_typed(options, caps.version)
+    if caps.weak_typing and not typed:
         if p.uses_fp16:
             argv.append("--fp16")
         if p.uses_int8:
             argv.append("--int8")
         if options.calib_cache is not None:
             argv.append(f"--calib={options.calib_cache}")
-    if caps.strongly_typed and not caps.always_strongly_typed and options.strongly_typed:
+    if caps.strongly_typed and not caps.always_strongly_typed and typed:
         argv.append("--stronglyTyped")
     if options.workspace_mb is not None:
         argv.append(f"--memPoolSize=workspace:{options.workspace_mb}")
@@ -48,6 +48,8 @@ def trtexec_command(onnx_path: str | Path, engine_path: str | Path, options: Com
             argv.append("--allowGPUFallback")
     if options.timing_cache is not None:
         argv.append(f"--timingCacheFile={options.timing_cache}")
+    if options.builder_optimization_level is not None:
+        argv.append(f"--builderOptimizationLevel={options.builder_optimization_level}")
     if options.version_compatible:
         argv.append("--versionCompatible")
     if options.hardware_compatibility:

@@ -1,10 +1,11 @@
 """TensorRT versions and what each supports. Variants are data: one capability row per version, each fact with
-the NVIDIA source it comes from (`SOURCES`). The planner (targets.py), `edgeres compile` (options.py), the device
-runtime (through the plan), the README and the CLI help read these rows; tests/test_tensorrt_options.py checks the
-README's statements against them.
+the NVIDIA source it comes from (`SOURCES`), and one DLA row per (TensorRT versions, platform, Jetson modules)
+(`DLA_ROWS`, each with its own source). The planner (targets.py), `edgeres compile` (options.py), the device runtime
+(through the plan), the README's table (`readme_table`, checked by tests/test_tensorrt_plan.py) and the CLI help
+read these rows.
 
 Supported targets: 8.5 (JetPack 5.1.x ships 8.5.2), 8.6 (JetPack 6.0 ships 8.6.2), 10.3 (JetPack 6.1/6.2 ship
-10.3), 10.x desktops, 11.x desktops and 11.4.1+ (Jetson AGX Orin on JetPack 7.2.2+, DLA back, strongly typed).
+10.3), 10.x desktops, 11.x desktops and 11.4.1 (the last TensorRT for JetPack: 7.2.2+, DLA on Jetson AGX Orin only).
 """
 from __future__ import annotations
 
@@ -28,10 +29,7 @@ SOURCES = {
                      "(https://docs.nvidia.com/deeplearning/tensorrt/api/c_api/deprecated.html)",
     "strongly_typed": "trt-api 10.3/python_api.json: NetworkDefinitionCreationFlag.STRONGLY_TYPED (absent in 8.x); "
                       "trtexec --stronglyTyped from 10.x (trt-api <ver>/trtexec_options.txt)",
-    "dla": "Working with DLA, TensorRT 11.4.1 (https://docs.nvidia.com/deeplearning/tensorrt/11.4.1/inference-library/"
-           "work-with-dla.html): 'TensorRT 10.7 was the last 10.x release that supported DLA'; 'DLA was unavailable "
-           "in TensorRT 11.0 through 11.3'; '11.4.0 supported DLA only on Windows on ARM'; 11.4.1 release notes: "
-           "DLA on Jetson AGX Orin with JetPack 7.2.2 or later, strongly typed networks, GPU fallback as in 10.x",
+    "dla": "DLA_ROWS (one row per version range, platform and module, each with its own NVIDIA page)",
     "dla_layers": "DLA Supported Layers and Restrictions (https://docs.nvidia.com/deeplearning/tensorrt/latest/"
                   "inference-library/dla-layer-restrictions.html): per-layer precision and key limits, see dla.py",
     "dla_explicit_quantization": "NVIDIA TensorRT 8.5 developer guide, Working with DLA: no explicit "
@@ -41,7 +39,10 @@ SOURCES = {
                          "quantization.html): weights may be high precision (quantized by the IQuantizeLayer) or "
                          "pre-quantized INT8 through an IDequantizeLayer. TensorRT 8.5/8.6 API (IConstantLayer): "
                          "weights other than kINT32 are real values, so 8.x documents only FP32 weights behind "
-                         "QuantizeLinear (the form NVIDIA's pytorch-quantization toolkit exports)",
+                         "QuantizeLinear (the form NVIDIA's pytorch-quantization toolkit exports). ASSUMPTION, not "
+                         "confirmed on a device: that 8.5/8.6 REJECT INT8-constant weights (the plan avoids the "
+                         "question by shipping the documented form; the emulator applies the same assumption, marked "
+                         "there too)",
     "version_compatible": "TensorRT 8.6 release notes: BuilderFlag.VERSION_COMPATIBLE (trt-api 8.6 python_api.json); "
                           "Version Compatibility (https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-"
                           "library/version-compatibility.html): 'supported from version 8.6', runtime must allow "
@@ -57,6 +58,24 @@ SOURCES = {
                             "support-matrix.html), Engine Portability: 'Serialized engines are not portable across "
                             "platforms'",
     "trtexec_flags": "trt-api <ver>/trtexec_options.txt (NVIDIA/TensorRT samples/common/sampleOptions.cpp at each tag)",
+    "explicit_batch_trtexec": "trt-api 8.5.2/8.6 trtexec_options.txt: --explicitBatch 'deprecated undocumented' ("
+                              "trtexec "
+                              "parses ONNX with explicit batch whatever the flag: it has no effect); absent from 10.x",
+    "strongly_typed_int8": "Explicit Quantization (https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-"
+                           "library/quantized-types-explicit-quantization.html): a Q/DQ network should be built "
+                           "strongly typed and precision flags 'should not be specified'; trt-api 10.3 "
+                           "trtexec_options.txt: --stronglyTyped (the first 10.x table here with it); trt-api 10.16 "
+                           "python_api.json: BuilderFlag.INT8/FP16 'Deprecated in TensorRT 10.12'",
+    "precision_flags_deprecated": "trt-api 10.16 python_api.json: BuilderFlag.FP16/INT8 docstring 'Deprecated in "
+                                  "TensorRT 10.12'; trt-api 10.16 trtexec_options.txt: --fp16/--int8 'deprecated'",
+    "builder_optimization_level": "trt-api 8.6 python_api.json: IBuilderConfig.builder_optimization_level (absent in "
+                                  "8.5.2); trt-api 8.6+ trtexec_options.txt: --builderOptimizationLevel; TensorRT "
+                                  "developer guide: the default level is 3",
+    "dla_capability_report": "trt-api 10.16/11.0 python_api.json: OnnxParserFlag.REPORT_CAPABILITY_DLA, "
+                             "OnnxParser.set_builder_config (absent in 10.3); ONNX Parser Flags for DLA (https://docs."
+                             "nvidia.com/deeplearning/tensorrt/11.4.1/inference-library/dla-onnx-parser.html): with "
+                             "the flag and a builder config set before parse(), is_subgraph_supported() reports DLA "
+                             "capability; IBuilderConfig.can_run_on_DLA(layer) in every version (trt-api)",
 }
 
 # Named targets a user can plan for without TensorRT installed (`edgeres compile --trt-version`).
@@ -65,10 +84,80 @@ KNOWN_TARGETS = {
     "8.6": "8.6.2 (JetPack 6.0, Jetson Orin; DLA)",
     "10.3": "10.3.0 (JetPack 6.1/6.2, Jetson Orin; DLA)",
     "10": "10.x (desktop GPUs; DLA only up to 10.7)",
-    "11": "11.x (desktop GPUs; strongly typed only; no DLA before 11.4.1)",
-    "11.4.1": "11.4.1+ (JetPack 7.2.2+, Jetson AGX Orin; strongly typed; DLA)",
+    "11": "11.x (desktop GPUs; strongly typed only; no DLA)",
+    "11.4.1": "11.4.1 (JetPack 7.2.2+; strongly typed; DLA on Jetson AGX Orin only)",
 }
 INT8_CONSTANTS, FP32_QUANTIZE = "int8_constants", "fp32_quantize"   # the two INT8 weight forms of a Q/DQ ONNX
+
+# Jetson modules by the name /proc/device-tree/model carries ("NVIDIA Jetson AGX Orin Developer Kit"); matched as a
+# substring, case-insensitively. Orin Nano has no DLA; Thor has none (NVIDIA, Working with DLA 11.4.1).
+JETSON_MODULES = {"agx-xavier": "AGX Xavier", "xavier-nx": "Xavier NX", "agx-orin": "AGX Orin", "orin-nx": "Orin NX",
+                  "orin-nano": "Orin Nano", "agx-thor": "AGX Thor"}
+_DLA_PAGE = "https://docs.nvidia.com/deeplearning/tensorrt/{v}/inference-library/work-with-dla.html"
+
+
+@dataclass(frozen=True)
+class DlaRow:
+    """Where NVIDIA ships DLA: TensorRT first..last (inclusive, (major, minor, patch)), on which platform, which
+    Jetson modules (JETSON_MODULES keys; empty: none), from which JetPack, and the NVIDIA page that says so."""
+
+    label: str                    # the versions as people say them ("10.0 to 10.7")
+    first: tuple[int, int, int]
+    last: tuple[int, int, int]
+    platform: str                 # "jetson" (JetPack) | "windows-arm" (not an edgeres target) | "none"
+    modules: tuple[str, ...]
+    jetpack: str | None           # the JetPack release(s), as NVIDIA names them
+    jetpack_min: str | None       # the lowest JetPack the row allows (the device refuses a lower one it can read)
+    source: str
+    module_required: bool = False  # DLA for some of the Jetsons that run this TensorRT only: plan only for a named one
+
+    def covers(self, v: tuple[int, int, int]) -> bool:
+        return self.first <= v <= self.last
+
+
+_END = 99
+DLA_ROWS: tuple[DlaRow, ...] = (
+    DlaRow("8.5.x", (8, 5, 0), (8, 5, _END), "jetson", ("agx-xavier", "xavier-nx", "agx-orin", "orin-nx"), "5.1.x",
+           "5.1",
+           "JetPack 5.1 release notes (TensorRT 8.5.2, Jetson Xavier and Orin); NVIDIA TensorRT 8.5 developer guide, "
+           "Working with DLA"),
+    DlaRow("8.6.x", (8, 6, 0), (8, 6, _END), "jetson", ("agx-orin", "orin-nx"), "6.0", "6.0",
+           "JetPack 6.0 release notes (TensorRT 8.6.2, Jetson Orin only); Working with DLA (8.6 developer guide)"),
+    DlaRow("10.0 to 10.7", (10, 0, 0), (10, 7, _END), "jetson", ("agx-orin", "orin-nx"), "6.1/6.2", "6.1",
+           "JetPack 6.1/6.2 release notes (TensorRT 10.3); " + _DLA_PAGE.format(v="11.4.1") +
+           ": 'TensorRT 10.7 was the last 10.x release that supported DLA'"),
+    DlaRow("10.8 to 11.3", (10, 8, 0), (11, 3, _END), "none", (), None, None,
+           _DLA_PAGE.format(v="11.4.1") + ": 10.7 the last 10.x with DLA; 'DLA was unavailable in TensorRT 11.0 "
+           "through 11.3'"),
+    DlaRow("11.4.0", (11, 4, 0), (11, 4, 0), "windows-arm", (), None, None,
+           _DLA_PAGE.format(v="11.4.0") + ": DLA only on Windows on ARM (beta), not on JetPack or Linux SBSA"),
+    DlaRow("11.4.1", (11, 4, 1), (11, 4, 1), "jetson", ("agx-orin",), "7.2.2+", "7.2.2",
+           _DLA_PAGE.format(v="11.4.1") + " and TensorRT 11.4.1 release notes: DLA on Jetson AGX Orin with JetPack "
+           "7.2.2 or later only (not Orin on JetPack 6.x, not Thor), strongly typed, GPU fallback as in 10.x", True),
+    DlaRow("11.5 and later", (11, 5, 0), (_END, _END, _END), "none", (), None, None,
+           _DLA_PAGE.format(v="11.5.0") + " and the 11.5.0 Jetson migration page: JetPack is not supported from "
+           "11.5.0 ('Do not install the TensorRT 11.5.0 packages on a Jetson board'); 11.4.1 is the last for JetPack"),
+)
+# TensorRT versions NVIDIA ships for JetPack at all (Jetson); later 11.x are for desktops and servers only
+JETPACK_LAST = (11, 4, 1)
+JETPACK_SOURCE = ("Migrating TensorRT from 10.x to 11.x on Jetson/JetPack, 11.5.0 (https://docs.nvidia.com/"
+                  "deeplearning/tensorrt/11.5.0/api/migration/tensorrt-10x-to-11x-jetson.html): 'NVIDIA JetPack is not "
+                  "supported in TensorRT 11.5.0 ... Do not install the TensorRT 11.5.0 packages on a Jetson board'; "
+                  "11.0 to 11.4.0 have no JetPack release either (11.3.0 and 11.4.1 migration pages)")
+
+
+def dla_row(version: str | TrtVersion) -> DlaRow | None:
+    """The DLA row covering this TensorRT version (None: older than any row)."""
+    v = parse_version(version)
+    key = (v.major, v.minor, v.patch)
+    return next((r for r in DLA_ROWS if r.covers(key)), None)
+
+
+def jetson_supported(version: str | TrtVersion) -> bool:
+    """May this TensorRT run on a Jetson? 8.x and 10.x (JetPack 5.1 / 6.x), and of 11.x only 11.4.1 (JETPACK_SOURCE:
+    no JetPack release for 11.0 to 11.4.0, none from 11.5)."""
+    v = parse_version(version)
+    return v.major < 11 or (v.major, v.minor, v.patch) == JETPACK_LAST
 
 
 @dataclass(frozen=True, order=True)
@@ -109,12 +198,19 @@ class Capabilities:
     implicit_int8_deprecated: bool  # deprecated since 10.1
     strongly_typed: bool           # STRONGLY_TYPED network flag exists (10.x) or is the only mode (11.x)
     always_strongly_typed: bool    # 11.x
-    dla: bool                      # DLA supported: 8.5 .. 10.7 and 11.4.1+ (SOURCES["dla"])
+    dla: bool                      # DLA on some Jetson module: 8.5 .. 10.7 and 11.4.1 (DLA_ROWS)
+    dla_modules: tuple[str, ...]   # the Jetson modules (JETSON_MODULES keys) that have DLA with this version
+    dla_jetpack_min: str | None    # the lowest JetPack with DLA for this version
+    dla_module_required: bool      # DLA planned only for a named Jetson module (11.4.1: AGX Orin only)
+    jetson: bool                   # NVIDIA ships this TensorRT for JetPack (JETPACK_SOURCE)
+    precision_flags_deprecated: bool  # BuilderFlag.FP16/INT8, trtexec --fp16/--int8 deprecated (10.12+)
+    builder_optimization_level: bool  # IBuilderConfig.builder_optimization_level / --builderOptimizationLevel (8.6+)
+    dla_capability_report: bool    # OnnxParserFlag.REPORT_CAPABILITY_DLA + OnnxParser.set_builder_config (10.16+)
     dla_explicit_quantization: bool  # Q/DQ networks on DLA (8.6+)
     int8_weight_forms: tuple[str, ...]  # INT8 weight forms of a Q/DQ ONNX this builder documents
     version_compatible: bool       # BuilderFlag.VERSION_COMPATIBLE (8.6+)
     hardware_compatibility: bool   # HardwareCompatibilityLevel.AMPERE_PLUS (8.6+; desktop Ampere+ only)
-    trtexec_explicit_batch: bool   # --explicitBatch accepted (8.x only)
+    trtexec_explicit_batch: bool   # --explicitBatch accepted (8.x) but deprecated with no effect: never written
     trtexec_skip_inference: str    # build-only flag: --buildOnly (8.5) / --skipInference (8.6+)
     calib_tag_number: int          # number inside the calibration cache header "TRT-<n>-EntropyCalibration2"
 
@@ -125,6 +221,7 @@ def capabilities(version: str | TrtVersion) -> Capabilities:
     if (v.major, v.minor) < MIN_SUPPORTED or v.major > MAX_MAJOR or v.major == 9:
         raise ConfigError(f"TensorRT {v} is not supported; edgeres targets 8.5, 8.6, 10.x and 11.x "
                           f"({', '.join(KNOWN_TARGETS)})")
+    row = dla_row(v)
     return Capabilities(
         version=v,
         explicit_batch_flag=v.major < 10,
@@ -134,6 +231,13 @@ def capabilities(version: str | TrtVersion) -> Capabilities:
         strongly_typed=v.major >= 10,
         always_strongly_typed=v.major >= 11,
         dla=has_dla(v),
+        dla_modules=row.modules if row is not None and row.platform == "jetson" else (),
+        dla_jetpack_min=row.jetpack_min if row is not None and row.platform == "jetson" else None,
+        dla_module_required=bool(row is not None and row.module_required),
+        jetson=jetson_supported(v),
+        precision_flags_deprecated=v.at_least(10, 12),
+        builder_optimization_level=v.at_least(8, 6),
+        dla_capability_report=v.at_least(10, 16),
         dla_explicit_quantization=v.at_least(8, 6),
         int8_weight_forms=(FP32_QUANTIZE, INT8_CONSTANTS) if v.major >= 10 else (FP32_QUANTIZE,),
         version_compatible=v.at_least(8, 6),
@@ -144,16 +248,43 @@ def capabilities(version: str | TrtVersion) -> Capabilities:
     )
 
 
-def has_dla(version: str | TrtVersion) -> bool:
-    """DLA windows (SOURCES["dla"]): 8.5 .. 10.7, then none until 11.4.1 (Jetson AGX Orin, JetPack 7.2.2+).
-    engine_build._has_dla is the bundle's standalone copy (a test checks they agree)."""
-    v = parse_version(version)
-    return (v.major, v.minor) <= (10, 7) or (v.major, v.minor, v.patch) >= (11, 4, 1)
+def has_dla(version: str | TrtVersion, module: str | None = None) -> bool:
+    """DLA with this TensorRT (on `module`, a JETSON_MODULES key, when given): a DLA_ROWS row for a Jetson that
+    names modules. engine_build._has_dla is the bundle's standalone copy of the version window (a test checks)."""
+    row = dla_row(version)
+    if row is None or row.platform != "jetson" or not row.modules:
+        return False
+    return module is None or module in row.modules
 
 
 def dla_rule_text() -> str:
-    """The DLA window in words (README, CLI help and refusals say the same)."""
-    return "DLA needs TensorRT 8.5 to 10.7 (JetPack 5.1 / 6.x) or 11.4.1+ (JetPack 7.2.2+ on AGX Orin)"
+    """The DLA rule in words (README, CLI help and refusals say the same), from DLA_ROWS."""
+    parts = [f"{r.label} (JetPack {r.jetpack}: {', '.join(JETSON_MODULES[m] for m in r.modules)})"
+             for r in DLA_ROWS if r.platform == "jetson" and r.modules]
+    return "DLA needs TensorRT " + "; ".join(parts) + "; none on 10.8 to 11.4.0 or from 11.5 on a Jetson"
+
+
+def module_key(model: str | None) -> str | None:
+    """A JETSON_MODULES key from a device-tree model string ('NVIDIA Jetson AGX Orin Developer Kit' -> 'agx-orin')."""
+    text = (model or "").lower()
+    return next((k for k, name in JETSON_MODULES.items() if name.lower() in text), None)
+
+
+def readme_table() -> str:
+    """The README's TensorRT table: one line per DLA_ROWS row (and where NVIDIA ships TensorRT for Jetson), generated
+    here so the README cannot drift from the rows (tests/test_tensorrt_plan.py compares them)."""
+    lines = ["| TensorRT | Jetson (JetPack) | DLA | DLA modules | strongly typed INT8 (Q/DQ ONNX) | source |",
+             "|---|---|---|---|---|---|"]
+    for r in DLA_ROWS:
+        v = TrtVersion(*r.first)
+        jetson = f"JetPack {r.jetpack}" if r.jetpack else "no"
+        dla = {"jetson": "yes", "windows-arm": "Windows on ARM only (beta; not an edgeres target)",
+               "none": "no"}[r.platform]
+        modules = ", ".join(f"Jetson {JETSON_MODULES[m]}" for m in r.modules) or "-"
+        typed = ("yes, always" if v.major >= 11 else "yes (--stronglyTyped)" if v.major >= 10 else
+                 "no (--int8, weakly typed)")
+        lines.append(f"| {r.label} | {jetson} | {dla} | {modules} | {typed} | {r.source} |")
+    return "\n".join(lines) + "\n"
 
 
 def calib_tag_number(version: str | TrtVersion) -> int:
