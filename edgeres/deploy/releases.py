@@ -8,27 +8,38 @@ imports it on the host, the Ansible playbook and the Mender update module run th
     ROOT/current -> releases/<id>    the release that runs; switched only by `activate` (or a flashed image)
     ROOT/previous -> releases/<id>   the release `current` replaced (what `rollback` returns to)
     STATE/lock                 flock: one install/activate/rollback/verify at a time on this device
-    STATE/attempts/<id>/<attempt>.json   every verification attempt, passed or not
+    STATE/attempts/<id>/<attempt>.json   every verification attempt, passed or not (<attempt>-check: after a switch)
     STATE/results/<id>.json    the release's last PASSED verification here (a later failed check never replaces it)
     STATE/result.json          the result of the release `current` points to
     STATE/pending.json         the last install that passed, waiting for `activate` (any newer install supersedes it)
-    STATE/history.json         when each release was activated (what --keep keeps)
+    STATE/trial.json           a switched release not yet committed (its check runs); gone once committed or undone
+    STATE/activations/<attempt>.json   how each activation ended: committed, fell back (why) or refused (why)
+    STATE/history.json         when each release was committed (what --keep keeps)
     STATE/engines/             engines, cached by device + TensorRT version + ONNX sha256
 
-The transaction: `install` stages and verifies under the lock with its own time limit and never switches;
-`activate <id>` (sent by the controller only when it still wants that release) switches with one rename. An
-install that is aborted (time limit, --abort-on-stdin-eof when the controller's connection drops), fails or is
-superseded leaves `current`, `previous` and result.json as they were; its partial folder is removed by the next run.
+The update's life cycle, the same on every path (SSH, Ansible, Mender, a flashed image):
+    install   stage and verify under the lock with its own time limit; never switches (-> pending.json)
+    activate  inside the controller's window (--deadline-in S, and with --abort-on-stdin-eof its connection):
+              switch `current` (trial.json written first), then check the release as it now runs (the engine
+              verification against the probe, then the health-check command: --health-check, else the bundle's
+              manifest "health_check"), then commit (result.json, history, trial.json removed) only when the check
+              passed and the window is still open; otherwise switch back by itself and record why. Exit 0 committed,
+              1 fell back, 2 refused (nothing switched: superseded, busy, deadline passed, connection gone)
+    flashed   `edgeres rootfs` leaves a first-boot trial: the boot unit's verify-current checks it the same way
+A trial whose activation died (killed, power cut) is undone by the next transaction on the device.
 
-    python3 releases.py prepare [--objects DIR]            identity, permissions, files this device already has
+    python3 releases.py prepare [--objects DIR] [--attempt A]    identity, permissions, space, files it has
     python3 releases.py install (--from FOLDER | --objects DIR --manifest SHA256) [--time-limit S] [--attempt A]
                         [--trusted-keys FILE] [--abort-on-stdin-eof] [-- DEVICE RUNTIME ARGS]
-    python3 releases.py activate RELEASE [--attempt A] [--keep N] [--units-dir DIR]
-    python3 releases.py rollback | status | verify-current | prune --keep N
+    python3 releases.py activate RELEASE --attempt A [--deadline-in S] [--abort-on-stdin-eof] [--health-check CMD]
+                        [--health-timeout S] [--keep N] [--objects DIR] [--units-dir DIR] [-- DEVICE RUNTIME ARGS]
+    python3 releases.py discard RELEASE [--attempt A]     drop a verified install that will not be activated
+    python3 releases.py rollback [--to RELEASE] | status [--attempt A] | verify-current | prune --keep N
 
 Common options: --root R (default /opt/edgeres), --state S (default /var/lib/edgeres), --python PY.
-Each prints one JSON object. Exit codes: 0 done, 1 the release failed verification (nothing switched), 2 unusable
-(bad or malformed bundle, bad signature, busy, time limit, nothing to roll back to, no permission).
+Each prints one JSON object on stdout (progress lines, `edgeres-progress {...}`, go to stderr). Exit codes: 0 done,
+1 the release failed verification or its check (nothing switched, or switched back), 2 unusable (bad or malformed
+bundle, bad signature, busy, time limit, window closed, nothing to roll back to, no permission).
 """
 from __future__ import annotations
 
@@ -38,6 +49,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,7 +67,12 @@ SIGNATURE = "signature.json"        # beside the manifest, never listed in it (i
 SIGN_NAMESPACE = "edgeres-bundle"
 EXECUTABLE = ("device_runtime.py", "edgeres-device", "releases.py")
 EXIT_OK, EXIT_GATE, EXIT_UNUSABLE = 0, 1, 2
-PART_MAX_AGE_S = 600                # a staged .part file older than this belongs to a dead copy
+PART_MAX_AGE_S = 600                # a staged .part file (or object) older than this belongs to a dead copy
+PROGRESS_EVERY_S = 5.0              # a progress line on stderr this often while the device verifies or checks
+HEALTH_TIMEOUT_S = 300.0            # the health-check command's time limit unless the bundle or a flag says
+ACTIVATIONS_KEPT = 50               # STATE/activations/ records kept (the newest)
+TRIAL = "trial.json"
+ATTEMPT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")   # an attempt name is a file name on the device
 UNIT_NAME, TIMER_NAME = "edgeres-verify.service", "edgeres-verify.timer"
 # Verify-on-boot: a timer starts the check 30 s after boot, outside the boot transaction, so multi-user.target and
 # `systemctl is-system-running` reach "running" without waiting for an engine build (up to an hour on a Nano).
@@ -206,16 +223,19 @@ def _releases(root: Path) -> list[str]:
                   and (p / MANIFEST).is_file())
 
 
-def _have(root: Path, objects: Path | None) -> dict[str, Path]:
+def _have(root: Path, objects: Path | None, *, check: bool = False) -> dict[str, Path]:
     """sha256 -> a file on this device with that content: staged objects (named by their sha256) and the files of
-    installed releases (checked when staged; checked again when used)."""
+    installed releases. With check (prepare, before the controller decides what to send), release files are hashed
+    and a damaged one is left out; staged objects are always checked by `repair_objects` first."""
     out: dict[str, Path] = {}
     for rid in _releases(root):
         folder = root / "releases" / rid
         manifest = _load_json(folder / MANIFEST) or {}
         for name, entry in (manifest.get("files") or {}).items():
-            if isinstance(entry, dict) and (folder / name).is_file():
-                out.setdefault(str(entry.get("sha256")), folder / name)
+            path = folder / name
+            if isinstance(entry, dict) and path.is_file() and not path.is_symlink() and \
+                    (not check or sha256_path(path) == entry.get("sha256")):
+                out.setdefault(str(entry.get("sha256")), path)
         out.setdefault(sha256_path(folder / MANIFEST), folder / MANIFEST)
         if (folder / SIGNATURE).is_file():
             out.setdefault(sha256_path(folder / SIGNATURE), folder / SIGNATURE)
@@ -226,13 +246,25 @@ def _have(root: Path, objects: Path | None) -> dict[str, Path]:
     return out
 
 
+def repair_objects(objects: Path | None) -> list[str]:
+    """Delete every staged object whose content is not what its name (sha256) says: junk left by a broken copy or a
+    damaged disk would otherwise be trusted by name and fail every later install. Returns their names."""
+    removed = []
+    if objects is not None and objects.is_dir():
+        for p in objects.iterdir():
+            if len(p.name) == 64 and p.is_file() and sha256_path(p) != p.name:
+                p.unlink()
+                removed.append(p.name)
+    return removed
+
+
 class _Source:
     """Where install reads a bundle from: a bundle folder (files by name), or content-addressed objects (files by
     sha256: what `edgeres deploy` sends, plus what installed releases already hold)."""
 
     def __init__(self, root: Path, folder: Path | None, objects: Path | None, manifest_sha: str | None,
                  signature_sha: str | None):
-        self.folder, self.objects = folder, objects
+        self.folder, self.objects, self.signature_sha = folder, objects, signature_sha
         if folder is not None:
             self.manifest_path = folder / MANIFEST
             self.signature = folder / SIGNATURE if (folder / SIGNATURE).is_file() else None
@@ -281,6 +313,8 @@ def stage(root: Path, source: _Source) -> tuple[str, Path]:
             shutil.copyfile(src, tmp / name)
             if sha256_path(tmp / name) != entry["sha256"]:
                 problems.append(f"{name}: sha256 mismatch")
+                if source.objects is not None and src.parent == source.objects:
+                    src.unlink()   # a damaged staged object: the next deploy sends it again
             os.chmod(tmp / name, 0o755 if name in EXECUTABLE else 0o644)
         if problems:
             raise ReleaseError("bundle verification failed, nothing installed: " + "; ".join(problems))
@@ -353,11 +387,32 @@ def _target(root: Path, name: str) -> str | None:
     return Path(os.readlink(path)).name
 
 
-class Lock:
-    """flock on STATE/lock: one transaction at a time on this device; waits up to `wait` seconds."""
+class Window:
+    """An activation's bounds as its controller set them: a deadline (seconds from this command's start) and, with
+    --abort-on-stdin-eof, the controller's connection. The switch and the commit happen only while it is open."""
 
-    def __init__(self, state: Path, wait: float):
-        self.path, self.wait, self.fd = state / "lock", wait, None
+    def __init__(self, seconds: float | None = None, gone: threading.Event | None = None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+        self.gone = gone
+
+    def left(self) -> float:
+        return math.inf if self.end is None else max(0.0, self.end - time.monotonic())
+
+    def closed(self) -> str | None:
+        """Why the window is closed, or None while it is open."""
+        if self.gone is not None and self.gone.is_set():
+            return "the controller's connection closed"
+        if self.end is not None and time.monotonic() >= self.end:
+            return "the controller's deadline passed"
+        return None
+
+
+class Lock:
+    """flock on STATE/lock: one transaction at a time on this device; waits up to `wait` seconds, and no longer
+    than `stop` (a Window's closed) returns None."""
+
+    def __init__(self, state: Path, wait: float, stop=None):
+        self.path, self.wait, self.fd, self.stop = state / "lock", wait, None, stop
 
     def __enter__(self) -> Lock:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -368,6 +423,11 @@ class Lock:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                why = self.stop() if self.stop is not None else None
+                if why:
+                    os.close(self.fd)
+                    raise ReleaseError(f"not switched: {why} while another edgeres transaction held {self.path}"
+                                       ) from None
                 if time.monotonic() >= deadline:
                     holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
                     os.close(self.fd)
@@ -384,21 +444,24 @@ class Lock:
 
 # ------------------------------------------------------------------------------------------------ verification
 def _verify(root: Path, state: Path, rid: str, python: str, runtime_args: list[str], *, attempt: str,
-            time_limit: float, abort: threading.Event | None = None) -> tuple[dict, int]:
-    """Run the device runtime on releases/<rid> under a time limit (its whole process group is killed at the limit
-    or on abort). The attempt is kept in attempts/<rid>/<attempt>.json; results/<rid>.json only when it passed."""
-    dest = root / "releases" / rid
+            time_limit: float, abort: threading.Event | None = None, folder: Path | None = None,
+            skip_if_current: bool = True) -> tuple[dict, int]:
+    """Run the device runtime on FOLDER (default releases/<rid>; ROOT/current for the check after a switch) under a
+    time limit (its whole process group is killed at the limit or on abort). The attempt is kept in
+    attempts/<rid>/<attempt>.json; results/<rid>.json only when it passed."""
+    dest = folder or root / "releases" / rid
     attempt_path = state / "attempts" / rid / f"{attempt}.json"
     attempt_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     (state / "engines").mkdir(parents=True, exist_ok=True, mode=0o755)
     passed_path = state / "results" / f"{rid}.json"
-    if passed_path.is_file():   # --skip-if-current reads the release's last passed result from --out
+    if skip_if_current and passed_path.is_file():   # --skip-if-current reads the release's last passed result
         shutil.copyfile(passed_path, attempt_path)
     cmd = [python, str(dest / "device_runtime.py"), "--bundle", str(dest), "--out", str(attempt_path),
-           "--cache-dir", str(state / "engines"), "--skip-if-current", *runtime_args]
+           "--cache-dir", str(state / "engines"), *(["--skip-if-current"] if skip_if_current else []),
+           *runtime_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
     stopped = None
-    killer = threading.Thread(target=_watch, args=(proc, time_limit, abort), daemon=True)
+    killer = threading.Thread(target=_watch, args=(proc, time_limit, abort, f"verify {rid}"), daemon=True)
     killer.start()
     stdout, _ = proc.communicate()
     killer.join()
@@ -423,15 +486,31 @@ def _verify(root: Path, state: Path, rid: str, python: str, runtime_args: list[s
     return result, code
 
 
-def _watch(proc: subprocess.Popen, time_limit: float, abort: threading.Event | None) -> None:
-    deadline = time.monotonic() + time_limit
+def progress(what: str, seconds: float, **extra) -> None:
+    """One progress line on stderr (the controller forwards it): `edgeres-progress {"what": ..., "seconds": ...}`."""
+    line = json.dumps({"what": what, "seconds": round(seconds, 1), **extra}, sort_keys=True)
+    try:
+        sys.stderr.write(f"edgeres-progress {line}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):   # nobody reads stderr any more: the work goes on
+        pass
+
+
+def _watch(proc: subprocess.Popen, time_limit: float, abort: threading.Event | None, what: str) -> None:
+    """Kill PROC's process group at the time limit or on abort; a progress line every PROGRESS_EVERY_S."""
+    t0 = time.monotonic()
+    deadline, said = t0 + time_limit, t0
     while proc.poll() is None:
-        if time.monotonic() >= deadline or (abort is not None and abort.is_set()):
+        now = time.monotonic()
+        if now >= deadline or (abort is not None and abort.is_set()):
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             return
+        if now - said >= PROGRESS_EVERY_S:
+            said = now
+            progress(what, now - t0)
         time.sleep(0.05)
 
 
@@ -455,15 +534,15 @@ def install(root: Path, state: Path, source_args: dict, python: str, runtime_arg
             attempt: str, time_limit: float, lock_wait: float, trusted: Path,
             abort: threading.Event | None = None) -> tuple[dict, int]:
     with Lock(state, lock_wait):
+        undone = _undo_dead_trial(root, state)
         (state / "pending.json").unlink(missing_ok=True)     # a newer install supersedes any verified one
         cleaned = _clean_staging(root, source_args.get("objects"))
         source = _Source(root, **source_args)
-        signed = check_signature(source.signature, source.manifest_sha, trusted, state)
-        rid, _ = stage(root, source)
-        if source.objects is not None:   # the objects are in the release now: the staging is not kept
-            for entry in source.manifest["files"].values():
-                (source.objects / entry["sha256"]).unlink(missing_ok=True)
-            (source.objects / source.manifest_sha).unlink(missing_ok=True)
+        try:   # staged into the release, or refused: either way the staging copy is not kept
+            signed = check_signature(source.signature, source.manifest_sha, trusted, state)
+            rid, _ = stage(root, source)
+        finally:
+            _drop_objects(source)
         result, code = _verify(root, state, rid, python, runtime_args, attempt=attempt, time_limit=time_limit,
                                abort=abort)
         verified = code == EXIT_OK and not (abort is not None and abort.is_set())
@@ -472,74 +551,254 @@ def install(root: Path, state: Path, source_args: dict, python: str, runtime_arg
                                                  "verified_at": time.time()})
     return ({"action": "install", "release": rid, "attempt": attempt, "verified": verified, "activated": False,
              "current": _target(root, "current"), "previous": _target(root, "previous"), "signed": signed,
-             "cleaned": cleaned, "result": result}, code if not (abort and abort.is_set()) else EXIT_UNUSABLE)
+             "cleaned": cleaned, "undone": undone, "result": result},
+            code if not (abort and abort.is_set()) else EXIT_UNUSABLE)
 
 
-def _switch(root: Path, state: Path, rid: str) -> None:
-    old = _target(root, "current")
-    if old != rid:
-        if old is not None:
-            _link(root, "previous", old)
-        _link(root, "current", rid)
+def _drop_objects(source: _Source) -> None:
+    """The staged objects (files by sha256) of this bundle: the files, its manifest and its signature."""
+    if source.objects is None:
+        return
+    for sha in [*(e["sha256"] for e in source.manifest["files"].values()), source.manifest_sha,
+                source.signature_sha]:
+        if sha and len(sha) == 64:
+            (source.objects / sha).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------ activation
+def _point_result(state: Path, rid: str | None) -> None:
+    """result.json follows `current`: that release's last passed result here, or none (pending)."""
+    passed = _load_json(state / "results" / f"{rid}.json") if rid else None
+    if passed:
+        _write_json(state / "result.json", passed)
+    else:
+        (state / "result.json").unlink(missing_ok=True)
+
+
+def activation_record(state: Path, attempt: str | None) -> dict | None:
+    return _load_json(state / "activations" / f"{attempt}.json") if attempt and ATTEMPT.fullmatch(attempt) else None
+
+
+def _record(state: Path, attempt: str, rid: str, outcome: str, reason: str | None = None, **extra) -> dict:
+    """How an activation ended (committed, fell back, refused), kept in STATE/activations/<attempt>.json for the
+    controller that could not hear the answer; the newest ACTIVATIONS_KEPT are kept."""
+    record = {"attempt": attempt, "release": rid, "outcome": outcome, "reason": reason, "at": time.time(), **extra}
+    folder = state / "activations"
+    _write_json(folder / f"{attempt}.json", record)
+    old = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[ACTIVATIONS_KEPT:]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return record
+
+
+def _begin_trial(root: Path, state: Path, rid: str, attempt: str, kind: str) -> dict:
+    """Switch `current` to RID, uncommitted: STATE/trial.json first, so a switch whose activation dies before the
+    commit is undone by the next transaction (kind "activate") or checked at boot (kind "first-boot")."""
+    trial = {"release": rid, "attempt": attempt, "kind": kind, "current_before": _target(root, "current"),
+             "previous_before": _target(root, "previous"), "started_at": time.time()}
+    _write_json(state / TRIAL, trial)
+    if trial["current_before"] not in (None, rid):
+        _link(root, "previous", trial["current_before"])
+    _link(root, "current", rid)
+    return trial
+
+
+def _fall_back(root: Path, state: Path, trial: dict, reason: str) -> dict:
+    """Undo a trial: `current` and `previous` as they were before it (no `current` when there was none), result.json
+    following; why, recorded."""
+    before = trial.get("current_before")
+    _link(root, "current", before)
+    _link(root, "previous", trial.get("previous_before"))
+    _point_result(state, before)
+    (state / TRIAL).unlink(missing_ok=True)
+    return _record(state, str(trial.get("attempt") or "unknown"), str(trial.get("release")), "fell back", reason,
+                   now=before)
+
+
+def _commit(root: Path, state: Path, trial: dict, result: dict, signed: dict | None) -> dict:
+    """The trial passed: its result becomes result.json, the release enters history (what --keep keeps), and the
+    removal of trial.json is the commit."""
+    rid = trial["release"]
+    _write_json(state / "result.json", result)
     history = _load_json(state / "history.json") or {}
     history[rid] = time.time()
     _write_json(state / "history.json", history)
+    if signed:
+        _write_json(state / "signing.json", {"signed_at": signed["signed_at"], "release": rid})
+    (state / TRIAL).unlink()
+    return _record(state, trial["attempt"], rid, "committed")
 
 
-def activate(root: Path, state: Path, rid: str, *, attempt: str | None, keep: int | None, units_dir: Path | None,
-             python: str, lock_wait: float) -> dict:
-    """Switch to `rid` if it is the install that last passed here (and, with --attempt, that very attempt)."""
-    with Lock(state, lock_wait):
-        pending = _load_json(state / "pending.json")
-        if not pending or pending.get("release") != rid or (attempt and pending.get("attempt") != attempt):
-            raise ReleaseError(f"not activated: {rid}" + (f" attempt {attempt}" if attempt else "") +
-                               " is not the install that last passed on this device (superseded, failed or never "
-                               "installed); nothing switched")
-        passed = _load_json(state / "results" / f"{rid}.json")
-        if not passed or passed.get("status") != "passed" or not (root / "releases" / rid / MANIFEST).is_file():
-            raise ReleaseError(f"not activated: no passed verification of {rid} on this device")
-        _switch(root, state, rid)
-        _write_json(state / "result.json", passed)
-        if pending.get("signed"):
-            _write_json(state / "signing.json", {"signed_at": pending["signed"]["signed_at"], "release": rid})
-        (state / "pending.json").unlink()
-        units = (install_units(units_dir, root=str(root.resolve()), state=str(state.resolve()), python=python)
-                 if units_dir is not None else None)
-        pruned = prune(root, state, keep) if keep else []
-    return {"action": "activate", "release": rid, "activated": True, "current": rid,
-            "previous": _target(root, "previous"), "pruned": pruned, "units": units}
+def _undo_dead_trial(root: Path, state: Path) -> dict | None:
+    """Under the lock: a trial of kind "activate" belongs to an activation that is no longer running (it held the
+    lock for its whole life), so it is undone. A first-boot trial waits for the boot check, unless its release is
+    no longer current (a later switch replaced it)."""
+    trial = _load_json(state / TRIAL)
+    if trial is None:
+        return None
+    if trial.get("kind") == "first-boot":
+        if trial.get("release") != _target(root, "current"):
+            (state / TRIAL).unlink()
+        return None
+    return _fall_back(root, state, trial, "its activation ended before the commit (killed, or the device lost power)")
+
+
+def _health(manifest: dict, command: str | None, timeout: float | None) -> tuple[str | None, float]:
+    """The health-check command and its time limit: --health-check, else the manifest's health_check."""
+    spec = manifest.get("health_check") or {}
+    if not isinstance(spec, dict) or not isinstance(spec.get("command", ""), str):
+        raise ReleaseError("malformed bundle manifest (health_check must be {\"command\": str, \"timeout_s\": s})")
+    return command or spec.get("command") or None, float(timeout or spec.get("timeout_s") or HEALTH_TIMEOUT_S)
+
+
+def _run_health(root: Path, state: Path, trial: dict, command: str, time_limit: float,
+                abort: threading.Event | None) -> dict:
+    """The user's health check, `sh -c COMMAND` in ROOT/current with EDGERES_RELEASE, EDGERES_RELEASE_DIR,
+    EDGERES_STATE and EDGERES_RESULT (the check's verification) set; exit 0 is healthy. Output in a log."""
+    rid, attempt = trial["release"], trial["attempt"]
+    log = state / "attempts" / rid / f"{attempt}-health.log"
+    env = {**os.environ, "EDGERES_RELEASE": rid, "EDGERES_RELEASE_DIR": str(root / "current"),
+           "EDGERES_STATE": str(state), "EDGERES_RESULT": str(state / "attempts" / rid / f"{attempt}-check.json")}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=root / "current", env=env, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        _watch(proc, time_limit, abort, f"health check {rid}")
+        proc.wait()
+    tail = log.read_text(errors="replace").strip()[-300:]
+    killed = proc.returncode == -signal.SIGKILL
+    error = None if proc.returncode == 0 else (f"no answer within {time_limit:.0f} s" if killed else
+                                               f"exit {proc.returncode}") + (f": {tail}" if tail else "")
+    return {"command": command, "exit_status": proc.returncode, "passed": proc.returncode == 0, "log": str(log),
+            "error": error}
+
+
+def _why_failed(result: dict) -> str:
+    gates = (result.get("verification") or {}).get("gates") or []
+    failed = [str(g.get("name")) for g in gates if isinstance(g, dict) and not g.get("passed")]
+    return result.get("error") or ("gates failed: " + ", ".join(failed) if failed else f"status {result.get('status')}")
+
+
+def _check_release(root: Path, state: Path, trial: dict, python: str, runtime_args: list[str], *,
+                   health: tuple[str | None, float], window: Window, time_limit: float) -> tuple[dict, dict | None,
+                                                                                                  str | None]:
+    """The switched release as it now runs (ROOT/current), within the window: the engine verification against the
+    probe, then the health-check command. (the verification, the health check's record, why it failed or None)."""
+    result, code = _verify(root, state, trial["release"], python, runtime_args, attempt=f"{trial['attempt']}-check",
+                           time_limit=min(time_limit, window.left()), abort=window.gone, folder=root / "current",
+                           skip_if_current=False)
+    if code != EXIT_OK:
+        return result, None, window.closed() or f"engine check failed: {_why_failed(result)}"
+    command, limit = health
+    if command is None:
+        return result, None, window.closed()
+    record = _run_health(root, state, trial, command, min(limit, window.left()), window.gone)
+    return result, record, window.closed() or (None if record["passed"] else f"health check failed: {record['error']}")
+
+
+def _pending_install(root: Path, state: Path, rid: str, attempt: str | None) -> dict:
+    pending = _load_json(state / "pending.json")
+    if not pending or pending.get("release") != rid or (attempt and pending.get("attempt") != attempt):
+        raise ReleaseError(f"not activated: {rid}" + (f" attempt {attempt}" if attempt else "") +
+                           " is not the install that last passed on this device (superseded, failed or never "
+                           "installed); nothing switched")
+    passed = _load_json(state / "results" / f"{rid}.json")
+    if not passed or passed.get("status") != "passed" or not (root / "releases" / rid / MANIFEST).is_file():
+        raise ReleaseError(f"not activated: no passed verification of {rid} on this device")
+    return pending
+
+
+def activate(root: Path, state: Path, rid: str, *, attempt: str | None, python: str, runtime_args: list[str],
+             window: Window, health: tuple[str | None, float | None], time_limit: float, lock_wait: float,
+             keep: int | None = None, units_dir: Path | None = None, objects: Path | None = None) -> tuple[dict, int]:
+    """Switch to `rid` if it is the install that last passed here (that very attempt) while the window is open,
+    check it as it runs, and commit (exit 0) or switch back by itself (exit 1). Refused: ReleaseError (exit 2).
+    Without ATTEMPT (by hand), the pending install's attempt is the one activated."""
+    try:
+        with Lock(state, lock_wait, stop=window.closed):
+            undone = _undo_dead_trial(root, state)
+            pending = _pending_install(root, state, rid, attempt)
+            attempt = attempt or pending.get("attempt") or time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+            why = window.closed()
+            if why:
+                raise ReleaseError(f"not activated: {why} before the switch; nothing switched")
+            chosen = _health(_read_manifest(root / "releases" / rid / MANIFEST), *health)
+            trial = _begin_trial(root, state, rid, attempt, "activate")
+            try:
+                result, checked, why = _check_release(root, state, trial, python, runtime_args, health=chosen,
+                                                      window=window, time_limit=time_limit)
+            except BaseException as e:   # the check could not run: the switch is undone, never left standing
+                _fall_back(root, state, trial, f"the check could not run ({type(e).__name__}: {e})")
+                raise
+            (state / "pending.json").unlink(missing_ok=True)
+            record = _fall_back(root, state, trial, why) if why else \
+                _commit(root, state, trial, result, pending.get("signed"))
+            units = (install_units(units_dir, root=str(root.resolve()), state=str(state.resolve()), python=python)
+                     if units_dir is not None and not why else None)
+            pruned = prune(root, state, keep, objects) if keep and not why else []
+    except ReleaseError as e:
+        if attempt:
+            _try_record(state, attempt, rid, str(e))
+        raise
+    return ({"action": "activate", "release": rid, "attempt": attempt, "activated": not why, "outcome":
+             record["outcome"], "reason": why, "current": _target(root, "current"),
+             "previous": _target(root, "previous"), "check": {"verification": result.get("status"),
+                                                              "health": checked},
+             "result": result, "pruned": pruned, "units": units, "undone": undone}, EXIT_GATE if why else EXIT_OK)
+
+
+def _try_record(state: Path, attempt: str, rid: str, reason: str) -> None:
+    try:
+        _record(state, attempt, rid, "refused", reason)
+    except OSError:   # a state folder it cannot write: the refusal is still printed
+        pass
 
 
 def activate_flashed(root: Path, state: Path, rid: str) -> None:
-    """A flashed image: current -> rid with no result yet; status reports it pending until the boot check passes."""
-    _switch(root, state, rid)
+    """A flashed image: current -> rid as a first-boot trial with no result yet; the boot unit's verify-current
+    checks it (verification, health check) and commits it or falls back to what the image held before."""
+    _begin_trial(root, state, rid, "first-boot", "first-boot")
     (state / "result.json").unlink(missing_ok=True)
 
 
 def verify_current(root: Path, state: Path, python: str, runtime_args: list[str], *, time_limit: float,
-                   lock_wait: float) -> tuple[dict, int]:
-    """The boot check: verify the release `current` points to; result.json follows only a passed check."""
+                   lock_wait: float, health: tuple[str | None, float | None] = (None, None)) -> tuple[dict, int]:
+    """The boot check: verify the release `current` points to; result.json follows only a passed check. A
+    first-boot trial (a flashed image) is checked as an activation is, then committed or undone."""
     with Lock(state, lock_wait):
+        undone = _undo_dead_trial(root, state)
         rid = _target(root, "current")
         if rid is None:
             raise ReleaseError(f"nothing installed: {root / 'current'} does not point to a release")
+        trial = _load_json(state / TRIAL)
+        if trial is not None and trial.get("release") == rid:
+            chosen = _health(_read_manifest(root / "current" / MANIFEST), *health)
+            result, checked, why = _check_release(root, state, trial, python, runtime_args, health=chosen,
+                                                  window=Window(), time_limit=time_limit)
+            record = _fall_back(root, state, trial, why) if why else _commit(root, state, trial, result, None)
+            return ({"action": "verify-current", "release": rid, "attempt": trial["attempt"], "outcome":
+                     record["outcome"], "reason": why, "current": _target(root, "current"), "result": result,
+                     "check": {"verification": result.get("status"), "health": checked}},
+                    EXIT_GATE if why else EXIT_OK)
         attempt = time.strftime("%Y%m%dT%H%M%S") + f"-boot-{os.getpid()}"
         result, code = _verify(root, state, rid, python, runtime_args, attempt=attempt, time_limit=time_limit)
         if code == EXIT_OK:
             _write_json(state / "result.json", _load_json(state / "results" / f"{rid}.json") or result)
-    return {"action": "verify-current", "release": rid, "attempt": attempt, "result": result}, code
+    return {"action": "verify-current", "release": rid, "attempt": attempt, "result": result, "undone": undone}, code
 
 
-def prune(root: Path, state: Path, keep: int) -> list[str]:
-    """Remove releases beyond the `keep` most recently activated ones (current and previous always stay), with
-    their results and attempts. Only folders this layout made (releases/<id> with a manifest) are touched."""
+def prune(root: Path, state: Path, keep: int, objects: Path | None = None) -> list[str]:
+    """Remove releases beyond the `keep` most recently committed ones, with their results and attempts: current,
+    previous, the pending install and a trial always stay; a release never committed here (failed, refused,
+    superseded) goes. Only folders this layout made (releases/<id> with a manifest) are touched. Staged objects
+    older than PART_MAX_AGE_S (left by copies or installs that never finished) go too."""
     history = _load_json(state / "history.json") or {}
-    ids = sorted(_releases(root), key=lambda r: history.get(r, 0.0), reverse=True)
-    keep_ids = {_target(root, "current"), _target(root, "previous"), *ids[:max(keep, 1)]}
-    pending = (_load_json(state / "pending.json") or {}).get("release")
+    committed = sorted((r for r in _releases(root) if r in history), key=lambda r: history[r], reverse=True)
+    keep_ids = {_target(root, "current"), _target(root, "previous"), *committed[:max(keep, 1)],
+                (_load_json(state / "pending.json") or {}).get("release"), (_load_json(state / TRIAL) or {}).get(
+                    "release")}
     removed = []
-    for rid in ids:
-        if rid in keep_ids or rid == pending:
+    for rid in _releases(root):
+        if rid in keep_ids:
             continue
         shutil.rmtree(root / "releases" / rid)
         shutil.rmtree(state / "attempts" / rid, ignore_errors=True)
@@ -548,7 +807,24 @@ def prune(root: Path, state: Path, keep: int) -> list[str]:
         removed.append(rid)
     if removed:
         _write_json(state / "history.json", history)
+    if objects is not None and objects.is_dir():
+        for p in objects.iterdir():
+            if len(p.name) == 64 and p.is_file() and time.time() - p.stat().st_mtime > PART_MAX_AGE_S:
+                p.unlink()
     return removed
+
+
+def discard(root: Path, state: Path, rid: str, attempt: str | None, lock_wait: float) -> dict:
+    """A verified install that will not be activated (Mender's rollback of an uncommitted deployment): its
+    pending.json goes, so nothing is left waiting; the release folder goes at the next prune."""
+    with Lock(state, lock_wait):
+        undone = _undo_dead_trial(root, state)
+        pending = _load_json(state / "pending.json") or {}
+        hit = pending.get("release") == rid and (not attempt or pending.get("attempt") == attempt)
+        if hit:
+            (state / "pending.json").unlink()
+    return {"action": "discard", "release": rid, "discarded": hit, "current": _target(root, "current"),
+            "undone": undone}
 
 
 def install_units(units_dir: Path, *, root: str, state: str, python: str, link_dir: str | None = None) -> dict:
@@ -587,20 +863,25 @@ def unit_files(*, root: str, state: str, python: str) -> dict[str, str]:
             TIMER_NAME: TIMER}
 
 
-def rollback(root: Path, state: Path, lock_wait: float) -> dict:
+def rollback(root: Path, state: Path, lock_wait: float, to: str | None = None) -> dict:
+    """Switch back to `previous`, or to any kept release with TO; result.json follows (that release's last passed
+    result here, or none: pending)."""
     with Lock(state, lock_wait):
-        cur, prev = _target(root, "current"), _target(root, "previous")
-        if prev is None or not (root / "releases" / prev).is_dir():
-            raise ReleaseError(f"nothing to roll back to: {root / 'previous'} does not point to a release")
+        undone = _undo_dead_trial(root, state)
+        cur, target = _target(root, "current"), to or _target(root, "previous")
+        if target is None or not (root / "releases" / target / MANIFEST).is_file():
+            kept = ", ".join(r for r in _releases(root) if r != cur) or "none"
+            raise ReleaseError(f"nothing to roll back to: {target} is not a kept release here (kept: {kept})" if to
+                               else f"nothing to roll back to: {root / 'previous'} does not point to a release "
+                                    f"(kept: {kept}; name one with --to)")
+        if target == cur:
+            raise ReleaseError(f"{target} is already the current release; nothing switched")
         _link(root, "previous", cur)
-        _link(root, "current", prev)
+        _link(root, "current", target)
         (state / "pending.json").unlink(missing_ok=True)
-        passed = _load_json(state / "results" / f"{prev}.json")
-        if passed:
-            _write_json(state / "result.json", passed)
-        else:
-            (state / "result.json").unlink(missing_ok=True)
-    return {"action": "rollback", "current": prev, "previous": cur}
+        (state / TRIAL).unlink(missing_ok=True)   # a first-boot trial of the release left behind
+        _point_result(state, target)
+    return {"action": "rollback", "current": target, "previous": cur, "undone": undone}
 
 
 def machine_id() -> str | None:
@@ -614,9 +895,19 @@ def machine_id() -> str | None:
     return None
 
 
-def prepare(root: Path, state: Path, objects: Path | None) -> tuple[dict, int]:
+def _free_bytes(path: Path) -> tuple[int, int]:
+    """(bytes free to this login, the file system's device) for PATH or its nearest existing parent."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize, os.stat(path).st_dev
+
+
+def prepare(root: Path, state: Path, objects: Path | None, attempt: str | None = None) -> tuple[dict, int]:
     """Before any copy: who this device is (machine id + install root), whether this login may write ROOT and
-    STATE, and which files (by sha256) it already has."""
+    STATE, the space free for the copy and the release, which files (by sha256) it already has (content-checked:
+    a damaged staged object is deleted and left out, so the controller sends it again), and how the activation
+    ATTEMPT ended (a controller that could not hear the answer asks the next time)."""
     problems = []
     for path in (root, state):   # a real write, as the install will do it (sudo, read-only mounts, ACLs included)
         try:
@@ -626,13 +917,17 @@ def prepare(root: Path, state: Path, objects: Path | None) -> tuple[dict, int]:
             os.unlink(tmp)
         except OSError as e:
             problems.append(f"{path}: cannot write as uid {os.getuid()} ({e.strerror or e})")
+    (obj_free, obj_dev), (root_free, root_dev) = _free_bytes(objects or root), _free_bytes(root)
     out = {"action": "prepare", "machine_id": machine_id(), "root": os.path.realpath(root), "uid": os.getuid(),
-           "problems": problems, "have": [] if problems else sorted(_have(root, objects)),
-           "current": None if problems else _target(root, "current")}
+           "problems": problems, "repaired": [] if problems else repair_objects(objects),
+           "free": {"objects": obj_free, "root": root_free, "same_fs": obj_dev == root_dev},
+           "activation": activation_record(state, attempt)}
+    out.update(have=[] if problems else sorted(_have(root, objects, check=True)),
+               current=None if problems else _target(root, "current"))
     return out, EXIT_UNUSABLE if problems else EXIT_OK
 
 
-def status(root: Path, state: Path) -> dict:
+def status(root: Path, state: Path, attempt: str | None = None) -> dict:
     cur = _target(root, "current")
     result = _load_json(state / "result.json")
     manifest_sha = None
@@ -640,11 +935,15 @@ def status(root: Path, state: Path) -> dict:
         manifest_sha = sha256_path(root / "current" / MANIFEST)
     current_ok = bool(result and manifest_sha and result.get("manifest_sha256") == manifest_sha
                       and result.get("status") == "passed")
+    records = sorted((state / "activations").glob("*.json"), key=lambda p: p.stat().st_mtime) \
+        if (state / "activations").is_dir() else []
     return {"action": "status", "installed": cur is not None, "current": cur, "previous": _target(root, "previous"),
             "releases": _releases(root), "manifest_sha256": manifest_sha, "result": result,
             "result_is_current": bool(result and manifest_sha and result.get("manifest_sha256") == manifest_sha),
             "pending": cur is not None and not current_ok,
             "install_pending": (_load_json(state / "pending.json") or {}).get("release"),
+            "trial": _load_json(state / TRIAL), "activation": activation_record(state, attempt),
+            "last_activation": _load_json(records[-1]) if records else None,
             "signed": (root / "current" / SIGNATURE).is_file() if cur else False,
             "checked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
@@ -657,69 +956,97 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _attempt(text: str) -> str:
+    """argparse type of an attempt name: it names files on the device."""
+    if not ATTEMPT.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: letters, digits, '.', '_' and '-' (at most 100)")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="releases.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=("prepare", "install", "activate", "rollback", "status", "verify-current",
-                                      "prune"))
-    p.add_argument("release", nargs="?", default=None, help="activate: the release id install printed")
+    p.add_argument("action", choices=("prepare", "install", "activate", "discard", "rollback", "status",
+                                      "verify-current", "prune"))
+    p.add_argument("release", nargs="?", default=None, help="activate/discard: the release id install printed")
     p.add_argument("--root", default=ROOT)
     p.add_argument("--state", default=STATE)
     p.add_argument("--from", dest="source", default=None, help="install: a bundle folder")
-    p.add_argument("--objects", default=None, help="install/prepare: content-addressed staging (files by sha256)")
+    p.add_argument("--objects", default=None, help="install/prepare/activate: content-addressed staging (by sha256)")
     p.add_argument("--manifest", default=None, help="install --objects: the manifest's sha256")
     p.add_argument("--signature", default=None, help="install --objects: the signature file's sha256")
-    p.add_argument("--attempt", default=None, help="install: a name for this attempt; activate: must match it")
+    p.add_argument("--attempt", type=_attempt, default=None,
+                   help="install: a name for this attempt; activate/discard: must match it; prepare/status: report "
+                        "how that activation ended")
     p.add_argument("--python", default=sys.executable, help="the python that runs the device runtime")
-    p.add_argument("--time-limit", type=_seconds, default=3600.0, help="install/verify-current: seconds (killed after)")
+    p.add_argument("--time-limit", type=_seconds, default=3600.0,
+                   help="install/activate/verify-current: seconds the verification may take (killed after)")
     p.add_argument("--lock-wait", type=_seconds, default=30.0, help="seconds to wait for another transaction")
     p.add_argument("--trusted-keys", default=TRUSTED_KEYS, help="allowed_signers file; present: signatures required")
     p.add_argument("--abort-on-stdin-eof", action="store_true",
-                   help="install: abort (nothing verified, nothing pending) when stdin closes (the controller left)")
+                   help="install: abort (nothing verified, nothing pending) when stdin closes (the controller left); "
+                        "activate: no switch, and no commit (switched back), once it closes")
+    p.add_argument("--deadline-in", type=_seconds, default=None,
+                   help="activate: seconds from now after which nothing is switched and nothing committed")
+    p.add_argument("--health-check", default=None,
+                   help="activate/verify-current: shell command run in the switched release; exit 0 = healthy "
+                        "(default: the bundle's manifest health_check)")
+    p.add_argument("--health-timeout", type=_seconds, default=None,
+                   help=f"seconds the health check may take [default: the bundle's, else {HEALTH_TIMEOUT_S:g}]")
+    p.add_argument("--to", default=None, help="rollback: any kept release (default: previous)")
     p.add_argument("--keep", type=int, default=None, help="activate/prune: releases to keep")
     p.add_argument("--units-dir", default=None, help="activate: install the verify-on-boot units here")
     return p
+
+
+def _run(args: argparse.Namespace, runtime_args: list[str]) -> tuple[dict, int]:
+    """One action; (its JSON object, exit code)."""
+    root, state = Path(args.root).expanduser(), Path(args.state).expanduser()
+    objects = Path(args.objects).expanduser() if args.objects else None
+    health = (args.health_check, args.health_timeout)
+    if args.keep is not None and args.keep < 1:
+        raise ReleaseError("--keep must be >= 1")
+    if args.action in ("activate", "discard") and not args.release:
+        raise ReleaseError(f"{args.action} needs the RELEASE id that install printed")
+    if args.action == "prepare":
+        return prepare(root, state, objects, args.attempt)
+    if args.action == "install":
+        if bool(args.source) == bool(objects and args.manifest):
+            raise ReleaseError("install needs --from BUNDLE_FOLDER, or --objects DIR with --manifest SHA256")
+        src = {"folder": Path(args.source).expanduser() if args.source else None, "objects": objects,
+               "manifest_sha": args.manifest, "signature_sha": args.signature}
+        abort = _stdin_watch() if args.abort_on_stdin_eof else None
+        return install(root, state, src, args.python, runtime_args,
+                       attempt=args.attempt or time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}",
+                       time_limit=args.time_limit, lock_wait=args.lock_wait,
+                       trusted=Path(args.trusted_keys).expanduser(), abort=abort)
+    if args.action == "activate":
+        window = Window(args.deadline_in, _stdin_watch() if args.abort_on_stdin_eof else None)
+        return activate(root, state, args.release, attempt=args.attempt, python=args.python,
+                        runtime_args=runtime_args or ["--quiet"], window=window, health=health,
+                        time_limit=args.time_limit, lock_wait=args.lock_wait, keep=args.keep,
+                        units_dir=Path(args.units_dir).expanduser() if args.units_dir else None, objects=objects)
+    if args.action == "discard":
+        return discard(root, state, args.release, args.attempt, args.lock_wait), EXIT_OK
+    if args.action == "rollback":
+        return rollback(root, state, args.lock_wait, args.to), EXIT_OK
+    if args.action == "verify-current":
+        return verify_current(root, state, args.python, runtime_args or ["--quiet"], time_limit=args.time_limit,
+                              lock_wait=args.lock_wait, health=health)
+    if args.action == "prune":
+        if args.keep is None:
+            raise ReleaseError("prune needs --keep N")
+        with Lock(state, args.lock_wait):
+            undone = _undo_dead_trial(root, state)
+            return {"action": "prune", "pruned": prune(root, state, args.keep, objects), "undone": undone}, EXIT_OK
+    return status(root, state, args.attempt), EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     runtime_args = argv[argv.index("--") + 1:] if "--" in argv else []   # for device_runtime.py
     args = _parser().parse_intermixed_args(argv[:argv.index("--")] if "--" in argv else argv)
-    root, state = Path(args.root).expanduser(), Path(args.state).expanduser()
-    objects = Path(args.objects).expanduser() if args.objects else None
-    code = EXIT_OK
     try:
-        if args.keep is not None and args.keep < 1:
-            raise ReleaseError("--keep must be >= 1")
-        if args.action == "prepare":
-            out, code = prepare(root, state, objects)
-        elif args.action == "install":
-            if bool(args.source) == bool(objects and args.manifest):
-                raise ReleaseError("install needs --from BUNDLE_FOLDER, or --objects DIR with --manifest SHA256")
-            src = {"folder": Path(args.source).expanduser() if args.source else None, "objects": objects,
-                   "manifest_sha": args.manifest, "signature_sha": args.signature}
-            abort = _stdin_watch() if args.abort_on_stdin_eof else None
-            out, code = install(root, state, src, args.python, runtime_args,
-                                attempt=args.attempt or time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}",
-                                time_limit=args.time_limit, lock_wait=args.lock_wait,
-                                trusted=Path(args.trusted_keys).expanduser(), abort=abort)
-        elif args.action == "activate":
-            if not args.release:
-                raise ReleaseError("activate needs the RELEASE id that install printed")
-            out = activate(root, state, args.release, attempt=args.attempt, keep=args.keep,
-                           units_dir=Path(args.units_dir).expanduser() if args.units_dir else None,
-                           python=sys.executable, lock_wait=args.lock_wait)
-        elif args.action == "rollback":
-            out = rollback(root, state, args.lock_wait)
-        elif args.action == "verify-current":
-            out, code = verify_current(root, state, args.python, runtime_args or ["--quiet"],
-                                       time_limit=args.time_limit, lock_wait=args.lock_wait)
-        elif args.action == "prune":
-            if args.keep is None:
-                raise ReleaseError("prune needs --keep N")
-            with Lock(state, args.lock_wait):
-                out = {"action": "prune", "pruned": prune(root, state, args.keep)}
-        else:
-            out = status(root, state)
+        out, code = _run(args, runtime_args)
     except (ReleaseError, OSError) as e:
         out, code = {"action": args.action, "error": str(e)}, EXIT_UNUSABLE
     except (KeyError, TypeError, AttributeError, ValueError) as e:   # a manifest or state file of the wrong shape:
