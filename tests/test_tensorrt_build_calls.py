@@ -26,6 +26,7 @@ def build(tmp_path, folder, onnx_path, **kw):
 
 
 def test_trt85_fp16_dla(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGERES_EMULATED_JETSON", "orin")   # the emulator has DLA only on a Jetson that has it
     monkeypatch.setenv("EDGERES_TRT_EMULATOR_DLA_CORES", "2")
     head, info = build(tmp_path, "8.5.2", tiny_onnx(tmp_path / "m.onnx"), precision="fp16", dla_core=0,
                        gpu_fallback=True, batch=(2, 2, 2), workspace_mb=64)
@@ -42,7 +43,7 @@ def test_trt85_fp16_dla(tmp_path, monkeypatch):
     assert head["input"]["profile"] == [[2, 3, 16, 16]] * 3
     assert info["trt_version"] == "8.5.2.2" and info["device"] == DEVICE["device"]
     assert info["profile"]["max"] == [2, 3, 16, 16] and not info["onnx_has_qdq"]
-    monkeypatch.setenv("EDGERES_TRT_EMULATOR_DLA_CORES", "0")   # a desktop GPU: TensorRT refuses, we say why
+    monkeypatch.delenv("EDGERES_EMULATED_JETSON")   # a desktop GPU: TensorRT refuses, we say why
     with pytest.raises(engine_build.BuildError, match="failed to build"):
         build(tmp_path, "8.5.2", tiny_onnx(tmp_path / "m.onnx"), precision="fp16", dla_core=0, batch=(2, 2, 2))
 

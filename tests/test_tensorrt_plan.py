@@ -27,7 +27,7 @@ from edgeres.errors import ConfigError
 from edgeres.export import restore_fp32_weights, store_int8_weights
 from edgeres.tensorrt import engine_build
 from edgeres.tensorrt.targets import TARGETS, PlanInputs, device_plan, script_for, with_fp32_weights_copy
-from edgeres.tensorrt.versions import FP32_QUANTIZE, INT8_CONSTANTS, SOURCES, capabilities, has_dla
+from edgeres.tensorrt.versions import DLA_ROWS, FP32_QUANTIZE, INT8_CONSTANTS, SOURCES, capabilities, has_dla
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,20 +88,32 @@ def test_every_capability_has_an_nvidia_source_and_dla_windows():
     assert fields <= set(SOURCES) and all(len(SOURCES[f]) > 40 for f in fields)
     assert all("nvidia" in SOURCES[f].lower() or "trt-api" in SOURCES[f] for f in fields)
     windows = {"8.5.2": True, "8.6.2": True, "10.3.0": True, "10.7.0": True, "10.8.0": False, "10.16.0": False,
-               "11.0.0": False, "11.3.0": False, "11.4.0": False, "11.4.1": True, "11.5.0": True}
+               "11.0.0": False, "11.3.0": False, "11.4.0": False, "11.4.1": True, "11.4.1.8": True,
+               "11.5.0": False, "11.6.1": False, "12.0": None}
     for v, dla in windows.items():
+        if dla is None:   # beyond what edgeres targets: refused, not guessed
+            with pytest.raises(ConfigError, match="not supported"):
+                capabilities(v)
+            continue
         assert capabilities(v).dla is dla and has_dla(v) is dla
         assert engine_build._has_dla(v) is dla, "the bundle's standalone copy must agree with the table"
+    # issue 36: one DLA row per (versions, platform, modules), each with its NVIDIA source; 11.4.1 = AGX Orin only
+    assert all(len(r.source) > 40 and ("nvidia" in r.source.lower() or "JetPack" in r.source) for r in DLA_ROWS)
+    assert capabilities("11.4.1").dla_modules == ("agx-orin",) and capabilities("11.4.1").dla_jetpack_min == "7.2.2"
+    assert has_dla("11.4.1", "agx-orin") and not has_dla("11.4.1", "orin-nx") and has_dla("10.3", "orin-nx")
+    assert not has_dla("8.6", "agx-xavier") and has_dla("8.5.2", "agx-xavier")   # JetPack 6 has no Xavier
     assert capabilities("8.6").int8_weight_forms == (FP32_QUANTIZE,)
     assert INT8_CONSTANTS in capabilities("10.0").int8_weight_forms
 
 
 def test_readme_dla_statements_come_from_the_table():
-    readme = (REPO / "README.md").read_text()
-    section = " ".join(readme[readme.index("## TensorRT engines"):readme.index("## Deploy to Jetson")].split())
-    from edgeres.tensorrt.versions import dla_rule_text
+    """The README's TensorRT table is generated from the rows (`python -m edgeres.tensorrt.readme` rewrites it)."""
+    from edgeres.tensorrt.readme import BEGIN, END, section_text
 
-    assert dla_rule_text() in section
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index(BEGIN):readme.index(END) + len(END)]
+    assert block == section_text(), "README's TensorRT table differs from versions.py: python -m edgeres.tensorrt.readme"
+    section = " ".join(readme[readme.index("## TensorRT engines"):readme.index("## Deploy to Jetson")].split())
     for key, label in ((k, v[2]) for k, v in TARGETS.items()):
         assert label in section, f"README does not name the {key} target as the plan does: {label}"
     assert "10.7" in section and "11.4.1" in section and "DLA and implicit-INT8 calibration caches need" not in section
@@ -192,6 +204,7 @@ def test_every_dla_script_in_the_plan_builds_under_the_emulator_dla_rules(tmp_pa
 
 
 def test_emulator_refuses_a_dla_build_without_fallback_and_int8_constants_before_10(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGERES_EMULATED_JETSON", "orin")
     monkeypatch.setenv("EDGERES_TRT_EMULATOR_DLA_CORES", "2")
     fp32 = tiny_onnx(tmp_path / "m.onnx")
     with pytest.raises(engine_build.BuildError, match="failed to build"):
@@ -311,9 +324,11 @@ def test_device_runtime_target_windows_trtexec_version_and_dla_core(tmp_path, in
 
     manifest = {"tensorrt_plan": device_plan(inputs, batch=2)}
     assert rt.plan_entry(manifest, "11.4.1.5", "int8", "dla")["target"] == "11.4.1"   # DLA back
-    assert rt.plan_entry(manifest, "11.5.0", "int8", "gpu")["target"] == "11.4.1"
-    with pytest.raises(rt.BundleError, match="no DLA support"):
-        rt.plan_entry(manifest, "11.4.0", "int8", "dla")
+    # issue 36: a later 11.x is never mapped onto the 11.4.1 (DLA) target
+    assert rt.plan_entry(manifest, "11.5.0", "int8", "gpu")["target"] == "11"
+    for later in ("11.5.0", "11.4.2", "11.4.0"):
+        with pytest.raises(rt.BundleError, match="no DLA support"):
+            rt.plan_entry(manifest, later, "int8", "dla")
     assert rt.plan_entry(manifest, "11.4.0", "int8", "gpu")["target"] == "11"
     # the trtexec backend: the plan entry follows trtexec's own version, not the Python bindings'
     dev = EmulatedDevice(tmp_path / "dev85", version="8.5.2", jetson="orin")

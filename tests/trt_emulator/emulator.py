@@ -53,7 +53,11 @@ import types
 from pathlib import Path
 
 API = Path(__file__).resolve().parent / "api"
-VERSIONS = ("8.5.2", "8.6", "10.3", "10.16", "11.0")
+VERSIONS = ("8.5.2", "8.6", "10.3", "10.16", "11.0", "11.4.1")
+# emulated version -> the binding table it uses: NVIDIA publishes no 11.4.1 table in ../shared/trt-api, so 11.4.1 is
+# emulated with 11.0's surface (names) under its own version number and 11.4.1's DLA rules (_DLA_TABLE). ASSUMPTION:
+# the Python names 11.4.1 uses here (DLA, timing cache, parser report) are those 11.0 already has.
+SURFACE = {"11.4.1": "11.0"}
 MAGIC = b"EDGERES-EMULATED-TENSORRT-ENGINE\n"
 EMULATOR_NAME = "edgeres TensorRT emulator (tests)"
 _CNN_OPS = {"Conv", "Relu", "Add", "MaxPool", "AveragePool", "GlobalAveragePool", "Gemm", "MatMul",
@@ -166,8 +170,8 @@ def _make_enum(name: str, members: list[str], values: dict) -> type:
 def build_module(version: str | None = None) -> types.ModuleType:
     """A fresh `tensorrt` module for one api folder (default: $EDGERES_TRT_EMULATOR_VERSION)."""
     version = version or os.environ.get("EDGERES_TRT_EMULATOR_VERSION", "10.3")
-    table = json.loads((API / version / "python_api.json").read_text())
-    full = table["_about"]["tensorrt_version_from_NvInferVersion_h"]
+    table = json.loads((API / SURFACE.get(version, version) / "python_api.json").read_text())
+    full = version if version in SURFACE else table["_about"]["tensorrt_version_from_NvInferVersion_h"]
     major = _vt(full)[0]
     mod = types.ModuleType("tensorrt", f"{EMULATOR_NAME}: TensorRT {full} surface")
     state = {"version": full, "major": major, "table": table}
@@ -217,6 +221,7 @@ def build_module(version: str | None = None) -> types.ModuleType:
         def __init__(self, name, type_, op):
             self.name, self.type = name, type_
             self._op = op
+            self._inputs, self._outputs, self._index = [], [], -1
 
     class INetworkDefinition(_Surface):
         def __init__(self, flags):
@@ -270,6 +275,47 @@ def build_module(version: str | None = None) -> types.ModuleType:
     class OnnxParser(_Surface):
         def __init__(self, network, logger):
             self._network, self._logger, self._errors = network, logger, []
+            self._pflags, self._config, self._subgraphs = set(), None, []
+
+        def set_flag(self, flag):
+            self._pflags.add(flag.name)
+
+        def get_flag(self, flag):
+            return flag.name in self._pflags
+
+        def set_builder_config(self, config):
+            self._config = config
+            return True
+
+        def supports_model_v2(self, model, path=None):
+            """The capability report: ONNX nodes grouped into runs that the target can / cannot run. With
+            REPORT_CAPABILITY_DLA and a DLA builder config (NVIDIA: set before parsing), 'can' is DLA's own table
+            as this emulator reads it (_dla_runs, strongly typed FP32 rule included)."""
+            net = INetworkDefinition(1 << int(E("NetworkDefinitionCreationFlag", "STRONGLY_TYPED")) if major < 11
+                                     else 0)
+            sub = OnnxParser(net, self._logger)
+            if not sub.parse(model):
+                self._subgraphs = []
+                return False
+            dla = "REPORT_CAPABILITY_DLA" in self._pflags and self._config is not None and \
+                self._config._device_type == E("DeviceType", "DLA")
+            runs = []
+            for lay in net._layers:
+                ok = not dla or _dla_layer_problem(lay, net, self._network._strongly_typed() or major >= 11) is None
+                if runs and runs[-1][0] == ok:
+                    runs[-1][1].append(lay._index)
+                else:
+                    runs.append((ok, [lay._index]))
+            self._subgraphs = runs
+            return all(ok for ok, _ in runs)
+
+        num_subgraphs = property(lambda self: len(self._subgraphs))
+
+        def is_subgraph_supported(self, index):
+            return self._subgraphs[index][0]
+
+        def get_subgraph_nodes(self, index):
+            return list(self._subgraphs[index][1])
 
         @property
         def num_errors(self):
@@ -334,6 +380,9 @@ def build_module(version: str | None = None) -> types.ModuleType:
                                             if _LAYER_TYPES.get(node.op_type, "IDENTITY") in enums["LayerType"]._names
                                             else "IDENTITY"), node.op_type))
                 net._layers[-1]._attrs = {a.name: list(a.ints) for a in node.attribute if a.ints}
+                net._layers[-1]._inputs = [x for x in node.input if x and x not in inits]
+                net._layers[-1]._outputs = list(node.output)
+                net._layers[-1]._index = idx
                 w = inits.get(node.input[0]) if node.input else None
                 if node.op_type == "DequantizeLinear" and w is not None and w.data_type == onnx.TensorProto.INT8 \
                         and len(w.dims) > 1:
@@ -376,11 +425,22 @@ def build_module(version: str | None = None) -> types.ModuleType:
             return len(self)
 
     class ITimingCache(_Surface):
+        """Tied to the TensorRT version, compute capability and platform that made it (NVIDIA: a timing cache from
+        another device or version is refused unless ignore_mismatch); this emulator's reading."""
+
         def __init__(self, data=b""):
             self._data = bytes(data)
+            head, _, body = self._data.partition(b"\n")
+            self._origin = json.loads(body) if head == b"EDGERES-EMULATED-TIMING-CACHE" and body else None
+            self._state = "loaded" if self._origin else "new"
+
+        def _mismatch(self):
+            here = _timing_origin(state["version"])
+            return self._origin is not None and self._origin != here
 
         def serialize(self):
-            return IHostMemory(b"EDGERES-EMULATED-TIMING-CACHE\n" + state["version"].encode())
+            return IHostMemory(b"EDGERES-EMULATED-TIMING-CACHE\n" + json.dumps(_timing_origin(state["version"]),
+                                                                                sort_keys=True).encode())
 
         def combine(self, other, ignore_mismatch):
             return True
@@ -396,6 +456,7 @@ def build_module(version: str | None = None) -> types.ModuleType:
             self._dla_core = -1
             self._timing = None
             self._hw = None
+            self._opt_level = 3   # TensorRT's default builder optimization level
 
         def set_flag(self, flag):
             self._flags.add(flag.name)
@@ -435,14 +496,21 @@ def build_module(version: str | None = None) -> types.ModuleType:
             return ITimingCache(data)
 
         def set_timing_cache(self, cache, ignore_mismatch):
+            if cache._mismatch() and not ignore_mismatch:
+                print(f"[TRT] [E] timing cache from {cache._origin} does not match this TensorRT/device "
+                      f"({_timing_origin(state['version'])}) and ignore_mismatch is False", file=sys.stderr)
+                return False
             self._timing = cache
             return True
+
+        builder_optimization_level = property(lambda self: self._opt_level,
+                                              lambda self, v: object.__setattr__(self, "_opt_level", int(v)))
 
         def get_timing_cache(self):
             return self._timing
 
         def can_run_on_DLA(self, layer):  # noqa: N802 - TensorRT's name
-            return _dla_runs(layer) is None
+            return _dla_runs(layer) is None and self._device_type == E("DeviceType", "DLA")
 
     class IInt8Calibrator(_Surface):
         def __init__(self):
@@ -459,7 +527,7 @@ def build_module(version: str | None = None) -> types.ModuleType:
 
         @property
         def num_DLA_cores(self):  # noqa: N802
-            return int(os.environ.get("EDGERES_TRT_EMULATOR_DLA_CORES", "0"))
+            return _dla_cores(state["version"])
 
         platform_has_fast_fp16 = property(lambda self: True)
         platform_has_fast_int8 = property(lambda self: True)
@@ -491,11 +559,13 @@ def build_module(version: str | None = None) -> types.ModuleType:
                 return self._fail("Int8 precision has been set for a layer or layer output, but int8 is not "
                                   "configured in the builder (Q/DQ network without BuilderFlag.INT8)")
             if network._int8_weights and major < 10:
+                # ASSUMPTION (unconfirmed on a device; edgeres's versions.SOURCES["int8_weight_forms"] says the same):
                 # TensorRT < 10: IConstantLayer makes weights other than kINT32 real-valued tensors, and an
                 # IDequantizeLayer's input must be INT8 (8.5/8.6 API docs); pre-quantized INT8 weights into DQ are
                 # documented from 10.0 (developer guide, Explicit Quantization > Quantized Weights)
                 return self._fail(f"DequantizeLinear {network._int8_weights[0]}: its input is an INT8 constant, "
-                                  "which TensorRT < 10 imports as real-valued weights; a Dequantize input must be INT8")
+                                  "which TensorRT < 10 imports as real-valued weights; a Dequantize input must be INT8 "
+                                  "(emulator ASSUMPTION, not confirmed on TensorRT 8.x)")
             hw = config._hw
             if hw is not None and hw.name == "AMPERE_PLUS":
                 if _jetson():
@@ -551,6 +621,14 @@ def build_module(version: str | None = None) -> types.ModuleType:
                 mn, opt, mx = config._profiles[0]._shapes.get(inp.name, (inp.shape,) * 3)
             else:
                 mn = opt = mx = tuple(inp.shape)
+            # workspace: this emulator's tactics need scratch of 8 input activations at the largest batch; a smaller
+            # WORKSPACE limit leaves a layer without an implementation and the build fails (as TensorRT's does when
+            # no tactic fits)
+            limit = config._pools.get("WORKSPACE")
+            need = 8 * 4 * max(1, int(mx[0]) if mx else 1) * _volume(inp.shape[1:])
+            if limit is not None and limit < need:
+                return self._fail(f"10: Could not find any implementation for node {layers[0].name} due to "
+                                  f"insufficient workspace ({limit} bytes; this network needs {need})")
             # DLA
             device_type, on_dla, on_gpu, gpu_names = "GPU", 0, len(layers), None
             if config._device_type == E("DeviceType", "DLA"):
@@ -570,10 +648,13 @@ def build_module(version: str | None = None) -> types.ModuleType:
                 if not static and not fallback:
                     return self._fail("DLA does not support dynamic shapes: the optimization profile must have "
                                       "min = opt = max (or set BuilderFlag.GPU_FALLBACK)")
-                dla_layers = [lay for lay in layers if _dla_runs(lay) is None] if static else []
+                if not _dla_cores(state["version"]):
+                    return self._fail(f"DLA is not supported by TensorRT {state['version']} on this platform")
+                why = {lay.name: _dla_layer_problem(lay, network, typed) for lay in layers}
+                dla_layers = [lay for lay in layers if why[lay.name] is None] if static else []
                 if len(dla_layers) < len(layers) and not fallback:
-                    bad = next(lay for lay in layers if _dla_runs(lay) is not None)
-                    return self._fail(f"Layer {bad.name} cannot run on DLA ({_dla_runs(bad)}) and GPU_FALLBACK is "
+                    bad = next(lay for lay in layers if why[lay.name] is not None)
+                    return self._fail(f"Layer {bad.name} cannot run on DLA ({why[bad.name]}) and GPU_FALLBACK is "
                                       "not set")
                 if not dla_layers:
                     lg.log("WARNING", "No layer runs on DLA (dynamic shapes): every layer falls back to the GPU")
@@ -586,6 +667,12 @@ def build_module(version: str | None = None) -> types.ModuleType:
                       "calibration": calibration,
                       "device_type": device_type, "dla_core": config._dla_core if device_type == "DLA" else None,
                       "layers_on_dla": on_dla, "layers_on_gpu": on_gpu,
+                      # the builder configuration this engine was built with (both device paths must agree)
+                      "config": {"flags": sorted(flags), "workspace": limit, "strongly_typed": typed,
+                                 "builder_optimization_level": config._opt_level,
+                                 "timing_cache": None if config._timing is None else config._timing._state,
+                                 "profile": [list(mn), list(opt), list(mx)], "device_type": device_type,
+                                 "dla_core": config._dla_core if device_type == "DLA" else None},
                       "input": {"name": inp.name, "shape": list(inp.shape), "profile": [list(mn), list(opt),
                                                                                         list(mx)]},
                       "output": {"name": network._outputs[0].name, "shape": list(network._outputs[0].shape)}}
@@ -838,8 +925,63 @@ def build_module(version: str | None = None) -> types.ModuleType:
 
 # version-compatible engines: built major -> runtime majors that load them (Support Matrix 11.4.1, Engine Portability)
 _VC_RUNTIME_MAJORS = {8: (8, 10), 10: (10, 11), 11: (11,)}
-# Jetson modules by name (NVIDIA CUDA GPUs table, developer.nvidia.com/cuda-gpus): compute capability, DLA cores
-JETSONS = {"orin": ("8.7", 2), "xavier": ("7.2", 2)}
+# Jetson modules by name (NVIDIA CUDA GPUs table, developer.nvidia.com/cuda-gpus; module data sheets): compute
+# capability, DLA cores, /proc/device-tree/model. "orin" is the AGX Orin.
+JETSONS = {"orin": ("8.7", 2, "NVIDIA Jetson AGX Orin Developer Kit"),
+           "agx-orin": ("8.7", 2, "NVIDIA Jetson AGX Orin Developer Kit"),
+           "orin-nx": ("8.7", 2, "NVIDIA Jetson Orin NX Engineering Reference Developer Kit"),
+           "orin-nano": ("8.7", 0, "NVIDIA Jetson Orin Nano Developer Kit"),
+           "xavier": ("7.2", 2, "Jetson-AGX"),
+           "agx-thor": ("11.0", 0, "NVIDIA Jetson AGX Thor Developer Kit")}
+# The emulator's OWN DLA table, written from NVIDIA's "Working with DLA" pages (11.4.0, 11.4.1, 11.5.0) and the JetPack
+# release notes, independently of edgeres/tensorrt/versions.py (a test fails if either imports the other):
+# (first, last TensorRT (major, minor, patch) inclusive, platform, the JETSONS keys that have DLA there)
+_DLA_TABLE = (
+    ((8, 5, 0), (8, 6, 99), "jetson", {"orin", "agx-orin", "orin-nx", "xavier"}),   # JetPack 5.1 / 6.0
+    ((10, 0, 0), (10, 7, 99), "jetson", {"orin", "agx-orin", "orin-nx"}),           # "10.7 the last 10.x with DLA"
+    ((11, 4, 0), (11, 4, 0), "windows-arm", set()),                                  # Windows on ARM only
+    ((11, 4, 1), (11, 4, 1), "jetson", {"orin", "agx-orin"}),                        # AGX Orin, JetPack 7.2.2+
+)                                                                                    # nothing from 11.5 on Jetson
+
+
+def _dla_cores(version: str) -> int:
+    """DLA cores TensorRT reports here: the module's, where this TensorRT has DLA on this platform; else 0."""
+    module = os.environ.get("EDGERES_EMULATED_JETSON", "")
+    v = (_vt(version) + (0, 0, 0))[:3]
+    allowed = any(lo <= v <= hi and plat == "jetson" and module in mods for lo, hi, plat, mods in _DLA_TABLE)
+    return int(os.environ.get("EDGERES_TRT_EMULATOR_DLA_CORES", JETSONS.get(module, ("", 0))[1])) if allowed else 0
+
+
+def _timing_origin(version: str) -> dict:
+    return {"trt": version, "cc": _cc(), "platform": _platform()}
+
+
+def _volume(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= max(1, int(d))
+    return n
+
+
+def _dla_layer_problem(layer, network, typed: bool) -> str | None:
+    """_dla_runs, and in a strongly typed network (11.4.1 DLA) the precision rule as this emulator reads NVIDIA's
+    explicit quantization: a compute layer runs INT8 when it consumes a DEQUANTIZE output, or when it is an
+    activation / pooling / elementwise consuming an INT8 layer; any other compute layer stays FP32, which DLA
+    cannot run."""
+    why = _dla_runs(layer)
+    if why or not typed or layer.type.name in ("QUANTIZE", "DEQUANTIZE", "CONSTANT"):
+        return why
+    made_by = {o: lay for lay in network._layers for o in lay._outputs}
+    int8: set = set()
+    for lay in network._layers:
+        src = [made_by.get(x) for x in lay._inputs]
+        if any(s is not None and s.type.name == "DEQUANTIZE" for s in src) or (
+                lay.type.name in ("ACTIVATION", "POOLING", "ELEMENTWISE") and any(s is not None and s.name in int8
+                                                                                   for s in src)):
+            int8.add(lay.name)
+        if lay is layer:
+            break
+    return None if layer.name in int8 else "FP32 in a strongly typed network (no Q/DQ around it); DLA runs FP16/INT8"
 
 
 def _cc() -> str:

@@ -21,12 +21,12 @@ import json
 import time
 from pathlib import Path
 
-from trt_emulator.emulator import API, _cudart, _tag, _vt, build_module
+from trt_emulator.emulator import API, SURFACE, _cudart, _tag, _vt, build_module
 
 
 def accepted_options(version: str) -> set[str]:
     names = set()
-    for line in (API / version / "trtexec_options.txt").read_text().splitlines():
+    for line in (API / SURFACE.get(version, version) / "trtexec_options.txt").read_text().splitlines():
         if line.startswith("-") and not line.startswith("# "):
             names.add(line.split("\t")[0].strip())
     return names
@@ -169,11 +169,16 @@ def _build(trt, opts: dict[str, str]) -> bytes:
         if name.strip() != "workspace":
             continue
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(float(size) * (1 << 20)))
+    if "--builderOptimizationLevel" in opts:
+        config.builder_optimization_level = int(opts["--builderOptimizationLevel"])
     timing = None
     if opts.get("--timingCacheFile"):
         tpath = Path(opts["--timingCacheFile"])
         timing = config.create_timing_cache(tpath.read_bytes() if tpath.is_file() else b"")
-        config.set_timing_cache(timing, False)
+        if not config.set_timing_cache(timing, False):   # sampleEngines: a refused cache is not used
+            print("[W] The timing cache does not match this TensorRT/device: building without it")
+            timing = config.create_timing_cache(b"")
+            config.set_timing_cache(timing, False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise SystemExit("[E] Engine could not be created from network")
