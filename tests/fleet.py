@@ -157,7 +157,7 @@ class Fleet:
 
         return {"known_hosts": self.known_hosts, "ssh_config": self.config, "remote_root": "~/opt/edgeres",
                 "state_dir": "~/var/lib/edgeres", "remote_python": sys.executable, "connect_timeout": 10.0,
-                "retries": 0, **extra}
+                "retries": 0, "journal": self.base / "activations.json", **extra}
 
     def deploy_kwargs(self, **extra) -> dict:
         """ssh() plus where each device keeps its trusted keys and systemd units (in its own HOME)."""

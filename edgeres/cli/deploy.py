@@ -20,16 +20,24 @@ from edgeres.deploy.bundle import (
     opened_bundle,
     verify_bundle,
 )
-from edgeres.deploy.fleet_output import OUTCOMES, format_status, format_table, host_line, summary
+from edgeres.deploy.fleet_output import OUTCOMES, format_status, format_table, host_line, progress_line, summary
 from edgeres.deploy.mender import check_artifact_out, write_artifact
 from edgeres.deploy.releases import folder_release_id
-from edgeres.deploy.rootfs import install_rootfs
+from edgeres.deploy.rootfs import MACHINE_ID_CHOICES, check_machine_id, install_rootfs
 from edgeres.deploy.ssh import MAX_CONNECT_TIMEOUT_S, MAX_HOST_TIMEOUT_S
 from edgeres.deploy.ssh import deploy as run_deploy
 from edgeres.deploy.ssh import rollback as run_rollback
 from edgeres.deploy.ssh import status as run_status
 from edgeres.errors import ConfigError
 from edgeres.io import read_small_bytes
+
+
+def machine_id_option(fn):
+    """--machine-id: what to do with a rootfs whose etc/machine-id is filled (refused without it)."""
+    return click.option("--machine-id", "machine_id", type=click.Choice(MACHINE_ID_CHOICES), default=None,
+                        help="With a rootfs whose etc/machine-id holds an id (refused otherwise): clear empties it "
+                             "(each device makes its own at first boot), keep leaves it (an image of one device)."
+                        )(fn)
 
 
 @click.command()
@@ -56,14 +64,21 @@ from edgeres.io import read_small_bytes
 @click.option("--mender", "mender_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a Mender artifact (OUT.mender, payload type edgeres, named by the release id) with "
                    "mender-artifact, for devices with the edgeres Update Module.")
+@click.option("--health-check", default=None, metavar="COMMAND",
+              help="Shell command each device runs in this release after switching to it (exit 0 = healthy): it "
+                   "commits only then, else switches back by itself (also at a flashed image's first boot).")
+@click.option("--health-timeout", type=FiniteFloat(1, 86400), default=300.0, show_default=True,
+              help="Seconds the health check may take on the device.")
 @click.option("--device-type", "device_types", multiple=True, default=("jetson",), show_default=True,
               help="With --mender: Mender device type(s) the artifact is compatible with.")
 @click.option("--target", default=None, metavar="NAME",
               help="Only what one TensorRT of the run's device plan needs: a plan key (8.5, 8.6, 10.3, 10, 11, "
                    "11.4.1), tensorrt<version> or jetpack<release> (jetpack6.1) [default: every target].")
+@machine_id_option
 @json_option
 def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, rootfs, force, allow_non_rootfs,
-           allow_failed, sign_key, mender_out, device_types, target, as_json) -> None:
+           allow_failed, sign_key, mender_out, health_check, health_timeout, device_types, target, machine_id,
+           as_json) -> None:
     """Bundle a run for devices: ONNX, calibration cache, probe set with reference logits, device runtime."""
     import tempfile
 
@@ -71,15 +86,19 @@ def bundle(run_dir, out, tar, probe_size, min_agreement, max_accuracy_drop, root
         raise click.UsageError("give --out DIR, --rootfs PATH, --mender OUT.mender, or several")
     if mender_out is not None:
         check_artifact_out(mender_out, force=force)   # before the bundle is built
+    if rootfs is not None and rootfs.is_dir():
+        check_machine_id(rootfs, machine_id)          # likewise
     opts = dict(probe_size=probe_size, min_top1_agreement_pct=min_agreement, max_accuracy_drop_pp=max_accuracy_drop,
-                allow_failed=allow_failed, sign_key=sign_key, target=target)
+                allow_failed=allow_failed, sign_key=sign_key, target=target, health_check=health_check,
+                health_timeout=health_timeout)
     with tempfile.TemporaryDirectory(prefix="edgeres-bundle-") as tmp:
         path = make_bundle(run_dir, out if out is not None else Path(tmp) / "bundle", tar=tar and out is not None,
                            force=force, **opts)
         with opened_bundle(path) as folder:
             manifest = verify_bundle(folder)
             release = folder_release_id(folder)
-            installed, warnings = (install_rootfs(folder, rootfs, allow_non_rootfs=allow_non_rootfs)
+            installed, warnings = (install_rootfs(folder, rootfs, allow_non_rootfs=allow_non_rootfs,
+                                                  machine_id=machine_id)
                                    if rootfs is not None else (None, []))
             artifact = (write_artifact(folder, mender_out, device_types=device_types, force=force)
                         if mender_out is not None else None)
@@ -188,6 +207,14 @@ def _printer(form: str, line=None):
     return on_done
 
 
+def _progress_printer(form: str):
+    """Progress lines while hosts work (copy, verification, the check after the switch): text and --jsonl only."""
+    def on_progress(res, event: dict) -> None:
+        if form != "json":
+            click.echo(progress_line(res, event, as_json=form == "jsonl"))
+    return on_progress
+
+
 def _finish(results, form: str, text) -> None:
     counts = {o: sum(r.outcome == o for r in results) for o in OUTCOMES}
     if form == "json":
@@ -223,19 +250,27 @@ def _finish(results, form: str, text) -> None:
               help="Device's allowed_signers file: when it lists keys, only bundles they signed are installed.")
 @click.option("--units-dir", default="/etc/systemd/system", show_default=True,
               help="Where the device gets the verify-on-boot units (skipped, and said, where it does not exist).")
+@click.option("--health-check", default=None, metavar="COMMAND",
+              help="Shell command the device runs in the new release after the switch (exit 0 = healthy); it "
+                   "commits only then, else switches back by itself [default: the bundle's health check, if any].")
+@click.option("--health-timeout", type=FiniteFloat(1, MAX_HOST_TIMEOUT_S), default=None,
+              help="Seconds the health check may take [default: the bundle's, else 300].")
 @json_option
 @jsonl_option
 def deploy(bundle_dir, precision, iterations, require_backend, canary, max_failures, host_timeout, keep,
-           trusted_keys, units_dir, as_json, as_jsonl, **kw) -> None:
-    """Copy a bundle to devices over SSH; each stages and verifies it, and only then does this command activate it.
+           trusted_keys, units_dir, health_check, health_timeout, as_json, as_jsonl, **kw) -> None:
+    """Copy a bundle to devices over SSH; each stages and verifies it; then each switches, checks the release as it
+    runs and commits it, or switches back by itself.
 
-    A host that fails, times out, or whose controller is killed or interrupted keeps its running release."""
+    A host that fails, times out, or whose controller is killed or interrupted keeps its running release; a host
+    that did not answer the activation in time is reported UNKNOWN, and the next deploy or status reads it back."""
     form = _form(as_json, as_jsonl)
     results = run_deploy(bundle_dir, _targets(kw), concurrency=kw["concurrency"], canary=canary,
                          max_failures=max_failures, host_timeout=host_timeout, precision=precision,
                          iterations=iterations, require_backend=require_backend, keep=keep,
+                         health_check=health_check, health_timeout=health_timeout,
                          trusted_keys=trusted_keys, units_dir=units_dir, on_done=_printer(form),
-                         **_ssh_kwargs(kw))
+                         on_progress=_progress_printer(form), **_ssh_kwargs(kw))
     _finish(results, form, format_table)
 
 
@@ -260,13 +295,15 @@ def _rollback_line(r) -> str:
 
 @click.command()
 @ssh_options
+@click.option("--to", "to", default=None, metavar="RELEASE",
+              help="Any release kept on the devices (`edgeres status --json` lists them) [default: the previous].")
 @json_option
 @jsonl_option
-def rollback(as_json, as_jsonl, **kw) -> None:
-    """Switch each device back to its previous release (and that release's last passed result)."""
+def rollback(to, as_json, as_jsonl, **kw) -> None:
+    """Switch each device back to its previous release, or to a kept one (and that release's last passed result)."""
     form = _form(as_json, as_jsonl)
-    results = run_rollback(_targets(kw), concurrency=kw["concurrency"], on_done=_printer(form, _rollback_line),
-                           **_ssh_kwargs(kw))
+    results = run_rollback(_targets(kw), to=to, concurrency=kw["concurrency"],
+                           on_done=_printer(form, _rollback_line), **_ssh_kwargs(kw))
     _finish(results, form, summary)
 
 
@@ -279,13 +316,14 @@ def rollback(as_json, as_jsonl, **kw) -> None:
 @click.option("--trusted-keys", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="allowed_signers file: refuse the bundle unless one of its keys signed it; also installed as "
                    "the image's /etc/edgeres/allowed_signers.")
+@machine_id_option
 @json_option
-def rootfs(bundle_path, rootfs, allow_non_rootfs, trusted_keys, as_json) -> None:
-    """Install an existing bundle into a Jetson rootfs: the same release (id and layout) an SSH deploy writes,
-    pending until the verify-on-boot timer's first check passes on the device."""
+def rootfs(bundle_path, rootfs, allow_non_rootfs, trusted_keys, machine_id, as_json) -> None:
+    """Install an existing bundle into a Jetson rootfs: the same release (id and layout) an SSH deploy writes, a
+    first-boot trial the verify-on-boot timer checks on the device (committed, or switched back)."""
     with opened_bundle(bundle_path) as folder:
         installed, warnings = install_rootfs(folder, rootfs, allow_non_rootfs=allow_non_rootfs,
-                                             trusted_keys=trusted_keys)
+                                             trusted_keys=trusted_keys, machine_id=machine_id)
     emit({"release": installed.name, "path": str(installed), "warnings": warnings}, as_json,
          "\n".join([f"warning: {w}" for w in warnings] +
                    [f"rootfs: release {installed.name} installed and current (pending until verified on the "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -191,7 +192,8 @@ def _run_plan(run_dir: Path, dest: Path, target: str | None = None) -> dict[str,
 
 
 def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int | None, gates: dict[str, float],
-                  build: dict[str, Any], target: dict[str, str] | None = None) -> dict[str, Any]:
+                  build: dict[str, Any], target: dict[str, str] | None = None,
+                  health_check: dict[str, Any] | None = None) -> dict[str, Any]:
     import numpy as np
 
     from edgeres.compare import load_probe
@@ -269,6 +271,8 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int | None, gates: d
         "target": target,   # None: every target of the plan
         "readme": README,
     }
+    if health_check is not None:   # run by the device after the switch (releases.py): it commits only on exit 0
+        manifest["health_check"] = health_check
     (dest / README).write_text(readme_text(manifest, sorted([*(p.name for p in dest.iterdir() if p.is_file()),
                                                               README, MANIFEST])))
     listed = sorted(p.name for p in dest.iterdir() if p.is_file())
@@ -284,11 +288,15 @@ def _write_bundle(run_dir: Path, dest: Path, *, probe_size: int | None, gates: d
 def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int | None = None, tar: bool = False,
                 force: bool = False, min_top1_agreement_pct: float = DEFAULT_GATES["min_top1_agreement_pct"],
                 max_accuracy_drop_pp: float = DEFAULT_GATES["max_accuracy_drop_pp"],
-                allow_failed: bool = False, sign_key: str | Path | None = None, target: str | None = None) -> Path:
+                allow_failed: bool = False, sign_key: str | Path | None = None, target: str | None = None,
+                health_check: str | None = None, health_timeout: float = 300.0) -> Path:
     """Write the bundle folder `out_dir` (or `out_dir`.tar.gz with tar=True) atomically. Returns its path.
     A run whose build did not pass every planned stage is refused unless `allow_failed` (then recorded).
     `sign_key`: an OpenSSH ed25519 private key that signs the manifest (signature.json, edgeres/deploy/signing.py).
-    `target`: a name of one target of the run's device plan (`target_names`): only what it needs is carried."""
+    `target`: a name of one target of the run's device plan (`target_names`): only what it needs is carried.
+    `health_check`: a shell command each device runs in the release after switching to it (exit 0 = healthy,
+    within `health_timeout` s); the device commits only then, else switches back (releases.py)."""
+    health = _health_spec(health_check, health_timeout)
     if probe_size is not None and probe_size < 1:
         raise ConfigError(f"--probe-size must be >= 1, got {probe_size}")
     if not 0.0 <= min_top1_agreement_pct <= 100.0 or not 0.0 <= max_accuracy_drop_pp <= 100.0:
@@ -312,7 +320,8 @@ def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int | N
     top = out.name[: -len(".tar.gz")] if tar else out.name
     tmp = Path(tempfile.mkdtemp(prefix=f".{top}.", suffix=".tmp", dir=out.parent))
     try:
-        _write_bundle(run_dir, tmp, probe_size=probe_size, gates=gates, build=build, target=chosen)
+        _write_bundle(run_dir, tmp, probe_size=probe_size, gates=gates, build=build, target=chosen,
+                      health_check=health)
         if sign_key is not None:
             sign_bundle(tmp, sign_key)
         if tar:
@@ -331,6 +340,22 @@ def make_bundle(run_dir: str | Path, out_dir: str | Path, *, probe_size: int | N
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_health_command(command: str) -> str:
+    """A health-check command (bundle or deploy flag): one non-empty line, run by the device with `sh -c`."""
+    if not command.strip() or "\n" in command or "\x00" in command:
+        raise ConfigError("--health-check must be one non-empty line (a shell command run on the device)")
+    return command
+
+
+def _health_spec(command: str | None, timeout: float) -> dict[str, Any] | None:
+    if command is None:
+        return None
+    check_health_command(command)
+    if not (math.isfinite(timeout) and 1.0 <= timeout <= 86400.0):
+        raise ConfigError(f"--health-timeout must be a finite number of seconds in [1, 86400], got {timeout!r}")
+    return {"command": command, "timeout_s": float(timeout)}
 
 
 # ---------------------------------------------------------------------------------------------------- targets

@@ -31,17 +31,46 @@ def host_line(r: HostResult, *, as_json: bool = False) -> str:
     return f"{r.host}: {r.outcome.upper()}({r.stage}) {r.message}".rstrip()
 
 
+def progress_line(r: HostResult, event: dict, *, as_json: bool = False) -> str:
+    """A line while a host works: bytes copied so far, or seconds the device has been verifying or checking."""
+    if as_json:
+        return json.dumps({"event": "progress", "host": r.host, **event}, sort_keys=True, default=str)
+    seconds = f"{float(event.get('seconds') or 0):.0f} s"
+    if event.get("what") == "copy":
+        mb = 1e6
+        return f"{r.host}: copy {event.get('bytes', 0) / mb:.1f} of {event.get('of', 0) / mb:.1f} MB ({seconds})"
+    return f"{r.host}: {event.get('what')} on the device ({seconds}; an engine build takes minutes)"
+
+
+def earlier_note(r: HostResult) -> str | None:
+    """How an activation this controller could not confirm (unknown) ended, as the device told it now."""
+    if not r.earlier:
+        return None
+    e, device = r.earlier, r.earlier.get("device")
+    what = f"the earlier activation of {e.get('release')} (attempt {e.get('attempt')}, reported unknown)"
+    if not device:
+        return f"{what}: no record on the device, so it never switched"
+    reason = f" ({device['reason']})" if device.get("reason") else ""
+    return f"{what}: {device.get('outcome')}{reason}"
+
+
 def summary(results: list[HostResult]) -> str:
     n = Counter(r.outcome for r in results)
     return ", ".join(f"{n[o]} {o}" for o in OUTCOMES if n[o] or o in ("ok", "failed"))
 
 
-def _table(head: tuple[str, ...], rows: list[tuple], results: list[HostResult]) -> str:
+def _table(head: tuple[str, ...], rows: list[tuple], results: list[HostResult],
+           counted: list[HostResult] | None = None) -> str:
+    """The table, then the note lines of RESULTS (message, warnings, what an earlier activation did...), then the
+    counts of COUNTED (default: RESULTS)."""
     rows = [head, *rows]
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     for r in results:
         notes = [r.message] if r.message else []
+        notes += [f"warning: {w}" for w in r.warnings]
+        if earlier_note(r):
+            notes.append(earlier_note(r))
         if r.host_key_added:
             notes.append(f"new host key recorded: {r.host_key_added}")
         result = r.result or {}
@@ -53,7 +82,7 @@ def _table(head: tuple[str, ...], rows: list[tuple], results: list[HostResult]) 
         if r.units and not r.units.get("installed"):
             notes.append(f"verify-on-boot units not installed: {r.units.get('reason')}")
         lines += [f"{r.host}: {n}" for n in notes]
-    lines.append(summary(results))
+    lines.append(summary(results if counted is None else counted))
     return "\n".join(lines)
 
 
@@ -85,6 +114,8 @@ def format_status(results: list[HostResult]) -> str:
         built = "-" if not engine else ("cached" if engine.get("cached") else "built")
         if not st.get("installed"):
             verdict = "not installed"
+        elif st.get("trial"):
+            verdict = "switched, being checked (not committed yet)"
         elif st.get("pending"):
             verdict = "pending (no passed verification of this release yet)"
         else:
@@ -93,4 +124,4 @@ def format_status(results: list[HostResult]) -> str:
                      (res.get("device") or {}).get("tensorrt") or "-", res.get("backend") or "-", built,
                      verdict if r.ok else _status_word(r), _fmt((res.get("benchmark") or {}).get("median_ms"), ".3f"),
                      res.get("finished_at") or "-"))
-    return _table(head, rows, [r for r in results if not r.ok])
+    return _table(head, rows, [r for r in results if not r.ok or r.earlier or r.warnings], counted=results)

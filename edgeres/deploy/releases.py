@@ -868,6 +868,8 @@ def rollback(root: Path, state: Path, lock_wait: float, to: str | None = None) -
     result here, or none: pending)."""
     with Lock(state, lock_wait):
         undone = _undo_dead_trial(root, state)
+        if to is not None and not ATTEMPT.fullmatch(to):
+            raise ReleaseError(f"--to {to!r} is not a release id (letters, digits, '.', '_', '-')")
         cur, target = _target(root, "current"), to or _target(root, "previous")
         if target is None or not (root / "releases" / target / MANIFEST).is_file():
             kept = ", ".join(r for r in _releases(root) if r != cur) or "none"

@@ -12,7 +12,11 @@ Mender module write (all through edgeres/deploy/releases.py):
     etc/edgeres/allowed_signers                         with --trusted-keys: later bundles must be signed
     var/lib/edgeres/                                    engines/, attempts/, results/ and result.json, on the device
 
-A flashed release counts as pending (`status`) until the boot check's first verification on the device passes.
+A flashed release is a first-boot trial (STATE/trial.json): the boot check verifies it on the device and runs the
+bundle's health check, then commits it, or switches back to the release the image held before (none: nothing runs)
+and records why (STATE/activations/first-boot.json). `status` reports it pending until then.
+An image must not carry a machine id (every device flashed from it would be one machine): a filled etc/machine-id
+is refused unless --machine-id clear (emptied: systemd's first-boot convention) or --machine-id keep.
 """
 from __future__ import annotations
 
@@ -72,10 +76,55 @@ def _own_by_root(paths: list[Path]) -> None:
             os.lchown(p, 0, 0)
 
 
+MACHINE_ID_CHOICES = ("clear", "keep")
+
+
+def _filled_machine_id(rootfs: Path) -> str | None:
+    """The machine id a rootfs carries in etc/machine-id (a regular file), or None: absent, empty, a link, or
+    systemd's "uninitialized" (each device then makes its own at first boot)."""
+    path = rootfs / "etc" / "machine-id"
+    if path.is_symlink() or not path.is_file():
+        return None
+    text = path.read_text(errors="replace").strip()
+    return text if text and text != "uninitialized" else None
+
+
+def _clear_machine_id(rootfs: Path) -> list[str]:
+    """systemd's first-boot convention: an empty etc/machine-id, filled by each device at its first boot; a copy in
+    var/lib/dbus/machine-id (a regular file) becomes the link to it that systemd images carry."""
+    path = rootfs / "etc" / "machine-id"
+    mode = path.stat().st_mode & 0o777
+    atomic_write_text(path, "")
+    path.chmod(mode)
+    done = ["etc/machine-id emptied: each device makes its own at first boot"]
+    dbus = rootfs / "var" / "lib" / "dbus" / "machine-id"
+    if dbus.is_file() and not dbus.is_symlink():
+        tmp = dbus.with_name(f".machine-id.{os.getpid()}")
+        tmp.symlink_to("/etc/machine-id")
+        os.replace(tmp, dbus)
+        done.append("var/lib/dbus/machine-id now links to /etc/machine-id")
+    return done
+
+
+def check_machine_id(rootfs: Path, machine_id: str | None) -> str | None:
+    """Before anything is written: a filled etc/machine-id is refused unless told (clear, keep)."""
+    if machine_id is not None and machine_id not in MACHINE_ID_CHOICES:
+        raise ConfigError(f"--machine-id must be one of {', '.join(MACHINE_ID_CHOICES)}, got {machine_id!r}")
+    filled = _filled_machine_id(rootfs)
+    if filled and machine_id is None:
+        raise ConfigError(f"{rootfs}/etc/machine-id holds a machine id ({filled[:12]}...): every device flashed from "
+                          f"this image would share it (one device to systemd, D-Bus and edgeres); pass --machine-id "
+                          f"clear to empty it (each device makes its own at first boot), or --machine-id keep for "
+                          f"an image of one device")
+    return filled
+
+
 def install_rootfs(bundle_dir: str | Path, rootfs: str | Path, *, allow_non_rootfs: bool = False,
-                   trusted_keys: str | Path | None = None) -> tuple[Path, list[str]]:
-    """Install a verified bundle as the current release under ROOTFS/opt/edgeres (pending until the device checks
-    it) and enable the verify-on-boot timer. Returns (the release folder, warnings)."""
+                   trusted_keys: str | Path | None = None, machine_id: str | None = None) -> tuple[Path, list[str]]:
+    """Install a verified bundle as the current release under ROOTFS/opt/edgeres (a first-boot trial: the device
+    checks it, then commits it or falls back to what the image held before) and enable the verify-on-boot timer.
+    A filled etc/machine-id is refused unless MACHINE_ID says clear (emptied) or keep. Returns (the release folder,
+    warnings and what was done)."""
     bundle_dir, rootfs = Path(bundle_dir), Path(rootfs)
     verify_bundle(bundle_dir)
     if not rootfs.is_dir():
@@ -85,6 +134,7 @@ def install_rootfs(bundle_dir: str | Path, rootfs: str | Path, *, allow_non_root
     if not (rootfs / "etc").is_dir() and not allow_non_rootfs:
         raise ConfigError(f"{rootfs} does not look like a root filesystem (no etc/); pass --allow-non-rootfs to "
                           f"install anyway")
+    filled = check_machine_id(rootfs, machine_id)
     if trusted_keys is not None:   # the same check a device makes before staging
         with tempfile.TemporaryDirectory(prefix="edgeres-rootfs-") as tmp:
             sig = bundle_dir / releases.SIGNATURE
@@ -119,4 +169,8 @@ def install_rootfs(bundle_dir: str | Path, rootfs: str | Path, *, allow_non_root
         owned.append(keys)
     if os.geteuid() == 0:
         _own_by_root(owned)
+    if filled and machine_id == "clear":
+        warnings += _clear_machine_id(rootfs)
+    elif filled:
+        warnings.append(f"etc/machine-id kept ({filled[:12]}...): every device flashed from this image shares it")
     return dest, warnings

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import logging
 import math
 import re
 import shlex
@@ -36,13 +37,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeres.deploy.bundle import opened_bundle, verify_bundle
-from edgeres.deploy.releases import MANIFEST, ROOT, SIGNATURE, STATE, TRUSTED_KEYS, UNITS_DIR
+from edgeres.deploy.bundle import check_health_command, opened_bundle, verify_bundle
+from edgeres.deploy.journal import Journal, default_path
+from edgeres.deploy.journal import key as journal_key
+from edgeres.deploy.releases import MANIFEST, PROGRESS_EVERY_S, ROOT, SIGNATURE, STATE, TRUSTED_KEYS, UNITS_DIR
 from edgeres.errors import BackendUnavailable, ConfigError
 from edgeres.io import sha256_file
 
 OBJECTS = ".cache/edgeres/objects"   # content-addressed staging in the login's home: files by sha256
 ACTIVATE_MARGIN_S = 5.0              # activate is sent only with at least this much of --host-timeout left
+ANSWER_MARGIN_S = 2.0                # the device's window closes this long before --host-timeout: time to answer
 MAX_CONNECT_TIMEOUT_S = 3600.0       # --timeout: an hour for an SSH handshake is already a fault
 MAX_HOST_TIMEOUT_S = 7 * 86400.0     # --host-timeout: a week for one device's copy, engine build and verification
 _HOST = re.compile(r"(?:([A-Za-z0-9._][A-Za-z0-9._-]*)@)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*)"
@@ -115,7 +119,11 @@ class HostResult:
     machine_id: str | None = None
     release: str | None = None
     attempt: str | None = None
-    activated: bool = False
+    activated: bool = False         # the device confirmed: switched, checked and committed
+    activation: str | None = None   # committed, fell back, refused, unknown (no answer: read again next command)
+    host_key: str | None = None     # the fingerprint this connection saw (part of the device's identity)
+    warnings: list[str] = field(default_factory=list)
+    earlier: dict[str, Any] | None = None   # how an activation this controller could not confirm ended
     sent: list[str] = field(default_factory=list)      # sha256 of the objects sent
     skipped: list[str] = field(default_factory=list)   # sha256 the device already had
     bytes_sent: int = 0
@@ -164,6 +172,7 @@ class SSHOptions:
     remote_python: tuple[str, ...] = ("python3",)
     connect_timeout: float = 30.0
     retries: int = 2                 # connection errors only, with 1 s, 2 s ... between tries
+    journal: Path = field(default_factory=default_path)   # activations this controller could not confirm
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "connect_timeout", seconds(self.connect_timeout, "--timeout", 1.0,
@@ -224,10 +233,8 @@ async def _connect(spec: HostSpec, opts: SSHOptions, res: HostResult):
         res.attempts = attempt + 1
         try:
             return await asyncssh.connect(spec.host, **kwargs)
-        except asyncssh.HostKeyNotVerifiable:
-            raise ConfigError(f"host key of {spec.label} is not trusted by {opts.known_hosts}: unknown (add it with "
-                              f"ssh-keyscan, or pass --accept-new-host-keys) or changed (possible man-in-the-middle; "
-                              f"if the device was reflashed, remove its old entry with ssh-keygen -R)") from None
+        except asyncssh.HostKeyNotVerifiable as e:
+            raise ConfigError(_host_key_message(spec, opts, res, str(e))) from None
         except (OSError, asyncio.TimeoutError) as e:   # connection errors only: retried
             if attempt == opts.retries:
                 if isinstance(e, asyncio.TimeoutError):   # not --host-timeout's: say which limit it was
@@ -236,6 +243,24 @@ async def _connect(spec: HostSpec, opts: SSHOptions, res: HostResult):
                 raise
             await asyncio.sleep(1.0 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _host_key_message(spec: HostSpec, opts: SSHOptions, res: HostResult, error: str) -> str:
+    """Which host's key (the device's, or the jump host's on the way) and whether known_hosts has no entry for it
+    (unknown) or an entry with another key (changed)."""
+    m = re.search(r"for host (\S+)", error)
+    host = (m.group(1) if m else spec.host).strip("[]")
+    target_host, _, target_port = (res.resolved or "").rpartition("@")[2].rpartition(":")
+    is_target = host in (spec.host, target_host)
+    port = int(target_port) if is_target and target_port.isdigit() else (spec.port if is_target else None)
+    entry = any(read_known_hosts(opts.known_hosts).match(host, "", port or 22)[:2])
+    who = f"host key of {spec.label}" if is_target else f"host key of the jump host {host} (on the way to " \
+                                                         f"{spec.label}; the device itself was not reached)"
+    if entry:
+        return (f"{who} CHANGED: {opts.known_hosts} holds another key for it (possible man-in-the-middle; if the "
+                f"machine was reflashed, remove its old entry with ssh-keygen -R {host})")
+    return (f"{who} is unknown: {opts.known_hosts} has no entry for it (add it with ssh-keyscan, or pass "
+            f"--accept-new-host-keys)")
 
 
 class _Failure(Exception):
@@ -295,19 +320,39 @@ async def _releases(conn, opts: SSHOptions, action: str, *extra: str, timeout: f
     return run.exit_status, out
 
 
-async def _install(conn, cmd: str) -> tuple[int | None, dict]:
-    """install with its stdin held open by this controller: when this process or its connection goes away, the
-    device sees EOF and aborts (--abort-on-stdin-eof)."""
+async def _device_run(conn, cmd: str, *, timeout: float | None = None,
+                      on_progress: Callable[[dict], None] | None = None) -> tuple[int | None, dict] | None:
+    """A device command whose stdin this controller holds open (--abort-on-stdin-eof: when this process or its
+    connection goes away, the device sees EOF and stops), its progress lines forwarded as they come. (exit status,
+    its JSON); None when it gave no answer within TIMEOUT (its channel is closed then, so the device stops too)."""
     proc = await conn.create_process(cmd)
+    errors: list[str] = []
+
+    async def read_stderr() -> None:
+        async for line in proc.stderr:
+            head, _, body = line.partition(" ")
+            if head == "edgeres-progress" and on_progress is not None:
+                try:
+                    on_progress(json.loads(body))
+                except ValueError:
+                    pass
+            elif head != "edgeres-progress":
+                errors.append(line)
+
+    async def finish() -> tuple[str, int | None]:
+        out, _ = await asyncio.gather(proc.stdout.read(), read_stderr())
+        return out, (await proc.wait(check=False)).exit_status
+
     try:
-        done = await proc.wait(check=False)
+        stdout, exit_status = await asyncio.wait_for(finish(), timeout)
+    except asyncio.TimeoutError:
+        return None
     finally:
         proc.close()
-    out = _last_json(str(done.stdout))
+    out = _last_json(str(stdout))
     if out is None:
-        raise _Failure(f"releases.py install printed no result (exit {done.exit_status}): "
-                       f"{str(done.stderr).strip()[-300:]}")
-    return done.exit_status, out
+        raise _Failure(f"releases.py printed no result (exit {exit_status}): {''.join(errors).strip()[-300:]}")
+    return exit_status, out
 
 
 def _gate_message(result: dict | None) -> str:
@@ -325,9 +370,15 @@ class DeployJob:
     signature_sha: str | None
     runtime_args: tuple[str, ...]
     keep: int
+    health_args: tuple[str, ...] = ()   # --health-check CMD / --health-timeout S for the device's activate
+
+    @property
+    def bytes_of(self) -> dict[str, int]:
+        return {sha: path.stat().st_size for sha, path in self.objects.items()}
 
 
-def deploy_job(bundle: Path, manifest: dict, runtime_args: list[str], keep: int) -> DeployJob:
+def deploy_job(bundle: Path, manifest: dict, runtime_args: list[str], keep: int,
+               health_args: tuple[str, ...] = ()) -> DeployJob:
     objects = {entry["sha256"]: bundle / name for name, entry in sorted(manifest["files"].items())}
     manifest_sha = sha256_file(bundle / MANIFEST)
     objects[manifest_sha] = bundle / MANIFEST
@@ -335,7 +386,30 @@ def deploy_job(bundle: Path, manifest: dict, runtime_args: list[str], keep: int)
     signature_sha = sha256_file(sig) if sig.is_file() else None
     if signature_sha:
         objects[signature_sha] = sig
-    return DeployJob(bundle, objects, manifest_sha, signature_sha, tuple(runtime_args), keep)
+    return DeployJob(bundle, objects, manifest_sha, signature_sha, tuple(runtime_args), keep, health_args)
+
+
+class _Devices:
+    """Which hosts are one device: the same machine id, host key and install root (two names of one device are
+    deployed once). The same machine id and root behind another host key are two devices flashed from one image
+    (a cloned /etc/machine-id): both are deployed, and both are warned."""
+
+    def __init__(self) -> None:
+        self.owners: dict[tuple, HostResult] = {}
+
+    def claim(self, res: HostResult, machine_id: str | None, root: str | None) -> str | None:
+        """None for the first host of a device; the first host's name for any later one."""
+        key = (machine_id, res.host_key, root)
+        owner = self.owners.setdefault(key, res)
+        if owner is not res:
+            return owner.host
+        for (mid, _key, rt), other in self.owners.items():
+            if machine_id and mid == machine_id and rt == root and other is not res:
+                for a, b in ((res, other), (other, res)):
+                    a.warnings.append(f"cloned image: {b.host} has the same machine id ({machine_id[:12]}...) behind "
+                                      f"another host key; both deployed as two devices - regenerate /etc/machine-id "
+                                      f"on them (rm /etc/machine-id && systemd-machine-id-setup)")
+        return None
 
 
 class _Interrupt:
@@ -368,74 +442,178 @@ class _Interrupt:
             pass
 
 
+@dataclass
+class _HostRun:
+    """One host's deploy: the connection, where things live on the device, how to report."""
+    conn: Any
+    home: str
+    job: DeployJob
+    opts: SSHOptions
+    res: HostResult
+    deadline: float
+    on_progress: Callable[[HostResult, dict], None] | None
+
+    @property
+    def objdir(self) -> str:
+        return f"{self.home}/{OBJECTS}"
+
+    def command(self, action: str, *extra: str) -> str:
+        return _command(self.opts, self.home, action, *extra)
+
+    def progress(self, event: dict) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.res, event)
+
+
+async def _prepare(run: _HostRun, earlier: dict | None) -> dict:
+    """Identity, permission, space and what the device has; how an earlier unconfirmed activation ended."""
+    res, opts = run.res, run.opts
+    res.stage = "prepare"
+    status, prep = await _releases(run.conn, opts, "prepare", "--objects", run.objdir,
+                                   *(["--attempt", earlier["attempt"]] if earlier else []),
+                                   timeout=opts.connect_timeout * 4, home=run.home)
+    res.machine_id = prep.get("machine_id")
+    if earlier:
+        res.earlier = {**earlier, "device": prep.get("activation")}
+    if status != 0:
+        problems = prep.get("problems") or [prep.get("error") or f"exit {status}"]
+        read_only = any("Read-only file system" in p for p in problems)
+        hint = "" if opts.sudo or read_only or prep.get("uid") == 0 else \
+            " (a non-root login: pass --sudo, or a --remote-root it can write)"
+        raise _Failure("permission: " + "; ".join(problems) + hint + "; nothing copied")
+    if prep.get("repaired"):
+        res.warnings.append(f"{len(prep['repaired'])} damaged cached object(s) deleted on the device; sent again")
+    return prep
+
+
+def _check_space(job: DeployJob, prep: dict, missing: list[str]) -> None:
+    """Refuse before the copy when the device cannot hold what is sent and the release made of it."""
+    free = prep.get("free") or {}
+    sizes = job.bytes_of
+    send, release = sum(sizes[s] for s in missing), sum(sizes.values())
+    need = {"objects": send, "root": release} if not free.get("same_fs") else {"objects": send + release}
+    for where, n in need.items():
+        if where in free and free[where] < n:
+            folder = OBJECTS if where == "objects" else "the install root"
+            raise _Failure(f"no space on the device: {free[where]} bytes free for {folder}, this bundle needs {n} "
+                           f"(copy {send} + release {release}); nothing copied")
+
+
+async def _copy(run: _HostRun, missing: list[str]) -> None:
+    """Only the missing objects, each as a .part file then renamed; a progress line every PROGRESS_EVERY_S."""
+    res, job = run.res, run.job
+    total, t0 = sum(job.bytes_of[s] for s in missing), time.monotonic()
+    said = [t0]
+
+    def tick(done_before: int):
+        def handler(_src, _dst, copied: int, _size: int) -> None:
+            now = time.monotonic()
+            if now - said[0] >= PROGRESS_EVERY_S:
+                said[0] = now
+                run.progress({"what": "copy", "bytes": done_before + copied, "of": total, "seconds": now - t0})
+        return handler
+
+    async with run.conn.start_sftp_client() as sftp:
+        await sftp.makedirs(run.objdir, exist_ok=True)
+        for sha in missing:
+            part = f"{run.objdir}/{sha}.part-{res.attempt}"
+            await sftp.put(str(job.objects[sha]), part, progress_handler=tick(res.bytes_sent))
+            await sftp.chmod(part, 0o644)
+            await sftp.posix_rename(part, f"{run.objdir}/{sha}")
+            res.sent.append(sha)
+            res.bytes_sent += job.bytes_of[sha]
+
+
+async def _install(run: _HostRun) -> bool:
+    """Stage and verify on the device (never switches), within the time left; True when it passed."""
+    res, job, opts = run.res, run.job, run.opts
+    res.stage = "install"
+    left = run.deadline - time.monotonic()
+    cmd = run.command("install", "--objects", run.objdir, "--manifest", job.manifest_sha,
+                      *(["--signature", job.signature_sha] if job.signature_sha else []), "--attempt", res.attempt,
+                      "--time-limit", f"{max(left - ACTIVATE_MARGIN_S, 1.0):.0f}", "--abort-on-stdin-eof",
+                      "--trusted-keys", _under(run.home, opts.trusted_keys), "--python", opts.remote_python[0],
+                      "--", "--expect-manifest-sha256", job.manifest_sha, *job.runtime_args)
+    status, out = await _device_run(run.conn, cmd, on_progress=run.progress)
+    res.exit_status, res.result = status, out.get("result")
+    res.release = out.get("release")
+    if status != 0 or not out.get("verified"):
+        res.message = (out.get("error") or (res.result or {}).get("error") or _gate_message(res.result)
+                       or f"exit {status}") + "; the running release was left as it was"
+        return False
+    return True
+
+
+async def _activate(run: _HostRun) -> None:
+    """Switch, check and commit on the device inside a window that closes ANSWER_MARGIN_S before --host-timeout
+    (and when this connection closes): "committed" only on the device's word; no word in time is "unknown"."""
+    res, job, opts = run.res, run.job, run.opts
+    res.stage = "activate"
+    window = run.deadline - time.monotonic() - ANSWER_MARGIN_S
+    cmd = run.command("activate", res.release, "--attempt", res.attempt, "--deadline-in", f"{window:.2f}",
+                      "--abort-on-stdin-eof", "--keep", str(job.keep), "--objects", run.objdir,
+                      "--units-dir", _under(run.home, opts.units_dir), "--python", opts.remote_python[0],
+                      *job.health_args, "--", *job.runtime_args)
+    answer = await _device_run(run.conn, cmd, timeout=window + ANSWER_MARGIN_S / 2, on_progress=run.progress)
+    if answer is None:
+        _unknown(res, f"no answer within {window:.1f} s")
+        return
+    status, out = answer
+    res.exit_status = status
+    res.activation = out.get("outcome") or "refused"
+    res.activated = status == 0 and bool(out.get("activated"))
+    res.pruned, res.units = out.get("pruned") or [], out.get("units")
+    if out.get("result"):
+        res.result = out["result"]
+    res.ok, res.stage = res.activated, "done" if res.activated else "activate"
+    if not res.ok:
+        res.message = (f"{res.activation}: " + (out.get("reason") or out.get("error") or f"exit {status}") +
+                       ("; the device switched back to " + str(out.get("current")) if res.activation == "fell back"
+                        else "; nothing switched"))
+
+
+def _unknown(res: HostResult, why: str) -> None:
+    res.activation = "unknown"
+    res.message = (f"activate: {why}; whether {res.release} went live is UNKNOWN (the device commits only inside "
+                   f"the window and while this connection is open); the next deploy or status reads what it did")
+
+
 async def _deploy_host(spec: HostSpec, job: DeployJob, opts: SSHOptions, res: HostResult, *, deadline: float,
-                       claim: Callable[[str, HostResult], str | None], stop: _Interrupt) -> None:
+                       devices: _Devices, stop: _Interrupt, earlier: dict | None,
+                       on_progress: Callable[[HostResult, dict], None] | None) -> None:
     stop.check()
     conn = await _connect(spec, opts, res)
     stop.conns.add(conn)
     async with conn:
-        home = await _home(conn)
-        objdir = f"{home}/{OBJECTS}"
-        res.stage = "prepare"
-        status, prep = await _releases(conn, opts, "prepare", "--objects", objdir, timeout=opts.connect_timeout * 4,
-                                       home=home)
-        res.machine_id = prep.get("machine_id")
-        if status != 0:
-            raise _Failure("permission: " + "; ".join(prep.get("problems") or [prep.get("error") or
-                                                                                  f"exit {status}"])
-                           + ("" if opts.sudo else " (a non-root login: pass --sudo, or a --remote-root it can write)")
-                           + "; nothing copied")
-        other = claim(f"{prep.get('machine_id')}:{prep.get('root')}", res)
+        res.host_key = conn.get_server_host_key().get_fingerprint()
+        run = _HostRun(conn, await _home(conn), job, opts, res, deadline, on_progress)
+        prep = await _prepare(run, earlier)
+        other = devices.claim(res, prep.get("machine_id"), prep.get("root"))
         if other is not None:
             res.stage = "duplicate"
-            res.message = f"same device as {other} (machine id and install root); not deployed twice"
+            res.message = f"same device as {other} (machine id, host key and install root); not deployed twice"
             return
         res.stage = "copy"
         have = set(prep.get("have") or [])
-        attempt = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-        res.attempt = attempt
-        async with conn.start_sftp_client() as sftp:
-            await sftp.makedirs(objdir, exist_ok=True)
-            for sha, path in job.objects.items():
-                if sha in have:
-                    res.skipped.append(sha)
-                    continue
-                part = f"{objdir}/{sha}.part-{attempt}"
-                await sftp.put(str(path), part)
-                await sftp.chmod(part, 0o644)
-                await sftp.posix_rename(part, f"{objdir}/{sha}")
-                res.sent.append(sha)
-                res.bytes_sent += path.stat().st_size
-        res.stage = "install"
+        missing = [sha for sha in job.objects if sha not in have]
+        res.skipped = [sha for sha in job.objects if sha in have]
+        res.attempt = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+        _check_space(job, prep, missing)
+        import asyncssh
+
+        try:
+            await _copy(run, missing)
+        except (OSError, asyncssh.SFTPError) as e:   # a full disk is only SFTP's "Failure": said with the space
+            raise _Failure(f"copy: {_describe(e)} ({(prep.get('free') or {}).get('objects')} bytes were free for "
+                           f"{OBJECTS} before the copy)") from None
         stop.check()
-        left = deadline - time.monotonic()
-        cmd = _command(opts, home, "install", "--objects", objdir, "--manifest", job.manifest_sha,
-                       *(["--signature", job.signature_sha] if job.signature_sha else []), "--attempt", attempt,
-                       "--time-limit", f"{max(left - ACTIVATE_MARGIN_S, 1.0):.0f}", "--abort-on-stdin-eof",
-                       "--trusted-keys", _under(home, opts.trusted_keys), "--python", opts.remote_python[0],
-                       "--", "--expect-manifest-sha256", job.manifest_sha, *job.runtime_args)
-        status, out = await _install(conn, cmd)
-        res.exit_status, res.result = status, out.get("result")
-        res.release = out.get("release")
-        if status != 0 or not out.get("verified"):
-            res.message = (out.get("error") or (res.result or {}).get("error") or _gate_message(res.result)
-                           or f"exit {status}") + "; the running release was left as it was"
+        if not await _install(run):
             return
         if deadline - time.monotonic() < ACTIVATE_MARGIN_S:
             res.message = "verified, but too little of --host-timeout was left to activate; nothing switched"
             return
-        res.stage = "activate"
         stop.check()   # a Ctrl-C the SSH library swallowed still stops here: nothing is switched
-        status, out = await _releases(conn, opts, "activate", res.release, "--attempt", attempt, "--keep",
-                                      str(job.keep), "--units-dir", _under(home, opts.units_dir),
-                                      timeout=ACTIVATE_MARGIN_S * 6, home=home)
-        res.exit_status = status
-        res.activated = bool(out.get("activated"))
-        res.pruned, res.units = out.get("pruned") or [], out.get("units")
-        res.ok = status == 0 and res.activated
-        res.stage = "done" if res.ok else "activate"
-        if not res.ok:
-            res.message = out.get("error") or f"exit {status}"
+        await _activate(run)
 
 
 async def _fleet(specs: list[HostSpec], work, *, concurrency: int, host_timeout: float, canary: int = 0,
@@ -465,8 +643,11 @@ async def _fleet(specs: list[HostSpec], work, *, concurrency: int, host_timeout:
             try:
                 await asyncio.wait_for(work(spec, res, t0 + host_timeout), host_timeout)
             except asyncio.TimeoutError:
-                res.message = f"{res.stage}: no answer within --host-timeout {host_timeout:g} s; the device " \
-                              f"aborts the install and nothing is switched"
+                if res.stage == "activate":
+                    _unknown(res, f"no answer within --host-timeout {host_timeout:g} s")
+                else:
+                    res.message = f"{res.stage}: no answer within --host-timeout {host_timeout:g} s; the device " \
+                                  f"aborts the install and nothing is switched"
             except (_Failure, ConfigError) as e:
                 res.message = str(e)
             except Exception as e:  # noqa: BLE001 - asyncssh/OS errors; one host's failure stays its own
@@ -489,8 +670,12 @@ async def _fleet(specs: list[HostSpec], work, *, concurrency: int, host_timeout:
 
 def _require_asyncssh() -> None:
     """Before any host is read or contacted: the SSH client is an optional dependency (edgeres[deploy])."""
+    import warnings
+
     try:
-        import asyncssh  # noqa: F401
+        with warnings.catch_warnings():   # asyncssh still names DSA: 5 deprecation warnings on every command
+            warnings.filterwarnings("ignore", message="DSA is deprecated")
+            import asyncssh  # noqa: F401
     except ImportError:
         raise BackendUnavailable("deploying over SSH needs asyncssh: pip install 'edgeres[deploy]' (nothing was "
                                  "sent to any device)") from None
@@ -515,7 +700,8 @@ def _options(ssh: dict[str, Any]) -> SSHOptions:
                       trusted_keys=_remote_path(ssh.get("trusted_keys", TRUSTED_KEYS)),
                       units_dir=_remote_path(ssh.get("units_dir", UNITS_DIR)), sudo=ssh.get("sudo", False),
                       remote_python=python, connect_timeout=ssh.get("connect_timeout", 30.0),
-                      retries=ssh.get("retries", 2))
+                      retries=ssh.get("retries", 2),
+                      journal=Path(ssh["journal"]).expanduser() if ssh.get("journal") else default_path())
 
 
 def _remote_path(p: str) -> str:
@@ -540,12 +726,57 @@ def _specs(hosts: list[str], opts: SSHOptions, on_done) -> tuple[list[HostSpec],
     return specs, dups, resolved
 
 
+class _DroppedConnectionNoise(logging.Filter):
+    """asyncio logs "socket.send() raised exception." for every write to a connection already lost (19 lines for one
+    dropped device): the host's own failure line says it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("socket.send() raised exception")
+
+
+def _run_quietly(coro):
+    noise = _DroppedConnectionNoise()
+    logging.getLogger("asyncio").addFilter(noise)
+    try:
+        return asyncio.run(coro)
+    finally:
+        logging.getLogger("asyncio").removeFilter(noise)
+
+
+def _earlier(journal: Journal, opts: SSHOptions, resolved: dict[str, str]) -> dict[str, dict]:
+    """host label -> the activation this controller left unknown on that device, if any."""
+    entries = journal.read()
+    return {label: entries[k] for label, addr in resolved.items()
+            if (k := journal_key(addr, label, opts.remote_root)) in entries}
+
+
+def _settle_journal(journal: Journal, opts: SSHOptions, results: list[HostResult]) -> None:
+    """Unknown activations recorded; those the device has now told about (res.earlier) forgotten."""
+    def k(r: HostResult) -> str:
+        return journal_key(r.resolved, r.host, opts.remote_root)
+    journal.update({k(r): {"host": r.host, "release": r.release, "attempt": r.attempt}
+                    for r in results if r.activation == "unknown"},
+                   {k(r) for r in results if r.earlier is not None and r.activation != "unknown"})
+
+
+def health_args(command: str | None, timeout: float | None) -> tuple[str, ...]:
+    """The device's activate flags for a health check given at deploy time (else the bundle's is used)."""
+    if command is not None:
+        check_health_command(command)
+    if timeout is not None:
+        timeout = seconds(timeout, "--health-timeout", 1.0, MAX_HOST_TIMEOUT_S)
+    return (*(["--health-check", command] if command else []),
+            *(["--health-timeout", f"{timeout:g}"] if timeout is not None else []))
+
+
 def deploy(bundle_dir: str | Path, hosts: list[str], *, concurrency: int = 16, canary: int = 0,
            max_failures: int | None = None, host_timeout: float = 3600.0, precision: str = "int8",
            iterations: int = 200, require_backend: str | None = None, keep: int = 3,
-           on_done: Callable[[HostResult], None] | None = None, **ssh: Any) -> list[HostResult]:
-    """Deploy, verify and activate on every host; one HostResult per host given (merged duplicates included),
-    distinct hosts first, in the order given."""
+           health_check: str | None = None, health_timeout: float | None = None,
+           on_done: Callable[[HostResult], None] | None = None,
+           on_progress: Callable[[HostResult, dict], None] | None = None, **ssh: Any) -> list[HostResult]:
+    """Deploy, verify, activate and check on every host; one HostResult per host given (merged duplicates
+    included), distinct hosts first, in the order given."""
     if concurrency < 1:
         raise ConfigError("concurrency must be >= 1")
     if precision not in ("int8", "fp16", "fp32"):
@@ -554,25 +785,22 @@ def deploy(bundle_dir: str | Path, hosts: list[str], *, concurrency: int = 16, c
         raise ConfigError("--canary and --max-failures must be >= 0")
     if keep < 1:
         raise ConfigError("--keep must be >= 1 (the running release stays)")
+    health = health_args(health_check, health_timeout)
     opts = _options(ssh)
     runtime_args = ["--precision", precision, "--iterations", str(iterations), "--quiet"]
     if require_backend:
         runtime_args += ["--require-backend", require_backend]
     with opened_bundle(bundle_dir) as bundle:
         manifest = verify_bundle(bundle)   # a bundle altered on this side is refused before any copy
-        job = deploy_job(bundle, manifest, runtime_args, keep)
+        job = deploy_job(bundle, manifest, runtime_args, keep, health)
         specs, dups, resolved = _specs(hosts, opts, on_done)
-        claimed: dict[str, str] = {}
-
-        def claim(identity: str, res: HostResult) -> str | None:
-            """None for the first host of a device; the first host's name for any later one."""
-            owner = claimed.setdefault(identity, res.host)
-            return None if owner == res.host else owner
-
-        stop = _Interrupt()
+        journal = Journal(opts.journal)
+        earlier = _earlier(journal, opts, resolved)
+        devices, stop = _Devices(), _Interrupt()
 
         async def work(spec: HostSpec, res: HostResult, deadline: float) -> None:
-            await _deploy_host(spec, job, opts, res, deadline=deadline, claim=claim, stop=stop)
+            await _deploy_host(spec, job, opts, res, deadline=deadline, devices=devices, stop=stop,
+                               earlier=earlier.get(spec.label), on_progress=on_progress)
 
         async def main() -> list[HostResult]:
             stop.install()
@@ -580,36 +808,46 @@ def deploy(bundle_dir: str | Path, hosts: list[str], *, concurrency: int = 16, c
                                 max_failures=max_failures, on_done=on_done, resolved=resolved)
 
         try:
-            out = asyncio.run(main())
+            out = _run_quietly(main())
         except asyncio.CancelledError:
             if stop.fired:
                 raise KeyboardInterrupt from None
             raise
+        _settle_journal(journal, opts, out)
         if stop.fired:   # every host ended on its own before the interrupt was seen: still an interrupted run
             raise KeyboardInterrupt
         return out + dups
 
 
-def _on_each(hosts: list[str], action: str, *, concurrency: int, host_timeout: float,
+def _on_each(hosts: list[str], action: str, *extra: str, concurrency: int, host_timeout: float,
              on_done: Callable[[HostResult], None] | None = None, **ssh: Any) -> list[HostResult]:
-    """releases.py ACTION (status, rollback) on every host."""
+    """releases.py ACTION (status, rollback) on every host; status also reads back an activation this controller
+    left unknown there."""
     opts = _options(ssh)
     specs, dups, resolved = _specs(hosts, opts, on_done)
+    journal = Journal(opts.journal)
+    earlier = _earlier(journal, opts, resolved) if action == "status" else {}
 
     async def work(spec: HostSpec, res: HostResult, deadline: float) -> None:
         conn = await _connect(spec, opts, res)
+        mine = earlier.get(spec.label)
         async with conn:
             res.stage = action
-            status, out = await _releases(conn, opts, action, timeout=host_timeout)
+            status, out = await _releases(conn, opts, action, *extra,
+                                          *(["--attempt", mine["attempt"]] if mine else []), timeout=host_timeout)
         res.exit_status, res.result = status, out
+        if mine:
+            res.earlier = {**mine, "device": out.get("activation")}
         res.ok = status == 0
         res.release = out.get("current")
         res.stage = "done" if res.ok else action
         if not res.ok:
             res.message = out.get("error") or f"exit {status}"
 
-    return asyncio.run(_fleet(specs, work, concurrency=concurrency, host_timeout=host_timeout, on_done=on_done,
-                              resolved=resolved)) + dups
+    out = _run_quietly(_fleet(specs, work, concurrency=concurrency, host_timeout=host_timeout, on_done=on_done,
+                              resolved=resolved))
+    _settle_journal(journal, opts, out)
+    return out + dups
 
 
 def status(hosts: list[str], *, concurrency: int = 16, host_timeout: float = 60.0, **ssh: Any) -> list[HostResult]:
@@ -617,6 +855,9 @@ def status(hosts: list[str], *, concurrency: int = 16, host_timeout: float = 60.
     return _on_each(hosts, "status", concurrency=concurrency, host_timeout=host_timeout, **ssh)
 
 
-def rollback(hosts: list[str], *, concurrency: int = 16, host_timeout: float = 120.0, **ssh: Any) -> list[HostResult]:
-    """Switch every device back to its previous release (and that release's last passed result)."""
-    return _on_each(hosts, "rollback", concurrency=concurrency, host_timeout=host_timeout, **ssh)
+def rollback(hosts: list[str], *, to: str | None = None, concurrency: int = 16, host_timeout: float = 120.0,
+             **ssh: Any) -> list[HostResult]:
+    """Switch every device back to its previous release, or to the kept release TO (and that release's last passed
+    result)."""
+    return _on_each(hosts, "rollback", *(["--to", to] if to else []), concurrency=concurrency,
+                    host_timeout=host_timeout, **ssh)
