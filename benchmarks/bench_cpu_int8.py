@@ -1,6 +1,6 @@
-"""The CPU INT8 target, side by side in one run: resnet18 at 224 px, 10 classes, 2 threads, batch 1 and 8.
+"""The CPU INT8 target, side by side in one run: resnet18 at 224 px (or --size), 10 classes, 2 threads, batch 1 and 8.
 
-    .venv/bin/python benchmarks/bench_cpu_int8.py --out DIR [--quick] [--weights CKPT]
+    .venv/bin/python benchmarks/bench_cpu_int8.py --out DIR [--quick] [--weights CKPT] [--size 128]
 
 Artifacts (all from the same BN-folded FP32 model and the same calibration images):
 - ONNX Runtime FP32 (`model_fp32.onnx`);
@@ -16,7 +16,7 @@ Latency: interleaved rounds (every artifact once per round, in turn), the median
 file sizes, PTQ wall time (edgeres default method vs NNCF-OpenVINO vs ORT quantize_static, same images), the
 physical floor (1.82 G MACs at this CPU's measured FP32 and INT8 arithmetic peaks, benchmarks/peak.c), and top-1 on
 imagenette-mini val when ../shared/data is present (meaningful only with --weights: a trained checkpoint).
-Writes DIR/cpu_int8.json and DIR/cpu_int8.md.
+Writes DIR/cpu_int8.json and DIR/cpu_int8.md (cpu_int8_SIZE.* for another --size).
 """
 from __future__ import annotations
 
@@ -37,21 +37,22 @@ MACS = 1.8136e9   # resnet18 at 224, 10 classes: conv + fc multiply-accumulates,
 THREADS = 2
 
 
-def calibration_images(n: int, seed: int = 0):
-    """n preprocessed 224 px images (imagenette-mini train when present, else Gaussian noise: said in the result)."""
+def calibration_images(n: int, seed: int = 0, size: int = 224):
+    """n preprocessed images at `size` px (imagenette-mini train when present, else Gaussian noise: said in the
+    result)."""
     import numpy as np
 
     if SHARED.is_dir():
         from edgeres.data import get_data
         from edgeres.quantize import calibration_indices
 
-        data = get_data(dataset="imagefolder", data_dir=str(SHARED), input_size=224, workers=0)
+        data = get_data(dataset="imagefolder", data_dir=str(SHARED), input_size=size, workers=0)
         idx = calibration_indices(len(data.calib), min(n, len(data.calib)), seed=seed)
         x = np.stack([np.asarray(data.calib[i][0], dtype=np.float32) for i in idx])
         val = data.test
         return x, "imagenette-mini train", val
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, 3, 224, 224)).astype(np.float32), "Gaussian noise (no ../shared/data)", None
+    return rng.standard_normal((n, 3, size, size)).astype(np.float32), "Gaussian noise (no ../shared/data)", None
 
 
 def measured_peaks(tmp: Path) -> dict:
@@ -77,28 +78,36 @@ def measured_peaks(tmp: Path) -> dict:
     return {"fp32": peaks["fp32_gmacs"], "int8": peaks["int8_gmacs"], "int8_add16": peaks["int8_add16_gmacs"]}
 
 
-def floor_ms(peaks: dict) -> dict:
-    """MACS at each measured peak, in ms: no implementation on this CPU can be faster."""
+def floor_ms(peaks: dict, size: int = 224) -> dict:
+    """The model's MACs at each measured peak, in ms: no implementation on this CPU can be faster. The conv MACs
+    scale with the output area, (size / 224)^2 at every stage; the classifier's 5,120 do not."""
     if "error" in peaks:
         return {"error": peaks["error"]}
-    return {"fp32_ms": round(MACS / peaks["fp32"] / 1e6, 2), "int8_ms": round(MACS / peaks["int8"] / 1e6, 2),
-            "int8_add16_ms": round(MACS / peaks["int8_add16"] / 1e6, 2),
+    macs = (MACS - 5120) * (size / 224) ** 2 + 5120
+    return {"fp32_ms": round(macs / peaks["fp32"] / 1e6, 2), "int8_ms": round(macs / peaks["int8"] / 1e6, 2),
+            "int8_add16_ms": round(macs / peaks["int8_add16"] / 1e6, 2),
             "fp32_peak_gmacs": peaks["fp32"], "int8_peak_gmacs": peaks["int8"],
             "int8_add16_peak_gmacs": peaks["int8_add16"]}
 
 
-def interleaved(runners: dict, batches=(1, 8), rounds: int = 15, per_round: dict | None = None) -> dict:
+def interleaved(runners: dict, batches=(1, 8), rounds: int = 15, per_round: dict | None = None,
+                size: int = 224) -> dict:
+    """Every runner once per round, in turn; the turn order rotates from round to round (no artifact always runs
+    right after ONNX Runtime, whose threads spin on after a call) and each turn starts with one untimed call."""
     import numpy as np
 
     per_round = per_round or {1: 10, 8: 3}
-    x = {b: np.random.default_rng(b).standard_normal((b, 3, 224, 224)).astype(np.float32) for b in batches}
+    x = {b: np.random.default_rng(b).standard_normal((b, 3, size, size)).astype(np.float32) for b in batches}
     for r in runners.values():
         for b in batches:
             r.infer(x[b])
+    names = list(runners)
     med: dict = {name: {b: [] for b in batches} for name in runners}
-    for _ in range(rounds):
+    for k in range(rounds):
         for b in batches:
-            for name, r in runners.items():
+            for name in names[k % len(names):] + names[:k % len(names)]:
+                r = runners[name]
+                r.infer(x[b])
                 times = []
                 for _ in range(per_round[b]):
                     t0 = time.perf_counter()
@@ -127,7 +136,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="bench-results")
     ap.add_argument("--quick", action="store_true", help="64 calibration images, 5 rounds")
-    ap.add_argument("--weights", default=None, help="a trained resnet18 checkpoint (10 classes, 224 px)")
+    ap.add_argument("--weights", default=None, help="a trained resnet18 checkpoint (10 classes)")
+    ap.add_argument("--size", type=int, default=224, help="input side in px (the issue's bar: 128 and 224)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,10 +168,10 @@ def main() -> int:
     else:
         model = create_model("resnet18", num_classes=10, in_channels=3)
     model.eval()
-    meta = ModelMeta(arch="resnet18", num_classes=10, in_channels=3, input_size=224, mean=(0.485, 0.456, 0.406),
+    meta = ModelMeta(arch="resnet18", num_classes=10, in_channels=3, input_size=args.size, mean=(0.485, 0.456, 0.406),
                      std=(0.229, 0.224, 0.225), class_names=tuple(str(i) for i in range(10)))
     folded = fold_batchnorm(model).model
-    x, source, val = calibration_images(n_calib)
+    x, source, val = calibration_images(n_calib, size=args.size)
     print(f"calibration: {len(x)} images from {source}", flush=True)
     fp32_onnx = export_onnx(folded, tmp / "model_fp32.onnx", meta=meta, int8=False)
 
@@ -211,8 +221,8 @@ def main() -> int:
         "OpenVINO, NNCF-native INT8": OpenVinoRunner(tmp / "nncf_ov.xml", threads=THREADS),
     }
     print("timing ...", flush=True)
-    lat = interleaved(runners, rounds=rounds)
-    floor = floor_ms(measured_peaks(tmp))
+    lat = interleaved(runners, rounds=rounds, size=args.size)
+    floor = floor_ms(measured_peaks(tmp), args.size)
     ref_ov, ref_ort = lat["OpenVINO, NNCF-native INT8"], lat["ORT FP32 (model_fp32.onnx)"]
     kernels = {}
     for name, r in runners.items():
@@ -247,7 +257,8 @@ def main() -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": THREADS,
                     "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
                     "openvino": ov.get_version(), "nncf": nncf.__version__},
-        "model": "resnet18, 10 classes, 224 px" + (f", weights {args.weights}" if args.weights else ", random init"),
+        "model": f"resnet18, 10 classes, {args.size} px"
+                 + (f", weights {args.weights}" if args.weights else ", random init"),
         "calibration": {"images": len(x), "source": source},
         "ptq_s": {"edgeres (default method) fold->PTQ": round(t_edgeres, 1), "NNCF OpenVINO": round(t_nncf_ov, 1),
                   "ORT quantize_static": round(t_ort_qs, 1),
@@ -257,7 +268,8 @@ def main() -> int:
         "sizes_bytes": sizes, "int8_onnx_vs_fp32_size": round(sizes["model_int8.onnx"] / sizes["model_fp32.onnx"], 3),
         "floor": floor, "rows": rows, "rounds": rounds,
     }
-    (out / "cpu_int8.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = "cpu_int8" if args.size == 224 else f"cpu_int8_{args.size}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = ["| artifact / runtime | INT8 kernels | b1 ms | b1 vs ORT FP32 | b1 vs OV-NNCF | b8 ms | b8 vs ORT FP32 | "
           "b8 vs OV-NNCF | b1 / b8 vs INT8 floor | b1 / b8 vs FP32 floor | top-1 |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -276,7 +288,7 @@ def main() -> int:
                   f"bound {floor['int8_add16_ms']} ms ({floor['int8_add16_peak_gmacs']} G MAC/s); "
                   f"INT8 floor / ORT FP32 b1 {round(floor['int8_ms'] / ref_ort[1], 3)}")
     md.append(f"PTQ s: {result['ptq_s']}; INT8 ONNX / FP32 size {result['int8_onnx_vs_fp32_size']}")
-    (out / "cpu_int8.md").write_text("\n".join(md) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

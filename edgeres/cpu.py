@@ -6,7 +6,7 @@ INT8 activations, no Q after the convs that feed residual adds), so it runs it i
 weight on every call — slower than FP32 (benchmarks/RESULTS.md). Three ways, measured side by side there
 (recipe `export.cpu_int8`):
 - "qat" (default): the final INT8 model itself - the INT8 ONNX TensorRT builds, QAT included - with its post-ReLU
-  activation quantizers re-expressed as unsigned INT8 at the same scales (`unsigned_after_relu`: the same quantized
+  activation quantizers re-expressed as unsigned INT8 at the same scales (`unsigned_non_negative`: the same quantized
   values, in the form CPUs' u8 x s8 kernels take). It makes the Jetson model's decisions at 1.0-1.16x OpenVINO's
   own PTQ latency (resnet18: 1.005x at batch 8, 1.16x at batch 1, 224 px);
 - "qdq": the INT8 ONNX converted as it is (signed activations): the same decisions, 1.15-1.25x slower;
@@ -45,30 +45,62 @@ def openvino_status() -> tuple[bool, str]:
     return True, ov.get_version()
 
 
-def unsigned_after_relu(model) -> int:
-    """Re-express, in an ONNX ModelProto (edited in place), every activation quantizer that follows a Relu as
-    unsigned INT8 with the same scale and zero-point 0: the values are >= 0, so each keeps its quantized value (only
-    a value past the signed range's 127 steps, which the signed quantizer clipped, now reaches up to 255 steps).
-    TensorRT needs signed activations; CPUs' INT8 kernels (VNNI: u8 x s8) want unsigned ones, so this is the same
-    model in the CPU's preferred form. Returns how many quantizers changed."""
+# ops whose output is >= 0 when their (first) input is: pooling and reshaping, and a Q/DQ with zero-point 0
+_SIGN_KEEPING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape", "Squeeze",
+                 "Unsqueeze", "Transpose", "Identity", "QuantizeLinear", "DequantizeLinear"}
+
+
+def unsigned_non_negative(model) -> int:
+    """Re-express, in an ONNX ModelProto (edited in place), every activation quantizer whose input cannot be
+    negative - a Relu's output, or a max/average pool or reshape of one, through Q/DQ pairs with zero-point 0 (the
+    residual input after the stem's MaxPool, the classifier's input after global average pooling) - as unsigned
+    INT8 with the same scale and zero-point 0: the values are >= 0, so each keeps its quantized value (only a value
+    past the signed range's 127 steps, which the signed quantizer clipped, now reaches up to 255 steps). TensorRT
+    needs signed activations; CPUs' INT8 kernels (VNNI: u8 x s8) want unsigned ones, so this is the same model in
+    the CPU's preferred form, and OpenVINO fuses it as it fuses its own PTQ. Returns how many quantizers changed."""
     import numpy as np
     from onnx import numpy_helper
 
     graph = model.graph
     made_by = {out: node for node in graph.node for out in node.output}
+    known: dict[str, bool] = {}
+
+    def non_negative(name: str) -> bool:
+        if name not in known:
+            node = made_by.get(name)
+            known[name] = node is not None and (
+                node.op_type == "Relu" or (node.op_type in _SIGN_KEEPING and bool(node.input)
+                                           and _zero_point_zero(node, graph) and non_negative(node.input[0])))
+        return known[name]
+
     zero = "edgeres_uint8_zero_point"
+    chosen = [node for node in graph.node   # decided on the graph as it is, before any edit
+              if node.op_type == "QuantizeLinear" and len(node.input) == 3 and non_negative(node.input[0])]
     changed = set()
-    for node in graph.node:
-        src = made_by.get(node.input[0]) if node.input else None
-        if node.op_type == "QuantizeLinear" and src is not None and src.op_type == "Relu" and len(node.input) == 3:
-            node.input[2] = zero
-            changed.add(node.output[0])
+    for node in chosen:
+        node.input[2] = zero
+        changed.add(node.output[0])
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in changed:
             node.input[2] = zero
     if changed:
         graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.uint8), name=zero))
     return len(changed)
+
+
+def _zero_point_zero(node, graph) -> bool:
+    """A Q/DQ node's zero-point is 0 (absent counts as 0; an initializer or a Constant node's value); any other
+    node: True."""
+    if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3 or not node.input[2]:
+        return True
+    from onnx import numpy_helper
+
+    name = node.input[2]
+    tensor = next((i for i in graph.initializer if i.name == name), None)
+    if tensor is None:
+        const = next((n for n in graph.node if n.op_type == "Constant" and name in n.output), None)
+        tensor = next((a.t for a in const.attribute if a.name == "value"), None) if const is not None else None
+    return tensor is not None and not numpy_helper.to_array(tensor).any()
 
 
 def export_openvino(onnx_path: str | Path, xml_path: str | Path, *, calibration=None,
@@ -104,7 +136,7 @@ def _export_openvino(ov, onnx_path: Path, xml_path: Path, tmp: Path, props: dict
         import onnx
 
         edited = onnx.load(str(onnx_path))
-        unsigned = unsigned_after_relu(edited)
+        unsigned = unsigned_non_negative(edited)
         source = tmp / "unsigned.onnx"
         onnx.save(edited, str(source))
         method = "the INT8 ONNX, post-ReLU activations unsigned"

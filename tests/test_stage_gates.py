@@ -141,27 +141,41 @@ def test_the_two_int8_artifacts_gate_decides_from_its_interval(agree, limit, out
 
 
 def test_the_cpu_artifact_is_the_jetson_model_with_unsigned_activations(reference, tmp_path):
-    """Issue 38: the default CPU artifact is the INT8 ONNX itself, its post-ReLU activation quantizers re-expressed
-    as unsigned INT8 at the same scales: every such quantizer changed, and the model computes what the INT8 ONNX
-    computes (ONNX Runtime, both forms, on the probe images)."""
+    """Issue 38: the default CPU artifact is the INT8 ONNX itself, every activation quantizer whose input cannot be
+    negative (after a Relu, and after a pool of one: the stem's MaxPool feeding a residual add, the global average
+    pool feeding the classifier) re-expressed as unsigned INT8 at the same scales. Judged by the values: every
+    quantizer made unsigned saw no negative input on the probe images and every one left signed saw one, and the
+    model computes what the INT8 ONNX computes (ONNX Runtime, both forms)."""
     import numpy as np
     import onnx
     import onnxruntime as ort
 
-    from edgeres.cpu import unsigned_after_relu
+    from edgeres.cpu import unsigned_non_negative
 
     src = reference / "export" / "model_int8.onnx"
     model = onnx.load(str(src))
-    made_by = {o: n for n in model.graph.node for o in n.output}
-    after_relu = [n for n in model.graph.node if n.op_type == "QuantizeLinear"
-                  and made_by.get(n.input[0]) is not None and made_by[n.input[0]].op_type == "Relu"]
-    assert unsigned_after_relu(model) == len(after_relu) > 0
-    zp = {i.name: i for i in model.graph.initializer}[after_relu[0].input[2]]
-    assert zp.data_type == onnx.TensorProto.UINT8
+    x = np.load(reference / "probe.npz")["x"]
+    quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) == 3]
+    probed = onnx.load(str(src))   # every quantizer's input as an extra output
+    probed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(q.input[0]) for q in quantizers)
+    sess = ort.InferenceSession(probed.SerializeToString(), providers=["CPUExecutionProvider"])
+    seen = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: x})))
+    negative = {q.name: bool((seen[q.input[0]] < 0).any()) for q in quantizers}
+
+    changed = unsigned_non_negative(model)
+    uint8 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.UINT8}
+    unsigned = {q.name for q in model.graph.node if q.op_type == "QuantizeLinear" and len(q.input) == 3
+                and q.input[2] in uint8}
+    assert changed == len(unsigned) > 0
+    assert not any(negative[q] for q in unsigned)                      # never a quantizer that sees negatives
+    missed = [q for q in negative if q not in unsigned and not negative[q]]
+    assert not missed, missed                                           # none left signed that could be unsigned
+    kinds = {model.graph.node[[n.output[0] for n in model.graph.node].index(q.input[0])].op_type
+             for q in model.graph.node if q.name in unsigned}
+    assert {"Relu", "GlobalAveragePool"} <= kinds, kinds
     onnx.checker.check_model(model)
     edited = tmp_path / "unsigned.onnx"
     onnx.save(model, str(edited))
-    x = np.load(reference / "probe.npz")["x"]
 
     def logits(path):
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -172,4 +186,4 @@ def test_the_cpu_artifact_is_the_jetson_model_with_unsigned_activations(referenc
     assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()   # the same values, but for ones the signed form clipped
     rec = next(r for r in read_records(reference) if r.stage == "export_cpu")
     assert rec.metrics["method"] == "the INT8 ONNX, post-ReLU activations unsigned"
-    assert rec.metrics["unsigned_activations"] == len(after_relu)
+    assert rec.metrics["unsigned_activations"] == changed
