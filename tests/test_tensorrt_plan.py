@@ -112,7 +112,7 @@ def test_readme_dla_statements_come_from_the_table():
 
     readme = (REPO / "README.md").read_text()
     block = readme[readme.index(BEGIN):readme.index(END) + len(END)]
-    assert block == section_text(), "README's TensorRT table differs from versions.py: python -m edgeres.tensorrt.readme"
+    assert block == section_text(), "README's TensorRT table is stale: python -m edgeres.tensorrt.readme"
     section = " ".join(readme[readme.index("## TensorRT engines"):readme.index("## Deploy to Jetson")].split())
     for key, label in ((k, v[2]) for k, v in TARGETS.items()):
         assert label in section, f"README does not name the {key} target as the plan does: {label}"

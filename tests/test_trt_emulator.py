@@ -24,7 +24,7 @@ from edgeres.tensorrt.versions import capabilities
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.trt_emulator
-JETSON = {"8.5.2", "8.6", "10.3"}          # JetPack's TensorRT versions: a device with 2 DLA cores (Orin)
+JETSON = {"8.5.2", "8.6", "10.3", "11.4.1"}   # JetPack's TensorRT versions: a Jetson AGX Orin (2 DLA cores)
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +63,11 @@ def expected_refusal(version: str, backend: str, precision: str, unit: str) -> s
     """What must be refused (a fragment of the one line), from the published facts: no DLA after 10.7 until 11.4.1
     (so none on 10.16 and 11.0); DLA runs FP16/INT8 only; 11.x is strongly typed."""
     if unit == "dla":
-        if version in ("10.16", "11.0"):   # DLA: 8.5 .. 10.7 and 11.4.1+ (NVIDIA, Working with DLA 11.4.1)
+        if version in ("10.16", "11.0"):   # DLA: 8.5 .. 10.7 and 11.4.1 (NVIDIA, Working with DLA 11.4.1 / 11.5.0)
             return "no DLA support"
         if precision == "fp32":
             return "DLA runs FP16 or INT8 only"
-    if version == "11.0" and precision == "fp16":
+    if version in ("11.0", "11.4.1") and precision == "fp16":
         return "strongly typed"
     return None
 
@@ -116,8 +116,10 @@ def test_bundle_on_emulated_device(bundle, tmp_path, version, backend, precision
 
 
 def dev_version(folder: str) -> str:
-    from trt_emulator.emulator import API
+    from trt_emulator.emulator import API, SURFACE
 
+    if folder in SURFACE:   # emulated under its own version number
+        return folder
     about = json.loads((API / folder / "python_api.json").read_text())["_about"]
     return about["tensorrt_version_from_NvInferVersion_h"]
 
@@ -155,13 +157,18 @@ def test_trtexec_85_accepts_only_its_own_options(tmp_path):
 
 
 def test_int8_is_the_same_build_on_both_paths(bundle):
-    """Symptom 2b: trtexec built int8 as --int8 --fp16 and the Python path as plain int8; one plan now."""
+    """Symptom 2b: trtexec built int8 as --int8 --fp16 and the Python path as plain int8; one plan now. Issue 36: the
+    Q/DQ ONNX is strongly typed with no precision flag wherever TensorRT has strong typing (10.x, 11.x)."""
     m = json.loads((bundle / "manifest.json").read_text())
     for e in m["tensorrt_plan"]["entries"]:
-        weak = capabilities(TARGETS[e["target"]][0]).weak_typing   # 11.x: no precision flags at all
-        if e["precision"] == "int8" and not e["refused"] and weak and e["device"] == "gpu":
-            assert "--int8" in e["trtexec"] and "--fp16" not in e["trtexec"] and "--best" not in e["trtexec"]
+        caps = capabilities(TARGETS[e["target"]][0])
+        if e["precision"] == "int8" and not e["refused"] and e["device"] == "gpu":
+            assert "--int8" not in e["trtexec"] or not caps.strongly_typed, e["target"]
+            assert ("--stronglyTyped" in e["trtexec"]) == (caps.strongly_typed and not caps.always_strongly_typed)
+            assert ("--int8" in e["trtexec"]) == (not caps.strongly_typed)
+            assert "--fp16" not in e["trtexec"] and "--best" not in e["trtexec"]
             assert e["engine_build"]["precision"] == "int8"
+            assert e["engine_build"]["strongly_typed"] is caps.strongly_typed
 
 
 def test_dla_int8_allows_fp16_for_tensors_the_parser_names(bundle, tmp_path):
@@ -469,3 +476,189 @@ def test_compile_stage_gates_the_engine_it_built(bundle, tmp_path):
     assert rec["extra_artifacts"]["rejected"] == str(rejected)
     assert "top-1 drop vs FP32" in rec["message"] and "above the limit of" in rec["message"]
     assert not list((run / "engine").glob(".unverified*"))
+
+
+# ---------------------------------------------------------------------------------------------- issue 36
+def _head(engine: Path) -> dict:
+    return json.loads(engine.read_bytes().split(b"\n", 2)[1])
+
+
+def test_emulator_and_edgeres_never_import_each_other():
+    """The emulator is an adversary: its DLA table, placement and platform rules are its own reading of NVIDIA's pages.
+    A test fails if tests/trt_emulator imports edgeres or edgeres/tensorrt imports the emulator."""
+    for folder, banned in ((REPO / "tests" / "trt_emulator", "edgeres"), (REPO / "edgeres", "trt_emulator")):
+        for path in folder.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                assert not any(n == banned or n.startswith(banned + ".") for n in names), (path, names)
+    from trt_emulator import emulator
+
+    text = (REPO / "tests" / "trt_emulator" / "emulator.py").read_text()
+    assert "ASSUMPTION" in text and "ASSUMPTION" in (REPO / "edgeres" / "tensorrt" / "versions.py").read_text()
+    assert emulator._DLA_TABLE and "11.4.1" in emulator.VERSIONS
+
+
+@pytest.mark.parametrize("version,jetson,ok", [("10.3", "orin", True), ("10.16", "orin", False),
+                                               ("11.0", "orin", False), ("11.4.1", "orin", True),
+                                               ("11.4.1", "orin-nx", False), ("10.3", "orin-nano", False),
+                                               ("8.5.2", "xavier", True), ("8.6", "xavier", False)])
+def test_emulator_has_dla_only_where_its_own_table_says(tmp_path, version, jetson, ok):
+    """The emulator's builder refuses DLA where NVIDIA ships none (10.8 .. 11.4.0, 11.4.1 off AGX Orin, Orin Nano,
+    Xavier on JetPack 6) even when asked directly: edgeres's plan must refuse first, never lean on it."""
+    from test_tensorrt_trtexec import tiny_onnx
+
+    onnx = tiny_onnx(tmp_path / "m.onnx", batch=2)
+    code = f"""
+import sys
+sys.path[:0] = [{str(REPO / "tests")!r}, {str(REPO / "edgeres" / "tensorrt")!r}]
+import engine_build, tensorrt
+try:
+    engine_build.build_engine({str(onnx)!r}, {str(tmp_path / "e.plan")!r}, precision="fp32" if
+                              engine_build._version_tuple(tensorrt.__version__)[0] >= 11 else "fp16", dla_core=0,
+                              gpu_fallback=True, device={{"device": "emu"}})
+    print("built")
+except engine_build.BuildError as e:
+    print("refused")
+"""
+    dev = EmulatedDevice(tmp_path / "dev", version=version, jetson=jetson)
+    p = subprocess.run([sys.executable, "-c", code], env=dev.env(), capture_output=True, text=True)
+    assert p.stdout.split()[-1:] == (["built"] if ok else ["refused"]), p.stdout + p.stderr[-800:]
+
+
+def test_device_refuses_dla_off_agx_orin_and_later_11x_on_jetson(bundle, tmp_path):
+    """Done when: DLA refused on 10.8 .. 11.4.0 and 11.5+ (plan lookup) and on a non-AGX Orin with 11.4.1 (the
+    device's own model, emulated OS), one line, exit 2, nothing built; 11.4.1 DLA INT8 on an AGX Orin builds."""
+    from edgeres.deploy import device_runtime as rt
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    for version in ("10.8.0", "10.16.0", "11.0.0", "11.4.0", "11.5.0", "11.6.2"):
+        with pytest.raises(rt.BundleError, match="no DLA support"):
+            rt.plan_entry(m, version, "int8", "dla")
+    assert rt.plan_entry(m, "11.5.0", "fp32", "gpu")["platforms"] == ["desktop"]
+    nx = EmulatedDevice(tmp_path / "nx", version="11.4.1", jetson="orin-nx", trtexec=False)
+    code, result, stderr = run_device(nx, bundle, tmp_path / "r.json", "--dla-core", "0", "--cache-dir",
+                                      str(tmp_path / "e1"))
+    assert code == 2 and "Jetson AGX Orin only" in result["error"] and "Orin NX" in result["error"], result
+    assert "\n" not in result["error"] and "Traceback" not in stderr
+    assert not list((tmp_path / "e1").rglob("*.plan"))
+    old = EmulatedDevice(tmp_path / "jp6", version="11.4.1", jetson="orin", trtexec=False,
+                         l4t="# R36 (release), REVISION: 4.0, GCID: 0, BOARD: generic, EABI: aarch64")
+    code, result, _ = run_device(old, bundle, tmp_path / "r.json", "--dla-core", "0", "--cache-dir",
+                                 str(tmp_path / "e2"))
+    assert code == 2 and "needs JetPack 7.2.2 or later" in result["error"], result
+    agx = EmulatedDevice(tmp_path / "agx", version="11.4.1", jetson="orin", trtexec=False)
+    code, result, stderr = run_device(agx, bundle, tmp_path / "r.json", "--dla-core", "0", "--cache-dir",
+                                      str(tmp_path / "e3"))
+    assert code == 0 and result["runs_on"] == "dla" and result["plan"]["onnx"] == "model_int8.onnx", \
+        (result.get("error"), stderr[-1500:])
+    build = result["engine"]["build"]
+    assert build["strongly_typed"] and build["builder_flags"] == ["GPU_FALLBACK"]
+    assert build["dla_capability"]["method"].startswith("parser capability report")
+    assert sorted(build["dla_capability"]["gpu_layers"]) == sorted(g["node"] for g in
+                                                                   result["plan"]["gpu_fallback_layers"])
+
+
+def test_strongly_typed_10x_int8_script(bundle, tmp_path):
+    """Done when: the 10.x INT8 script is strongly typed (--stronglyTyped, no --int8/--fp16) and builds under 10.3's
+    trtexec into an engine with no precision flag; 8.6's keeps the weakly typed --int8 (no strong typing there)."""
+    run = RUN_OF[Path(bundle)]
+    text = (run / "tensorrt" / "trtexec-10.3-int8-gpu.sh").read_text()
+    assert "--stronglyTyped" in text and "--int8" not in text and "--fp16" not in text
+    assert "--explicitBatch" not in (run / "tensorrt" / "trtexec-8.6-int8-gpu.sh").read_text()
+    assert "--int8" in (run / "tensorrt" / "trtexec-8.6-int8-gpu.sh").read_text()
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    dev = device(tmp_path, "10.3", python_bindings=False)
+    p = subprocess.run(["sh", str(copy / "tensorrt" / "trtexec-10.3-int8-gpu.sh")], env=dev.env(),
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-1500:]
+    head = _head(copy / "tensorrt" / "model-int8-gpu.plan")
+    assert head["strongly_typed"] and head["explicit_quantization"] and "INT8" not in head["flags"]
+    assert head["config"]["builder_optimization_level"] == 3 and head["config"]["workspace"] == 1024 << 20
+
+
+@pytest.mark.parametrize("version,precision,unit", [("8.6", "int8", "gpu"), ("10.3", "int8", "dla"),
+                                                    ("10.3", "int8", "gpu"), ("11.4.1", "int8", "dla")])
+def test_both_device_paths_build_identical_configurations(bundle, tmp_path, version, precision, unit):
+    """Done when: the Python and trtexec paths of the device runtime build the same plan entry with the same builder
+    configuration (flags, workspace, typing, optimization level, timing cache, profile, device, DLA core), compared
+    on the configuration the emulated builder recorded in each engine, not on the argv."""
+    configs = []
+    for backend in ("tensorrt", "trtexec"):
+        dev = device(tmp_path / backend, version, python_bindings=backend == "tensorrt",
+                     trtexec=backend == "trtexec")
+        args = ["--precision", precision, "--backend", backend, "--cache-dir", str(tmp_path / backend / "e")]
+        code, result, stderr = run_device(dev, bundle, tmp_path / f"{backend}.json", *args,
+                                          *(["--dla-core", "1"] if unit == "dla" else []))
+        assert code == 0, (result.get("error"), stderr[-1500:])
+        configs.append(_head(Path(result["engine"]["path"]))["config"])
+        assert (Path(result["engine"]["path"]).parent / "timing.cache").is_file()
+    assert configs[0] == configs[1]
+    assert configs[0]["workspace"] == 1024 << 20 and configs[0]["timing_cache"] == "new"
+
+
+def test_jetson_sidecar_end_to_end(bundle, tmp_path):
+    """Done when: a build on an emulated Jetson AGX Orin records a Jetson sidecar (aarch64, Jetson, its module) from the
+    emulated device, not the machine running the test; edgeres refuses that engine on a desktop as the emulated
+    TensorRT does, accepts it on the Orin, and the device runtime rebuilds a cached engine whose sidecar is foreign."""
+    from edgeres.tensorrt.engine_build import sidecar_mismatch
+
+    orin = device(tmp_path, "10.3", trtexec=False)
+    code, result, stderr = run_device(orin, bundle, tmp_path / "r.json", "--precision", "fp16", "--cache-dir",
+                                      str(tmp_path / "e"))
+    assert code == 0, (result.get("error"), stderr[-1500:])
+    engine = Path(result["engine"]["path"])
+    side = json.loads(Path(f"{engine}.json").read_text())
+    assert side["is_jetson"] and side["machine"] == "aarch64" and "AGX Orin" in side["model"]
+    assert side["compute_capability"] == "8.7"
+    desktop = {"trt_version": side["trt_version"], "machine": "x86_64", "system": "Linux", "is_jetson": False,
+               "compute_capability": "8.7"}
+    assert "not portable across platforms" in sidecar_mismatch(side, desktop)
+    here = {"trt_version": side["trt_version"], "machine": "aarch64", "system": side["system"], "is_jetson": True,
+            "compute_capability": "8.7"}
+    assert sidecar_mismatch(side, here) is None
+    code = f"""
+import sys
+sys.path.insert(0, {str(REPO / "tests")!r})
+from trt_emulator.emulator import build_module
+trt = build_module("10.3")
+print(trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(open({str(engine)!r}, "rb").read()) is None)
+"""
+    desk = EmulatedDevice(tmp_path / "desk", version="10.3", compute_capability="8.7")
+    p = subprocess.run([sys.executable, "-c", code], env=desk.env(), capture_output=True, text=True)
+    assert p.stdout.strip() == "True", p.stderr[-800:]   # the emulated TensorRT refuses it on a desktop too
+    side["machine"] = "x86_64"   # a cache folder copied from elsewhere: rebuilt, not loaded
+    Path(f"{engine}.json").write_text(json.dumps(side))
+    code, result, stderr = run_device(orin, bundle, tmp_path / "r2.json", "--precision", "fp16", "--cache-dir",
+                                      str(tmp_path / "e"))
+    assert code == 0 and result["engine"]["cached"] is False, (result, stderr[-800:])
+
+
+def test_workspace_limits_and_timing_caches_are_not_ignored(tmp_path, monkeypatch):
+    """The emulator fails a build whose workspace is too small (both paths alike), and a timing cache from another
+    TensorRT version is refused by its builder: engine_build starts from an empty one and says so."""
+    from test_tensorrt_trtexec import tiny_onnx
+    from trt_emulator.emulator import build_module
+
+    from edgeres.tensorrt import engine_build
+
+    onnx = tiny_onnx(tmp_path / "m.onnx")
+    with pytest.raises(engine_build.BuildError, match="failed to build"):
+        engine_build.build_engine(onnx, tmp_path / "a.plan", trt=build_module("10.3"), batch=(1, 64, 512),
+                                  workspace_mb=1, device={"device": "emu"})
+    dev = EmulatedDevice(tmp_path / "dev", version="10.3", python_bindings=False)
+    p = subprocess.run(["trtexec", f"--onnx={onnx}", "--minShapes=input:1x3x16x16", "--optShapes=input:64x3x16x16",
+                        "--maxShapes=input:512x3x16x16", "--memPoolSize=workspace:1", "--skipInference"],
+                       env=dev.env(), capture_output=True, text=True)
+    assert p.returncode != 0 and "insufficient workspace" in p.stdout + p.stderr
+    cache = tmp_path / "t.cache"
+    info = engine_build.build_engine(onnx, tmp_path / "b.plan", trt=build_module("8.6"), timing_cache=cache,
+                                     device={"device": "emu"})
+    assert info["timing_cache_state"] == "new" and cache.is_file()
+    info = engine_build.build_engine(onnx, tmp_path / "c.plan", trt=build_module("8.6"), timing_cache=cache,
+                                     device={"device": "emu"})
+    assert info["timing_cache_state"] == "loaded"
+    info = engine_build.build_engine(onnx, tmp_path / "d.plan", trt=build_module("10.3"), timing_cache=cache,
+                                     device={"device": "emu"})
+    assert info["timing_cache_state"].startswith("replaced")

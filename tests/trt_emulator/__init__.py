@@ -55,8 +55,8 @@ from trt_emulator.emulator import build_module
 sys.modules[__name__] = build_module({version!r})
 '''
 
-SITECUSTOMIZE = '''"""EMULATED OS for an edgeres emulated device (tests/trt_emulator): Jetson files from the device's root folder,
-its CPU architecture from platform.machine(). Not the real machine."""
+SITECUSTOMIZE = '''"""EMULATED OS for an edgeres emulated device (tests/trt_emulator): Jetson files from the device's
+root folder, its CPU architecture from platform.machine(). Not the real machine."""
 import builtins
 import io
 import os

@@ -937,7 +937,8 @@ JETSONS = {"orin": ("8.7", 2, "NVIDIA Jetson AGX Orin Developer Kit"),
 # release notes, independently of edgeres/tensorrt/versions.py (a test fails if either imports the other):
 # (first, last TensorRT (major, minor, patch) inclusive, platform, the JETSONS keys that have DLA there)
 _DLA_TABLE = (
-    ((8, 5, 0), (8, 6, 99), "jetson", {"orin", "agx-orin", "orin-nx", "xavier"}),   # JetPack 5.1 / 6.0
+    ((8, 5, 0), (8, 5, 99), "jetson", {"orin", "agx-orin", "orin-nx", "xavier"}),   # JetPack 5.1: Xavier, Orin
+    ((8, 6, 0), (8, 6, 99), "jetson", {"orin", "agx-orin", "orin-nx"}),             # JetPack 6.0: Orin only
     ((10, 0, 0), (10, 7, 99), "jetson", {"orin", "agx-orin", "orin-nx"}),           # "10.7 the last 10.x with DLA"
     ((11, 4, 0), (11, 4, 0), "windows-arm", set()),                                  # Windows on ARM only
     ((11, 4, 1), (11, 4, 1), "jetson", {"orin", "agx-orin"}),                        # AGX Orin, JetPack 7.2.2+
