@@ -220,3 +220,60 @@ def wait_lock_free(state: Path, timeout: float = 30.0) -> float:
             raise TimeoutError(f"{state / 'lock'} still held after {timeout:g} s")
         time.sleep(0.1)
     return time.monotonic() - t0
+
+
+def held_python(folder: Path, *, hold_lock: Path | None = None, action: str = "activate") -> Path:
+    """A python3 for the device side that, asked for ACTION (releases.py's activate), is held until FOLDER/go exists
+    (at most 120 s; FOLDER/waiting says it got there): with HOLD_LOCK (a device's STATE), another process holds the
+    device's transaction lock meanwhile (a stuck transaction, a second controller) and the action starts at once and
+    meets it; without, the action itself starts only then (a device too slow to answer). Anything else runs at once.
+    FOLDER/holder.pid: the lock holder (flock -o: only it holds the lock, so killing it frees the lock)."""
+    import shlex
+    import sys
+
+    q = {k: shlex.quote(str(v)) for k, v in (("go", folder / "go"), ("waiting", folder / "waiting"),
+                                               ("pid", folder / "holder.pid"), ("py", sys.executable))}
+    fresh = f"rm -f {q['go']} {q['waiting']}; "
+    wait = f"n=0; while [ ! -e {q['go']} ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n+1)); done"
+    if hold_lock is not None:
+        lock = shlex.quote(str(hold_lock / "lock"))
+        touch_and_wait = f"touch {q['waiting']}; {wait}"
+        hold = (f"{fresh}mkdir -p {shlex.quote(str(hold_lock))}; flock -o {lock} sh -c "
+                f"{shlex.quote(touch_and_wait)} "
+                f"</dev/null >/dev/null 2>&1 & echo $! > {q['pid']}\n"
+                f"  while [ ! -e {q['waiting']} ]; do sleep 0.05; done")
+    else:
+        hold = f"{fresh}touch {q['waiting']}; {wait}"
+    script = folder / f"python-held-{action}{'-lock' if hold_lock else ''}"
+    script.write_text(f"""#!/bin/sh
+for a in "$@"; do
+  if [ "$a" = {shlex.quote(action)} ]; then
+  {hold}
+  break
+  fi
+done
+exec {q['py']} "$@"
+""")
+    script.chmod(0o755)
+    return script
+
+
+def private_python(folder: Path, binds: dict[Path, str]) -> Path:
+    """A python3 for the device side that runs in its own mount namespace where each BINDS key (a path on this
+    machine) shows the folder its value names, a shell word the device's login expands ("$HOME/x": each device its
+    own): one install-root path every device sees as its own folder (two devices flashed from one image), or one
+    machine id per device. Needs unshare(1) and CAP_SYS_ADMIN."""
+    import shlex
+    import sys
+
+    mounts = " && ".join(f'mount --bind "{src}" {shlex.quote(str(dst))}' for dst, src in binds.items())
+    inner = f'{mounts} && exec {shlex.quote(sys.executable)} "$@"'
+    script = folder / "python-private"
+    script.write_text(f'#!/bin/sh\nexec unshare --mount -- sh -c {shlex.quote(inner)} python3 "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+def can_unshare() -> bool:
+    p = subprocess.run(["unshare", "--mount", "true"], capture_output=True) if shutil.which("unshare") else None
+    return p is not None and p.returncode == 0
