@@ -195,3 +195,109 @@ def test_the_same_run_gives_the_same_release_id(bundles, tmp_path):
     manifest = json.loads((v1 / "manifest.json").read_text())
     assert "created_at" not in manifest and "path" not in manifest["run"]
     assert folder_release_id(bundles[1]) != folder_release_id(v1)
+
+
+def _objects_from(bundle: Path, folder: Path) -> str:
+    """Stage a bundle as `edgeres deploy` does (files named by sha256); returns the manifest's sha256."""
+    import shutil
+
+    from edgeres.io import sha256_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in bundle.iterdir():
+        shutil.copyfile(p, folder / sha256_file(p))
+    return sha256_file(bundle / "manifest.json")
+
+
+def test_a_trial_whose_activation_died_is_undone_by_the_next_transaction(bundles, tmp_path):
+    """kill -9 of the device-side activate while it checks the switched release (a power cut, the OOM killer): the
+    next transaction on the device finds the uncommitted trial and switches back, recording why."""
+    import signal
+
+    v1, v2 = bundles[:2]
+    d = Device(tmp_path / "dev")
+    _, one = d.run("install", "--from", str(v1), "--attempt", "a1")
+    assert d.run("activate", one["release"], "--attempt", "a1")[0] == 0
+    _, two = d.run("install", "--from", str(v2), "--attempt", "a2")
+    pidfile = tmp_path / "health.pid"
+    p = subprocess.Popen([sys.executable, str(RELEASES), "activate", two["release"], "--attempt", "a2", "--root",
+                          str(d.root), "--state", str(d.state), "--health-check", f"echo $$ > {pidfile}; exec sleep 60",
+                          "--", "--iterations", "3", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.05)
+    assert d.current() == two["release"]   # switched, not committed
+    p.kill()
+    p.wait()
+    os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    code, st = d.run("status")
+    assert st["trial"]["release"] == two["release"] and st["pending"]   # status reads, never repairs
+    code, out = d.run("prune", "--keep", "3")
+    assert code == 0 and out["undone"]["outcome"] == "fell back"
+    assert "ended before the commit" in out["undone"]["reason"]
+    assert d.current() == one["release"] and not (d.state / "trial.json").exists()
+    assert json.loads((d.state / "result.json").read_text())["manifest_sha256"] == one["result"]["manifest_sha256"]
+    assert two["release"] not in json.loads((d.state / "history.json").read_text())
+
+
+def test_a_failed_check_switches_back_and_says_why(bundles, tmp_path):
+    v1, v2 = bundles[:2]
+    d = Device(tmp_path / "dev")
+    _, one = d.run("install", "--from", str(v1), "--attempt", "a1")
+    d.run("activate", one["release"], "--attempt", "a1")
+    _, two = d.run("install", "--from", str(v2), "--attempt", "a2")
+    code, out = d.run("activate", two["release"], "--attempt", "a2", "--health-check", "echo no camera >&2; exit 5")
+    assert code == 1 and not out["activated"] and out["outcome"] == "fell back", out
+    assert out["reason"] == "health check failed: exit 5: no camera" and out["current"] == one["release"]
+    assert d.current() == one["release"] and d.run("status")[1]["install_pending"] is None
+    code, again = d.run("activate", two["release"], "--attempt", "a2")   # used once: install again to retry
+    assert code == 2 and "not the install that last passed" in again["error"]
+    code, late = d.run("activate", two["release"], "--attempt", "a2", "--deadline-in", "0")
+    assert code == 2 and json.loads((d.state / "activations" / "a2.json").read_text())["outcome"] == "refused"
+
+
+def test_rollback_to_a_kept_release(bundles, tmp_path):
+    d = Device(tmp_path / "dev")
+    ids = []
+    for i, b in enumerate(bundles):
+        _, out = d.run("install", "--from", str(b), "--attempt", f"a{i}")
+        assert d.run("activate", out["release"], "--attempt", f"a{i}")[0] == 0
+        ids.append(out["release"])
+    code, out = d.run("rollback", "--to", ids[0])
+    assert code == 0 and out == {**out, "current": ids[0], "previous": ids[2]} and d.current() == ids[0]
+    assert json.loads((d.state / "result.json").read_text())["manifest_sha256"] == \
+        json.loads((d.state / "results" / f"{ids[0]}.json").read_text())["manifest_sha256"]
+    for bad, says in ((ids[0], "already the current release"), ("tiny-000000000000", "not a kept release"),
+                      ("../current", "not a release id")):
+        code, out = d.run("rollback", "--to", bad)
+        assert code == 2 and says in out["error"] and d.current() == ids[0], out
+
+
+def test_the_cache_repairs_itself(bundles, tmp_path):
+    """prepare deletes a staged object whose content is not its name; a refused install leaves no objects; prune
+    removes stale objects and releases never committed."""
+    v1, v2 = bundles[:2]
+    d = Device(tmp_path / "dev")
+    objects = tmp_path / "objects"
+    manifest_sha = _objects_from(v1, objects)
+    junk = "0" * 64
+    (objects / junk).write_bytes(b"not what the name says")
+    code, prep = d.run("prepare", "--objects", str(objects))
+    assert code == 0 and prep["repaired"] == [junk] and junk not in prep["have"] and not (objects / junk).exists()
+    assert manifest_sha in prep["have"] and prep["free"]["objects"] > 0
+    keys = tmp_path / "allowed_signers"   # signatures required: the unsigned staging is refused, and dropped
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True)
+    keys.write_text("release " + (tmp_path / "k.pub").read_text())
+    code, out = d.run("install", "--objects", str(objects), "--manifest", manifest_sha, "--trusted-keys", str(keys))
+    assert code == 2 and "unsigned bundle refused" in out["error"] and list(objects.iterdir()) == []
+    _objects_from(v2, objects)
+    old = time.time() - 3600
+    for p in objects.iterdir():
+        os.utime(p, (old, old))
+    _, two = d.run("install", "--from", str(bundles[2]), "--attempt", "a2",
+                   runtime=("--iterations", "3", "--quiet", "--require-backend", "tensorrt"))   # fails: no TensorRT
+    assert not two["verified"] and (d.root / "releases" / two["release"]).is_dir()
+    _, one = d.run("install", "--from", str(v1), "--attempt", "a3")
+    code, act = d.run("activate", one["release"], "--attempt", "a3", "--keep", "3", "--objects", str(objects))
+    assert code == 0 and act["pruned"] == [two["release"]] and list(objects.iterdir()) == []

@@ -93,16 +93,73 @@ def test_a_flashed_release_is_pending_until_the_boot_check_passes(bundle, tmp_pa
     opt, state = root / "opt/edgeres", root / "var/lib/edgeres"
     before = releases.status(opt, state)
     assert before["installed"] and before["pending"] and before["result"] is None
+    assert before["trial"]["kind"] == "first-boot"
+    first = boot(root)
+    assert first.returncode == 0, first.stderr + first.stdout
+    assert json.loads(first.stdout.splitlines()[-1])["outcome"] == "committed"
+    after = releases.status(opt, state)
+    assert not after["pending"] and after["result"]["status"] == "passed" and after["result_is_current"]
+    assert after["trial"] is None
+    second = boot(root)
+    assert second.returncode == 0 and "skipped" in json.loads(second.stdout.splitlines()[-1])["result"]
+    assert len(list((state / "attempts").glob("*/*.json"))) == 2
+
+
+def boot(root: Path) -> subprocess.CompletedProcess:
+    """What the device runs at boot: the unit's ExecStart, with the image's paths mapped into the tree."""
     line = next(ln for ln in (root / UNIT).read_text().splitlines() if ln.startswith("ExecStart="))
     argv = line[len("ExecStart="):].split()
     argv = [sys.executable] + [str(root) + a if a.startswith(("/opt/", "/var/")) else a for a in argv[1:]]
-    first = subprocess.run(argv, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr + first.stdout
-    after = releases.status(opt, state)
-    assert not after["pending"] and after["result"]["status"] == "passed" and after["result_is_current"]
-    second = subprocess.run(argv, capture_output=True, text=True)
-    assert second.returncode == 0 and "skipped" in json.loads(second.stdout.splitlines()[-1])["result"]
-    assert len(list((state / "attempts").glob("*/*.json"))) == 2
+    return subprocess.run(argv + ["--", "--quiet", "--iterations", "3"], capture_output=True, text=True)
+
+
+def test_a_first_boot_check_that_fails_falls_back_on_the_device(bundle, run_dir, tmp_path):
+    """An image whose new release fails its health check at first boot: the device switches back to the release
+    the image held before (none: nothing runs) and records why."""
+    from edgeres.deploy import releases
+    from edgeres.deploy.bundle import make_bundle
+    from edgeres.deploy.rootfs import install_rootfs
+
+    sick = make_bundle(run_dir, tmp_path / "sick", probe_size=4, health_check="echo no camera; exit 4")
+    root = fake_rootfs(tmp_path / "a")
+    old, _ = install_rootfs(bundle, root)
+    assert boot(root).returncode == 0   # the image's earlier release, committed at an earlier boot
+    new, _ = install_rootfs(sick, root)
+    p = boot(root)
+    out = json.loads(p.stdout.splitlines()[-1])
+    assert p.returncode == 1 and out["outcome"] == "fell back" and out["reason"] == \
+        "health check failed: exit 4: no camera" and out["current"] == old.name
+    opt, state = root / "opt/edgeres", root / "var/lib/edgeres"
+    st = releases.status(opt, state)
+    assert st["current"] == old.name and not st["pending"] and st["trial"] is None
+    assert json.loads((state / "activations" / "first-boot.json").read_text())["release"] == new.name
+    fresh = fake_rootfs(tmp_path / "b")   # nothing before it: after the fall back nothing runs
+    install_rootfs(sick, fresh)
+    assert boot(fresh).returncode == 1 and not (fresh / "opt/edgeres/current").is_symlink()
+    assert not releases.status(fresh / "opt/edgeres", fresh / "var/lib/edgeres")["installed"]
+
+
+def test_a_filled_machine_id_is_refused_unless_told(bundle, tmp_path):
+    from edgeres.cli import main
+
+    root = fake_rootfs(tmp_path)
+    mid = root / "etc/machine-id"
+    mid.write_text("3d1219c7c4c5404aaa1f6d2a48adfda4\n")
+    mid.chmod(0o444)
+    (root / "var/lib/dbus").mkdir(parents=True)
+    (root / "var/lib/dbus/machine-id").write_text("3d1219c7c4c5404aaa1f6d2a48adfda4\n")
+    r = CliRunner().invoke(main, ["rootfs", "--bundle", str(bundle), "--rootfs", str(root)])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "etc/machine-id holds a machine id" in r.output and "--machine-id clear" in r.output
+    assert not (root / "opt").exists() and mid.read_text().startswith("3d1219")   # nothing written
+    r = CliRunner().invoke(main, ["rootfs", "--bundle", str(bundle), "--rootfs", str(root), "--machine-id", "keep"])
+    assert r.exit_code == 0 and "etc/machine-id kept" in r.output and mid.read_text().startswith("3d1219")
+    r = CliRunner().invoke(main, ["rootfs", "--bundle", str(bundle), "--rootfs", str(root), "--machine-id", "clear"])
+    assert r.exit_code == 0, r.output
+    assert mid.read_text() == "" and mode(mid) == 0o444   # systemd's first-boot convention
+    assert os.readlink(root / "var/lib/dbus/machine-id") == "/etc/machine-id"
+    r = CliRunner().invoke(main, ["rootfs", "--bundle", str(bundle), "--rootfs", str(root)])   # empty: no question
+    assert r.exit_code == 0, r.output
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
