@@ -94,9 +94,22 @@ def test_mender_install_commit_rollback(client, tmp_path):
     v2 = make_bundle(run, tmp_path / "v2", probe_size=6)
     write_artifact(v2, tmp_path / "v2.mender")
     assert mender("install", str(tmp_path / "v2.mender")).returncode == 0
+    assert (base / "state" / "pending.json").is_file()   # verified, waiting for the commit
     p = mender("rollback")
     assert p.returncode == 0, p.stdout + p.stderr
     assert _current(base) == v1_id   # never switched, so nothing to undo
+    assert not (base / "state" / "pending.json").exists()   # and nothing left waiting
+
+    sick = make_bundle(run, tmp_path / "sick", probe_size=4, health_check="echo no camera; exit 6")
+    sick_id = write_artifact(sick, tmp_path / "sick.mender")[1]
+    assert mender("install", str(tmp_path / "sick.mender")).returncode == 0
+    p = mender("commit")   # the switch, the check, and the device's own way back
+    assert p.returncode != 0 and _current(base) == v1_id, p.stdout + p.stderr
+    [record] = [json.loads(f.read_text()) for f in (base / "state" / "activations").glob("*.json")
+                if json.loads(f.read_text())["release"] == sick_id]
+    assert record["outcome"] == "fell back" and "exit 6: no camera" in record["reason"]
+    assert not (base / "state" / "pending.json").exists() and not (base / "state" / "trial.json").exists()
+    assert mender("show-artifact").stdout.strip().startswith(v1_id)
 
     bad = disagreeing_copy(v2, tmp_path / "v3")
     write_artifact(bad, tmp_path / "v3.mender")
