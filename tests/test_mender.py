@@ -78,6 +78,11 @@ def test_mender_install_commit_rollback(client, tmp_path):
     assert r.exit_code == 0, r.output
     v1_id = json.loads(r.stdout)["release"]
     assert v1_id == folder_release_id(tmp_path / "v1")
+    import time
+
+    time.sleep(1.1)   # another second: the time stamps mender-artifact writes would differ
+    again = write_artifact(tmp_path / "v1", tmp_path / "v1-again.mender")[0]
+    assert again.read_bytes() == (tmp_path / "v1.mender").read_bytes()   # the same bundle, the same artifact
     info = subprocess.run(["mender-artifact", "read", str(tmp_path / "v1.mender")], capture_output=True, text=True)
     assert f"Name: {v1_id}" in info.stdout and "Type:   edgeres" in info.stdout
 
