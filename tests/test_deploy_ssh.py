@@ -126,8 +126,12 @@ def test_rollback_and_status_for_the_fleet(bundles, fleet):
     assert rows[d.alias]["result"]["current"] == first.release
     assert rows[d.alias]["result"]["result"]["backend"] == "onnxruntime"
     assert rows[d.alias]["result"]["result_is_current"] is True
-    r = CliRunner().invoke(main, ["status", "--host", d.alias, *fleet.cli_args()])
+    r = CliRunner().invoke(main, ["status", *sum((["--host", h] for h in hosts), []), *fleet.cli_args()])
     assert r.exit_code == 0 and first.release in r.stdout and "passed" in r.stdout and "onnxruntime" in r.stdout
+    assert r.stdout.splitlines()[-1] == f"{len(hosts)} ok, 0 failed"   # every host counted, not only the failed
+    p = subprocess.run([sys.executable, "-m", "edgeres", "status", "--host", d.alias, *fleet.cli_args()],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and "Warning" not in p.stderr and "DSA" not in p.stderr, p.stderr
 
 
 def test_canary_stops_the_rollout_and_a_down_host_fails_alone(bundles, fleet, tmp_path):
@@ -171,13 +175,14 @@ def test_host_keys_unknown_and_changed(bundles, fleet, tmp_path):
     empty = tmp_path / "known_hosts"
     ssh = {**fleet.deploy_kwargs(), "known_hosts": empty}
     [r] = deploy(v1, [d.alias], iterations=3, **ssh)
-    assert not r.ok and "not trusted" in r.message and not empty.exists()
+    assert not r.ok and "is unknown" in r.message and "has no entry" in r.message and not empty.exists()
+    assert "CHANGED" not in r.message and "jump host" not in r.message
     [r] = deploy(v1, [d.alias], iterations=3, accept_new_host_keys=True, **ssh)
     assert r.ok and r.host_key_added and f"[localhost]:{d.port} ssh-ed25519" in empty.read_text()
     other = (fleet.devices[1].folder / "host_key.pub").read_text().split()
     empty.write_text(f"[localhost]:{d.port} {other[0]} {other[1]}\n")   # the device's key "changed"
     [r] = deploy(v1, [d.alias], iterations=3, accept_new_host_keys=True, **ssh)
-    assert not r.ok and "man-in-the-middle" in r.message
+    assert not r.ok and f"host key of {d.alias} CHANGED" in r.message and "man-in-the-middle" in r.message
 
 
 def test_parse_host(tmp_path):
@@ -365,3 +370,19 @@ def test_operator_output_a_line_per_host_then_a_table(bundles, fleet, tmp_path):
     doc = json.loads(r.stdout)
     assert r.exit_code == 1 and [h["outcome"] for h in doc["hosts"]] == ["failed", "skipped"]
     assert doc["summary"] == {"ok": 0, "failed": 1, "skipped": 1, "duplicate": 0}
+
+
+def test_no_space_is_said_before_the_copy():
+    """A device whose disk cannot hold the copy and the release: refused before a byte is sent, with the numbers
+    (a full disk was only SFTP's "copy: Failure")."""
+    from edgeres.deploy.ssh import DeployJob, _check_space, _Failure
+
+    objects = {"a" * 64: Path(__file__), "b" * 64: Path(__file__).with_name("fleet.py")}
+    job = DeployJob(Path("."), objects, "a" * 64, None, (), 3)
+    size = sum(p.stat().st_size for p in objects.values())
+    _check_space(job, {"free": {"objects": 10 * size, "root": 10 * size, "same_fs": True}}, ["b" * 64])
+    with pytest.raises(_Failure, match=rf"no space on the device: 100 bytes free for .cache/edgeres/objects, this "
+                                       rf"bundle needs {size + objects['b' * 64].stat().st_size} "):
+        _check_space(job, {"free": {"objects": 100, "root": 100, "same_fs": True}}, ["b" * 64])
+    with pytest.raises(_Failure, match=rf"bytes free for the install root, this bundle needs {size} "):
+        _check_space(job, {"free": {"objects": 10 * size, "root": size - 1, "same_fs": False}}, [])

@@ -252,3 +252,28 @@ def test_a_corrupt_cached_object_is_replaced(bundles, fleet):
     assert r.ok, r.message
     assert sha in r.sent and any("damaged cached object" in w for w in r.warnings)
     assert not (objects / sha).exists()   # in the release now, as every staged object
+
+
+# ------------------------------------------------------------------------------------------------ 6. progress
+def test_progress_lines_while_the_device_verifies(bundles, fleet, tmp_path):
+    """A device that takes a while (an engine build): a line every few seconds, in text and as --jsonl events."""
+    import re
+
+    from click.testing import CliRunner
+    from fleet import slow_python
+
+    from edgeres.cli import main
+
+    _, v2, _ = bundles
+    d = fleet.devices[1]
+    args = ["deploy", str(v2), "--host", d.alias, "--iterations", "3", *fleet.deploy_cli_args(), "--remote-python",
+            str(slow_python(tmp_path, 6))]
+    r = CliRunner().invoke(main, [*args, "--jsonl"], env={"XDG_STATE_HOME": str(tmp_path)})
+    assert r.exit_code == 0, r.output
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    ticks = [e for e in events if e["event"] == "progress"]
+    assert ticks and all(e["host"] == d.alias and e["seconds"] >= 4.9 for e in ticks)
+    assert {e["what"].split()[0] for e in ticks} >= {"verify"}
+    r = CliRunner().invoke(main, [*args, "--require-backend", "tensorrt"], env={"XDG_STATE_HOME": str(tmp_path)})
+    assert re.search(rf"^{d.alias}: verify \S+ on the device \(\d+ s; an engine build takes minutes\)$", r.stdout,
+                     re.M), r.stdout

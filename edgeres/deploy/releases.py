@@ -897,12 +897,16 @@ def machine_id() -> str | None:
     return None
 
 
-def _free_bytes(path: Path) -> tuple[int, int]:
-    """(bytes free to this login, the file system's device) for PATH or its nearest existing parent."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize, os.stat(path).st_dev
+def _free_bytes(path: Path) -> tuple[int | None, int | None]:
+    """(bytes free to this login, the file system's device) for PATH or its nearest existing parent; (None, None)
+    where this login cannot look (the permission problem is reported on its own)."""
+    try:
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize, os.stat(path).st_dev
+    except OSError:
+        return None, None
 
 
 def prepare(root: Path, state: Path, objects: Path | None, attempt: str | None = None) -> tuple[dict, int]:
@@ -922,7 +926,7 @@ def prepare(root: Path, state: Path, objects: Path | None, attempt: str | None =
     (obj_free, obj_dev), (root_free, root_dev) = _free_bytes(objects or root), _free_bytes(root)
     out = {"action": "prepare", "machine_id": machine_id(), "root": os.path.realpath(root), "uid": os.getuid(),
            "problems": problems, "repaired": [] if problems else repair_objects(objects),
-           "free": {"objects": obj_free, "root": root_free, "same_fs": obj_dev == root_dev},
+           "free": {"objects": obj_free, "root": root_free, "same_fs": obj_dev is not None and obj_dev == root_dev},
            "activation": activation_record(state, attempt)}
     out.update(have=[] if problems else sorted(_have(root, objects, check=True)),
                current=None if problems else _target(root, "current"))

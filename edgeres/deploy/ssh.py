@@ -493,7 +493,7 @@ def _check_space(job: DeployJob, prep: dict, missing: list[str]) -> None:
     send, release = sum(sizes[s] for s in missing), sum(sizes.values())
     need = {"objects": send, "root": release} if not free.get("same_fs") else {"objects": send + release}
     for where, n in need.items():
-        if where in free and free[where] < n:
+        if free.get(where) is not None and free[where] < n:
             folder = OBJECTS if where == "objects" else "the install root"
             raise _Failure(f"no space on the device: {free[where]} bytes free for {folder}, this bundle needs {n} "
                            f"(copy {send} + release {release}); nothing copied")
