@@ -2,21 +2,26 @@
 
 Hosts are resolved as `ssh` resolves them: `~/.ssh/config` (aliases, HostName, Port, User, ProxyJump,
 IdentityFile), then what the spec says (USER@HOST:PORT wins). A device is what `ssh -G` resolves it to (user,
-hostname, port): two spellings of one device are merged before anything starts, and two that turn out to share a
-machine id and install root after connecting are merged too. Host keys are checked against known_hosts (hashed
-entries too); a new key is accepted only with accept_new_host_keys (then recorded), a changed key never.
+hostname, port): two spellings of one device are merged before anything starts; after connecting, a device is its
+machine id + host key + install root (the same machine id behind another host key: a cloned image, two devices,
+both warned). Host keys are checked against known_hosts (hashed entries too); a new key is accepted only with
+accept_new_host_keys (then recorded), a changed key never.
 
 Per host, edgeres/deploy/releases.py runs on the device (its source travels with each command, so it is always the
-host's version), and the controller commits:
-  1. prepare: the device's identity, whether this login (or sudo -n) may write ROOT and STATE (checked before any
-     byte is copied), and which files it already has by sha256 (staged objects and installed releases);
+host's version):
+  1. prepare: the device's identity, whether this login (or sudo -n) may write ROOT and STATE and the disk has room
+     (checked before any byte is copied), which files it already has by sha256 (content-checked: a damaged cached
+     object is deleted, so it is sent again), and how an activation this controller left unknown ended;
   2. copy: only the missing files, content-addressed, into `.cache/edgeres/objects/<sha256>` in the login's home
      (each written as a .part file, then renamed), so an unchanged file is never sent again;
   3. install: stage and verify under the device's lock with the device's own time limit (the time left of
      --host-timeout), with --abort-on-stdin-eof: when this controller times out, is killed or interrupted, its
      connection closes and the device aborts. install never switches anything;
-  4. activate: sent only when the install passed and this controller still wants it; the device switches
-     ROOT/current with one rename, prunes to --keep releases and installs the verify-on-boot units.
+  4. activate: sent only when the install passed and this controller still wants it, with a window (--deadline-in,
+     closing ANSWER_MARGIN_S before --host-timeout, and this connection): the device switches, checks the release as
+     it runs (verification, health check) and commits, or switches back by itself; nothing is switched or committed
+     once the window is closed. "ok" only on the device's word; no answer in time is "unknown", journalled
+     (edgeres/deploy/journal.py) and read back by the next deploy or status.
 Hosts run in parallel with bounded concurrency; every remote command is built with shlex.quote.
 """
 from __future__ import annotations
