@@ -1,22 +1,34 @@
 """`edgeres fleet ansible`: an Ansible project that deploys a bundle the way `edgeres deploy` does, for fleets that
 Ansible already runs (inventory groups, `serial` batches, `max_fail_percentage`, `--limit`, retry files, `become`,
-`async` for the long verification).
+`async` for the long verification, `--check`).
 
-    OUT/ansible.cfg        inventory, retry files in OUT/retry, host key checking on, pipelining
+    OUT/ansible.cfg        inventory, host key checking on, pipelining, forks = a whole batch (up to MAX_FORKS),
+                           the edgeres_retry callback instead of Ansible's own retry file
     OUT/inventory.ini      group [edgeres]: one line per device, as given (an ssh_config alias works)
-    OUT/deploy.yml         the play: prepare -> copy the missing files -> install (async) -> activate
+    OUT/deploy.yml         the play: reach -> prepare -> copy the missing files -> install (async, polled) -> activate
     OUT/bundle/            a copy of the bundle (the playbook ships from here)
     OUT/releases.py        the device side: this edgeres's copy, the one `edgeres deploy` sends
+    OUT/callback_plugins/edgeres_retry.py   ansible_retry.py: retry/deploy.retry lists every host not done
     OUT/.edgeres           the marker: the files above with their sha256; `--force` replaces or deletes only those
                            (unchanged since), never a file the user or Ansible added (group_vars/, retry/...)
 
 The device side is releases.py, so the transaction is the same: install stages and verifies under the device's lock
 and time limit and never switches; the play's `activate` task, which runs only after the host's install passed,
 switches. The release id is the bundle's (the same from SSH, Mender and rootfs), and `edgeres status` reads the state.
+
+What operators expect of a play, and how this one does it:
+- an unreachable host counts against max_fail_percentage (Ansible only drops it): a reachability assertion fails it
+  before anything is installed, and an assertion before and after `activate` counts the hosts the batch lost;
+  max_fail_percentage 0 also sets any_errors_fatal;
+- `--check` runs: a read-only `status` (releases.py sent on stdin) reports per host whether the release would switch;
+- `changed` means the release switched on that host: a second run reports 0 changed;
+- Ctrl-C (or kill -9, or a lost network) aborts the device's install: the async install's stdin is held by a
+  watcher that closes it when the controller's polls stop (HEARTBEAT_S), and releases.py --abort-on-stdin-eof
+  kills the verification and leaves nothing pending;
+- retry/deploy.retry lists every host not done: failed, unreachable and never attempted (later batches).
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +36,63 @@ from edgeres.deploy.bundle import opened_bundle, verify_bundle
 from edgeres.deploy.releases import MANIFEST, ROOT, SIGNATURE, STATE, TRUSTED_KEYS, UNITS_DIR, folder_release_id
 from edgeres.deploy.ssh import unique_hosts
 from edgeres.errors import ConfigError
-from edgeres.io import check_own_files, check_owned_dir, claim_dir, record_files, recorded_files, sha256_file
+from edgeres.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    check_own_files,
+    check_owned_dir,
+    claim_dir,
+    record_files,
+    recorded_files,
+    sha256_file,
+)
 
 DEFAULT_SERIAL = ("1", "25%", "100%")   # one canary, then a quarter, then the rest
-PROJECT_FILES = ("ansible.cfg", "inventory.ini", "deploy.yml", "releases.py")   # and bundle/<each bundle file>
+CALLBACK = "callback_plugins/edgeres_retry.py"   # ansible_retry.py: the retry file of every host not done
+LEGACY_FILES = ("ansible.cfg", "inventory.ini", "deploy.yml", "releases.py")   # what an older edgeres wrote
+PROJECT_FILES = (*LEGACY_FILES, CALLBACK)   # and bundle/<each bundle file>
+PLAY_HOSTS_FACT, DONE_REGISTER = "edgeres_play_hosts", "edgeres_activate"   # what ansible_retry.py reads
+POLL_S, HEARTBEAT_S = 5, 30   # play vars (-e edgeres_poll_s=... overrides): the install's poll, and how long
+                              # without a poll before the device aborts the install (the controller is gone)
+MAX_FORKS = 50                # ansible.cfg forks: every host of a batch polled at once, up to this many
+
+# The background install's watcher (python3 -c WATCH JOB HEARTBEAT_S COMMAND...): runs releases.py install with a
+# pipe as its stdin and closes the pipe once JOB.alive, touched by each poll, is older than HEARTBEAT_S (armed by the
+# first poll: a host waiting for a free fork is not aborted); the install's output goes to JOB.json (renamed when
+# complete). Files of attempts older than a day are removed.
+WATCH = """import os, subprocess, sys, time
+job, beat = sys.argv[1], float(sys.argv[2])
+folder = os.path.dirname(job)
+os.makedirs(folder, mode=0o755, exist_ok=True)
+for name in os.listdir(folder):
+    try:
+        if time.time() - os.lstat(os.path.join(folder, name)).st_mtime > 86400:
+            os.unlink(os.path.join(folder, name))
+    except OSError:
+        pass
+with open(job + ".part", "wb") as out:
+    proc = subprocess.Popen(sys.argv[3:], stdin=subprocess.PIPE, stdout=out)
+    armed = False
+    while proc.poll() is None:
+        try:
+            stale = time.time() - os.stat(job + ".alive").st_mtime > beat
+            armed = True
+        except FileNotFoundError:
+            stale = armed
+        if stale and not proc.stdin.closed:
+            proc.stdin.close()
+        time.sleep(0.5)
+os.replace(job + ".part", job + ".json")
+sys.exit(proc.returncode)
+"""
+# One poll (python3 -c POLL JOB): touch the heartbeat, print the install's output once there is one.
+POLL = """import os, sys
+job = sys.argv[1]
+with open(job + ".alive", "a"):
+    os.utime(job + ".alive")
+if os.path.exists(job + ".json"):
+    sys.stdout.write(open(job + ".json").read())
+"""
 
 
 def _serial(items: tuple[str, ...]) -> list[Any]:
@@ -43,19 +108,30 @@ def _serial(items: tuple[str, ...]) -> list[Any]:
     return out
 
 
-def playbook(bundle: Path, *, release: str, serial: list[Any], max_fail_percentage: int, become: bool,
-             remote_root: str, state_dir: str, remote_python: str, trusted_keys: str, units_dir: str, keep: int,
-             host_timeout: int, runtime_args: list[str]) -> list[dict]:
+def playbook(bundle: Path, *, release: str, serial: list[Any], max_fail_percentage: int, any_errors_fatal: bool,
+             become: bool, remote_root: str, state_dir: str, remote_python: str, trusted_keys: str, units_dir: str,
+             keep: int, host_timeout: int, runtime_args: list[str]) -> list[dict]:
     manifest_sha = sha256_file(bundle / MANIFEST)
     files = [{"name": p.name, "sha256": sha256_file(p)} for p in sorted(bundle.iterdir()) if p.is_file()]
     signature = sha256_file(bundle / SIGNATURE) if (bundle / SIGNATURE).is_file() else None
-    dev = "{{ edgeres_python }} {{ edgeres_state }}/releases.py"
+    py = "{{ edgeres_python }}"
+    dev = f"{py} {{{{ edgeres_state }}}}/releases.py"
     common = "--root {{ edgeres_root }} --state {{ edgeres_state }}"
-    install = (f"{dev} install {common} --objects {{{{ edgeres_state }}}}/objects --manifest {manifest_sha}"
-               + (f" --signature {signature}" if signature else "")
-               + " --attempt {{ edgeres_attempt }} --time-limit {{ edgeres_host_timeout }}"
-               " --trusted-keys {{ edgeres_trusted_keys }} --python {{ edgeres_python }} -- --expect-manifest-sha256 "
-               + manifest_sha + " " + " ".join(runtime_args))
+    job = "{{ edgeres_state }}/ansible/{{ edgeres_attempt }}"   # the install's output (.json) and heartbeat (.alive)
+    install = [py, "-c", WATCH, job, "{{ edgeres_heartbeat_s }}", py, "{{ edgeres_state }}/releases.py", "install",
+               "--root", "{{ edgeres_root }}", "--state", "{{ edgeres_state }}", "--objects",
+               "{{ edgeres_state }}/objects", "--manifest", manifest_sha,
+               *(["--signature", signature] if signature else []), "--attempt", "{{ edgeres_attempt }}",
+               "--time-limit", "{{ edgeres_host_timeout }}", "--trusted-keys", "{{ edgeres_trusted_keys }}",
+               "--python", py, "--abort-on-stdin-eof", "--", "--expect-manifest-sha256", manifest_sha, *runtime_args]
+    result = "(edgeres_poll.stdout | from_json)"
+    lost = "(edgeres_batch | difference(ansible_play_batch))"
+    batch_check = {
+        "ansible.builtin.assert": {
+            "that": f"{lost} | length * 100 <= edgeres_max_fail_percentage * (edgeres_batch | length)",
+            "fail_msg": f"stopped: {{{{ {lost} | length }}}} of {{{{ edgeres_batch | length }}}} hosts of this batch "
+                        f"failed or were unreachable ({{{{ {lost} | join(', ') }}}}), more than max_fail_percentage "
+                        "{{ edgeres_max_fail_percentage }}", "quiet": True}}
     return [{
         "name": f"edgeres: deploy {release}",
         "hosts": "edgeres",
@@ -63,35 +139,76 @@ def playbook(bundle: Path, *, release: str, serial: list[Any], max_fail_percenta
         "become": become,
         "serial": serial,
         "max_fail_percentage": max_fail_percentage,
+        "any_errors_fatal": any_errors_fatal,
         "vars": {"edgeres_release": release, "edgeres_root": remote_root, "edgeres_state": state_dir,
                  "edgeres_python": remote_python, "edgeres_trusted_keys": trusted_keys,
                  "edgeres_units_dir": units_dir, "edgeres_keep": keep, "edgeres_host_timeout": host_timeout,
-                 "edgeres_files": files},
+                 "edgeres_max_fail_percentage": max_fail_percentage, "edgeres_poll_s": POLL_S,
+                 "edgeres_heartbeat_s": HEARTBEAT_S, "edgeres_files": files},
         "tasks": [
-            {"name": "attempt id (one per host and run)",
-             "ansible.builtin.set_fact": {"edgeres_attempt": "ansible-{{ now(utc=true, fmt='%Y%m%dT%H%M%S') }}-"
-                                                             "{{ 1000000 | random }}"}},
-            {"name": "device side (releases.py)",
-             "ansible.builtin.file": {"path": "{{ edgeres_state }}/objects", "state": "directory", "mode": "0755"}},
-            {"ansible.builtin.copy": {"src": "{{ playbook_dir }}/releases.py",
-                                      "dest": "{{ edgeres_state }}/releases.py", "mode": "0755"}},
-            {"name": "prepare: identity, permissions, files the device has",
-             "ansible.builtin.command": f"{dev} prepare {common} --objects {{{{ edgeres_state }}}}/objects",
-             "register": "edgeres_prepare", "changed_when": False},
-            {"name": "copy the files the device does not have (content-addressed)",
-             "ansible.builtin.copy": {"src": "{{ playbook_dir }}/bundle/{{ item.name }}",
-                                      "dest": "{{ edgeres_state }}/objects/{{ item.sha256 }}", "mode": "0644"},
-             "loop": "{{ edgeres_files }}", "loop_control": {"label": "{{ item.name }}"},
-             "when": "item.sha256 not in (edgeres_prepare.stdout | from_json).have"},
-            {"name": "install: stage and verify (never switches)",
-             "ansible.builtin.command": install, "register": "edgeres_install",
-             "async": host_timeout + 60, "poll": 5, "changed_when": False,
-             "failed_when": "edgeres_install.rc != 0 or not (edgeres_install.stdout | from_json).verified"},
-            {"name": "activate the verified release",
-             "ansible.builtin.command": f"{dev} activate {{{{ edgeres_release }}}} {common} --attempt "
-                                        "{{ edgeres_attempt }} --keep {{ edgeres_keep }} --units-dir "
-                                        "{{ edgeres_units_dir }}",
-             "register": "edgeres_activate"},
+            {"name": "attempt id (one per host and run); this batch and the play's hosts (for the retry file)",
+             "ansible.builtin.set_fact": {
+                 "edgeres_attempt": "ansible-{{ now(utc=true, fmt='%Y%m%dT%H%M%S') }}-{{ 1000000 | random }}",
+                 "edgeres_batch": "{{ ansible_play_batch }}", PLAY_HOSTS_FACT: "{{ ansible_play_hosts_all }}"}},
+            # Ansible drops an unreachable host from the play without counting it against max_fail_percentage;
+            # failing it here makes it count (and stops the batch before anything is installed)
+            {"name": "reach the device", "ansible.builtin.ping": None, "register": "edgeres_reach",
+             "ignore_unreachable": True, "any_errors_fatal": False},   # the next task fails it, said so
+            {"name": "an unreachable device counts as failed (max_fail_percentage)",
+             "ansible.builtin.assert": {"that": "edgeres_reach is not unreachable", "quiet": True,
+                                        "fail_msg": "unreachable: {{ edgeres_reach.msg | default('') }}"}},
+            # check mode: a read-only status from this project's releases.py (sent on stdin: nothing is copied);
+            # `changed` = the release would switch
+            {"name": "check mode: would the release switch?",
+             "ansible.builtin.command": {"argv": [py, "-", "status", "--root", "{{ edgeres_root }}", "--state",
+                                                  "{{ edgeres_state }}"],
+                                         "stdin": "{{ lookup('ansible.builtin.file', playbook_dir ~ "
+                                                  "'/releases.py') }}"},
+             "check_mode": False, "when": "ansible_check_mode", "register": "edgeres_check",
+             "changed_when": "(edgeres_check.stdout | from_json).current != edgeres_release"},
+            {"name": "check mode: what would change",
+             "ansible.builtin.debug": {"msg": "would switch {{ (edgeres_check.stdout | from_json).current or "
+                                              "'(nothing installed)' }} -> {{ edgeres_release }}"},
+             "when": "ansible_check_mode and edgeres_check is changed"},
+            {"name": "deploy", "when": "not ansible_check_mode", "block": [
+                # `changed` only when the release switched: staging files, the device side and the install are
+                # the means, not the change
+                {"name": "device side (releases.py)",
+                 "ansible.builtin.file": {"path": "{{ edgeres_state }}/objects", "state": "directory",
+                                          "mode": "0755"}, "changed_when": False},
+                {"ansible.builtin.copy": {"src": "{{ playbook_dir }}/releases.py",
+                                          "dest": "{{ edgeres_state }}/releases.py", "mode": "0755"},
+                 "changed_when": False},
+                {"name": "prepare: identity, permissions, files the device has",
+                 "ansible.builtin.command": f"{dev} prepare {common} --objects {{{{ edgeres_state }}}}/objects",
+                 "register": "edgeres_prepare", "changed_when": False},
+                {"name": "copy the files the device does not have (content-addressed)",
+                 "ansible.builtin.copy": {"src": "{{ playbook_dir }}/bundle/{{ item.name }}",
+                                          "dest": "{{ edgeres_state }}/objects/{{ item.sha256 }}", "mode": "0644"},
+                 "loop": "{{ edgeres_files }}", "loop_control": {"label": "{{ item.name }}"}, "changed_when": False,
+                 "when": "item.sha256 not in (edgeres_prepare.stdout | from_json).have"},
+                # the install runs in the background (async) and holds its stdin from a watcher that closes it
+                # once the controller stops polling: releases.py --abort-on-stdin-eof then kills the verification
+                # and leaves nothing pending (Ctrl-C, kill -9 or a lost network abort the device's install)
+                {"name": "install: stage and verify (never switches), in the background",
+                 "ansible.builtin.command": {"argv": install}, "async": host_timeout + 60, "poll": 0,
+                 "register": "edgeres_job", "changed_when": False},
+                {"name": "install: wait for the device (each poll is the heartbeat the install needs)",
+                 "ansible.builtin.command": {"argv": [py, "-c", POLL, job]}, "register": "edgeres_poll",
+                 "until": "edgeres_poll.stdout | length > 0", "delay": "{{ edgeres_poll_s | int }}",
+                 "retries": "{{ ((edgeres_host_timeout | int + 60) / (edgeres_poll_s | int)) | round(0, 'ceil') "
+                            "| int }}",
+                 "changed_when": False,
+                 "failed_when": f"edgeres_poll.rc != 0 or (edgeres_poll.stdout | length > 0 and not "
+                                f"{result}.get('verified'))"},
+                {"name": "the batch is within max_fail_percentage (unreachable hosts count)", **batch_check},
+                {"name": "activate the verified release",
+                 "ansible.builtin.command": f"{dev} activate {{{{ edgeres_release }}}} {common} --attempt "
+                                            "{{ edgeres_attempt }} --keep {{ edgeres_keep }} --units-dir "
+                                            "{{ edgeres_units_dir }}",
+                 "register": DONE_REGISTER, "changed_when": f"{result}.current != edgeres_release"},
+                {"name": "the batch stayed within max_fail_percentage", **batch_check},
+            ]},
         ],
     }]
 
@@ -101,8 +218,10 @@ def write_project(bundle_dir: str | Path, out: str | Path, hosts: list[str], *, 
                   max_fail_percentage: int = 0, become: bool = False, remote_root: str = ROOT,
                   state_dir: str = STATE, remote_python: str = "python3", trusted_keys: str = TRUSTED_KEYS,
                   units_dir: str = UNITS_DIR, keep: int = 3, host_timeout: int = 3600, iterations: int = 200,
-                  precision: str = "int8", force: bool = False) -> dict:
-    """Write the Ansible project for `bundle_dir` into `out`. Returns {release, playbook, inventory, hosts}."""
+                  precision: str = "int8", any_errors_fatal: bool = False, force: bool = False) -> dict:
+    """Write the Ansible project for `bundle_dir` into `out`. Returns {release, playbook, inventory, hosts}.
+    `any_errors_fatal` (always on with max_fail_percentage 0, which means the same): any failed or unreachable
+    host stops the play."""
     import yaml
 
     out = Path(out)
@@ -123,17 +242,19 @@ def write_project(bundle_dir: str | Path, out: str | Path, hosts: list[str], *, 
         planned = [*PROJECT_FILES, *(f"bundle/{name}" for name in shipped)]
         stale = _clear_own_files(out, planned)   # before any write: a user's file in the way is refused
         claim_dir(out, what="--out", kind="ansible")
-        (out / "bundle").mkdir(exist_ok=True)
         for name in shipped:
-            shutil.copyfile(bundle / name, out / "bundle" / name)
-        shutil.copyfile(Path(__file__).resolve().parent / "releases.py", out / "releases.py")   # as `deploy` sends
+            atomic_write_bytes(out / "bundle" / name, (bundle / name).read_bytes())
+        here = Path(__file__).resolve().parent
+        atomic_write_bytes(out / "releases.py", (here / "releases.py").read_bytes())   # as `deploy` sends it
+        atomic_write_bytes(out / CALLBACK, (here / "ansible_retry.py").read_bytes())
         runtime_args = ["--precision", precision, "--iterations", str(iterations), "--quiet"]
         play = playbook(out / "bundle", release=release, serial=batches, max_fail_percentage=max_fail_percentage,
-                        become=become, remote_root=remote_root, state_dir=state_dir, remote_python=remote_python,
+                        any_errors_fatal=any_errors_fatal or max_fail_percentage == 0, become=become,
+                        remote_root=remote_root, state_dir=state_dir, remote_python=remote_python,
                         trusted_keys=trusted_keys, units_dir=units_dir, keep=keep, host_timeout=host_timeout,
                         runtime_args=runtime_args)
-    (out / "deploy.yml").write_text(f"# edgeres fleet ansible: release {release}\n"
-                                    + yaml.safe_dump(play, sort_keys=False, width=120))
+    atomic_write_text(out / "deploy.yml", f"# edgeres fleet ansible: release {release}\n"
+                      + yaml.safe_dump(play, sort_keys=False, width=120))
     lines = ["[edgeres]"]
     for s in specs:
         extra = [f"ansible_user={s.user}"] if s.user else []
@@ -144,10 +265,14 @@ def write_project(bundle_dir: str | Path, out: str | Path, hosts: list[str], *, 
     ssh_args += [f"-o UserKnownHostsFile={known_hosts}"] if known_hosts else []
     if ssh_args:
         lines.append(f"ansible_ssh_common_args='{' '.join(ssh_args)}'")
-    (out / "inventory.ini").write_text("\n".join(lines) + "\n")
-    (out / "ansible.cfg").write_text("[defaults]\ninventory = inventory.ini\nhost_key_checking = True\n"
-                                     "retry_files_enabled = True\nretry_files_save_path = retry\n"
-                                     "interpreter_python = auto_silent\n\n[ssh_connection]\npipelining = True\n")
+    atomic_write_text(out / "inventory.ini", "\n".join(lines) + "\n")
+    # Ansible's own retry file lists failed hosts only: the edgeres_retry callback writes retry/deploy.retry with
+    # every host not done (never attempted ones included); forks: a whole batch at once (each install is polled)
+    atomic_write_text(out / "ansible.cfg", "[defaults]\ninventory = inventory.ini\nhost_key_checking = True\n"
+                      f"forks = {min(max(len(specs), 5), MAX_FORKS)}\n"
+                      "retry_files_enabled = False\ncallback_plugins = callback_plugins\n"
+                      "callbacks_enabled = edgeres_retry\ninterpreter_python = auto_silent\n\n"
+                      "[ssh_connection]\npipelining = True\n")
     record_files(out, planned, kind="ansible", forget=tuple(stale))
     return {"release": release, "playbook": str(out / "deploy.yml"), "inventory": str(out / "inventory.ini"),
             "hosts": [s.label for s in specs], "serial": batches}
@@ -160,11 +285,11 @@ def _clear_own_files(out: Path, planned: list[str]) -> list[str]:
     (the user's now) when edited. Anything else in the folder stays. Returns the files deleted."""
     if not out.is_dir():
         return []
-    sub = out / "bundle"
-    if sub.is_symlink() or (sub.exists() and not sub.is_dir()):
-        raise ConfigError(f"{sub} is not the bundle folder edgeres wrote; edgeres will not write through it")
+    for sub in (out / "bundle", out / Path(CALLBACK).parent):
+        if sub.is_symlink() or (sub.exists() and not sub.is_dir()):
+            raise ConfigError(f"{sub} is not a folder edgeres wrote; edgeres will not write through it")
     # a project an older edgeres wrote records no files: those it always wrote are its own
-    legacy = (*PROJECT_FILES, *(f"bundle/{p.name}" for p in sorted((out / "bundle").glob("*")) if p.is_file()))
+    legacy = (*LEGACY_FILES, *(f"bundle/{p.name}" for p in sorted((out / "bundle").glob("*")) if p.is_file()))
     check_own_files(out, planned, force=True, fallback=legacy)
     stale = [name for name in (recorded_files(out) or dict.fromkeys(legacy)) if name not in planned]
     deleted = []
