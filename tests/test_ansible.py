@@ -209,6 +209,8 @@ def test_interrupting_the_play_aborts_the_device_install(fleet, bundle, tmp_path
     while _alive(runtime) and time.monotonic() - t0 < 10:
         time.sleep(0.1)
     assert not _alive(runtime), "the device's verification still runs after the controller was interrupted"
+    while not list((d.state / "ansible").glob("*.json")) and time.monotonic() - t0 < 10:   # the watcher's output
+        time.sleep(0.1)
     job = json.loads(next((d.state / "ansible").glob("*.json")).read_text())
     assert job["verified"] is False and "aborted" in job["result"]["error"], job
     assert not (d.state / "pending.json").exists() and current_release(d) is None
