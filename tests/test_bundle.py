@@ -30,11 +30,13 @@ def make_run(root: Path, **_unused) -> Path:
 
     from edgeres.build import BuildOptions, build
 
-    if "run" not in _BUILT and os.environ.get("EDGERES_TINY_RUN"):   # a developer's copy, made by this function:
-        _BUILT["run"] = Path(os.environ["EDGERES_TINY_RUN"])         # saves the 2-minute build per test process
+    kept = os.environ.get("EDGERES_TINY_RUN")   # a developer's folder: built there once and kept (its records
+    if "run" not in _BUILT and kept and (Path(kept) / "tiny").is_dir():   # name their own absolute paths), saving
+        _BUILT["run"] = Path(kept) / "tiny"                                # the 2-minute build per test process
     if "run" not in _BUILT:
-        home = Path(tempfile.mkdtemp(prefix="edgeres-tiny-run-"))
-        atexit.register(shutil.rmtree, home, ignore_errors=True)
+        home = Path(kept) if kept else Path(tempfile.mkdtemp(prefix="edgeres-tiny-run-"))
+        if not kept:
+            atexit.register(shutil.rmtree, home, ignore_errors=True)
         result = build(BuildOptions(out=home / "tiny", arch="mnist_resnet", epochs=3, qat_epochs=0, int8=True,
                                     bench_seconds=0.05, max_drop=100.0, quiet=True,
                                     overrides={"quant.calib_size": 128}))
@@ -404,3 +406,24 @@ def test_an_altered_probe_is_refused_by_report_and_bundle(tmp_path, run_dir):
     with pytest.raises(ConfigError, match="probe.npz is not the file its verdict rests on"):
         make_bundle(run, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_health_check_travels_in_the_manifest(run_dir, tmp_path):
+    """bundle --health-check: the devices run it after the switch (releases.py); bad ones refused up front."""
+    from edgeres.cli import main
+    from edgeres.deploy.bundle import make_bundle
+    from edgeres.errors import ConfigError
+
+    b = make_bundle(run_dir, tmp_path / "b", probe_size=4, health_check="systemctl is-active myapp",
+                    health_timeout=30)
+    assert json.loads((b / "manifest.json").read_text())["health_check"] == \
+        {"command": "systemctl is-active myapp", "timeout_s": 30.0}
+    plain = make_bundle(run_dir, tmp_path / "plain", probe_size=4)
+    assert "health_check" not in json.loads((plain / "manifest.json").read_text())   # release ids as before
+    for command, timeout in (("", 30), ("a\nb", 30), ("true", float("inf")), ("true", 0.5)):
+        with pytest.raises(ConfigError, match="--health-"):
+            make_bundle(run_dir, tmp_path / "bad", probe_size=4, health_check=command, health_timeout=timeout)
+        assert not (tmp_path / "bad").exists()
+    r = CliRunner().invoke(main, ["bundle", str(run_dir), "--out", str(tmp_path / "cli"), "--health-check", " "])
+    assert r.exit_code == 1 and "--health-check must be one non-empty line" in r.output and \
+        len(r.output.strip().splitlines()) == 1 and not (tmp_path / "cli").exists()
