@@ -258,15 +258,17 @@ exec {q['py']} "$@"
     return script
 
 
-def private_python(folder: Path, binds: dict[Path, str]) -> Path:
+def private_python(folder: Path, binds: dict[Path, str], *, read_only: tuple[str, ...] = ()) -> Path:
     """A python3 for the device side that runs in its own mount namespace where each BINDS key (a path on this
     machine) shows the folder its value names, a shell word the device's login expands ("$HOME/x": each device its
     own): one install-root path every device sees as its own folder (two devices flashed from one image), or one
-    machine id per device. Needs unshare(1) and CAP_SYS_ADMIN."""
+    machine id per device. READ_ONLY folders (shell words too) are mounted read-only there (a read-only disk).
+    Needs unshare(1) and CAP_SYS_ADMIN."""
     import shlex
     import sys
 
-    mounts = " && ".join(f'mount --bind "{src}" {shlex.quote(str(dst))}' for dst, src in binds.items())
+    mounts = " && ".join([*(f'mount --bind "{src}" {shlex.quote(str(dst))}' for dst, src in binds.items()),
+                          *(f'mount --bind "{ro}" "{ro}" && mount -o remount,ro,bind "{ro}"' for ro in read_only)])
     inner = f'{mounts} && exec {shlex.quote(sys.executable)} "$@"'
     script = folder / "python-private"
     script.write_text(f'#!/bin/sh\nexec unshare --mount -- sh -c {shlex.quote(inner)} python3 "$@"\n')

@@ -277,3 +277,15 @@ def test_progress_lines_while_the_device_verifies(bundles, fleet, tmp_path):
     r = CliRunner().invoke(main, [*args, "--require-backend", "tensorrt"], env={"XDG_STATE_HOME": str(tmp_path)})
     assert re.search(rf"^{d.alias}: verify \S+ on the device \(\d+ s; an engine build takes minutes\)$", r.stdout,
                      re.M), r.stdout
+
+
+@pytest.mark.skipif(not can_unshare(), reason="needs unshare --mount (CAP_SYS_ADMIN) for a read-only disk")
+def test_a_read_only_disk_is_said_as_such(bundles, fleet, tmp_path):
+    """A root login on a read-only install root: the error says so, without the "pass --sudo" hint."""
+    v1, _, _ = bundles
+    d = fleet.devices[2]
+    (d.home / "opt").mkdir(exist_ok=True)
+    python = private_python(tmp_path, {}, read_only=("$HOME/opt",))
+    [r] = _deploy(v1, [d.alias], fleet, remote_python=str(python))
+    assert not r.ok and r.stage == "prepare" and r.sent == [], r.message
+    assert "Read-only file system" in r.message and "--sudo" not in r.message, r.message
