@@ -163,6 +163,12 @@ class Fleet:
         """ssh() plus where each device keeps its trusted keys and systemd units (in its own HOME)."""
         return self.ssh(trusted_keys="~/etc/edgeres/allowed_signers", units_dir="~/etc/systemd/system", **extra)
 
+    def deploy(self, bundle, hosts: list[str], *, host_timeout: float = 300, **kw):
+        """edgeres.deploy.ssh.deploy with this fleet's settings and 3 timed iterations (KW: deploy_kwargs)."""
+        from edgeres.deploy.ssh import deploy
+
+        return deploy(bundle, hosts, iterations=3, host_timeout=host_timeout, **self.deploy_kwargs(**kw))
+
     def cli_args(self) -> list[str]:
         import sys
 

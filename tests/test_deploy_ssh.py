@@ -42,9 +42,7 @@ def fleet(tmp_path_factory):
 
 
 def _deploy(bundle, hosts, fleet, **kw):
-    from edgeres.deploy.ssh import deploy
-
-    return deploy(bundle, hosts, iterations=3, host_timeout=300, **fleet.deploy_kwargs(**kw))
+    return fleet.deploy(bundle, hosts, **kw)
 
 
 def _objects(bundle: Path) -> set[str]:

@@ -42,10 +42,7 @@ def fleet(tmp_path_factory):
 
 
 def _deploy(bundle, hosts, fleet, **kw):
-    from edgeres.deploy.ssh import deploy
-
-    kw.setdefault("host_timeout", 120)
-    return deploy(bundle, hosts, iterations=3, **fleet.deploy_kwargs(**kw))
+    return fleet.deploy(bundle, hosts, **kw)
 
 
 def _records(d) -> dict[str, dict]:
