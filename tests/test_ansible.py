@@ -163,12 +163,14 @@ def test_check_mode_then_deploy_then_nothing_changed(fleet, bundle, tmp_path):
     assert {row["result"]["current"] for row in rows} == {done["release"]}
     assert all(row["result"]["result"]["status"] == "passed" and not row["result"]["pending"] for row in rows)
 
-    again = _play(out)   # unchanged: nothing copied, the same release, 0 changed
+    attempts = {d.alias: sorted((d.state / "attempts").rglob("*.json")) for d in fleet.devices}
+    again = _play(out)   # running and committed: nothing copied, nothing verified again, 0 changed
     assert again.returncode == 0, again.stdout[-3000:]
     recap = _recap(again.stdout)
     assert {h: (r["changed"], r["failed"]) for h, r in recap.items()} == {h: (0, 0) for h in aliases}
     assert all(current_release(d) == done["release"] for d in fleet.devices)
-    assert "copy the files the device does not have" in again.stdout and "changed: [" not in again.stdout
+    assert {d.alias: sorted((d.state / "attempts").rglob("*.json")) for d in fleet.devices} == attempts
+    assert "changed: [" not in again.stdout and _retry(out) is None
     check = _play(out, "--check")
     assert check.returncode == 0 and "would switch" not in check.stdout
     assert {h: r["changed"] for h, r in _recap(check.stdout).items()} == dict.fromkeys(aliases, 0)
@@ -215,6 +217,29 @@ def test_interrupting_the_play_aborts_the_device_install(fleet, bundle, tmp_path
     assert job["verified"] is False and "aborted" in job["result"]["error"], job
     assert not (d.state / "pending.json").exists() and current_release(d) is None
     assert _retry(out) == [d.alias]
+
+
+def test_a_release_whose_health_check_fails_is_rolled_back_by_the_device(fleet, bundle, tmp_path):
+    """The Ansible path of the update's life cycle: the device switches, runs the bundle's health check, and
+    switches back by itself when it fails; the play reports the host failed ('fell back'), nothing changed."""
+    from edgeres.deploy.bundle import make_bundle
+
+    d = fleet.devices[0]
+    good = _project(fleet, bundle, tmp_path / "good", [d.alias], fleet.config, "1")
+    p = _play(tmp_path / "good")
+    assert p.returncode == 0 and current_release(d) == good["release"], p.stdout[-3000:]
+    sick_bundle = make_bundle(bundle.parent.parent / "runs" / "tiny", tmp_path / "sick-bundle", probe_size=8,
+                              health_check="echo 'camera not found' >&2; exit 3")
+    sick = _project(fleet, sick_bundle, tmp_path / "sick", [d.alias], fleet.config, "1")
+    assert sick["release"] != good["release"]
+    p = _play(tmp_path / "sick")
+    assert p.returncode != 0
+    said = f"fell back: health check failed: exit 3: camera not found; the device runs {good['release']}"
+    assert said in p.stdout, p.stdout[-3000:]   # one line, the device's reason
+    assert current_release(d) == good["release"]   # switched back by the device itself
+    record = json.loads(max((d.state / "activations").glob("*.json"), key=lambda f: f.stat().st_mtime).read_text())
+    assert record["release"] == sick["release"] and record["outcome"] == "fell back", record
+    assert _recap(p.stdout)[d.alias]["changed"] == 0 and _retry(tmp_path / "sick") == [d.alias]
 
 
 def test_bad_options_are_one_line_errors(bundle, tmp_path):

@@ -32,7 +32,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgeres.deploy.bundle import opened_bundle, verify_bundle
+from edgeres.deploy.bundle import check_health_command, opened_bundle, verify_bundle
 from edgeres.deploy.releases import MANIFEST, ROOT, SIGNATURE, STATE, TRUSTED_KEYS, UNITS_DIR, folder_release_id
 from edgeres.deploy.ssh import unique_hosts
 from edgeres.errors import ConfigError
@@ -51,7 +51,7 @@ DEFAULT_SERIAL = ("1", "25%", "100%")   # one canary, then a quarter, then the r
 CALLBACK = "callback_plugins/edgeres_retry.py"   # ansible_retry.py: the retry file of every host not done
 LEGACY_FILES = ("ansible.cfg", "inventory.ini", "deploy.yml", "releases.py")   # what an older edgeres wrote
 PROJECT_FILES = (*LEGACY_FILES, CALLBACK)   # and bundle/<each bundle file>
-PLAY_HOSTS_FACT, DONE_REGISTER = "edgeres_play_hosts", "edgeres_activate"   # what ansible_retry.py reads
+PLAY_HOSTS_FACT, DONE_REGISTER = "edgeres_play_hosts", "edgeres_done"   # what ansible_retry.py reads
 POLL_S, HEARTBEAT_S = 5, 30   # play vars (-e edgeres_poll_s=... overrides): the install's poll, and how long
                               # without a poll before the device aborts the install (the controller is gone)
 MAX_FORKS = 50                # ansible.cfg forks: every host of a batch polled at once, up to this many
@@ -108,23 +108,47 @@ def _serial(items: tuple[str, ...]) -> list[Any]:
     return out
 
 
+def _background(step: str, what: str, argv: list[str], *, register: str, ok: str, fail_msg: str,
+                **extra) -> list[dict]:
+    """A long device-side step (install, activate) as three tasks: started in the background (async; Ansible's
+    connection may come and go), polled until it prints its JSON, and failed with one line unless `ok`. Each poll
+    touches the heartbeat; WATCH holds the step's stdin and closes it when the polls stop (releases.py
+    --abort-on-stdin-eof: no install, no switch)."""
+    job = f"{{{{ edgeres_state }}}}/ansible/{{{{ edgeres_attempt }}}}-{step}"
+    py = "{{ edgeres_python }}"
+    return [
+        {"name": f"{step}: {what}, in the background",
+         "ansible.builtin.command": {"argv": [py, "-c", WATCH, job, "{{ edgeres_heartbeat_s }}", *argv]},
+         "async": "{{ edgeres_host_timeout | int + 60 }}", "poll": 0, "changed_when": False},
+        {"name": f"{step}: wait for the device (each poll is the heartbeat it needs to go on)",
+         "ansible.builtin.command": {"argv": [py, "-c", POLL, job]}, "register": register,
+         "until": f"{register}.stdout | length > 0", "delay": "{{ edgeres_poll_s | int }}",
+         "retries": "{{ ((edgeres_host_timeout | int + 60) / (edgeres_poll_s | int)) | round(0, 'ceil') | int }}",
+         "failed_when": False, "changed_when": False, **extra},
+        {"name": f"{step}: the device's answer", "ansible.builtin.fail": {"msg": fail_msg}, "when": f"not ({ok})"},
+    ]
+
+
 def playbook(bundle: Path, *, release: str, serial: list[Any], max_fail_percentage: int, any_errors_fatal: bool,
              become: bool, remote_root: str, state_dir: str, remote_python: str, trusted_keys: str, units_dir: str,
-             keep: int, host_timeout: int, runtime_args: list[str]) -> list[dict]:
+             keep: int, host_timeout: int, runtime_args: list[str], health_args: list[str]) -> list[dict]:
     manifest_sha = sha256_file(bundle / MANIFEST)
     files = [{"name": p.name, "sha256": sha256_file(p)} for p in sorted(bundle.iterdir()) if p.is_file()]
     signature = sha256_file(bundle / SIGNATURE) if (bundle / SIGNATURE).is_file() else None
     py = "{{ edgeres_python }}"
-    dev = f"{py} {{{{ edgeres_state }}}}/releases.py"
-    common = "--root {{ edgeres_root }} --state {{ edgeres_state }}"
-    job = "{{ edgeres_state }}/ansible/{{ edgeres_attempt }}"   # the install's output (.json) and heartbeat (.alive)
-    install = [py, "-c", WATCH, job, "{{ edgeres_heartbeat_s }}", py, "{{ edgeres_state }}/releases.py", "install",
-               "--root", "{{ edgeres_root }}", "--state", "{{ edgeres_state }}", "--objects",
-               "{{ edgeres_state }}/objects", "--manifest", manifest_sha,
+    where = ["--root", "{{ edgeres_root }}", "--state", "{{ edgeres_state }}"]
+    objects = ["--objects", "{{ edgeres_state }}/objects"]
+    dev = [py, "{{ edgeres_state }}/releases.py"]
+    install = [*dev, "install", *where, *objects, "--manifest", manifest_sha,
                *(["--signature", signature] if signature else []), "--attempt", "{{ edgeres_attempt }}",
                "--time-limit", "{{ edgeres_host_timeout }}", "--trusted-keys", "{{ edgeres_trusted_keys }}",
                "--python", py, "--abort-on-stdin-eof", "--", "--expect-manifest-sha256", manifest_sha, *runtime_args]
-    result = "(edgeres_poll.stdout | from_json)"
+    # the activation's window: its deadline, and the polls (the device switches, checks and commits only inside it)
+    activate = [*dev, "activate", "{{ edgeres_release }}", *where, "--attempt", "{{ edgeres_attempt }}",
+                "--deadline-in", "{{ edgeres_host_timeout }}", "--abort-on-stdin-eof", "--keep", "{{ edgeres_keep }}",
+                *objects, "--units-dir", "{{ edgeres_units_dir }}", "--python", py, *health_args, "--", *runtime_args]
+    status = "(edgeres_status.stdout | from_json)"
+    installed, activated = "(edgeres_install.stdout | from_json)", "(edgeres_activate.stdout | from_json)"
     lost = "(edgeres_batch | difference(ansible_play_batch))"
     batch_check = {
         "ansible.builtin.assert": {
@@ -157,20 +181,18 @@ def playbook(bundle: Path, *, release: str, serial: list[Any], max_fail_percenta
             {"name": "an unreachable device counts as failed (max_fail_percentage)",
              "ansible.builtin.assert": {"that": "edgeres_reach is not unreachable", "quiet": True,
                                         "fail_msg": "unreachable: {{ edgeres_reach.msg | default('') }}"}},
-            # check mode: a read-only status from this project's releases.py (sent on stdin: nothing is copied);
-            # `changed` = the release would switch
-            {"name": "check mode: would the release switch?",
-             "ansible.builtin.command": {"argv": [py, "-", "status", "--root", "{{ edgeres_root }}", "--state",
-                                                  "{{ edgeres_state }}"],
+            # read-only, in check mode too: this project's releases.py sent on stdin (nothing is copied)
+            {"name": "what the device runs",
+             "ansible.builtin.command": {"argv": [py, "-", "status", *where],
                                          "stdin": "{{ lookup('ansible.builtin.file', playbook_dir ~ "
                                                   "'/releases.py') }}"},
-             "check_mode": False, "when": "ansible_check_mode", "register": "edgeres_check",
-             "changed_when": "(edgeres_check.stdout | from_json).current != edgeres_release"},
+             "check_mode": False, "register": "edgeres_status",
+             "changed_when": f"ansible_check_mode and {status}.current != edgeres_release"},
             {"name": "check mode: what would change",
-             "ansible.builtin.debug": {"msg": "would switch {{ (edgeres_check.stdout | from_json).current or "
-                                              "'(nothing installed)' }} -> {{ edgeres_release }}"},
-             "when": "ansible_check_mode and edgeres_check is changed"},
-            {"name": "deploy", "when": "not ansible_check_mode", "block": [
+             "ansible.builtin.debug": {"msg": f"would switch {{{{ {status}.current or '(nothing installed)' }}}} -> "
+                                              "{{ edgeres_release }}"},
+             "when": "ansible_check_mode and edgeres_status is changed"},
+            {"name": "deploy", "block": [
                 # `changed` only when the release switched: staging files, the device side and the install are
                 # the means, not the change
                 {"name": "device side (releases.py)",
@@ -179,36 +201,36 @@ def playbook(bundle: Path, *, release: str, serial: list[Any], max_fail_percenta
                 {"ansible.builtin.copy": {"src": "{{ playbook_dir }}/releases.py",
                                           "dest": "{{ edgeres_state }}/releases.py", "mode": "0755"},
                  "changed_when": False},
-                {"name": "prepare: identity, permissions, files the device has",
-                 "ansible.builtin.command": f"{dev} prepare {common} --objects {{{{ edgeres_state }}}}/objects",
+                {"name": "prepare: identity, permissions, space, the files the device has",
+                 "ansible.builtin.command": {"argv": [*dev, "prepare", *where, *objects]},
                  "register": "edgeres_prepare", "changed_when": False},
                 {"name": "copy the files the device does not have (content-addressed)",
                  "ansible.builtin.copy": {"src": "{{ playbook_dir }}/bundle/{{ item.name }}",
                                           "dest": "{{ edgeres_state }}/objects/{{ item.sha256 }}", "mode": "0644"},
                  "loop": "{{ edgeres_files }}", "loop_control": {"label": "{{ item.name }}"}, "changed_when": False,
                  "when": "item.sha256 not in (edgeres_prepare.stdout | from_json).have"},
-                # the install runs in the background (async) and holds its stdin from a watcher that closes it
-                # once the controller stops polling: releases.py --abort-on-stdin-eof then kills the verification
-                # and leaves nothing pending (Ctrl-C, kill -9 or a lost network abort the device's install)
-                {"name": "install: stage and verify (never switches), in the background",
-                 "ansible.builtin.command": {"argv": install}, "async": host_timeout + 60, "poll": 0,
-                 "register": "edgeres_job", "changed_when": False},
-                {"name": "install: wait for the device (each poll is the heartbeat the install needs)",
-                 "ansible.builtin.command": {"argv": [py, "-c", POLL, job]}, "register": "edgeres_poll",
-                 "until": "edgeres_poll.stdout | length > 0", "delay": "{{ edgeres_poll_s | int }}",
-                 "retries": "{{ ((edgeres_host_timeout | int + 60) / (edgeres_poll_s | int)) | round(0, 'ceil') "
-                            "| int }}",
-                 "changed_when": False,
-                 "failed_when": f"edgeres_poll.rc != 0 or (edgeres_poll.stdout | length > 0 and not "
-                                f"{result}.get('verified'))"},
+                *_background("install", "stage and verify (never switches)", install, register="edgeres_install",
+                             ok=f"{installed}.get('verified')",
+                             fail_msg=f"install: {{{{ {installed}.get('error') or ({installed}.get('result') or "
+                                      f"{{}}).get('error') or 'the release failed verification' }}}}; "
+                                      "nothing switched"),
                 {"name": "the batch is within max_fail_percentage (unreachable hosts count)", **batch_check},
-                {"name": "activate the verified release",
-                 "ansible.builtin.command": f"{dev} activate {{{{ edgeres_release }}}} {common} --attempt "
-                                            "{{ edgeres_attempt }} --keep {{ edgeres_keep }} --units-dir "
-                                            "{{ edgeres_units_dir }}",
-                 "register": DONE_REGISTER, "changed_when": f"{result}.current != edgeres_release"},
-                {"name": "the batch stayed within max_fail_percentage", **batch_check},
-            ]},
+                # the device switches, checks the release as it runs (engine verification, health check) and
+                # commits, or switches back by itself and says why (failed: 'fell back')
+                *_background("activate", "switch, check, commit or fall back", activate, register="edgeres_activate",
+                             ok=f"{activated}.get('activated')",
+                             fail_msg=f"{{{{ {activated}.get('outcome') or 'refused' }}}}: {{{{ {activated}.get("
+                                      f"'reason') or {activated}.get('error') }}}}; the device runs "
+                                      f"{{{{ {activated}.get('current') or 'no release' }}}}",
+                             changed_when=f"{status}.current != edgeres_release and edgeres_activate.stdout "
+                                          f"| length > 0 and {activated}.get('activated')"),
+            ],
+             # already running and committed: nothing to do (a second run changes nothing and verifies nothing)
+             "when": f"not ansible_check_mode and not ({status}.current == edgeres_release and not "
+                     f"{status}.pending and not {status}.trial)"},
+            {"name": "done", "ansible.builtin.debug": {"msg": "{{ edgeres_release }} runs, committed"},
+             "register": DONE_REGISTER, "when": "not ansible_check_mode"},
+            {"name": "the batch stayed within max_fail_percentage", **batch_check},
         ],
     }]
 
@@ -218,10 +240,12 @@ def write_project(bundle_dir: str | Path, out: str | Path, hosts: list[str], *, 
                   max_fail_percentage: int = 0, become: bool = False, remote_root: str = ROOT,
                   state_dir: str = STATE, remote_python: str = "python3", trusted_keys: str = TRUSTED_KEYS,
                   units_dir: str = UNITS_DIR, keep: int = 3, host_timeout: int = 3600, iterations: int = 200,
-                  precision: str = "int8", any_errors_fatal: bool = False, force: bool = False) -> dict:
+                  precision: str = "int8", any_errors_fatal: bool = False, health_check: str | None = None,
+                  health_timeout: float | None = None, force: bool = False) -> dict:
     """Write the Ansible project for `bundle_dir` into `out`. Returns {release, playbook, inventory, hosts}.
     `any_errors_fatal` (always on with max_fail_percentage 0, which means the same): any failed or unreachable
-    host stops the play."""
+    host stops the play. `health_check`/`health_timeout`: the device's check after the switch (default: the
+    bundle's)."""
     import yaml
 
     out = Path(out)
@@ -248,11 +272,13 @@ def write_project(bundle_dir: str | Path, out: str | Path, hosts: list[str], *, 
         atomic_write_bytes(out / "releases.py", (here / "releases.py").read_bytes())   # as `deploy` sends it
         atomic_write_bytes(out / CALLBACK, (here / "ansible_retry.py").read_bytes())
         runtime_args = ["--precision", precision, "--iterations", str(iterations), "--quiet"]
+        health_args = ([*(["--health-check", check_health_command(health_check)] if health_check else []),
+                        *(["--health-timeout", f"{health_timeout:g}"] if health_timeout else [])])
         play = playbook(out / "bundle", release=release, serial=batches, max_fail_percentage=max_fail_percentage,
                         any_errors_fatal=any_errors_fatal or max_fail_percentage == 0, become=become,
                         remote_root=remote_root, state_dir=state_dir, remote_python=remote_python,
                         trusted_keys=trusted_keys, units_dir=units_dir, keep=keep, host_timeout=host_timeout,
-                        runtime_args=runtime_args)
+                        runtime_args=runtime_args, health_args=health_args)
     atomic_write_text(out / "deploy.yml", f"# edgeres fleet ansible: release {release}\n"
                       + yaml.safe_dump(play, sort_keys=False, width=120))
     lines = ["[edgeres]"]
