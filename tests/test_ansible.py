@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from fleet import MISSING, Fleet, current_release, free_port, slow_python, wait_lock_free
+from fleet import MISSING, Fleet, current_release, free_port, wait_lock_free
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_bundle import make_run  # noqa: E402
@@ -184,21 +184,41 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")   # a zombie nobody reaped has stopped
 
 
-def test_interrupting_the_play_aborts_the_device_install(fleet, bundle, tmp_path):
+def _slow_step(folder: Path, pattern: str, seconds: float) -> Path:
+    """A python3 for the device side whose device runtime takes `seconds` longer when its --out matches the shell
+    `pattern` (the install's verification, or the check activate runs after the switch); pid in folder/slow.pid."""
+    script = folder / "python-slow-step"
+    script.write_text(f"""#!/bin/sh
+for a in "$@"; do
+  case "$a" in {pattern}) echo $$ > "{folder}/slow.pid"; sleep {seconds};; esac
+done
+exec {sys.executable} "$@"
+""")
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize("step", ["install", "activate"])
+def test_interrupting_the_play_aborts_the_device_side(fleet, bundle, tmp_path, step):
+    """Ctrl-C while the device verifies (install) or checks the switched release (activate): within the heartbeat
+    the device kills the verification and, for activate, switches back by itself; nothing pending, nothing live."""
     d = fleet.devices[0]
-    python = slow_python(tmp_path, 300)   # the device's verification would take 5 minutes
+    pattern = "*/attempts/*/ansible-*[0-9].json" if step == "install" else "*/attempts/*/ansible-*-check.json"
+    python = _slow_step(tmp_path, pattern, 300)   # that step would take 5 minutes
     out = tmp_path / "project"
-    _project(fleet, bundle, out, [d.alias], fleet.config, "1", python=str(python))
+    release = _project(fleet, bundle, out, [d.alias], fleet.config, "1", python=str(python))["release"]
     play = subprocess.Popen([PLAYBOOK, "deploy.yml", "-e", "edgeres_poll_s=1", "-e", "edgeres_heartbeat_s=5"],
                             cwd=out, env=_env(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while not ((tmp_path / "slow.pid").exists() and list((d.state / "ansible").glob("*.alive"))):
+        while not ((tmp_path / "slow.pid").exists() and list((d.state / "ansible").glob(f"*-{step}.alive"))):
             assert play.poll() is None and time.monotonic() < deadline, play.stdout.read()[-3000:]
             time.sleep(0.2)
         runtime = int((tmp_path / "slow.pid").read_text())
         assert _alive(runtime)
+        if step == "activate":
+            assert current_release(d) == release   # switched, on trial: the check runs
         os.killpg(play.pid, signal.SIGINT)   # Ctrl-C in the terminal: the whole foreground process group
         play.wait(60)
     finally:
@@ -207,15 +227,18 @@ def test_interrupting_the_play_aborts_the_device_install(fleet, bundle, tmp_path
             play.wait()
     assert play.returncode != 0
     t0 = time.monotonic()
-    wait_lock_free(d.state, timeout=60)   # the install ends within the heartbeat, not after its 5 minutes
-    while _alive(runtime) and time.monotonic() - t0 < 10:
-        time.sleep(0.1)
+    while not list((d.state / "ansible").glob(f"*-{step}.json")) and time.monotonic() - t0 < 60:
+        time.sleep(0.1)   # the device side ends within the heartbeat (5 s), not after its 5 minutes
+    wait_lock_free(d.state, timeout=10)
     assert not _alive(runtime), "the device's verification still runs after the controller was interrupted"
-    while not list((d.state / "ansible").glob("*.json")) and time.monotonic() - t0 < 10:   # the watcher's output
-        time.sleep(0.1)
-    job = json.loads(next((d.state / "ansible").glob("*.json")).read_text())
-    assert job["verified"] is False and "aborted" in job["result"]["error"], job
-    assert not (d.state / "pending.json").exists() and current_release(d) is None
+    answer = json.loads(next((d.state / "ansible").glob(f"*-{step}.json")).read_text())
+    if step == "install":
+        assert answer["verified"] is False and "aborted" in answer["result"]["error"], answer
+    else:
+        assert answer["activated"] is False and answer["outcome"] == "fell back", answer
+        assert answer["reason"] == "the controller's connection closed", answer
+    assert not (d.state / "pending.json").exists() and not (d.state / "trial.json").exists()
+    assert current_release(d) is None   # nothing went live
     assert _retry(out) == [d.alias]
 
 
