@@ -107,12 +107,12 @@ def test_every_capability_has_an_nvidia_source_and_dla_windows():
 
 
 def test_readme_dla_statements_come_from_the_table():
-    """The README's TensorRT table is generated from the rows (`python -m edgeres.tensorrt.readme` rewrites it)."""
-    from edgeres.tensorrt.readme import BEGIN, END, section_text
+    """The README's TensorRT table is generated from the rows (`python -m edgeres.tensorrt.targets` rewrites it)."""
+    from edgeres.tensorrt.targets import README_BEGIN, README_END, readme_section
 
     readme = (REPO / "README.md").read_text()
-    block = readme[readme.index(BEGIN):readme.index(END) + len(END)]
-    assert block == section_text(), "README's TensorRT table is stale: python -m edgeres.tensorrt.readme"
+    block = readme[readme.index(README_BEGIN):readme.index(README_END) + len(README_END)]
+    assert block == readme_section(), "README's TensorRT table is stale: python -m edgeres.tensorrt.targets"
     section = " ".join(readme[readme.index("## TensorRT engines"):readme.index("## Deploy to Jetson")].split())
     for key, label in ((k, v[2]) for k, v in TARGETS.items()):
         assert label in section, f"README does not name the {key} target as the plan does: {label}"
