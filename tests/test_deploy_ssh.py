@@ -384,3 +384,21 @@ def test_no_space_is_said_before_the_copy():
         _check_space(job, {"free": {"objects": 100, "root": 100, "same_fs": True}}, ["b" * 64])
     with pytest.raises(_Failure, match=rf"bytes free for the install root, this bundle needs {size} "):
         _check_space(job, {"free": {"objects": 10 * size, "root": size - 1, "same_fs": False}}, [])
+
+
+def test_host_key_message_names_the_jump_host(tmp_path):
+    """asyncssh names the host whose key failed; when that is the ProxyJump host, the error says so (the device
+    itself was not reached), and unknown vs changed comes from known_hosts."""
+    from edgeres.deploy.ssh import HostResult, HostSpec, SSHOptions, _host_key_message
+
+    known = tmp_path / "known_hosts"
+    key = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True)
+    assert key.returncode == 0
+    known.write_text("bastion.example " + (tmp_path / "k.pub").read_text())
+    opts = SSHOptions(known_hosts=known)
+    spec, res = HostSpec("jetson7"), HostResult("jetson7", resolved="nv@10.0.0.7:22")
+    changed = _host_key_message(spec, opts, res, "Host key is not trusted for host bastion.example")
+    assert changed.startswith("host key of the jump host bastion.example (on the way to jetson7") and \
+        "CHANGED" in changed
+    unknown = _host_key_message(spec, opts, res, "Host key is not trusted for host 10.0.0.7")
+    assert unknown.startswith("host key of jetson7 is unknown") and "jump host" not in unknown

@@ -188,9 +188,19 @@ class SSHOptions:
         return " ".join(shlex.quote(a) for a in ((["sudo", "-n"] if self.sudo else []) + args))
 
 
+def _asyncssh():
+    """asyncssh (an optional dependency), imported without the 5 DSA deprecation warnings it gives on import."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="DSA is deprecated")
+        import asyncssh
+    return asyncssh
+
+
 def read_known_hosts(path: Path):
     """known_hosts as asyncssh reads it (hashed entries included), or one clear error for a file it cannot read."""
-    import asyncssh
+    asyncssh = _asyncssh()
 
     if not path.is_file():
         return asyncssh.import_known_hosts("")
@@ -203,7 +213,7 @@ def read_known_hosts(path: Path):
 def _client_factory(opts: SSHOptions, res: HostResult):
     """Host keys known_hosts does not trust: a host with no entry at all is accepted (and recorded) only under
     accept_new; a host whose entry holds another key is refused (asyncssh then raises HostKeyNotVerifiable)."""
-    import asyncssh
+    asyncssh = _asyncssh()
 
     class Client(asyncssh.SSHClient):
         def validate_host_public_key(self, host: str, addr: str, port: int, key) -> bool:
@@ -223,7 +233,7 @@ def _client_factory(opts: SSHOptions, res: HostResult):
 
 
 async def _connect(spec: HostSpec, opts: SSHOptions, res: HostResult):
-    import asyncssh
+    asyncssh = _asyncssh()
 
     kwargs: dict[str, Any] = dict(known_hosts=read_known_hosts(opts.known_hosts),
                                   connect_timeout=opts.connect_timeout, client_factory=_client_factory(opts, res))
@@ -604,7 +614,7 @@ async def _deploy_host(spec: HostSpec, job: DeployJob, opts: SSHOptions, res: Ho
         res.skipped = [sha for sha in job.objects if sha in have]
         res.attempt = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
         _check_space(job, prep, missing)
-        import asyncssh
+        asyncssh = _asyncssh()
 
         try:
             await _copy(run, missing)
@@ -675,12 +685,8 @@ async def _fleet(specs: list[HostSpec], work, *, concurrency: int, host_timeout:
 
 def _require_asyncssh() -> None:
     """Before any host is read or contacted: the SSH client is an optional dependency (edgeres[deploy])."""
-    import warnings
-
     try:
-        with warnings.catch_warnings():   # asyncssh still names DSA: 5 deprecation warnings on every command
-            warnings.filterwarnings("ignore", message="DSA is deprecated")
-            import asyncssh  # noqa: F401
+        _asyncssh()
     except ImportError:
         raise BackendUnavailable("deploying over SSH needs asyncssh: pip install 'edgeres[deploy]' (nothing was "
                                  "sent to any device)") from None
