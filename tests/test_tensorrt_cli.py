@@ -74,6 +74,13 @@ def _cache(tmp_path):
     (["--trt-version", "8.5", "--version-compatible"], "needs TensorRT 8.6"),
     (["--trt-version", "7.1"], "not supported"),
     (["--trt-version", "10.3", "--batch", "8,1,2"], "min <= opt <= max"),
+    # issue 36: no DLA from 11.5 (nor anything on a Jetson), 11.4.1's DLA on AGX Orin only
+    (["--trt-version", "11.5", "--jetson", "--dla-core", "0", "--batch", "1"], "no DLA support"),
+    (["--trt-version", "11.5", "--jetson"], "is not for Jetson"),
+    (["--trt-version", "11.4.1", "--jetson", "--jetson-module", "orin-nx", "--dla-core", "0", "--batch", "1"],
+     "DLA on Jetson AGX Orin only"),
+    (["--trt-version", "11.4.1", "--jetson", "--dla-core", "0", "--batch", "1"], "--jetson-module agx-orin"),
+    (["--trt-version", "10.3", "--jetson-module", "agx-orin"], "needs --jetson"),
 ])
 def test_refusals_are_one_line(tmp_path, args, message):
     onnx_path = tiny_onnx(tmp_path / "m.onnx")
@@ -81,6 +88,24 @@ def test_refusals_are_one_line(tmp_path, args, message):
     assert r.exit_code == 1
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0]
+
+
+def test_help_texts_say_what_each_version_does():
+    """Issue 36: the device runtime's --dla-core help matches the plan (GPU fallback for the listed layers); compile's
+    --fp16/--int8 help names the strongly typed path and the 10.12 deprecation."""
+    import contextlib
+    import io
+
+    from edgeres.deploy import device_runtime as rt
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+        rt.parse_args(["--help"])
+    text = " ".join(buf.getvalue().split())
+    assert "no GPU fallback" not in text and "fall back to the GPU" in text
+    assert rt.parse_args([]).workspace_mb is None   # the plan's workspace, on both build paths
+    r = run("compile", "--help")
+    assert "deprecated since 10.12" in " ".join(r.output.split()) and "strongly typed" in r.output
 
 
 def test_missing_onnx_is_clear(tmp_path):

@@ -19,7 +19,7 @@ from edgeres.tensorrt.options import CompileOptions, parse_batch, precision_from
 from edgeres.tensorrt.sidecar import trtexec_script_path
 from edgeres.tensorrt.status import tensorrt_status
 from edgeres.tensorrt.trtexec import format_command
-from edgeres.tensorrt.versions import calib_version_tag, capabilities, dla_rule_text
+from edgeres.tensorrt.versions import JETSON_MODULES, calib_version_tag, capabilities, dla_rule_text
 
 PLAN_TARGET_WITHOUT_TRT = "10.3"   # JetPack 6.1/6.2: the trtexec spelling printed when TensorRT is absent
 JETSON_DLA_CORES = 2               # Xavier / Orin AGX / Orin NX 16GB, for planning a DLA build off-device
@@ -46,8 +46,11 @@ def _write_plan(out: str, plan: dict, force: bool) -> str | None:
 @click.command("compile")
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="ONNX model to compile.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Engine file to write (model.plan).")
-@click.option("--fp16", is_flag=True, help="Allow FP16 kernels (TensorRT <= 10.x).")
-@click.option("--int8", is_flag=True, help="INT8: from the Q/DQ ONNX, or an FP32 ONNX with --calib-cache.")
+@click.option("--fp16", is_flag=True,
+              help="Allow FP16 kernels (weak typing: TensorRT 8.5 to 10.x, deprecated since 10.12, gone in 11).")
+@click.option("--int8", is_flag=True, help="INT8: from the Q/DQ ONNX (strongly typed with no precision flag on 10.x and "
+                                           "11.x, the --int8 flag on 8.5/8.6), or an FP32 ONNX with --calib-cache "
+                                           "(implicit INT8, TensorRT <= 10.x).")
 @click.option("--dla-core", type=click.IntRange(0), default=None,
               help=f"Run on this DLA core (Jetson; {dla_rule_text()}).")
 @click.option("--gpu-fallback", is_flag=True, help="With --dla-core: layers DLA cannot run go to the GPU.")
@@ -61,17 +64,19 @@ def _write_plan(out: str, plan: dict, force: bool) -> str | None:
 @click.option("--calib-cache", type=click.Path(dir_okay=False), default=None,
               help="TensorRT calibration cache for implicit INT8 of an FP32 ONNX (see `edgeres calib-cache`).")
 @click.option("--strongly-typed/--no-strongly-typed", default=None,
-              help="Strongly typed network (10.x option; always on in 11.x).")
+              help="Strongly typed network (10.x: on by default for INT8 from a Q/DQ ONNX; always on in 11.x).")
 @click.option("--trt-version", default=None,
               help="Plan for this TensorRT (8.5, 8.6, 10.3, 11...) without building: validate and write the "
                    "trtexec command only.")
-@click.option("--jetson", is_flag=True, help="With --trt-version: the target is a Jetson (DLA allowed).")
+@click.option("--jetson", is_flag=True, help="With --trt-version: the target is a Jetson (DLA where NVIDIA ships it).")
+@click.option("--jetson-module", type=click.Choice(sorted(JETSON_MODULES)), default=None,
+              help="With --jetson: which module (DLA differs: 11.4.1 has it on agx-orin only).")
 @click.option("--print-trtexec", is_flag=True, help="Print the equivalent trtexec command.")
 @click.option("--force", is_flag=True, help="Replace an existing engine / trtexec script.")
 @json_option
 def compile_cmd(onnx_path, out, fp16, int8, dla_core, gpu_fallback, workspace, batch, timing_cache,
                 version_compatible, hardware_compatibility, sparsity, calib_cache, strongly_typed, trt_version,
-                jetson, print_trtexec, force, as_json) -> None:
+                jetson, jetson_module, print_trtexec, force, as_json) -> None:
     """Compile an ONNX model into a TensorRT engine with a sidecar and the equivalent trtexec command."""
 
     check_engine_out(out)
@@ -82,8 +87,10 @@ def compile_cmd(onnx_path, out, fp16, int8, dla_core, gpu_fallback, workspace, b
                     hardware_compatibility, sparsity, calib_cache, strongly_typed)
     if trt_version:
         refuse_overwrite(trtexec_script_path(out), force)   # before planning: exit 1, nothing written
+        if jetson_module and not jetson:
+            raise ConfigError("--jetson-module needs --jetson (the target is a Jetson)")
         plan = plan_compile(onnx_path, out, opts, trt_version=trt_version, is_jetson=jetson,
-                            dla_cores=JETSON_DLA_CORES if jetson else 0)
+                            dla_cores=JETSON_DLA_CORES if jetson else 0, jetson_module=jetson_module)
         plan["trtexec_script"] = _write_plan(out, plan, force)
         emit(plan, as_json, lambda: "\n".join(
             [f"warning: {w}" for w in plan["warnings"]] + [format_command(plan["trtexec"])]
