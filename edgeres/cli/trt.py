@@ -48,9 +48,9 @@ def _write_plan(out: str, plan: dict, force: bool) -> str | None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Engine file to write (model.plan).")
 @click.option("--fp16", is_flag=True,
               help="Allow FP16 kernels (weak typing: TensorRT 8.5 to 10.x, deprecated since 10.12, gone in 11).")
-@click.option("--int8", is_flag=True, help="INT8: from the Q/DQ ONNX (strongly typed with no precision flag on 10.x and "
-                                           "11.x, the --int8 flag on 8.5/8.6), or an FP32 ONNX with --calib-cache "
-                                           "(implicit INT8, TensorRT <= 10.x).")
+@click.option("--int8", is_flag=True,
+              help="INT8: from the Q/DQ ONNX (strongly typed with no precision flag on 10.x and 11.x, the --int8 flag "
+                   "on 8.5/8.6), or an FP32 ONNX with --calib-cache (implicit INT8, TensorRT <= 10.x).")
 @click.option("--dla-core", type=click.IntRange(0), default=None,
               help=f"Run on this DLA core (Jetson; {dla_rule_text()}).")
 @click.option("--gpu-fallback", is_flag=True, help="With --dla-core: layers DLA cannot run go to the GPU.")
