@@ -402,3 +402,22 @@ def test_host_key_message_names_the_jump_host(tmp_path):
         "CHANGED" in changed
     unknown = _host_key_message(spec, opts, res, "Host key is not trusted for host 10.0.0.7")
     assert unknown.startswith("host key of jetson7 is unknown") and "jump host" not in unknown
+
+
+def test_dropped_connection_noise_is_filtered(caplog):
+    """asyncio's "socket.send() raised exception." (once per write to a lost connection: 19 lines for one dropped
+    device) is left out while a fleet command runs; its other warnings are not."""
+    import logging
+
+    from edgeres.deploy.ssh import _run_quietly
+
+    async def noisy() -> None:
+        for _ in range(19):
+            logging.getLogger("asyncio").warning("socket.send() raised exception.")
+        logging.getLogger("asyncio").warning("something else")
+
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        _run_quietly(noisy())
+        logging.getLogger("asyncio").warning("socket.send() raised exception.")   # outside a fleet command: kept
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == \
+        ["something else", "socket.send() raised exception."]

@@ -245,10 +245,13 @@ def test_a_failed_check_switches_back_and_says_why(bundles, tmp_path):
     v1, v2 = bundles[:2]
     d = Device(tmp_path / "dev")
     _, one = d.run("install", "--from", str(v1), "--attempt", "a1")
-    d.run("activate", one["release"], "--attempt", "a1")
+    assert d.run("activate", one["release"], "--attempt", "a1")[1]["switched"] is True
+    _, same = d.run("install", "--from", str(v1), "--attempt", "a1b")   # the release already running
+    code, out = d.run("activate", one["release"], "--attempt", "a1b")
+    assert code == 0 and out["activated"] and out["switched"] is False and d.current() == one["release"]
     _, two = d.run("install", "--from", str(v2), "--attempt", "a2")
     code, out = d.run("activate", two["release"], "--attempt", "a2", "--health-check", "echo no camera >&2; exit 5")
-    assert code == 1 and not out["activated"] and out["outcome"] == "fell back", out
+    assert code == 1 and not out["activated"] and not out["switched"] and out["outcome"] == "fell back", out
     assert out["reason"] == "health check failed: exit 5: no camera" and out["current"] == one["release"]
     assert d.current() == one["release"] and d.run("status")[1]["install_pending"] is None
     code, again = d.run("activate", two["release"], "--attempt", "a2")   # used once: install again to retry

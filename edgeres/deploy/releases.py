@@ -24,7 +24,8 @@ The update's life cycle, the same on every path (SSH, Ansible, Mender, a flashed
               verification against the probe, then the health-check command: --health-check, else the bundle's
               manifest "health_check"), then commit (result.json, history, trial.json removed) only when the check
               passed and the window is still open; otherwise switch back by itself and record why. Exit 0 committed,
-              1 fell back, 2 refused (nothing switched: superseded, busy, deadline passed, connection gone)
+              1 fell back, 2 refused (nothing switched: superseded, busy, deadline passed, connection gone);
+              "switched" in its JSON: committed and `current` changed (false for the release already running)
     flashed   `edgeres rootfs` leaves a first-boot trial: the boot unit's verify-current checks it the same way
 A trial whose activation died (killed, power cut) is undone by the next transaction on the device.
 
@@ -740,7 +741,8 @@ def activate(root: Path, state: Path, rid: str, *, attempt: str | None, python: 
             _try_record(state, attempt, rid, str(e))
         raise
     return ({"action": "activate", "release": rid, "attempt": attempt, "activated": not why, "outcome":
-             record["outcome"], "reason": why, "current": _target(root, "current"),
+             record["outcome"], "reason": why, "switched": not why and trial["current_before"] != rid,
+             "current": _target(root, "current"),
              "previous": _target(root, "previous"), "check": {"verification": result.get("status"),
                                                               "health": checked},
              "result": result, "pruned": pruned, "units": units, "undone": undone}, EXIT_GATE if why else EXIT_OK)
