@@ -791,7 +791,7 @@ class TestExitCodesAndFormats:
         r = CliRunner().invoke(main, [*args, "--json"])
         doc = json.loads(r.stdout)
         assert r.exit_code == 1 and [h["outcome"] for h in doc["hosts"]] == ["failed"], r.output
-        assert doc["summary"] == {"ok": 0, "failed": 1, "skipped": 0, "duplicate": 0}
+        assert doc["summary"] == {"ok": 0, "failed": 1, "unknown": 0, "skipped": 0, "duplicate": 0}
         r = CliRunner().invoke(main, [*args, "--jsonl"])
         lines = [json.loads(line) for line in r.stdout.splitlines()]
         assert [e["event"] for e in lines] == ["host", "summary"] and lines[0]["outcome"] == "failed", r.output

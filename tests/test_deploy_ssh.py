@@ -118,7 +118,7 @@ def test_rollback_and_status_for_the_fleet(bundles, fleet):
     r = CliRunner().invoke(main, ["status", *sum((["--host", h] for h in hosts), []), *fleet.cli_args(), "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)   # one document: every host, then the counts
-    assert doc["summary"] == {"ok": len(hosts), "failed": 0, "skipped": 0, "duplicate": 0}
+    assert doc["summary"] == {"ok": len(hosts), "failed": 0, "unknown": 0, "skipped": 0, "duplicate": 0}
     rows = {row["host"]: row for row in doc["hosts"]}
     assert set(rows) == set(hosts)
     assert rows[d.alias]["result"]["current"] == first.release
@@ -363,11 +363,11 @@ def test_operator_output_a_line_per_host_then_a_table(bundles, fleet, tmp_path):
     r = CliRunner().invoke(main, [*args, "--jsonl"])   # the streaming form: a line per host, then the counts
     events = [json.loads(line) for line in r.stdout.splitlines()]
     assert [e.get("outcome") for e in events[:2]] == ["failed", "skipped"]
-    assert events[-1] == {"event": "summary", "ok": 0, "failed": 1, "skipped": 1, "duplicate": 0}
+    assert events[-1] == {"event": "summary", "ok": 0, "failed": 1, "unknown": 0, "skipped": 1, "duplicate": 0}
     r = CliRunner().invoke(main, [*args, "--json"])   # one document
     doc = json.loads(r.stdout)
     assert r.exit_code == 1 and [h["outcome"] for h in doc["hosts"]] == ["failed", "skipped"]
-    assert doc["summary"] == {"ok": 0, "failed": 1, "skipped": 1, "duplicate": 0}
+    assert doc["summary"] == {"ok": 0, "failed": 1, "unknown": 0, "skipped": 1, "duplicate": 0}
 
 
 def test_no_space_is_said_before_the_copy():

@@ -156,6 +156,9 @@ def test_no_answer_is_unknown_and_the_next_command_reads_it_back(bundles, fleet,
         [r] = _deploy(v2, [d.alias], fleet, host_timeout=15, remote_python=str(python))
         assert (tmp_path / "waiting").exists()
         assert not r.ok and r.activation == "unknown" and "UNKNOWN" in r.message, r.message
+        from edgeres.deploy.fleet_output import summary
+
+        assert r.outcome == "unknown" and r.counts_as_failure and summary([r]) == "0 ok, 0 failed, 1 unknown"
         journal = json.loads((fleet.base / "activations.json").read_text())
         assert [e["attempt"] for e in journal.values()] == [r.attempt]
     finally:

@@ -223,9 +223,10 @@ def _finish(results, form: str, text) -> None:
         click.echo(json.dumps({"event": "summary", **counts}, sort_keys=True))
     else:
         click.echo(text(results))
-    bad = [r for r in results if r.outcome in ("failed", "skipped")]
+    bad = [r for r in results if r.outcome in ("failed", "unknown", "skipped")]
     if bad:
-        click.echo(f"Error: {counts['failed']} of {len(results)} hosts failed, {counts['skipped']} skipped: "
+        unknown = f", {counts['unknown']} unknown" if counts["unknown"] else ""
+        click.echo(f"Error: {counts['failed']} of {len(results)} hosts failed{unknown}, {counts['skipped']} skipped: "
                    + ", ".join(f"{r.host} ({r.outcome})" for r in bad), err=True)
         sys.exit(1)
 

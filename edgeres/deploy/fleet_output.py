@@ -1,6 +1,7 @@
 """What an operator sees during and after a fleet command: one line per host as it finishes (or one JSON line with
---jsonl), then a table and the counts (ok, failed, skipped, duplicate): a host never attempted is skipped, not
-failed. --json prints one document at the end instead: {"hosts": [...], "summary": {...}}."""
+--jsonl), then a table and the counts (ok, failed, unknown, skipped, duplicate): a host never attempted is skipped, not
+failed; a host whose activation never answered is unknown (the next deploy or status reads it back). --json prints
+one document at the end instead: {"hosts": [...], "summary": {...}}."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from typing import Any
 
 from edgeres.deploy.ssh import HostResult
 
-OUTCOMES = ("ok", "failed", "skipped", "duplicate")
+OUTCOMES = ("ok", "failed", "unknown", "skipped", "duplicate")
 
 
 def _fmt(v: Any, spec: str) -> str:

@@ -142,10 +142,18 @@ class HostResult:
 
     @property
     def outcome(self) -> str:
-        """ok, failed, skipped (never attempted), duplicate (the same device as another host)."""
+        """ok, failed, unknown (the activation's answer never came: read back next time), skipped (never
+        attempted), duplicate (the same device as another host)."""
         if self.ok:
             return "ok"
+        if self.activation == "unknown":
+            return "unknown"
         return self.stage if self.stage in ("skipped", "duplicate") else "failed"
+
+    @property
+    def counts_as_failure(self) -> bool:
+        """What --max-failures and a canary count: a failure, or an activation whose outcome is not known."""
+        return self.outcome in ("failed", "unknown")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "outcome": self.outcome}
@@ -668,13 +676,13 @@ async def _fleet(specs: list[HostSpec], work, *, concurrency: int, host_timeout:
             except Exception as e:  # noqa: BLE001 - asyncssh/OS errors; one host's failure stays its own
                 res.message = f"{res.stage}: {_describe(e)}"
             res.duration_s = round(time.monotonic() - t0, 3)
-            if res.outcome == "failed":
+            if res.counts_as_failure:
                 failures += 1
             done(res)
 
     first, rest = specs[:canary], specs[canary:]
     await asyncio.gather(*(one(s) for s in first))
-    if canary and any(results[s.label].outcome == "failed" for s in first):
+    if canary and any(results[s.label].counts_as_failure for s in first):
         for s in rest:
             results[s.label].stage, results[s.label].message = "skipped", "not attempted: a canary host failed"
             done(results[s.label])
