@@ -44,12 +44,14 @@ README = f"""edgeres on this device
 {INSTALL_DIR}/releases/  installed releases; `previous` points at the one before (rollback)
 {UNIT_DIR}/{TIMER_NAME}  verifies the current release 30 s after boot (engine build only when needed)
 {RESULT_PATH}  the last passed result of the current release (absent: pending, not verified yet)
+{STATE_DIR}/trial.json  present until the first boot's check commits this release (or switches back)
+{STATE_DIR}/activations/ how each activation and first-boot check ended, and why
 {STATE_DIR}/attempts/    every verification attempt, passed or not
 {STATE_DIR}/engines/     engines, cached by device + TensorRT version + ONNX sha256
 
 Verify by hand:  sudo python3 {CURRENT_DIR}/releases.py verify-current
 Status:          python3 {CURRENT_DIR}/releases.py status; systemctl status {UNIT_NAME}
-Roll back:       sudo python3 {CURRENT_DIR}/releases.py rollback   (or `edgeres rollback --host` from the host)
+Roll back:       sudo python3 {CURRENT_DIR}/releases.py rollback [--to RELEASE]   (or `edgeres rollback --host`)
 """
 
 
