@@ -387,3 +387,50 @@ print(res.record.status, Path(res.record.metrics["engine"]["onnx"]).name)
         assert p.stdout.split()[-1] == expect, p.stdout
     with pytest.raises(ConfigError, match="is missing"):
         documented_form(inputs.int8_onnx, "8.5.2", tmp_path / "elsewhere")
+
+
+# ------------------------------------------------------------------------------------------- issue 36
+def test_strongly_typed_dla_plan_refuses_a_layer_left_in_fp32(tmp_path, inputs):
+    """A Q/DQ model whose Conv has no DequantizeLinear in front of it would run that Conv in FP32 when strongly typed
+    (11.4.1 DLA): DLA has no FP32 and the plan does not list it as GPU fallback, so the host refuses the entry."""
+    model = load_onnx(inputs.int8_onnx)
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    conv.input[0] = "input"   # bypass the input Q/DQ: the Conv now takes FP32 activations
+    bad = tmp_path / "fp32conv.onnx"
+    onnx.save(model, str(bad))
+    plan = device_plan(PlanInputs("model_fp32.onnx", "fp32conv.onnx", inputs.fp32_onnx, bad), batch=2)
+    why = entry(plan, "11.4.1", "int8", "dla")["refused"]
+    assert why and "conv" in why and "FP32" in why and "\n" not in why
+    assert entry(device_plan(inputs, batch=2), "11.4.1", "int8", "dla")["refused"] is None
+
+
+def test_device_asks_tensorrt_before_a_dla_build(tmp_path, monkeypatch):
+    """engine_build checks each layer's DLA capability before building (can_run_on_DLA on 10.3; the parser's report
+    on 10.16+/11.x) and refuses a layer the plan does not let fall back."""
+    monkeypatch.setenv("EDGERES_EMULATED_JETSON", "orin")
+    fp32 = tiny_onnx(tmp_path / "m.onnx")
+    with pytest.raises(engine_build.BuildError, match="does not let fall back"):
+        engine_build.build_engine(fp32, tmp_path / "e.plan", trt=build_module("10.3"), precision="fp16", dla_core=0,
+                                  gpu_fallback=True, batch=(2, 2, 2), dla_gpu_layers=[], device={"device": "emu"})
+    from edgeres.check import load_onnx as load
+    from edgeres.tensorrt.dla import gpu_layers
+
+    planned = [{"node": g["node"], "index": g["index"]} for g in gpu_layers(load(fp32))]
+    info = engine_build.build_engine(fp32, tmp_path / "e.plan", trt=build_module("10.3"), precision="fp16",
+                                     dla_core=0, gpu_fallback=True, batch=(2, 2, 2), dla_gpu_layers=planned,
+                                     device={"device": "emu"})
+    assert info["dla_capability"]["method"] == "IBuilderConfig.can_run_on_DLA"
+    assert len(info["dla_capability"]["gpu_layers"]) == 3
+
+
+def test_device_refuses_a_desktop_only_target_on_a_jetson(tmp_path, inputs):
+    from edgeres.deploy import device_runtime as rt
+
+    manifest = {"tensorrt_plan": device_plan(inputs, batch=2)}
+    e = rt.plan_entry(manifest, "11.5.0", "fp32", "gpu")
+    jetson = {"tensorrt": "11.5.0", "l4t": "38.4.0", "model": "NVIDIA Jetson AGX Orin Developer Kit"}
+    with pytest.raises(rt.BundleError, match="no JetPack release"):
+        rt.check_platform(jetson, e, manifest, "gpu")
+    rt.check_platform({"tensorrt": "11.5.0", "l4t": None, "model": None}, e, manifest, "gpu")   # a desktop
+    rt.check_platform({**jetson, "tensorrt": "11.4.1"}, rt.plan_entry(manifest, "11.4.1", "fp32", "gpu"), manifest,
+                      "gpu")

@@ -78,6 +78,7 @@ def gpu_layers(model: Any, *, explicit_quantization: bool = True) -> list[dict[s
 
 # layers TensorRT keeps in INT8 after a quantized producer (fused into it or taking its INT8 output)
 INT8_FOLLOWERS = ACTIVATIONS | POOLING | {"Add"}
+WEIGHTED = {"Conv", "ConvTranspose", "Gemm"}   # input 0 is the activation, the others weights and bias
 
 
 def fp32_nodes(model: Any, gpu_nodes: set[str]) -> list[str]:
@@ -94,7 +95,8 @@ def fp32_nodes(model: Any, gpu_nodes: set[str]) -> list[str]:
         name = node.name or f"{node.op_type}_{i}"
         if node.op_type in QDQ or node.op_type == "Constant":
             continue
-        srcs = [producer.get(x) for x in node.input if x and x not in inits]
+        data = node.input[:1] if node.op_type in WEIGHTED else node.input   # a weight's own Q/DQ is not activation
+        srcs = [producer.get(x) for x in data if x and x not in inits]
         fed_dq = any(s is not None and s.op_type == "DequantizeLinear" for s in srcs)
         fed_int8 = any(s is not None and (s.name or "") in int8 for s in srcs)
         if fed_dq or (node.op_type in INT8_FOLLOWERS and fed_int8):

@@ -975,7 +975,8 @@ def _dla_layer_problem(layer, network, typed: bool) -> str | None:
     made_by = {o: lay for lay in network._layers for o in lay._outputs}
     int8: set = set()
     for lay in network._layers:
-        src = [made_by.get(x) for x in lay._inputs]
+        data = lay._inputs[:1] if lay.type.name in ("CONVOLUTION", "MATRIX_MULTIPLY") else lay._inputs   # not weights
+        src = [made_by.get(x) for x in data]
         if any(s is not None and s.type.name == "DEQUANTIZE" for s in src) or (
                 lay.type.name in ("ACTIVATION", "POOLING", "ELEMENTWISE") and any(s is not None and s.name in int8
                                                                                    for s in src)):
