@@ -243,26 +243,35 @@ def test_interrupting_the_play_aborts_the_device_side(fleet, bundle, tmp_path, s
 
 
 def test_a_release_whose_health_check_fails_is_rolled_back_by_the_device(fleet, bundle, tmp_path):
-    """The Ansible path of the update's life cycle: the device switches, runs the bundle's health check, and
-    switches back by itself when it fails; the play reports the host failed ('fell back'), nothing changed."""
+    """The Ansible path of the update's life cycle: each device switches, runs the bundle's health check, and
+    commits, or switches back by itself when the check fails (here on the device with $HOME/unwell): that host is
+    failed with the device's reason on one line, the other one committed in the same batch is done (not in the
+    retry file)."""
     from edgeres.deploy.bundle import make_bundle
 
-    d = fleet.devices[0]
-    good = _project(fleet, bundle, tmp_path / "good", [d.alias], fleet.config, "1")
+    sick_one, well_one = fleet.devices[:2]
+    hosts = [sick_one.alias, well_one.alias]
+    good = _project(fleet, bundle, tmp_path / "good", hosts, fleet.config, "100%")
     p = _play(tmp_path / "good")
-    assert p.returncode == 0 and current_release(d) == good["release"], p.stdout[-3000:]
+    assert p.returncode == 0 and {current_release(d) for d in (sick_one, well_one)} == {good["release"]}, \
+        p.stdout[-3000:]
+    (sick_one.home / "unwell").touch()
     sick_bundle = make_bundle(bundle.parent.parent / "runs" / "tiny", tmp_path / "sick-bundle", probe_size=8,
-                              health_check="echo 'camera not found' >&2; exit 3")
-    sick = _project(fleet, sick_bundle, tmp_path / "sick", [d.alias], fleet.config, "1")
+                              health_check="if [ -e \"$HOME/unwell\" ]; then echo 'camera not found' >&2; exit 3; fi")
+    sick = _project(fleet, sick_bundle, tmp_path / "sick", hosts, fleet.config, "100%")
     assert sick["release"] != good["release"]
     p = _play(tmp_path / "sick")
     assert p.returncode != 0
     said = f"fell back: health check failed: exit 3: camera not found; the device runs {good['release']}"
     assert said in p.stdout, p.stdout[-3000:]   # one line, the device's reason
-    assert current_release(d) == good["release"]   # switched back by the device itself
-    record = json.loads(max((d.state / "activations").glob("*.json"), key=lambda f: f.stat().st_mtime).read_text())
+    assert current_release(sick_one) == good["release"]   # switched back by the device itself
+    record = json.loads(max((sick_one.state / "activations").glob("*.json"),
+                            key=lambda f: f.stat().st_mtime).read_text())
     assert record["release"] == sick["release"] and record["outcome"] == "fell back", record
-    assert _recap(p.stdout)[d.alias]["changed"] == 0 and _retry(tmp_path / "sick") == [d.alias]
+    assert current_release(well_one) == sick["release"]   # its check passed: committed
+    recap = _recap(p.stdout)
+    assert (recap[sick_one.alias]["changed"], recap[well_one.alias]["changed"]) == (0, 1), recap
+    assert _retry(tmp_path / "sick") == [sick_one.alias]
 
 
 def test_bad_options_are_one_line_errors(bundle, tmp_path):

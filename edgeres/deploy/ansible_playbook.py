@@ -109,11 +109,11 @@ def _serial(items: tuple[str, ...]) -> list[Any]:
 
 
 def _background(step: str, what: str, argv: list[str], *, register: str, ok: str, fail_msg: str,
-                **extra) -> list[dict]:
+                answer: dict | None = None, **extra) -> list[dict]:
     """A long device-side step (install, activate) as three tasks: started in the background (async; Ansible's
-    connection may come and go), polled until it prints its JSON, and failed with one line unless `ok`. Each poll
-    touches the heartbeat; WATCH holds the step's stdin and closes it when the polls stop (releases.py
-    --abort-on-stdin-eof: no install, no switch)."""
+    connection may come and go), polled until it prints its JSON, and the device's answer: failed with one line
+    unless `ok` (`answer`: more keys for that task). Each poll touches the heartbeat; WATCH holds the step's stdin and
+    closes it when the polls stop (releases.py --abort-on-stdin-eof: no install, no switch)."""
     job = f"{{{{ edgeres_state }}}}/ansible/{{{{ edgeres_attempt }}}}-{step}"
     py = "{{ edgeres_python }}"
     return [
@@ -125,7 +125,8 @@ def _background(step: str, what: str, argv: list[str], *, register: str, ok: str
          "until": f"{register}.stdout | length > 0", "delay": "{{ edgeres_poll_s | int }}",
          "retries": "{{ ((edgeres_host_timeout | int + 60) / (edgeres_poll_s | int)) | round(0, 'ceil') | int }}",
          "failed_when": False, "changed_when": False, **extra},
-        {"name": f"{step}: the device's answer", "ansible.builtin.fail": {"msg": fail_msg}, "when": f"not ({ok})"},
+        {"name": f"{step}: the device's answer",
+         "ansible.builtin.assert": {"that": ok, "fail_msg": fail_msg, "quiet": True}, **(answer or {})},
     ]
 
 
@@ -223,13 +224,15 @@ def playbook(bundle: Path, *, release: str, serial: list[Any], max_fail_percenta
                                       f"'reason') or {activated}.get('error') }}}}; the device runs "
                                       f"{{{{ {activated}.get('current') or 'no release' }}}}",
                              changed_when=f"{status}.current != edgeres_release and edgeres_activate.stdout "
-                                          f"| length > 0 and {activated}.get('activated')"),
+                                          f"| length > 0 and {activated}.get('activated')",
+                             # done (the retry file) in the very task that fails another host of the batch
+                             answer={"register": DONE_REGISTER}),
             ],
              # already running and committed: nothing to do (a second run changes nothing and verifies nothing)
              "when": f"not ansible_check_mode and not ({status}.current == edgeres_release and not "
                      f"{status}.pending and not {status}.trial)"},
-            {"name": "done", "ansible.builtin.debug": {"msg": "{{ edgeres_release }} runs, committed"},
-             "register": DONE_REGISTER, "when": "not ansible_check_mode"},
+            {"name": "already done", "ansible.builtin.debug": {"msg": "{{ edgeres_release }} runs, committed"},
+             "register": DONE_REGISTER, "when": f"not ansible_check_mode and {DONE_REGISTER} is skipped"},
             {"name": "the batch stayed within max_fail_percentage", **batch_check},
         ],
     }]

@@ -4,9 +4,10 @@ file lists every host of the play that is not done, not only the failed ones.
 Ansible's own retry file names the failed and unreachable hosts; the hosts of the batches a stopped rollout never
 reached (max_fail_percentage, any_errors_fatal, Ctrl-C) are missing from it, so `--limit @retry/deploy.retry` would
 leave them on the old release. This plugin writes RETRY_DIR/<playbook>.retry itself (ansible.cfg turns Ansible's
-own off): every host of the play (the play's first task reports them, --limit applied) that has not reached the
-play's `done` task (running the release, committed), rewritten atomically after each event, so an interrupted run
-leaves it right too; deleted when every host is done. Check mode writes nothing (a check changes nothing).
+own off): every host of the play (the play's first task reports them, --limit applied) for which no task
+registering DONE_REGISTER succeeded (the device's answer to activate: committed; or the release already ran,
+committed), rewritten atomically after each event, so an interrupted run leaves it right too; deleted when every
+host is done. Check mode writes nothing (a check changes nothing).
 
 Standalone: imports only Ansible (it runs inside ansible-playbook, which may not have edgeres installed).
 """
@@ -20,7 +21,7 @@ from ansible import context
 from ansible.plugins.callback import CallbackBase
 
 PLAY_HOSTS_FACT = "edgeres_play_hosts"     # set by the play's first task: ansible_play_hosts_all (--limit applied)
-DONE_REGISTER = "edgeres_done"             # the play's last task for a host that runs the release, committed
+DONE_REGISTER = "edgeres_done"             # a task that succeeds only on a host running the release, committed
 RETRY_DIR = "retry"
 
 
