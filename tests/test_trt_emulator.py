@@ -139,7 +139,7 @@ def test_trtexec_85_accepts_only_its_own_options(tmp_path):
     """Symptom 2: trtexec 8.5.2 knows --buildOnly, not --skipInference; the stand-in fails on an unknown option
     exactly as trtexec does, and our argv for each version uses only that version's options."""
     from test_tensorrt_trtexec import tiny_onnx
-    from trt_emulator.trtexec import accepted_options
+    from trt_emulator.trtexec import accepted_options, deprecated_options
 
     from edgeres.tensorrt.targets import PlanInputs, device_plan
 
@@ -149,12 +149,19 @@ def test_trtexec_85_accepts_only_its_own_options(tmp_path):
                        text=True)
     assert p.returncode != 0 and "Unknown option: --skipInference" in p.stdout
     plan = device_plan(PlanInputs("m.onnx", "m.onnx", onnx, onnx), batch=4)
-    for v, target in (("8.5.2", "8.5"), ("8.6", "8.6"), ("10.3", "10.3"), ("10.16", "10"), ("11.0", "11")):
+    for v, target in (("8.5.2", "8.5"), ("8.6", "8.6"), ("10.3", "10.3"), ("10.16", "10"), ("11.0", "11"),
+                      ("11.4.1", "11.4.1")):
         known = accepted_options(v)
         for entry in plan["entries"]:
             if entry["target"] == target and not entry["refused"]:
                 flags = {a.split("=")[0] for a in entry["trtexec"][1:]}
                 assert flags <= known, (v, flags - known)
+                # issue 36: no deprecated flag, except --fp16 on 10.12+ (weak typing's only FP16 path for an FP32
+                # ONNX), which the entry's warnings (and its script) name
+                used = deprecated_options(v) & flags
+                assert used <= {"--fp16"}, (v, used)
+                if used:
+                    assert any("deprecated since 10.12" in w for w in entry["warnings"]), entry["warnings"]
 
 
 def test_int8_is_the_same_build_on_both_paths(bundle):

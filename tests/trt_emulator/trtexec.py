@@ -32,6 +32,15 @@ def accepted_options(version: str) -> set[str]:
     return names
 
 
+def deprecated_options(version: str) -> set[str]:
+    """Options the version's table marks deprecated (trtexec --help / parser warnings)."""
+    names = set()
+    for line in (API / SURFACE.get(version, version) / "trtexec_options.txt").read_text().splitlines():
+        if line.startswith("-") and "deprecated" in line.split("\t", 1)[-1]:
+            names.add(line.split("\t")[0].strip())
+    return names
+
+
 def _shape(text: str) -> tuple[str, tuple[int, ...]]:
     name, _, dims = text.rpartition(":")
     return name, tuple(int(d) for d in dims.split("x"))
