@@ -5,7 +5,8 @@ Ansible already runs (inventory groups, `serial` batches, `max_fail_percentage`,
     OUT/ansible.cfg        inventory, host key checking on, pipelining, forks = a whole batch (up to MAX_FORKS),
                            the edgeres_retry callback instead of Ansible's own retry file
     OUT/inventory.ini      group [edgeres]: one line per device, as given (an ssh_config alias works)
-    OUT/deploy.yml         the play: reach -> prepare -> copy the missing files -> install (async, polled) -> activate
+    OUT/deploy.yml         the play: reach -> status -> prepare -> copy the missing files -> install -> activate
+                           (install and activate run in the background on the device, polled)
     OUT/bundle/            a copy of the bundle (the playbook ships from here)
     OUT/releases.py        the device side: this edgeres's copy, the one `edgeres deploy` sends
     OUT/callback_plugins/edgeres_retry.py   ansible_retry.py: retry/deploy.retry lists every host not done
@@ -13,18 +14,23 @@ Ansible already runs (inventory groups, `serial` batches, `max_fail_percentage`,
                            (unchanged since), never a file the user or Ansible added (group_vars/, retry/...)
 
 The device side is releases.py, so the transaction is the same: install stages and verifies under the device's lock
-and time limit and never switches; the play's `activate` task, which runs only after the host's install passed,
-switches. The release id is the bundle's (the same from SSH, Mender and rootfs), and `edgeres status` reads the state.
+and time limit and never switches; `activate`, started only after the host's install passed (and the batch is within
+max_fail_percentage), switches, checks the release as it runs (engine verification, health check) and commits, or
+switches back by itself (the host fails with the device's reason). The release id is the bundle's (the same from SSH,
+Mender and rootfs), and `edgeres status` reads the state.
 
 What operators expect of a play, and how this one does it:
 - an unreachable host counts against max_fail_percentage (Ansible only drops it): a reachability assertion fails it
   before anything is installed, and an assertion before and after `activate` counts the hosts the batch lost;
   max_fail_percentage 0 also sets any_errors_fatal;
 - `--check` runs: a read-only `status` (releases.py sent on stdin) reports per host whether the release would switch;
-- `changed` means the release switched on that host: a second run reports 0 changed;
-- Ctrl-C (or kill -9, or a lost network) aborts the device's install: the async install's stdin is held by a
+- `changed` means the release switched on that host (committed): a host already running the release, committed,
+  skips copy, install and activate, so a second run reports 0 changed and verifies nothing again;
+- Ctrl-C (or kill -9, or a lost network) aborts what the device is doing: the background step's stdin is held by a
   watcher that closes it when the controller's polls stop (HEARTBEAT_S), and releases.py --abort-on-stdin-eof
-  kills the verification and leaves nothing pending;
+  kills the verification and leaves nothing pending (install), or closes the activation's window: no switch, or
+  the device switches back (activate, which also has a deadline, --deadline-in). The watcher is armed by the first
+  poll, so a batch larger than forks (MAX_FORKS) leaves the hosts waiting for a fork unbound until then;
 - retry/deploy.retry lists every host not done: failed, unreachable and never attempted (later batches).
 """
 from __future__ import annotations
@@ -52,14 +58,14 @@ CALLBACK = "callback_plugins/edgeres_retry.py"   # ansible_retry.py: the retry f
 LEGACY_FILES = ("ansible.cfg", "inventory.ini", "deploy.yml", "releases.py")   # what an older edgeres wrote
 PROJECT_FILES = (*LEGACY_FILES, CALLBACK)   # and bundle/<each bundle file>
 PLAY_HOSTS_FACT, DONE_REGISTER = "edgeres_play_hosts", "edgeres_done"   # what ansible_retry.py reads
-POLL_S, HEARTBEAT_S = 5, 30   # play vars (-e edgeres_poll_s=... overrides): the install's poll, and how long
-                              # without a poll before the device aborts the install (the controller is gone)
+POLL_S, HEARTBEAT_S = 5, 30   # play vars (-e edgeres_poll_s=... overrides): the background steps' poll, and how
+                              # long without a poll before the device aborts the step (the controller is gone)
 MAX_FORKS = 50                # ansible.cfg forks: every host of a batch polled at once, up to this many
 
-# The background install's watcher (python3 -c WATCH JOB HEARTBEAT_S COMMAND...): runs releases.py install with a
-# pipe as its stdin and closes the pipe once JOB.alive, touched by each poll, is older than HEARTBEAT_S (armed by the
-# first poll: a host waiting for a free fork is not aborted); the install's output goes to JOB.json (renamed when
-# complete). Files of attempts older than a day are removed.
+# The watcher of a background step (python3 -c WATCH JOB HEARTBEAT_S COMMAND...): runs releases.py install or
+# activate with a pipe as its stdin and closes the pipe once JOB.alive, touched by each poll, is older than
+# HEARTBEAT_S (armed by the first poll: a host waiting for a free fork is not aborted); the step's output goes to
+# JOB.json (renamed when complete). Files of attempts older than a day are removed.
 WATCH = """import os, subprocess, sys, time
 job, beat = sys.argv[1], float(sys.argv[2])
 folder = os.path.dirname(job)
@@ -85,7 +91,7 @@ with open(job + ".part", "wb") as out:
 os.replace(job + ".part", job + ".json")
 sys.exit(proc.returncode)
 """
-# One poll (python3 -c POLL JOB): touch the heartbeat, print the install's output once there is one.
+# One poll (python3 -c POLL JOB): touch the heartbeat, print the step's output once there is one.
 POLL = """import os, sys
 job = sys.argv[1]
 with open(job + ".alive", "a"):
