@@ -670,3 +670,7 @@ def test_workspace_limits_and_timing_caches_are_not_ignored(tmp_path, monkeypatc
     info = engine_build.build_engine(onnx, tmp_path / "d.plan", trt=build_module("10.3"), timing_cache=cache,
                                      device={"device": "emu"})
     assert info["timing_cache_state"].startswith("replaced")
+    monkeypatch.setenv("EDGERES_EMULATED_CC", "8.9")   # same TensorRT, another GPU: refused too
+    info = engine_build.build_engine(onnx, tmp_path / "e.plan", trt=build_module("10.3"), timing_cache=cache,
+                                     device={"device": "emu"})
+    assert info["timing_cache_state"].startswith("replaced")
