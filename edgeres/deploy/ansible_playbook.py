@@ -229,8 +229,7 @@ def playbook(bundle: Path, *, release: str, serial: list[Any], max_fail_percenta
                              fail_msg=f"{{{{ {activated}.get('outcome') or 'refused' }}}}: {{{{ {activated}.get("
                                       f"'reason') or {activated}.get('error') }}}}; the device runs "
                                       f"{{{{ {activated}.get('current') or 'no release' }}}}",
-                             changed_when=f"{status}.current != edgeres_release and edgeres_activate.stdout "
-                                          f"| length > 0 and {activated}.get('activated')",
+                             changed_when=f"edgeres_activate.stdout | length > 0 and {activated}.get('switched')",
                              # done (the retry file) in the very task that fails another host of the batch
                              answer={"register": DONE_REGISTER}),
             ],
