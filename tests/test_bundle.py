@@ -427,3 +427,16 @@ def test_a_health_check_travels_in_the_manifest(run_dir, tmp_path):
     r = CliRunner().invoke(main, ["bundle", str(run_dir), "--out", str(tmp_path / "cli"), "--health-check", " "])
     assert r.exit_code == 1 and "--health-check must be one non-empty line" in r.output and \
         len(r.output.strip().splitlines()) == 1 and not (tmp_path / "cli").exists()
+
+
+def test_the_device_readme_says_where_dla_exists_from_the_version_table():
+    """Issue 36: the bundle's README names DLA only where NVIDIA ships it, read from the one version table: every
+    Jetson DLA row, and none of the versions without DLA (10.8 to 11.3, 11.4.0, 11.5 on)."""
+    from edgeres.deploy.bundle import readme_text
+    from edgeres.tensorrt.versions import DLA_ROWS
+
+    text = " ".join(readme_text({"probe": {"count": 8}}, ["manifest.json"]).split())
+    line = text[text.index("--dla-core 0"):text.index("no other version")]
+    for row in DLA_ROWS:
+        assert (f"TensorRT {row.label} " in line) == (row.platform == "jetson"), row.label
+    assert "11.4.1 (JetPack 7.2.2+): AGX Orin;" in line

@@ -402,6 +402,15 @@ def resolve_target(run_dir: Path, name: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------------- what to say
 
+def _dla_where() -> str:
+    """Where DLA exists, from the one version table (edgeres.tensorrt.versions.DLA_ROWS)."""
+    from edgeres.tensorrt.versions import DLA_ROWS, JETSON_MODULES
+
+    rows = [f"TensorRT {r.label} (JetPack {r.jetpack}): " + " / ".join(JETSON_MODULES[m] for m in r.modules)
+            for r in DLA_ROWS if r.platform == "jetson"]
+    return "ships it: " + "; ".join(rows) + "; no other version"
+
+
 def _runtime_help() -> str:
     """The device runtime's own --help (its real options), at a fixed width: the same README for the same run."""
     from unittest import mock
@@ -457,7 +466,8 @@ def readme_text(manifest: dict[str, Any], files: list[str]) -> str:
               "                                   (first run: minutes; cached in engines/), verify it on the probe",
               "                                   images, time it",
               "  ./edgeres-device --precision fp16 --iterations 500",
-              "  ./edgeres-device --dla-core 0    on DLA core 0 (Jetson Xavier / Orin)",
+              "  ./edgeres-device --dla-core 0    on DLA core 0 (layers DLA cannot run go to the GPU), where NVIDIA",
+              *textwrap.wrap(_dla_where(), 100, initial_indent=" " * 35, subsequent_indent=" " * 35),
               "", "  All options (./edgeres-device --help):"]
     lines += [f"    {ln}".rstrip() for ln in _runtime_help().splitlines()]
     lines += ["", "WHAT THE RESULT MEANS",
