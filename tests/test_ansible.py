@@ -291,3 +291,40 @@ def test_the_retry_callback_reads_what_the_playbook_writes():
     assert ansible_retry.PLAY_HOSTS_FACT == ansible_playbook.PLAY_HOSTS_FACT
     assert ansible_retry.DONE_REGISTER == ansible_playbook.DONE_REGISTER
     assert ansible_playbook.CALLBACK == f"callback_plugins/{ansible_retry.CallbackModule.CALLBACK_NAME}.py"
+
+
+def test_fleet_ansible_passes_health_check_and_any_errors_fatal(bundle, tmp_path):
+    """The CLI's --health-check / --health-timeout reach the device's activate step, and --any-errors-fatal the
+    play, at a max_fail_percentage that would not set it; without the flag (and above 0 %) it stays off."""
+    import yaml
+
+    from edgeres.cli import main
+
+    def project(name: str, *flags: str) -> tuple[list, str]:
+        out = tmp_path / name
+        r = CliRunner().invoke(main, ["fleet", "ansible", str(bundle), "--out", str(out), "--host", "jetson-a",
+                                      "--max-fail-percentage", "20", *flags])
+        assert r.exit_code == 0, r.output
+        text = (out / "deploy.yml").read_text()
+        return yaml.safe_load(text), text
+
+    plays, text = project("with", "--any-errors-fatal", "--health-check", "systemctl is-active camera",
+                          "--health-timeout", "45")
+    assert all(p.get("any_errors_fatal") is True for p in plays if "hosts" in p)
+    argv = _argv_with(plays, "--health-check")
+    assert argv is not None and argv[argv.index("--health-check") + 1] == "systemctl is-active camera"
+    assert argv[argv.index("--health-timeout") + 1] == "45" and "activate" in argv, argv
+    plays, text = project("without")
+    assert not any(p.get("any_errors_fatal") for p in plays if "hosts" in p)
+    assert _argv_with(plays, "--health-check") is None and "--health-check" not in text
+
+
+def _argv_with(node, flag: str) -> list | None:
+    """The first list of strings anywhere in a parsed playbook that holds `flag` (a task's argv)."""
+    if isinstance(node, list):
+        if flag in node and all(isinstance(a, str) for a in node):
+            return node
+        return next((a for a in (_argv_with(n, flag) for n in node) if a is not None), None)
+    if isinstance(node, dict):
+        return next((a for a in (_argv_with(n, flag) for n in node.values()) if a is not None), None)
+    return None

@@ -40,6 +40,17 @@ def machine_id_option(fn):
                         )(fn)
 
 
+
+def health_options(f):
+    """--health-check / --health-timeout, the same on `deploy` and `fleet ansible` (the device's check after the
+    switch; default: the bundle's)."""
+    f = click.option("--health-timeout", type=FiniteFloat(1, MAX_HOST_TIMEOUT_S), default=None,
+                     help="Seconds the health check may take [default: the bundle's, else 300].")(f)
+    return click.option("--health-check", default=None, metavar="COMMAND",
+                        help="Shell command the device runs in the new release after the switch (exit 0 = healthy); "
+                             "it commits only then, else switches back by itself [default: the bundle's health "
+                             "check, if any].")(f)
+
 @click.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -251,11 +262,7 @@ def _finish(results, form: str, text) -> None:
               help="Device's allowed_signers file: when it lists keys, only bundles they signed are installed.")
 @click.option("--units-dir", default="/etc/systemd/system", show_default=True,
               help="Where the device gets the verify-on-boot units (skipped, and said, where it does not exist).")
-@click.option("--health-check", default=None, metavar="COMMAND",
-              help="Shell command the device runs in the new release after the switch (exit 0 = healthy); it "
-                   "commits only then, else switches back by itself [default: the bundle's health check, if any].")
-@click.option("--health-timeout", type=FiniteFloat(1, MAX_HOST_TIMEOUT_S), default=None,
-              help="Seconds the health check may take [default: the bundle's, else 300].")
+@health_options
 @json_option
 @jsonl_option
 def deploy(bundle_dir, precision, iterations, require_backend, canary, max_failures, host_timeout, keep,
@@ -350,7 +357,10 @@ def fleet() -> None:
 @click.option("--serial", default="1,25%,100%", show_default=True,
               help="Batches: host counts or percentages, comma-separated (the first is the canary).")
 @click.option("--max-fail-percentage", type=click.IntRange(0, 100), default=0, show_default=True,
-              help="Stop the rollout when more than this share of a batch failed.")
+              help="Stop the rollout when more than this share of a batch failed or was unreachable.")
+@click.option("--any-errors-fatal", is_flag=True,
+              help="Stop the whole play at the first failed or unreachable host (always so with "
+                   "--max-fail-percentage 0).")
 @click.option("--become", is_flag=True, help="Run the device side with Ansible's become (sudo).")
 @click.option("--remote-root", default="/opt/edgeres", show_default=True)
 @click.option("--state-dir", default="/var/lib/edgeres", show_default=True)
@@ -362,6 +372,7 @@ def fleet() -> None:
               help="Seconds the device's install may take (its time limit; async for Ansible).")
 @click.option("--iterations", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), default="int8", show_default=True)
+@health_options
 @click.option("--force", is_flag=True, help="Replace an existing project folder at --out.")
 @json_option
 def fleet_ansible(bundle_dir, out, hosts, hosts_file, serial, as_json, **kw) -> None:
