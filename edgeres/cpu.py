@@ -5,10 +5,10 @@ Why OpenVINO and not ONNX Runtime: ONNX Runtime's CPU Q/DQ fusion does not take 
 INT8 activations, no Q after the convs that feed residual adds), so it runs it in float and dequantizes every
 weight on every call — slower than FP32 (benchmarks/RESULTS.md). Three ways, measured side by side there
 (recipe `export.cpu_int8`):
-- "qat" (default): the final INT8 model itself - the INT8 ONNX TensorRT builds, QAT included - with its post-ReLU
-  activation quantizers re-expressed as unsigned INT8 at the same scales (`unsigned_non_negative`: the same quantized
-  values, in the form CPUs' u8 x s8 kernels take). It makes the Jetson model's decisions at 1.0-1.16x OpenVINO's
-  own PTQ latency (resnet18: 1.005x at batch 8, 1.16x at batch 1, 224 px);
+- "qat" (default): the final INT8 model itself - the INT8 ONNX TensorRT builds, QAT included - with its activation
+  quantizers whose input cannot be negative re-expressed as unsigned INT8 at the same scales
+  (`unsigned_non_negative`: the same quantized values, in the form CPUs' u8 x s8 kernels take). It makes the Jetson
+  model's decisions at OpenVINO's own PTQ latency (resnet18 at 128 and 224 px, batch 1 and 8: 0.99-1.015x);
 - "qdq": the INT8 ONNX converted as it is (signed activations): the same decisions, 1.15-1.25x slower;
 - "openvino": NNCF's OpenVINO PTQ of the BN-folded FP32 ONNX on the PTQ calibration images - OpenVINO's own model
   (its placement, no QAT): on a weak model it changed 13.6 % of the Jetson model's decisions.
