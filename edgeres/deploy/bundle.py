@@ -36,6 +36,7 @@ from edgeres.records import read_plan, read_records, read_records_counted, verdi
 from edgeres.report import build_report, verdict_parts, verdict_word
 from edgeres.suggest import did_you_mean
 from edgeres.tensorrt.targets import TARGETS
+from edgeres.tensorrt.versions import DLA_ROWS, JETSON_MODULES
 from edgeres.verify import ort_logits, ort_session
 
 FORMAT = "edgeres-bundle/1"
@@ -404,8 +405,6 @@ def resolve_target(run_dir: Path, name: str) -> dict[str, str]:
 
 def _dla_where() -> str:
     """Where DLA exists, from the one version table (edgeres.tensorrt.versions.DLA_ROWS)."""
-    from edgeres.tensorrt.versions import DLA_ROWS, JETSON_MODULES
-
     rows = [f"TensorRT {r.label} (JetPack {r.jetpack}): " + " / ".join(JETSON_MODULES[m] for m in r.modules)
             for r in DLA_ROWS if r.platform == "jetson"]
     return "ships it: " + "; ".join(rows) + "; no other version"
