@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeres.check import GraphIndex
 from edgeres.errors import BackendUnavailable
 from edgeres.io import rejected_path
 from edgeres.metrics import compare_logits
@@ -62,15 +63,20 @@ def unsigned_non_negative(model) -> int:
     from onnx import numpy_helper
 
     graph = model.graph
-    made_by = {out: node for node in graph.node for out in node.output}
+    index = GraphIndex(model)   # producers and constant values (initializers and Constant nodes)
     known: dict[str, bool] = {}
+
+    def zero_point_zero(node) -> bool:   # absent counts as 0; any node but Q/DQ: True
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3 or not node.input[2]:
+            return True
+        return node.input[2] in index.const and not index.const[node.input[2]].any()
 
     def non_negative(name: str) -> bool:
         if name not in known:
-            node = made_by.get(name)
+            node = index.producer.get(name)
             known[name] = node is not None and (
                 node.op_type == "Relu" or (node.op_type in _SIGN_KEEPING and bool(node.input)
-                                           and _zero_point_zero(node, graph) and non_negative(node.input[0])))
+                                           and zero_point_zero(node) and non_negative(node.input[0])))
         return known[name]
 
     zero = "edgeres_uint8_zero_point"
@@ -86,21 +92,6 @@ def unsigned_non_negative(model) -> int:
     if changed:
         graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.uint8), name=zero))
     return len(changed)
-
-
-def _zero_point_zero(node, graph) -> bool:
-    """A Q/DQ node's zero-point is 0 (absent counts as 0; an initializer or a Constant node's value); any other
-    node: True."""
-    if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3 or not node.input[2]:
-        return True
-    from onnx import numpy_helper
-
-    name = node.input[2]
-    tensor = next((i for i in graph.initializer if i.name == name), None)
-    if tensor is None:
-        const = next((n for n in graph.node if n.op_type == "Constant" and name in n.output), None)
-        tensor = next((a.t for a in const.attribute if a.name == "value"), None) if const is not None else None
-    return tensor is not None and not numpy_helper.to_array(tensor).any()
 
 
 def export_openvino(onnx_path: str | Path, xml_path: str | Path, *, calibration=None,
