@@ -14,8 +14,6 @@ $(VENV)/.installed: pyproject.toml constraints.txt tools/install.py
 	# `pip install -c constraints.txt -e '.[dev]'`, done by uv with pip's own settings (seconds, not a minute); pip
 	# when uv cannot (EDGERES_INSTALLER=pip asks for pip)
 	$(PY) tools/install.py $(VENV)
-	# NNCF's C++ kernels are compiled once, here, not during the first build (a fallback is said, never fatal)
-	$(BIN)/python -c 'from edgeres.nncf_kernels import prepare; prepare()'
 	touch $@
 
 demo: install

@@ -1,7 +1,17 @@
-"""NNCF's C++ quantization kernels, prepared deliberately so that a slow machine or a killed build never stops a run.
+"""NNCF's CPU quantization kernels: by default edgeres's eager ones (nothing to compile), NNCF's C++ ones on request.
 
-NNCF JIT-compiles a small C++ extension on first use (~80 s on 2 cores), gives up after 60 s, and a compile that is
-killed leaves torch's `lock` file behind, which makes every later run wait forever or fail. edgeres therefore:
+NNCF's CPU "kernels" (quantize forward and backward for QAT and calibration) are a C++ extension that only calls
+ATen operators, JIT-compiled on first use: 31-35 s on 2 cores (two translation units that include all of
+<torch/torch.h>, compiled without optimisation), the slowest part of a fresh `make demo`. `EagerQuantizedFunctions`
+below makes the same ATen calls, in the same order, from Python: bit-identical results (forward and backward,
+float32/float16/bfloat16; tests/test_reliability.py compares them with the compiled extension), the same speed on a
+ResNet (the work is in the operators, not the ~15 calls per quantizer), and no compiler, no cache, no wait.
+NNCF's own pure-torch fallback, `ReferenceQuantizedFunctions`, is not that: it goes through `torch.compile`
+(inductor compiles C++ on the first batch of every new shape), about 2x slower over a build.
+
+`EDGERES_NNCF_KERNELS` = `eager` (default) | `extension` (NNCF's compiled C++ kernels) | `reference` (NNCF's
+`torch.compile` fallback). For `extension`, since NNCF gives up on its compile after 60 s and a compile that is killed
+leaves torch's `lock` file behind (which makes every later run wait forever or fail), edgeres:
 
 - builds the extension in its own cache folder (`~/.cache/edgeres/torch_extensions/<environment>`, one per Python
   environment, or `$TORCH_EXTENSIONS_DIR` when the user set one), so it fights neither other tools over
@@ -10,8 +20,7 @@ killed leaves torch's `lock` file behind, which makes every later run wait forev
   under that lock removes torch's own `lock` file, which only a killed build can have left there;
 - compiles in a child process with a generous timeout (`EDGERES_NNCF_BUILD_TIMEOUT`, default 900 s) and a
   progress line; on timeout the whole process group is killed;
-- falls back to NNCF's pure-torch reference kernels (same arithmetic, slower QAT) when the extension cannot be had,
-  and says so in one line. `EDGERES_NNCF_KERNELS=reference` asks for them outright.
+- falls back to the eager kernels (same results) when the extension cannot be had, and says so in one line.
 """
 from __future__ import annotations
 
@@ -26,7 +35,8 @@ from pathlib import Path
 
 from edgeres.errors import ConfigError
 
-MODE_ENV = "EDGERES_NNCF_KERNELS"            # auto (default) | reference
+MODE_ENV = "EDGERES_NNCF_KERNELS"            # eager (default) | extension | reference
+MODES = ("eager", "extension", "reference")
 TIMEOUT_ENV = "EDGERES_NNCF_BUILD_TIMEOUT"   # seconds for the one-off compile
 DEFAULT_TIMEOUT_S = 900
 EXTENSION = "quantized_functions_cpu"
@@ -96,32 +106,90 @@ def _built(build_dir: Path) -> bool:
     return (build_dir / f"{EXTENSION}.so").is_file()
 
 
+def _sum_like(target, ref):
+    # as the C++ kernel does it, quirk included: the test is on the *target's* size, so a per-tensor range's gradient
+    # leaves here summed over the size-1 dimensions only, and autograd sums the rest (same order, same bits)
+    if target.numel() == 1:
+        return target.sum().view_as(ref)
+    for dim in range(ref.dim()):
+        if ref.size(dim) == 1:
+            target = target.sum(dim, keepdim=True)
+    return target
+
+
+class EagerQuantizedFunctions:
+    """NNCF's `Quantize_forward` / `Quantize_backward` CPU interface, made of the ATen calls its C++ kernels make.
+
+    `input_low` / `input_range` are the quantizer's range (per tensor or per channel, broadcastable to the input);
+    the forward clamps to it, snaps to `levels` steps and scales back (fake quantization); the backward is NNCF's
+    straight-through estimator with the range's gradient. Scalars enter as 0-dim tensors of the input's dtype, as
+    the C++ template's `scalar_t` does: `255 / t` in Python is `reciprocal(t) * 255`, not a division, and differs
+    from the kernel in the last bit."""
+
+    @staticmethod
+    def Quantize_forward(input_, input_low, input_range, levels):   # noqa: N802 (NNCF's names)
+        scale = input_range.new_tensor(levels - 1).div(input_range)
+        out = input_.minimum(input_low + input_range).maximum(input_low)
+        zero_point = input_low.neg().mul(scale).round_()
+        out -= input_low
+        out *= scale
+        out -= zero_point
+        return out.round_().div_(scale)
+
+    @staticmethod
+    def Quantize_backward(grad_output, input_, input_low, input_range, levels, level_low, level_high,   # noqa: N802
+                          is_asymmetric=False):
+        import torch
+
+        out = EagerQuantizedFunctions.Quantize_forward(input_, input_low, input_range, levels)
+        alpha = input_.new_tensor(level_low).div(input_.new_tensor(level_high))
+        mask_hi = input_.gt(input_low + input_range)
+        mask_lo = input_.lt(input_low)
+        err = out.sub(input_).mul_(input_range.new_tensor(1).div(input_range))
+        err.masked_fill_(mask_hi, 1).masked_fill_(mask_lo, alpha).mul_(grad_output)
+        grad_range = _sum_like(err, input_range)
+        outside = mask_hi.add_(mask_lo)
+        grad_input = grad_output.clone().masked_fill_(outside, 0)
+        if is_asymmetric:
+            grad_low = grad_output.clone().masked_fill_(outside.logical_not(), 0)
+            return [grad_input, _sum_like(grad_low, input_low), grad_range]
+        return [grad_input, torch.empty(input_low.shape, requires_grad=True), grad_range]
+
+
+def _mode() -> str:
+    mode = os.environ.get(MODE_ENV, "eager") or "eager"
+    if mode not in MODES:
+        raise ConfigError(f"{MODE_ENV} must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
 def prepare(say: Callable[[str], None] | None = None) -> str:
-    """Make NNCF's CPU quantization kernels ready in this process; returns "extension" or "reference"."""
+    """Make NNCF's CPU quantization kernels ready in this process; returns "eager", "extension" or "reference"."""
     if "mode" in _state:
         return _state["mode"]
     say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_root()))
+    mode = _mode()
     from nncf.torch.quantization import extensions as ext
 
-    reason = None
-    if os.environ.get(MODE_ENV, "auto") == "reference":
-        reason = f"{MODE_ENV}=reference"
-    else:
+    if mode == "reference":
+        from nncf.torch.quantization.reference import ReferenceQuantizedFunctions
+
+        return _use(ext, ReferenceQuantizedFunctions, mode)
+    if mode == "extension":
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_root()))
         build_dir = Path(ext.QuantizedFunctionsCPULoader.get_build_dir())
         with _flock(build_dir.parent / f"{build_dir.name}.edgeres-lock", say):
             # we hold the only build lock: a torch `lock` file here can only be left by a killed build
             (build_dir / "lock").unlink(missing_ok=True)
-            if not _built(build_dir):
-                reason = _compile(build_dir, say)
+            reason = None if _built(build_dir) else _compile(build_dir, say)
             if reason is None:
                 os.environ["NNCF_EXTENSION_LOAD_TIMEOUT"] = "0"   # built: loading it only links the .so
-                namespace = ext.QuantizedFunctionsCPULoader.load()
-    if reason is not None:
-        from nncf.torch.quantization.reference import ReferenceQuantizedFunctions
+                return _use(ext, ext.QuantizedFunctionsCPULoader.load(), mode)
+        say(f"NNCF's C++ kernels unavailable ({reason}); using edgeres's eager kernels (same results)")
+    return _use(ext, EagerQuantizedFunctions, "eager")
 
-        namespace = ReferenceQuantizedFunctions
-        say(f"NNCF's C++ kernels unavailable ({reason}); using its pure-torch reference kernels (slower QAT)")
-    ext.QuantizedFunctionsCPU._loaded_namespace = namespace   # NNCF's lazy namespace: never load again
-    _state["mode"] = "extension" if reason is None else "reference"
-    return _state["mode"]
+
+def _use(ext, namespace, mode: str) -> str:
+    ext.QuantizedFunctionsCPU._loaded_namespace = namespace   # NNCF's lazy namespace: never loads on its own
+    _state["mode"] = mode
+    return mode

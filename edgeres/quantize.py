@@ -96,7 +96,7 @@ def _nncf():
     if logging.getLogger("nncf").level == logging.INFO:   # NNCF's default: its INFO chatter off (DEBUG is kept)
         nncf.set_log_level(logging.WARNING)
 
-    prepare()   # its C++ kernels, built once under a lock with a progress line (or its pure-torch reference)
+    prepare()   # its CPU kernels: edgeres's eager ones (NNCF's compiled C++ on request)
     return nncf
 
 
