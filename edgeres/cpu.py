@@ -243,6 +243,7 @@ def run(inputs: CpuInputs, settings: CpuSettings = CpuSettings(), *, quiet: bool
             metrics.update(compare_logits(inputs.tensorrt_int8.logits, ev.logits),
                            compared_with="TensorRT INT8 ONNX as written")
             metrics["n_compared"] = metrics.pop("n_probe")
+            del metrics["top1_agreement_pct"]   # recorded once, by name, as int8_artifacts_agreement_pct (gated)
         rec = StageRecord(stage="export_cpu", metrics={**metrics, "n_eval": ev.n})
         add_fp32_gates(rec, ev, inputs.reference_top1, inputs.reference_logits, settings,
                        key="fp32_top1_agreement_pct")

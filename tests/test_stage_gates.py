@@ -117,6 +117,8 @@ def test_export_cpu_records_and_gates_the_two_int8_artifacts_agreement(reference
     assert gate["value"] == pytest.approx(pct) == pytest.approx(100.0 * gate["counts"]["k"] / gate["n"])
     assert gate["lo"] <= gate["value"] <= gate["hi"] and gate["key"] == "gates.min_agreement_pct"
     assert "INT8 ONNX" in gate["what"]
+    # one number, one name: the agreement with FP32 is fp32_top1_agreement_pct, never a bare top1_agreement_pct
+    assert "top1_agreement_pct" not in rec.metrics and "fp32_top1_agreement_pct" in rec.metrics
 
 
 @pytest.mark.parametrize("agree,limit,outcome", [(97, 90.0, "passed"), (97, 95.0, "not measurable"),
