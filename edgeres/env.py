@@ -36,4 +36,7 @@ def environment() -> dict[str, Any]:
             info["device"] = torch.cuda.get_device_name(0)
         else:
             info["device"] = "cpu"
+    kernels = sys.modules.get("edgeres.nncf_kernels")
+    if kernels is not None and kernels.mode():   # which NNCF CPU kernels quantized (eager, extension, reference)
+        info["nncf_kernels"] = kernels.mode()
     return info

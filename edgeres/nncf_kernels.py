@@ -168,14 +168,14 @@ def prepare(say: Callable[[str], None] | None = None) -> str:
     if "mode" in _state:
         return _state["mode"]
     say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    mode = _mode()
+    wanted = _mode()
     from nncf.torch.quantization import extensions as ext
 
-    if mode == "reference":
+    if wanted == "reference":
         from nncf.torch.quantization.reference import ReferenceQuantizedFunctions
 
-        return _use(ext, ReferenceQuantizedFunctions, mode)
-    if mode == "extension":
+        return _use(ext, ReferenceQuantizedFunctions, wanted)
+    if wanted == "extension":
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_root()))
         build_dir = Path(ext.QuantizedFunctionsCPULoader.get_build_dir())
         with _flock(build_dir.parent / f"{build_dir.name}.edgeres-lock", say):
@@ -184,12 +184,17 @@ def prepare(say: Callable[[str], None] | None = None) -> str:
             reason = None if _built(build_dir) else _compile(build_dir, say)
             if reason is None:
                 os.environ["NNCF_EXTENSION_LOAD_TIMEOUT"] = "0"   # built: loading it only links the .so
-                return _use(ext, ext.QuantizedFunctionsCPULoader.load(), mode)
+                return _use(ext, ext.QuantizedFunctionsCPULoader.load(), wanted)
         say(f"NNCF's C++ kernels unavailable ({reason}); using edgeres's eager kernels (same results)")
     return _use(ext, EagerQuantizedFunctions, "eager")
 
 
-def _use(ext, namespace, mode: str) -> str:
+def mode() -> str | None:
+    """The kernels this process prepared (None before `prepare`): stage records name them (edgeres.env)."""
+    return _state.get("mode")
+
+
+def _use(ext, namespace, name: str) -> str:
     ext.QuantizedFunctionsCPU._loaded_namespace = namespace   # NNCF's lazy namespace: never loads on its own
-    _state["mode"] = mode
-    return mode
+    _state["mode"] = name
+    return name

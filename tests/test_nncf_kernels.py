@@ -31,13 +31,14 @@ def ext_dir(tmp_path_factory):
 def test_eager_kernels_are_the_default_and_nothing_is_compiled(tmp_path):
     code = ("from edgeres.nncf_kernels import prepare, EagerQuantizedFunctions as E; print(prepare());"
             "from nncf.torch.quantization.extensions import QuantizedFunctionsCPU as Q;"
-            "print(Q.get('Quantize_forward') is E.Quantize_forward, Q.get('Quantize_backward') is E.Quantize_backward)")
+            "print(Q.get('Quantize_forward') is E.Quantize_forward, Q.get('Quantize_backward') is E.Quantize_backward);"
+            "from edgeres.env import environment; print(environment()['nncf_kernels'])")
     env = {k: v for k, v in os.environ.items() if k not in ("EDGERES_NNCF_KERNELS", "TORCH_EXTENSIONS_DIR")}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={**env, "NNCF_CI": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"),
                             "HOME": str(tmp_path)})
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.split() == ["eager", "True", "True"]
+    assert p.stdout.split() == ["eager", "True", "True", "eager"]   # and the stage records say so
     assert "kernels" not in p.stderr, p.stderr   # nothing to say: no compile, no fallback
     assert not (tmp_path / "cache").exists() and not (tmp_path / ".cache").exists()
 
