@@ -7,7 +7,9 @@ below makes the same ATen calls, in the same order, from Python: bit-identical r
 float32/float16/bfloat16; tests/test_reliability.py compares them with the compiled extension), the same speed on a
 ResNet (the work is in the operators, not the ~15 calls per quantizer), and no compiler, no cache, no wait.
 NNCF's own pure-torch fallback, `ReferenceQuantizedFunctions`, is not that: it goes through `torch.compile`
-(inductor compiles C++ on the first batch of every new shape), about 2x slower over a build.
+(inductor compiles C++ on the first batch of every new shape), about 2x slower over a build. On a GPU, NNCF's CUDA
+kernels are real CUDA code, still compiled by NNCF on first use: `prepare` points that build at edgeres's folder for
+the environment and lifts NNCF's 60 s limit (an nvcc build takes longer), unless the user set either.
 
 `EDGERES_NNCF_KERNELS` = `eager` (default) | `extension` (NNCF's compiled C++ kernels) | `reference` (NNCF's
 `torch.compile` fallback). For `extension`, since NNCF gives up on its compile after 60 s and a compile that is killed
@@ -169,6 +171,10 @@ def prepare(say: Callable[[str], None] | None = None) -> str:
         return _state["mode"]
     say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
     wanted = _mode()
+    # On a GPU NNCF still compiles its CUDA kernels itself, on first use (custom CUDA code, not ATen calls): into
+    # edgeres's folder for this environment and without NNCF's 60 s limit, which an nvcc build exceeds
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_root()))
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
     from nncf.torch.quantization import extensions as ext
 
     if wanted == "reference":
@@ -176,14 +182,12 @@ def prepare(say: Callable[[str], None] | None = None) -> str:
 
         return _use(ext, ReferenceQuantizedFunctions, wanted)
     if wanted == "extension":
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_root()))
         build_dir = Path(ext.QuantizedFunctionsCPULoader.get_build_dir())
         with _flock(build_dir.parent / f"{build_dir.name}.edgeres-lock", say):
             # we hold the only build lock: a torch `lock` file here can only be left by a killed build
             (build_dir / "lock").unlink(missing_ok=True)
             reason = None if _built(build_dir) else _compile(build_dir, say)
-            if reason is None:
-                os.environ["NNCF_EXTENSION_LOAD_TIMEOUT"] = "0"   # built: loading it only links the .so
+            if reason is None:   # built: loading it only links the .so
                 return _use(ext, ext.QuantizedFunctionsCPULoader.load(), wanted)
         say(f"NNCF's C++ kernels unavailable ({reason}); using edgeres's eager kernels (same results)")
     return _use(ext, EagerQuantizedFunctions, "eager")
