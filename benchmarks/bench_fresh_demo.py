@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,6 @@ def main() -> int:
         steps["make demo (the build)"] = timed(["make", "demo"], clone, env)
         steps["make demo from the clone, total"] = round(time.perf_counter() - t0, 1)
         record = json.loads((clone / "runs" / "demo" / "report.json").read_text())
-        shutil.rmtree(clone / ".venv", ignore_errors=True)
     result = {"steps_s": steps, "verdict": record.get("verdict"),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                        text=True).stdout.strip(),

@@ -37,6 +37,7 @@ def environment() -> dict[str, Any]:
         else:
             info["device"] = "cpu"
     kernels = sys.modules.get("edgeres.nncf_kernels")
-    if kernels is not None and kernels.mode():   # which NNCF CPU kernels quantized (eager, extension, reference)
-        info["nncf_kernels"] = kernels.mode()
+    used = kernels.mode() if kernels is not None else None   # which NNCF CPU kernels quantized, once prepared
+    if used:
+        info["nncf_kernels"] = used
     return info

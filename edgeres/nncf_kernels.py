@@ -4,7 +4,7 @@ NNCF's CPU "kernels" (quantize forward and backward for QAT and calibration) are
 ATen operators, JIT-compiled on first use: 31-35 s on 2 cores (two translation units that include all of
 <torch/torch.h>, compiled without optimisation), the slowest part of a fresh `make demo`. `EagerQuantizedFunctions`
 below makes the same ATen calls, in the same order, from Python: bit-identical results (forward and backward,
-float32/float16/bfloat16; tests/test_reliability.py compares them with the compiled extension), the same speed on a
+float32/float16/bfloat16; tests/test_nncf_kernels.py compares them with the compiled extension), the same speed on a
 ResNet (the work is in the operators, not the ~15 calls per quantizer), and no compiler, no cache, no wait.
 NNCF's own pure-torch fallback, `ReferenceQuantizedFunctions`, is not that: it goes through `torch.compile`
 (inductor compiles C++ on the first batch of every new shape), about 2x slower over a build. On a GPU, NNCF's CUDA
@@ -141,8 +141,6 @@ class EagerQuantizedFunctions:
     @staticmethod
     def Quantize_backward(grad_output, input_, input_low, input_range, levels, level_low, level_high,   # noqa: N802
                           is_asymmetric=False):
-        import torch
-
         out = EagerQuantizedFunctions.Quantize_forward(input_, input_low, input_range, levels)
         alpha = input_.new_tensor(level_low).div(input_.new_tensor(level_high))
         mask_hi = input_.gt(input_low + input_range)
@@ -155,7 +153,7 @@ class EagerQuantizedFunctions:
         if is_asymmetric:
             grad_low = grad_output.clone().masked_fill_(outside.logical_not(), 0)
             return [grad_input, _sum_like(grad_low, input_low), grad_range]
-        return [grad_input, torch.empty(input_low.shape, requires_grad=True), grad_range]
+        return [grad_input, input_low.new_empty(input_low.shape).requires_grad_(), grad_range]   # unused by NNCF
 
 
 def _mode() -> str:

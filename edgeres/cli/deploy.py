@@ -40,7 +40,6 @@ def machine_id_option(fn):
                         )(fn)
 
 
-
 def health_options(f):
     """--health-check / --health-timeout, the same on `deploy` and `fleet ansible` (the device's check after the
     switch; default: the bundle's)."""
@@ -50,6 +49,7 @@ def health_options(f):
                         help="Shell command the device runs in the new release after the switch (exit 0 = healthy); "
                              "it commits only then, else switches back by itself [default: the bundle's health "
                              "check, if any].")(f)
+
 
 @click.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
