@@ -38,6 +38,7 @@ from edgeres.io import (
     sha256_json,
 )
 from edgeres.memory import check as check_memory
+from edgeres.nncf_kernels import wanted_mode as nncf_kernels_wanted
 from edgeres.progress import heartbeat
 from edgeres.recipe import Recipe, for_dataset, gate_overrides, load_recipe, shipped_reference
 from edgeres.records import StageRecord, StageResult, Status, append_record, finish_plan, reusable, run_lock, write_plan
@@ -791,6 +792,8 @@ def _check_dependencies(opts: BuildOptions, recipe) -> None:
 
     if opts.int8 and not have("nncf"):
         raise BackendUnavailable("--int8 needs NNCF for PTQ and QAT: pip install 'edgeres[quant]' (nothing was run)")
+    if opts.int8:
+        nncf_kernels_wanted()   # a wrong EDGERES_NNCF_KERNELS is refused now, not at PTQ after the training
     notes = []
     if opts.int8 and recipe.export.cpu_int8 == "openvino" and not have("openvino"):
         notes.append("OpenVINO is not installed: the CPU INT8 artifact (export_cpu) will be skipped "

@@ -156,7 +156,8 @@ class EagerQuantizedFunctions:
         return [grad_input, input_low.new_empty(input_low.shape).requires_grad_(), grad_range]   # unused by NNCF
 
 
-def _mode() -> str:
+def wanted_mode() -> str:
+    """The kernels EDGERES_NNCF_KERNELS asks for (ConfigError for any other value; `build --int8` asks first)."""
     mode = os.environ.get(MODE_ENV, "eager") or "eager"
     if mode not in MODES:
         raise ConfigError(f"{MODE_ENV} must be one of {', '.join(MODES)}, got {mode!r}")
@@ -168,7 +169,7 @@ def prepare(say: Callable[[str], None] | None = None) -> str:
     if "mode" in _state:
         return _state["mode"]
     say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    wanted = _mode()
+    wanted = wanted_mode()
     # On a GPU NNCF still compiles its CUDA kernels itself, on first use (custom CUDA code, not ATen calls): into
     # edgeres's folder for this environment and without NNCF's 60 s limit, which an nvcc build exceeds
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_root()))

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from edgeres.errors import ConfigError
-from edgeres.nncf_kernels import _mode
+from edgeres.nncf_kernels import wanted_mode
 
 
 def _python(code: str, timeout: float = 1200, **env: str) -> subprocess.CompletedProcess:
@@ -51,9 +51,21 @@ def test_eager_kernels_are_the_default_and_nothing_is_compiled(tmp_path):
 def test_an_unknown_kernel_mode_is_refused(monkeypatch):
     monkeypatch.setenv("EDGERES_NNCF_KERNELS", "fast")
     with pytest.raises(ConfigError, match="must be one of eager, extension, reference, got 'fast'"):
-        _mode()
+        wanted_mode()
     monkeypatch.setenv("EDGERES_NNCF_KERNELS", "")
-    assert _mode() == "eager"
+    assert wanted_mode() == "eager"
+
+
+def test_a_build_refuses_an_unknown_kernel_mode_before_it_trains(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeres.cli import main
+
+    monkeypatch.setenv("EDGERES_NNCF_KERNELS", "fast")
+    r = CliRunner().invoke(main, ["build", "--arch", "mnist_resnet", "--int8", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "EDGERES_NNCF_KERNELS must be one of eager, extension, reference, got 'fast'" in r.output
+    assert "[train]" not in r.output and not (tmp_path / "run").exists()
 
 
 def test_a_failed_extension_build_falls_back_to_the_eager_kernels(tmp_path):
